@@ -1,0 +1,138 @@
+"""`clipdense <command> --config FILE.yaml [a.b=value ...] [--print-config]`.
+
+Each stage is `module:ConfigClass` + `module.run(cfg)`, imported only when asked for (so `--help` is fast and a
+stage's heavy imports stay out of the others). User errors print one line and exit 2; internal errors traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from clipdense.config import load_config
+from clipdense.errors import ConfigError, UserError
+
+# command -> (module, config class); the module exposes run(cfg) -> dict
+STAGES = {
+    "synth": ("clipdense.data.synth", "SynthConfig"),
+    "recaption": ("clipdense.recaption", "RecaptionConfig"),
+    "pretrain": ("clipdense.pretrain", "PretrainConfig"),
+    "finetune": ("clipdense.dense", "FinetuneConfig"),
+    "sweep": ("clipdense.sweep", "SweepConfig"),
+    "report": ("clipdense.sweep.report", "ReportConfig"),
+    "demo": ("clipdense.demo", "DemoConfig"),
+}
+# commands with their own argument parsing: command -> "module:function(argv) -> int"
+TOOLS = {
+    "submit": "clipdense.jobs.submit:main_submit",
+    "cluster": "clipdense.jobs.cluster:main_cluster",
+}
+# shorthand flags that map onto config keys, per command
+SHORTHANDS = {
+    "synth": {"--out": "out", "--preset": "preset", "--seed": "seed"},
+    "report": {},
+    "demo": {"--out": "out", "--quick": "quick"},
+    "finetune": {"--save-predictions": "save_predictions", "--out": "out_dir"},
+}
+POSITIONAL = {"report": "results_dir"}
+
+
+class StageMissing(Exception):
+    pass
+
+
+def _load_stage(command: str):
+    module_name, cls_name = STAGES[command]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and (e.name == module_name or module_name.startswith(e.name + ".")):
+            raise StageMissing(command) from None
+        raise
+    cls = getattr(module, cls_name, None)
+    if cls is None or not hasattr(module, "run"):
+        raise StageMissing(command)
+    return cls, module.run
+
+
+def _parser(command: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"clipdense {command}")
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    for flag, key in SHORTHANDS.get(command, {}).items():
+        if key == "quick":
+            p.add_argument(flag, action="store_const", const="true", dest=key, help=f"= {key}=true")
+        else:
+            p.add_argument(flag, dest=key, help=f"= {key}=VALUE")
+    if command in POSITIONAL:
+        p.add_argument(POSITIONAL[command], nargs="?", help=f"= {POSITIONAL[command]}=VALUE")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-4")
+    return p
+
+
+def _split_positional(command: str, argv: list[str]) -> list[str]:
+    # `clipdense report DIR a=b`: argparse cannot tell DIR from an override, so move DIR to an override first.
+    if command in POSITIONAL:
+        plain = [a for a in argv if not a.startswith("-") and "=" not in a]
+        if plain:
+            i = argv.index(plain[0])
+            if i == 0 or argv[i - 1] not in ("--config",) and not argv[i - 1].startswith("--"):
+                argv = argv[:i] + argv[i + 1:] + [f"{POSITIONAL[command]}={plain[0]}"]
+    return argv
+
+
+def run_stage(command: str, argv: list[str]) -> int:
+    args = _parser(command).parse_args(_split_positional(command, argv))
+    overrides = list(args.overrides)
+    for key in list(SHORTHANDS.get(command, {}).values()) + ([POSITIONAL[command]] if command in POSITIONAL else []):
+        value = getattr(args, key, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    try:
+        cls, run = _load_stage(command)
+    except StageMissing:
+        print(f"clipdense {command}: this stage does not exist yet", file=sys.stderr)
+        return 2
+    cfg = load_config(cls, args.config, overrides)
+    if args.print_config:
+        print(cfg.to_yaml() if hasattr(cfg, "to_yaml") else cfg.model_dump_json(indent=2), end="")
+        return 0
+    result = run(cfg)
+    if isinstance(result, dict):
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = sorted(STAGES) + sorted(TOOLS)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: clipdense {" + ",".join(commands) + "} --config FILE.yaml [key=value ...] [--print-config]")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    try:
+        if command in TOOLS:
+            module_name, fn = TOOLS[command].split(":")
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as e:
+                if e.name and module_name.startswith(e.name):
+                    print(f"clipdense {command}: this command does not exist yet", file=sys.stderr)
+                    return 2
+                raise
+            return int(getattr(module, fn)(rest) or 0)
+        if command not in STAGES:
+            print(f"clipdense: unknown command {command!r} (choose from {', '.join(commands)})", file=sys.stderr)
+            return 2
+        return run_stage(command, rest)
+    except (ConfigError, UserError) as e:
+        print(f"clipdense {command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"clipdense {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

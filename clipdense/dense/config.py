@@ -1,0 +1,100 @@
+"""FinetuneConfig: one dense finetune (segmentation | depth | detection) of one backbone on one data fraction."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from clipdense.config import Config
+
+
+class BackboneConfig(Config):
+    name: str = "clip-tiny"  # an open_clip model name (incl. configs/models/*.json) or a timm model name
+    kind: Literal["auto", "open_clip", "timm"] = "auto"  # auto: open_clip if it knows the name, else timm
+    checkpoint: str | None = None  # open_clip: pretrained tag or checkpoint path; timm: weights file path
+    out_indices: list[int] | None = None  # ViT blocks (default: 4 evenly spaced, [3,5,7,11] for 12 blocks)
+    drop_path: float = Field(0.0, ge=0.0, lt=1.0)
+    mean: list[float] | None = None  # input normalisation; default: the model's own preprocess config
+    std: list[float] | None = None
+
+
+class DataConfig(Config):
+    root: str = "data/ade"  # ADE: dir holding ADEChallengeData2016/ (or that dir); NYU: BTS root; COCO: root
+    fraction: float = Field(1.0, gt=0.0, le=1.0)  # nested subsets: the 1/8 subset lies inside the 1/4 subset
+    seed: int = 0  # picks the subset (a seeded permutation of the sorted training set)
+    batch_size: int = Field(16, ge=1)  # global: split evenly over the training workers
+    loader_workers: int = Field(0, ge=0)  # torch DataLoader processes per training worker
+    num_classes: int = Field(150, ge=1)  # seg: classes after reduce_zero_label; det: object categories
+    reduce_zero_label: bool = True  # seg: label 0 -> 255 (ignored), k -> k-1
+    crop_size: list[int] = [512, 512]  # (h, w) training crop
+    scale: list[int] = [2048, 512]  # seg: (long, short) resize target before the random ratio (mmseg img_scale)
+    ratio_range: list[float] = [0.5, 2.0]
+    cat_max_ratio: float = 0.75  # seg: re-draw a crop (up to 10 times) while one class covers more than this
+    photometric: bool = True
+    max_depth: float = 10.0  # depth: decoder range and evaluation cap (BTS NYU: 10 m)
+    min_depth: float = 1e-3
+    train_list: str = "nyudepthv2_train_files_with_gt.txt"  # depth: list files, relative to root
+    test_list: str = "nyudepthv2_test_files_with_gt.txt"
+    train_dir: str = ""  # depth: list paths are relative to root/train_dir (BTS real NYU: "sync")
+    test_dir: str = ""  # (BTS real NYU: "official_splits/test")
+    train_split: str = ""  # defaults: ADE "training"/"validation"; COCO "train2017"/"val2017"
+    val_split: str = ""
+    max_eval_images: int | None = Field(None, ge=1)  # evaluate on the first N validation images (smoke runs)
+
+    @model_validator(mode="after")
+    def _pairs(self):
+        for key in ("crop_size", "scale", "ratio_range"):
+            if len(getattr(self, key)) != 2:
+                raise ValueError(f"{key} must have 2 values")
+        return self
+
+
+class HeadConfig(Config):
+    channels: int = 768  # UperNet (seg/depth) decoder width
+    pool_scales: list[int] = [1, 2, 3, 6]
+    dropout: float = 0.1
+    aux_channels: int = 256  # seg: auxiliary FCN head on pyramid level 2
+    aux_weight: float = 0.4  # 0 disables the auxiliary head
+    depth_loss_weight: float = 10.0  # SigLoss weight (Monocular-Depth-Estimation-Toolbox)
+    fpn_channels: int = 256  # det: simple feature pyramid width
+    anchor_sizes: list[int] = [32, 64, 128, 256, 512]  # det: one per level (4 pyramid levels + max-pool level)
+    min_size: int = 800  # det: torchvision resize (shorter side) and cap (longer side)
+    max_size: int = 1333
+    box_detections_per_img: int = 100
+
+
+class OptimConfig(Config):
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    betas: list[float] = [0.9, 0.999]
+    layer_decay: float = Field(0.65, gt=0.0, le=1.0)  # lr scale = layer_decay ** (N - 1 - layer id)
+    warmup_steps: int = Field(1500, ge=0)
+    steps: int = Field(160_000, ge=1)
+    power: float = 1.0  # poly decay to 0 after warmup
+    grad_clip: float | None = None
+
+
+class EvalConfig(Config):
+    every: int = Field(0, ge=0)  # evaluate every N steps (0: only at the end)
+    mode: Literal["slide", "whole"] = "slide"  # seg: sliding window; depth/det always run whole images
+    crop_size: list[int] = [512, 512]
+    stride: list[int] = [341, 341]
+    test_scale: list[int] | None = [2048, 512]  # seg: (long, short) keep-ratio resize before inference; None = as is
+    flip: bool = False  # depth: average with the flipped prediction
+    batch_size: int = Field(1, ge=1)
+
+
+class FinetuneConfig(Config):
+    task: Literal["seg", "depth", "det"] = "seg"
+    backbone: BackboneConfig = BackboneConfig()
+    data: DataConfig = DataConfig()
+    head: HeadConfig = HeadConfig()
+    optim: OptimConfig = OptimConfig()
+    eval: EvalConfig = EvalConfig()
+    out_dir: str = "runs/finetune"
+    save_predictions: str | None = None  # write predictions in the dataset's own format here
+    seed: int = 0  # model init + augmentation (the data subset has its own data.seed)
+    num_workers: int = Field(1, ge=1)  # Ray Train workers (1 = in-process, no Ray)
+    use_gpu: bool = False
+    precision: Literal["fp32", "bf16"] = "fp32"
+    log_every: int = Field(10, ge=1)

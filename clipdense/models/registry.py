@@ -1,0 +1,47 @@
+"""open_clip model creation with clipdense's own configs (`configs/models/*.json`) registered.
+
+`clip-tiny` and `coca-tiny` (2 layers, width 64, 64 px) let CPU tests build real open_clip models in milliseconds.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import open_clip
+
+from clipdense.paths import configs_dir
+
+
+@functools.lru_cache(maxsize=None)
+def register_model_configs(extra_dir: str | None = None) -> tuple[str, ...]:
+    """Register every JSON in configs/models (and `extra_dir`) with open_clip; returns the names."""
+    dirs = [configs_dir() / "models"] + ([Path(extra_dir)] if extra_dir else [])
+    names = []
+    for d in dirs:
+        for p in sorted(Path(d).glob("*.json")):
+            open_clip.add_model_config(p)
+            names.append(p.stem)
+    return tuple(names)
+
+
+def _check_name(name: str) -> None:
+    register_model_configs()
+    if name not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {name!r} (see open_clip.list_models() or configs/models/)")
+
+
+def create_clip(name: str, pretrained: str | None = None, **kwargs):
+    """An open_clip model by name; `pretrained` is an open_clip tag or a local checkpoint path."""
+    _check_name(name)
+    return open_clip.create_model(name, pretrained=pretrained or None, **kwargs)
+
+
+def create_clip_and_transforms(name: str, pretrained: str | None = None, **kwargs):
+    """(model, train_transform, eval_transform) as open_clip builds them."""
+    _check_name(name)
+    return open_clip.create_model_and_transforms(name, pretrained=pretrained or None, **kwargs)
+
+
+def tokenizer_for(name: str):
+    _check_name(name)
+    return open_clip.get_tokenizer(name)

@@ -1,0 +1,170 @@
+"""Config of `clipdense sweep`: backbones x tasks x fractions x seeds (+ an optional hyperparameter search space).
+
+Each trial is one `clipdense finetune` run whose config is built from the task's base finetune YAML, the task's
+overrides, the backbone entry and the trial's coordinates (fraction, seed, output directory).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from clipdense.config import Config
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")   # names become directory names
+
+# default (metric key in metrics.json, direction) by task kind; a task entry can override both
+TASK_METRICS: dict[str, tuple[str, str]] = {
+    "seg": ("miou", "max"),
+    "depth": ("rmse", "min"),
+    "det": ("map", "max"),
+}
+
+
+def _check_name(value: str, what: str) -> str:
+    if not NAME_RE.match(value):
+        raise ValueError(f"{what} name {value!r} must match {NAME_RE.pattern} (it names a directory)")
+    return value
+
+
+class BackboneEntry(Config):
+    name: str = Field(description="label of this backbone in trial dirs, tables and plots")
+    backbone: dict[str, Any] = Field(default_factory=dict,
+                                     description="merged into the finetune config's `backbone` section")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted finetune keys -> values")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name(v, "backbone")
+
+
+class TaskEntry(Config):
+    name: str = Field(description="seg | depth | det, or any label (then give `metric` and `mode`)")
+    config: str = Field(description="base finetune YAML (relative to the cwd or to the shipped configs tree)")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted finetune keys -> values")
+    metric: str | None = Field(None, description="metric key in metrics.json; default by task name")
+    mode: Literal["max", "min"] | None = Field(None, description="max = higher is better")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name(v, "task")
+
+    @model_validator(mode="after")
+    def _metric(self):
+        default = TASK_METRICS.get(self.name)
+        if default is None and (self.metric is None or self.mode is None):
+            raise ValueError(f"task {self.name!r} is not one of {sorted(TASK_METRICS)}: give `metric` and `mode`")
+        if self.metric is None:
+            self.metric = default[0]
+        if self.mode is None:
+            self.mode = default[1] if default and self.metric == default[0] else "max"
+        return self
+
+
+class SmallFractionSeeds(Config):
+    below: float = Field(0.25, gt=0, le=1, description="fractions strictly below this get `seeds` seeds")
+    seeds: int = Field(5, ge=1)
+
+
+class SearchDim(Config):
+    """One hyperparameter: exactly one of the keys, e.g. `{loguniform: [1e-5, 1e-3]}` or `{choice: [0.65, 0.75]}`."""
+    loguniform: tuple[float, float] | None = None
+    uniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+    choice: list[Any] | None = None
+    grid: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        given = [k for k in ("loguniform", "uniform", "randint", "choice", "grid") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of loguniform/uniform/randint/choice/grid, got {given or 'none'}")
+        if self.loguniform is not None and not 0 < self.loguniform[0] < self.loguniform[1]:
+            raise ValueError("loguniform needs 0 < low < high")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("loguniform", "uniform", "randint", "choice", "grid") if getattr(self, k) is not None)
+
+
+class SchedulerConfig(Config):
+    type: Literal["fifo", "asha"] = "fifo"
+    metric: str | None = Field(None, description="reported metric ASHA compares; default: the task's metric")
+    mode: Literal["max", "min"] | None = None
+    time_attr: str = "training_iteration"
+    grace_period: int = Field(1, ge=1)
+    max_t: int = Field(100, ge=1)
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class ResourcesConfig(Config):
+    cpu: float = Field(1.0, ge=0, description="CPUs the Tune trial (the finetune driver) holds")
+    gpu: float = Field(0.0, ge=0, description="GPUs the Tune trial holds (in-process finetunes)")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="default: from ray.cluster_resources()")
+
+
+class ReportSettings(Config):
+    reference: str | None = Field(None, description="backbone the efficiency factor is measured against")
+    bootstrap: int = Field(1000, ge=0)
+    ci: float = Field(0.95, gt=0, lt=1)
+    seed: int = 0
+
+
+class FinetuneKeys(Config):
+    """Where a trial's coordinates go in the finetune config (dotted keys)."""
+    fraction: str = "data.fraction"
+    seed: str = "seed"
+    out_dir: str = "out_dir"
+    backbone: str = "backbone"
+
+
+class SweepConfig(Config):
+    name: str = Field("sweep", description="experiment name (Tune state lives in <out>/tune/<name>-<grid hash>)")
+    out: str = Field(description="results directory: <out>/trials/<task>/<backbone>/f<fraction>/s<seed>")
+    backbones: list[BackboneEntry] = Field(min_length=1)
+    tasks: list[TaskEntry] = Field(min_length=1)
+    fractions: list[float] | None = Field(None, description="default: powers of 2 from min_fraction to 1")
+    min_fraction: float = Field(1 / 64, gt=0, le=1)
+    seeds: int = Field(3, ge=1)
+    small_fraction_seeds: SmallFractionSeeds | None = Field(default_factory=SmallFractionSeeds)
+    search_space: dict[str, SearchDim] = Field(default_factory=dict, description="dotted finetune key -> dim")
+    num_samples: int = Field(1, ge=1, description="samples of search_space per grid point")
+    search_seed: int = 0
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    max_failures: int = Field(1, ge=0, description="retries of a failed trial")
+    keys: FinetuneKeys = Field(default_factory=FinetuneKeys)
+    report: ReportSettings = Field(default_factory=ReportSettings)
+    run_report: bool = True
+    verbose: int = Field(1, ge=0, le=2)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name(v, "sweep")
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, v):
+        if v is not None:
+            if not v or any(not 0 < f <= 1 for f in v):
+                raise ValueError("fractions must be in (0, 1]")
+            if len(set(v)) != len(v):
+                raise ValueError("fractions must be distinct")
+        return v
+
+    @model_validator(mode="after")
+    def _unique(self):
+        for what, items in (("backbone", self.backbones), ("task", self.tasks)):
+            names = [i.name for i in items]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"duplicate {what} names: {dup}")
+        ref = self.report.reference
+        if ref is not None and ref not in {b.name for b in self.backbones}:
+            raise ValueError(f"report.reference {ref!r} is not a backbone name")
+        return self

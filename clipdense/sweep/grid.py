@@ -1,0 +1,139 @@
+"""Expand a SweepConfig into trials: one finetune config (as a dict) per (task, backbone, fraction, seed).
+
+Pure Python (no Ray, no torch): the driver validates each dict against `FinetuneConfig` before launching anything.
+Trial names are deterministic, `seg/recap-clip/f0.0625/s1`, so reruns find earlier results by path.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clipdense.config import read_yaml
+from clipdense.errors import ConfigError
+from clipdense.paths import configs_dir
+from clipdense.sweep.config import SweepConfig
+
+METRICS_FILE = "metrics.json"
+TRIAL_FILE = "trial.json"     # the trial's coordinates, written before the finetune starts
+
+
+def fraction_label(fraction: float) -> str:
+    return "f" + format(float(fraction), ".6g")
+
+
+def default_fractions(min_fraction: float) -> list[float]:
+    """Powers of two from 1 down to `min_fraction` (inclusive when it is one), ascending."""
+    n = math.floor(math.log2(1.0 / min_fraction) + 1e-9)
+    return [2.0 ** -k for k in range(n, -1, -1)]
+
+
+def fractions(cfg: SweepConfig) -> list[float]:
+    return sorted(float(f) for f in (cfg.fractions or default_fractions(cfg.min_fraction)))
+
+
+def seeds_for(cfg: SweepConfig, fraction: float) -> list[int]:
+    n = cfg.seeds
+    extra = cfg.small_fraction_seeds
+    if extra is not None and fraction < extra.below:
+        n = max(n, extra.seeds)
+    return list(range(n))
+
+
+def hparam_label(hparams: dict[str, Any]) -> str:
+    """A short stable directory name for one hyperparameter sample."""
+    text = json.dumps(hparams, sort_keys=True, default=str)
+    return "hp-" + hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def set_dotted(data: dict, key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"key {key!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = copy.deepcopy(value)
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def resolve_config_path(path: str) -> Path:
+    """A finetune YAML given relative to the cwd, or to the shipped tree (`configs/finetune/x.yaml`)."""
+    p = Path(path)
+    if p.is_file():
+        return p.resolve()
+    shipped = configs_dir().parent / p
+    if not p.is_absolute() and shipped.is_file():
+        return shipped.resolve()
+    raise ConfigError(f"finetune config not found: {path}")
+
+
+@dataclass(frozen=True)
+class Trial:
+    task: str
+    backbone: str
+    fraction: float
+    seed: int
+    metric: str                       # metric key in metrics.json the report plots
+    mode: str                         # "max" | "min"
+    source: str                       # base finetune YAML, for error messages
+    finetune: dict = field(repr=False, hash=False, compare=False)   # finetune config data, out_dir unset
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}/{self.backbone}/{fraction_label(self.fraction)}/s{self.seed}"
+
+    def coordinates(self) -> dict:
+        return {"task": self.task, "backbone": self.backbone, "fraction": self.fraction, "seed": self.seed,
+                "metric": self.metric, "mode": self.mode}
+
+
+def trial_dir(out: str | Path, name: str) -> Path:
+    return Path(out) / "trials" / name
+
+
+def expand(cfg: SweepConfig) -> list[Trial]:
+    """All trials, ordered task, backbone, fraction (ascending), seed."""
+    trials = []
+    keys = cfg.keys
+    for task in cfg.tasks:
+        path = resolve_config_path(task.config)
+        base = read_yaml(path)
+        for k, v in task.overrides.items():
+            set_dotted(base, k, v)
+        for bb in cfg.backbones:
+            data = copy.deepcopy(base)
+            if bb.backbone:
+                section = data.get(keys.backbone)
+                data[keys.backbone] = deep_merge(section if isinstance(section, dict) else {}, bb.backbone)
+            for k, v in bb.overrides.items():
+                set_dotted(data, k, v)
+            for f in fractions(cfg):
+                for s in seeds_for(cfg, f):
+                    d = copy.deepcopy(data)
+                    set_dotted(d, keys.fraction, f)
+                    set_dotted(d, keys.seed, s)
+                    trials.append(Trial(task.name, bb.name, f, s, task.metric, task.mode, str(path), d))
+    return trials
+
+
+def grid_hash(trials: list[Trial], cfg: SweepConfig) -> str:
+    """Identifies a grid (trial set + search space): Tune state is restored only for the same grid."""
+    payload = {"trials": [[t.name, t.finetune] for t in trials],
+               "search": {k: v.model_dump() for k, v in cfg.search_space.items()},
+               "num_samples": cfg.num_samples, "search_seed": cfg.search_seed,
+               "scheduler": cfg.scheduler.model_dump()}
+    return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:8]

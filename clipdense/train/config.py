@@ -1,0 +1,67 @@
+"""Config of the one training runner; stages embed `TrainConfig` (as key `train`) in their own configs."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from clipdense.config import Config
+
+
+class OptimConfig(Config):
+    """AdamW. Defaults follow open_clip / the DataCompDR ViT-B/16 recipe except beta2 (open_clip default 0.98)."""
+
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.2, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-6, gt=0)
+    grad_clip: float | None = Field(1.0, description="max global grad norm; null = no clipping")
+    layer_decay: float | None = Field(None, gt=0, le=1, description="layer-wise lr decay (tasks that support it)")
+
+
+class ScheduleConfig(Config):
+    kind: Literal["cosine", "poly", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    total_steps: int = Field(100, ge=1)
+    power: float = Field(1.0, gt=0, description="poly decay power")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="floor of the decay, as a fraction of lr")
+
+
+class ScalingConfig(Config):
+    """Where training runs. `min_workers` < `num_workers` makes the Ray Train run elastic."""
+
+    num_workers: int = Field(1, ge=1)
+    min_workers: int | None = Field(None, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0, description="fractional allowed: leave CPUs for Ray Data")
+    gpus_per_worker: float = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto = bf16 autocast on GPU, fp32 on CPU
+    grad_checkpointing: bool = False
+    compile: bool = False
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+    @model_validator(mode="after")
+    def _min_le_max(self):
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(f"min_workers ({self.min_workers}) > num_workers ({self.num_workers})")
+        return self
+
+
+class CheckpointConfig(Config):
+    every_steps: int = Field(0, ge=0, description="0 = only at the end")
+    keep: int | None = Field(2, ge=1, description="checkpoints kept (Ray num_to_keep); null = all")
+
+
+class TrainConfig(Config):
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(0, ge=0, description="0 = only at the end")
+    seed: int = 0
+    out_dir: str = "runs/train"
+    name: str | None = Field(None, description="Ray Train run name (default: the out_dir's basename)")
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1 = forever")
+    stop_at_step: int | None = Field(None, ge=1, description="end early as if killed here (tests of resume)")
+    deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (slower; CPU resume tests)")

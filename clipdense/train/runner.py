@@ -1,0 +1,177 @@
+"""Where the loop runs: `fit` (Ray Train V2 TorchTrainer, N workers, fault tolerant) or `fit_local` (this process).
+
+Both run `loop.run_worker` unchanged; only the environment differs (rank, device, DDP, checkpoints, reporting).
+Outputs in `cfg.out_dir`: metrics.jsonl (rank 0), result.json, the task's exports; checkpoints live in
+`out_dir/<name>/checkpoint_*` (Ray) or `out_dir/checkpoints/step_*` (local). Rerunning with the same out_dir
+and name resumes from the latest checkpoint at the exact step and data position.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from clipdense.train.config import TrainConfig
+from clipdense.train.loop import run_worker
+from clipdense.train.state import LocalCheckpoints, load_checkpoint
+from clipdense.train.task import TrainTask
+
+TaskFactory = Callable[[], TrainTask]
+
+
+class LocalEnv:
+    """World size 1 in this process; checkpoints under out_dir/checkpoints."""
+
+    rank, world_size, local_rank = 0, 1, 0
+
+    def __init__(self, cfg: TrainConfig, datasets: dict | None):
+        use_cuda = cfg.scaling.use_gpu and torch.cuda.is_available()
+        self.device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+        self.checkpoints = LocalCheckpoints(Path(cfg.out_dir) / "checkpoints", cfg.checkpoint.keep)
+        self._datasets = datasets or {}
+        self.last_checkpoint: Path | None = None
+
+    def dataset_shards(self) -> dict:
+        return {name: ds.iterator() for name, ds in self._datasets.items()}
+
+    def load_checkpoint(self):
+        latest = self.checkpoints.latest()
+        return load_checkpoint(latest) if latest else None
+
+    def wrap_model(self, model, find_unused: bool):
+        return model
+
+    def report(self, metrics: dict, write_checkpoint, step: int) -> None:
+        if write_checkpoint is not None:
+            self.last_checkpoint = self.checkpoints.save(step, write_checkpoint)
+
+
+class RayEnv:
+    """Inside a Ray Train worker: rank from the train context, checkpoints through `ray.train.report`."""
+
+    def __init__(self, cfg: TrainConfig, dataset_names: list[str]):
+        import ray.train
+        import ray.train.torch
+
+        tctx = ray.train.get_context()
+        self.rank, self.world_size = tctx.get_world_rank(), tctx.get_world_size()
+        self.local_rank = tctx.get_local_rank()
+        self.device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        torch.set_num_threads(max(1, round(cfg.scaling.cpus_per_worker)))
+        self._names = dataset_names
+
+    def dataset_shards(self) -> dict:
+        import ray.train
+        return {name: ray.train.get_dataset_shard(name) for name in self._names}
+
+    def load_checkpoint(self):
+        import ray.train
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        with ckpt.as_directory() as d:
+            return load_checkpoint(d)
+
+    def wrap_model(self, model, find_unused: bool):
+        if self.world_size == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DDP(model, device_ids=ids, find_unused_parameters=find_unused)
+
+    def report(self, metrics: dict, write_checkpoint, step: int) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+        if write_checkpoint is None:
+            ray.train.report(flat)
+            return
+        with tempfile.TemporaryDirectory(prefix="clipdense-ckpt-") as tmp:
+            ckpt = None
+            if self.rank == 0:
+                write_checkpoint(tmp)
+                ckpt = Checkpoint.from_directory(tmp)
+            ray.train.report(flat, checkpoint=ckpt, checkpoint_dir_name=f"step_{step:08d}")
+
+
+def _ray_train_loop(config: dict) -> None:
+    cfg = TrainConfig.model_validate(config["cfg"])
+    run_worker(RayEnv(cfg, config["dataset_names"]), config["task_factory"], cfg, config["run_id"])
+
+
+def _summary(cfg: TrainConfig, run_id: str, worker_result: dict | None) -> dict:
+    out = Path(cfg.out_dir)
+    result_file = out / "result.json"
+    summary = dict(worker_result or {})
+    if not summary and result_file.is_file():
+        summary = json.loads(result_file.read_text())
+    restores, metrics_path = [], out / "metrics.jsonl"
+    if metrics_path.is_file():
+        for line in metrics_path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("run_id") == run_id and rec.get("event") == "resume":
+                restores.append(rec["step"])
+    summary.update({"out_dir": str(out), "restored_from_steps": restores, "run_id": run_id})
+    return summary
+
+
+def fit_local(task_factory: TaskFactory, cfg: TrainConfig, *, datasets: dict | None = None) -> dict:
+    """Run the training loop in this process (world size 1). `datasets`: name -> Ray Dataset (read via .iterator())."""
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.out_dir) / "result.json").unlink(missing_ok=True)
+    run_id = uuid.uuid4().hex[:12]
+    env = LocalEnv(cfg, datasets)
+    summary = _summary(cfg, run_id, run_worker(env, task_factory, cfg, run_id))
+    summary["checkpoint"] = str(env.last_checkpoint or env.checkpoints.latest() or "")
+    return summary
+
+
+def fit(task_factory: TaskFactory, cfg: TrainConfig, *, datasets: dict | None = None,
+        callbacks: list | None = None, name: str | None = None, dataset_config=None) -> dict:
+    """Run the training loop on `cfg.scaling.num_workers` Ray Train workers (TorchTrainer; gloo on CPU, nccl on GPU).
+
+    `datasets` (name -> Ray Dataset) are split among workers (`ray.train.get_dataset_shard(name)` in the task).
+    `callbacks` go to RunConfig (e.g. Tune's TuneReportCallback). Worker failures restart the group from the last
+    checkpoint up to `cfg.max_failures` times. Returns rank 0's summary plus the Ray result's checkpoint path.
+    """
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    out = Path(cfg.out_dir).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").unlink(missing_ok=True)
+    cfg = cfg.model_copy(update={"out_dir": str(out)})
+    run_id = uuid.uuid4().hex[:12]
+    sc = cfg.scaling
+    resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
+    workers = (sc.min_workers, sc.num_workers) if sc.min_workers and sc.min_workers < sc.num_workers \
+        else sc.num_workers
+    backend = sc.backend if sc.backend != "auto" else ("nccl" if sc.use_gpu else "gloo")
+    run_name = name or cfg.name or out.name
+    trainer = TorchTrainer(
+        _ray_train_loop,
+        train_loop_config={"cfg": cfg.model_dump(), "task_factory": task_factory, "run_id": run_id,
+                           "dataset_names": sorted(datasets or {})},
+        torch_config=TorchConfig(backend=backend),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=sc.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=str(out), callbacks=callbacks,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
+        datasets=datasets or None,
+        **({"dataset_config": dataset_config} if dataset_config is not None else {}),
+    )
+    result = trainer.fit()
+    summary = _summary(cfg, run_id, None)
+    summary["checkpoint"] = result.checkpoint.path if result.checkpoint else ""
+    summary["ray_storage"] = os.path.join(str(out), run_name)
+    return summary

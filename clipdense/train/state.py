@@ -1,0 +1,97 @@
+"""Training state on disk: `model.pt` (a plain state_dict open_clip can load) + `train_state.pt` beside it.
+
+`train_state.pt` holds optimizer, step, epoch, batch position within the epoch, every rank's RNG states and the
+task's own state: everything an exact resume needs (open_clip itself resumes only at epoch boundaries).
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+MODEL_FILE = "model.pt"
+STATE_FILE = "train_state.pt"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP and torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def save_checkpoint(directory: str | Path, model: nn.Module, train_state: dict) -> Path:
+    """Write model.pt + train_state.pt into `directory` (created)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(unwrap(model).state_dict(), directory / MODEL_FILE)
+    torch.save(train_state, directory / STATE_FILE)
+    return directory
+
+
+def load_checkpoint(directory: str | Path) -> tuple[dict, dict]:
+    """(model state_dict, train_state) from a checkpoint directory."""
+    directory = Path(directory)
+    model_sd = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
+    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+    return model_sd, state
+
+
+class LocalCheckpoints:
+    """Checkpoints under `root/step_XXXXXXXX/`, written atomically (temp dir + rename), the newest `keep` kept."""
+
+    def __init__(self, root: str | Path, keep: int | None):
+        self.root, self.keep = Path(root), keep
+
+    def _all(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        done = [p for p in self.root.glob("step_*") if (p / STATE_FILE).is_file() and not p.name.endswith(".tmp")]
+        return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+    def latest(self) -> Path | None:
+        found = self._all()
+        return found[-1] if found else None
+
+    def save(self, step: int, write) -> Path:
+        final = self.root / f"step_{step:08d}"
+        tmp = self.root / f"step_{step:08d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        write(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if self.keep:
+            for old in self._all()[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        return final

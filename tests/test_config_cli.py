@@ -1,0 +1,85 @@
+import subprocess
+import sys
+from typing import Literal
+
+import pytest
+
+from clipdense.cli import main
+from clipdense.config import Config, load_config
+from clipdense.errors import ConfigError
+
+
+class Optim(Config):
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.98)
+
+
+class Demo(Config):
+    name: str
+    kind: Literal["a", "b"] = "a"
+    optim: Optim = Optim()
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("name: x\noptim:\n  lr: 0.1\n")
+    cfg = load_config(Demo, p, ["optim.lr=3e-4", "kind=b", "optim.betas=[0.9,0.95]"])
+    assert cfg.optim.lr == pytest.approx(3e-4) and cfg.kind == "b" and cfg.optim.betas == (0.9, 0.95)
+
+
+@pytest.mark.parametrize("text,overrides,needle", [
+    ("name: x\nbogus: 1\n", [], "unknown key 'bogus'"),
+    ("name: x\n", ["optim.lrr=1"], "unknown key 'optim.lrr'"),
+    ("name: x\noptim:\n  lr: fast\n", [], "key 'optim.lr'"),
+    ("kind: a\n", [], "missing required key 'name'"),
+    ("name: x\nkind: c\n", [], "key 'kind'"),
+    ("name: [x\n", [], "invalid YAML"),
+    ("name: x\n", ["novalue"], "not of the form key=value"),
+])
+def test_bad_configs_give_one_line_errors(tmp_path, text, overrides, needle):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(Demo, p, overrides)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_file_names_it(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(Demo, tmp_path / "nope.yaml")
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "clipdense.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_errors_are_one_line_exit_2(tmp_path):
+    r = _cli("synth", "--config", str(tmp_path / "missing.yaml"))
+    assert r.returncode == 2 and "missing.yaml" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = _cli("frobnicate")
+    assert r.returncode == 2 and "unknown command" in r.stderr
+
+
+def test_cli_unknown_key_and_print_config(tmp_path):
+    r = _cli("synth", "--out", str(tmp_path), "nonsense.key=1")
+    assert r.returncode == 2 and "nonsense" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("synth", "--out", str(tmp_path), "--seed", "7", "--print-config")
+    assert r.returncode == 0 and "seed: 7" in r.stdout
+
+
+def test_missing_stage_says_so(monkeypatch, capsys):
+    import clipdense.cli as cli
+
+    monkeypatch.setitem(cli.STAGES, "ghost", ("clipdense.not_a_stage_yet", "GhostConfig"))
+    assert main(["ghost", "--config", "x.yaml"]) == 2
+    assert "does not exist yet" in capsys.readouterr().err
+
+
+def test_tiny_models_build():
+    from clipdense.models import create_clip, tokenizer_for
+
+    for name in ("clip-tiny", "coca-tiny"):
+        m = create_clip(name)
+        assert m.visual.image_size == (64, 64) and sum(p.numel() for p in m.parameters()) < 10_000_000
+    assert tokenizer_for("clip-tiny")(["a red cube"]).shape == (1, 32)

@@ -1,0 +1,100 @@
+import os
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from clipdense.data.paths import expand_braces, expand_paths
+from clipdense.data.shards import SCHEMA, read_shard_local, read_shards, summarize, write_parquet
+from clipdense.errors import DataError
+from shard_files import good_samples, jpeg_bytes, write_tar
+
+
+def test_expand_braces_keeps_padding_and_lists():
+    assert expand_braces("s/{000008..000011}.tar") == [f"s/0000{i:02d}.tar" for i in (8, 9, 10, 11)]
+    assert expand_braces("{a,b}/{1..2}.tar") == ["a/1.tar", "a/2.tar", "b/1.tar", "b/2.tar"]
+
+
+def test_expand_paths_globs_dirs_and_errors(tmp_path):
+    for i in range(3):
+        write_tar(tmp_path / f"{i:06d}.tar", good_samples(f"k{i}", 1))
+    (tmp_path / "notes.txt").write_text("x")
+    assert len(expand_paths(str(tmp_path))) == 3
+    assert len(expand_paths(str(tmp_path / "*.tar"))) == 3
+    assert len(expand_paths(str(tmp_path / "{000000..000001}.tar"))) == 2
+    with pytest.raises(DataError, match="000003.tar"):
+        expand_paths(str(tmp_path / "{000002..000003}.tar"))
+
+
+def test_bad_samples_become_error_rows(tmp_path):
+    good = jpeg_bytes(1)
+    samples = good_samples("ok", 3) + [
+        {"key": "trunc", "jpg": good[: len(good) // 3], "txt": "cut"},
+        {"key": "nocap", "jpg": good},
+        {"key": "pdf", "pdf": b"%PDF-1.4", "txt": "a document"},
+        {"key": "junk", "jpg": b"not an image at all", "txt": "junk"},
+    ]
+    write_tar(tmp_path / "a.tar", samples)
+    rows = {r["key"]: r for r in read_shard_local(str(tmp_path / "a.tar"), validate="full")}
+    assert set(rows) == {"ok0000", "ok0001", "ok0002", "trunc", "nocap", "pdf", "junk"}
+    assert all(rows[f"ok000{i}"]["error"] is None for i in range(3))
+    assert rows["trunc"]["error"].startswith("undecodable image")
+    assert rows["nocap"]["error"].startswith("no caption")
+    assert rows["pdf"]["error"].startswith("no image (found: pdf)")
+    assert rows["junk"]["error"].startswith("undecodable image")
+    assert "a.tar" in rows["junk"]["error"]
+
+
+def test_truncated_tar_keeps_readable_samples(tmp_path):
+    path = tmp_path / "t.tar"
+    write_tar(path, good_samples("k", 6))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    rows = read_shard_local(str(path))
+    ok = [r for r in rows if r["error"] is None]
+    assert 1 <= len(ok) < 6
+    assert rows[-1]["error"].startswith("truncated or corrupt tar")
+
+
+def test_read_shards_ray_tar_and_parquet_canonical(ray_local, tmp_path):
+    write_tar(tmp_path / "000000.tar", good_samples("a", 5))
+    write_tar(tmp_path / "000001.tar", good_samples("b", 4) + [{"key": "bad", "jpg": b"xx", "txt": "t"}])
+    pq.write_table(pa.table({"key": ["p0", "p1"], "image_bytes": [jpeg_bytes(7), None],
+                             "caption": ["x", "y"]}), tmp_path / "extra.parquet")
+    ds = read_shards([str(tmp_path / "{000000..000001}.tar"), str(tmp_path / "extra.parquet")])
+    rows = ds.take_all()
+    assert {r["key"] for r in rows} == {f"a{i:04d}" for i in range(5)} | {f"b{i:04d}" for i in range(4)} | {"bad", "p0", "p1"}
+    assert set(rows[0]) == set(SCHEMA.names)
+    shards = {r["key"]: r["shard"] for r in rows}
+    assert shards["a0000"].endswith("000000.tar") and shards["p0"].endswith("extra.parquet")
+    s = summarize(ds)
+    assert s["rows"] == 12 and s["ok"] == 10
+    assert s["errors"] == {"undecodable image": 1} or s["errors"].get("undecodable image") == 1
+
+
+def test_parquet_round_trip_atomic(tmp_path):
+    rows = [{"key": "k", "image_bytes": b"123", "caption": "c", "syn_captions": ["a", "b"], "meta": None,
+             "error": None, "shard": "s"}]
+    out = tmp_path / "o" / "x.parquet"
+    write_parquet(rows, str(out), schema=SCHEMA)
+    assert pq.read_table(out).to_pylist() == rows
+    assert not [f for f in os.listdir(out.parent) if f.startswith(".tmp")]
+
+
+def test_s3_read_and_write(ray_local, s3_server, tmp_path):
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.create_bucket(Bucket="web")
+    for i in range(2):
+        write_tar(tmp_path / f"{i:06d}.tar", good_samples(f"s{i}_", 3))
+        s3.upload_file(str(tmp_path / f"{i:06d}.tar"), "web", f"shards/{i:06d}.tar")
+    assert len(expand_paths("s3://web/shards/{000000..000001}.tar")) == 2
+    assert len(expand_paths("s3://web/shards/*.tar")) == 2
+    ds = read_shards("s3://web/shards/{000000..000001}.tar")
+    rows = ds.take_all()
+    assert sorted(r["key"] for r in rows) == sorted(f"s{i}_{j:04d}" for i in range(2) for j in range(3))
+    assert all(r["shard"].startswith("s3://web/shards/") for r in rows)
+    assert read_shard_local("s3://web/shards/000000.tar")[0]["caption"] == "caption s0_0"
+    write_parquet(rows[:2], "s3://web/out/part.parquet", schema=SCHEMA)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="web", Prefix="out/")["Contents"]]
+    assert keys == ["out/part.parquet"]
