@@ -66,7 +66,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
         else:
             p.add_argument(flag, dest=key, help=f"= {key}=VALUE")
     if command in POSITIONAL:
-        p.add_argument(POSITIONAL[command], nargs="?", help=f"= {POSITIONAL[command]}=VALUE")
+        # no argparse positional: it would swallow the first `key=value`; _split_positional turns DIR into one
+        p.epilog = f"a bare {POSITIONAL[command].upper()} argument means {POSITIONAL[command]}=VALUE"
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-4")
     return p
 

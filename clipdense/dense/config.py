@@ -6,6 +6,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from clipdense.config import Config
+from clipdense.train.config import OptimConfig, ScheduleConfig, TrainConfig
 
 
 class BackboneConfig(Config):
@@ -60,22 +61,36 @@ class HeadConfig(Config):
     anchor_sizes: list[int] = [32, 64, 128, 256, 512]  # det: one per level (4 pyramid levels + max-pool level)
     min_size: int = 800  # det: torchvision resize (shorter side) and cap (longer side)
     max_size: int = 1333
+    representation_size: int = 1024  # det: box head MLP width (torchvision TwoMLPHead)
+    box_batch_size_per_image: int = 512  # det: sampled RoIs per image for the box head loss
     box_detections_per_img: int = 100
 
 
-class OptimConfig(Config):
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    betas: list[float] = [0.9, 0.999]
-    layer_decay: float = Field(0.65, gt=0.0, le=1.0)  # lr scale = layer_decay ** (N - 1 - layer id)
-    warmup_steps: int = Field(1500, ge=0)
-    steps: int = Field(160_000, ge=1)
-    power: float = 1.0  # poly decay to 0 after warmup
+class FinetuneOptim(OptimConfig):
+    """The runner's AdamW with the mmseg MAE/BEiT UperNet recipe as defaults."""
+
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
     grad_clip: float | None = None
+    layer_decay: float | None = Field(0.65, gt=0, le=1)  # lr scale = layer_decay ** (N - 1 - layer id); null = off
+
+
+class FinetuneSchedule(ScheduleConfig):
+    kind: Literal["cosine", "poly", "constant"] = "poly"  # linear warmup, then poly (power 1) to 0
+    warmup_steps: int = Field(1500, ge=0)
+    total_steps: int = Field(160_000, ge=1)
+
+
+class FinetuneTrain(TrainConfig):
+    """The one training runner's config (clipdense.train) with finetune defaults; `out_dir` comes from the top level."""
+
+    optim: FinetuneOptim = FinetuneOptim()
+    schedule: FinetuneSchedule = FinetuneSchedule()
 
 
 class EvalConfig(Config):
-    every: int = Field(0, ge=0)  # evaluate every N steps (0: only at the end)
     mode: Literal["slide", "whole"] = "slide"  # seg: sliding window; depth/det always run whole images
     crop_size: list[int] = [512, 512]
     stride: list[int] = [341, 341]
@@ -89,12 +104,8 @@ class FinetuneConfig(Config):
     backbone: BackboneConfig = BackboneConfig()
     data: DataConfig = DataConfig()
     head: HeadConfig = HeadConfig()
-    optim: OptimConfig = OptimConfig()
     eval: EvalConfig = EvalConfig()
-    out_dir: str = "runs/finetune"
-    save_predictions: str | None = None  # write predictions in the dataset's own format here
-    seed: int = 0  # model init + augmentation (the data subset has its own data.seed)
-    num_workers: int = Field(1, ge=1)  # Ray Train workers (1 = in-process, no Ray)
-    use_gpu: bool = False
-    precision: Literal["fp32", "bf16"] = "fp32"
-    log_every: int = Field(10, ge=1)
+    train: FinetuneTrain = FinetuneTrain()  # optim, schedule, scaling (workers, GPU), eval_every, seed (init + aug)
+    out_dir: str = "runs/finetune"  # metrics.json, metrics.jsonl, checkpoints
+    save_predictions: str | None = None  # write final predictions in the dataset's own format here
+    runner: Literal["auto", "local", "ray"] = "auto"  # auto: Ray Train if train.scaling.num_workers > 1 or callbacks

@@ -16,7 +16,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")   # names become directory
 
 # default (metric key in metrics.json, direction) by task kind; a task entry can override both
 TASK_METRICS: dict[str, tuple[str, str]] = {
-    "seg": ("miou", "max"),
+    "seg": ("mIoU", "max"),
     "depth": ("rmse", "min"),
     "det": ("map", "max"),
 }
@@ -95,15 +95,18 @@ class SchedulerConfig(Config):
     type: Literal["fifo", "asha"] = "fifo"
     metric: str | None = Field(None, description="reported metric ASHA compares; default: the task's metric")
     mode: Literal["max", "min"] | None = None
-    time_attr: str = "training_iteration"
+    time_attr: str = Field("step", description="reported counter ASHA measures time in (the runner reports `step`)")
     grace_period: int = Field(1, ge=1)
     max_t: int = Field(100, ge=1)
     reduction_factor: float = Field(2.0, gt=1)
 
 
 class ResourcesConfig(Config):
-    cpu: float = Field(1.0, ge=0, description="CPUs the Tune trial (the finetune driver) holds")
-    gpu: float = Field(0.0, ge=0, description="GPUs the Tune trial holds (in-process finetunes)")
+    """What a Tune trial actor holds. A sweep's finetune runs on Ray Train workers (they request their own
+    `train.scaling` resources), so by default the trial actor, which only waits for them, holds nothing; a
+    finetune with `runner: local` trains inside the actor, which then holds its worker's CPUs/GPU."""
+    cpu: float | None = Field(None, ge=0, description="default: 0, or train.scaling.cpus_per_worker (runner local)")
+    gpu: float | None = Field(None, ge=0, description="default: 0, or 1 if use_gpu (runner local)")
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: from ray.cluster_resources()")
 
 
@@ -117,7 +120,8 @@ class ReportSettings(Config):
 class FinetuneKeys(Config):
     """Where a trial's coordinates go in the finetune config (dotted keys)."""
     fraction: str = "data.fraction"
-    seed: str = "seed"
+    seed: list[str] = Field(default_factory=lambda: ["train.seed", "data.seed"],
+                            description="init seed and data-subset seed (same seed -> nested subsets)")
     out_dir: str = "out_dir"
     backbone: str = "backbone"
 

@@ -125,7 +125,8 @@ def expand(cfg: SweepConfig) -> list[Trial]:
                 for s in seeds_for(cfg, f):
                     d = copy.deepcopy(data)
                     set_dotted(d, keys.fraction, f)
-                    set_dotted(d, keys.seed, s)
+                    for key in keys.seed:
+                        set_dotted(d, key, s)
                     trials.append(Trial(task.name, bb.name, f, s, task.metric, task.mode, str(path), d))
     return trials
 

@@ -181,6 +181,7 @@ def run_worker(env, task_factory, cfg: TrainConfig, run_id: str) -> dict:
             optimizer.step()
             step += 1
             batch_in_epoch += 1
+            ctx.step = step
             meter.add(loss, metrics, task.batch_size(batch), wait)
             report: dict = {}
             if step % cfg.log_every == 0 or step == total:

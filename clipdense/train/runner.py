@@ -150,6 +150,9 @@ def fit(task_factory: TaskFactory, cfg: TrainConfig, *, datasets: dict | None = 
     (out / "result.json").unlink(missing_ok=True)
     cfg = cfg.model_copy(update={"out_dir": str(out)})
     run_id = uuid.uuid4().hex[:12]
+    # Ray Train's controller drains each worker's one-slot result queue once per health-check interval (2 s by
+    # default), so reporting more often than that stalls training; the driver's value propagates to the controller.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
     workers = (sc.min_workers, sc.num_workers) if sc.min_workers and sc.min_workers < sc.num_workers \

@@ -88,7 +88,8 @@ class TrainTask:
     """
 
     def setup(self, ctx: TrainContext) -> None:
-        """Called once per worker before `build_model` (e.g. build tokenizers, eval sets, read ctx.rank)."""
+        """Called once per worker before `build_model` (e.g. build tokenizers, eval sets, read ctx.rank).
+        The runner keeps this same `ctx` object current (step, epoch), so a task may keep a reference to it."""
 
     def build_model(self) -> nn.Module:
         raise NotImplementedError

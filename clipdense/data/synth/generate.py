@@ -16,6 +16,7 @@ import math
 import multiprocessing as mp
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -69,14 +70,22 @@ def _cost(job: Job) -> float:
     return job.count * job.size**2
 
 
+def _context():
+    """spawn: safe even when the caller already runs threads (Ray, torch); workers only need numpy + PIL.
+    spawn re-imports the caller's main script, which fails for `python - <<EOF` and `python -c`: fork there."""
+    main_file = getattr(sys.modules["__main__"], "__file__", None)
+    if main_file is not None and not os.path.isfile(main_file) and "fork" in mp.get_all_start_methods():
+        return mp.get_context("fork")
+    return mp.get_context("spawn")
+
+
 def _execute(jobs: list[Job], workers: int) -> list[dict]:
     if workers <= 1 or len(jobs) <= 1:
         return [run_job(j) for j in jobs]
     # Biggest jobs first so the pool finishes evenly; results are put back in plan order.
     order = sorted(range(len(jobs)), key=lambda i: -_cost(jobs[i]))
     results: list[dict | None] = [None] * len(jobs)
-    # spawn: safe even when the caller already runs threads (Ray, torch); workers only need numpy + PIL.
-    with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+    with _context().Pool(min(workers, len(jobs))) as pool:
         for i, res in zip(order, pool.imap(run_job, [jobs[i] for i in order], chunksize=1)):
             results[i] = res
     return results  # type: ignore[return-value]

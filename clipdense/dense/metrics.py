@@ -1,0 +1,124 @@
+"""Dense metrics: segmentation from a dataset-level confusion matrix (mmseg / torchmetrics definition) and BTS depth."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+IGNORE = 255
+NYU_EIGEN_CROP = (45, 471, 41, 601)  # rows 45:471, cols 41:601 on 480x640 (BTS `--eigen_crop`)
+NYU_SIZE = (480, 640)
+
+
+class ConfusionMatrix:
+    """Dataset-level K x K counts (rows = ground truth, cols = prediction); pixels labelled `ignore_index` are skipped."""
+
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE):
+        self.k = num_classes
+        self.ignore_index = ignore_index
+        self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        pred, target = pred.reshape(-1).long().cpu(), target.reshape(-1).long().cpu()
+        keep = target != self.ignore_index
+        pred, target = pred[keep], target[keep]
+        if target.numel() and (target.min() < 0 or target.max() >= self.k):
+            raise ValueError(f"ground-truth label {int(target.max())} outside [0, {self.k})")
+        self.mat += torch.bincount(target * self.k + pred, minlength=self.k * self.k).reshape(self.k, self.k)
+
+    def merge(self, other: "ConfusionMatrix") -> None:
+        self.mat += other.mat
+
+
+def seg_metrics(mat: torch.Tensor, class_names: list[str] | None = None) -> dict:
+    """mIoU = nanmean over classes of I/U summed over the dataset (classes absent from both gt and prediction are
+    NaN and skipped), aAcc = pixel accuracy, mAcc = nanmean per-class recall; per-class IoU as a list (NaN -> None)."""
+    mat = mat.double()
+    tp = mat.diag()
+    gt, pr = mat.sum(1), mat.sum(0)
+    union = gt + pr - tp
+    iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
+    acc = torch.where(gt > 0, tp / gt.clamp_min(1), torch.full_like(tp, float("nan")))
+    total = mat.sum()
+    out = {
+        "mIoU": float(torch.nanmean(iou)) if (~iou.isnan()).any() else float("nan"),
+        "aAcc": float(tp.sum() / total) if total > 0 else float("nan"),
+        "mAcc": float(torch.nanmean(acc)) if (~acc.isnan()).any() else float("nan"),
+        "IoU_per_class": [None if math.isnan(v) else float(v) for v in iou.tolist()],
+    }
+    if class_names:
+        out["class_names"] = list(class_names)
+    return out
+
+
+def eigen_crop_box(height: int, width: int) -> tuple[int, int, int, int]:
+    """The Eigen crop (rows 45:471, cols 41:601 of 480x640) scaled proportionally to other image sizes, so a dataset
+    rendered at another resolution is scored on the same field of view."""
+    r0, r1, c0, c1 = NYU_EIGEN_CROP
+    if (height, width) == NYU_SIZE:
+        return r0, r1, c0, c1
+    sh, sw = height / NYU_SIZE[0], width / NYU_SIZE[1]
+    return round(r0 * sh), round(r1 * sh), round(c0 * sw), round(c1 * sw)
+
+
+DEPTH_KEYS = ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "delta1", "delta2", "delta3")
+
+
+def depth_errors(pred, gt, min_depth: float = 1e-3, max_depth: float = 10.0, eigen_crop: bool = True) -> dict:
+    """BTS `compute_errors` for one image: prediction clamped to [min, max] (non-finite -> bounds), valid pixels
+    min < gt < max inside the (scaled) Eigen crop. Returns NaNs when no pixel is valid."""
+    pred = np.asarray(pred, dtype=np.float64).copy()
+    gt = np.asarray(gt, dtype=np.float64)
+    pred[np.isinf(pred)] = max_depth
+    pred[np.isnan(pred)] = min_depth
+    pred = np.clip(pred, min_depth, max_depth)
+    valid = (gt > min_depth) & (gt < max_depth)
+    if eigen_crop:
+        r0, r1, c0, c1 = eigen_crop_box(*gt.shape[-2:])
+        crop = np.zeros_like(valid)
+        crop[..., r0:r1, c0:c1] = True
+        valid &= crop
+    if not valid.any():
+        return {k: float("nan") for k in DEPTH_KEYS}
+    d, g = pred[valid], gt[valid]
+    thresh = np.maximum(g / d, d / g)
+    return {
+        "abs_rel": float(np.mean(np.abs(g - d) / g)),
+        "sq_rel": float(np.mean((g - d) ** 2 / g)),
+        "rmse": float(np.sqrt(np.mean((g - d) ** 2))),
+        "rmse_log": float(np.sqrt(np.mean((np.log(g) - np.log(d)) ** 2))),
+        "log10": float(np.mean(np.abs(np.log10(d) - np.log10(g)))),
+        "delta1": float(np.mean(thresh < 1.25)),
+        "delta2": float(np.mean(thresh < 1.25 ** 2)),
+        "delta3": float(np.mean(thresh < 1.25 ** 3)),
+    }
+
+
+class DepthMeter:
+    """Averages per-image BTS errors over images (images without valid pixels are counted and skipped)."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+        self.skipped = 0
+
+    def update(self, errors: dict) -> None:
+        if math.isnan(errors["rmse"]):
+            self.skipped += 1
+        else:
+            self.rows.append(errors)
+
+    def compute(self) -> dict:
+        out = {k: float(np.mean([r[k] for r in self.rows])) if self.rows else float("nan") for k in DEPTH_KEYS}
+        out.update(images=len(self.rows), images_without_valid_pixels=self.skipped)
+        return out
+
+
+def detection_metrics(preds: list[dict], targets: list[dict]) -> dict:
+    """COCO box mAP via torchmetrics (pycocotools backend); tensors -> floats (-1 = undefined, as COCO reports)."""
+    from torchmetrics.detection import MeanAveragePrecision
+
+    metric = MeanAveragePrecision(iou_type="bbox", backend="pycocotools")
+    metric.update(preds, targets)
+    res = metric.compute()
+    return {k: float(v) for k, v in res.items() if torch.is_tensor(v) and v.numel() == 1}

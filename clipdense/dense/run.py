@@ -1,0 +1,67 @@
+"""`run(cfg)`: one dense finetune through the one training runner, in-process or on Ray Train workers."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from clipdense.dense.config import FinetuneConfig
+from clipdense.dense.datasets import build_eval_dataset, build_train_dataset
+from clipdense.dense.task import DenseTaskFactory
+from clipdense.errors import UserError
+
+
+def find_user_error(exc: BaseException) -> UserError | None:
+    """The UserError behind an exception, looking through Ray's wrappers (worker failures, task errors, causes)."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, UserError):
+            return cause
+        if isinstance(e, UserError) and type(e).__module__.startswith("clipdense"):
+            return e
+        failures = getattr(e, "worker_failures", None)
+        if isinstance(failures, dict):
+            todo.extend(failures.values())
+        todo.extend(x for x in (cause, e.__cause__, e.__context__) if isinstance(x, BaseException))
+    return None
+
+
+def run(cfg: FinetuneConfig, *, ray_callbacks: list | None = None, name: str | None = None) -> dict:
+    """Finetune and evaluate; writes `out_dir/metrics.json` and returns {"out_dir", "metrics", "metrics_json"}.
+
+    Runs in this process unless `runner` is "ray", or "auto" with `train.scaling.num_workers > 1` or
+    `ray_callbacks` (e.g. [TuneReportCallback()] from a Tune trial), which run it as a Ray Train job.
+    A rerun with the same out_dir resumes from its last checkpoint."""
+    from clipdense.train import fit, fit_local
+
+    out = Path(cfg.out_dir).absolute()
+    # Read both datasets once here so a bad path or annotation file fails fast with its one-line error.
+    build_train_dataset(cfg)
+    build_eval_dataset(cfg)
+    train_cfg = cfg.train.model_copy(update={"out_dir": str(out)})
+    factory = DenseTaskFactory(cfg.model_dump(mode="json"))
+    use_ray = cfg.runner == "ray" or (cfg.runner == "auto" and (cfg.train.scaling.num_workers > 1 or ray_callbacks))
+    try:
+        if use_ray:
+            summary = fit(factory, train_cfg, callbacks=ray_callbacks, name=name)
+        else:
+            summary = fit_local(factory, train_cfg)
+    except Exception as e:
+        user = find_user_error(e)
+        if user is not None and user is not e:
+            raise type(user)(str(user).strip().splitlines()[0]) from None
+        raise
+    path = out / "metrics.json"
+    metrics = summary.get("metrics", {})
+    if path.is_file():  # rank 0 wrote it; add the runner's view (final train loss, throughput, steps)
+        record = json.loads(path.read_text())
+        record["train"] = {"steps": summary.get("step"), "epochs": summary.get("epoch"),
+                           "restored_from_steps": summary.get("restored_from_steps", []),
+                           **{k: v for k, v in metrics.items() if not k.startswith("eval/")}}
+        path.write_text(json.dumps(record, indent=2))
+    return {"out_dir": str(out), "metrics": metrics, "metrics_json": str(path) if path.is_file() else None,
+            "stopped_early": summary.get("stopped_early", False)}

@@ -1,0 +1,161 @@
+"""The dense finetune as a `clipdense.train.TrainTask`: the one training runner (`fit` on Ray Train, `fit_local`
+in-process) owns the loop, AdamW, schedule, checkpoints and resume; this class says what to train and how to score.
+
+Batches are deterministic in (train.seed, epoch, rank, world size): each epoch is a seeded permutation of the
+training subset (repeated when the subset is smaller than one global batch), cut into global batches whose
+rank-th slice goes to rank r (the remainder is dropped, so every rank yields the same number of batches)."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, default_collate
+
+from clipdense.dense.backbones import create_backbone
+from clipdense.dense.config import FinetuneConfig
+from clipdense.dense.datasets import build_eval_dataset, build_train_dataset
+from clipdense.dense.detection import build_detector
+from clipdense.dense.evaluate import EVALUATORS
+from clipdense.dense.heads import DepthModel, SegModel
+from clipdense.dense.losses import seg_loss, sig_loss
+from clipdense.dense.optim import layer_decay_param_groups
+from clipdense.errors import ConfigError, DataError
+from clipdense.train.task import TrainContext, TrainTask
+
+
+def collate_detection(items: list[dict]) -> dict:
+    return {"images": [it["img"] for it in items], "targets": [it["target"] for it in items]}
+
+
+def epoch_batches(n: int, per_rank: int, rank: int, world_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """This rank's sample indices, batch by batch, for one epoch (see the module docstring)."""
+    rng = np.random.default_rng([seed, epoch, 0x5EED])
+    g = per_rank * world_size
+    order: list[int] = []
+    while len(order) < g:
+        order.extend(rng.permutation(n).tolist())
+    return [order[b * g + rank * per_rank: b * g + (rank + 1) * per_rank] for b in range(len(order) // g)]
+
+
+def _scalars(d: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class DenseTask(TrainTask):
+    find_unused_parameters = False
+
+    def __init__(self, cfg: FinetuneConfig):
+        self.cfg = cfg
+        self.backbone: nn.Module | None = None
+        self.provenance: dict = {}
+        self.last_eval: dict = {}
+        self.ctx = TrainContext()
+
+    # ---- runner hooks ----
+    def setup(self, ctx: TrainContext) -> None:
+        self.ctx = ctx
+        cfg = self.cfg
+        gb, ws = cfg.data.batch_size, ctx.world_size
+        if gb % ws:
+            raise ConfigError(f"data.batch_size {gb} is not divisible by {ws} training workers")
+        self.per_rank = gb // ws
+        sync_bn = ws > 1 and ctx.device.type == "cuda"
+        if cfg.task != "det" and self.per_rank < 2 and not sync_bn:
+            raise ConfigError(f"data.batch_size {gb} over {ws} workers leaves {self.per_rank} image per worker; "
+                              "the decoder's BatchNorm needs >= 2 (SyncBatchNorm is used only on multi-GPU runs)")
+        self.train_set = build_train_dataset(cfg)
+        if len(self.train_set) == 0:
+            raise DataError(f"{cfg.data.root}: no training samples for task {cfg.task}")
+        self.eval_set = build_eval_dataset(cfg) if ctx.is_main else None
+
+    def build_model(self) -> nn.Module:
+        cfg, h = self.cfg, self.cfg.head
+        backbone = create_backbone(cfg.backbone)
+        if cfg.task == "seg":
+            model = SegModel(backbone, cfg.data.num_classes, h.channels, tuple(h.pool_scales), h.dropout,
+                             h.aux_channels, aux=h.aux_weight > 0)
+        elif cfg.task == "depth":
+            model = DepthModel(backbone, cfg.data.max_depth, h.channels, tuple(h.pool_scales), h.dropout)
+        else:
+            model = build_detector(backbone, self.train_set.num_classes, h)
+        if self.ctx.world_size > 1 and self.ctx.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.backbone = backbone
+        self.provenance = {**backbone.provenance, "model_params": sum(p.numel() for p in model.parameters())}
+        return model
+
+    def param_groups(self, model: nn.Module, optim_cfg) -> list[dict]:
+        return layer_decay_param_groups(model, self.backbone, optim_cfg.weight_decay, optim_cfg.layer_decay)
+
+    def train_batches(self, ctx: TrainContext):
+        batches = epoch_batches(len(self.train_set), self.per_rank, ctx.rank, ctx.world_size, ctx.seed, ctx.epoch)
+        keyed = [[(i, ctx.epoch) for i in b] for b in batches[ctx.start_batch:]]
+        if not keyed:
+            return iter(())
+        collate = collate_detection if self.cfg.task == "det" else default_collate
+        return iter(DataLoader(self.train_set, batch_sampler=keyed, num_workers=self.cfg.data.loader_workers,
+                               collate_fn=collate, pin_memory=ctx.device.type == "cuda"))
+
+    def loss(self, model: nn.Module, batch, ctx: TrainContext):
+        dev, cfg = ctx.device, self.cfg
+        if cfg.task == "seg":
+            out = model(batch["img"].to(dev, non_blocking=True))
+            return seg_loss(out, batch["label"].to(dev, non_blocking=True), cfg.head.aux_weight)
+        if cfg.task == "depth":
+            pred = model(batch["img"].to(dev, non_blocking=True))["depth"].float()
+            loss = sig_loss(pred, batch["depth"].to(dev, non_blocking=True), cfg.data.min_depth, cfg.data.max_depth,
+                            cfg.head.depth_loss_weight)
+            return loss, {}
+        images = [im.to(dev).float() / 255.0 for im in batch["images"]]
+        targets = [{k: v.to(dev) for k, v in t.items()} for t in batch["targets"]]
+        losses = model(images, targets)
+        return sum(losses.values()), {k: float(v.detach()) for k, v in losses.items()}
+
+    def batch_size(self, batch) -> int:
+        return len(batch["images"]) if self.cfg.task == "det" else int(batch["img"].shape[0])
+
+    def evaluate(self, model: nn.Module, ctx: TrainContext) -> dict[str, float]:
+        """Rank 0 scores the validation set; the final evaluation also writes predictions if asked."""
+        if not ctx.is_main:
+            return {}
+        final = ctx.step + 1 >= ctx.total_steps  # the runner's final eval comes after the last step
+        save = self.cfg.save_predictions if final else None
+        self.last_eval = EVALUATORS[self.cfg.task](model, self.eval_set, self.cfg, ctx.device, save)
+        return _scalars(self.last_eval)
+
+    def export(self, model: nn.Module, out_dir: Path) -> dict:
+        """metrics.json: every metric, the resolved config, backbone provenance, the data actually used."""
+        record = metrics_record(self.cfg, self.last_eval, self.provenance,
+                                {"train_samples": len(self.train_set), "eval_samples": len(self.eval_set or [])})
+        path = Path(out_dir) / "metrics.json"
+        path.write_text(json.dumps(record, indent=2, default=_json_default))
+        return {"metrics_json": str(path)}
+
+
+def _json_default(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return str(v)
+
+
+def metrics_record(cfg: FinetuneConfig, metrics: dict, provenance: dict, data: dict) -> dict:
+    return {"task": cfg.task, "metrics": {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                                          for k, v in metrics.items()},
+            "backbone": provenance,
+            "data": {"root": cfg.data.root, "fraction": cfg.data.fraction, "seed": cfg.data.seed, **data},
+            "save_predictions": cfg.save_predictions, "config": cfg.model_dump(mode="json")}
+
+
+@dataclass
+class DenseTaskFactory:
+    """Picklable zero-argument factory the runner calls inside each worker."""
+
+    config: dict
+
+    def __call__(self) -> DenseTask:
+        return DenseTask(FinetuneConfig.model_validate(self.config))

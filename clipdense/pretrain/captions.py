@@ -1,0 +1,68 @@
+"""Caption policies: which text(s) a sample trains with. Small pure functions of (policy, captions, rng).
+
+- real:      the web caption.
+- synthetic: one of the N synthetic captions, drawn uniformly.
+- mix:       synthetic with probability p, else real.
+- both:      DataCompDR: one real and one random synthetic caption; the loss is
+             contrastive(image, real) + contrastive(image, synthetic) (apple/ml-mobileclip training/open_clip.patch).
+
+Randomness is a pure function of (seed, epoch, sample key) through `sample_rng`, never of global RNG state, so a
+resumed run draws exactly what an uninterrupted one would have.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+POLICIES = ("real", "synthetic", "mix", "both")
+
+
+def captions_per_sample(policy: str) -> int:
+    return 2 if policy == "both" else 1
+
+
+def key_hash(key: str) -> int:
+    """A stable 64-bit hash of a sample key (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def sample_rng(seed: int, epoch: int, key: str, stream: int = 0) -> np.random.Generator:
+    """The generator for one sample in one epoch; `stream` separates uses (captions vs augmentation)."""
+    return np.random.default_rng([seed, epoch, key_hash(key), stream])
+
+
+def _usable(texts) -> list[str]:
+    return [t for t in (texts or []) if t and str(t).strip()]
+
+
+def missing_for(policy: str, real: str | None, syn) -> str | None:
+    """Why a row cannot train under `policy` (a short reason for the `error` column), or None."""
+    has_real, has_syn = bool(real and real.strip()), bool(_usable(syn))
+    if policy in ("real", "both") and not has_real:
+        return "no caption"
+    if policy in ("synthetic", "mix", "both") and not has_syn:
+        return "no synthetic captions"
+    return None
+
+
+def pick_captions(policy: str, real: str | None, syn, rng: np.random.Generator, mix_p: float = 0.5) -> list[str]:
+    """The caption(s) one sample trains with: [text] or, for `both`, [real, synthetic]."""
+    syn = _usable(syn)
+    if policy == "real":
+        return [real]
+    if policy == "synthetic":
+        return [syn[int(rng.integers(len(syn)))]]
+    if policy == "mix":
+        use_syn = rng.random() < mix_p
+        j = int(rng.integers(len(syn)))  # drawn either way: the stream does not depend on the coin
+        return [syn[j] if use_syn else real]
+    if policy == "both":
+        return [real, syn[int(rng.integers(len(syn)))]]
+    raise ValueError(f"unknown caption policy {policy!r} (choose from {', '.join(POLICIES)})")
+
+
+def pick_batch(policy: str, keys, reals, syns, seed: int, epoch: int, mix_p: float = 0.5) -> list[list[str]]:
+    """Per caption slot, the batch's texts: [[texts for slot 0], ([texts for slot 1])]."""
+    picked = [pick_captions(policy, r, s, sample_rng(seed, epoch, k, 1), mix_p) for k, r, s in zip(keys, reals, syns)]
+    return [list(col) for col in zip(*picked)] if picked else [[] for _ in range(captions_per_sample(policy))]

@@ -1,0 +1,83 @@
+"""Pretrain stage config: `clipdense pretrain --config configs/pretrain/<name>.yaml [a.b=v ...]`."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from clipdense.config import Config
+from clipdense.train.config import OptimConfig, ScheduleConfig, TrainConfig
+
+
+class ModelConfig(Config):
+    name: str = "clip-tiny"                 # open_clip name (ViT-B-16, MobileCLIP-S2, coca_ViT-B-32, clip-tiny, ...)
+    pretrained: str | None = None           # open_clip tag or local checkpoint (state_dict .pt) to start from
+
+
+class DataConfig(Config):
+    """Images come from `shards` (tar/Parquet, as `data.shards.read_shards` reads them); captions from the
+    recaption stage's Parquet files in `recaptions` (one `<shard stem>.parquet` per input shard, joined by key), or
+    from the shards themselves when `recaptions` is null (e.g. one Parquet holding images + captions)."""
+
+    shards: str | list[str] = "PLACEHOLDER/web/{00000..00003}.tar"
+    recaptions: str | None = None
+    s3_endpoint: str | None = None
+    validate_images: Literal["none", "header", "full"] = "header"
+    batch_size: int = Field(256, ge=1, description="global batch (split evenly over workers)")
+    decode_batch_size: int = Field(64, ge=1)
+    decode_cpus: float = Field(1.0, gt=0, description="CPUs per Ray Data decode task (fractional allowed)")
+    shuffle_buffer: int = Field(0, ge=0, description="local shuffle buffer rows per worker (seeded per epoch)")
+    prefetch_batches: int = Field(2, ge=0)
+    count_errors: bool = Field(True, description="a pass over the joined rows before training to count skips")
+
+
+class CaptionConfig(Config):
+    """Which caption each sample trains with (pretrain/captions.py)."""
+
+    policy: Literal["real", "synthetic", "mix", "both"] = "real"
+    mix_p: float = Field(0.5, ge=0, le=1, description="mix: probability of a synthetic caption")
+
+
+class LossConfig(Config):
+    kind: Literal["auto", "clip", "siglip", "coca"] = "auto"   # auto: coca for CoCa models, siglip if logit_bias
+    coca_caption_weight: float = Field(2.0, ge=0)               # open_clip_train defaults
+    coca_contrastive_weight: float = Field(1.0, ge=0)
+
+
+class EvalConfig(Config):
+    """Held-out retrieval (R@1/R@5 both ways): the first `holdout` usable rows, or the rows of `path`."""
+
+    holdout: int = Field(0, ge=0)
+    path: str | list[str] | None = None
+    recaptions: str | None = None
+    caption: Literal["real", "synthetic"] = "real"
+    max_rows: int = Field(1000, ge=2)
+    batch_size: int = Field(128, ge=1)
+
+
+class PretrainTrain(TrainConfig):
+    optim: OptimConfig = OptimConfig(lr=5e-4, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6, grad_clip=1.0)
+    schedule: ScheduleConfig = ScheduleConfig(kind="cosine", warmup_steps=10, total_steps=100)
+    out_dir: str = "runs/pretrain"
+
+
+class PretrainConfig(Config):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    captions: CaptionConfig = CaptionConfig()
+    loss: LossConfig = LossConfig()
+    eval: EvalConfig = EvalConfig()
+    train: PretrainTrain = PretrainTrain()
+    ray: Literal["auto", "local", "off"] = Field(
+        "auto", description="auto/local: Ray Train workers (joins a running Ray, else starts a local one); "
+                            "off: train in this process (world size 1), data still via Ray Data")
+    ray_address: str | None = None
+    ray_num_cpus: int | None = Field(None, ge=1, description="logical CPUs when starting a local Ray")
+
+    @model_validator(mode="after")
+    def _batch_divides(self):
+        n = self.train.scaling.num_workers if self.ray != "off" else 1
+        if self.data.batch_size % n:
+            raise ValueError(f"data.batch_size ({self.data.batch_size}) must be divisible by "
+                             f"train.scaling.num_workers ({n})")
+        return self

@@ -1,0 +1,63 @@
+"""`run(cfg)`: resolve the model, build the Ray datasets, train with the one runner, return a small summary."""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+from clipdense.errors import ConfigError
+from clipdense.pretrain.config import PretrainConfig
+
+
+def model_preprocess(name: str, pretrained: str | None) -> tuple[dict, dict]:
+    """(preprocess {size, mean, std}, parameter counts) of an open_clip model, built once on CPU."""
+    import open_clip
+
+    from clipdense.models import create_clip
+
+    try:
+        model = create_clip(name, pretrained)
+    except ValueError as e:
+        raise ConfigError(f"model.name: {e}") from None
+    except (FileNotFoundError, RuntimeError) as e:
+        raise ConfigError(f"model.pretrained {pretrained!r}: {str(e).splitlines()[0][:200]}") from None
+    pp = open_clip.get_model_preprocess_cfg(model)
+    size = pp["size"][0] if isinstance(pp["size"], (tuple, list)) else pp["size"]
+    params = {"params": sum(p.numel() for p in model.parameters()),
+              "visual_params": sum(p.numel() for p in model.visual.parameters())}
+    return {"size": int(size), "mean": tuple(pp["mean"]), "std": tuple(pp["std"])}, params
+
+
+def _ensure_ray(cfg: PretrainConfig) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray_address, num_cpus=cfg.ray_num_cpus if not cfg.ray_address else None,
+                 include_dashboard=False, log_to_driver=False)
+
+
+def run(cfg: PretrainConfig) -> dict:
+    from ray.train import DataConfig
+
+    from clipdense.pretrain.data import build_datasets
+    from clipdense.pretrain.task import ClipPretrainTask
+    from clipdense.train.runner import fit, fit_local
+
+    pp, params = model_preprocess(cfg.model.name, cfg.model.pretrained)
+    _ensure_ray(cfg)
+    train_ds, eval_ds, counts = build_datasets(cfg, pp["size"])
+    datasets = {"train": train_ds, **({"eval": eval_ds} if eval_ds is not None else {})}
+    factory = functools.partial(ClipPretrainTask, cfg.model_dump(mode="json"), pp)
+    if cfg.ray == "off":
+        result = fit_local(factory, cfg.train, datasets=datasets)
+    else:
+        options = DataConfig.default_ingest_options()
+        options.preserve_order = True  # deterministic split among workers + order: exact resume
+        result = fit(factory, cfg.train, datasets=datasets,
+                     dataset_config=DataConfig(datasets_to_split=["train"], execution_options=options))
+    summary = {"model": cfg.model.name, "policy": cfg.captions.policy, **params, "data": counts, **result}
+    out = Path(cfg.train.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pretrain_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / "config.yaml").write_text(cfg.to_yaml())
+    return summary

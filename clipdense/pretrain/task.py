@@ -1,0 +1,153 @@
+"""The CLIP / SigLIP / CoCa pretraining step plugged into the one runner (`clipdense.train`).
+
+Losses are open_clip's: ClipLoss(local_loss=True, gather_with_grad=True) across ranks, SigLipLoss, CoCaLoss.
+Policy `both` (DataCompDR) adds the loss on (image, synthetic caption) to the loss on (image, real caption).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from clipdense.pretrain.batches import Collate
+from clipdense.pretrain.config import PretrainConfig
+from clipdense.train.task import TrainContext, TrainTask
+
+
+def loss_kind(model, requested: str = "auto") -> str:
+    if requested != "auto":
+        return requested
+    from open_clip import CoCa
+
+    if isinstance(model, CoCa):
+        return "coca"
+    return "siglip" if getattr(model, "logit_bias", None) is not None else "clip"
+
+
+def build_loss(kind: str, rank: int, world_size: int, caption_weight: float = 2.0, contrastive_weight: float = 1.0):
+    from open_clip.loss import ClipLoss, CoCaLoss, SigLipLoss
+
+    if kind == "coca":
+        return CoCaLoss(caption_loss_weight=caption_weight, clip_loss_weight=contrastive_weight, pad_id=0,
+                        local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank, world_size=world_size)
+    if kind == "siglip":
+        return SigLipLoss(cache_labels=True, rank=rank, world_size=world_size)
+    return ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank, world_size=world_size)
+
+
+def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
+    """R@k both ways for paired rows (row i of each matches): image->text and text->image, plus their mean."""
+    sims = F.normalize(image_features.float(), dim=-1) @ F.normalize(text_features.float(), dim=-1).T
+    n = sims.shape[0]
+    target = torch.arange(n)
+    out = {}
+    for name, s in (("i2t", sims), ("t2i", sims.T)):
+        rank = (s > s[target, target].unsqueeze(1)).sum(1)  # how many candidates beat the true pair
+        for k in ks:
+            out[f"{name}_R@{k}"] = (rank < k).float().mean().item()
+    out["mean_R@1"] = (out["i2t_R@1"] + out["t2i_R@1"]) / 2
+    return out
+
+
+class ClipPretrainTask(TrainTask):
+    """Everything but the loop: model, batches from the Ray Data shard, the open_clip loss, eval, export."""
+
+    def __init__(self, cfg: dict, preprocess: dict):
+        self.cfg_dict, self.pp = cfg, preprocess
+
+    def setup(self, ctx: TrainContext) -> None:
+        self.cfg = PretrainConfig.model_validate(self.cfg_dict)
+        self.ctx = ctx  # the runner keeps it current (step, epoch)
+        self.rank, self.world_size = ctx.rank, ctx.world_size
+        self.local_batch = max(1, self.cfg.data.batch_size // ctx.world_size)
+
+    def build_model(self):
+        from clipdense.models import create_clip
+
+        model = create_clip(self.cfg.model.name, self.cfg.model.pretrained, output_dict=True)
+        lc = self.cfg.loss
+        self.kind = loss_kind(model, lc.kind)
+        self.loss_fn = build_loss(self.kind, self.rank, self.world_size, lc.coca_caption_weight,
+                                  lc.coca_contrastive_weight)
+        return model
+
+    def _collate(self, epoch: int, train: bool) -> Collate:
+        return Collate(model_name=self.cfg.model.name, image_size=self.pp["size"], mean=self.pp["mean"],
+                       std=self.pp["std"], policy=self.cfg.captions.policy if train else self.cfg.eval.caption,
+                       seed=self.cfg.train.seed, epoch=epoch, mix_p=self.cfg.captions.mix_p, train=train)
+
+    def train_batches(self, ctx: TrainContext):
+        shard = ctx.dataset_shard
+        if shard is None:
+            raise RuntimeError("pretrain needs the 'train' Ray dataset")
+        d = self.cfg.data
+        shuffle = {"local_shuffle_buffer_size": d.shuffle_buffer, "local_shuffle_seed": ctx.seed + ctx.epoch} \
+            if d.shuffle_buffer else {}
+        it = shard.iter_torch_batches(batch_size=self.local_batch, collate_fn=self._collate(ctx.epoch, True),
+                                      drop_last=True, prefetch_batches=d.prefetch_batches, **shuffle)
+        return itertools.islice(it, ctx.start_batch, None)
+
+    def _contrastive(self, out: dict, text_features: torch.Tensor) -> torch.Tensor:
+        if self.kind == "siglip":
+            return self.loss_fn(out["image_features"], text_features, out["logit_scale"], out["logit_bias"])
+        return self.loss_fn(out["image_features"], text_features, out["logit_scale"])
+
+    def loss(self, model, batch, ctx: TrainContext):
+        dev = ctx.device
+        image = batch["image"].to(dev, non_blocking=True)
+        texts = [t.to(dev, non_blocking=True) for t in batch["texts"]]
+        metrics: dict[str, float] = {}
+        if self.kind == "coca":
+            n = len(texts)  # `both`: each image once per caption slot (the decoder needs a caption per image)
+            out = model(image.repeat(n, 1, 1, 1) if n > 1 else image, torch.cat(texts) if n > 1 else texts[0])
+            total = 0.0
+            b = image.shape[0]
+            for i in range(n):
+                sl = slice(i * b, (i + 1) * b)
+                clip_l, cap_l = self.loss_fn(out["image_features"][sl], out["text_features"][sl],
+                                             out["logits"][sl], out["labels"][sl], out["logit_scale"])
+                total = total + clip_l + cap_l
+                metrics[f"caption_loss_{i}"] = float(cap_l.detach())
+        else:
+            out = model(image, torch.cat(texts) if len(texts) > 1 else texts[0])
+            tf = out["text_features"].chunk(len(texts)) if len(texts) > 1 else [out["text_features"]]
+            losses = [self._contrastive(out, t) for t in tf]
+            total = sum(losses)
+            if len(losses) > 1:
+                metrics.update({"loss_real": float(losses[0].detach()), "loss_syn": float(losses[1].detach())})
+        metrics["logit_scale"] = float(out["logit_scale"].detach())
+        return total, metrics
+
+    def evaluate(self, model, ctx: TrainContext) -> dict[str, float]:
+        eval_it = ctx.dataset_shards.get("eval")
+        if not ctx.is_main or eval_it is None:
+            return {}
+        imgs, txts = [], []
+        collate = self._collate(0, False)
+        for batch in eval_it.iter_batches(batch_size=self.cfg.eval.batch_size, batch_format="numpy"):
+            b = collate(batch)
+            imgs.append(model.encode_image(b["image"].to(ctx.device), normalize=True).float().cpu())
+            txts.append(model.encode_text(b["texts"][0].to(ctx.device), normalize=True).float().cpu())
+        if not imgs:
+            return {}
+        metrics = retrieval_metrics(torch.cat(imgs), torch.cat(txts))
+        return {**metrics, "rows": float(sum(len(i) for i in imgs))}
+
+    def export(self, model, out_dir: Path) -> dict:
+        return export_model(model, Path(out_dir) / "export", self.cfg.model.name, self.ctx.step)
+
+
+def export_model(model, out: Path, name: str, steps: int | None = None) -> dict:
+    """`model.pt` (open_clip.create_model(name, pretrained=...) loads it), `visual.pt` (image tower), export.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in model.state_dict().items()}
+    torch.save(sd, out / "model.pt")
+    torch.save({k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}, out / "visual.pt")
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    info = {"name": name, "model": str(out / "model.pt"), "visual": str(out / "visual.pt"),
+            "params": count(model), "visual_params": count(model.visual), "steps": steps}
+    (out / "export.json").write_text(json.dumps(info, indent=2))
+    return info

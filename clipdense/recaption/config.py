@@ -1,0 +1,100 @@
+"""Recaption stage config: `clipdense recaption --config configs/recaption/<name>.yaml [a.b=v ...]`."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from clipdense.config import Config
+
+# DataCompDR (apple/ml-mobileclip-dr scripts/gen.py): open_clip coca_ViT-L-14, 5 samples, top-p 0.9, seq_len 30.
+DATACOMPDR_COCA = "coca_ViT-L-14"
+
+
+class EngineConfig(Config):
+    """The captioner and its actor pool. Sampling defaults follow DataCompDR."""
+    kind: Literal["echo", "coca", "vllm"] = "echo"
+    model: str | None = None            # coca: open_clip name (default coca_ViT-L-14); vllm: HF id or local dir
+    pretrained: str | None = None       # coca: open_clip pretrained tag, e.g. mscoco_finetuned_laion2B-s13B-b90k
+    checkpoint: str | None = None       # coca: local open_clip checkpoint (state_dict .pt); wins over `pretrained`
+    num_captions: int = Field(5, ge=1)  # N synthetic captions per image
+    top_p: float = Field(0.9, gt=0, le=1)
+    temperature: float = Field(1.0, gt=0)
+    seq_len: int = Field(30, ge=3)      # coca: fixed output length in tokens, start and end tokens included
+    min_seq_len: int = Field(5, ge=1)   # coca: no end token before this many tokens (open_clip's default)
+    cut_at_period: bool | None = None   # keep the text before the first '.'; default: coca yes, vllm no
+    prompt: str = "Describe this image in one sentence."   # vllm
+    system_prompt: str | None = None    # vllm
+    max_tokens: int = Field(77, ge=1)   # vllm: new tokens per caption
+    max_pixels: int = Field(448 * 448, ge=28 * 28)  # vllm: images are pre-resized below this on CPU, and
+    #                                     the same cap goes to the model's processor (mm_processor_kwargs)
+    engine_kwargs: dict[str, Any] = {}  # vllm: passed to vllm.LLM (tensor_parallel_size, max_model_len, ...)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(32, ge=1)   # images per captioner call
+    concurrency: int | tuple[int, int] = 1  # actor pool size, or (min, max) to autoscale
+    num_gpus: float = Field(0.0, ge=0)  # per actor
+    num_cpus: float = Field(1.0, ge=0)  # per actor
+    retries: int = Field(2, ge=0)       # a failing batch is retried this often, then its rows are marked failed
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.kind == "vllm" and not self.model:
+            raise ValueError("engine.kind=vllm needs engine.model (a Hugging Face id or local directory)")
+        if self.kind == "coca" and self.seq_len <= self.min_seq_len:
+            raise ValueError(f"engine.seq_len ({self.seq_len}) must be larger than engine.min_seq_len "
+                             f"({self.min_seq_len})")
+        if isinstance(self.concurrency, tuple) and not 1 <= self.concurrency[0] <= self.concurrency[1]:
+            raise ValueError(f"engine.concurrency {self.concurrency} must be (min, max) with 1 <= min <= max")
+        if isinstance(self.concurrency, int) and self.concurrency < 1:
+            raise ValueError("engine.concurrency must be >= 1")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        return self.model or {"echo": "echo", "coca": DATACOMPDR_COCA}.get(self.kind, "")
+
+    @property
+    def cut(self) -> bool:
+        return self.cut_at_period if self.cut_at_period is not None else self.kind == "coca"
+
+
+class DecodeConfig(Config):
+    """The CPU stage: decode + resize in Ray Data tasks, before the captioner actors."""
+    mode: Literal["auto", "array", "jpeg"] = "auto"  # auto: vllm -> jpeg (aspect kept), others -> array
+    size: int | None = Field(None, ge=8)  # array: square side; default the CoCa model's image size, else 224
+    # Images with more pixels become error rows "image too large" (decompression-bomb guard; PIL's default
+    # limit). Anything below it is decoded (JPEG draft mode: reduced-size DCT decode) and resized.
+    max_image_pixels: int = Field(89_478_485, ge=1)
+    jpeg_quality: int = Field(90, ge=1, le=100)  # jpeg mode: re-encode quality of resized images
+    batch_size: int = Field(256, ge=1)
+    num_cpus: float = Field(1.0, gt=0)
+
+
+class StatsConfig(Config):
+    """Caption quality stats written to `<output>/_stats.json`."""
+    enabled: bool = True
+    max_rows: int = Field(200_000, ge=1)   # rows read back from the outputs for the text stats
+    clip_model: str | None = None          # e.g. ViT-B-32 or clip-tiny: adds the mean CLIP score
+    clip_pretrained: str | None = None     # open_clip tag or local checkpoint for clip_model
+    clip_sample: int = Field(256, ge=1)    # images scored
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class FaultConfig(Config):
+    """Fault injection for tests and failure drills; all off by default."""
+    fail_after_shards: int | None = Field(None, ge=1)  # the driver dies after writing this many shard files
+    engine_fail_first: int = Field(0, ge=0)            # each actor's first k captioner calls raise
+    engine_fail_marker: str | None = None              # calls whose batch has a caption containing this raise
+
+
+class RecaptionConfig(Config):
+    input: str | list[str]              # tar/Parquet shards: paths, dirs, globs, {a..b} ranges, s3://
+    output: str                         # directory (local or s3://): one <shard>.parquet per input shard
+    s3_endpoint: str | None = None      # S3-compatible endpoint (else env AWS_ENDPOINT_URL)
+    keep_images: bool = False           # copy image_bytes into the output (default: join by key instead)
+    engine: EngineConfig = EngineConfig()
+    decode: DecodeConfig = DecodeConfig()
+    stats: StatsConfig = StatsConfig()
+    fault: FaultConfig = FaultConfig()
+    ray_address: str | None = None      # None: join the running Ray (or start a local one); "auto": a cluster

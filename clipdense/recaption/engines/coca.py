@@ -1,0 +1,127 @@
+"""`coca`: an open_clip CoCa captioner with DataCompDR's recipe (N samples per image, top-p 0.9, temperature 1,
+seq_len 30 tokens, text cut at the first period), sampled by our own loop (sampling.py) over open_clip's CoCa
+forward, so no `transformers` is needed.
+
+Vectorised: the image tower runs once per image; its embeddings are repeated N times and all B*N sequences are
+sampled together. CPU (fp32) or CUDA (bf16 autocast).
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from clipdense.recaption.decode import fit_square
+from clipdense.recaption.engines.base import Captioner, ImageLike, cut_caption, to_pil
+from clipdense.recaption.engines.sampling import decode_sequences, sample_top_p
+
+
+def coca_image_size(model: str) -> int | None:
+    """The image side of an open_clip model config, without building the model (None if unknown)."""
+    import open_clip
+
+    from clipdense.models.registry import register_model_configs
+
+    register_model_configs()
+    cfg = open_clip.get_model_config(model) or {}
+    size = cfg.get("vision_cfg", {}).get("image_size")
+    return int(size[0] if isinstance(size, (list, tuple)) else size) if size else None
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class CocaCaptioner(Captioner):
+    kind = "coca"
+
+    def __init__(self, model: str = "coca_ViT-L-14", pretrained: str | None = None, checkpoint: str | None = None,
+                 *, top_p: float = 0.9, temperature: float = 1.0, seq_len: int = 30, min_seq_len: int = 5,
+                 cut_at_period: bool = True, seed: int = 0, device: str = "auto"):
+        from clipdense.models.registry import create_clip, tokenizer_for
+
+        if checkpoint and not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"CoCa checkpoint not found: {checkpoint}")
+        self.device = pick_device(device)
+        self.model = create_clip(model, pretrained=checkpoint or pretrained).to(self.device).eval()
+        if not hasattr(self.model, "text_decoder"):
+            raise ValueError(f"{model} is not a CoCa model (no text decoder)")
+        self.tokenizer = tokenizer_for(model)
+        self.sot = int(getattr(self.tokenizer, "sot_token_id", 49406))
+        self.eot = int(getattr(self.tokenizer, "eot_token_id", 49407))
+        self.pad = int(getattr(self.model, "pad_id", 0))
+        context = int(getattr(self.model, "context_length", 77))
+        if seq_len > context:
+            raise ValueError(f"seq_len {seq_len} exceeds {model}'s text context length {context}")
+        pre = getattr(self.model.visual, "preprocess_cfg", {}) or {}
+        size = pre.get("size", getattr(self.model.visual, "image_size", 224))
+        self.image_size = int(size[0] if isinstance(size, (list, tuple)) else size)
+        self.mean = torch.tensor(pre.get("mean", (0.48145466, 0.4578275, 0.40821073)), device=self.device)
+        self.std = torch.tensor(pre.get("std", (0.26862954, 0.26130258, 0.27577711)), device=self.device)
+        self.top_p, self.temperature = top_p, temperature
+        self.seq_len, self.min_seq_len, self.cut_at_period = seq_len, min_seq_len, cut_at_period
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def pixels(self, images: Sequence[ImageLike]) -> torch.Tensor:
+        """Images -> normalised [B, 3, S, S]; uint8 arrays already S x S (from the CPU stage) are used as is."""
+        arrs = []
+        for im in images:
+            a = im if isinstance(im, np.ndarray) else None
+            if a is None or a.shape != (self.image_size, self.image_size, 3) or a.dtype != np.uint8:
+                a = np.asarray(fit_square(to_pil(im), self.image_size), dtype=np.uint8)
+            arrs.append(a)
+        x = torch.from_numpy(np.stack(arrs)).to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float().div_(255)
+        return (x - self.mean[:, None, None]) / self.std[:, None, None]
+
+    @contextlib.contextmanager
+    def _last_position_logits(self):
+        """Project only the last position to the vocabulary: the decoder's final LayerNorm and projection are
+        per-token, so trimming their input keeps open_clip's forward intact and saves a [B, L, vocab] matmul."""
+        hook = self.model.text_decoder.ln_final.register_forward_pre_hook(lambda _m, args: (args[0][:, -1:],))
+        try:
+            yield
+        finally:
+            hook.remove()
+
+    @torch.no_grad()
+    def sample_tokens(self, images: Sequence[ImageLike], n: int) -> torch.Tensor:
+        """[len(images) * n, seq_len] token ids; rows i*n .. i*n+n-1 belong to image i."""
+        x = self.pixels(images)
+        with self._autocast():
+            latent, embs = self.model._encode_image(x)
+        latent, embs = latent.repeat_interleave(n, 0), embs.repeat_interleave(n, 0)
+
+        def next_logits(prefix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            with self._autocast():  # open_clip's CoCa forward with precomputed image embeddings
+                out = self.model(None, prefix, image_latent=latent[rows], image_embs=embs[rows], output_labels=False)
+            return out["logits"][:, -1]
+
+        with self._last_position_logits():
+            return sample_top_p(next_logits, len(images) * n, sot=self.sot, eot=self.eot, pad=self.pad,
+                                seq_len=self.seq_len, min_seq_len=self.min_seq_len, top_p=self.top_p,
+                                temperature=self.temperature, generator=self.generator, device=self.device)
+
+    def generate(self, images: Sequence[ImageLike], n: int,
+                 captions: Sequence[str | None] | None = None) -> list[list[str]]:
+        if not images:
+            return []
+        tokens = self.sample_tokens(images, n).cpu()
+        texts = decode_sequences(tokens, self.tokenizer.decode, self.sot, self.eot)
+        texts = [cut_caption(t, self.cut_at_period) for t in texts]
+        return [texts[i * n:(i + 1) * n] for i in range(len(images))]
+
+    def close(self) -> None:
+        del self.model
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

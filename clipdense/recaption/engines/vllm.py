@@ -1,0 +1,96 @@
+"""`vllm`: a vision-language model (e.g. Qwen2.5-VL-7B-Instruct) through vLLM's offline `LLM.chat`.
+
+Why our own actor and not Ray's `ray.data.llm` (evaluated against ray 2.60, ray/llm/_internal/batch):
+- N captions per image: `vLLMEngineProcessorConfig` keeps only `outputs[0]` of each request
+  (vllm_engine_stage.py `from_vllm_engine_output`; ray-project/ray#53396), so SamplingParams(n=N) returns one
+  caption. The workaround (N copies of every row, then a regroup by key) multiplies rows through the
+  chat-template/tokenize/multimodal stages and needs a shuffle; `LLM.chat` with n=N shares one prefill.
+- One interface for every engine: `generate(images, n)` is testable without Ray, and the pipeline's retry /
+  error-row / per-shard-output logic stays the same for CoCa and the VLM.
+- Images already arrive decoded and downscaled from our CPU stage, so `prepare_multimodal_stage` (which also
+  needs vLLM importable on CPU nodes) adds nothing.
+What we keep from vLLM: the model's own chat template (`LLM.chat`), `SamplingParams(n=N)`, the processor pixel
+cap through `mm_processor_kwargs`, and any `engine_kwargs` (tensor_parallel_size, max_model_len,
+limit_mm_per_prompt, gpu_memory_utilization...) passed through to `vllm.LLM`.
+vLLM is CUDA-only and not a default dependency (`pip install 'clipdense[vllm]'` on GPU nodes).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from clipdense.errors import ConfigError
+from clipdense.recaption.engines.base import Captioner, EngineOutputError, ImageLike, cut_caption, to_pil
+
+
+def sampling_kwargs(n: int, top_p: float, temperature: float, max_tokens: int, seed: int | None) -> dict:
+    """Keyword arguments for vllm.SamplingParams (also recorded, as JSON, beside every output row)."""
+    return {"n": n, "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed}
+
+
+def build_messages(image, prompt: str, system_prompt: str | None = None) -> list[dict[str, Any]]:
+    """One OpenAI-style conversation: [system], user = [image, text]; `LLM.chat` applies the chat template."""
+    messages: list[dict[str, Any]] = []
+    if system_prompt:
+        messages.append({"role": "system", "content": system_prompt})
+    messages.append({"role": "user", "content": [{"type": "image_pil", "image_pil": image},
+                                                 {"type": "text", "text": prompt}]})
+    return messages
+
+
+def llm_kwargs(model: str, max_pixels: int, engine_kwargs: dict[str, Any], seed: int | None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"model": model, "limit_mm_per_prompt": {"image": 1},
+                              "mm_processor_kwargs": {"max_pixels": max_pixels}}
+    if seed is not None:
+        kwargs["seed"] = seed
+    for k, v in engine_kwargs.items():
+        if k == "mm_processor_kwargs":
+            kwargs[k] = {**kwargs[k], **v}
+        else:
+            kwargs[k] = v
+    return kwargs
+
+
+class VLLMCaptioner(Captioner):
+    kind = "vllm"
+
+    def __init__(self, model: str, *, prompt: str, system_prompt: str | None = None, top_p: float = 0.9,
+                 temperature: float = 1.0, max_tokens: int = 77, max_pixels: int = 448 * 448,
+                 engine_kwargs: dict[str, Any] | None = None, seed: int | None = 0, cut_at_period: bool = False):
+        try:
+            import vllm
+        except ImportError:
+            raise ConfigError("engine.kind=vllm needs vLLM on the captioner nodes (CUDA only): "
+                              "pip install 'clipdense[vllm]'") from None
+        self._vllm = vllm
+        self.prompt, self.system_prompt = prompt, system_prompt
+        self.top_p, self.temperature, self.max_tokens, self.seed = top_p, temperature, max_tokens, seed
+        self.cut_at_period = cut_at_period
+        self.llm = vllm.LLM(**llm_kwargs(model, max_pixels, dict(engine_kwargs or {}), seed))
+
+    def sampling_params(self, n: int):
+        return self._vllm.SamplingParams(**sampling_kwargs(n, self.top_p, self.temperature, self.max_tokens,
+                                                           self.seed))
+
+    def generate(self, images: Sequence[ImageLike], n: int,
+                 captions: Sequence[str | None] | None = None) -> list[list[str]]:
+        if not images:
+            return []
+        conversations = [build_messages(to_pil(im), self.prompt, self.system_prompt) for im in images]
+        outputs = self.llm.chat(conversations, sampling_params=self.sampling_params(n), use_tqdm=False)
+        return parse_outputs(outputs, len(images), n, self.cut_at_period)
+
+    def close(self) -> None:
+        del self.llm
+
+
+def parse_outputs(outputs: Sequence[Any], n_images: int, n: int, cut_at_period: bool = False) -> list[list[str]]:
+    """vLLM RequestOutputs (one per conversation, each with `.outputs[k].text`) -> n cleaned captions per image."""
+    if len(outputs) != n_images:
+        raise EngineOutputError(f"vLLM returned {len(outputs)} outputs for {n_images} images")
+    result = []
+    for out in outputs:
+        texts = [cut_caption(c.text, cut_at_period) for c in (out.outputs or [])]
+        if len(texts) != n:
+            raise EngineOutputError(f"vLLM returned {len(texts)} completions where n={n} were requested")
+        result.append(texts)
+    return result

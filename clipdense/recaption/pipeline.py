@@ -1,0 +1,186 @@
+"""Ray wiring of the recaption stage.
+
+read_shards (canonical rows) -> decode + resize (Ray Data CPU tasks, decode.py) -> captioner actor pool
+(map_batches over `CaptionActor`, ActorPoolStrategy(min, max), num_gpus per actor) -> the driver assembles
+one Parquet file per input shard (writer.py). Ray Data's progress bars show each stage.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from clipdense.data.paths import expand_paths
+from clipdense.data.shards import write_parquet
+from clipdense.errors import ConfigError
+from clipdense.recaption.config import EngineConfig, FaultConfig, RecaptionConfig
+from clipdense.recaption.decode import ImageInput, decode_batch
+from clipdense.recaption.engines import build_captioner, check_output, image_input, provenance
+from clipdense.recaption.writer import Plan, ShardAssembler, plan_shards
+
+log = logging.getLogger(__name__)
+
+
+class CaptionActor:
+    """One captioner per actor (model loaded once). Rows already in error pass through; a failing engine call is
+    retried `engine.retries` times, then its rows get `error = "caption engine failed (...)"`."""
+
+    def __init__(self, engine: dict, fault: dict | None = None):
+        self.cfg = EngineConfig(**engine)
+        self.fault = FaultConfig(**(fault or {}))
+        self.engine = build_captioner(self.cfg)
+        self.calls = 0
+
+    def _generate(self, images: list, captions: list) -> list[list[str]]:
+        self.calls += 1
+        if self.calls <= self.fault.engine_fail_first:
+            raise RuntimeError(f"injected engine failure (call {self.calls})")
+        marker = self.fault.engine_fail_marker
+        if marker and any(marker in (c or "") for c in captions):
+            raise RuntimeError(f"injected engine failure (a caption contains {marker!r})")
+        n = self.cfg.num_captions
+        return check_output(self.engine.generate(images, n, captions), len(images), n)
+
+    def caption(self, images: list, captions: list) -> tuple[list[list[str]] | None, str | None]:
+        last: Exception | None = None
+        for attempt in range(self.cfg.retries + 1):
+            try:
+                return self._generate(images, captions), None
+            except Exception as e:  # any engine failure (CUDA OOM, bad output...) is retried, then recorded
+                last = e
+                log.warning("captioner call failed (attempt %d/%d): %s", attempt + 1, self.cfg.retries + 1, e)
+        return None, f"{type(last).__name__}: {' '.join(str(last).split())[:200]}"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        errors = list(batch["error"])
+        ok = [i for i, e in enumerate(errors) if e is None]
+        syn: list[list[str] | None] = [None] * len(errors)
+        if ok:
+            if "pixels" in batch:
+                images = [batch["pixels"][i] for i in ok]
+            else:
+                images = [bytes(batch["image_jpeg"][i]) for i in ok]
+            result, failure = self.caption(images, [batch["caption"][i] for i in ok])
+            for j, i in enumerate(ok):
+                if failure is None:
+                    syn[i] = result[j]
+                else:
+                    errors[i] = f"caption engine failed ({failure}) [{batch['shard'][i]}]"
+        cols = {"key": pa.array(batch["key"], pa.string()), "caption": pa.array(batch["caption"], pa.string()),
+                "syn_captions": pa.array(syn, pa.list_(pa.string())), "error": pa.array(errors, pa.string()),
+                "shard": pa.array(batch["shard"], pa.string())}
+        if "image_bytes" in batch:
+            cols["image_bytes"] = pa.array(batch["image_bytes"], pa.binary())
+        return pa.table(cols)
+
+
+def check_engine(cfg: RecaptionConfig) -> None:
+    """Driver-side checks, so user mistakes fail before any actor starts."""
+    e = cfg.engine
+    if e.kind == "coca":
+        import open_clip
+
+        from clipdense.models.registry import register_model_configs
+        from clipdense.recaption.engines.coca import coca_image_size
+
+        register_model_configs()
+        if e.model_name not in open_clip.list_models():
+            raise ConfigError(f"engine.model: unknown open_clip model {e.model_name!r}")
+        if e.checkpoint and "://" not in e.checkpoint:
+            import os
+            if not os.path.isfile(e.checkpoint):
+                raise ConfigError(f"engine.checkpoint: file not found: {e.checkpoint}")
+        ctx = (open_clip.get_model_config(e.model_name) or {}).get("text_cfg", {}).get("context_length", 77)
+        if e.seq_len > ctx:
+            raise ConfigError(f"engine.seq_len {e.seq_len} exceeds {e.model_name}'s context length {ctx}")
+        coca_image_size(e.model_name)
+    if e.kind == "vllm" and not cfg.ray_address and importlib.util.find_spec("vllm") is None:
+        raise ConfigError("engine.kind=vllm needs vLLM (CUDA only): pip install 'clipdense[vllm]', "
+                          "or set ray_address to a cluster whose GPU nodes have it")
+    if e.num_gpus == 0 and e.device == "cuda":
+        raise ConfigError("engine.device=cuda needs engine.num_gpus > 0 (actors see no GPU otherwise)")
+
+
+def build_dataset(cfg: RecaptionConfig, inputs: list[str], spec: ImageInput):
+    """The lazy Ray Dataset of result rows (key, caption, syn_captions, error, shard), in input order."""
+    import ray.data
+
+    from clipdense.data.shards import read_shards
+
+    ctx = ray.data.DataContext.get_current()
+    old = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True  # read tasks capture it; the writer relies on input order
+    try:
+        ds = read_shards(inputs, validate="none", s3_endpoint=cfg.s3_endpoint)  # decode_batch checks fully
+    finally:
+        ctx.execution_options.preserve_order = old
+    ds.context.execution_options.preserve_order = True
+    ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=cfg.decode.batch_size,
+                        num_cpus=cfg.decode.num_cpus, fn_kwargs={"spec": spec, "keep_images": cfg.keep_images})
+    e = cfg.engine
+    lo, hi = e.concurrency if isinstance(e.concurrency, tuple) else (e.concurrency, e.concurrency)
+    return ds.map_batches(
+        CaptionActor, batch_format="numpy", batch_size=e.batch_size,
+        fn_constructor_kwargs={"engine": e.model_dump(), "fault": cfg.fault.model_dump()},
+        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), num_gpus=e.num_gpus, num_cpus=e.num_cpus)
+
+
+def _ensure_ray(address: str | None) -> bool:
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(address=address)
+    return True
+
+
+def execute(cfg: RecaptionConfig, plan: Plan) -> tuple[ShardAssembler, float]:
+    spec = image_input(cfg.engine, cfg.decode)
+    assembler = ShardAssembler(plan, provenance(cfg.engine),
+                               write=lambda table, path: write_parquet(table, path, cfg.s3_endpoint),
+                               keep_images=cfg.keep_images, fail_after_shards=cfg.fault.fail_after_shards)
+    ds = build_dataset(cfg, list(plan.todo.values()), spec)
+    t0 = time.perf_counter()
+    for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        assembler.add(block)
+    assembler.finish()
+    return assembler, time.perf_counter() - t0
+
+
+def run(cfg: RecaptionConfig) -> dict:
+    """Caption every not-yet-done input shard; write outputs and `_stats.json`; return a summary."""
+    from clipdense.recaption.stats import write_stats
+
+    check_engine(cfg)
+    plan = plan_shards(expand_paths(cfg.input, s3_endpoint=cfg.s3_endpoint), cfg.output, cfg.s3_endpoint)
+    todo = plan.todo
+    started = False
+    written, seconds, counts = [], 0.0, None
+    try:
+        if todo:
+            started = _ensure_ray(cfg.ray_address)
+            assembler, seconds = execute(cfg, plan)
+            written, counts = assembler.written, assembler.counts
+        stats = write_stats(cfg, plan) if cfg.stats.enabled else None
+    finally:
+        if started:
+            import ray
+            ray.shutdown()
+    rows = counts.rows if counts else 0
+    summary = {
+        "output": cfg.output,
+        "shards": {"total": len(plan.inputs), "skipped_done": len(plan.done), "written": len(written)},
+        "rows_in": rows, "rows_captioned": counts.ok if counts else 0, "rows_failed": counts.failed if counts else 0,
+        "failed_by_reason": dict(sorted(counts.errors.items())) if counts else {},
+        "seconds": round(seconds, 3), "images_per_s": round(rows / seconds, 2) if seconds > 0 else 0.0,
+        "stats": stats,
+    }
+    reasons = ", ".join(f"{k}: {v}" for k, v in summary["failed_by_reason"].items()) or "none"
+    print(f"recaption: {rows} rows in, {summary['rows_captioned']} captioned, {summary['rows_failed']} failed "
+          f"({reasons}); {len(written)} shard file(s) written, {len(plan.done)} already done; "
+          f"{summary['images_per_s']} images/s over {seconds:.1f}s", file=sys.stderr, flush=True)
+    return summary

@@ -1,0 +1,163 @@
+"""Per-shard outputs: which input shards are done, and the driver-side assembler that writes one Parquet file per
+input shard as soon as that shard's rows are complete.
+
+The pipeline runs with Ray Data's `preserve_order`, so result blocks arrive in input order: when rows of the next
+shard appear, the previous shard is complete and is written (atomically: temp name, then rename). A shard is done
+when its output file exists; re-runs skip done shards, so each input row lands in exactly one output file.
+"""
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+
+from clipdense.data.paths import filesystem_for
+from clipdense.errors import DataError
+
+OUTPUT_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("caption", pa.string()),
+    ("syn_captions", pa.list_(pa.string())),
+    ("engine", pa.string()),
+    ("model", pa.string()),
+    ("prompt", pa.string()),
+    ("sampling", pa.string()),  # JSON of the sampling parameters
+    ("error", pa.string()),
+])
+IMAGE_FIELD = pa.field("image_bytes", pa.binary())
+
+
+class InjectedFault(RuntimeError):
+    """Raised by fault injection (config `fault.*`) to simulate a crash."""
+
+
+def shard_name(path: str) -> str:
+    """`s3://b/web/00012.tar` -> `00012`: the output file stem for an input shard."""
+    base = posixpath.basename(path.rstrip("/"))
+    return base.rsplit(".", 1)[0] if "." in base else base
+
+
+def output_path(output: str, name: str) -> str:
+    return f"{output.rstrip('/')}/{name}.parquet"
+
+
+def error_reason(err: str) -> str:
+    """`undecodable image (OSError: ...) [shard]` -> `undecodable image` (as data.shards.summarize counts)."""
+    return err.split(" [")[0].split(" (")[0]
+
+
+@dataclass
+class Plan:
+    inputs: dict[str, str]            # shard name -> input path (every input, in order)
+    outputs: dict[str, str]           # shard name -> output path
+    done: list[str]                   # names whose output file already exists
+
+    @property
+    def todo(self) -> dict[str, str]:
+        return {n: p for n, p in self.inputs.items() if n not in self.done}
+
+
+def existing_files(output: str, s3_endpoint: str | None = None) -> set[str]:
+    """Base names of the files directly in the output directory (none if it does not exist)."""
+    fs, inner = filesystem_for(output, s3_endpoint)
+    infos = fs.get_file_info(pafs.FileSelector(inner.rstrip("/"), recursive=False, allow_not_found=True))
+    return {posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File}
+
+
+def plan_shards(inputs: list[str], output: str, s3_endpoint: str | None = None) -> Plan:
+    names: dict[str, str] = {}
+    for path in inputs:
+        name = shard_name(path)
+        if name in names:
+            raise DataError(f"input shards {names[name]!r} and {path!r} would both write {name}.parquet "
+                            "(give each shard a distinct file name)")
+        names[name] = path
+    present = existing_files(output, s3_endpoint)
+    done = [n for n in names if f"{n}.parquet" in present]
+    return Plan(inputs=names, outputs={n: output_path(output, n) for n in names}, done=done)
+
+
+@dataclass
+class RunCounts:
+    rows: int = 0
+    ok: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def add(self, table: pa.Table) -> None:
+        err = table.column("error")
+        self.rows += table.num_rows
+        self.ok += table.num_rows - err.null_count
+        if err.null_count < table.num_rows:
+            for e in err.drop_null().to_pylist():
+                reason = error_reason(e)
+                self.errors[reason] = self.errors.get(reason, 0) + 1
+
+    @property
+    def failed(self) -> int:
+        return self.rows - self.ok
+
+
+class ShardAssembler:
+    """Receives result blocks in input order; writes each shard's rows as one Parquet file once complete."""
+
+    def __init__(self, plan: Plan, provenance: dict[str, str | None], write: Callable[[pa.Table, str], None],
+                 keep_images: bool = False, fail_after_shards: int | None = None):
+        self.plan, self.provenance, self.write = plan, provenance, write
+        self.schema = OUTPUT_SCHEMA.append(IMAGE_FIELD) if keep_images else OUTPUT_SCHEMA
+        self.fail_after_shards = fail_after_shards
+        self.current: str | None = None
+        self.parts: list[pa.Table] = []
+        self.written: list[str] = []
+        self.counts = RunCounts()
+
+    def add(self, block: pa.Table) -> None:
+        if block.num_rows == 0:
+            return
+        col = block.column("shard")
+        values = pc.unique(col).to_pylist()  # first-appearance order; 1-2 shards per block
+        for value in values:
+            part = block if len(values) == 1 else block.filter(pc.equal(col, value))
+            name = shard_name(value)
+            if name not in self.plan.todo:
+                raise RuntimeError(f"rows from unexpected shard {value!r}")
+            if name != self.current:
+                if name in self.written:
+                    raise RuntimeError(f"rows of shard {name!r} arrived after it was written (input order lost)")
+                self._flush()
+                self.current = name
+            self.parts.append(part)
+
+    def _flush(self) -> None:
+        if self.current is None:
+            return
+        table = self._output_table(self.parts)
+        self.write(table, self.plan.outputs[self.current])
+        self.counts.add(table)
+        self.written.append(self.current)
+        self.current, self.parts = None, []
+        if self.fail_after_shards is not None and len(self.written) >= self.fail_after_shards:
+            raise InjectedFault(f"fault injection: stopping after {len(self.written)} shard file(s)")
+
+    def finish(self) -> None:
+        """Flush the last shard; shards that produced no rows at all get an empty output file."""
+        self._flush()
+        for name in self.plan.todo:
+            if name not in self.written:
+                self.current, self.parts = name, []
+                self._flush()
+
+    def _output_table(self, parts: list[pa.Table]) -> pa.Table:
+        n = sum(p.num_rows for p in parts)
+        cols = {}
+        for f in self.schema:
+            if f.name in self.provenance:
+                cols[f.name] = pa.array([self.provenance[f.name]] * n, f.type)
+            elif parts:
+                cols[f.name] = pa.chunked_array([p.column(f.name).cast(f.type) for p in parts], f.type)
+            else:
+                cols[f.name] = pa.array([], f.type)
+        return pa.table(cols, schema=self.schema)

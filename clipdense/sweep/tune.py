@@ -1,0 +1,184 @@
+"""Ray Tune wiring of a sweep: one Tune trial = one `clipdense.dense.run` finetune (Ray 2.60 Train/Tune pattern).
+
+The trial function builds the trial's FinetuneConfig and calls `dense.run(cfg, ray_callbacks=[TuneReportCallback()])`:
+a finetune on Ray Train workers reports every eval interval to Tune through the callback (ASHA can stop it), and
+the trial reports the final metrics itself. Results live in `<out>/trials/<task>/<backbone>/f<fraction>/s<seed>`
+(+ `/hp-<hash>` for hyperparameter samples): `trial.json` (coordinates) and the finetune's `metrics.json`.
+
+Resume, twice over: Tune state lives in `<out>/tune/<name>-<grid hash>` and is `Tuner.restore`d (unfinished and
+errored trials rerun, finished ones not) when the same grid is run again; and a trial whose `metrics.json` exists
+returns at once without training, so a changed grid or a lost Tune state never repeats finished work.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from clipdense.config import build_config
+from clipdense.sweep.config import SearchDim, SweepConfig
+from clipdense.sweep.grid import (METRICS_FILE, TRIAL_FILE, Trial, expand, grid_hash, hparam_label, set_dotted,
+                                  trial_dir)
+
+TOKEN_CPU = 0.01
+STOPPED_FILE = "early_stopped.json"   # written by the driver for trials a scheduler stopped (not rerun)
+
+
+def _numbers(d: dict, prefix: str = "") -> dict[str, float]:
+    """Flat numeric metrics for Tune (nested dicts joined with '/'; config/provenance sections skipped)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in ("config", "backbone", "provenance"):
+            out.update(_numbers(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+def finetune_config(spec: dict, hparams: dict[str, Any], out_dir: Path):
+    """The trial's FinetuneConfig: the grid's dict + sampled hyperparameters + its output directory."""
+    from clipdense.dense import FinetuneConfig
+
+    data = copy.deepcopy(spec["finetune"])
+    for key, value in hparams.items():
+        set_dotted(data, key, value)
+    set_dotted(data, spec["out_dir_key"], str(out_dir))
+    return build_config(FinetuneConfig, data, f"{spec['source']} (trial {spec['name']})")
+
+
+def _trial_fn(config: dict, specs: dict) -> None:
+    """Runs inside a Tune trial actor."""
+    import ray.tune
+
+    from clipdense import dense
+
+    spec = specs[config["trial"]]
+    if os.path.isdir(spec["cwd"]):
+        os.chdir(spec["cwd"])           # Tune moves trial actors into their own dirs; config paths are cwd-relative
+    hparams = {k: (v.item() if hasattr(v, "item") else v) for k, v in (config.get("hp") or {}).items()}
+    name = spec["name"] + (f"/{hparam_label(hparams)}" if hparams else "")
+    out_dir = Path(spec["trials_root"]) / name
+    done = out_dir / METRICS_FILE
+    if done.is_file() or (out_dir / STOPPED_FILE).is_file():   # finished (or stopped) in an earlier run
+        doc = json.loads((done if done.is_file() else out_dir / STOPPED_FILE).read_text())
+        ray.tune.report({**_numbers(doc), "skipped": 1.0})
+        return
+    cfg = finetune_config(spec, hparams, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / TRIAL_FILE).write_text(json.dumps({**spec["coords"], "hp": hparam_label(hparams) if hparams else None,
+                                                  "hparams": hparams, "name": name}, indent=2))
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    result = dense.run(cfg, ray_callbacks=[TuneReportCallback()], name=name.replace("/", "_"))
+    ray.tune.report({**_numbers((result or {}).get("metrics") or {}), "skipped": 0.0})
+
+
+def _search_dim(dim: SearchDim):
+    from ray import tune
+
+    kind = dim.kind
+    value = getattr(dim, kind)
+    return {"loguniform": lambda: tune.loguniform(*value), "uniform": lambda: tune.uniform(*value),
+            "randint": lambda: tune.randint(value[0], value[1] + 1), "choice": lambda: tune.choice(value),
+            "grid": lambda: tune.grid_search(value)}[kind]()
+
+
+def trial_resources(cfg: SweepConfig, ft_cfgs: list) -> tuple[dict[str, float], dict[str, float]]:
+    """(what the Tune trial actor holds, what one trial uses in all, incl. its Ray Train workers)."""
+    holds, total = {"CPU": 0.0, "GPU": 0.0}, {"CPU": 0.0, "GPU": 0.0}
+    for c in ft_cfgs:
+        sc = c.train.scaling
+        local = c.runner == "local"
+        gpu = sc.gpus_per_worker if sc.use_gpu else 0.0
+        h = {"CPU": cfg.resources.cpu if cfg.resources.cpu is not None else (sc.cpus_per_worker if local else 0.0),
+             "GPU": cfg.resources.gpu if cfg.resources.gpu is not None else (min(gpu, 1.0) if local else 0.0)}
+        workers = 0 if local else sc.num_workers
+        t = {"CPU": h["CPU"] + workers * sc.cpus_per_worker, "GPU": h["GPU"] + workers * gpu}
+        holds = {k: max(holds[k], h[k]) for k in holds}
+        total = {k: max(total[k], t[k]) for k in total}
+    return holds, total
+
+
+def max_concurrent(cfg: SweepConfig, per_trial: dict[str, float], cluster: dict[str, float]) -> int:
+    """`resources.max_concurrent_trials`, else how many trials' CPUs and GPUs fit in the cluster (at least 1)."""
+    if cfg.resources.max_concurrent_trials:
+        return cfg.resources.max_concurrent_trials
+    fits = [math.floor(cluster.get(k, 0.0) / v + 1e-9) for k, v in per_trial.items() if v > 0]
+    return max(1, min(fits)) if fits else max(1, int(cluster.get("CPU", 1)))
+
+
+def _dirname(trial) -> str:
+    return f"{trial.config['trial'].replace('/', '_')}_{trial.trial_id}"
+
+
+def run_tune(cfg: SweepConfig, trials: list[Trial] | None = None) -> dict:
+    """Run (or resume) the sweep's Tune experiment; returns counts and the names of failed trials."""
+    import ray
+    from ray import tune
+
+    trials = expand(cfg) if trials is None else trials
+    out = Path(cfg.out).absolute()
+    trials_root = out / "trials"
+    ft_cfgs = [finetune_config(_spec(cfg, t, out), {}, trial_dir(out, t.name)) for t in trials]   # fail early
+    specs = {t.name: _spec(cfg, t, out) for t in trials}
+    pending = [t.name for t in trials if cfg.search_space or not (trials_root / t.name / METRICS_FILE).is_file()]
+    summary = {"trials": len(trials), "skipped": len(trials) - len(pending), "failed": [], "stopped": []}
+    if not pending:
+        return summary
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=cfg.verbose > 1)
+    holds, per_trial = trial_resources(cfg, ft_cfgs)
+    concurrency = max_concurrent(cfg, per_trial, ray.cluster_resources())
+    summary["max_concurrent_trials"] = concurrency
+    # Tune refuses an empty request: a waiting trial actor takes a token CPU share
+    trainable = tune.with_resources(tune.with_parameters(_trial_fn, specs=specs),
+                                    {k: v for k, v in holds.items() if v > 0} or {"CPU": TOKEN_CPU})
+    exp_name = f"{cfg.name}-{grid_hash(trials, cfg)}"
+    exp_path = out / "tune" / exp_name
+    if tune.Tuner.can_restore(str(exp_path)):
+        tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True,
+                                   restart_errored=True)
+        summary["restored"] = str(exp_path)
+    else:
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        param_space: dict[str, Any] = {"trial": tune.grid_search(pending)}
+        if cfg.search_space:
+            param_space["hp"] = {k: _search_dim(v) for k, v in cfg.search_space.items()}
+        scheduler = None
+        if cfg.scheduler.type == "asha":
+            from ray.tune.schedulers import ASHAScheduler
+
+            sc = cfg.scheduler
+            scheduler = ASHAScheduler(time_attr=sc.time_attr, metric=sc.metric or trials[0].metric,
+                                      mode=sc.mode or trials[0].mode, max_t=sc.max_t,
+                                      grace_period=sc.grace_period, reduction_factor=sc.reduction_factor)
+        tuner = tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=tune.TuneConfig(
+                num_samples=cfg.num_samples, scheduler=scheduler, trial_dirname_creator=_dirname,
+                search_alg=BasicVariantGenerator(max_concurrent=concurrency, random_state=cfg.search_seed)),
+            run_config=tune.RunConfig(name=exp_name, storage_path=str(out / "tune"), verbose=cfg.verbose,
+                                      failure_config=tune.FailureConfig(max_failures=cfg.max_failures)))
+    results = tuner.fit()
+    for r in results:
+        name = (r.config or {}).get("trial", "?")
+        hp = (r.config or {}).get("hp") or {}
+        tdir = trials_root / name / (hparam_label({k: (v.item() if hasattr(v, "item") else v)
+                                                   for k, v in hp.items()}) if hp else "")
+        if r.error is not None:
+            summary["failed"].append(f"{name}: {str(r.error).strip().splitlines()[-1][:200]}")
+        elif not (tdir / METRICS_FILE).is_file() and tdir.is_dir():
+            (tdir / STOPPED_FILE).write_text(json.dumps(r.metrics or {}, indent=2, default=str))
+            summary["stopped"].append(str(tdir.relative_to(trials_root)))
+    summary["experiment"] = str(exp_path)
+    return summary
+
+
+def _spec(cfg: SweepConfig, t: Trial, out: Path) -> dict:
+    return {"name": t.name, "finetune": t.finetune, "source": t.source, "coords": t.coordinates(),
+            "trials_root": str(out / "trials"), "out_dir_key": cfg.keys.out_dir, "cwd": os.getcwd()}

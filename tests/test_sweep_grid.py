@@ -1,0 +1,95 @@
+"""Grid expansion of a SweepConfig: counts, log-spaced fractions, deterministic names, finetune dicts, errors."""
+import pytest
+import yaml
+
+from clipdense.config import load_config
+from clipdense.errors import ConfigError
+from clipdense.sweep.config import SweepConfig
+from clipdense.sweep.grid import default_fractions, expand, grid_hash, seeds_for
+
+
+@pytest.fixture
+def base_yaml(tmp_path):
+    path = tmp_path / "seg.yaml"
+    path.write_text(yaml.safe_dump({"task": "seg", "backbone": {"name": "clip-tiny", "drop_path": 0.1},
+                                    "data": {"root": "data/ade", "batch_size": 4},
+                                    "train": {"optim": {"lr": 1e-4}, "schedule": {"total_steps": 10}}}))
+    return path
+
+
+def _cfg(tmp_path, base_yaml, **extra):
+    data = {"out": str(tmp_path / "out"),
+            "backbones": [{"name": "alt-text-clip", "backbone": {"checkpoint": "a.pt"}},
+                          {"name": "recap-clip", "backbone": {"checkpoint": "b.pt"}, "overrides": {"train.optim.lr": 3e-4}}],
+            "tasks": [{"name": "seg", "config": str(base_yaml), "overrides": {"train.schedule.total_steps": 5}},
+                      {"name": "depth", "config": str(base_yaml), "overrides": {"task": "depth"}}]}
+    data.update(extra)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_config(SweepConfig, path)
+
+
+def test_default_fractions_are_powers_of_two_from_1_64():
+    fr = default_fractions(1 / 64)
+    assert fr == [1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0]
+    assert all(b == 2 * a for a, b in zip(fr, fr[1:]))                 # nested, log-spaced
+    assert default_fractions(0.3) == [0.5, 1.0]
+
+
+def test_counts_with_extra_seeds_at_small_fractions(tmp_path, base_yaml):
+    cfg = _cfg(tmp_path, base_yaml)
+    trials = expand(cfg)
+    # per (task, backbone): 4 fractions < 1/4 with 5 seeds + 3 fractions with 3 seeds
+    assert seeds_for(cfg, 1 / 8) == [0, 1, 2, 3, 4] and seeds_for(cfg, 0.25) == [0, 1, 2]
+    assert len(trials) == 2 * 2 * (4 * 5 + 3 * 3)
+    names = [t.name for t in trials]
+    assert len(set(names)) == len(names)
+    assert "seg/recap-clip/f0.0625/s1" in names
+    assert "depth/alt-text-clip/f1/s2" in names
+    assert "depth/alt-text-clip/f1/s3" not in names
+
+
+def test_finetune_dicts_carry_coordinates_and_overrides(tmp_path, base_yaml):
+    cfg = _cfg(tmp_path, base_yaml, fractions=[0.5, 0.125], seeds=1, small_fraction_seeds=None)
+    trials = expand(cfg)
+    assert [t.fraction for t in trials[:2]] == [0.125, 0.5]             # ascending
+    assert len(trials) == 2 * 2 * 2
+    t = next(t for t in trials if t.name == "seg/recap-clip/f0.125/s0")
+    ft = t.finetune
+    assert ft["backbone"] == {"name": "clip-tiny", "drop_path": 0.1, "checkpoint": "b.pt"}   # merged, not replaced
+    assert ft["train"]["optim"] == {"lr": 3e-4} and ft["train"]["schedule"] == {"total_steps": 5}
+    assert ft["data"]["fraction"] == 0.125 and ft["data"]["seed"] == 0 and ft["train"]["seed"] == 0
+    assert t.metric == "mIoU" and t.mode == "max"
+    d = next(t for t in trials if t.task == "depth")
+    assert d.finetune["task"] == "depth" and d.metric == "rmse" and d.mode == "min"
+    assert d.finetune["train"]["schedule"]["total_steps"] == 10        # seg's override did not leak
+    s3 = next(t for t in trials if t.name == "depth/alt-text-clip/f0.5/s0")
+    assert s3.finetune["backbone"]["checkpoint"] == "a.pt" and s3.finetune["train"]["optim"] == {"lr": 1e-4}
+
+
+def test_grid_hash_changes_with_the_grid(tmp_path, base_yaml):
+    a = _cfg(tmp_path, base_yaml, fractions=[0.5, 1.0])
+    b = _cfg(tmp_path, base_yaml, fractions=[0.25, 0.5, 1.0])
+    assert grid_hash(expand(a), a) == grid_hash(expand(a), a)
+    assert grid_hash(expand(a), a) != grid_hash(expand(b), b)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ({"backbones": [{"name": "a/b"}]}, "backbone name"),
+    ({"backbones": [{"name": "x"}, {"name": "x"}]}, "duplicate backbone"),
+    ({"tasks": [{"name": "cls", "config": "x.yaml"}]}, "give `metric` and `mode`"),
+    ({"fractions": [0.5, 1.5]}, "fractions"),
+    ({"report": {"reference": "nope"}}, "report.reference"),
+    ({"search_space": {"optim.lr": {"loguniform": [1e-4, 1e-3], "choice": [1]}}}, "exactly one"),
+])
+def test_config_errors_are_one_line(tmp_path, base_yaml, extra, needle):
+    with pytest.raises(ConfigError) as e:
+        _cfg(tmp_path, base_yaml, **extra)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+    assert "sweep.yaml" in str(e.value)
+
+
+def test_missing_finetune_config_names_the_file(tmp_path, base_yaml):
+    cfg = _cfg(tmp_path, base_yaml, tasks=[{"name": "seg", "config": "configs/finetune/nope.yaml"}])
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        expand(cfg)
