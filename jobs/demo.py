@@ -1,4 +1,6 @@
-"""Ray job entrypoint: `python jobs/demo.py --config FILE [key=value ...]` (what `clipdense submit demo` runs)."""
+"""Ray job entrypoint: `python jobs/demo.py --config FILE [key=value ...]`
+
+`clipdense submit demo` runs this."""
 import sys
 from pathlib import Path
 

@@ -1,4 +1,6 @@
-"""Ray job entrypoint: `python jobs/finetune.py --config FILE [key=value ...]` (what `clipdense submit finetune` runs)."""
+"""Ray job entrypoint: `python jobs/finetune.py --config FILE [key=value ...]`
+
+`clipdense submit finetune` runs this."""
 import sys
 from pathlib import Path
 

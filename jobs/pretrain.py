@@ -1,4 +1,6 @@
-"""Ray job entrypoint: `python jobs/pretrain.py --config FILE [key=value ...]` (what `clipdense submit pretrain` runs)."""
+"""Ray job entrypoint: `python jobs/pretrain.py --config FILE [key=value ...]`
+
+`clipdense submit pretrain` runs this."""
 import sys
 from pathlib import Path
 

@@ -1,4 +1,6 @@
-"""Ray job entrypoint: `python jobs/probe.py [nodes=2 cpus=1 seconds=1 timeout=300]` (what `clipdense submit probe` runs)."""
+"""Ray job entrypoint: `python jobs/probe.py [nodes=2 cpus=1 seconds=1 timeout=300]`
+
+`clipdense submit probe` runs this."""
 import sys
 from pathlib import Path
 

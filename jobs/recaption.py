@@ -1,4 +1,6 @@
-"""Ray job entrypoint: `python jobs/recaption.py --config FILE [key=value ...]` (what `clipdense submit recaption` runs)."""
+"""Ray job entrypoint: `python jobs/recaption.py --config FILE [key=value ...]`
+
+`clipdense submit recaption` runs this."""
 import sys
 from pathlib import Path
 

@@ -1,4 +1,6 @@
-"""Ray job entrypoint: `python jobs/sweep.py --config FILE [key=value ...]` (what `clipdense submit sweep` runs)."""
+"""Ray job entrypoint: `python jobs/sweep.py --config FILE [key=value ...]`
+
+`clipdense submit sweep` runs this."""
 import sys
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""The shipped cluster files: Ray's own validator for launcher YAMLs, required KubeRay fields, the Dockerfile, secrets."""
+"""The shipped cluster files: Ray's validator for launcher YAMLs, KubeRay fields, the Dockerfile, no secrets."""
 from __future__ import annotations
 
 import copy

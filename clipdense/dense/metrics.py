@@ -54,12 +54,12 @@ def seg_metrics(mat: torch.Tensor, class_names: list[str] | None = None) -> dict
 
 def eigen_crop_box(height: int, width: int) -> tuple[int, int, int, int]:
     """The Eigen crop (rows 45:471, cols 41:601 of 480x640) scaled proportionally to other image sizes, so a dataset
-    rendered at another resolution is scored on the same field of view."""
+    rendered at another resolution is scored on the same field of view (rounded half up: 240x320 -> 23:236, 21:301)."""
     r0, r1, c0, c1 = NYU_EIGEN_CROP
     if (height, width) == NYU_SIZE:
         return r0, r1, c0, c1
     sh, sw = height / NYU_SIZE[0], width / NYU_SIZE[1]
-    return round(r0 * sh), round(r1 * sh), round(c0 * sw), round(c1 * sw)
+    return int(r0 * sh + 0.5), int(r1 * sh + 0.5), int(c0 * sw + 0.5), int(c1 * sw + 0.5)  # round half up
 
 
 DEPTH_KEYS = ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "delta1", "delta2", "delta3")

@@ -50,7 +50,7 @@ def check_address(address: str | None) -> str:
     if url.scheme not in ("http", "https") or not url.hostname:
         raise UserError(f"bad address {address!r}: expected the dashboard URL, e.g. http://127.0.0.1:8265")
     try:
-        url.port
+        _ = url.port  # parses it
     except ValueError:
         raise UserError(f"bad address {address!r}: the port is not a number") from None
     return address.rstrip("/")

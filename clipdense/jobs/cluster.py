@@ -11,6 +11,7 @@ cluster/README.md).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -19,7 +20,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -168,11 +168,16 @@ def up_local(config_path: str | Path = DEFAULT_CONFIG, temp_dir: str | Path = DE
     return cluster
 
 
+def _psutil():
+    """psutil as Ray ships it: importing ray puts its vendored third-party packages on sys.path."""
+    importlib.import_module("ray")
+    return importlib.import_module("psutil")
+
+
 def cluster_processes(temp_dir: str | Path, pgid: int | None = None, gcs_address: str | None = None) -> list:
     """psutil processes of one local cluster: those naming its temp dir or GCS address, or in its process group,
     and all their descendants."""
-    import ray  # noqa: F401  (puts Ray's vendored psutil on sys.path)
-    import psutil
+    psutil = _psutil()
 
     names = [re.escape(str(temp_dir)) + r"(/|\s|$)"]
     if gcs_address:
@@ -201,8 +206,7 @@ def cluster_processes(temp_dir: str | Path, pgid: int | None = None, gcs_address
 
 def down_local(temp_dir: str | Path = DEFAULT_TEMP_DIR, grace_s: float = 10) -> int:
     """Stop every process of the local cluster in `temp_dir` (SIGTERM, then SIGKILL); returns how many."""
-    import ray  # noqa: F401  (puts Ray's vendored psutil on sys.path)
-    import psutil
+    psutil = _psutil()
 
     state = LocalCluster.load(temp_dir)
     pgid, gcs = (state.pgid, state.gcs_address) if state else (None, None)

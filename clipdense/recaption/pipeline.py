@@ -126,7 +126,11 @@ def build_dataset(cfg: RecaptionConfig, inputs: list[str], spec: ImageInput):
     return ds.map_batches(
         CaptionActor, batch_format="numpy", batch_size=e.batch_size,
         fn_constructor_kwargs={"engine": e.model_dump(), "fault": cfg.fault.model_dump()},
-        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), num_gpus=e.num_gpus, num_cpus=e.num_cpus)
+        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), num_gpus=e.num_gpus, num_cpus=e.num_cpus,
+        # Always set (an empty runtime_env adds nothing to the job's): remote args that differ from the decode
+        # stage's keep Ray Data from fusing decode into the captioner actors, where it would run serially with
+        # the model instead of in parallel CPU tasks.
+        runtime_env=e.runtime_env or {})
 
 
 def _ensure_ray(address: str | None) -> bool:

@@ -90,7 +90,7 @@ class RunCounts:
     def add(self, table: pa.Table) -> None:
         err = table.column("error")
         self.rows += table.num_rows
-        self.ok += table.num_rows - err.null_count
+        self.ok += err.null_count
         if err.null_count < table.num_rows:
             for e in err.drop_null().to_pylist():
                 reason = error_reason(e)
@@ -151,13 +151,14 @@ class ShardAssembler:
                 self._flush()
 
     def _output_table(self, parts: list[pa.Table]) -> pa.Table:
-        n = sum(p.num_rows for p in parts)
+        data = pa.concat_tables(parts) if parts else None
+        n = data.num_rows if data is not None else 0
         cols = {}
         for f in self.schema:
             if f.name in self.provenance:
                 cols[f.name] = pa.array([self.provenance[f.name]] * n, f.type)
-            elif parts:
-                cols[f.name] = pa.chunked_array([p.column(f.name).cast(f.type) for p in parts], f.type)
+            elif data is not None:
+                cols[f.name] = data.column(f.name).cast(f.type)
             else:
                 cols[f.name] = pa.array([], f.type)
         return pa.table(cols, schema=self.schema)

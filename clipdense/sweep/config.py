@@ -93,7 +93,7 @@ class SearchDim(Config):
 
 class SchedulerConfig(Config):
     type: Literal["fifo", "asha"] = "fifo"
-    metric: str | None = Field(None, description="reported metric ASHA compares; default: the task's metric")
+    metric: str | None = Field(None, description="reported metric ASHA compares; default: eval/<task metric>")
     mode: Literal["max", "min"] | None = None
     time_attr: str = Field("step", description="reported counter ASHA measures time in (the runner reports `step`)")
     grace_period: int = Field(1, ge=1)

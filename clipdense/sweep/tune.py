@@ -154,7 +154,7 @@ def run_tune(cfg: SweepConfig, trials: list[Trial] | None = None) -> dict:
             from ray.tune.schedulers import ASHAScheduler
 
             sc = cfg.scheduler
-            scheduler = ASHAScheduler(time_attr=sc.time_attr, metric=sc.metric or trials[0].metric,
+            scheduler = ASHAScheduler(time_attr=sc.time_attr, metric=sc.metric or f"eval/{trials[0].metric}",
                                       mode=sc.mode or trials[0].mode, max_t=sc.max_t,
                                       grace_period=sc.grace_period, reduction_factor=sc.reduction_factor)
         tuner = tune.Tuner(

@@ -20,7 +20,8 @@ class SynthConfig(Config):
     out: str = Field(description="output directory")
     preset: Literal["tiny", "demo"] = "tiny"
     seed: int = Field(0, ge=0)
-    workers: int | None = Field(None, ge=1, description="processes; None = os.cpu_count(); 1 = no pool")
+    # processes; None = all cores (1 for runs under 2000 images, where starting processes costs more); 1 = no pool
+    workers: int | None = Field(None, ge=1)
     web_images: int | None = Field(None, ge=0)
     shard_size: int | None = Field(None, ge=1)
     curated_fraction: float | None = Field(None, ge=0.0, le=1.0, description="curated scenes per web image")

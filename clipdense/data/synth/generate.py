@@ -115,7 +115,8 @@ def _write_indexes(out: Path, jobs: list[Job], results: list[dict]) -> dict:
     atomic_write(ade / "objectInfo.csv", ("\n".join(rows) + "\n").encode())
 
     depth_range = [math.inf, -math.inf]
-    for split, fname in [("train", "nyudepthv2_train_files_with_gt.txt"), ("test", "nyudepthv2_test_files_with_gt.txt")]:
+    for split in ("train", "test"):
+        fname = f"nyudepthv2_{split}_files_with_gt.txt"
         lines = [line for r in by("nyu", split) for line in r["lines"]]
         atomic_write(out / "nyu" / fname, "".join(f"{line}\n" for line in lines).encode())
         for r in by("nyu", split):
@@ -135,11 +136,13 @@ def _write_indexes(out: Path, jobs: list[Job], results: list[dict]) -> dict:
                      json.dumps(doc, separators=(",", ":")).encode())
         counts[f"coco_{split}_annotations"] = len(annotations)
 
-    classes = {"classes": list(CLASSES), "labels": {"0": "background", **{str(i): n for i, n in enumerate(CLASSES, 1)}},
+    labels = {"0": "background", **{str(i): n for i, n in enumerate(CLASSES, 1)}}
+    classes = {"classes": list(CLASSES), "labels": labels,
                "colours": {k: list(v) for k, v in COLOURS.items()}, "sizes_m": SIZES}
     atomic_write(out / "classes.json", json.dumps(classes, indent=1).encode())
+    has_nyu = counts["nyu_train"] + counts["nyu_test"] > 0
     return {"counts": counts, "alt_stats": alt_stats,
-            "nyu_depth_range_m": [round(x, 4) for x in depth_range] if counts["nyu_train"] + counts["nyu_test"] else None}
+            "nyu_depth_range_m": [round(x, 4) for x in depth_range] if has_nyu else None}
 
 
 def run(cfg: SynthConfig) -> dict:
@@ -148,7 +151,9 @@ def run(cfg: SynthConfig) -> dict:
     out = Path(cfg.out)
     _prepare(out)
     jobs = plan(cfg)
-    workers = cfg.workers or os.cpu_count() or 1
+    # Default: all cores, except for small runs where starting processes costs more than it saves.
+    small = sum(j.count for j in jobs) < 2000
+    workers = cfg.workers or (1 if small else os.cpu_count() or 1)
     results = _execute(jobs, workers)
     summary = _write_indexes(out, jobs, results)
     paths = {"web": out / "web", "curated": out / "curated", "ade": out / "ade" / "ADEChallengeData2016",

@@ -46,7 +46,8 @@ def nucleus(logits: torch.Tensor, top_p: float, k: int = 256) -> tuple[torch.Ten
     probs = (vals - lse).exp()
     keep = (probs.cumsum(-1) - probs) < top_p
     keep[:, 0] = True
-    return vals, idx, keep
+    width = int(keep.sum(-1).max())  # columns past the widest nucleus are never drawn
+    return vals[:, :width], idx[:, :width], keep[:, :width]
 
 
 def sample_nucleus(logits: torch.Tensor, top_p: float, temperature: float = 1.0,

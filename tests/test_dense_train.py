@@ -1,0 +1,113 @@
+"""Each dense task trains a few steps on tiny files through the one runner: the loss goes down, metrics.json holds
+metrics + config + backbone provenance, and saved predictions re-score to the same metric."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from clipdense.cli import main as cli_main
+from clipdense.config import load_config
+from clipdense.dense import FinetuneConfig, run
+from clipdense.dense.evaluate import rescore_depth, rescore_det, rescore_seg
+from dense_files import write_ade, write_coco, write_nyu
+
+TINY = ["data.batch_size=4", "data.crop_size=[32,32]", "data.photometric=false", "head.channels=32",
+        "head.aux_channels=16", "head.dropout=0.0", "train.optim.lr=2e-3", "train.schedule.warmup_steps=2",
+        "train.log_every=1", "train.checkpoint.keep=1"]
+STEPS = {"seg": 16, "depth": 16, "det": 12}
+
+
+def _cfg(task: str, root, out, *extra: str) -> FinetuneConfig:
+    return load_config(FinetuneConfig, None, [f"task={task}", f"data.root={root}", f"out_dir={out}",
+                                              f"train.schedule.total_steps={STEPS[task]}", *TINY, *extra])
+
+
+def _losses(out) -> list[float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def _check_common(out, losses, task: str) -> dict:
+    assert len(losses) == STEPS[task]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["task"] == task
+    assert record["backbone"]["name"] == "clip-tiny" and record["backbone"]["checkpoint"] is None
+    assert record["backbone"]["params"] > 0 and record["backbone"]["model_params"] > record["backbone"]["params"]
+    assert record["config"]["task"] == task and record["config"]["data"]["batch_size"] == 4
+    assert record["train"]["steps"] == STEPS[task]
+    return record
+
+
+def test_seg_trains_writes_metrics_and_predictions(tmp_path):
+    root = tmp_path / "ade"
+    write_ade(root, n_train=8, n_val=2, size=(48, 64), num_classes=3)
+    out, preds = tmp_path / "run", tmp_path / "preds"
+    cfg = _cfg("seg", root, out, "data.num_classes=3", "data.scale=[96,48]", "data.ratio_range=[0.5,1.0]",
+               "eval.crop_size=[32,32]", "eval.stride=[21,21]", "eval.test_scale=null", f"save_predictions={preds}")
+    result = run(cfg)
+    record = _check_common(out, _losses(out), "seg")
+    m = record["metrics"]
+    assert 0 <= m["mIoU"] <= 1 and len(m["IoU_per_class"]) == 3 and m["images"] == 2
+    assert result["metrics"]["eval/mIoU"] == pytest.approx(m["mIoU"])
+    assert sorted(p.name for p in preds.iterdir()) == ["ADE_val_00000001.png", "ADE_val_00000002.png"]
+    again = rescore_seg(preds, root, "validation", num_classes=3, reduce_zero=True)
+    assert again["mIoU"] == pytest.approx(m["mIoU"]) and again["aAcc"] == pytest.approx(m["aAcc"])
+
+
+def test_depth_trains_and_saved_pngs_rescore(tmp_path):
+    root = tmp_path / "nyu"
+    write_nyu(root, n_train=8, n_test=2, size=(48, 64))
+    out, preds = tmp_path / "run", tmp_path / "preds"
+    run(_cfg("depth", root, out, f"save_predictions={preds}"))
+    record = _check_common(out, _losses(out), "depth")
+    m = record["metrics"]
+    assert m["images"] == 2 and 0 < m["abs_rel"] and 0 <= m["delta1"] <= 1
+    again = rescore_depth(preds, root, "nyudepthv2_test_files_with_gt.txt")
+    assert again["rmse"] == pytest.approx(m["rmse"], abs=1e-3)  # PNGs hold whole millimetres
+    assert again["abs_rel"] == pytest.approx(m["abs_rel"], abs=1e-3)
+
+
+def test_det_trains_and_results_json_rescores(tmp_path):
+    root = tmp_path / "coco"
+    write_coco(root, n_train=8, n_val=3, size=(64, 64))
+    out, preds = tmp_path / "run", tmp_path / "preds"
+    cfg = _cfg("det", root, out, "head.fpn_channels=16", "head.anchor_sizes=[8,16,32,64,128]", "head.min_size=64",
+               "head.max_size=64", "head.representation_size=64", "head.box_batch_size_per_image=32",
+               f"save_predictions={preds}")
+    run(cfg)
+    record = _check_common(out, _losses(out), "det")
+    m = record["metrics"]
+    assert m["images"] == 3 and -1 <= m["map"] <= 1
+    rows = json.loads((preds / "detections.json").read_text())
+    assert all(r["category_id"] in (1, 3, 7) and len(r["bbox"]) == 4 for r in rows)
+    again = rescore_det(preds / "detections.json", root / "annotations" / "instances_val2017.json")
+    assert again["map"] == pytest.approx(max(m["map"], 0.0), abs=1e-6)
+
+
+def test_fraction_limits_training_set(tmp_path):
+    root = tmp_path / "ade"
+    write_ade(root, n_train=8, n_val=1, size=(32, 32), num_classes=3)
+    out = tmp_path / "run"
+    run(_cfg("seg", root, out, "data.num_classes=3", "data.fraction=0.25", "data.seed=5", "data.scale=[64,32]",
+             "train.schedule.total_steps=2", "eval.mode=whole", "eval.test_scale=null"))
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["data"]["train_samples"] == math.ceil(8 * 0.25) and record["data"]["fraction"] == 0.25
+
+
+def test_cli_bad_annotation_is_one_line_naming_the_file(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "ade"
+    base = write_ade(root, n_train=2, n_val=1, size=(32, 32), num_classes=3)
+    bad = base / "annotations" / "validation" / "ADE_val_00000001.png"
+    Image.fromarray(np.full((32, 32), 40, np.uint8)).save(bad)
+    code = cli_main(["finetune", "--out", str(tmp_path / "r"), "task=seg", f"data.root={root}", "data.num_classes=3",
+                     "train.schedule.total_steps=1", "data.batch_size=2", "head.channels=8", "head.aux_channels=8",
+                     "eval.mode=whole", "eval.test_scale=null", "data.crop_size=[32,32]"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and str(bad) in err and "label 40" in err

@@ -1,0 +1,180 @@
+"""Captioner engines without Ray: the top-p sampler, the CoCa engine (coca-tiny), echo, the CPU decode step."""
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from clipdense.recaption.decode import ImageError, ImageInput, decode_batch, prepare_image
+from clipdense.recaption.engines import check_output, cut_caption, EngineOutputError
+from clipdense.recaption.engines.coca import CocaCaptioner
+from clipdense.recaption.engines.echo import EchoCaptioner
+from clipdense.recaption.engines.sampling import decode_sequences, nucleus, sample_top_p, top_p_filter
+from shard_files import jpeg_bytes
+
+SOT, EOT = 8, 9
+
+
+def test_nucleus_matches_hf_top_p_filter():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    vals, idx, keep = nucleus(probs.log(), 0.7)
+    assert idx[keep].tolist() == [0, 1]
+    assert torch.isfinite(top_p_filter(probs.log(), 0.7)).tolist() == [[True, True, False, False]]
+    g = torch.Generator().manual_seed(0)
+    for top_p in (0.3, 0.9):
+        logits = torch.randn(8, 5000, generator=g) * 5
+        vals, idx, keep = nucleus(logits, top_p)
+        mine = torch.zeros(logits.shape, dtype=torch.bool).scatter_(1, idx, keep)
+        assert torch.equal(mine, torch.isfinite(top_p_filter(logits, top_p)))
+
+
+def _fixed_logits(row_logits):
+    seen = []
+
+    def next_logits(prefix, rows):
+        seen.append(len(rows))
+        return row_logits.expand(len(rows), -1).clone()
+    return next_logits, seen
+
+
+def test_sampler_min_length_then_stop_and_pads():
+    logits = torch.zeros(10)
+    logits[EOT] = 20.0  # end of text wins as soon as it is allowed
+    fn, seen = _fixed_logits(logits)
+    out = sample_top_p(fn, 6, sot=SOT, eot=EOT, pad=0, seq_len=12, min_seq_len=4, top_p=0.9,
+                       generator=torch.Generator().manual_seed(0))
+    assert out.shape == (6, 12)
+    assert (out[:, 0] == SOT).all() and (out[:, 4] == EOT).all() and (out[:, 5:] == 0).all()
+    assert not (out[:, 1:4] == EOT).any()
+    assert seen == [6, 6, 6, 6]  # stops calling the model once every row has ended
+
+
+def test_sampler_forces_end_at_seq_len_and_only_runs_unfinished_rows():
+    logits = torch.zeros(10)
+    logits[EOT] = -30.0  # never chosen: only the forced end stops a row
+    fn, seen = _fixed_logits(logits)
+    out = sample_top_p(fn, 3, sot=SOT, eot=EOT, seq_len=7, min_seq_len=2, top_p=0.9,
+                       generator=torch.Generator().manual_seed(1))
+    assert (out[:, 6] == EOT).all() and not (out[:, 1:6] == EOT).any()
+    assert seen == [3] * 5  # positions 1..5 sampled, position 6 forced without a model call
+
+
+def test_decode_cuts_at_end_token_and_first_period():
+    from clipdense.models.registry import tokenizer_for
+    tok = tokenizer_for("coca-tiny")
+    ids = tok(["a red circle. behind a star"])[0].tolist()  # <sot> ... <eot> 0 0 ...
+    texts = decode_sequences(torch.tensor([ids]), tok.decode, tok.sot_token_id, tok.eot_token_id)
+    assert texts == ["a red circle . behind a star "]
+    assert cut_caption(texts[0], True) == "a red circle"
+    assert cut_caption(texts[0], False) == "a red circle . behind a star"
+
+
+@pytest.fixture(scope="module")
+def coca():
+    torch.manual_seed(0)
+    captioner = CocaCaptioner("coca-tiny", seq_len=12, device="cpu", seed=3)
+    # open_clip leaves a fresh CoCa's vocabulary projection at zero (all logits tie); give it random weights
+    torch.nn.init.normal_(captioner.model.text_decoder.text_projection, std=2.0)
+    return captioner
+
+
+def _images(k, size=64):
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for _ in range(k)]
+
+
+def test_coca_n_captions_per_image_and_seeded_determinism(coca, tmp_path):
+    images = _images(2)
+    coca.generator.manual_seed(3)
+    first = coca.generate(images, 3)
+    assert len(first) == 2 and all(len(c) == 3 and all(isinstance(s, str) for s in c) for c in first)
+    coca.generator.manual_seed(3)
+    assert coca.generate(images, 3) == first
+    coca.generator.manual_seed(4)
+    assert coca.generate(images, 3) != first
+    # a local checkpoint (what the pretrain stage saves) loads into an identical captioner
+    path = tmp_path / "coca.pt"
+    torch.save(coca.model.state_dict(), path)
+    other = CocaCaptioner("coca-tiny", checkpoint=str(path), seq_len=12, device="cpu", seed=3)
+    assert other.generate(images, 3) == first
+
+
+def test_coca_tiny_top_p_is_greedy_argmax(coca):
+    images = _images(2)
+    coca.top_p = 1e-9
+    try:
+        tokens = coca.sample_tokens(images, 2)
+    finally:
+        coca.top_p = 0.9
+    # greedy decoding by hand from open_clip's CoCa forward (full logits, no sampler code)
+    with torch.no_grad():
+        latent, embs = coca.model._encode_image(coca.pixels(images))
+        seq = torch.full((2, 1), coca.sot)
+        for cur in range(1, coca.seq_len):
+            if cur == coca.seq_len - 1:
+                seq = torch.cat([seq, torch.full((2, 1), coca.eot)], 1)
+                break
+            logits = coca.model(None, seq, image_latent=latent, image_embs=embs, output_labels=False)["logits"][:, -1]
+            if cur < coca.min_seq_len:
+                logits[:, coca.eot] = float("-inf")
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+    for i in range(2):
+        row = tokens[2 * i].tolist()
+        end = row.index(coca.eot) + 1
+        assert row[:end] == seq[i, :end].tolist()
+        assert tokens[2 * i + 1].tolist() == row  # greedy: both samples of an image agree
+
+
+def test_coca_accepts_pil_and_other_sizes(coca):
+    out = coca.generate([Image.new("RGB", (90, 40), "red"), _images(1, 33)[0]], 2)
+    assert len(out) == 2 and all(len(c) == 2 for c in out)
+
+
+def test_echo_and_output_checks():
+    assert EchoCaptioner().generate(_images(2), 3, ["a", None]) == [["a"] * 3, [""] * 3]
+    with pytest.raises(ValueError):
+        EchoCaptioner().generate(_images(2), 3)
+    assert check_output([["x", "y"]], 1, 2) == [["x", "y"]]
+    for bad in ([["x"]], [["x", 1]], [], "xy"):
+        with pytest.raises(EngineOutputError):
+            check_output(bad, 1, 2)
+
+
+def _png(size, mode="RGB"):
+    buf = io.BytesIO()
+    Image.new(mode, size).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_prepare_image_modes_and_errors():
+    arr = prepare_image(jpeg_bytes(1, 100), ImageInput(size=48))
+    assert arr.shape == (48, 48, 3) and arr.dtype == np.uint8
+    assert prepare_image(_png((30, 70), "RGBA"), ImageInput(size=16)).shape == (16, 16, 3)
+    small = prepare_image(jpeg_bytes(2, 120), ImageInput(mode="jpeg", max_pixels=60 * 60))
+    w, h = Image.open(io.BytesIO(small)).size
+    assert w * h <= 60 * 60 and w == h
+    kept = jpeg_bytes(3, 40)
+    assert prepare_image(kept, ImageInput(mode="jpeg", max_pixels=60 * 60)) == kept  # small JPEG shipped as is
+    with pytest.raises(ImageError, match="image too large"):
+        prepare_image(_png((2000, 1000), "L"), ImageInput(max_image_pixels=1_000_000))
+    good = jpeg_bytes(4, 64)
+    for bad in (good[: len(good) // 2], b"not an image", b"", None):
+        with pytest.raises(ImageError, match="undecodable image|no image"):
+            prepare_image(bad, ImageInput(size=32))
+
+
+def test_decode_batch_records_errors_and_keeps_rows():
+    batch = pa.table({
+        "key": ["ok", "bad", "nocap", "prior"], "image_bytes": [jpeg_bytes(1), b"xx", jpeg_bytes(2), None],
+        "caption": ["c", "c", " ", None], "error": [None, None, None, "no image [s.tar]"],
+        "shard": ["s.tar"] * 4})
+    out = decode_batch(batch, ImageInput(size=16), keep_images=True)
+    assert out.column("key").to_pylist() == ["ok", "bad", "nocap", "prior"]
+    errs = out.column("error").to_pylist()
+    assert errs[0] is None and errs[1].startswith("undecodable image") and errs[1].endswith("[s.tar]")
+    assert errs[2] == "no caption [s.tar]" and errs[3] == "no image [s.tar]"
+    pixels = out.column("pixels").chunk(0).to_numpy()
+    assert pixels.shape == (4, 16, 16, 3) and pixels[0].any() and not pixels[1].any()
+    assert out.column("image_bytes").to_pylist()[0] == jpeg_bytes(1)

@@ -1,0 +1,142 @@
+"""The recaption stage end to end on a real local Ray cluster: coca-tiny, corrupt inputs, kill + rerun, S3."""
+import io
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from clipdense.cli import main as cli_main
+from clipdense.config import build_config
+from clipdense.data.shards import read_shard_local
+from clipdense.recaption import RecaptionConfig, run
+from clipdense.recaption.writer import InjectedFault
+from shard_files import good_samples, jpeg_bytes, write_tar
+
+
+def _big_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (1500, 1000)).save(buf, format="PNG")  # 1.5 MP in a few KB
+    return buf.getvalue()
+
+
+def _shards(d, s3_keys=False):
+    d.mkdir(parents=True, exist_ok=True)
+    good = jpeg_bytes(99)
+    write_tar(d / "000000.tar", good_samples("a", 4) + [
+        {"key": "trunc", "jpg": good[: len(good) // 2], "txt": "cut short"},
+        {"key": "nocap", "jpg": good},
+        {"key": "pdf", "pdf": b"%PDF-1.4", "txt": "a document"},
+        {"key": "huge", "png": _big_png(), "txt": "a huge image"},
+    ])
+    write_tar(d / "000001.tar", good_samples("b", 3, seed=1))
+    write_tar(d / "000002.tar", good_samples("c", 6, seed=2))
+    data = (d / "000002.tar").read_bytes()
+    (d / "000002.tar").write_bytes(data[: len(data) // 2])  # a truncated tar
+    return {p: [r["key"] for r in read_shard_local(str(d / p))] for p in sorted(os.listdir(d))}
+
+
+def _outputs(out_dir):
+    return {f: pq.read_table(os.path.join(out_dir, f)).to_pylist()
+            for f in sorted(os.listdir(out_dir)) if f.endswith(".parquet")}
+
+
+def test_coca_tiny_end_to_end_nothing_lost(ray_local, tmp_path):
+    expected = _shards(tmp_path / "in")
+    cfg = build_config(RecaptionConfig, {
+        "input": str(tmp_path / "in" / "{000000..000002}.tar"), "output": str(tmp_path / "out"),
+        "engine": {"kind": "coca", "model": "coca-tiny", "batch_size": 4, "seq_len": 10, "num_captions": 5},
+        "decode": {"max_image_pixels": 1_000_000, "batch_size": 8},
+        "stats": {"clip_model": "clip-tiny", "clip_sample": 4}})
+    summary = run(cfg)
+    outputs = _outputs(tmp_path / "out")
+    assert sorted(outputs) == ["000000.parquet", "000001.parquet", "000002.parquet"]
+    for tar, keys in expected.items():  # one output per input shard, every input row exactly once, in order
+        assert [r["key"] for r in outputs[tar.replace(".tar", ".parquet")]] == keys
+    rows = {r["key"]: r for rows in outputs.values() for r in rows}
+    ok = [r for r in rows.values() if r["error"] is None]
+    assert {r["key"] for r in ok} >= {"a0000", "a0003", "b0000", "b0002"}
+    assert all(len(r["syn_captions"]) == 5 and all("." not in c for c in r["syn_captions"]) for r in ok)
+    assert rows["a0000"]["engine"] == "coca" and rows["a0000"]["model"] == "coca-tiny"
+    assert json.loads(rows["a0000"]["sampling"])["top_p"] == 0.9 and rows["a0000"]["prompt"] is None
+    assert "image_bytes" not in rows["a0000"]
+    assert rows["trunc"]["error"].startswith("undecodable image") and rows["trunc"]["syn_captions"] is None
+    assert rows["nocap"]["error"].startswith("no caption")
+    assert rows["pdf"]["error"].startswith("no image")
+    assert rows["huge"]["error"].startswith("image too large (1500x1000")
+    assert any(e and e.startswith("truncated or corrupt tar") for e in (r["error"] for r in rows.values()))
+    assert summary["rows_in"] == len(rows) == sum(len(k) for k in expected.values())
+    assert summary["rows_captioned"] == len(ok) and summary["rows_failed"] == len(rows) - len(ok)
+    assert summary["failed_by_reason"]["image too large"] == 1 and summary["failed_by_reason"]["no image"] == 1
+    stats = json.loads((tmp_path / "out" / "_stats.json").read_text())
+    assert stats["rows_captioned"] == len(ok) and stats["synthetic"]["count"] == 5 * len(ok)
+    assert 0 < stats["synthetic"]["distinct_1"] <= 1 and stats["clip"]["images"] == 4
+    assert stats["clip"]["clip_score_synthetic"] >= 0
+
+
+def test_kill_and_rerun_is_exactly_once(ray_local, tmp_path):
+    expected = _shards(tmp_path / "in")
+    base = {"input": str(tmp_path / "in"), "output": str(tmp_path / "out"),
+            "engine": {"kind": "echo", "num_captions": 2, "batch_size": 4, "retries": 1},
+            "decode": {"size": 32, "batch_size": 4},
+            # every actor's first call fails once (retried); batches holding "caption b1" always fail
+            "fault": {"engine_fail_first": 1, "engine_fail_marker": "caption b1", "fail_after_shards": 1}}
+    with pytest.raises(InjectedFault):
+        run(build_config(RecaptionConfig, base))
+    first = _outputs(tmp_path / "out")
+    assert list(first) == ["000000.parquet"]  # killed after the first shard: only complete files exist
+    assert not [f for f in os.listdir(tmp_path / "out") if f.startswith(".tmp")]
+    mtime = os.stat(tmp_path / "out" / "000000.parquet").st_mtime_ns
+    base["fault"]["fail_after_shards"] = None
+    summary = run(build_config(RecaptionConfig, base))
+    assert summary["shards"] == {"total": 3, "skipped_done": 1, "written": 2}
+    assert os.stat(tmp_path / "out" / "000000.parquet").st_mtime_ns == mtime  # done shard not rewritten
+    outputs = _outputs(tmp_path / "out")
+    all_keys = [r["key"] for rows in outputs.values() for r in rows]
+    assert sorted(all_keys) == sorted(k for keys in expected.values() for k in keys)  # exactly once
+    rows = {r["key"]: r for rows in outputs.values() for r in rows}
+    assert rows["a0001"]["syn_captions"] == ["caption a1"] * 2  # echo after a retried failure
+    assert rows["b0001"]["error"].startswith("caption engine failed (RuntimeError: injected engine failure")
+    assert summary["failed_by_reason"]["caption engine failed"] >= 1
+    # a third run has nothing left to do
+    assert run(build_config(RecaptionConfig, base))["shards"]["written"] == 0
+
+
+def test_s3_input_and_output_via_cli(ray_local, s3_server, tmp_path, capsys):
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.create_bucket(Bucket="web")
+    expected = _shards(tmp_path / "in")
+    for name in expected:
+        s3.upload_file(str(tmp_path / "in" / name), "web", f"shards/{name}")
+    cfg = tmp_path / "echo.yaml"
+    cfg.write_text("engine: {kind: echo, num_captions: 1, batch_size: 8}\ndecode: {size: 24}\nkeep_images: true\n")
+    rc = cli_main(["recaption", "--config", str(cfg), "input=s3://web/shards/*.tar", "output=s3://web/captions",
+                   "stats.enabled=false"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["shards"]["written"] == 3 and summary["rows_in"] == sum(len(k) for k in expected.values())
+    listed = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="web", Prefix="captions/")["Contents"])
+    assert listed == [f"captions/00000{i}.parquet" for i in range(3)]
+    body = s3.get_object(Bucket="web", Key="captions/000001.parquet")["Body"].read()
+    rows = pq.read_table(io.BytesIO(body)).to_pylist()
+    assert [r["key"] for r in rows] == expected["000001.tar"]
+    assert rows[0]["syn_captions"] == ["caption b0"]
+    assert rows[0]["image_bytes"] == jpeg_bytes(1000)  # keep_images copies the original bytes
+
+
+def test_user_errors_are_one_line(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("engine: {kind: coca, model: no-such-model}\n")
+    assert cli_main(["recaption", "--config", str(cfg), f"input={tmp_path}", f"output={tmp_path}/o"]) == 2
+    assert "unknown open_clip model 'no-such-model'" in capsys.readouterr().err
+    assert cli_main(["recaption", "--config", str(cfg), "input=/nonexistent/*.tar", "output=o",
+                     "engine.model=coca-tiny"]) == 2
+    assert "no input files match" in capsys.readouterr().err
+    assert cli_main(["recaption", "input=x", "output=y", "engine.typo=1"]) == 2
+    assert "unknown key 'engine.typo'" in capsys.readouterr().err
+    assert cli_main(["recaption", "input=x", "output=y", "engine.kind=coca", "engine.model=coca-tiny",
+                     f"engine.checkpoint={tmp_path}/missing.pt"]) == 2
+    assert "engine.checkpoint: file not found" in capsys.readouterr().err

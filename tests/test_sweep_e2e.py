@@ -1,0 +1,98 @@
+"""The sweep end to end on the real finetune (Ray Tune -> Ray Train) over the synthetic world: a trial fails,
+the sweep is rerun, finished trials are not rerun and every trial ends complete; then an ASHA hyperparameter
+sweep whose finetunes report intermediate eval metrics to Tune."""
+import json
+
+import pytest
+import yaml
+from PIL import Image
+
+from clipdense.cli import main as cli_main
+from clipdense.config import build_config, read_yaml
+from clipdense.paths import configs_dir
+from clipdense.sweep import SweepConfig, run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ade_root(tmp_path_factory):
+    from clipdense.data.synth import SynthConfig
+    from clipdense.data.synth import run as synth
+
+    out = tmp_path_factory.mktemp("synth")
+    synth(SynthConfig(out=str(out), preset="tiny", workers=1, web_images=0, nyu_train=0, nyu_test=0,
+                      coco_train=0, coco_val=0, ade_train=16, ade_val=4))
+    return out / "ade"
+
+
+def _tiny(ade_root, out, **extra) -> dict:
+    data = read_yaml(configs_dir() / "sweep" / "data-efficiency-tiny.yaml")
+    data["out"] = str(out)
+    data["verbose"] = 0
+    data["tasks"][0]["overrides"]["data.root"] = str(ade_root)
+    data.update(extra)
+    return data
+
+
+def test_failed_trial_then_resume_without_rerunning_finished_ones(ray_local, ade_root, tmp_path):
+    ckpt = tmp_path / "recap" / "export" / "model.pt"          # the recaptioned CLIP is not exported yet
+    data = _tiny(ade_root, tmp_path / "sweep")
+    data["backbones"][1]["backbone"]["checkpoint"] = str(ckpt)
+    first = run(build_config(SweepConfig, data))
+
+    trials = tmp_path / "sweep" / "trials"
+    alt = sorted(trials.glob("seg/alt-text-clip/*/s0/metrics.json"))
+    assert [p.parent.parent.name for p in alt] == ["f0.5", "f1"]
+    assert sorted(f.split(":")[0] for f in first["failed"]) == ["seg/recap-clip/f0.5/s0", "seg/recap-clip/f1/s0"]
+    assert not list(trials.glob("seg/recap-clip/*/s0/metrics.json"))
+    assert first["report"]["trials"] == 2                          # the report ran on what finished
+    mtimes = {p: p.stat().st_mtime_ns for p in alt}
+
+    from clipdense.models.registry import create_clip
+    from clipdense.pretrain.task import export_model
+    export_model(create_clip("clip-tiny"), ckpt.parent, "clip-tiny")
+    cfg_path = tmp_path / "sweep.yaml"
+    cfg_path.write_text(yaml.safe_dump(data))
+    assert cli_main(["sweep", "--config", str(cfg_path)]) == 0    # same grid: Tuner.restore reruns the errored
+
+    assert {p: p.stat().st_mtime_ns for p in alt} == mtimes       # finished trials were not rerun
+    for f in ("f0.5", "f1"):
+        tdir = trials / "seg" / "recap-clip" / f / "s0"
+        record = json.loads((tdir / "metrics.json").read_text())
+        assert record["backbone"]["checkpoint"] == str(ckpt)
+        assert record["data"]["fraction"] == float(f[1:])
+        assert 0.0 <= record["metrics"]["mIoU"] <= 1.0
+        coords = json.loads((tdir / "trial.json").read_text())
+        assert (coords["task"], coords["backbone"], coords["fraction"], coords["seed"]) == \
+            ("seg", "recap-clip", float(f[1:]), 0)
+    assert len(list((tmp_path / "sweep" / "tune").iterdir())) == 1  # one experiment, restored, not a new one
+    rows = (tmp_path / "sweep" / "report.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4
+    factors = json.loads((tmp_path / "sweep" / "factors.json").read_text())
+    assert factors["seg"]["reference"] == "alt-text-clip" and "recap-clip" in factors["seg"]["backbones"]
+    with Image.open(tmp_path / "sweep" / "seg.png") as im:
+        im.verify()
+
+    third = run(build_config(SweepConfig, data))                    # everything done: nothing is launched
+    assert third["skipped"] == 4 and third["failed"] == [] and "experiment" not in third
+
+
+def test_asha_sweep_gets_intermediate_metrics(ray_local, ade_root, tmp_path):
+    data = _tiny(ade_root, tmp_path / "hp", fractions=[1.0], report={"reference": None},
+                 backbones=[{"name": "clip", "backbone": {"name": "clip-tiny"}}],
+                 search_space={"train.optim.lr": {"grid": [1e-3, 1e-4]}},
+                 scheduler={"type": "asha", "grace_period": 2, "max_t": 6, "reduction_factor": 2})
+    data["tasks"][0]["overrides"].update({"train.eval_every": 2, "train.schedule.total_steps": 6})
+    summary = run(build_config(SweepConfig, data))
+    assert summary["failed"] == []
+    exp = tmp_path / "hp" / "tune"
+    results = [json.loads(line) for f in exp.glob("*/*/result.json") for line in f.read_text().splitlines()]
+    eval_steps = sorted({r["step"] for r in results if "eval/mIoU" in r})
+    assert eval_steps[:2] == [2, 4]                                 # reported at each eval interval, not just the end
+    done = list((tmp_path / "hp" / "trials").glob("seg/clip/f1/s0/hp-*/metrics.json"))
+    stopped = list((tmp_path / "hp" / "trials").glob("seg/clip/f1/s0/hp-*/early_stopped.json"))
+    assert len(done) + len(stopped) == 2 and done                  # the better trial at least runs to the end
+    lrs = {json.loads((p.parent / "trial.json").read_text())["hparams"]["train.optim.lr"] for p in done + stopped}
+    assert lrs == {1e-3, 1e-4}
+    assert "hparams" in (tmp_path / "hp" / "report.md").read_text()
