@@ -120,3 +120,13 @@ def test_models_predict_at_input_size(clip_tiny):
     depth = DepthModel(clip_tiny, max_depth=10.0, channels=16).eval()
     d = depth.predict(img)
     assert d.shape == (1, 64, 96) and float(d.min()) > 0 and float(d.max()) < 10
+
+
+@pytest.mark.slow
+def test_mobileclip_open_clip_timm_tower():
+    """open_clip's MobileCLIP image tower is a timm MCi model (`.visual.trunk`): a 4-stage pyramid."""
+    bb = create_backbone(BackboneConfig(name="MobileCLIP-S1", drop_path=0.1))
+    assert bb.provenance["kind"] == "open_clip" and bb.out_channels == [64, 128, 256, 512]
+    assert bb.provenance["drop_path"] == 0.1  # retrofitted into the built timm trunk
+    feats = bb(torch.randn(1, 3, 64, 64))
+    assert [tuple(f.shape[-2:]) for f in feats] == [(16, 16), (8, 8), (4, 4), (2, 2)]

@@ -111,3 +111,36 @@ def test_cli_bad_annotation_is_one_line_naming_the_file(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and str(bad) in err and "label 40" in err
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path):
+    """Stop after 3 of 6 steps, rerun in the same out_dir: the resumed run ends where an uninterrupted one does."""
+    root = tmp_path / "ade"
+    write_ade(root, n_train=6, n_val=1, size=(32, 32), num_classes=3)
+    common = ["data.num_classes=3", "data.scale=[64,32]", "eval.mode=whole", "eval.test_scale=null",
+              "train.schedule.total_steps=6", "train.deterministic=true", "train.checkpoint.every_steps=3"]
+    whole = run(_cfg("seg", root, tmp_path / "whole", *common))
+    stopped = run(_cfg("seg", root, tmp_path / "split", *common, "train.stop_at_step=3"))
+    assert stopped["stopped_early"] and stopped["metrics_json"] is None
+    resumed = run(_cfg("seg", root, tmp_path / "split", *common))
+    record = json.loads((tmp_path / "split" / "metrics.json").read_text())
+    assert record["train"]["restored_from_steps"] == [3]
+    assert resumed["metrics"]["loss"] == pytest.approx(whole["metrics"]["loss"], rel=1e-5)
+    assert resumed["metrics"]["eval/mIoU"] == pytest.approx(whole["metrics"]["eval/mIoU"], rel=1e-5)
+
+
+def test_shipped_configs_load():
+    from clipdense.paths import configs_dir
+
+    names = sorted(p.name for p in (configs_dir() / "finetune").glob("*.yaml"))
+    assert {"ade20k-upernet-vitb16.yaml", "nyuv2-depth.yaml", "coco-det.yaml", "shapes-seg-tiny.yaml",
+            "shapes-depth-tiny.yaml", "shapes-det-tiny.yaml"} <= set(names)
+    ade = load_config(FinetuneConfig, configs_dir() / "finetune" / "ade20k-upernet-vitb16.yaml")
+    o, s = ade.train.optim, ade.train.schedule
+    assert (o.lr, o.weight_decay, o.layer_decay, s.kind, s.warmup_steps, s.total_steps) == \
+        (1e-4, 0.05, 0.65, "poly", 1500, 160_000)
+    assert ade.backbone.drop_path == 0.1 and ade.data.crop_size == [512, 512] and ade.data.batch_size == 16
+    for name in names:
+        cfg = load_config(FinetuneConfig, configs_dir() / "finetune" / name)
+        if name.startswith("shapes-"):
+            assert cfg.backbone.name == "clip-tiny" and cfg.train.schedule.total_steps <= 100

@@ -127,6 +127,18 @@ def test_s3_input_and_output_via_cli(ray_local, s3_server, tmp_path, capsys):
     assert rows[0]["image_bytes"] == jpeg_bytes(1000)  # keep_images copies the original bytes
 
 
+def test_decode_runs_in_cpu_tasks_not_in_the_captioner_actors(ray_local, tmp_path):
+    from clipdense.recaption.engines import image_input
+    from clipdense.recaption.pipeline import build_dataset
+
+    keys = _shards(tmp_path / "in")["000001.tar"]
+    cfg = build_config(RecaptionConfig, {"input": "x", "output": "y", "engine": {"kind": "echo", "num_captions": 1}})
+    ds = build_dataset(cfg, [str(tmp_path / "in" / "000001.tar")], image_input(cfg.engine, cfg.decode))
+    assert [r["key"] for r in ds.take_all()] == keys
+    stats = ds.stats()
+    assert "MapBatches(decode_batch):" in stats and "MapBatches(decode_batch)->" not in stats  # not fused
+
+
 def test_user_errors_are_one_line(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("engine: {kind: coca, model: no-such-model}\n")

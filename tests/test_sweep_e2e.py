@@ -35,16 +35,18 @@ def _tiny(ade_root, out, **extra) -> dict:
     return data
 
 
-def test_failed_trial_then_resume_without_rerunning_finished_ones(ray_local, ade_root, tmp_path):
+def test_failed_trial_then_resume_without_rerunning_finished_ones(ray_local, ade_root, tmp_path, capsys):
     ckpt = tmp_path / "recap" / "export" / "model.pt"          # the recaptioned CLIP is not exported yet
     data = _tiny(ade_root, tmp_path / "sweep")
     data["backbones"][1]["backbone"]["checkpoint"] = str(ckpt)
+    data["tasks"][0]["overrides"]["runner"] = "local"              # in the trial actor (the ASHA test uses Ray Train)
     first = run(build_config(SweepConfig, data))
 
     trials = tmp_path / "sweep" / "trials"
     alt = sorted(trials.glob("seg/alt-text-clip/*/s0/metrics.json"))
     assert [p.parent.parent.name for p in alt] == ["f0.5", "f1"]
     assert sorted(f.split(":")[0] for f in first["failed"]) == ["seg/recap-clip/f0.5/s0", "seg/recap-clip/f1/s0"]
+    assert all("model.pt" in f for f in first["failed"])           # the one-line cause names the missing file
     assert not list(trials.glob("seg/recap-clip/*/s0/metrics.json"))
     assert first["report"]["trials"] == 2                          # the report ran on what finished
     mtimes = {p: p.stat().st_mtime_ns for p in alt}
@@ -54,7 +56,10 @@ def test_failed_trial_then_resume_without_rerunning_finished_ones(ray_local, ade
     export_model(create_clip("clip-tiny"), ckpt.parent, "clip-tiny")
     cfg_path = tmp_path / "sweep.yaml"
     cfg_path.write_text(yaml.safe_dump(data))
+    capsys.readouterr()
     assert cli_main(["sweep", "--config", str(cfg_path)]) == 0    # same grid: Tuner.restore reruns the errored
+    printed = capsys.readouterr().out
+    assert '"restored"' in printed and '"failed": []' in printed
 
     assert {p: p.stat().st_mtime_ns for p in alt} == mtimes       # finished trials were not rerun
     for f in ("f0.5", "f1"):

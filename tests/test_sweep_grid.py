@@ -20,7 +20,8 @@ def base_yaml(tmp_path):
 def _cfg(tmp_path, base_yaml, **extra):
     data = {"out": str(tmp_path / "out"),
             "backbones": [{"name": "alt-text-clip", "backbone": {"checkpoint": "a.pt"}},
-                          {"name": "recap-clip", "backbone": {"checkpoint": "b.pt"}, "overrides": {"train.optim.lr": 3e-4}}],
+                          {"name": "recap-clip", "backbone": {"checkpoint": "b.pt"},
+                           "overrides": {"train.optim.lr": 3e-4}}],
             "tasks": [{"name": "seg", "config": str(base_yaml), "overrides": {"train.schedule.total_steps": 5}},
                       {"name": "depth", "config": str(base_yaml), "overrides": {"task": "depth"}}]}
     data.update(extra)
@@ -93,3 +94,21 @@ def test_missing_finetune_config_names_the_file(tmp_path, base_yaml):
     cfg = _cfg(tmp_path, base_yaml, tasks=[{"name": "seg", "config": "configs/finetune/nope.yaml"}])
     with pytest.raises(ConfigError, match="nope.yaml"):
         expand(cfg)
+
+
+@pytest.mark.parametrize("name", ["data-efficiency", "data-efficiency-tiny", "hparam-asha"])
+def test_shipped_sweep_configs_expand_to_valid_finetune_configs(name, tmp_path):
+    from clipdense.paths import configs_dir
+    from clipdense.sweep.tune import _spec, finetune_config
+
+    cfg = load_config(SweepConfig, configs_dir() / "sweep" / f"{name}.yaml", [f"out={tmp_path}"])
+    trials = expand(cfg)
+    expected = {"data-efficiency": 3 * 3 * (4 * 5 + 3 * 3), "data-efficiency-tiny": 4, "hparam-asha": 1}[name]
+    assert len(trials) == expected
+    for t in trials[:: max(1, len(trials) // 10)]:
+        ft = finetune_config(_spec(cfg, t, tmp_path), {}, tmp_path / "trials" / t.name)
+        assert ft.task == t.task and ft.data.fraction == t.fraction and ft.train.seed == t.seed == ft.data.seed
+        assert ft.out_dir == str(tmp_path / "trials" / t.name)
+    if cfg.search_space:
+        ft = finetune_config(_spec(cfg, trials[0], tmp_path), {"train.optim.lr": 3e-4}, tmp_path)
+        assert ft.train.optim.lr == 3e-4

@@ -42,13 +42,15 @@ def results(tmp_path):
     bad = root / "trials" / "seg" / "alt" / "f0.125" / "s0"
     bad.mkdir(parents=True)
     (bad / "metrics.json").write_text("{not json")
-    (root / "sweep.json").write_text(json.dumps({"report": {"reference": "alt", "bootstrap": 200}}))
+    (root / "sweep.json").write_text(json.dumps({"report": {"reference": "alt", "bootstrap": 200},
+                                                 "trial_names": ["seg/alt/f1/s0", "seg/alt/f0.0625/s0"]}))
     return root
 
 
 def test_report_tables_plots_and_factors(results, capsys):
     summary = run(ReportConfig(results_dir=str(results)))
     assert summary["trials"] == 2 * 8 + 2 * 4 and summary["unreadable"] == 1
+    assert summary["missing"] == 1                                     # in the sweep's grid, no results
     with open(results / "report.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 2 * 3 + 2 * 3
@@ -78,6 +80,7 @@ def test_report_tables_plots_and_factors(results, capsys):
     assert "## seg: mIoU (higher is better)" in md and "## depth: rmse (lower is better)" in md
     assert "| recap | 0.25 | 3 | 0.3800 | 0.0200 |" in md
     assert "seg/alt/f0.125/s0" in md                                    # the unreadable trial is listed
+    assert "- `seg/alt/f0.0625/s0`" in md and "- `seg/alt/f1/s0`" not in md
     out = capsys.readouterr().out
     assert "recap vs alt" in out
 

@@ -30,6 +30,18 @@ def find_user_error(exc: BaseException) -> UserError | None:
     return None
 
 
+def absolute_paths(cfg: FinetuneConfig) -> FinetuneConfig:
+    """Ray workers run in other directories: make data.root, save_predictions, out_dir and a local checkpoint absolute."""
+    data = cfg.data.model_copy(update={"root": str(Path(cfg.data.root).absolute())})
+    update = {"data": data, "out_dir": str(Path(cfg.out_dir).absolute())}
+    if cfg.save_predictions:
+        update["save_predictions"] = str(Path(cfg.save_predictions).absolute())
+    ckpt = cfg.backbone.checkpoint
+    if ckpt and Path(ckpt).exists():
+        update["backbone"] = cfg.backbone.model_copy(update={"checkpoint": str(Path(ckpt).absolute())})
+    return cfg.model_copy(update=update)
+
+
 def run(cfg: FinetuneConfig, *, ray_callbacks: list | None = None, name: str | None = None) -> dict:
     """Finetune and evaluate; writes `out_dir/metrics.json` and returns {"out_dir", "metrics", "metrics_json"}.
 
@@ -38,7 +50,8 @@ def run(cfg: FinetuneConfig, *, ray_callbacks: list | None = None, name: str | N
     A rerun with the same out_dir resumes from its last checkpoint."""
     from clipdense.train import fit, fit_local
 
-    out = Path(cfg.out_dir).absolute()
+    cfg = absolute_paths(cfg)
+    out = Path(cfg.out_dir)
     # Read both datasets once here so a bad path or annotation file fails fast with its one-line error.
     build_train_dataset(cfg)
     build_eval_dataset(cfg)

@@ -43,7 +43,7 @@ def random_resized_crop(images: torch.Tensor, boxes: list[tuple], size: int) -> 
 
     idx = torch.arange(images.shape[0], dtype=images.dtype).unsqueeze(1)
     rois = torch.cat([idx, torch.tensor(boxes, dtype=images.dtype)], dim=1)
-    return roi_align(images, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    return roi_align(images, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=1, aligned=True)
 
 
 @functools.lru_cache(maxsize=4)

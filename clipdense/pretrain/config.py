@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from clipdense.config import Config
 from clipdense.train.config import OptimConfig, ScheduleConfig, TrainConfig
@@ -73,6 +73,11 @@ class PretrainConfig(Config):
                             "off: train in this process (world size 1), data still via Ray Data")
     ray_address: str | None = None
     ray_num_cpus: int | None = Field(None, ge=1, description="logical CPUs when starting a local Ray")
+
+    @field_validator("ray", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):
+        return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v  # YAML reads `off` as false
 
     @model_validator(mode="after")
     def _batch_divides(self):

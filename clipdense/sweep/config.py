@@ -70,7 +70,8 @@ class SmallFractionSeeds(Config):
 
 
 class SearchDim(Config):
-    """One hyperparameter: exactly one of the keys, e.g. `{loguniform: [1e-5, 1e-3]}` or `{choice: [0.65, 0.75]}`."""
+    """One hyperparameter: exactly one of the keys, e.g. `{loguniform: [1e-5, 1e-3]}` or `{choice: [0.65, 0.75]}`.
+    `randint: [low, high]` includes high; `grid` values are all run (crossed with the other grid dims)."""
     loguniform: tuple[float, float] | None = None
     uniform: tuple[float, float] | None = None
     randint: tuple[int, int] | None = None

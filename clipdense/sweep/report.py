@@ -25,7 +25,8 @@ from clipdense.sweep.factor import efficiency_factor, full_data_target
 from clipdense.sweep.grid import METRICS_FILE, TRIAL_FILE
 
 SWEEP_FILE = "sweep.json"      # the sweep's resolved config, written by `clipdense sweep` beside trials/
-PATH_RE = re.compile(r"^(?P<task>[^/]+)/(?P<backbone>[^/]+)/f(?P<fraction>[0-9.e+-]+)/s(?P<seed>\d+)(?:/(?P<hp>hp-[^/]+))?$")
+PATH_RE = re.compile(r"^(?P<task>[^/]+)/(?P<backbone>[^/]+)/f(?P<fraction>[0-9.e+-]+)/s(?P<seed>\d+)"
+                     r"(?:/(?P<hp>hp-[^/]+))?$")
 
 
 class ReportConfig(Config):
@@ -159,9 +160,9 @@ def _fmt(x: float | None, nd: int = 4) -> str:
     return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}g}"
 
 
-def _sweep_settings(root: Path) -> dict:
+def _sweep_file(root: Path) -> dict:
     try:
-        return _json(root / SWEEP_FILE).get("report", {}) or {}
+        return _json(root / SWEEP_FILE)
     except (OSError, ValueError):
         return {}
 
@@ -173,7 +174,7 @@ def _factor_text(d: dict) -> str:
     return f"{bound}{_fmt(d['factor'], 3)}x (f*={_fmt(d['fraction'], 3)})"
 
 
-def write_markdown(path: Path, table, factors, rows, errors, hp_rows, reference) -> None:
+def write_markdown(path: Path, table, factors, rows, errors, hp_rows, reference, missing=()) -> None:
     lines = ["# Data-efficiency report", ""]
     lines.append(f"{len(rows)} finished trials, {len(errors)} unreadable; reference backbone: {reference or '(none)'}.")
     for task in sorted({r["task"] for r in table}):
@@ -197,6 +198,8 @@ def write_markdown(path: Path, table, factors, rows, errors, hp_rows, reference)
                   f"`{json.dumps(r['hparams'], sort_keys=True)}` |" for r in hp_rows]
     if errors:
         lines += ["", "## Unreadable trials", ""] + [f"- `{e['dir']}`: {e['error']}" for e in errors]
+    if missing:
+        lines += ["", f"## Trials of the sweep without results ({len(missing)})", ""] + [f"- `{n}`" for n in missing]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -206,13 +209,16 @@ def run(cfg: ReportConfig) -> dict:
         raise ConfigError(f"results_dir not found: {root}")
     out = Path(cfg.out_dir) if cfg.out_dir else root
     out.mkdir(parents=True, exist_ok=True)
-    settings = _sweep_settings(root)
+    sweep = _sweep_file(root)
+    settings = sweep.get("report") or {}
     reference = cfg.reference or settings.get("reference")
     n_boot = cfg.bootstrap if cfg.bootstrap is not None else settings.get("bootstrap", 1000)
     ci = cfg.ci or settings.get("ci", 0.95)
     seed = cfg.seed if cfg.seed is not None else settings.get("seed", 0)
 
     rows, errors = collect(root)
+    found = {r["dir"] for r in rows} | {e["dir"] for e in errors}
+    missing = [n for n in sweep.get("trial_names", []) if n not in found and not sweep.get("search_space")]
     table = aggregate(rows)
     with open(out / "report.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["task", "backbone", "fraction", "n_seeds", "mean", "std", "metric", "mode"])
@@ -237,7 +243,8 @@ def run(cfg: ReportConfig) -> dict:
     (out / "factors.json").write_text(json.dumps(factors, indent=2) + "\n")
 
     hp_rows = [r for r in rows if r["hp"]]
-    hp_rows.sort(key=lambda r: (r["task"], r["backbone"], r["fraction"], -r["value"] if r["mode"] == "max" else r["value"]))
+    hp_rows.sort(key=lambda r: (r["task"], r["backbone"], r["fraction"],
+                                -r["value"] if r["mode"] == "max" else r["value"]))
     if hp_rows:
         with open(out / "hparams.csv", "w", newline="") as fh:
             w = csv.writer(fh)
@@ -245,12 +252,13 @@ def run(cfg: ReportConfig) -> dict:
             for r in hp_rows:
                 w.writerow([r["task"], r["backbone"], r["fraction"], r["seed"], r["hp"],
                             json.dumps(r["hparams"], sort_keys=True), r["metric"], r["value"]])
-    write_markdown(out / "report.md", table, factors, rows, errors, hp_rows, reference)
+    write_markdown(out / "report.md", table, factors, rows, errors, hp_rows, reference, missing)
 
-    summary = {"out": str(out), "trials": len(rows), "unreadable": len(errors), "tasks": tasks,
+    summary = {"out": str(out), "trials": len(rows), "unreadable": len(errors), "missing": len(missing),
+               "tasks": tasks,
                "factors": {t: {bb: _factor_text(d) for bb, d in e["backbones"].items()} for t, e in factors.items()}}
     if not cfg.quiet:
-        print(f"report: {len(rows)} trials ({len(errors)} unreadable) -> {out}")
+        print(f"report: {len(rows)} trials ({len(errors)} unreadable, {len(missing)} missing) -> {out}")
         for task in tasks:
             t_rows = [r for r in table if r["task"] == task]
             print(f"  {task} [{t_rows[0]['metric']}]: {len({r['backbone'] for r in t_rows})} backbones, "

@@ -1,8 +1,9 @@
 """Ray Tune wiring of a sweep: one Tune trial = one `clipdense.dense.run` finetune (Ray 2.60 Train/Tune pattern).
 
-The trial function builds the trial's FinetuneConfig and calls `dense.run(cfg, ray_callbacks=[TuneReportCallback()])`:
-a finetune on Ray Train workers reports every eval interval to Tune through the callback (ASHA can stop it), and
-the trial reports the final metrics itself. Results live in `<out>/trials/<task>/<backbone>/f<fraction>/s<seed>`
+The trial function (`tune.with_resources`, per-trial resources) builds the trial's FinetuneConfig and calls
+`dense.run(cfg, ray_callbacks=[TuneReportCallback subclass], name=<stable per trial>)`: the finetune runs on Ray
+Train workers and reports every eval interval to Tune through the callback (so ASHA can stop it); the trial then
+reports the final metrics itself. With `runner: local` the finetune trains inside the trial actor instead. Results live in `<out>/trials/<task>/<backbone>/f<fraction>/s<seed>`
 (+ `/hp-<hash>` for hyperparameter samples): `trial.json` (coordinates) and the finetune's `metrics.json`.
 
 Resume, twice over: Tune state lives in `<out>/tune/<name>-<grid hash>` and is `Tuner.restore`d (unfinished and
@@ -61,19 +62,38 @@ def _trial_fn(config: dict, specs: dict) -> None:
     hparams = {k: (v.item() if hasattr(v, "item") else v) for k, v in (config.get("hp") or {}).items()}
     name = spec["name"] + (f"/{hparam_label(hparams)}" if hparams else "")
     out_dir = Path(spec["trials_root"]) / name
-    done = out_dir / METRICS_FILE
-    if done.is_file() or (out_dir / STOPPED_FILE).is_file():   # finished (or stopped) in an earlier run
-        doc = json.loads((done if done.is_file() else out_dir / STOPPED_FILE).read_text())
-        ray.tune.report({**_numbers(doc), "skipped": 1.0})
+    done, stopped = out_dir / METRICS_FILE, out_dir / STOPPED_FILE
+    if done.is_file():                  # finished in an earlier run: report its final metrics as the runner would
+        doc = json.loads(done.read_text())
+        steps = (doc.get("train") or {}).get("steps")
+        ray.tune.report({**{f"eval/{k}": v for k, v in _numbers(doc.get("metrics") or {}).items()},
+                         **({"step": steps} if steps else {}), "skipped": 1.0})
+        return
+    if stopped.is_file():               # stopped early by the scheduler in an earlier run
+        ray.tune.report({**_numbers(json.loads(stopped.read_text())), "skipped": 1.0})
         return
     cfg = finetune_config(spec, hparams, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / TRIAL_FILE).write_text(json.dumps({**spec["coords"], "hp": hparam_label(hparams) if hparams else None,
                                                   "hparams": hparams, "name": name}, indent=2))
+    result = dense.run(cfg, ray_callbacks=[_eval_report_callback(spec.get("report_metric"))],
+                       name=name.replace("/", "_"))
+    ray.tune.report({**_numbers((result or {}).get("metrics") or {}), "skipped": 0.0})
+
+
+def _eval_report_callback(metric: str | None):
+    """TuneReportCallback (made in the trial, inside the Tune session) forwarding the finetune's reports to Tune.
+
+    With a scheduler, only reports carrying its metric are forwarded: the runner also reports train-loss logs,
+    which Tune would reject as results without the metric."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    result = dense.run(cfg, ray_callbacks=[TuneReportCallback()], name=name.replace("/", "_"))
-    ray.tune.report({**_numbers((result or {}).get("metrics") or {}), "skipped": 0.0})
+    class EvalReportCallback(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metric is None or (metrics and metric in metrics[0]):
+                super().after_report(run_context, metrics, checkpoint)
+
+    return EvalReportCallback()
 
 
 def _search_dim(dim: SearchDim):
@@ -123,7 +143,8 @@ def run_tune(cfg: SweepConfig, trials: list[Trial] | None = None) -> dict:
     out = Path(cfg.out).absolute()
     trials_root = out / "trials"
     ft_cfgs = [finetune_config(_spec(cfg, t, out), {}, trial_dir(out, t.name)) for t in trials]   # fail early
-    specs = {t.name: _spec(cfg, t, out) for t in trials}
+    report_metric = (cfg.scheduler.metric or f"eval/{trials[0].metric}") if cfg.scheduler.type != "fifo" else None
+    specs = {t.name: {**_spec(cfg, t, out), "report_metric": report_metric} for t in trials}
     pending = [t.name for t in trials if cfg.search_space or not (trials_root / t.name / METRICS_FILE).is_file()]
     summary = {"trials": len(trials), "skipped": len(trials) - len(pending), "failed": [], "stopped": []}
     if not pending:
@@ -154,7 +175,7 @@ def run_tune(cfg: SweepConfig, trials: list[Trial] | None = None) -> dict:
             from ray.tune.schedulers import ASHAScheduler
 
             sc = cfg.scheduler
-            scheduler = ASHAScheduler(time_attr=sc.time_attr, metric=sc.metric or f"eval/{trials[0].metric}",
+            scheduler = ASHAScheduler(time_attr=sc.time_attr, metric=report_metric,
                                       mode=sc.mode or trials[0].mode, max_t=sc.max_t,
                                       grace_period=sc.grace_period, reduction_factor=sc.reduction_factor)
         tuner = tune.Tuner(

@@ -1,0 +1,71 @@
+"""Pretrain data: shards joined with recaption Parquet by key; bad rows skipped and counted; batch collation."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from clipdense.config import build_config
+from clipdense.data.shards import SCHEMA
+from clipdense.pretrain import PretrainConfig
+from clipdense.pretrain.batches import Collate
+from clipdense.pretrain.data import build_datasets, join_recaptions
+from pretrain_files import write_world
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return write_world(tmp_path_factory.mktemp("world"), n_shards=2, per_shard=24, bad=True)
+
+
+def _cfg(world, **kw) -> PretrainConfig:
+    data = {"data": {"shards": world["shards"], "recaptions": world["recaptions"], "batch_size": 8},
+            "captions": {"policy": "both"}, "eval": {"holdout": 6}, "ray": "off"}
+    data.update(kw)
+    return build_config(PretrainConfig, data)
+
+
+def test_join_records_every_problem_in_error(world):
+    shard = f"{world['shards']}/00000.tar"
+    rows = [{"key": f"00000{i:04d}", "image_bytes": b"x", "caption": "web", "syn_captions": None, "meta": None,
+             "error": None, "shard": shard} for i in range(4)]
+    rows.append({**rows[0], "key": "nope", "shard": f"{world['shards']}/00009.tar"})
+    out = join_recaptions(pa.Table.from_pylist(rows, schema=SCHEMA), world["recaptions"], "both").to_pylist()
+    assert out[0]["error"] is None and len(out[0]["syn_captions"]) == 3
+    assert out[1]["error"].startswith("recaption failed (engine failed)")
+    assert out[2]["error"].startswith("no recaption for key")
+    assert out[4]["error"].startswith("no recaption file for shard")
+    # without recaptions, `both` needs synthetic captions the shard rows do not have
+    alone = join_recaptions(pa.Table.from_pylist(rows[:1], schema=SCHEMA), None, "both").to_pylist()
+    assert alone[0]["error"].startswith("no synthetic captions")
+    assert join_recaptions(pa.Table.from_pylist(rows[:1], schema=SCHEMA), None, "real").to_pylist()[0]["error"] is None
+
+
+def test_build_datasets_skips_and_counts_bad_rows(ray_local, world):
+    train, eval_ds, counts = build_datasets(_cfg(world), image_size=32)
+    assert counts["rows"] == 48 and counts["ok"] == 45
+    assert counts["errors"] == {"recaption failed": 1, "no recaption for key": 1, "undecodable image": 1}
+    assert counts["holdout_rows"] == counts["eval_rows"] == 6
+    rows = train.take_all()
+    eval_keys = {r["key"] for r in eval_ds.take_all()}
+    assert len(rows) == 45 - 6 and not eval_keys & {r["key"] for r in rows}
+    assert rows[0]["pixels"].shape == (32, 32, 3) and rows[0]["pixels"].dtype == np.uint8
+    assert {"00000001", "00000002", "00000003"}.isdisjoint(r["key"] for r in rows)
+    assert [r["key"] for r in rows] == [r["key"] for r in train.take_all()]  # same order every pass
+
+
+def test_collate_is_deterministic_per_epoch(ray_local, world):
+    train, _, _ = build_datasets(_cfg(world, eval={"holdout": 0}), image_size=32)
+    batch = next(iter(train.iter_batches(batch_size=8, batch_format="numpy")))
+    mk = lambda epoch, train=True: Collate(model_name="clip-tiny", image_size=32, mean=MEAN, std=STD,  # noqa: E731
+                                           policy="both", seed=0, epoch=epoch, train=train)
+    a, b, c = mk(0)(batch), mk(0)(batch), mk(1)(batch)
+    assert a["image"].shape == (8, 3, 32, 32) and len(a["texts"]) == 2 and a["texts"][0].shape == (8, 32)
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["texts"][1], b["texts"][1])
+    assert not torch.equal(a["image"], c["image"])           # a new crop each epoch
+    plain = mk(0, train=False)(batch)                        # eval: no crop, just normalisation
+    expect = (torch.as_tensor(batch["pixels"]).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
+    assert torch.allclose(plain["image"], expect, atol=1e-5) and len(plain["texts"]) == 1
