@@ -91,7 +91,8 @@ def test_policies_train_in_process(ray_local, world, tmp_path, policy):
 
 
 def test_coca_trains_with_caption_loss(ray_local, world, tmp_path):
-    result = run(_cfg(world, tmp_path, "synthetic", model="coca-tiny", checkpoint={"every_steps": 0}))
+    result = run(_cfg(world, tmp_path, "synthetic", model="coca-tiny", checkpoint={"every_steps": 0}, log_every=3,
+                      schedule={"total_steps": 6, "warmup_steps": 1}))
     losses = _losses(tmp_path)
     assert losses[-1] < losses[0] and "caption_loss_0" in result["metrics"]
     assert json.loads((tmp_path / "export" / "export.json").read_text())["name"] == "coca-tiny"

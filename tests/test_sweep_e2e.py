@@ -87,8 +87,9 @@ def test_asha_sweep_gets_intermediate_metrics(ray_local, ade_root, tmp_path):
     data = _tiny(ade_root, tmp_path / "hp", fractions=[1.0], report={"reference": None},
                  backbones=[{"name": "clip", "backbone": {"name": "clip-tiny"}}],
                  search_space={"train.optim.lr": {"grid": [1e-3, 1e-4]}},
-                 scheduler={"type": "asha", "grace_period": 2, "max_t": 6, "reduction_factor": 2})
-    data["tasks"][0]["overrides"].update({"train.eval_every": 2, "train.schedule.total_steps": 6})
+                 scheduler={"type": "asha", "grace_period": 2, "max_t": 4, "reduction_factor": 2})
+    data["tasks"][0]["overrides"].update({"train.eval_every": 2, "train.schedule.total_steps": 4,
+                                          "eval.mode": "whole", "data.max_eval_images": 2})
     summary = run(build_config(SweepConfig, data))
     assert summary["failed"] == []
     exp = tmp_path / "hp" / "tune"

@@ -65,7 +65,7 @@ class Collate:
 
     def __call__(self, batch: dict) -> dict:
         keys = [str(k) for k in batch["key"]]
-        px = torch.as_tensor(np.ascontiguousarray(batch["pixels"])).permute(0, 3, 1, 2).float().div_(255.0)
+        px = torch.from_numpy(np.array(batch["pixels"], dtype=np.uint8)).permute(0, 3, 1, 2).float().div_(255.0)
         if self.train:
             h, w = px.shape[-2:]
             boxes = [crop_box(sample_rng(self.seed, self.epoch, k, 2), h, w) for k in keys]

@@ -106,16 +106,18 @@ def overlaps(a: Obj, b: Obj) -> bool:
 
 
 def describe(scene: Scene) -> str:
-    """Complete, accurate description: every object nearest first, with occlusion relations."""
+    """Complete, accurate description in ONE sentence (COCO-style; CoCa captioners cut at the first period):
+    every object nearest first, with its size, colour, position and what it stands in front of."""
     objs = scene.by_depth()
-    sentences = []
+    parts = []
     for k, o in enumerate(objs):
         s = f"a {o.size} {o.colour} {o.shape} {position_phrase(o)}"
         behind = [f"the {b.colour} {b.shape}" for b in objs[k + 1:] if overlaps(o, b)]
         if behind:
-            s += ", in front of " + " and ".join(behind)
-        sentences.append(s[0].upper() + s[1:] + ".")
-    return " ".join(sentences)
+            s += " in front of " + " and ".join(behind)
+        parts.append(s)
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return text[0].upper() + text[1:] + "."
 
 
 _CLASS_RE = re.compile(r"\b(" + "|".join(CLASSES) + r")s?\b", re.IGNORECASE)
