@@ -177,7 +177,7 @@ def run(cfg: DemoConfig) -> dict:
             rc = p["recaption"]
             recaption.run(build_config(recaption.RecaptionConfig, {
                 "input": str(world / "web"), "output": str(recap),
-                "engine": {"kind": "coca", "model": p["coca_model"], "checkpoint": str(captioner / "model.pt"),
+                "engine": {"kind": "coca", "model": p["coca_model"], "checkpoint": str(captioner / "export" / "model.pt"),
                            "num_captions": rc["num_captions"], "seq_len": rc["seq_len"], "top_p": 0.9,
                            "seed": cfg.seed, "device": "cpu", "batch_size": rc["batch_size"],
                            "concurrency": 2, "num_cpus": 1.0},
@@ -191,7 +191,7 @@ def run(cfg: DemoConfig) -> dict:
     with _step(out, 4, f"pretrain two {p['clip_model']} CLIPs with identical budgets", cfg.fresh) as s:
         for name, policy in (("alt-text-clip", "real"), ("recap-clip", "synthetic")):
             run_dir = out / "pretrain" / name
-            ckpts[name] = str(run_dir / "model.pt")
+            ckpts[name] = str(run_dir / "export" / "model.pt")
             if not s.done:
                 print(f"  {name}: caption policy {policy}", flush=True)
                 pretrain.run(_pretrain_cfg(p["clip_model"], str(world / "web"), str(recap), policy, run_dir,
