@@ -1,15 +1,17 @@
 """Pretraining throughput: clipdense pretrain vs `python -m open_clip_train.main`, same run, same inputs.
 
-    python -m bench.pretrain_vs_open_clip [--images 1536] [--batch 32] [--quick]
+    python -m bench.pretrain_vs_open_clip [--images 1536] [--batch 32] [--threads 1] [--rounds 2] [--quick]
 
 Both train the tiny open_clip model `clip-tiny` (2-layer width-64 ViT and text tower, 64 px) on the same 96 px
 JPEG files and captions, fp32 on CPU, one training process, batch 32: open_clip_train reads a CSV with 1 data
 loader worker; clipdense reads the same JPEG bytes from webdataset tars through Ray Data (decode in Ray tasks;
 crop, caption choice and tokenisation in the worker's collate). Throughput is samples/s per log interval
-(wall time of the interval, data waits included, as open_clip_train's `Batch (t)`), median after the first.
+(wall time of the interval, data waits included, as open_clip_train's `Batch (t)`), median after the first;
+both sides use the same torch thread count and alternate runs (thread oversubscription on a shared box swings
+step times tenfold).
 Also reported: how long tokenising one batch's captions takes in the worker, against the step time (why
 tokenisation stays in the worker rather than tokenising all N+1 captions per sample in Ray Data).
-Writes bench/results/pretrain_vs_open_clip.json (+ the run's README table through bench.run).
+Writes bench/results/pretrain_vs_open_clip.json and .md.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.common import row, save
+from bench.common import markdown, row, save
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 SHAPES = ["circle", "square"]
@@ -71,7 +73,8 @@ OPEN_CLIP_WRAPPER = (
 )
 
 
-def run_open_clip_train(csv_path: Path, logs: Path, batch: int, steps_log: int) -> tuple[list[float], float]:
+def run_open_clip_train(csv_path: Path, logs: Path, batch: int, steps_log: int,
+                        threads: int) -> tuple[list[float], float]:
     from clipdense.paths import configs_dir
 
     argv = [sys.executable, "-c", OPEN_CLIP_WRAPPER, str(configs_dir() / "models" / "clip-tiny.json"),
@@ -81,7 +84,7 @@ def run_open_clip_train(csv_path: Path, logs: Path, batch: int, steps_log: int) 
             "--device", "cpu", "--logs", str(logs), "--name", "bench", "--log-every-n-steps", str(steps_log),
             "--save-frequency", "0", "--zeroshot-frequency", "0", "--val-frequency", "0", "--report-to", ""]
     t0 = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads)})
     wall = time.perf_counter() - t0
     text = proc.stdout + proc.stderr
     if proc.returncode != 0:
@@ -120,27 +123,37 @@ def tokenize_cost(batch: int, repeats: int = 20) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
-def _median_after_first(xs: list[float]) -> float:
-    return statistics.median(xs[1:] if len(xs) > 2 else xs)
-
-
-def main(quick: bool = False, images: int | None = None, batch: int = 32) -> list[dict]:
+def main(quick: bool = False, images: int | None = None, batch: int = 32, threads: int = 1,
+         rounds: int | None = None) -> list[dict]:
     import ray
+    import torch
 
     n = images or (512 if quick else 1536)
     steps = n // batch  # one epoch, as open_clip_train runs
     steps_log = 4 if quick else 8
+    rounds = rounds or (1 if quick else 2)
+    # Same compute threads on both sides: on a small shared box, thread oversubscription swings step times by
+    # 10x, so the runs also alternate (peer, ours, peer, ours) and report medians over every interval.
+    torch.set_num_threads(threads)
+    ours, peer, ours_wall, peer_wall = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="bench-pretrain-") as tmp:
         root = Path(tmp)
         csv_path, tars = make_inputs(root / "data", n)
-        ours, ours_wall = run_clipdense(tars, root / "ours", batch, steps, steps_log)
-        peer, peer_wall = run_open_clip_train(csv_path, root / "peer", batch, steps_log)
+        for r in range(rounds):
+            sps, wall = run_open_clip_train(csv_path, root / f"peer{r}", batch, steps_log, threads)
+            peer += sps[1:] if len(sps) > 2 else sps
+            peer_wall.append(wall)
+            sps, wall = run_clipdense(tars, root / f"ours{r}", batch, steps, steps_log)
+            ours += sps[1:] if len(sps) > 2 else sps
+            ours_wall.append(wall)
     if ray.is_initialized():
         ray.shutdown()
     tok_s = tokenize_cost(batch)
-    ours_sps, peer_sps = _median_after_first(ours), _median_after_first(peer)
+    ours_sps, peer_sps = statistics.median(ours), statistics.median(peer)
+    ours_wall, peer_wall = statistics.median(ours_wall), statistics.median(peer_wall)
     step_s = batch / ours_sps
-    notes = f"clip-tiny 64px, batch {batch}, {n} JPEGs (96px), fp32 CPU, 1 process; medians over log intervals"
+    notes = (f"clip-tiny 64px, batch {batch}, {n} JPEGs (96px), fp32 CPU, 1 process, {threads} torch thread(s), "
+             f"{rounds} alternating rounds; medians over log intervals")
     rows = [
         row("pretrain", "train samples/s (steady)", ours_sps, peer_sps, "open_clip_train", "samples/s", True, notes),
         row("pretrain", "wall seconds, 1 epoch incl. startup", ours_wall, peer_wall, "open_clip_train", "s", False,
@@ -149,8 +162,11 @@ def main(quick: bool = False, images: int | None = None, batch: int = 32) -> lis
             f"{tok_s * 1e3:.1f} ms per batch of {batch} vs {step_s * 1e3:.0f} ms per step: tokenising 1-2 captions "
             "per sample in the worker costs less than tokenising all N+1 in Ray Data"),
     ]
-    save("pretrain_vs_open_clip", rows)
-    print(json.dumps(rows, indent=2))
+    path = save("pretrain_vs_open_clip", rows)
+    md = "# clipdense pretrain vs open_clip_train\n\n" + (__doc__ or "").strip() + "\n\n" + markdown(
+        [json.loads(path.read_text())])
+    path.with_suffix(".md").write_text(md)
+    print(md)
     return rows
 
 
@@ -158,6 +174,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=None)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
-    main(quick=a.quick, images=a.images, batch=a.batch)
+    main(quick=a.quick, images=a.images, batch=a.batch, threads=a.threads, rounds=a.rounds)

@@ -69,7 +69,9 @@ class DecodeConfig(Config):
     # limit). Anything below it is decoded (JPEG draft mode: reduced-size DCT decode) and resized.
     max_image_pixels: int = Field(89_478_485, ge=1)
     jpeg_quality: int = Field(90, ge=1, le=100)  # jpeg mode: re-encode quality of resized images
-    batch_size: int = Field(256, ge=1)
+    # None: one read block per call (read_shards yields <= 256 rows per block); Ray then fuses read + decode into
+    # one task, so raw image bytes never pass through the object store. An int re-batches (no fusion).
+    batch_size: int | None = Field(None, ge=1)
     num_cpus: float = Field(1.0, gt=0)
 
 

@@ -6,6 +6,7 @@ one Parquet file per input shard (writer.py). Ray Data's progress bars show each
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import sys
@@ -105,20 +106,34 @@ def check_engine(cfg: RecaptionConfig) -> None:
         raise ConfigError("engine.device=cuda needs engine.num_gpus > 0 (actors see no GPU otherwise)")
 
 
+@contextlib.contextmanager
+def data_context():
+    """Ray Data settings of this pipeline, on the process's current DataContext while we plan and run (read
+    parallelism is planned from the current context at execution time), restored afterwards.
+    - preserve_order: result blocks arrive in input order, which the per-shard writer relies on;
+    - read_op_min_num_blocks=1: read parallelism from the shards and the CPUs only, so reads are not split
+      into extra blocks (a split also stops Ray from fusing read and decode into one task)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    old = ctx.execution_options.preserve_order, ctx.read_op_min_num_blocks
+    ctx.execution_options.preserve_order, ctx.read_op_min_num_blocks = True, 1
+    try:
+        yield ctx
+    finally:
+        ctx.execution_options.preserve_order, ctx.read_op_min_num_blocks = old
+
+
 def build_dataset(cfg: RecaptionConfig, inputs: list[str], spec: ImageInput):
-    """The lazy Ray Dataset of result rows (key, caption, syn_captions, error, shard), in input order."""
+    """The lazy Ray Dataset of result rows (key, caption, syn_captions, error, shard), in input order.
+    Iterate it inside `data_context()`."""
     import ray.data
 
     from clipdense.data.shards import read_shards
 
-    ctx = ray.data.DataContext.get_current()
-    old = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True  # read tasks capture it; the writer relies on input order
-    try:
+    with data_context():
         ds = read_shards(inputs, validate="none", s3_endpoint=cfg.s3_endpoint)  # decode_batch checks fully
-    finally:
-        ctx.execution_options.preserve_order = old
-    ds.context.execution_options.preserve_order = True
+    ds.context.execution_options.preserve_order, ds.context.read_op_min_num_blocks = True, 1
     ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=cfg.decode.batch_size,
                         num_cpus=cfg.decode.num_cpus, fn_kwargs={"spec": spec, "keep_images": cfg.keep_images})
     e = cfg.engine
@@ -149,8 +164,9 @@ def execute(cfg: RecaptionConfig, plan: Plan) -> tuple[ShardAssembler, float]:
                                keep_images=cfg.keep_images, fail_after_shards=cfg.fault.fail_after_shards)
     ds = build_dataset(cfg, list(plan.todo.values()), spec)
     t0 = time.perf_counter()
-    for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        assembler.add(block)
+    with data_context():
+        for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            assembler.add(block)
     assembler.finish()
     return assembler, time.perf_counter() - t0
 

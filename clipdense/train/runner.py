@@ -103,7 +103,7 @@ class RayEnv:
 
 
 def _ray_train_loop(config: dict) -> None:
-    cfg = TrainConfig.model_validate(config["cfg"])
+    cfg = config["cfg"]  # the (sub)class instance itself: stages may subclass TrainConfig
     run_worker(RayEnv(cfg, config["dataset_names"]), config["task_factory"], cfg, config["run_id"])
 
 
@@ -161,7 +161,7 @@ def fit(task_factory: TaskFactory, cfg: TrainConfig, *, datasets: dict | None = 
     run_name = name or cfg.name or out.name
     trainer = TorchTrainer(
         _ray_train_loop,
-        train_loop_config={"cfg": cfg.model_dump(), "task_factory": task_factory, "run_id": run_id,
+        train_loop_config={"cfg": cfg, "task_factory": task_factory, "run_id": run_id,
                            "dataset_names": sorted(datasets or {})},
         torch_config=TorchConfig(backend=backend),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=sc.use_gpu,
