@@ -99,6 +99,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--coca-images", type=int, default=64)
     ap.add_argument("--cpus", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "results"))
     args = ap.parse_args(argv)
 
@@ -111,11 +112,14 @@ def main(argv=None) -> int:
         echo = {"kind": "echo", "num_captions": 5, "batch_size": 256, "num_cpus": 0}
         decode = {"size": args.size}  # batch_size None: read + decode fused in one task
         pipeline(paths[:1], work / "warmup", echo, decode)  # start workers once; measure steady state
-        plain = plain_decode(paths, args.size)
-        piped = pipeline(paths, work / "echo", echo, decode)
-        plain_again = plain_decode(paths, args.size)  # the machine is shared: bracket the pipeline run
-        plain_ips = (plain["images_per_s"] + plain_again["images_per_s"]) / 2
-        ratio = piped["images_per_s"] / args.cpus / plain_ips
+        plains, pipes = [], []
+        for _ in range(args.repeats):  # the machine is shared: alternate the two and keep each one's best
+            plains.append(plain_decode(paths, args.size))
+            pipes.append(pipeline(paths, work / "echo", echo, decode))
+        plains.append(plain_decode(paths, args.size))
+        plain = max(plains, key=lambda r: r["images_per_s"])
+        piped = max(pipes, key=lambda r: r["images_per_s"])
+        ratio = piped["images_per_s"] / args.cpus / plain["images_per_s"]
         coca_paths = make_shards(work / "coca_shards", 1, args.coca_images, args.image_px)
         coca_engine = {"kind": "coca", "model": "coca-tiny", "device": "cpu", "batch_size": 32, "num_cpus": 1}
         coca = {"as_initialised": pipeline(coca_paths, work / "coca", coca_engine, {}),
@@ -127,7 +131,8 @@ def main(argv=None) -> int:
         "bench": "recaption_echo", "cpus": args.cpus, "machine": platform.platform(),
         "load_avg_1m": round(os.getloadavg()[0], 2), "shards": args.shards, "images_per_shard": args.per_shard,
         "image_px": [args.image_px, int(args.image_px * 0.75)], "resize_to": args.size,
-        "plain_decode_one_process": [plain, plain_again], "echo_pipeline": piped,
+        "plain_decode_one_process": plain, "echo_pipeline": piped,
+        "all_runs": {"plain": plains, "echo_pipeline": pipes},
         "per_core_ratio": round(ratio, 3), "goal_ratio": 0.8, "coca_tiny_cpu_pipeline": coca,
     }
     out = Path(args.out)
@@ -140,14 +145,16 @@ def main(argv=None) -> int:
         f"Data: {args.shards} tar shards x {args.per_shard} JPEGs of {args.image_px}x{int(args.image_px * .75)}, "
         f"resized + centre-cropped to {args.size}.", "",
         "| run | images | seconds | images/s |", "|---|---|---|---|",
-        f"| plain decode+resize, 1 process (before) | {plain['images']} | {plain['seconds']} | {plain['images_per_s']} |",
-        f"| plain decode+resize, 1 process (after) | {plain_again['images']} | {plain_again['seconds']} | "
-        f"{plain_again['images_per_s']} |",
-        f"| Ray Data pipeline, echo engine, {args.cpus} CPUs | {piped['images']} | {piped['seconds']} | "
+        f"| plain decode+resize, 1 process (best of {len(plains)}) | {plain['images']} | {plain['seconds']} | "
+        f"{plain['images_per_s']} |",
+        f"| Ray Data pipeline, echo engine, {args.cpus} CPUs (best of {len(pipes)}) | {piped['images']} | "
+        f"{piped['seconds']} | "
         f"{piped['images_per_s']} |",
         *[f"| Ray Data pipeline, coca-tiny {k.replace('_', ' ')} (5 captions, CPU, 1 actor) | {v['images']} | "
           f"{v['seconds']} | {v['images_per_s']} |" for k, v in coca.items()], "",
         f"Per-core ratio (pipeline images/s / {args.cpus} CPUs) / (plain images/s): **{ratio:.2f}** (goal >= 0.8).",
+        "All runs (images/s): plain " + ", ".join(str(r["images_per_s"]) for r in plains) + "; pipeline "
+        + ", ".join(str(r["images_per_s"]) for r in pipes) + ".",
     ]
     (out / "recaption_echo.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

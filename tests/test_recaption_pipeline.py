@@ -3,6 +3,7 @@ import io
 import json
 import os
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -21,7 +22,8 @@ def _big_png() -> bytes:
     return buf.getvalue()
 
 
-def _shards(d, s3_keys=False):
+def _shards(d, parquet=False):
+    """Three tar shards (one with corrupt samples, one truncated) [+ a Parquet shard]; {file: keys in order}."""
     d.mkdir(parents=True, exist_ok=True)
     good = jpeg_bytes(99)
     write_tar(d / "000000.tar", good_samples("a", 4) + [
@@ -34,7 +36,13 @@ def _shards(d, s3_keys=False):
     write_tar(d / "000002.tar", good_samples("c", 6, seed=2))
     data = (d / "000002.tar").read_bytes()
     (d / "000002.tar").write_bytes(data[: len(data) // 2])  # a truncated tar
-    return {p: [r["key"] for r in read_shard_local(str(d / p))] for p in sorted(os.listdir(d))}
+    keys = {p: [r["key"] for r in read_shard_local(str(d / p))] for p in sorted(os.listdir(d))}
+    if parquet:
+        rows = [{"key": f"p{i}", "image_bytes": jpeg_bytes(500 + i) if i != 2 else None, "caption": f"caption p{i}"}
+                for i in range(7)]
+        pq.write_table(pa.Table.from_pylist(rows), d / "000003.parquet", row_group_size=3)
+        keys["000003.parquet"] = [r["key"] for r in rows]
+    return keys
 
 
 def _outputs(out_dir):
@@ -76,7 +84,7 @@ def test_coca_tiny_end_to_end_nothing_lost(ray_local, tmp_path):
 
 
 def test_kill_and_rerun_is_exactly_once(ray_local, tmp_path):
-    expected = _shards(tmp_path / "in")
+    expected = _shards(tmp_path / "in", parquet=True)  # tar and Parquet shards mixed
     base = {"input": str(tmp_path / "in"), "output": str(tmp_path / "out"),
             "engine": {"kind": "echo", "num_captions": 2, "batch_size": 4, "retries": 1},
             "decode": {"size": 32, "batch_size": 4},
@@ -90,15 +98,16 @@ def test_kill_and_rerun_is_exactly_once(ray_local, tmp_path):
     mtime = os.stat(tmp_path / "out" / "000000.parquet").st_mtime_ns
     base["fault"]["fail_after_shards"] = None
     summary = run(build_config(RecaptionConfig, base))
-    assert summary["shards"] == {"total": 3, "skipped_done": 1, "written": 2}
+    assert summary["shards"] == {"total": 4, "skipped_done": 1, "written": 3}
     assert os.stat(tmp_path / "out" / "000000.parquet").st_mtime_ns == mtime  # done shard not rewritten
     outputs = _outputs(tmp_path / "out")
-    all_keys = [r["key"] for rows in outputs.values() for r in rows]
-    assert sorted(all_keys) == sorted(k for keys in expected.values() for k in keys)  # exactly once
+    for name, keys in expected.items():  # exactly once, each in its own shard's file
+        assert [r["key"] for r in outputs[name.rsplit(".", 1)[0] + ".parquet"]] == keys
     rows = {r["key"]: r for rows in outputs.values() for r in rows}
     assert rows["a0001"]["syn_captions"] == ["caption a1"] * 2  # echo after a retried failure
     assert rows["b0001"]["error"].startswith("caption engine failed (RuntimeError: injected engine failure")
     assert summary["failed_by_reason"]["caption engine failed"] >= 1
+    assert rows["p0"]["syn_captions"] == ["caption p0"] * 2 and rows["p2"]["error"].startswith("no image")
     # a third run has nothing left to do
     assert run(build_config(RecaptionConfig, base))["shards"]["written"] == 0
 
@@ -152,3 +161,29 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     assert cli_main(["recaption", "input=x", "output=y", "engine.kind=coca", "engine.model=coca-tiny",
                      f"engine.checkpoint={tmp_path}/missing.pt"]) == 2
     assert "engine.checkpoint: file not found" in capsys.readouterr().err
+
+
+def test_assembler_handles_interleaved_sources_and_detects_lost_order():
+    from clipdense.recaption.writer import Plan, ShardAssembler
+
+    plan = Plan(inputs={"a": "/d/a.tar", "b": "/d/b.tar", "p": "/d/p.parquet", "e": "/d/e.tar"},
+                outputs={n: f"/o/{n}.parquet" for n in "abpe"}, done=[])
+    written = {}
+    asm = ShardAssembler(plan, {"engine": "echo", "model": "echo", "prompt": None, "sampling": "{}"},
+                         write=lambda t, path: written.setdefault(path, t.column("key").to_pylist()))
+
+    def block(*rows):
+        return pa.table({"key": [k for k, _ in rows], "caption": ["c"] * len(rows),
+                         "syn_captions": [["c"]] * len(rows), "error": [None] * len(rows),
+                         "shard": [s for _, s in rows]})
+    # Ray's ordered union alternates tar and Parquet blocks; within a source, shards stay contiguous
+    for b in (block(("a1", "/d/a.tar")), block(("p1", "/d/p.parquet")), block(("a2", "/d/a.tar"), ("b1", "/d/b.tar")),
+              block(("p2", "/d/p.parquet")), block(("b2", "/d/b.tar"))):
+        asm.add(b)
+    assert written == {"/o/a.parquet": ["a1", "a2"]}
+    asm.finish()
+    assert written == {"/o/a.parquet": ["a1", "a2"], "/o/p.parquet": ["p1", "p2"], "/o/b.parquet": ["b1", "b2"],
+                       "/o/e.parquet": []}  # a shard without rows still gets its (empty) file
+    assert asm.counts.rows == 6 and asm.counts.ok == 6
+    with pytest.raises(RuntimeError, match="arrived after it was written"):
+        asm.add(block(("a3", "/d/a.tar")))

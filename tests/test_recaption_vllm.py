@@ -73,7 +73,8 @@ def test_adapter_builds_chat_requests_and_parses_n_outputs(monkeypatch):
     out = captioner.generate(images, 3)
     assert out == [[f"caption {i}-{k} second sentence." for k in range(3)] for i in range(2)]
     chat = fake.calls["chat"][0]
-    assert chat["sampling_params"].kwargs == {"n": 3, "temperature": 0.7, "top_p": 0.8, "max_tokens": 40, "seed": 0}
+    assert chat["sampling_params"].kwargs == {"n": 3, "temperature": 0.7, "top_p": 0.8, "max_tokens": 40}
+    assert init["seed"] == 0  # reproducible through the engine seed, not a per-request one
     sys_msg, user = chat["messages"][0]
     assert sys_msg == {"role": "system", "content": "Be brief."}
     assert user["content"][0]["type"] == "image_pil" and user["content"][0]["image_pil"].size == (30, 20)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import os
 import sys
 import time
 
@@ -91,10 +92,8 @@ def check_engine(cfg: RecaptionConfig) -> None:
         register_model_configs()
         if e.model_name not in open_clip.list_models():
             raise ConfigError(f"engine.model: unknown open_clip model {e.model_name!r}")
-        if e.checkpoint and "://" not in e.checkpoint:
-            import os
-            if not os.path.isfile(e.checkpoint):
-                raise ConfigError(f"engine.checkpoint: file not found: {e.checkpoint}")
+        if e.checkpoint and "://" not in e.checkpoint and not os.path.isfile(e.checkpoint):
+            raise ConfigError(f"engine.checkpoint: file not found: {e.checkpoint}")
         ctx = (open_clip.get_model_config(e.model_name) or {}).get("text_cfg", {}).get("context_length", 77)
         if e.seq_len > ctx:
             raise ConfigError(f"engine.seq_len {e.seq_len} exceeds {e.model_name}'s context length {ctx}")

@@ -102,15 +102,18 @@ class RunCounts:
 
 
 class ShardAssembler:
-    """Receives result blocks in input order; writes each shard's rows as one Parquet file once complete."""
+    """Receives result blocks in input order; writes each shard's rows as one Parquet file once complete.
+
+    Order holds per source: read_shards unions tar and Parquet readers, and with preserve_order Ray's union
+    interleaves their blocks round-robin, so each source (file type) has its own current shard."""
 
     def __init__(self, plan: Plan, provenance: dict[str, str | None], write: Callable[[pa.Table, str], None],
                  keep_images: bool = False, fail_after_shards: int | None = None):
         self.plan, self.provenance, self.write = plan, provenance, write
         self.schema = OUTPUT_SCHEMA.append(IMAGE_FIELD) if keep_images else OUTPUT_SCHEMA
         self.fail_after_shards = fail_after_shards
-        self.current: str | None = None
-        self.parts: list[pa.Table] = []
+        self.current: dict[str, str] = {}           # source -> shard name being collected
+        self.parts: dict[str, list[pa.Table]] = {}  # shard name -> its result blocks so far
         self.written: list[str] = []
         self.counts = RunCounts()
 
@@ -124,31 +127,30 @@ class ShardAssembler:
             name = shard_name(value)
             if name not in self.plan.todo:
                 raise RuntimeError(f"rows from unexpected shard {value!r}")
-            if name != self.current:
-                if name in self.written:
-                    raise RuntimeError(f"rows of shard {name!r} arrived after it was written (input order lost)")
-                self._flush()
-                self.current = name
-            self.parts.append(part)
+            if name in self.written:
+                raise RuntimeError(f"rows of shard {name!r} arrived after it was written (input order lost)")
+            source = posixpath.splitext(value)[1]
+            if self.current.get(source) not in (None, name):
+                self._flush(self.current[source])
+            self.current[source] = name
+            self.parts.setdefault(name, []).append(part)
 
-    def _flush(self) -> None:
-        if self.current is None:
-            return
-        table = self._output_table(self.parts)
-        self.write(table, self.plan.outputs[self.current])
+    def _flush(self, name: str) -> None:
+        table = self._output_table(self.parts.pop(name, []))
+        self.write(table, self.plan.outputs[name])
         self.counts.add(table)
-        self.written.append(self.current)
-        self.current, self.parts = None, []
+        self.written.append(name)
         if self.fail_after_shards is not None and len(self.written) >= self.fail_after_shards:
             raise InjectedFault(f"fault injection: stopping after {len(self.written)} shard file(s)")
 
     def finish(self) -> None:
-        """Flush the last shard; shards that produced no rows at all get an empty output file."""
-        self._flush()
+        """Flush the open shards; shards that produced no rows at all get an empty output file."""
+        for name in list(self.current.values()):
+            self._flush(name)
+        self.current = {}
         for name in self.plan.todo:
             if name not in self.written:
-                self.current, self.parts = name, []
-                self._flush()
+                self._flush(name)
 
     def _output_table(self, parts: list[pa.Table]) -> pa.Table:
         data = pa.concat_tables(parts) if parts else None

@@ -22,9 +22,11 @@ from clipdense.errors import ConfigError
 from clipdense.recaption.engines.base import Captioner, EngineOutputError, ImageLike, cut_caption, to_pil
 
 
-def sampling_kwargs(n: int, top_p: float, temperature: float, max_tokens: int, seed: int | None) -> dict:
-    """Keyword arguments for vllm.SamplingParams (also recorded, as JSON, beside every output row)."""
-    return {"n": n, "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed}
+def sampling_kwargs(n: int, top_p: float, temperature: float, max_tokens: int) -> dict:
+    """Keyword arguments for vllm.SamplingParams (also recorded, as JSON, beside every output row). No per-request
+    seed: vLLM would give every image's k-th sample the same seed (children get seed + k); the engine-level
+    seed (`vllm.LLM(seed=...)`) makes runs reproducible instead."""
+    return {"n": n, "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
 
 
 def build_messages(image, prompt: str, system_prompt: str | None = None) -> list[dict[str, Any]]:
@@ -68,8 +70,7 @@ class VLLMCaptioner(Captioner):
         self.llm = vllm.LLM(**llm_kwargs(model, max_pixels, dict(engine_kwargs or {}), seed))
 
     def sampling_params(self, n: int):
-        return self._vllm.SamplingParams(**sampling_kwargs(n, self.top_p, self.temperature, self.max_tokens,
-                                                           self.seed))
+        return self._vllm.SamplingParams(**sampling_kwargs(n, self.top_p, self.temperature, self.max_tokens))
 
     def generate(self, images: Sequence[ImageLike], n: int,
                  captions: Sequence[str | None] | None = None) -> list[list[str]]:
