@@ -20,6 +20,7 @@ from clipdense.recaption import RecaptionConfig
 from clipdense.recaption.engines import build_captioner, image_input, provenance
 from clipdense.recaption.engines.base import EngineOutputError
 from clipdense.recaption.engines.vllm import VLLMCaptioner, build_messages, parse_outputs
+from shard_files import jpeg_bytes
 
 
 def make_fake_vllm(completions=None, fail=None):
@@ -115,7 +116,7 @@ def test_engine_failures_are_retried_then_recorded(monkeypatch):
     fake = make_fake_vllm(fail=RuntimeError("engine died"))
     monkeypatch.setitem(sys.modules, "vllm", fake)
     actor = CaptionActor(_cfg(num_captions=2, retries=2).engine.model_dump())
-    jpeg = __import__("shard_files").jpeg_bytes(1)
+    jpeg = jpeg_bytes(1)
     batch = {"key": np.array(["a", "b"], object), "caption": np.array(["x", "y"], object),
              "error": np.array([None, "no image [s]"], object), "shard": np.array(["s", "s"], object),
              "image_jpeg": np.array([jpeg, None], object)}
