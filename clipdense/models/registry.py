@@ -1,10 +1,14 @@
 """open_clip model creation with clipdense's own configs (`configs/models/*.json`) registered.
 
 `clip-tiny` and `coca-tiny` (2 layers, width 64, 64 px) let CPU tests build real open_clip models in milliseconds.
+`clip-demo` / `coca-demo` (the demo's models) use the first 8000 merges of CLIP's own BPE (`bpe_simple_8k.txt.gz`,
+vocabulary 8514 instead of 49408): the synthetic world's words stay whole tokens, and the vocabulary projection,
+which dominates a small CoCa's step on CPU, is 5.8x cheaper.
 """
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import open_clip
@@ -19,7 +23,12 @@ def register_model_configs(extra_dir: str | None = None) -> tuple[str, ...]:
     names = []
     for d in dirs:
         for p in sorted(Path(d).glob("*.json")):
-            open_clip.add_model_config(p)
+            cfg = json.loads(p.read_text())
+            kwargs = cfg.get("text_cfg", {}).get("tokenizer_kwargs") or {}
+            if "bpe_path" in kwargs:  # a shipped (smaller) BPE vocabulary, named relative to the JSON
+                kwargs["bpe_path"] = str((p.parent / kwargs["bpe_path"]).resolve())
+            # open_clip reads configs only from files or its registry dict; register the resolved dict directly
+            open_clip.factory._MODEL_CONFIGS[p.stem] = cfg
             names.append(p.stem)
     return tuple(names)
 
