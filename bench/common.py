@@ -22,13 +22,13 @@ def hardware() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (no GPU)"
 
 
-def row(bench: str, metric: str, ours: float, peer: float | None, peer_name: str, unit: str,
+def row(bench: str, metric: str, ours: float | None, peer: float | None, peer_name: str, unit: str,
         higher_is_better: bool = True, notes: str = "") -> dict:
-    ratio = None
-    if peer:
+    ratio = None  # > 1 means ours is better, whichever direction the metric runs
+    if peer and ours:
         ratio = ours / peer if higher_is_better else peer / ours
-    return {"bench": bench, "metric": metric, "ours": round(ours, 4), "peer": None if peer is None else round(peer, 4),
-            "peer_name": peer_name, "ratio": None if ratio is None else round(ratio, 3), "unit": unit, "notes": notes}
+    return {"bench": bench, "metric": metric, "ours": None if ours is None else round(ours, 4),
+            "peer": None if peer is None else round(peer, 4), "peer_name": peer_name, "ratio": None if ratio is None else round(ratio, 3), "unit": unit, "notes": notes}
 
 
 def save(name: str, rows: list[dict], out_dir: Path = RESULTS) -> Path:
@@ -41,15 +41,44 @@ def save(name: str, rows: list[dict], out_dir: Path = RESULTS) -> Path:
 
 
 def markdown(payloads: list[dict]) -> str:
-    lines = ["| bench | metric | ours | peer | ratio (ours vs peer) | unit | hardware | date |",
-             "|---|---|---:|---:|---:|---|---|---|"]
+    lines = ["| bench | metric | ours | peer | ratio (ours vs peer) | unit | hardware | date | notes |",
+             "|---|---|---:|---:|---:|---|---|---|---|"]
     for p in payloads:
-        for r in p["rows"]:
+        for r in p.get("rows", []):  # files without rows (ad-hoc GPU checks) have their own layout
+            ours = "" if r["ours"] is None else r["ours"]
             peer = "" if r["peer"] is None else f"{r['peer']} ({r['peer_name']})"
             ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-            lines.append(f"| {r['bench']} | {r['metric']} | {r['ours']} | {peer} | {ratio} | {r['unit']} | "
-                         f"{p['hardware']} | {p['date'][:10]} |")
+            notes = " ".join(str(r.get("notes", "")).split()).replace("|", "/")
+            lines.append(f"| {r['bench']} | {r['metric']} | {ours} | {peer} | {ratio} | {r['unit']} | "
+                         f"{p['hardware']} | {p['date'][:10]} | {notes} |")
     return "\n".join(lines) + "\n"
+
+
+def load_note() -> str:
+    """The machine's load, for the notes: a shared box's figures swing with what else runs."""
+    try:
+        one, five, _ = os.getloadavg()
+        return f"load avg {one:.1f} (1 min) / {five:.1f} (5 min) on {os.cpu_count()} cores"
+    except OSError:
+        return ""
+
+
+def write_report(name: str, title: str, doc: str, rows: list[dict], out_dir: Path = RESULTS) -> str:
+    """Save rows as <name>.json plus <name>.md (title, the bench's docstring, the table); returns the markdown."""
+    path = save(name, rows, out_dir)
+    md = f"# {title}\n\n{(doc or '').strip()}\n\n" + markdown([json.loads(path.read_text())])
+    path.with_suffix(".md").write_text(md)
+    return md
+
+
+def median_rate(values: list[float], skip_first: bool = True) -> float:
+    """Median of per-interval rates, dropping the first (warm-up) when there are more than two."""
+    vals = values[1:] if skip_first and len(values) > 2 else values
+    if not vals:
+        raise ValueError("no measurements")
+    s = sorted(vals)
+    mid = len(s) // 2
+    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
 
 
 class Timer:

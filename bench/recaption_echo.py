@@ -1,6 +1,6 @@
 """Recaption pipeline overhead: the `echo` engine through Ray Data vs plain decode + resize in one process.
 
-    python bench/recaption_echo.py [--shards 8] [--per-shard 500] [--image-px 320] [--coca-images 64]
+    python -m bench.recaption_echo [--shards 8] [--per-shard 500] [--image-px 320] [--coca-images 64]
 
 Both sides read the same tar shards and run the same per-image step (`prepare_image`: decode, resize shorter
 side to 224, centre crop, uint8). The ratio compares throughput per core: (pipeline images/s / cores) /
@@ -13,6 +13,7 @@ trained model has). Writes bench/results/recaption_echo.json and .md.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import io
 import json
 import os
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from bench.common import hardware, load_note, row
 
 ROOT = Path(__file__).resolve().parent
 
@@ -91,7 +94,8 @@ def peaked_coca(work: Path) -> str:
     return str(path)
 
 
-def main(argv=None) -> int:
+def main(argv=None, quick: bool = False) -> int:
+    """`argv` None = defaults (as `python -m bench.run` calls it); `quick` shrinks the inputs for a smoke run."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--shards", type=int, default=8)
     ap.add_argument("--per-shard", type=int, default=500)
@@ -101,7 +105,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cpus", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "results"))
-    args = ap.parse_args(argv)
+    args = ap.parse_args([] if argv is None else argv)
+    if quick:
+        args.shards, args.per_shard, args.coca_images, args.repeats = 2, 200, 16, 1
 
     import ray
 
@@ -137,6 +143,14 @@ def main(argv=None) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # the harness's common row format (bench/common.py), beside this bench's own detail
+    note = f"{args.shards}x{args.per_shard} JPEGs {args.image_px}px -> {args.size}; best of runs; {load_note()}"
+    rows = [row("recaption", "echo pipeline images/s per core", piped["images_per_s"] / args.cpus,
+                plain["images_per_s"], "plain PIL decode+resize, 1 process", "images/s/core", notes=note),
+            *[row("recaption", f"coca-tiny {k.replace('_', ' ')} images/s", v["images_per_s"], None, "", "images/s",
+                  notes="5 captions per image, seq_len 30, CPU, one actor") for k, v in coca.items()]]
+    result = {"name": "recaption_echo", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "hardware": hardware(), "rows": rows, **result}
     (out / "recaption_echo.json").write_text(json.dumps(result, indent=2))
     md = [
         "# Recaption pipeline overhead (echo engine)", "",
@@ -162,4 +176,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

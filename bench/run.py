@@ -3,6 +3,7 @@
     python -m bench.run                 # all CPU benchmarks
     python -m bench.run pretrain data   # a subset
     python -m bench.run --gpu           # GPU mode (CUDA present): ViT-B/16, MobileCLIP-S2, CoCa ViT-L/14, UperNet
+    python -m bench.run --quick         # smaller inputs (smoke run); `--full` adds the default-scale demo's wall time
 
 Each benchmark measures clipdense against a peer in the same run, on the same inputs, and reports the ratio.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import sys
 import traceback
@@ -37,6 +39,7 @@ def main(argv=None) -> int:
     ap.add_argument("names", nargs="*", help=f"subset of {sorted(CPU_BENCHES) + sorted(GPU_BENCHES)}")
     ap.add_argument("--gpu", action="store_true", help="run the GPU benchmarks")
     ap.add_argument("--quick", action="store_true", help="smaller inputs (smoke run)")
+    ap.add_argument("--full", action="store_true", help="also time slow variants (the default-scale demo)")
     args = ap.parse_args(argv)
     table = {**CPU_BENCHES, **GPU_BENCHES}
     names = args.names or (list(GPU_BENCHES) if args.gpu else list(CPU_BENCHES))
@@ -47,7 +50,11 @@ def main(argv=None) -> int:
             return 2
         print(f"== bench {name}", flush=True)
         try:
-            importlib.import_module(table[name]).main(quick=args.quick)
+            fn = importlib.import_module(table[name]).main
+            kwargs = {"quick": args.quick}
+            if "full" in inspect.signature(fn).parameters:
+                kwargs["full"] = args.full
+            fn(**kwargs)
         except Exception:
             traceback.print_exc()
             failed.append(name)

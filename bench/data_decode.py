@@ -1,0 +1,135 @@
+"""Pretrain data path: Ray Data decode + augment (the pretrain stage's own functions) vs one plain process.
+
+    python -m bench.data_decode [--shards 4] [--per-shard 500] [--size 224] [--quick]
+
+Same tar shards of photo-like 320x240 JPEGs on both sides. Ours: `clipdense.pretrain.data.build_datasets` (read
+shards -> join captions -> decode + shorter side to 224 + centre crop, in Ray Data tasks over every core) iterated
+with the train collate (`pretrain.batches.Collate`: per-sample RandomResizedCrop, normalise, tokenise), exactly as
+the pretrain task reads it. Peers, one process reading the same tars: (a) raw PIL decode + resize + centre crop
+(the brief's baseline), (b) open_clip's own train transform (`image_transform(224, is_train=True)`: decode,
+RandomResizedCrop, ToTensor, Normalize), what open_clip_train's data loader workers run per image.
+Ratio = (our images/s / cores) / (peer images/s on one core): >= 1 means Ray Data costs nothing per core.
+Best of alternating rounds on each side (a shared machine). Writes bench/results/data_decode.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from bench.common import load_note, row, write_report
+from bench.recaption_echo import make_shards
+
+
+def _tar_images(paths: list[str]):
+    for p in paths:
+        with tarfile.open(p) as tar:
+            for m in tar:
+                if m.name.endswith(".jpg"):
+                    yield tar.extractfile(m).read()
+
+
+def plain_pil(paths: list[str], size: int) -> float:
+    """images/s: PIL decode, shorter side to `size` (bicubic), centre crop, to a uint8 array; one process."""
+    t0, n = time.perf_counter(), 0
+    for data in _tar_images(paths):
+        im = Image.open(io.BytesIO(data)).convert("RGB")
+        w, h = im.size
+        s = size / min(w, h)
+        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+        left, top = (im.width - size) // 2, (im.height - size) // 2
+        np.asarray(im.crop((left, top, left + size, top + size)))
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def open_clip_transform(paths: list[str], size: int) -> float:
+    """images/s through open_clip's train transform (decode + RandomResizedCrop + ToTensor + Normalize)."""
+    import open_clip
+
+    tf = open_clip.image_transform(size, is_train=True)
+    t0, n = time.perf_counter(), 0
+    for data in _tar_images(paths):
+        tf(Image.open(io.BytesIO(data)))
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def pipeline(paths: list[str], size: int, batch: int) -> float:
+    """images/s through the pretrain stage's Ray Data decode and train collate (Ray must be initialised)."""
+    from clipdense.config import build_config
+    from clipdense.pretrain import PretrainConfig
+    from clipdense.pretrain.batches import Collate
+    from clipdense.pretrain.data import build_datasets
+
+    cfg = build_config(PretrainConfig, {
+        "model": {"name": "ViT-B-16"}, "captions": {"policy": "real"}, "ray": "off",
+        "data": {"shards": paths, "batch_size": batch, "decode_cpus": 1, "count_errors": False}})
+    t0 = time.perf_counter()
+    train, _, _ = build_datasets(cfg, size)
+    collate = Collate(model_name="ViT-B-16", image_size=size, mean=(0.48, 0.46, 0.41), std=(0.27, 0.26, 0.28),
+                      policy="real", seed=0, epoch=0, train=True)
+    n = 0
+    for b in train.iterator().iter_torch_batches(batch_size=batch, collate_fn=collate, prefetch_batches=2):
+        n += b["image"].shape[0]
+    return n / (time.perf_counter() - t0)
+
+
+def main(quick: bool = False, argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(prog="python -m bench.data_decode")
+    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--per-shard", type=int, default=500)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args(argv or [])
+    quick = quick or a.quick
+    if quick:
+        a.shards, a.per_shard, a.rounds = 2, 150, 1
+    import ray
+
+    cores = len(os.sched_getaffinity(0))
+    ours, raw, oc = [], [], []
+    with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
+        paths = make_shards(Path(tmp), a.shards, a.per_shard, 320)
+        started = not ray.is_initialized()
+        if started:
+            ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+        try:
+            pipeline(paths[:1], a.size, a.batch)  # start Ray's workers once: measure the steady state
+            for _ in range(a.rounds):  # alternate the sides: the machine is shared
+                raw.append(plain_pil(paths, a.size))
+                oc.append(open_clip_transform(paths, a.size))
+                ours.append(pipeline(paths, a.size, a.batch))
+        finally:
+            if started:
+                ray.shutdown()
+    best, best_raw, best_oc = max(ours), max(raw), max(oc)
+    n = a.shards * a.per_shard
+    note = (f"{n} JPEGs 320x240 in {a.shards} tars -> {a.size}px; ours over {cores} cores (Ray Data + collate in "
+            f"the driver), per core; best of {a.rounds} alternating rounds; {load_note()}")
+    rows = [
+        row("data", "decode+augment images/s per core vs raw PIL decode+resize", best / cores, best_raw,
+            "PIL decode+resize+crop, 1 process", "images/s/core", notes=note),
+        row("data", "decode+augment images/s per core vs open_clip train transform", best / cores, best_oc,
+            "open_clip image_transform(is_train), 1 process", "images/s/core", notes=note),
+        row("data", "decode+augment images/s (all cores)", best, None, "", "images/s",
+            notes=f"runs: ours {[round(x) for x in ours]}, raw PIL {[round(x) for x in raw]}, "
+                  f"open_clip {[round(x) for x in oc]}"),
+    ]
+    print(write_report("data_decode", "Ray Data decode + augment vs one plain process", __doc__, rows))
+    return rows
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(argv=sys.argv[1:])
