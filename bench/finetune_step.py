@@ -158,7 +158,7 @@ def main(quick: bool = False, argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args(argv or [])
     if quick or a.quick:
-        a.steps, a.rounds = 10, 1
+        a.steps, a.rounds = 15, 1  # 3 intervals: the first (warm-up) is dropped
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(a.threads)  # same threads on both sides; oversubscription swings CPU times wildly

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.common import markdown, row, save
+from bench.common import load_note, markdown, row, save
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 SHAPES = ["circle", "square"]
@@ -153,7 +153,7 @@ def main(quick: bool = False, images: int | None = None, batch: int = 32, thread
     ours_wall, peer_wall = statistics.median(ours_wall), statistics.median(peer_wall)
     step_s = batch / ours_sps
     notes = (f"clip-tiny 64px, batch {batch}, {n} JPEGs (96px), fp32 CPU, 1 process, {threads} torch thread(s), "
-             f"{rounds} alternating rounds; medians over log intervals")
+             f"{rounds} alternating rounds; medians over log intervals; {load_note()}")
     rows = [
         row("pretrain", "train samples/s (steady)", ours_sps, peer_sps, "open_clip_train", "samples/s", True, notes),
         row("pretrain", "wall seconds, 1 epoch incl. startup", ours_wall, peer_wall, "open_clip_train", "s", False,

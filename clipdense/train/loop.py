@@ -84,8 +84,17 @@ class Sink:
 
 def run_worker(env, task_factory, cfg: TrainConfig, run_id: str) -> dict:
     """Train on this worker until `schedule.total_steps` (or `stop_at_step`); returns rank 0's summary."""
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
+    # The deterministic flag is process-global (and makes torch.empty fill with NaN): restore it afterwards, or a
+    # later run in the same process (fit_local, a reused Ray worker) inherits it.
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(cfg.deterministic or was_deterministic)
+    try:
+        return _run_worker(env, task_factory, cfg, run_id)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _run_worker(env, task_factory, cfg: TrainConfig, run_id: str) -> dict:
     seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     device = env.device
     out_dir = Path(cfg.out_dir)
