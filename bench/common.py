@@ -28,7 +28,8 @@ def row(bench: str, metric: str, ours: float | None, peer: float | None, peer_na
     if peer and ours:
         ratio = ours / peer if higher_is_better else peer / ours
     return {"bench": bench, "metric": metric, "ours": None if ours is None else round(ours, 4),
-            "peer": None if peer is None else round(peer, 4), "peer_name": peer_name, "ratio": None if ratio is None else round(ratio, 3), "unit": unit, "notes": notes}
+            "peer": None if peer is None else round(peer, 4), "peer_name": peer_name,
+            "ratio": None if ratio is None else round(ratio, 3), "unit": unit, "notes": notes}
 
 
 def save(name: str, rows: list[dict], out_dir: Path = RESULTS) -> Path:

@@ -54,7 +54,8 @@ def model_geometry(name: str) -> tuple[int, int]:
     register_model_configs()
     cfg = open_clip.get_model_config(name) or {}
     size = cfg.get("vision_cfg", {}).get("image_size", 224)
-    return int(size[0] if isinstance(size, (list, tuple)) else size), int(cfg.get("text_cfg", {}).get("context_length", 77))
+    ctx = cfg.get("text_cfg", {}).get("context_length", 77)
+    return int(size[0] if isinstance(size, (list, tuple)) else size), int(ctx)
 
 
 def flops_per_sample(name: str, batch: int, device: torch.device) -> float:
