@@ -83,3 +83,18 @@ def test_tiny_models_build():
         m = create_clip(name)
         assert m.visual.image_size == (64, 64) and sum(p.numel() for p in m.parameters()) < 10_000_000
     assert tokenizer_for("clip-tiny")(["a red cube"]).shape == (1, 32)
+
+
+def test_random_coca_vocab_projection_is_initialised():
+    """open_clip leaves CoCa's text_decoder.text_projection as torch.empty; create_clip must initialise it."""
+    import torch
+
+    from clipdense.models import create_clip
+
+    torch.use_deterministic_algorithms(True)  # makes torch.empty fill with NaN, exposing uninitialised memory
+    try:
+        m = create_clip("coca-tiny")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    w = m.text_decoder.text_projection
+    assert torch.isfinite(w).all() and w.std() > 0

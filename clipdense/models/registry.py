@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import open_clip
+import torch
 
 from clipdense.paths import configs_dir
 
@@ -39,16 +40,34 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown open_clip model {name!r} (see open_clip.list_models() or configs/models/)")
 
 
+def _init_uninitialised(model) -> None:
+    # open_clip 3.3 never calls MultimodalTransformer.init_parameters() (which is itself broken: it reads a
+    # `.transformer` the class lacks), so a randomly initialised CoCa's vocabulary projection
+    # (`text_decoder.text_projection`, torch.empty) holds whatever memory it got: zeros in a fresh process, garbage
+    # (1e35) or NaN (deterministic mode) in a long-lived one. Initialise it as that method intends.
+    proj = getattr(getattr(model, "text_decoder", None), "text_projection", None)
+    if isinstance(proj, torch.nn.Parameter):
+        with torch.no_grad():
+            torch.nn.init.normal_(proj, std=model.text_decoder.width ** -0.5)
+
+
 def create_clip(name: str, pretrained: str | None = None, **kwargs):
     """An open_clip model by name; `pretrained` is an open_clip tag or a local checkpoint path."""
     _check_name(name)
-    return open_clip.create_model(name, pretrained=pretrained or None, **kwargs)
+    if pretrained:
+        return open_clip.create_model(name, pretrained=pretrained, **kwargs)
+    model = open_clip.create_model(name, **kwargs)
+    _init_uninitialised(model)
+    return model
 
 
 def create_clip_and_transforms(name: str, pretrained: str | None = None, **kwargs):
     """(model, train_transform, eval_transform) as open_clip builds them."""
     _check_name(name)
-    return open_clip.create_model_and_transforms(name, pretrained=pretrained or None, **kwargs)
+    model, train_tf, eval_tf = open_clip.create_model_and_transforms(name, pretrained=pretrained or None, **kwargs)
+    if not pretrained:
+        _init_uninitialised(model)
+    return model, train_tf, eval_tf
 
 
 def tokenizer_for(name: str):
