@@ -75,9 +75,40 @@ def test_decode_cuts_at_end_token_and_first_period():
 def coca():
     torch.manual_seed(0)
     captioner = CocaCaptioner("coca-tiny", seq_len=12, device="cpu", seed=3)
-    # open_clip leaves a fresh CoCa's vocabulary projection at zero (all logits tie); give it random weights
+    # a wide vocabulary projection makes the random captioner's token distribution peaked and its samples varied
     torch.nn.init.normal_(captioner.model.text_decoder.text_projection, std=2.0)
     return captioner
+
+
+@pytest.mark.parametrize("correct_cls_mask", [False, True])
+def test_kv_cached_decoder_equals_open_clip_forward(coca, correct_cls_mask):
+    """Cached incremental logits == open_clip's full-prefix forward, with a pad id inside a prefix (masked keys) and
+    rows dropping out mid-way; and the sampled captions are identical with and without the cache."""
+    from clipdense.recaption.engines.kv_cache import CocaKVDecoder, supports_kv_cache
+
+    model = coca.model
+    assert supports_kv_cache(model)
+    old, model.text.correct_cls_mask = model.text.correct_cls_mask, correct_cls_mask
+    try:
+        with torch.no_grad():
+            latent, embs = model._encode_image(coca.pixels(_images(3)))
+            tokens = torch.randint(1, 1000, (3, 10), generator=torch.Generator().manual_seed(0))
+            tokens[:, 0], tokens[1, 3], tokens[2, 1] = coca.sot, coca.pad, coca.pad
+            decoder = CocaKVDecoder(model, embs, 10)
+            for length in range(1, 10):
+                rows = torch.arange(3) if length < 5 else torch.tensor([0, 2])
+                got = decoder(tokens[rows, :length], rows)
+                ref = model(None, tokens[rows, :length], image_latent=latent[rows], image_embs=embs[rows],
+                            output_labels=False)["logits"][:, -1]
+                assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), (length, (got - ref).abs().max())
+        samples = {}
+        for cached in (True, False):
+            coca.kv_cache = cached
+            coca.generator.manual_seed(5)
+            samples[cached] = coca.sample_tokens(_images(4), 2)
+        assert torch.equal(samples[True], samples[False])
+    finally:
+        model.text.correct_cls_mask, coca.kv_cache = old, True
 
 
 def _images(k, size=64):

@@ -16,6 +16,7 @@ import torch
 
 from clipdense.recaption.decode import fit_square
 from clipdense.recaption.engines.base import Captioner, ImageLike, cut_caption, to_pil
+from clipdense.recaption.engines.kv_cache import CocaKVDecoder, supports_kv_cache
 from clipdense.recaption.engines.sampling import decode_sequences, sample_top_p
 
 
@@ -42,7 +43,7 @@ class CocaCaptioner(Captioner):
 
     def __init__(self, model: str = "coca_ViT-L-14", pretrained: str | None = None, checkpoint: str | None = None,
                  *, top_p: float = 0.9, temperature: float = 1.0, seq_len: int = 30, min_seq_len: int = 5,
-                 cut_at_period: bool = True, seed: int = 0, device: str = "auto"):
+                 cut_at_period: bool = True, seed: int = 0, device: str = "auto", kv_cache: bool = True):
         from clipdense.models.registry import create_clip, tokenizer_for
 
         if checkpoint and not Path(checkpoint).is_file():
@@ -66,6 +67,8 @@ class CocaCaptioner(Captioner):
         self.top_p, self.temperature = top_p, temperature
         self.seq_len, self.min_seq_len, self.cut_at_period = seq_len, min_seq_len, cut_at_period
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        # our cached decoder (kv_cache.py) where the model's towers are open_clip's stock ones; else its forward
+        self.kv_cache = kv_cache and supports_kv_cache(self.model)
 
     def _autocast(self):
         if self.device.type == "cuda":
@@ -101,6 +104,13 @@ class CocaCaptioner(Captioner):
         with self._autocast():
             latent, embs = self.model._encode_image(x)
         latent, embs = latent.repeat_interleave(n, 0), embs.repeat_interleave(n, 0)
+
+        if self.kv_cache:
+            next_logits = CocaKVDecoder(self.model, embs, self.seq_len)
+            with self._autocast():
+                return sample_top_p(next_logits, len(images) * n, sot=self.sot, eot=self.eot, pad=self.pad,
+                                    seq_len=self.seq_len, min_seq_len=self.min_seq_len, top_p=self.top_p,
+                                    temperature=self.temperature, generator=self.generator, device=self.device)
 
         def next_logits(prefix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             with self._autocast():  # open_clip's CoCa forward with precomputed image embeddings
