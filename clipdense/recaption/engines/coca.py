@@ -106,8 +106,8 @@ class CocaCaptioner(Captioner):
         latent, embs = latent.repeat_interleave(n, 0), embs.repeat_interleave(n, 0)
 
         if self.kv_cache:
-            next_logits = CocaKVDecoder(self.model, embs, self.seq_len)
-            with self._autocast():
+            with self._autocast():  # the image keys/values are projected here: inside autocast, in its dtype
+                next_logits = CocaKVDecoder(self.model, embs, self.seq_len)
                 return sample_top_p(next_logits, len(images) * n, sot=self.sot, eot=self.eot, pad=self.pad,
                                     seq_len=self.seq_len, min_seq_len=self.min_seq_len, top_p=self.top_p,
                                     temperature=self.temperature, generator=self.generator, device=self.device)
