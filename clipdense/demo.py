@@ -13,6 +13,7 @@ never pretraining text. Each step writes a `.done` marker, so a rerun continues 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ PRESETS: dict[str, dict] = {
         "synth": {"preset": "tiny", "web_images": 384, "shard_size": 128, "curated_fraction": 0.25,
                   "ade_train": 64, "ade_val": 16, "nyu_train": 64, "nyu_test": 16},
         "clip_model": "clip-tiny", "coca_model": "coca-tiny", "context": 32,
-        "captioner_steps": 30, "captioner_batch": 32,
+        "captioner_steps": 30, "captioner_batch": 32, "captioner_lr": 1e-3,
         "recaption": {"num_captions": 2, "seq_len": 30, "batch_size": 64},
         "clip_steps": 30, "clip_batch": 64,
         "finetune_steps": 6, "fractions": [0.25, 1.0], "seeds": 1, "small_seeds": None,
@@ -36,7 +37,7 @@ PRESETS: dict[str, dict] = {
         "synth": {"preset": "demo", "web_images": 6000, "shard_size": 500, "curated_fraction": 0.15,
                   "ade_train": 1024, "ade_val": 128, "nyu_train": 1024, "nyu_test": 128},
         "clip_model": "clip-demo", "coca_model": "coca-demo", "context": 48,
-        "captioner_steps": 200, "captioner_batch": 64,
+        "captioner_steps": 300, "captioner_batch": 64, "captioner_lr": 2e-3,
         "recaption": {"num_captions": 2, "seq_len": 44, "batch_size": 128},
         "clip_steps": 300, "clip_batch": 128,
         "finetune_steps": 150, "fractions": [0.0625, 0.125, 0.25, 0.5, 1.0], "seeds": 2,
@@ -76,23 +77,23 @@ def _step(out: Path, n: int, title: str, fresh: bool):
     return _S()
 
 
-def _train_section(out_dir: Path, steps: int, lr: float, seed: int) -> dict:
+def _train_section(out_dir: Path, steps: int, lr: float, seed: int, threads: int) -> dict:
     return {"out_dir": str(out_dir), "seed": seed, "log_every": max(1, steps // 10), "eval_every": 0,
             "optim": {"lr": lr, "weight_decay": 0.1, "betas": [0.9, 0.98], "grad_clip": 1.0},
             "schedule": {"kind": "cosine", "warmup_steps": max(1, steps // 20), "total_steps": steps},
-            "scaling": {"num_workers": 1, "cpus_per_worker": 1.0},
+            "scaling": {"num_workers": 1, "cpus_per_worker": float(threads)},
             "checkpoint": {"every_steps": max(steps // 2, 1), "keep": 1}}
 
 
 def _pretrain_cfg(model: str, shards: str, recaptions: str | None, policy: str, out_dir: Path, steps: int,
-                  batch: int, seed: int, loss: str = "auto"):
+                  batch: int, seed: int, threads: int, loss: str = "auto", lr: float = 1e-3):
     from clipdense.pretrain import PretrainConfig
 
     data = {"shards": shards, "recaptions": recaptions, "batch_size": batch, "decode_batch_size": batch,
             "decode_cpus": 0.5, "count_errors": False}
     return build_config(PretrainConfig, {
         "model": {"name": model}, "data": data, "captions": {"policy": policy}, "loss": {"kind": loss},
-        "eval": {"holdout": 0}, "train": _train_section(out_dir, steps, 1e-3, seed)}, "demo pretrain")
+        "eval": {"holdout": 0}, "train": _train_section(out_dir, steps, lr, seed, threads)}, "demo pretrain")
 
 
 def caption_accuracy(text: str, scene: dict) -> float:
@@ -160,6 +161,8 @@ def run(cfg: DemoConfig) -> dict:
     if not ray.is_initialized():
         ray.init(num_cpus=cfg.ray_num_cpus, include_dashboard=False, log_to_driver=False)
     summary: dict = {"out": str(out), "preset": "quick" if cfg.quick else "default"}
+    # the one training worker gets every core but one Ray CPU for the decode tasks feeding it (torch threads)
+    threads = max(1, min(os.cpu_count() or 1, cfg.ray_num_cpus - 1))
 
     with _step(out, 1, "generate the synthetic world", cfg.fresh) as s:
         if not s.done:
@@ -169,7 +172,8 @@ def run(cfg: DemoConfig) -> dict:
     with _step(out, 2, f"train the {p['coca_model']} captioner on the curated subset (CoCa loss)", cfg.fresh) as s:
         if not s.done:
             pretrain.run(_pretrain_cfg(p["coca_model"], str(world / "curated"), None, "real", captioner,
-                                       p["captioner_steps"], p["captioner_batch"], cfg.seed, loss="coca"))
+                                       p["captioner_steps"], p["captioner_batch"], cfg.seed, threads, loss="coca",
+                                       lr=p["captioner_lr"]))
 
     recap = out / "recaptioned"
     with _step(out, 3, "recaption the web corpus through the captioner actor pool", cfg.fresh) as s:
@@ -195,7 +199,7 @@ def run(cfg: DemoConfig) -> dict:
             if not s.done:
                 print(f"  {name}: caption policy {policy}", flush=True)
                 pretrain.run(_pretrain_cfg(p["clip_model"], str(world / "web"), str(recap), policy, run_dir,
-                                           p["clip_steps"], p["clip_batch"], cfg.seed))
+                                           p["clip_steps"], p["clip_batch"], cfg.seed, threads))
 
     sweep_dir = out / "sweep"
     with _step(out, 5, "sweep seg + depth finetuning: fractions x both backbones x seeds", cfg.fresh) as s:
