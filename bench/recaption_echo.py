@@ -6,8 +6,8 @@ Both sides read the same tar shards and run the same per-image step (`prepare_im
 side to 224, centre crop, uint8). The ratio compares throughput per core: (pipeline images/s / cores) /
 (plain images/s on one core); goal >= 0.8. The echo actor reserves no CPU (it does no work), so the decode tasks
 get every core. Also reports coca-tiny (5 captions per image, seq_len 30, CPU, one actor) through the same
-pipeline, twice: as initialised (open_clip leaves the vocabulary projection at zero: flat logits, the nucleus
-is ~90% of the vocabulary, the sampler's worst case) and with a random N(0, 2) projection (peaked logits, as a
+pipeline, twice: as initialised (vocabulary projection N(0, width^-0.5): nearly flat logits, the nucleus is
+most of the vocabulary, the sampler's worst case) and with a random N(0, 2) projection (peaked logits, as a
 trained model has). Writes bench/results/recaption_echo.json and .md.
 """
 from __future__ import annotations
