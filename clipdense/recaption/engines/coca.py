@@ -107,17 +107,21 @@ class CocaCaptioner(Captioner):
 
         if self.kv_cache:
             with self._autocast():  # the image keys/values are projected here: inside autocast, in its dtype
-                next_logits = CocaKVDecoder(self.model, embs, self.seq_len)
-                return sample_top_p(next_logits, len(images) * n, sot=self.sot, eot=self.eot, pad=self.pad,
-                                    seq_len=self.seq_len, min_seq_len=self.min_seq_len, top_p=self.top_p,
-                                    temperature=self.temperature, generator=self.generator, device=self.device)
+                decoder = CocaKVDecoder(self.model, embs, self.seq_len)
 
-        def next_logits(prefix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-            with self._autocast():  # open_clip's CoCa forward with precomputed image embeddings
-                out = self.model(None, prefix, image_latent=latent[rows], image_embs=embs[rows], output_labels=False)
-            return out["logits"][:, -1]
+            def next_logits(prefix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+                with self._autocast():
+                    return decoder(prefix, rows)
+            trim = contextlib.nullcontext()
+        else:
+            def next_logits(prefix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+                with self._autocast():  # open_clip's CoCa forward with precomputed image embeddings
+                    out = self.model(None, prefix, image_latent=latent[rows], image_embs=embs[rows],
+                                     output_labels=False)
+                return out["logits"][:, -1]
+            trim = self._last_position_logits()
 
-        with self._last_position_logits():
+        with trim:
             return sample_top_p(next_logits, len(images) * n, sot=self.sot, eot=self.eot, pad=self.pad,
                                 seq_len=self.seq_len, min_seq_len=self.min_seq_len, top_p=self.top_p,
                                 temperature=self.temperature, generator=self.generator, device=self.device)
