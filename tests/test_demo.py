@@ -24,8 +24,10 @@ def test_demo_quick_produces_every_artefact(ray_local, tmp_path):
     assert len(recaps) == len(sorted((out / "world" / "web").glob("*.tar")))
     for name in ("alt-text-clip", "recap-clip"):
         assert (out / "pretrain" / name / "export" / "model.pt").is_file()
-    trials = list((out / "sweep").rglob("metrics.json"))
-    assert len(trials) == 8  # 2 tasks x 2 backbones x 2 fractions x 1 seed
+    trials = [json.loads(p.read_text()) for p in (out / "sweep").rglob("metrics.json")]
+    assert len(trials) == 12  # 2 tasks x 3 backbones (alt-text, recap, random-init) x 2 fractions x 1 seed
+    assert all(t["backbone"]["frozen"] and t["config"]["head"]["kind"] == "linear" for t in trials)  # the probe
+    assert sum(t["backbone"]["checkpoint"] is None for t in trials) == 4  # random-init: no checkpoint
     for task in ("seg", "depth"):
         assert (out / "sweep" / f"{task}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     factors = json.loads((out / "sweep" / "factors.json").read_text())

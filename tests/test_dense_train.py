@@ -144,3 +144,45 @@ def test_shipped_configs_load():
         cfg = load_config(FinetuneConfig, configs_dir() / "finetune" / name)
         if name.startswith("shapes-"):
             assert cfg.backbone.name == "clip-tiny" and cfg.train.schedule.total_steps <= 100
+
+
+def test_frozen_trunk_linear_probe_trains_only_neck_and_head(tmp_path):
+    """The probe protocol: `backbone.frozen` keeps the pretrained trunk bit-identical (and in eval mode) while the
+    neck and the linear head learn; the loss still falls."""
+    import torch
+
+    from clipdense.dense.task import DenseTask
+    from clipdense.train import TrainContext
+
+    from clipdense.models import create_clip
+
+    root, ckpt = tmp_path / "ade", tmp_path / "pretrained.pt"
+    write_ade(root, n_train=8, n_val=2, size=(48, 64), num_classes=3)
+    pretrained = create_clip("clip-tiny").state_dict()
+    torch.save(pretrained, ckpt)
+    cfg = _cfg("seg", root, tmp_path / "run", "data.num_classes=3", "data.scale=[96,48]", "eval.crop_size=[32,32]",
+               "eval.stride=[21,21]", "eval.test_scale=null", "backbone.frozen=true", "head.kind=linear",
+               f"backbone.checkpoint={ckpt}")
+    task = DenseTask(cfg)
+    task.setup(TrainContext())
+    model = task.build_model()
+    trunk = task.backbone.vit.state_dict()
+    assert trunk and all(torch.equal(v, pretrained[f"visual.{k}"]) for k, v in trunk.items())
+    neck = {k: v.clone() for k, v in task.backbone.neck.state_dict().items()}
+    model.train()
+    assert not task.backbone.vit.training and task.backbone.neck.training
+    groups = task.param_groups(model, cfg.train.optim)
+    trained = {n for g in groups for n in g["param_names"]}
+    assert trained and not any(n.startswith("backbone.vit.") for n in trained)
+    assert any(n.startswith("decode_head.classifier") for n in trained) and model.aux_head is None
+
+    out = tmp_path / "run"
+    run(cfg)
+    losses = _losses(out)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["backbone"]["frozen"] is True and record["config"]["head"]["kind"] == "linear"
+    state = torch.load(next(out.rglob("model.pt")), map_location="cpu")  # the final checkpoint (keep=1)
+    for k in trunk:
+        assert torch.equal(state[f"backbone.vit.{k}"], pretrained[f"visual.{k}"]), k
+    assert any(not torch.equal(state[f"backbone.neck.{k}"], v) for k, v in neck.items() if v.is_floating_point())

@@ -40,7 +40,25 @@ def _pyramid_scales(patch: int) -> list[float]:
     return scales
 
 
-class ViTPyramid(nn.Module):
+class _Freezable:
+    """`freeze()` fixes the trunk (`self.trunk_name`): no gradients, and eval mode even inside `model.train()`."""
+
+    frozen = False
+
+    def freeze(self) -> None:
+        self.frozen = True
+        for p in getattr(self, self.trunk_name).parameters():
+            p.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:
+            getattr(self, self.trunk_name).eval()
+        return self
+
+
+class ViTPyramid(_Freezable, nn.Module):
     """An open_clip VisionTransformer as a 4-level pyramid backbone."""
 
     def __init__(self, vit: nn.Module, out_indices: list[int] | None = None, drop_path: float = 0.0):
@@ -57,6 +75,7 @@ class ViTPyramid(nn.Module):
         vit.attn_pool = vit.attn_pool_contrastive = None
         vit.transformer.resblocks = vit.transformer.resblocks[: max(self.out_indices) + 1]
         self.vit = vit
+        self.trunk_name = "vit"
         self.patch = ph
         self.depth = depth
         width = vit.conv1.out_channels
@@ -111,7 +130,7 @@ class ViTPyramid(nn.Module):
         return {"vit.positional_embedding", "vit.class_embedding"}
 
 
-class TimmPyramid(nn.Module):
+class TimmPyramid(_Freezable, nn.Module):
     """A timm model (hierarchical, or plain ViT + Feature2Pyramid) as a 4-level pyramid backbone."""
 
     def __init__(self, model: nn.Module, out_indices: list[int] | None = None):
@@ -134,6 +153,7 @@ class TimmPyramid(nn.Module):
         self.out_indices = list(out_indices)
         model.prune_intermediate_layers(self.out_indices, prune_norm=True, prune_head=True)
         self.model = model
+        self.trunk_name = "model"
         chans = [int(info[i]["num_chs"]) for i in self.out_indices]
         self.neck = Feature2Pyramid(chans[0], _pyramid_scales(reductions[0])) if self.plain else None
         self.out_channels = chans
@@ -224,9 +244,12 @@ def create_backbone(cfg: BackboneConfig) -> nn.Module:
         pc = getattr(model, "pretrained_cfg", {}) or {}
         mean, std = pc.get("mean", (0.485, 0.456, 0.406)), pc.get("std", (0.229, 0.224, 0.225))
         net = TimmPyramid(model, cfg.out_indices)
+    if cfg.frozen:
+        net.freeze()
     net.mean = tuple(float(v) for v in (cfg.mean or mean))
     net.std = tuple(float(v) for v in (cfg.std or std))
     net.provenance = {"name": cfg.name, "kind": kind, "checkpoint": cfg.checkpoint,
                       "params": sum(p.numel() for p in net.parameters()),
-                      "out_channels": list(net.out_channels), "drop_path": cfg.drop_path if drop_path_applied else 0.0}
+                      "out_channels": list(net.out_channels), "drop_path": cfg.drop_path if drop_path_applied else 0.0,
+                      "frozen": cfg.frozen}
     return net

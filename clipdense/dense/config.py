@@ -15,6 +15,9 @@ class BackboneConfig(Config):
     checkpoint: str | None = None  # open_clip: pretrained tag or checkpoint path; timm: weights file path
     out_indices: list[int] | None = None  # ViT blocks (default: 4 evenly spaced, [3,5,7,11] for 12 blocks)
     drop_path: float = Field(0.0, ge=0.0, lt=1.0)
+    # Probe protocol: the pretrained trunk stays fixed (no gradients, eval mode) and only the neck + head train, so
+    # the score measures the encoder's features rather than what finetuning can rebuild in them.
+    frozen: bool = False
     mean: list[float] | None = None  # input normalisation; default: the model's own preprocess config
     std: list[float] | None = None
 
@@ -51,6 +54,7 @@ class DataConfig(Config):
 
 
 class HeadConfig(Config):
+    kind: Literal["upernet", "linear"] = "upernet"  # seg/depth decoder; linear: the probe's BN + 1x1 conv
     channels: int = 768  # UperNet (seg/depth) decoder width
     pool_scales: list[int] = [1, 2, 3, 6]
     dropout: float = 0.1

@@ -43,6 +43,29 @@ class UperHead(nn.Module):
         return self.classifier(self.dropout(self.fuse(torch.cat(outs, dim=1))))
 
 
+class LinearHead(nn.Module):
+    """The linear probe's decoder (DINOv2's `linear` protocol): every pyramid level resized to the finest,
+    concatenated, BatchNorm, one 1x1 conv. With a frozen trunk the score says what the features hold, not what a
+    deep decoder can compute from them."""
+
+    def __init__(self, in_channels: list[int], num_outputs: int, dropout: float = 0.0):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(sum(in_channels))
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.classifier = nn.Conv2d(sum(in_channels), num_outputs, 1)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        size = feats[0].shape[-2:]
+        x = torch.cat([feats[0]] + [resize(f, size) for f in feats[1:]], dim=1)
+        return self.classifier(self.dropout(self.bn(x)))
+
+
+def decode_head(kind: str, in_channels: list[int], channels: int, num_outputs: int, pool_scales, dropout: float):
+    if kind == "linear":
+        return LinearHead(in_channels, num_outputs, dropout)
+    return UperHead(in_channels, channels, num_outputs, pool_scales, dropout)
+
+
 class FCNHead(nn.Module):
     """mmseg FCNHead (1 conv, no input concat): the auxiliary segmentation head on one pyramid level."""
 
@@ -70,15 +93,15 @@ class Normalize(nn.Module):
 
 
 class SegModel(nn.Module):
-    """Backbone + UperNet (+ auxiliary FCN on level 2). forward -> {"seg": logits at stride 4, "aux": ...}."""
+    """Backbone + UperNet or linear decoder (+ auxiliary FCN on level 2). forward -> {"seg": logits at stride 4, "aux": ...}."""
 
     def __init__(self, backbone: nn.Module, num_classes: int, channels: int = 768, pool_scales=(1, 2, 3, 6),
-                 dropout: float = 0.1, aux_channels: int = 256, aux: bool = True):
+                 dropout: float = 0.1, aux_channels: int = 256, aux: bool = True, kind: str = "upernet"):
         super().__init__()
         self.backbone = backbone
         self.normalize = Normalize(backbone.mean, backbone.std)
         ch = backbone.out_channels
-        self.decode_head = UperHead(ch, channels, num_classes, pool_scales, dropout)
+        self.decode_head = decode_head(kind, ch, channels, num_classes, pool_scales, dropout)
         self.aux_head = FCNHead(ch[2], aux_channels, num_classes, dropout) if aux else None
 
     def forward(self, img: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -98,12 +121,12 @@ class DepthModel(nn.Module):
     """Backbone + UperNet decoder with one output -> sigmoid * max_depth at the input size (metres)."""
 
     def __init__(self, backbone: nn.Module, max_depth: float = 10.0, channels: int = 768, pool_scales=(1, 2, 3, 6),
-                 dropout: float = 0.1):
+                 dropout: float = 0.1, kind: str = "upernet"):
         super().__init__()
         self.backbone = backbone
         self.normalize = Normalize(backbone.mean, backbone.std)
         self.max_depth = max_depth
-        self.decode_head = UperHead(backbone.out_channels, channels, 1, pool_scales, dropout)
+        self.decode_head = decode_head(kind, backbone.out_channels, channels, 1, pool_scales, dropout)
 
     def forward(self, img: torch.Tensor) -> dict[str, torch.Tensor]:
         out = resize(self.decode_head(self.backbone(self.normalize(img))), img.shape[-2:])

@@ -77,9 +77,9 @@ class DenseTask(TrainTask):
         backbone = create_backbone(cfg.backbone)
         if cfg.task == "seg":
             model = SegModel(backbone, cfg.data.num_classes, h.channels, tuple(h.pool_scales), h.dropout,
-                             h.aux_channels, aux=h.aux_weight > 0)
+                             h.aux_channels, aux=h.aux_weight > 0 and h.kind == "upernet", kind=h.kind)
         elif cfg.task == "depth":
-            model = DepthModel(backbone, cfg.data.max_depth, h.channels, tuple(h.pool_scales), h.dropout)
+            model = DepthModel(backbone, cfg.data.max_depth, h.channels, tuple(h.pool_scales), h.dropout, h.kind)
         else:
             model = build_detector(backbone, self.train_set.num_classes, h)
         if self.ctx.world_size > 1 and self.ctx.device.type == "cuda":
