@@ -83,6 +83,17 @@ def test_ray_resume_gives_identical_weights(ray_run, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_cached_training_set_gives_identical_weights(ray_run, tmp_path):
+    """`data.cache` decodes once and replays the object-store copy each epoch: the same rows, crops and weights."""
+    out, result, world = ray_run
+    cfg = _cfg(world, tmp_path, "both", ray="local")
+    cached = run(cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache": True})}))
+    assert cached["step"] == 12 and cached["data"]["ok"] == result["data"]["ok"]
+    a = torch.load(out / "export" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "export" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("policy", ["real", "synthetic", "mix"])
 def test_policies_train_in_process(ray_local, world, tmp_path, policy):
     result = run(_cfg(world, tmp_path, policy, checkpoint={"every_steps": 0}))

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from clipdense.sweep.factor import crossing_fraction, efficiency_factor
+from clipdense.sweep.factor import crossing_fraction, efficiency_factor, fraction_deltas
 
 REF = {0.25: [0.30, 0.30], 0.5: [0.40, 0.40], 1.0: [0.49, 0.51]}       # full-data mean 0.5
 
@@ -57,7 +57,9 @@ def test_lower_is_better_rmse():
     assert f.fraction == pytest.approx(math.sqrt(0.25 * 0.5))           # 0.45 -> 0.35 crosses 0.4 half way
     assert f.factor == pytest.approx(2 * math.sqrt(2))
     wrong_direction = efficiency_factor(ref, b, higher_is_better=True, n_bootstrap=0)
-    assert wrong_direction.censored and wrong_direction.factor == pytest.approx(8.0)
+    # read as higher-is-better, A itself "reaches" at its smallest fraction (0.5) and B at its own (1/8): 0.5 / (1/8)
+    assert wrong_direction.censored and wrong_direction.reference_fraction == pytest.approx(0.5)
+    assert wrong_direction.factor == pytest.approx(4.0)
 
 
 def test_noisy_seeds_ci_contains_the_true_factor():
@@ -89,3 +91,25 @@ def test_bootstrap_counts_resamples_that_do_not_reach():
 def test_missing_reference_full_data():
     f = efficiency_factor({0.5: [0.4]}, {0.5: [0.5], 1.0: [0.6]}, n_bootstrap=10)
     assert not f.reached and math.isnan(f.target)
+
+
+def test_a_reference_that_peaks_early_cannot_inflate_the_factor():
+    # A's full-data mean (0.45) sits below its own quarter-data mean: A itself reaches 0.45 between 1/16 and 1/4.
+    a = {0.0625: [0.40], 0.25: [0.50], 1.0: [0.45]}
+    same = efficiency_factor(a, a, n_bootstrap=0)
+    assert same.reference_fraction == pytest.approx(same.fraction) and same.factor == pytest.approx(1.0)
+    assert 0.0625 < same.reference_fraction < 0.25
+    b = {0.0625: [0.30], 0.25: [0.45], 1.0: [0.50]}            # reaches 0.45 only at 1/4: needs more data than A
+    f = efficiency_factor(a, b, n_bootstrap=200, seed=0)
+    assert f.fraction == pytest.approx(0.25) and f.factor < 1.0
+    assert f.factor == pytest.approx(same.reference_fraction / 0.25)
+    assert f.ci_low <= f.factor <= f.ci_high
+
+
+def test_fraction_deltas_are_signed_so_positive_is_better():
+    a = {0.25: [0.5, 0.7], 1.0: [1.0]}
+    b = {0.25: [0.4], 0.5: [0.9], 1.0: [1.2]}
+    assert fraction_deltas(a, b, higher_is_better=True) == [
+        {"fraction": 0.25, "delta": pytest.approx(-0.2)}, {"fraction": 1.0, "delta": pytest.approx(0.2)}]
+    assert [d["delta"] for d in fraction_deltas(a, b, higher_is_better=False)] == [pytest.approx(0.2),
+                                                                                     pytest.approx(-0.2)]

@@ -28,6 +28,8 @@ class DataConfig(Config):
     decode_cpus: float = Field(1.0, gt=0, description="CPUs per Ray Data decode task (fractional allowed)")
     shuffle_buffer: int = Field(0, ge=0, description="local shuffle buffer rows per worker (seeded per epoch)")
     prefetch_batches: int = Field(2, ge=0)
+    cache: bool = Field(False, description="decode the training set once into Ray's object store and iterate that "
+                        "each epoch (sets that fit in memory: small runs, many epochs); crops stay per epoch")
     count_errors: bool = Field(True, description="a pass over the joined rows before training to count skips")
 
 

@@ -158,6 +158,8 @@ def build_datasets(cfg: PretrainConfig, image_size: int) -> tuple[object, object
         held = frozenset(keys)
         eval_ds = joined.limit(scanned).map_batches(decode_ok, fn_kwargs={"size": image_size, "only_keys": held}, **decode_kw)
     train = joined.map_batches(decode_ok, fn_kwargs={"size": image_size, "drop_keys": held}, **decode_kw)
+    if cfg.data.cache:  # decoded pixels only: the random crop runs in the worker's collate, seeded per epoch
+        train = train.materialize()
     if eval_ds is not None:
         eval_ds = eval_ds.materialize()  # small; read once, iterated at every eval
         counts["eval_rows"] = eval_ds.count()

@@ -3,9 +3,11 @@
 Pure numpy; the report calls it per task. Curves are {fraction: [metric per seed]}.
 
     target = mean over seeds of A at fraction 1 (its full-data metric)
-    f*     = the smallest fraction at which B's mean curve reaches target: the first grid point (from the smallest
+    f*_B   = the smallest fraction at which B's mean curve reaches target: the first grid point (from the smallest
              fraction up) that matches, log-interpolated with its left neighbour (linear in log f between the two)
-    factor = 1 / f*          ("not reached" -> NaN when no grid point of B matches)
+    f*_A   = the same for A's own curve: 1 when A still improves up to all the data; below 1 when A's curve is flat
+             or falls (noise), so that a reference whose full-data mean sits low cannot inflate the factor
+    factor = f*_A / f*_B     ("not reached" -> NaN when no grid point of B matches)
 
 "Matches" respects the metric direction: >= target for higher-is-better (mIoU, mAP), <= for lower-is-better (RMSE).
 When B already matches at its smallest fraction, f* is that fraction and the factor is a lower bound (`censored`).
@@ -35,6 +37,7 @@ class Factor:
     ci_high: float = math.nan
     not_reached_frac: float = math.nan   # share of bootstrap samples in which B never matched
     n_bootstrap: int = 0
+    reference_fraction: float = 1.0      # f*_A: where A's own curve first reaches its full-data mean
 
     def to_dict(self) -> dict:
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
@@ -89,6 +92,11 @@ def full_data_target(reference: Curve) -> float:
     return math.nan
 
 
+def _own_fraction(fr_a: np.ndarray, a_values: list[np.ndarray], target: float, hib: bool) -> float:
+    f, _ = _point(fr_a, a_values, target, hib)
+    return f if np.isfinite(f) else 1.0  # A reaches its own full-data mean at 1 by definition
+
+
 def efficiency_factor(reference: Curve, candidate: Curve, higher_is_better: bool = True, *,
                       n_bootstrap: int = 1000, ci: float = 0.95, seed: int = 0) -> Factor:
     """Factor of `candidate` (B) against `reference` (A), with a seed-bootstrap percentile CI."""
@@ -96,22 +104,37 @@ def efficiency_factor(reference: Curve, candidate: Curve, higher_is_better: bool
     fr, b_values = _sorted(candidate)
     if not np.isfinite(target) or len(fr) == 0:
         return Factor(math.nan, math.nan, False, False, target)
+    fr_a, a_values = _sorted(reference)
+    f_a = _own_fraction(fr_a, a_values, target, higher_is_better)
     f_star, censored = _point(fr, b_values, target, higher_is_better)
     reached = bool(np.isfinite(f_star))
-    out = Factor(1.0 / f_star if reached else math.nan, f_star, reached, censored, target)
+    out = Factor(f_a / f_star if reached else math.nan, f_star, reached, censored, target, reference_fraction=f_a)
     if n_bootstrap <= 0:
         return out
     rng = np.random.default_rng(seed)
-    a_full = np.asarray([v for f, vs in reference.items() if math.isclose(float(f), 1.0) for v in vs
-                         if v is not None and np.isfinite(v)], dtype=float)
+    full = next(i for i, f in enumerate(fr_a) if math.isclose(f, 1.0))
     factors = np.empty(n_bootstrap)
     for b in range(n_bootstrap):
-        t = rng.choice(a_full, size=len(a_full), replace=True).mean()
+        a_re = [rng.choice(v, size=len(v), replace=True) if len(v) else v for v in a_values]
+        t = a_re[full].mean()
         resampled = [rng.choice(v, size=len(v), replace=True) if len(v) else v for v in b_values]
         f_b, _ = _point(fr, resampled, t, higher_is_better)
-        factors[b] = 1.0 / f_b if np.isfinite(f_b) else 0.0     # not reached: needs more than all the data
+        # not reached: needs more than all the data
+        factors[b] = _own_fraction(fr_a, a_re, t, higher_is_better) / f_b if np.isfinite(f_b) else 0.0
     alpha = (1.0 - ci) / 2.0
     out.ci_low, out.ci_high = (float(x) for x in np.percentile(factors, [100 * alpha, 100 * (1 - alpha)]))
     out.not_reached_frac = float(np.mean(factors == 0.0))
     out.n_bootstrap = n_bootstrap
+    return out
+
+
+def fraction_deltas(reference: Curve, candidate: Curve, higher_is_better: bool = True) -> list[dict]:
+    """At every fraction both curves have: mean(B) - mean(A), signed so that > 0 means B is better."""
+    out = []
+    for f in sorted({float(x) for x in reference} & {float(x) for x in candidate}):
+        a = [v for k, vs in reference.items() if math.isclose(float(k), f) for v in vs if v is not None and np.isfinite(v)]
+        b = [v for k, vs in candidate.items() if math.isclose(float(k), f) for v in vs if v is not None and np.isfinite(v)]
+        if a and b:
+            d = float(np.mean(b) - np.mean(a))
+            out.append({"fraction": f, "delta": d if higher_is_better else -d})
     return out

@@ -21,7 +21,7 @@ from pydantic import Field
 from clipdense.config import Config
 from clipdense.errors import ConfigError
 from clipdense.sweep.config import TASK_METRICS
-from clipdense.sweep.factor import efficiency_factor, full_data_target
+from clipdense.sweep.factor import efficiency_factor, fraction_deltas, full_data_target
 from clipdense.sweep.grid import METRICS_FILE, TRIAL_FILE
 
 SWEEP_FILE = "sweep.json"      # the sweep's resolved config, written by `clipdense sweep` beside trials/
@@ -168,10 +168,14 @@ def _sweep_file(root: Path) -> dict:
 
 
 def _factor_text(d: dict) -> str:
+    wins = d.get("deltas")
+    better = f"; better at {sum(x['delta'] > 0 for x in wins)}/{len(wins)} fractions" if wins else ""
     if not d["reached"]:
-        return "not reached"
+        return "not reached" + better
     bound = "≥ " if d["censored"] else ""
-    return f"{bound}{_fmt(d['factor'], 3)}x (f*={_fmt(d['fraction'], 3)})"
+    ref = d.get("reference_fraction") or 1.0
+    ref_text = f", reference reaches at {_fmt(ref, 3)}" if ref < 1.0 else ""
+    return f"{bound}{_fmt(d['factor'], 3)}x (f*={_fmt(d['fraction'], 3)}{ref_text}){better}"
 
 
 def write_markdown(path: Path, table, factors, rows, errors, hp_rows, reference, missing=()) -> None:
@@ -187,10 +191,12 @@ def write_markdown(path: Path, table, factors, rows, errors, hp_rows, reference,
         if task in factors:
             lines += ["", f"Data-efficiency factor vs `{reference}` (full-data {t_rows[0]['metric']} = "
                       f"{_fmt(factors[task]['target'])}):", "",
-                      "| backbone | factor | 95% CI | bootstrap not reached |", "|---|---|---|---|"]
+                      "| backbone | factor | 95% CI | bootstrap not reached | mean - reference per fraction "
+                      "(> 0: better) |", "|---|---|---|---|---|"]
             for bb, d in sorted(factors[task]["backbones"].items()):
+                deltas = ", ".join(f"{x['fraction']:.4g}: {x['delta']:+.4f}" for x in d.get("deltas", []))
                 lines.append(f"| {bb} | {_factor_text(d)} | [{_fmt(d['ci_low'], 3)}, {_fmt(d['ci_high'], 3)}] | "
-                             f"{_fmt(d['not_reached_frac'], 3)} |")
+                             f"{_fmt(d['not_reached_frac'], 3)} | {deltas} |")
     if hp_rows:
         lines += ["", "## Hyperparameter trials (best first per task/backbone/fraction)", "",
                   "| task | backbone | fraction | seed | value | hparams |", "|---|---|---|---|---|---|"]
@@ -238,7 +244,8 @@ def run(cfg: ReportConfig) -> dict:
         for bb, curve in sorted(cs.items()):
             if bb != reference:
                 f = efficiency_factor(cs[reference], curve, mode == "max", n_bootstrap=n_boot, ci=ci, seed=seed)
-                entry["backbones"][bb] = f.to_dict()
+                entry["backbones"][bb] = {**f.to_dict(),
+                                          "deltas": fraction_deltas(cs[reference], curve, mode == "max")}
         factors[task] = entry
     (out / "factors.json").write_text(json.dumps(factors, indent=2) + "\n")
 
