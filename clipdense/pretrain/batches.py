@@ -16,6 +16,7 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from clipdense.pretrain.captions import pick_batch, sample_rng
 
@@ -58,7 +59,7 @@ def _tokenizer(name: str):
     return tokenizer_for(name)
 
 
-class Collate:
+class Collate(NumpyBatchCollateFn):  # Ray Data's typed collate (a bare callable is deprecated since 2.47)
     """numpy batch (key, caption, syn_captions, pixels) -> {"image": (B,3,S,S), "texts": [(B,L) per caption slot]}."""
 
     def __init__(self, *, model_name: str, image_size: int, mean, std, policy: str, seed: int, epoch: int,
