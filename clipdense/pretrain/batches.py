@@ -16,9 +16,13 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
-from ray.data.collate_fn import NumpyBatchCollateFn
 
 from clipdense.pretrain.captions import pick_batch, sample_rng
+
+try:  # Ray Data's typed collate (a bare callable is deprecated since Ray 2.47)
+    from ray.data.collate_fn import NumpyBatchCollateFn as _CollateBase
+except ImportError:  # Collate also runs without Ray (bench.gpu on a GPU box, plain loops)
+    _CollateBase = object
 
 CROP_SCALE = (0.9, 1.0)     # open_clip image_transform(is_train=True) default
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -59,7 +63,7 @@ def _tokenizer(name: str):
     return tokenizer_for(name)
 
 
-class Collate(NumpyBatchCollateFn):  # Ray Data's typed collate (a bare callable is deprecated since 2.47)
+class Collate(_CollateBase):
     """numpy batch (key, caption, syn_captions, pixels) -> {"image": (B,3,S,S), "texts": [(B,L) per caption slot]}."""
 
     def __init__(self, *, model_name: str, image_size: int, mean, std, policy: str, seed: int, epoch: int,
