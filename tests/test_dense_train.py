@@ -186,3 +186,9 @@ def test_frozen_trunk_linear_probe_trains_only_neck_and_head(tmp_path):
     for k in trunk:
         assert torch.equal(state[f"backbone.vit.{k}"], pretrained[f"visual.{k}"]), k
     assert any(not torch.equal(state[f"backbone.neck.{k}"], v) for k, v in neck.items() if v.is_floating_point())
+
+
+def test_linear_head_on_detection_is_a_one_line_config_error(tmp_path, capsys):
+    code = cli_main(["finetune", "task=det", "head.kind=linear", f"out_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "head.kind 'linear'" in err[0] and "det" in err[0]

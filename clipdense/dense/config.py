@@ -113,3 +113,9 @@ class FinetuneConfig(Config):
     out_dir: str = "runs/finetune"  # metrics.json, metrics.jsonl, checkpoints
     save_predictions: str | None = None  # write final predictions in the dataset's own format here
     runner: Literal["auto", "local", "ray"] = "auto"  # auto: Ray Train if train.scaling.num_workers > 1 or callbacks
+
+    @model_validator(mode="after")
+    def _head_fits_task(self):
+        if self.task == "det" and self.head.kind != "upernet":
+            raise ValueError(f"head.kind {self.head.kind!r} is a seg/depth decoder; task det uses Faster R-CNN heads")
+        return self
