@@ -209,7 +209,8 @@ def run(cfg: DemoConfig) -> dict:
                                            p["clip_steps"], p["clip_batch"], cfg.seed, threads))
 
     sweep_dir = out / "sweep"
-    with _step(out, 5, "sweep seg + depth probes (frozen trunk, linear head): fractions x 3 backbones x seeds", cfg.fresh) as s:
+    title = "sweep seg + depth probes (frozen trunk, linear head): fractions x 3 backbones x seeds"
+    with _step(out, 5, title, cfg.fresh) as s:
         scfg = _sweep_cfg(p, sweep_dir, world, ckpts["alt-text-clip"], ckpts["recap-clip"], cfg.seed)
         if not s.done:
             sweep.run(scfg.model_copy(update={"run_report": False}))

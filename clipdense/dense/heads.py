@@ -93,7 +93,8 @@ class Normalize(nn.Module):
 
 
 class SegModel(nn.Module):
-    """Backbone + UperNet or linear decoder (+ auxiliary FCN on level 2). forward -> {"seg": logits at stride 4, "aux": ...}."""
+    """Backbone + UperNet or linear decoder (+ auxiliary FCN on level 2).
+    forward -> {"seg": logits at stride 4, "aux": ...}."""
 
     def __init__(self, backbone: nn.Module, num_classes: int, channels: int = 768, pool_scales=(1, 2, 3, 6),
                  dropout: float = 0.1, aux_channels: int = 256, aux: bool = True, kind: str = "upernet"):

@@ -92,6 +92,11 @@ def full_data_target(reference: Curve) -> float:
     return math.nan
 
 
+def _resample(rng: np.random.Generator, values: list[np.ndarray]) -> list[np.ndarray]:
+    """Every fraction's seeds drawn with replacement (empty fractions stay empty)."""
+    return [rng.choice(v, size=len(v), replace=True) if len(v) else v for v in values]
+
+
 def _own_fraction(fr_a: np.ndarray, a_values: list[np.ndarray], target: float, hib: bool) -> float:
     f, _ = _point(fr_a, a_values, target, hib)
     return f if np.isfinite(f) else 1.0  # A reaches its own full-data mean at 1 by definition
@@ -115,10 +120,9 @@ def efficiency_factor(reference: Curve, candidate: Curve, higher_is_better: bool
     full = next(i for i, f in enumerate(fr_a) if math.isclose(f, 1.0))
     factors = np.empty(n_bootstrap)
     for b in range(n_bootstrap):
-        a_re = [rng.choice(v, size=len(v), replace=True) if len(v) else v for v in a_values]
+        a_re = _resample(rng, a_values)
         t = a_re[full].mean()
-        resampled = [rng.choice(v, size=len(v), replace=True) if len(v) else v for v in b_values]
-        f_b, _ = _point(fr, resampled, t, higher_is_better)
+        f_b, _ = _point(fr, _resample(rng, b_values), t, higher_is_better)
         # not reached: needs more than all the data
         factors[b] = _own_fraction(fr_a, a_re, t, higher_is_better) / f_b if np.isfinite(f_b) else 0.0
     alpha = (1.0 - ci) / 2.0
@@ -130,11 +134,10 @@ def efficiency_factor(reference: Curve, candidate: Curve, higher_is_better: bool
 
 def fraction_deltas(reference: Curve, candidate: Curve, higher_is_better: bool = True) -> list[dict]:
     """At every fraction both curves have: mean(B) - mean(A), signed so that > 0 means B is better."""
+    a, b = (dict(zip(*_sorted(c))) for c in (reference, candidate))
     out = []
-    for f in sorted({float(x) for x in reference} & {float(x) for x in candidate}):
-        a = [v for k, vs in reference.items() if math.isclose(float(k), f) for v in vs if v is not None and np.isfinite(v)]
-        b = [v for k, vs in candidate.items() if math.isclose(float(k), f) for v in vs if v is not None and np.isfinite(v)]
-        if a and b:
-            d = float(np.mean(b) - np.mean(a))
-            out.append({"fraction": f, "delta": d if higher_is_better else -d})
+    for f in sorted(a.keys() & b.keys()):
+        if len(a[f]) and len(b[f]):
+            d = float(b[f].mean() - a[f].mean())
+            out.append({"fraction": float(f), "delta": d if higher_is_better else -d})
     return out
