@@ -17,6 +17,8 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
+
 from pydantic import Field
 
 from clipdense.config import Config, build_config
@@ -109,8 +111,22 @@ def caption_accuracy(text: str, scene: dict) -> float:
     return sum(f"{o['colour']} {o['shape']}" in low for o in objs) / len(objs)
 
 
+def word_recall(text: str, scene: dict) -> dict[str, float]:
+    """Fractions of the scene's objects whose colour word / shape word the text contains, each on its own: tells
+    which attribute a captioner has learnt (at CPU budget colours come long before shapes)."""
+    from clipdense.data.synth.captions import mentioned_classes, mentioned_colours
+
+    objs = scene.get("objects", [])
+    if not objs or not text:
+        return {"colour": 0.0, "shape": 0.0}
+    colours, shapes = set(mentioned_colours(text)), set(mentioned_classes(text))
+    return {"colour": sum(o["colour"] in colours for o in objs) / len(objs),
+            "shape": sum(o["shape"] in shapes for o in objs) / len(objs)}
+
+
 def score_captions(web_dir: Path, recap_dir: Path, limit: int = 2000) -> dict:
-    """Mean caption accuracy of the alt texts vs the synthetic captions, against the world's scene metadata."""
+    """Caption accuracy and colour / shape word recall of the alt texts vs the synthetic captions, against the
+    world's scene metadata (means over images; a synthetic score averages the image's captions)."""
     import pyarrow.parquet as pq
 
     from clipdense.data.shards import read_shard_local
@@ -121,15 +137,21 @@ def score_captions(web_dir: Path, recap_dir: Path, limit: int = 2000) -> dict:
             if r["meta"] and len(scenes) < limit:
                 scenes[r["key"]] = json.loads(r["meta"]).get("scene", {})
                 alts[r["key"]] = r["caption"] or ""
+    def scores(text: str, scene: dict) -> np.ndarray:
+        recall = word_recall(text, scene)
+        return np.array([caption_accuracy(text, scene), recall["colour"], recall["shape"]])
+
     alt, syn = [], []
     for f in sorted(recap_dir.glob("*.parquet")):
         for r in pq.read_table(f, columns=["key", "syn_captions"]).to_pylist():
             if r["key"] in scenes and r["syn_captions"]:
-                alt.append(caption_accuracy(alts[r["key"]], scenes[r["key"]]))
-                syn.append(sum(caption_accuracy(c, scenes[r["key"]]) for c in r["syn_captions"])
-                           / len(r["syn_captions"]))
-    n = max(len(alt), 1)
-    return {"images_scored": len(alt), "alt_text_accuracy": sum(alt) / n, "synthetic_accuracy": sum(syn) / n}
+                scene = scenes[r["key"]]
+                alt.append(scores(alts[r["key"]], scene))
+                syn.append(np.mean([scores(c, scene) for c in r["syn_captions"]], axis=0))
+    a, s = (np.mean(x, axis=0) if x else np.zeros(3) for x in (alt, syn))
+    return {"images_scored": len(alt), "alt_text_accuracy": float(a[0]), "synthetic_accuracy": float(s[0]),
+            "alt_text_colour_recall": float(a[1]), "synthetic_colour_recall": float(s[1]),
+            "alt_text_shape_recall": float(a[2]), "synthetic_shape_recall": float(s[2])}
 
 
 def _sweep_cfg(p: dict, out: Path, world: Path, alt_ckpt: str, recap_ckpt: str, seed: int):
@@ -193,10 +215,11 @@ def run(cfg: DemoConfig) -> dict:
                            "seed": cfg.seed, "device": "cpu", "batch_size": rc["batch_size"],
                            "concurrency": 2, "num_cpus": 1.0},
             }, "demo recaption"))
-        summary["caption_quality"] = score_captions(world / "web", recap)
+        q = summary["caption_quality"] = score_captions(world / "web", recap)
         print(f"  caption accuracy (objects named with the right colour and shape): alt text "
-              f"{summary['caption_quality']['alt_text_accuracy']:.2f}, synthetic "
-              f"{summary['caption_quality']['synthetic_accuracy']:.2f}")
+              f"{q['alt_text_accuracy']:.2f}, synthetic {q['synthetic_accuracy']:.2f}; objects whose colour word "
+              f"appears: {q['alt_text_colour_recall']:.2f} vs {q['synthetic_colour_recall']:.2f}, whose shape word "
+              f"appears: {q['alt_text_shape_recall']:.2f} vs {q['synthetic_shape_recall']:.2f}")
 
     ckpts = {}
     with _step(out, 4, f"pretrain two {p['clip_model']} CLIPs with identical budgets", cfg.fresh) as s:

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from clipdense.demo import DemoConfig, caption_accuracy, run
+from clipdense.demo import DemoConfig, caption_accuracy, run, word_recall
 
 
 def test_caption_accuracy_counts_colour_and_shape():
@@ -11,6 +11,13 @@ def test_caption_accuracy_counts_colour_and_shape():
     assert caption_accuracy("A small red circle at the left.", scene) == 0.5
     assert caption_accuracy("a blue circle and a red star", scene) == 0.0
     assert caption_accuracy("", scene) == 0.0
+
+
+def test_word_recall_scores_colour_and_shape_words_apart():
+    scene = {"objects": [{"colour": "red", "shape": "circle"}, {"colour": "blue", "shape": "star"}]}
+    assert word_recall("Red CIRCLES beside a green star", scene) == {"colour": 0.5, "shape": 1.0}
+    assert word_recall("a blue circle and a red star", scene) == {"colour": 1.0, "shape": 1.0}  # unbound words
+    assert word_recall("IMG_2041.jpg", scene) == {"colour": 0.0, "shape": 0.0}
 
 
 @pytest.mark.slow
@@ -33,5 +40,8 @@ def test_demo_quick_produces_every_artefact(ray_local, tmp_path):
     factors = json.loads((out / "sweep" / "factors.json").read_text())
     assert factors and (out / "sweep" / "report.md").is_file()
     summary = json.loads((out / "demo_summary.json").read_text())
-    assert summary["caption_quality"]["images_scored"] > 0 and result["seconds"] > 0
+    quality = summary["caption_quality"]
+    assert quality["images_scored"] > 0 and result["seconds"] > 0
+    assert all(0.0 <= quality[f"{who}_{what}"] <= 1.0 for who in ("alt_text", "synthetic")
+               for what in ("accuracy", "colour_recall", "shape_recall"))
     assert all((out / f".done-{i}").is_file() for i in range(1, 6))
