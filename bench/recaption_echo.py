@@ -9,8 +9,8 @@ core over a split of the shards. The goal is judged against the all-cores run: i
 pipeline does (shared caches, memory bandwidth, clock), so it is the per-core rate the pipeline could reach; the
 one-process figure is reported beside it. The echo actor reserves no CPU (it does no work), so the decode tasks
 get every core. The default input (16 x 1000 images) amortises what a run starts (the actor pool) as a long
-job does; the pipeline's time still includes it. Also reports coca-tiny (5 captions per image, seq_len 30, CPU, one actor) through the same
-pipeline, twice: as initialised (vocabulary projection N(0, width^-0.5): nearly flat logits, the nucleus is
+job does; the pipeline's time still includes it. Also reports coca-tiny (5 captions per image, seq_len 30, CPU,
+one actor) through the same pipeline, twice: as initialised (vocabulary projection N(0, width^-0.5): nearly flat logits, the nucleus is
 most of the vocabulary, the sampler's worst case) and with a random N(0, 2) projection (peaked logits, as a
 trained model has). Writes bench/results/recaption_echo.json and .md.
 """
@@ -166,7 +166,8 @@ def main(argv=None, quick: bool = False) -> int:
         "image_px": [args.image_px, int(args.image_px * 0.75)], "resize_to": args.size,
         "plain_decode_one_process": plain, "plain_decode_all_cores": pooled, "echo_pipeline": piped,
         "all_runs": {"plain": plains, "plain_all_cores": pools, "echo_pipeline": pipes},
-        "per_core_ratio": round(ratio, 3), "per_core_ratio_vs_one_process": round(ratio_one, 3), "goal_ratio": 0.8, "coca_tiny_cpu_pipeline": coca,
+        "per_core_ratio": round(ratio, 3), "per_core_ratio_vs_one_process": round(ratio_one, 3), "goal_ratio": 0.8,
+        "coca_tiny_cpu_pipeline": coca,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

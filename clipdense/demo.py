@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from pydantic import Field
 
 from clipdense.config import Config, build_config
