@@ -1,6 +1,6 @@
-"""Recaption pipeline overhead: the `echo` engine through Ray Data vs plain decode + resize in one process.
+"""Recaption pipeline overhead: the `echo` engine through Ray Data vs plain decode + resize.
 
-    python -m bench.recaption_echo [--shards 8] [--per-shard 500] [--image-px 320] [--coca-images 64]
+    python -m bench.recaption_echo [--shards 16] [--per-shard 1000] [--image-px 320] [--coca-images 64]
 
 Both sides read the same tar shards and run the same per-image step (`prepare_image`: decode, resize shorter
 side to 224, centre crop, uint8). The ratio compares throughput per core: (pipeline images/s / cores) /
@@ -10,9 +10,9 @@ pipeline does (shared caches, memory bandwidth, clock), so it is the per-core ra
 one-process figure is reported beside it. The echo actor reserves no CPU (it does no work), so the decode tasks
 get every core. The default input (16 x 1000 images) amortises what a run starts (the actor pool) as a long
 job does; the pipeline's time still includes it. Also reports coca-tiny (5 captions per image, seq_len 30, CPU,
-one actor) through the same pipeline, twice: as initialised (vocabulary projection N(0, width^-0.5): nearly flat logits, the nucleus is
-most of the vocabulary, the sampler's worst case) and with a random N(0, 2) projection (peaked logits, as a
-trained model has). Writes bench/results/recaption_echo.json and .md.
+one actor) through the same pipeline, twice: as initialised (vocabulary projection N(0, width^-0.5): nearly flat
+logits, the nucleus is most of the vocabulary, the sampler's worst case) and with a random N(0, 2) projection
+(peaked logits, as a trained model has). Writes bench/results/recaption_echo.json and .md.
 """
 from __future__ import annotations
 
