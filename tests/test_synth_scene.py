@@ -28,6 +28,19 @@ def test_sample_scene_is_deterministic_and_valid():
             assert MIN_DEPTH < o.depth < s.background.wall_depth_at(o.x)
 
 
+def test_each_class_has_its_typical_colour_at_the_set_rate():
+    objs = [o for s in _scenes(1500, seed=2) for o in s.objects]
+    for cls in CLASSES:
+        mine = [o.colour for o in objs if o.shape == cls]
+        typical = np.mean([c == scene.TYPICAL_COLOUR[cls] for c in mine])
+        assert abs(typical - scene.P_TYPICAL) < 0.06, (cls, typical)
+        # the other colours share the rest evenly: each appears, none dominates
+        others = [c for c in mine if c != scene.TYPICAL_COLOUR[cls]]
+        counts = np.array([others.count(c) for c in COLOURS if c != scene.TYPICAL_COLOUR[cls]])
+        assert counts.min() > 0.5 * counts.mean()
+    assert len(set(scene.TYPICAL_COLOUR.values())) == len(CLASSES)
+
+
 def test_render_outputs_and_ranges():
     s = _scenes(1, seed=3)[0]
     r = render.render(s, 128)

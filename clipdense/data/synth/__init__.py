@@ -1,7 +1,8 @@
 """The synthetic "shapes" world: a pretraining corpus with noisy or accurate captions, plus dense tasks.
 
 Scenes (scene.py): 1..4 upright flat shapes (CLASSES: circle, square, triangle, star, cross, ring; K = 6)
-in 6 named COLOURS and 3 physical SIZES, standing on a textured floor in front of a textured wall, seen by
+in 6 named COLOURS (each class has its TYPICAL_COLOUR 60% of the time: categories come with appearance priors,
+as real ones do) and 3 physical SIZES, standing on a textured floor in front of a textured wall, seen by
 a pinhole camera with NYUv2's field of view. Depth is predictable from the image: floor-contact row,
 apparent size (physical size / depth) and haze all follow depth; nearer objects occlude farther ones.
 

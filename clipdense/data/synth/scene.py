@@ -24,6 +24,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (135, 55, 175),
     "orange": (245, 130, 25),
 }
+# Each class's typical colour, and how often an object has it (else any other colour): real categories come with
+# appearance priors (grass is green, stop signs red), which is also what lets a small captioner learn them.
+TYPICAL_COLOUR: dict[str, str] = dict(zip(CLASSES, ("red", "blue", "green", "yellow", "purple", "orange")))
+P_TYPICAL = 0.6
 # Physical size classes (object radius in metres); the apparent size is radius * focal / depth.
 SIZES: dict[str, float] = {"small": 0.16, "medium": 0.26, "large": 0.40}
 WALL_TEXTURES = ("plain", "stripes", "gradient", "noise")
@@ -185,7 +189,8 @@ def sample_scene(
         if len(objects) == n:
             break
         shape = str(rng.choice(CLASSES))
-        colour = str(rng.choice(list(COLOURS)))
+        colour = TYPICAL_COLOUR[shape] if rng.random() < P_TYPICAL else str(rng.choice(
+            [c for c in COLOURS if c != TYPICAL_COLOUR[shape]]))
         size = str(rng.choice(list(SIZES)))
         if (colour, shape) in used:
             continue
