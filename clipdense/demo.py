@@ -26,6 +26,11 @@ from clipdense.config import Config, build_config
 # holds. Dense evaluation is the probe protocol (frozen trunk, linear head): with CPU-budget CLIPs, full finetuning
 # rebuilds the features from the dense labels and hides what pretraining put in them (measured: README, Status).
 PROBE = {"backbone.frozen": True, "head.kind": "linear", "train.optim.layer_decay": None}
+# The depth probe is DINOv2's linear one: 256 depth bins, not a sigmoid regression. Measured on two demo runs' CLIPs:
+# the regression probe ended far above a constant per-pixel-mean depth map (RMSE 1.3-1.7 vs 0.69), i.e. it measured
+# how fast one output unit finds the scene's scale, not the features; with bins the same 200 steps reach 0.8-1.4, and
+# lr 3e-3 lowers every backbone's final loss vs 1e-3 (bench/results/README.md).
+DEPTH_PROBE = {"head.depth_bins": 256, "train.optim.lr": 3e-3}
 PRESETS: dict[str, dict] = {
     "quick": {
         "synth": {"preset": "tiny", "web_images": 384, "shard_size": 128, "curated_fraction": 0.25,
@@ -169,7 +174,7 @@ def _sweep_cfg(p: dict, out: Path, world: Path, alt_ckpt: str, recap_ckpt: str, 
         "tasks": [{"name": "seg", "config": "configs/finetune/shapes-seg-tiny.yaml",
                    "overrides": {**common, "data.root": str(world / "ade")}},
                   {"name": "depth", "config": "configs/finetune/shapes-depth-tiny.yaml",
-                   "overrides": {**common, "data.root": str(world / "nyu")}}],
+                   "overrides": {**common, **DEPTH_PROBE, "data.root": str(world / "nyu")}}],
         "fractions": p["fractions"], "seeds": p["seeds"], "small_fraction_seeds": p["small_seeds"],
         "search_seed": seed, "max_failures": 1, "report": {"reference": "alt-text-clip", "bootstrap": 1000},
         "resources": {"cpu": 1.0, "max_concurrent_trials": 2},

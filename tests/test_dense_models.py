@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from clipdense.dense.backbones import create_backbone, default_block_indices
-from clipdense.dense.config import BackboneConfig
+from clipdense.config import load_config
+from clipdense.dense.config import BackboneConfig, FinetuneConfig
 from clipdense.dense.heads import DepthModel, SegModel
 from clipdense.dense.inference import slide_predict, whole_predict
 from clipdense.dense.necks import Feature2Pyramid
@@ -120,6 +121,28 @@ def test_models_predict_at_input_size(clip_tiny):
     depth = DepthModel(clip_tiny, max_depth=10.0, channels=16).eval()
     d = depth.predict(img)
     assert d.shape == (1, 64, 96) and float(d.min()) > 0 and float(d.max()) < 10
+
+
+def test_depth_bins_give_the_weighted_mean_bin_centre(clip_tiny):
+    """DINOv2's linear depth probe: relu(score) + 0.1, normalised, weights the bin centres."""
+    model = DepthModel(clip_tiny, max_depth=10.0, kind="linear", bins=4, min_depth=1.0).eval()
+    clf = model.decode_head.classifier
+    assert clf.out_channels == 4
+    nn.init.zeros_(clf.weight)
+    with torch.no_grad():
+        clf.bias.copy_(torch.tensor([-5.0, 0.0, 0.0, 0.9]))  # weights 0.1, 0.1, 0.1, 1.0 over centres 1, 4, 7, 10
+    d = model.predict(torch.randint(0, 255, (2, 3, 32, 48), dtype=torch.uint8))
+    assert d.shape == (2, 32, 48)
+    assert torch.allclose(d, torch.full_like(d, (0.1 * 1 + 0.1 * 4 + 0.1 * 7 + 1.0 * 10) / 1.3))
+    with torch.no_grad():
+        clf.bias.zero_()  # no preference: the middle of the range
+    assert torch.allclose(model.predict(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)), torch.tensor(5.5))
+
+
+def test_one_depth_bin_is_a_config_error():
+    with pytest.raises(ConfigError, match="head.depth_bins"):
+        load_config(FinetuneConfig, None, ["task=depth", "head.depth_bins=1"])
+    assert load_config(FinetuneConfig, None, ["task=depth", "head.depth_bins=256"]).head.depth_bins == 256
 
 
 @pytest.mark.slow

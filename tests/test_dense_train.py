@@ -57,11 +57,13 @@ def test_seg_trains_writes_metrics_and_predictions(tmp_path):
     assert again["mIoU"] == pytest.approx(m["mIoU"]) and again["aAcc"] == pytest.approx(m["aAcc"])
 
 
-def test_depth_trains_and_saved_pngs_rescore(tmp_path):
+@pytest.mark.parametrize("head", [[], ["head.kind=linear", "head.depth_bins=16", "backbone.frozen=true"]],
+                         ids=["upernet-regression", "linear-bins-probe"])
+def test_depth_trains_and_saved_pngs_rescore(tmp_path, head):
     root = tmp_path / "nyu"
     write_nyu(root, n_train=8, n_test=2, size=(48, 64))
     out, preds = tmp_path / "run", tmp_path / "preds"
-    run(_cfg("depth", root, out, f"save_predictions={preds}"))
+    run(_cfg("depth", root, out, f"save_predictions={preds}", *head))
     record = _check_common(out, _losses(out), "depth")
     m = record["metrics"]
     assert m["images"] == 2 and 0 < m["abs_rel"] and 0 <= m["delta1"] <= 1

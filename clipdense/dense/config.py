@@ -61,6 +61,8 @@ class HeadConfig(Config):
     aux_channels: int = 256  # seg: auxiliary FCN head on pyramid level 2
     aux_weight: float = 0.4  # 0 disables the auxiliary head
     depth_loss_weight: float = 10.0  # SigLoss weight (Monocular-Depth-Estimation-Toolbox)
+    depth_bins: int = Field(0, ge=0, description="depth: 0 regresses sigmoid * max_depth; N >= 2 classifies into N "
+                                                 "uniform bins (DINOv2's linear depth probe uses 256)")
     fpn_channels: int = 256  # det: simple feature pyramid width
     anchor_sizes: list[int] = [32, 64, 128, 256, 512]  # det: one per level (4 pyramid levels + max-pool level)
     min_size: int = 800  # det: torchvision resize (shorter side) and cap (longer side)
@@ -118,4 +120,6 @@ class FinetuneConfig(Config):
     def _head_fits_task(self):
         if self.task == "det" and self.head.kind != "upernet":
             raise ValueError(f"head.kind {self.head.kind!r} is a seg/depth decoder; task det uses Faster R-CNN heads")
+        if self.head.depth_bins == 1:
+            raise ValueError("head.depth_bins must be 0 (regression) or at least 2 (one bin predicts a constant)")
         return self

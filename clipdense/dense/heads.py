@@ -119,19 +119,27 @@ class SegModel(nn.Module):
 
 
 class DepthModel(nn.Module):
-    """Backbone + UperNet decoder with one output -> sigmoid * max_depth at the input size (metres)."""
+    """Backbone + decoder -> metric depth at the input size. `bins` = 0: one output, sigmoid * max_depth (BTS /
+    Monocular-Depth-Estimation-Toolbox). `bins` = N: DINOv2's linear depth protocol (after AdaBins): N uniform depth
+    bins over [min_depth, max_depth], scores relu + 0.1 normalised to weights, depth = the weighted mean bin centre."""
 
     def __init__(self, backbone: nn.Module, max_depth: float = 10.0, channels: int = 768, pool_scales=(1, 2, 3, 6),
-                 dropout: float = 0.1, kind: str = "upernet"):
+                 dropout: float = 0.1, kind: str = "upernet", bins: int = 0, min_depth: float = 1e-3):
         super().__init__()
         self.backbone = backbone
         self.normalize = Normalize(backbone.mean, backbone.std)
         self.max_depth = max_depth
-        self.decode_head = decode_head(kind, backbone.out_channels, channels, 1, pool_scales, dropout)
+        self.decode_head = decode_head(kind, backbone.out_channels, channels, max(bins, 1), pool_scales, dropout)
+        self.register_buffer("bin_centres", torch.linspace(min_depth, max_depth, bins) if bins else None,
+                             persistent=False)
 
     def forward(self, img: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = resize(self.decode_head(self.backbone(self.normalize(img))), img.shape[-2:])
-        return {"depth": torch.sigmoid(out[:, 0]) * self.max_depth}
+        out = self.decode_head(self.backbone(self.normalize(img)))
+        if self.bin_centres is None:
+            return {"depth": torch.sigmoid(resize(out, img.shape[-2:])[:, 0]) * self.max_depth}
+        weights = torch.relu(out) + 0.1
+        depth = torch.einsum("bkhw,k->bhw", weights / weights.sum(dim=1, keepdim=True), self.bin_centres)
+        return {"depth": resize(depth[:, None], img.shape[-2:])[:, 0]}
 
     @torch.no_grad()
     def predict(self, img: torch.Tensor) -> torch.Tensor:

@@ -79,7 +79,8 @@ class DenseTask(TrainTask):
             model = SegModel(backbone, cfg.data.num_classes, h.channels, tuple(h.pool_scales), h.dropout,
                              h.aux_channels, aux=h.aux_weight > 0 and h.kind == "upernet", kind=h.kind)
         elif cfg.task == "depth":
-            model = DepthModel(backbone, cfg.data.max_depth, h.channels, tuple(h.pool_scales), h.dropout, h.kind)
+            model = DepthModel(backbone, cfg.data.max_depth, h.channels, tuple(h.pool_scales), h.dropout, h.kind,
+                               h.depth_bins, cfg.data.min_depth)
         else:
             model = build_detector(backbone, self.train_set.num_classes, h)
         if self.ctx.world_size > 1 and self.ctx.device.type == "cuda":
