@@ -158,23 +158,31 @@ def score_captions(web_dir: Path, recap_dir: Path, limit: int = 2000) -> dict:
             "alt_text_shape_recall": float(a[2]), "synthetic_shape_recall": float(s[2])}
 
 
+# task -> (finetune config, world subdirectory, the task's own probe overrides)
+PROBE_TASKS = {"seg": ("configs/finetune/shapes-seg-tiny.yaml", "ade", {}),
+               "depth": ("configs/finetune/shapes-depth-tiny.yaml", "nyu", DEPTH_PROBE)}
+
+
+def probe_task(p: dict, world: Path, task: str) -> dict:
+    """The sweep's task entry for one probe (also what bench/depth_probe.py runs): config file + overrides."""
+    config, subdir, own = PROBE_TASKS[task]
+    steps = p["finetune_steps"]
+    return {"name": task, "config": config, "overrides": {
+        "train.schedule.total_steps": steps, "train.schedule.warmup_steps": max(1, steps // 10),
+        "train.log_every": max(1, steps // 5), "data.max_eval_images": p["eval_images"], "runner": "local",
+        **PROBE, **own, "data.root": str(world / subdir)}}
+
+
 def _sweep_cfg(p: dict, out: Path, world: Path, alt_ckpt: str, recap_ckpt: str, seed: int):
     from clipdense.sweep import SweepConfig
 
-    steps = p["finetune_steps"]
-    common = {"train.schedule.total_steps": steps, "train.schedule.warmup_steps": max(1, steps // 10),
-              "train.log_every": max(1, steps // 5), "data.max_eval_images": p["eval_images"], "runner": "local",
-              **PROBE}
     return build_config(SweepConfig, {
         "name": "demo", "out": str(out),
         # random-init: the same tower untrained, the floor a pretraining must beat to have put anything useful in
         "backbones": [{"name": "alt-text-clip", "backbone": {"name": p["clip_model"], "checkpoint": alt_ckpt}},
                       {"name": "recap-clip", "backbone": {"name": p["clip_model"], "checkpoint": recap_ckpt}},
                       {"name": "random-init", "backbone": {"name": p["clip_model"], "checkpoint": None}}],
-        "tasks": [{"name": "seg", "config": "configs/finetune/shapes-seg-tiny.yaml",
-                   "overrides": {**common, "data.root": str(world / "ade")}},
-                  {"name": "depth", "config": "configs/finetune/shapes-depth-tiny.yaml",
-                   "overrides": {**common, **DEPTH_PROBE, "data.root": str(world / "nyu")}}],
+        "tasks": [probe_task(p, world, "seg"), probe_task(p, world, "depth")],
         "fractions": p["fractions"], "seeds": p["seeds"], "small_fraction_seeds": p["small_seeds"],
         "search_seed": seed, "max_failures": 1, "report": {"reference": "alt-text-clip", "bootstrap": 1000},
         "resources": {"cpu": 1.0, "max_concurrent_trials": 2},
