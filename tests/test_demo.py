@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from clipdense.demo import DemoConfig, caption_accuracy, run, word_recall
+from clipdense.demo import PRESETS, DemoConfig, _sweep_cfg, caption_accuracy, run, word_recall
 
 
 def test_caption_accuracy_counts_colour_and_shape():
@@ -18,6 +18,26 @@ def test_word_recall_scores_colour_and_shape_words_apart():
     assert word_recall("Red CIRCLES beside a green star", scene) == {"colour": 0.5, "shape": 1.0}
     assert word_recall("a blue circle and a red star", scene) == {"colour": 1.0, "shape": 1.0}  # unbound words
     assert word_recall("IMG_2041.jpg", scene) == {"colour": 0.0, "shape": 0.0}
+
+
+def test_default_sweep_probes_frozen_trunks_with_the_binned_depth_head(tmp_path):
+    """Every default-preset trial validates as a finetune config: frozen trunk + linear head; depth with DINOv2's 256
+    bins at lr 3e-3, seg with no bins; the three towers at every fraction."""
+    from clipdense.config import build_config
+    from clipdense.dense.config import FinetuneConfig
+    from clipdense.sweep.grid import expand
+
+    p = PRESETS["default"]
+    trials = expand(_sweep_cfg(p, tmp_path / "sweep", tmp_path / "world", "alt.pt", "recap.pt", 0))
+    assert len(trials) == 2 * 3 * (3 + 2 + 2)  # 3 seeds below fraction 0.2, else 2
+    for t in trials:
+        cfg = build_config(FinetuneConfig, t.finetune, t.name)
+        assert cfg.backbone.frozen and cfg.head.kind == "linear" and cfg.train.schedule.total_steps == 200
+        assert cfg.head.depth_bins == (256 if t.task == "depth" else 0)
+        assert cfg.data.root == str(tmp_path / "world" / ("nyu" if t.task == "depth" else "ade"))
+        if t.task == "depth":
+            assert cfg.train.optim.lr == 3e-3
+    assert {t.backbone for t in trials} == {"alt-text-clip", "recap-clip", "random-init"}
 
 
 @pytest.mark.slow
