@@ -6,8 +6,9 @@
 Each probe is the demo sweep's own depth trial at fraction 1 (same config, frozen trunk, 200 steps), run in this
 process. The peer is the regression probe on the same tower, data and seed; ratio = peer RMSE / ours (> 1: the bins
 probe is closer to the truth). Two reference rows need no features at all: the per-pixel mean of the training depth
-maps, and the global mean, scored on the same evaluation images. A probe above the per-pixel mean measures how its
-head optimises, not what the features hold. Not part of `bench.run` (needs a finished default demo).
+maps, and the global mean, scored on the same evaluation images (the per-pixel mean uses absolute pixel position,
+which a probe trained on random crops can use only if the features encode it). Not part of `bench.run` (needs a
+finished default demo).
 """
 from __future__ import annotations
 
