@@ -26,10 +26,10 @@ from clipdense.config import Config, build_config
 # holds. Dense evaluation is the probe protocol (frozen trunk, linear head): with CPU-budget CLIPs, full finetuning
 # rebuilds the features from the dense labels and hides what pretraining put in them (measured: README, Status).
 PROBE = {"backbone.frozen": True, "head.kind": "linear", "train.optim.layer_decay": None}
-# The depth probe is DINOv2's linear one: 256 depth bins, not a sigmoid regression. Measured on two demo runs' CLIPs:
-# the regression probe ended far above a constant per-pixel-mean depth map (RMSE 1.3-1.7 vs 0.69), i.e. it measured
-# how fast one output unit finds the scene's scale, not the features; with bins the same 200 steps reach 0.8-1.4, and
-# lr 3e-3 lowers every backbone's final loss vs 1e-3 (bench/results/README.md).
+# The depth probe is DINOv2's linear one: 256 depth bins, not a sigmoid regression. The regression probe was far from
+# converged after 200 steps (delta1 0.22-0.34 for every tower), so it measured how fast one output unit finds the
+# scene's scale; bins lower every tower's RMSE 1.19-1.37x at the same steps, and lr 3e-3 lowers every tower's final
+# loss vs 1e-3 (bench/results/depth_probe.md).
 DEPTH_PROBE = {"head.depth_bins": 256, "train.optim.lr": 3e-3}
 PRESETS: dict[str, dict] = {
     "quick": {
