@@ -27,6 +27,7 @@ STAGES = {
 TOOLS = {
     "submit": "clipdense.jobs.submit:main_submit",
     "cluster": "clipdense.jobs.cluster:main_cluster",
+    "vllm-env": "clipdense.recaption.vllm_env:main",
 }
 # shorthand flags that map onto config keys, per command
 SHORTHANDS = {

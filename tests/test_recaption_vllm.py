@@ -1,9 +1,11 @@
-"""The vLLM engine adapter: prompt building, sampling parameters, output parsing and error paths.
+"""The vLLM engine adapter against a TEST DOUBLE of the `vllm` module, for what real vLLM cannot be made to do.
 
-vLLM is CUDA-only and not installed here, so these tests run the adapter against a TEST DOUBLE of the `vllm`
-module (`FakeVLLM` below, installed into sys.modules by monkeypatch): it records what the adapter passes to
-`vllm.LLM(...)`, `LLM.chat(...)` and `SamplingParams(...)` and returns RequestOutput-shaped objects. It checks
-our side of the contract only; `test_real_vllm_on_gpu` runs the real thing where vLLM and a GPU exist.
+The real engine (CPU vLLM in its own venv, a tiny random Qwen2-VL) runs through the real pipeline in
+test_recaption_vllm_real.py. This double (`make_fake_vllm` below, installed into sys.modules by monkeypatch)
+records what the adapter passes to `vllm.LLM(...)`, `LLM.chat(...)` and `SamplingParams(...)`, and produces the
+failures real vLLM does not produce on demand: fewer completions than requested, an engine that raises mid-call
+(CUDA OOM), vLLM missing, and the actor's retry-then-record logic around them. `test_real_vllm_on_gpu` runs the
+CUDA build where vLLM and a GPU exist.
 """
 import os
 import sys
@@ -19,7 +21,7 @@ from clipdense.errors import ConfigError
 from clipdense.recaption import RecaptionConfig
 from clipdense.recaption.engines import build_captioner, image_input, provenance
 from clipdense.recaption.engines.base import EngineOutputError
-from clipdense.recaption.engines.vllm import VLLMCaptioner, build_messages, parse_outputs
+from clipdense.recaption.engines.vllm import VLLMCaptioner, build_messages, parse_outputs, request_seed
 from shard_files import jpeg_bytes
 
 
@@ -43,9 +45,10 @@ def make_fake_vllm(completions=None, fail=None):
             if fail is not None:
                 raise fail
             outs = []
+            params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(messages)
             for i, _ in enumerate(messages):
-                texts = completions(i, sampling_params.n) if completions else [
-                    f"  caption {i}-{k}\nsecond sentence. " for k in range(sampling_params.n)]
+                texts = completions(i, params[i].n) if completions else [
+                    f"  caption {i}-{k}\nsecond sentence. " for k in range(params[i].n)]
                 outs.append(SimpleNamespace(outputs=[SimpleNamespace(text=t) for t in texts]))
             return outs
 
@@ -75,12 +78,29 @@ def test_adapter_builds_chat_requests_and_parses_n_outputs(monkeypatch):
     assert out == [[f"caption {i}-{k} second sentence." for k in range(3)] for i in range(2)]
     chat = fake.calls["chat"][0]
     assert chat["sampling_params"].kwargs == {"n": 3, "temperature": 0.7, "top_p": 0.8, "max_tokens": 40}
-    assert init["seed"] == 0  # reproducible through the engine seed, not a per-request one
+    assert init["seed"] == 0 and "enforce_eager" not in init  # not a CPU platform
     sys_msg, user = chat["messages"][0]
     assert sys_msg == {"role": "system", "content": "Be brief."}
     assert user["content"][0]["type"] == "image_pil" and user["content"][0]["image_pil"].size == (30, 20)
     assert user["content"][1] == {"type": "text", "text": "Caption this."}
     assert chat["use_tqdm"] is False
+
+
+def test_each_request_is_seeded_from_engine_seed_and_row_key(monkeypatch):
+    fake = make_fake_vllm()
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    cap = build_captioner(_cfg(num_captions=2, seed=7).engine)
+    images = [np.zeros((4, 4, 3), np.uint8)] * 3
+    cap.generate(images, 2, keys=["k0", "k1", "k2"])
+    cap.generate(images[:1], 2, keys=["k1"])  # k1 again, alone in another batch
+    first, second = (c["sampling_params"] for c in fake.calls["chat"])
+    seeds = [p.kwargs["seed"] for p in first]
+    assert seeds == [request_seed(7, k) for k in ("k0", "k1", "k2")] and len(set(seeds)) == 3
+    assert second[0].kwargs["seed"] == seeds[1] and 0 <= min(seeds) and max(seeds) < 2 ** 62
+    assert request_seed(8, "k1") != seeds[1]
+    assert all(p.kwargs["n"] == 2 for p in first)
+    with pytest.raises(ValueError, match="2 keys for 3 images"):
+        cap.generate(images, 2, keys=["a", "b"])
 
 
 def test_adapter_cut_at_period_and_provenance(monkeypatch):
@@ -90,6 +110,7 @@ def test_adapter_cut_at_period_and_provenance(monkeypatch):
     assert out == [["caption 0-0 second sentence", "caption 0-1 second sentence"]]  # text after '.' dropped
     prov = provenance(cfg.engine)
     assert prov["engine"] == "vllm" and prov["prompt"] == cfg.engine.prompt and '"n": 2' in prov["sampling"]
+    assert '"request_seed": "blake2b(engine_seed:key)"' in prov["sampling"]
     spec = image_input(cfg.engine, cfg.decode)
     assert spec.mode == "jpeg" and spec.max_pixels == cfg.engine.max_pixels
 
@@ -107,6 +128,10 @@ def test_adapter_error_paths(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` fails
     with pytest.raises(ConfigError, match="needs vLLM"):
         VLLMCaptioner("m", prompt="p")
+    from clipdense.recaption.pipeline import CaptionActor, EngineLoadError
+    with pytest.raises(EngineLoadError, match="engine.model 'Qwen/Qwen2.5-VL-7B-Instruct' .vllm. did not load: "
+                                              "ConfigError: engine.kind=vllm needs vLLM"):
+        CaptionActor(_cfg().engine.model_dump())
 
 
 def test_engine_failures_are_retried_then_recorded(monkeypatch):
@@ -122,6 +147,7 @@ def test_engine_failures_are_retried_then_recorded(monkeypatch):
              "image_jpeg": np.array([jpeg, None], object)}
     out = actor(batch).to_pylist()
     assert len(fake.calls["chat"]) == 3 and len(fake.calls["chat"][0]["messages"]) == 1  # 1 try + 2 retries
+    assert [p.kwargs["seed"] for p in fake.calls["chat"][0]["sampling_params"]] == [request_seed(0, "a")]
     assert out[0]["error"] == "caption engine failed (RuntimeError: engine died) [s]" and out[0]["syn_captions"] is None
     assert out[1]["error"] == "no image [s]"
 

@@ -36,8 +36,9 @@ class EngineConfig(Config):
     num_gpus: float = Field(0.0, ge=0)  # per actor
     num_cpus: float = Field(1.0, ge=0)  # per actor
     retries: int = Field(2, ge=0)       # a failing batch is retried this often, then its rows are marked failed
-    runtime_env: dict[str, Any] | None = None  # Ray runtime_env of the actors, e.g. {"pip": [...]} or an
-    #                                     image_uri: vLLM and open_clip's transformers pins need separate envs
+    runtime_env: dict[str, Any] | None = None  # Ray runtime_env of the actors, e.g. {"pip": [...]}, an image_uri,
+    #                                     or {"py_executable": "DIR/bin/python"} for a `clipdense vllm-env DIR` venv
+    #                                     (vLLM pins its own torch; only plain data crosses between the envs)
 
     @model_validator(mode="after")
     def _check(self):

@@ -27,6 +27,27 @@ from clipdense.recaption.writer import Plan, ShardAssembler, plan_shards
 log = logging.getLogger(__name__)
 
 
+class EngineLoadError(RuntimeError):
+    """The captioner could not be built in its actor (model missing or not loadable, engine not installed)."""
+
+
+def engine_load_message(cfg: EngineConfig, e: BaseException) -> str:
+    detail = " ".join(str(e).split())[:300] or type(e).__name__
+    return f"engine.model {cfg.model_name!r} ({cfg.kind}) did not load: {type(e).__name__}: {detail}"
+
+
+def find_load_error(e: BaseException) -> str | None:
+    """The EngineLoadError message inside whatever Ray Data raised for a failed actor constructor."""
+    text = str(e)
+    for cause in (e.__cause__, e.__context__):
+        if cause is not None and find_load_error(cause):
+            return find_load_error(cause)
+    i = text.find("engine.model ")
+    if "EngineLoadError" in text and i >= 0:
+        return text[i:].splitlines()[0]
+    return None
+
+
 class CaptionActor:
     """One captioner per actor (model loaded once). Rows already in error pass through; a failing engine call is
     retried `engine.retries` times, then its rows get `error = "caption engine failed (...)"`."""
@@ -34,10 +55,13 @@ class CaptionActor:
     def __init__(self, engine: dict, fault: dict | None = None):
         self.cfg = EngineConfig(**engine)
         self.fault = FaultConfig(**(fault or {}))
-        self.engine = build_captioner(self.cfg)
+        try:
+            self.engine = build_captioner(self.cfg)
+        except Exception as e:  # only a message crosses back: the cause may not unpickle in the driver's env
+            raise EngineLoadError(engine_load_message(self.cfg, e)) from None
         self.calls = 0
 
-    def _generate(self, images: list, captions: list) -> list[list[str]]:
+    def _generate(self, images: list, captions: list, keys: list) -> list[list[str]]:
         self.calls += 1
         if self.calls <= self.fault.engine_fail_first:
             raise RuntimeError(f"injected engine failure (call {self.calls})")
@@ -45,13 +69,14 @@ class CaptionActor:
         if marker and any(marker in (c or "") for c in captions):
             raise RuntimeError(f"injected engine failure (a caption contains {marker!r})")
         n = self.cfg.num_captions
-        return check_output(self.engine.generate(images, n, captions), len(images), n)
+        return check_output(self.engine.generate(images, n, captions, keys=keys), len(images), n)
 
-    def caption(self, images: list, captions: list) -> tuple[list[list[str]] | None, str | None]:
+    def caption(self, images: list, captions: list, keys: list | None = None
+                ) -> tuple[list[list[str]] | None, str | None]:
         last: Exception | None = None
         for attempt in range(self.cfg.retries + 1):
             try:
-                return self._generate(images, captions), None
+                return self._generate(images, captions, keys), None
             except Exception as e:  # any engine failure (CUDA OOM, bad output...) is retried, then recorded
                 last = e
                 log.warning("captioner call failed (attempt %d/%d): %s", attempt + 1, self.cfg.retries + 1, e)
@@ -66,7 +91,8 @@ class CaptionActor:
                 images = [batch["pixels"][i] for i in ok]
             else:
                 images = [bytes(batch["image_jpeg"][i]) for i in ok]
-            result, failure = self.caption(images, [batch["caption"][i] for i in ok])
+            result, failure = self.caption(images, [batch["caption"][i] for i in ok],
+                                           [str(batch["key"][i]) for i in ok])
             for j, i in enumerate(ok):
                 if failure is None:
                     syn[i] = result[j]
@@ -98,9 +124,16 @@ def check_engine(cfg: RecaptionConfig) -> None:
         if e.seq_len > ctx:
             raise ConfigError(f"engine.seq_len {e.seq_len} exceeds {e.model_name}'s context length {ctx}")
         coca_image_size(e.model_name)
-    if e.kind == "vllm" and not cfg.ray_address and importlib.util.find_spec("vllm") is None:
-        raise ConfigError("engine.kind=vllm needs vLLM (CUDA only): pip install 'clipdense[vllm]', "
-                          "or set ray_address to a cluster whose GPU nodes have it")
+    py_exe = (e.runtime_env or {}).get("py_executable")
+    if e.kind == "vllm" and py_exe and not cfg.ray_address and not os.path.isfile(py_exe.split()[0]):
+        raise ConfigError(f"engine.runtime_env.py_executable: not found: {py_exe} (build one with "
+                          "`clipdense vllm-env DIR`)")
+    if e.kind == "vllm" and not py_exe and not cfg.ray_address and importlib.util.find_spec("vllm") is None:
+        raise ConfigError("engine.kind=vllm needs vLLM: pip install 'clipdense[vllm]' (GPU), or build a CPU vLLM "
+                          "env with `clipdense vllm-env DIR` and set engine.runtime_env.py_executable=DIR/bin/python")
+    if e.kind == "vllm" and not cfg.ray_address and e.model_name.startswith(("/", ".", "~")) \
+            and not os.path.isdir(os.path.expanduser(e.model_name)):
+        raise ConfigError(f"engine.model: model directory not found: {e.model_name}")
     if e.num_gpus == 0 and e.device == "cuda":
         raise ConfigError("engine.device=cuda needs engine.num_gpus > 0 (actors see no GPU otherwise)")
 
@@ -164,8 +197,14 @@ def execute(cfg: RecaptionConfig, plan: Plan) -> tuple[ShardAssembler, float]:
     ds = build_dataset(cfg, list(plan.todo.values()), spec)
     t0 = time.perf_counter()
     with data_context():
-        for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            assembler.add(block)
+        try:
+            for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                assembler.add(block)
+        except Exception as e:
+            message = find_load_error(e)
+            if message is None:
+                raise
+            raise ConfigError(message) from None  # nothing more is written: a rerun redoes every unwritten shard
     assembler.finish()
     return assembler, time.perf_counter() - t0
 

