@@ -52,30 +52,41 @@ def build_tokenizer(out: Path, vocab_size: int = 400):
     return fast
 
 
+def write_processor(out: Path, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
+                    processor_class: str = "Qwen2VLProcessor") -> dict[str, int]:
+    """Tokenizer, image processor, chat template and processor config in `out`; returns the special token ids."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(out)
+    Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14, temporal_patch_size=2,
+                          merge_size=2).save_pretrained(out)
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    (out / "processor_config.json").write_text(json.dumps({"processor_class": processor_class}, indent=1))
+    return {**{t: tok.convert_tokens_to_ids(t) for t in SPECIAL}, "vocab": len(tok)}
+
+
+def token_config(ids: dict[str, int]) -> dict[str, int]:
+    """The top-level special-token fields of a Qwen2-VL / Qwen2.5-VL config."""
+    return {"image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
+            "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"],
+            "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"]}
+
+
 def build(out: str | Path, seed: int = 0) -> Path:
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(out)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
-    Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=14, temporal_patch_size=2,
-                          merge_size=2).save_pretrained(out)
-    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    (out / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}, indent=1))
-    vocab = (len(tok) + 63) // 64 * 64
-    text = {"vocab_size": vocab, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "max_position_embeddings": 1024,
-            "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]}, "rope_theta": 10000.0,
-            "tie_word_embeddings": True, "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"]}
+    ids = write_processor(out)
+    text = {"vocab_size": (ids["vocab"] + 63) // 64 * 64, "hidden_size": 128, "intermediate_size": 256,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+            "max_position_embeddings": 1024, "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]},
+            "rope_theta": 10000.0, "tie_word_embeddings": True, "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"]}
     vision = {"depth": 2, "embed_dim": 64, "hidden_size": 128, "num_heads": 4, "mlp_ratio": 2, "in_channels": 3,
               "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
-    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True,
-                        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
+    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **token_config(ids))
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(cfg).to(torch.bfloat16)
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
