@@ -99,33 +99,23 @@ def vllm_requirements(py: Path, log) -> list[str]:
     return reqs
 
 
-_UNGUARDED = re.compile(r'^(@register_meta\("(?:nms|qnms)"\))$', re.M)
-_GUARD = "if torchvision.extension._has_ops():\n"
+_UNGUARDED = re.compile(r'^@torch\.library\.register_fake\("torchvision::(q?nms)"\)$', re.M)
+_GUARDED = '@(torch.library.register_fake("torchvision::\\1") if torchvision.extension._has_ops() else (lambda f: f))'
 
 
 def patch_torchvision(py: Path, log) -> None:
-    """Guard the nms/qnms fake-kernel registrations like the others in torchvision's _meta_registrations.py."""
+    """Guard the nms/qnms fake-kernel registrations like the others in torchvision's _meta_registrations.py
+    (the decorator applies only where torchvision's compiled ops loaded)."""
     site = _run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], "locating site-packages",
                 log).strip()
     path = Path(site) / "torchvision" / "_meta_registrations.py"
     text = path.read_text()
-    if "clipdense: guarded" in text:
-        return
-    blocks = re.split(r"(?m)^(?=@|def |if |\S)", text)
-    out = []
-    pending_guard = False
-    for block in blocks:
-        if _UNGUARDED.match(block.split("\n", 1)[0]):
-            out.append("# clipdense: guarded like the other registrations (vllm_env.py)\n" + _GUARD)
-            pending_guard = True
-        if pending_guard and not block.startswith("@") and not block.startswith("def "):
-            pending_guard = False
-        out.append("    " + block.replace("\n", "\n    ").rstrip(" ") if pending_guard else block)
-    patched = "".join(out)
-    if patched == text or "clipdense: guarded" not in patched:
+    patched, count = _UNGUARDED.subn(_GUARDED, text)
+    if count != 2 and "_has_ops() else (lambda f: f)" not in text:
         raise VLLMEnvError(f"cannot patch {path}: the nms/qnms registrations are not where torchvision "
                            f"{TORCHVISION} has them")
-    path.write_text(patched)
+    if count:
+        path.write_text(patched)
     _run([str(py), "-c", "import torchvision.transforms.v2"], "checking that torchvision imports", log)
 
 
