@@ -10,6 +10,7 @@ Images are random 448x448 RGB (the engine's default max_pixels), handed over as 
 request seeded from its row key. Needs CUDA vLLM (`pip install 'clipdense[vllm]'`) and transformers; no Ray.
 
     python -m bench.vllm_gpu [--images 512] [--n 5] [--tokens 30] [--batch 256] [--tp 1] [--quick]
+    $(clipdense vllm-env DIR) -m bench.vllm_gpu --smoke     # the same path at toy size on CPU vLLM
 Writes bench/results/vllm_gpu.json (and a copy under $OUT when set).
 """
 from __future__ import annotations
@@ -36,18 +37,27 @@ QWEN25_VL_7B_VISION = {"depth": 32, "hidden_size": 1280, "intermediate_size": 34
                        "tokens_per_second": 2, "hidden_act": "silu"}
 
 
-def write_model_dir(out: Path, max_pixels: int) -> Path:
+# --smoke: the same architecture at toy size, so the script's whole path runs on a CPU vLLM (`clipdense vllm-env`)
+SMOKE_TEXT = {**QWEN25_VL_7B_TEXT, "vocab_size": 512, "hidden_size": 128, "intermediate_size": 256,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 4096, "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]}}
+SMOKE_VISION = {**QWEN25_VL_7B_VISION, "depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 4,
+                "out_hidden_size": 128, "fullatt_block_indexes": [1]}
+
+
+def write_model_dir(out: Path, max_pixels: int, smoke: bool = False) -> Path:
     """Config + tokenizer + processor of a Qwen2.5-VL-7B-architecture model; no weights (vLLM's dummy load)."""
     from transformers import Qwen2_5_VLConfig
 
     from clipdense.recaption.tiny_vlm import token_config, write_processor
 
     ids = write_processor(out, max_pixels=max_pixels, processor_class="Qwen2_5_VLProcessor")
-    cfg = Qwen2_5_VLConfig(text_config={**QWEN25_VL_7B_TEXT, "bos_token_id": ids["<|endoftext|>"],
+    text, vision = (SMOKE_TEXT, SMOKE_VISION) if smoke else (QWEN25_VL_7B_TEXT, QWEN25_VL_7B_VISION)
+    cfg = Qwen2_5_VLConfig(text_config={**text, "bos_token_id": ids["<|endoftext|>"],
                                         "eos_token_id": ids["<|im_end|>"]},
-                           vision_config=QWEN25_VL_7B_VISION, tie_word_embeddings=False, **token_config(ids))
+                           vision_config=vision, tie_word_embeddings=False, **token_config(ids))
     cfg.architectures = ["Qwen2_5_VLForConditionalGeneration"]
-    cfg.torch_dtype = "bfloat16"
+    cfg.dtype = "bfloat16"
     cfg.save_pretrained(out)
     return out
 
@@ -61,13 +71,16 @@ def random_images(count: int, side: int, seed: int = 0):
 
 
 def fixed_length(captioner, tokens: int) -> None:
-    """Every caption exactly `tokens` long (random weights stop anywhere otherwise); the per-row seed stays."""
-    make = captioner.sampling_params
+    """Every caption exactly `tokens` long (random weights stop anywhere otherwise; token ids beyond our small
+    tokenizer are not detokenized); the per-row seed stays."""
+    from clipdense.recaption.engines.vllm import request_seed, sampling_kwargs
 
     def sampling_params(n, key=None):
-        p = make(n, key)
-        p.min_tokens, p.max_tokens, p.ignore_eos, p.detokenize = tokens, tokens, True, False
-        return p
+        kwargs = {**sampling_kwargs(n, captioner.top_p, captioner.temperature, tokens), "min_tokens": tokens,
+                  "ignore_eos": True, "detokenize": False}
+        if key is not None:
+            kwargs["seed"] = request_seed(captioner.seed, key)
+        return captioner._vllm.SamplingParams(**kwargs)
     captioner.sampling_params = sampling_params
 
 
@@ -78,13 +91,13 @@ def measure(args) -> dict:
 
     side = int(args.max_pixels ** 0.5) // 28 * 28
     with tempfile.TemporaryDirectory(prefix="qwen25vl7b-random-") as tmp:
-        model = write_model_dir(Path(tmp), args.max_pixels)
+        model = write_model_dir(Path(tmp), args.max_pixels, args.smoke)
         t0 = time.perf_counter()
         captioner = VLLMCaptioner(str(model), prompt="Describe this image in one sentence.", max_tokens=args.tokens,
                                   max_pixels=args.max_pixels, seed=0, engine_kwargs={
                                       "load_format": "dummy", "dtype": "bfloat16", "max_model_len": 4096,
-                                      "tensor_parallel_size": args.tp, "gpu_memory_utilization": 0.85,
-                                      "limit_mm_per_prompt": {"image": 1, "video": 0}})
+                                      "tensor_parallel_size": args.tp, "limit_mm_per_prompt": {"image": 1, "video": 0},
+                                      **({} if args.smoke else {"gpu_memory_utilization": 0.85})})
         load_s = time.perf_counter() - t0
         fixed_length(captioner, args.tokens)
         images = random_images(args.images, side)
@@ -100,7 +113,8 @@ def measure(args) -> dict:
         captioner.close()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     ips = done / seconds
-    return {"bench": "vllm_gpu", "gpu": gpu, "tensor_parallel_size": args.tp, "model": "Qwen2.5-VL-7B architecture, "
+    arch = "toy-size Qwen2.5-VL (--smoke)" if args.smoke else "Qwen2.5-VL-7B architecture"
+    return {"bench": "vllm_gpu", "gpu": gpu, "tensor_parallel_size": args.tp, "model": f"{arch}, "
             "random weights (vLLM load_format=dummy)", "image_side": side, "images": done, "captions_per_image": args.n,
             "tokens_per_caption": args.tokens, "batch": args.batch, "engine_load_s": round(load_s, 1),
             "seconds": round(seconds, 2), "images_per_s_per_gpu": round(ips / args.tp, 2),
@@ -117,9 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-pixels", type=int, default=448 * 448)
     ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
     ap.add_argument("--quick", action="store_true", help="32 images: a smoke run, not a figure")
+    ap.add_argument("--smoke", action="store_true", help="toy-size model, 8 small images: runs on CPU vLLM")
     args = ap.parse_args(argv)
     if args.quick:
         args.images = 32
+    if args.smoke:
+        args.quick, args.images, args.max_pixels, args.batch = True, 8, 112 * 112, 4
     result = measure(args)
     print(json.dumps(result, indent=1))
     if not args.quick:
