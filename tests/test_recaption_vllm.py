@@ -196,3 +196,16 @@ def test_vllm_env_platform_error_and_reuse(monkeypatch, tmp_path, capsys):
     assert cli_main(["vllm-env", str(env)]) == 0  # reused (arm64 is never checked: nothing is built)
     assert capsys.readouterr().out.strip() == str(env.resolve() / "bin" / "python")
     assert vllm_env.env_key().startswith(f"vllm{vllm_env.VLLM_CPU}-ray")
+
+
+def test_driver_checks_runtime_env_python_and_model_dir(tmp_path):
+    """Mistakes caught before any actor starts: a missing vllm-env python, a missing local model directory."""
+    from clipdense.recaption.pipeline import check_engine
+
+    missing_py = _cfg(model=str(tmp_path), runtime_env={"py_executable": str(tmp_path / "env/bin/python")})
+    with pytest.raises(ConfigError, match="py_executable: not found: .*env/bin/python .build one with"):
+        check_engine(missing_py)
+    missing_model = _cfg(model=str(tmp_path / "no-model"), runtime_env={"py_executable": sys.executable})
+    with pytest.raises(ConfigError, match="model directory not found: .*no-model"):
+        check_engine(missing_model)
+    check_engine(_cfg(model=str(tmp_path), runtime_env={"py_executable": sys.executable}))  # vllm not needed here
