@@ -2,11 +2,13 @@
 
 Losses are open_clip's: ClipLoss(local_loss=True, gather_with_grad=True) across ranks, SigLipLoss, CoCaLoss.
 Policy `both` (DataCompDR) adds the loss on (image, synthetic caption) to the loss on (image, real caption).
+After every optimizer step logit_scale is clamped to [0, ln 100], as open_clip_train does.
 """
 from __future__ import annotations
 
 import itertools
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -15,6 +17,8 @@ import torch.nn.functional as F
 from clipdense.pretrain.batches import Collate
 from clipdense.pretrain.config import PretrainConfig
 from clipdense.train.task import TrainContext, TrainTask
+
+LOGIT_SCALE_MAX = math.log(100)  # open_clip_train clamps logit_scale to [0, ln 100] after every optimizer step
 
 
 def loss_kind(model, requested: str = "auto") -> str:
@@ -121,6 +125,9 @@ class ClipPretrainTask(TrainTask):
         metrics["logit_scale"] = float(out["logit_scale"].detach())
         return total, metrics
 
+    def after_step(self, model, ctx: TrainContext) -> None:
+        clamp_logit_scale(model)
+
     def evaluate(self, model, ctx: TrainContext) -> dict[str, float]:
         eval_it = ctx.dataset_shards.get("eval")
         if not ctx.is_main or eval_it is None:
@@ -138,6 +145,13 @@ class ClipPretrainTask(TrainTask):
 
     def export(self, model, out_dir: Path) -> dict:
         return export_model(model, Path(out_dir) / "export", self.cfg.model.name, self.ctx.step)
+
+
+def clamp_logit_scale(model) -> None:
+    """open_clip_train's clamp, for every model kind (CLIP, SigLIP, CoCa): without it the temperature can grow
+    past 100 at high lr and destabilise training."""
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
 
 
 def export_model(model, out: Path, name: str, steps: int | None = None) -> dict:

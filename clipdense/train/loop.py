@@ -191,6 +191,7 @@ def _run_worker(env, task_factory, cfg: TrainConfig, run_id: str) -> dict:
             step += 1
             batch_in_epoch += 1
             ctx.step = step
+            task.after_step(raw, ctx)
             meter.add(loss, metrics, task.batch_size(batch), wait)
             report: dict = {}
             if step % cfg.log_every == 0 or step == total:

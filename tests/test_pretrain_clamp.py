@@ -1,0 +1,74 @@
+"""open_clip_train's logit-scale clamp: after every optimizer step logit_scale <= ln 100, for CLIP, SigLIP and CoCa."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+from clipdense.config import build_config
+from clipdense.models.registry import register_model_configs
+from clipdense.paths import configs_dir
+from clipdense.pretrain import PretrainConfig
+from clipdense.pretrain.task import ClipPretrainTask
+from clipdense.train import fit_local
+
+START = math.log(1000.0)  # above open_clip_train's ceiling ln 100
+
+
+def _register_hot(base: str, siglip: bool) -> str:
+    """A tiny model config whose logit scale starts at ln 1000 (open_clip reads `init_logit_scale` from the JSON)."""
+    register_model_configs()
+    cfg = json.loads((configs_dir() / "models" / f"{base}.json").read_text())
+    cfg["init_logit_scale"] = START
+    if siglip:
+        cfg["init_logit_bias"] = -10.0  # a logit_bias makes the pretrain task pick open_clip's SigLipLoss
+    name = f"{base}-hot{'-bias' if siglip else ''}"  # not 'siglip': open_clip would pick a T5 tokenizer
+    open_clip.factory._MODEL_CONFIGS[name] = cfg
+    return name
+
+
+class InMemoryBatches(ClipPretrainTask):
+    """The real pretrain task (model, open_clip loss, clamp) fed in-memory batches through its real collate, so the
+    test needs no Ray Data pipeline."""
+
+    def train_batches(self, ctx):
+        rng = np.random.default_rng(ctx.epoch)
+        collate = self._collate(ctx.epoch, True)
+        for i in range(ctx.start_batch, 2):
+            n = self.local_batch
+            yield collate({"key": np.array([f"{i}-{j}" for j in range(n)], dtype=object),
+                           "caption": np.array([f"a photo {j}" for j in range(n)], dtype=object),
+                           "syn_captions": np.array([[f"shape {j}"] for j in range(n)] + [None], dtype=object)[:-1],
+                           "pixels": rng.integers(0, 255, (n, 64, 64, 3), dtype=np.uint8)})
+
+    def loss(self, model, batch, ctx):
+        self.seen_scales = getattr(self, "seen_scales", []) + [float(model.logit_scale.detach())]
+        return super().loss(model, batch, ctx)
+
+
+@pytest.mark.parametrize("base,siglip,kind", [("clip-tiny", False, "clip"), ("clip-tiny", True, "siglip"),
+                                              ("coca-tiny", False, "coca")])
+def test_logit_scale_clamped_after_each_step(tmp_path, base, siglip, kind):
+    name = _register_hot(base, siglip)
+    cfg = build_config(PretrainConfig, {
+        "model": {"name": name}, "ray": "off", "data": {"batch_size": 4},
+        "train": {"out_dir": str(tmp_path), "optim": {"lr": 1e-3}, "log_every": 1, "eval_every": 0,
+                  "schedule": {"total_steps": 2, "warmup_steps": 0}, "checkpoint": {"every_steps": 0}}})
+    tasks = []
+
+    def factory():
+        tasks.append(InMemoryBatches(cfg.model_dump(mode="json"), {"size": 64, "mean": (0.5,) * 3, "std": (0.5,) * 3}))
+        return tasks[-1]
+
+    fit_local(factory, cfg.train)
+    task = tasks[0]
+    assert task.kind == kind
+    # step 0 trains at the initial scale; the clamp after step 0 brings step 1 down to exactly ln 100
+    assert task.seen_scales[0] == pytest.approx(START, abs=1e-2)
+    assert task.seen_scales[1] == pytest.approx(math.log(100), abs=1e-6)
+    final = torch.load(tmp_path / "export" / "model.pt", weights_only=True)["logit_scale"]
+    assert float(final) <= math.log(100) + 1e-6
