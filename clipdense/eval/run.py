@@ -42,7 +42,7 @@ def retrieval_rows(shards, s3_endpoint: str | None, max_rows: int) -> tuple[list
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=256):
         for r in batch.to_pylist():
             if r["error"] is not None:
-                reason = r["error"].split(" [")[0]
+                reason = r["error"].split(" [")[0].split(" (")[0]  # as data.shards.summarize groups them
                 skipped[reason] = skipped.get(reason, 0) + 1
             elif len(rows) < max_rows:
                 rows.append(r)
