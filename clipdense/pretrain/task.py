@@ -67,6 +67,13 @@ class ClipPretrainTask(TrainTask):
         self.ctx = ctx  # the runner keeps it current (step, epoch)
         self.rank, self.world_size = ctx.rank, ctx.world_size
         self.local_batch = max(1, self.cfg.data.batch_size // ctx.world_size)
+        self.zeroshot = None
+        zs = self.cfg.eval.zeroshot
+        if zs.root and ctx.is_main:  # (folder index, class names, templates), listed once
+            from clipdense.eval.zeroshot import index_folder, resolve_prompts
+
+            index = index_folder(zs.root, zs.max_images, "eval.zeroshot.root")
+            self.zeroshot = (index, *resolve_prompts(index, zs.classnames, zs.templates, "eval.zeroshot"))
 
     def build_model(self):
         from clipdense.models import create_clip
@@ -129,8 +136,33 @@ class ClipPretrainTask(TrainTask):
         clamp_logit_scale(model)
 
     def evaluate(self, model, ctx: TrainContext) -> dict[str, float]:
+        if not ctx.is_main:
+            return {}
+        return {**self._retrieval(model, ctx), **self._zeroshot(model, ctx)}
+
+    def _zeroshot(self, model, ctx: TrainContext) -> dict[str, float]:
+        """`clipdense eval`'s zero-shot figures as metrics; the full record (per class, errors) in zeroshot.jsonl."""
+        if self.zeroshot is None:
+            return {}
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        from clipdense.eval.zeroshot import evaluate_zeroshot
+        from clipdense.models import tokenizer_for
+
+        # the eval transform open_clip's create_model_and_transforms builds
+        preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
+        zs = self.cfg.eval.zeroshot
+        out = evaluate_zeroshot(model, tokenizer_for(self.cfg.model.name), preprocess, *self.zeroshot,
+                                device=ctx.device, batch_size=zs.batch_size, workers=zs.workers,
+                                classes_per_batch=zs.classes_per_batch)  # under the runner's autocast
+        ctx.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(ctx.out_dir / "zeroshot.jsonl", "a") as f:
+            f.write(json.dumps({"step": ctx.step, **out}) + "\n")
+        return {f"zeroshot_{k}": out[k] for k in ("top1", "top5", "mean_per_class", "images")}
+
+    def _retrieval(self, model, ctx: TrainContext) -> dict[str, float]:
         eval_it = ctx.dataset_shards.get("eval")
-        if not ctx.is_main or eval_it is None:
+        if eval_it is None:
             return {}
         imgs, txts = [], []
         collate = self._collate(0, False)

@@ -1,4 +1,5 @@
-"""open_clip_train's logit-scale clamp: after every optimizer step logit_scale <= ln 100, for CLIP, SigLIP and CoCa."""
+"""Pretraining as open_clip_train defines it: the logit-scale clamp (after every optimizer step logit_scale <= ln 100,
+for CLIP, SigLIP and CoCa) and zero-shot classification every `train.eval_every` steps, recorded in the metrics."""
 from __future__ import annotations
 
 import json
@@ -10,11 +11,13 @@ import pytest
 import torch
 
 from clipdense.config import build_config
+from clipdense.eval import EvalStageConfig, run as run_eval
 from clipdense.models.registry import register_model_configs
 from clipdense.paths import configs_dir
 from clipdense.pretrain import PretrainConfig
 from clipdense.pretrain.task import ClipPretrainTask
 from clipdense.train import fit_local
+from test_eval_zeroshot import write_folder
 
 START = math.log(1000.0)  # above open_clip_train's ceiling ln 100
 
@@ -72,3 +75,29 @@ def test_logit_scale_clamped_after_each_step(tmp_path, base, siglip, kind):
     assert task.seen_scales[1] == pytest.approx(math.log(100), abs=1e-6)
     final = torch.load(tmp_path / "export" / "model.pt", weights_only=True)["logit_scale"]
     assert float(final) <= math.log(100) + 1e-6
+
+
+def test_pretrain_records_zeroshot_metrics(tmp_path):
+    root = write_folder(tmp_path / "folder")
+    cfg = build_config(PretrainConfig, {
+        "model": {"name": "clip-tiny"}, "ray": "off", "data": {"batch_size": 4},
+        "eval": {"zeroshot": {"root": str(root), "templates": ["a photo of a {}."], "batch_size": 8}},
+        "train": {"out_dir": str(tmp_path / "run"), "optim": {"lr": 1e-3}, "log_every": 1, "eval_every": 1,
+                  "schedule": {"total_steps": 2, "warmup_steps": 0}, "checkpoint": {"every_steps": 0}}})
+    pp = {"size": 64, "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    result = fit_local(lambda: InMemoryBatches(cfg.model_dump(mode="json"), pp), cfg.train)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    at_step1 = [r for r in lines if r.get("step") == 1 and "eval/zeroshot_top1" in r]
+    assert at_step1 and at_step1[0]["eval/zeroshot_images"] == 13  # every eval_every steps, not only at the end
+    m = result["metrics"]
+    assert 0.0 <= m["eval/zeroshot_top1"] <= m["eval/zeroshot_top5"] <= 1.0
+    records = [json.loads(x) for x in (tmp_path / "run" / "zeroshot.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and records[-1]["templates"] == ["a photo of a {}."]
+    # the same evaluation as `clipdense eval` on the exported weights
+    ev = build_config(EvalStageConfig, {"model": {"name": "clip-tiny",
+                                                  "pretrained": str(tmp_path / "run" / "export" / "model.pt")},
+                                        "zeroshot": {"root": str(root), "templates": ["a photo of a {}."]},
+                                        "out": str(tmp_path / "eval")})
+    run_eval(ev)
+    z = json.loads((tmp_path / "eval" / "eval.json").read_text())["zeroshot"]
+    assert z["top1"] == pytest.approx(m["eval/zeroshot_top1"]) and z["per_class"] == records[-1]["per_class"]
