@@ -10,6 +10,7 @@ import open_clip
 import pytest
 import torch
 
+from clipdense.cli import main as cli_main
 from clipdense.config import build_config
 from clipdense.eval import EvalStageConfig, run as run_eval
 from clipdense.models.registry import register_model_configs
@@ -101,3 +102,10 @@ def test_pretrain_records_zeroshot_metrics(tmp_path):
     run_eval(ev)
     z = json.loads((tmp_path / "eval" / "eval.json").read_text())["zeroshot"]
     assert z["top1"] == pytest.approx(m["eval/zeroshot_top1"]) and z["per_class"] == records[-1]["per_class"]
+
+
+def test_pretrain_bad_zeroshot_root_is_one_line_error(tmp_path, capsys):
+    rc = cli_main(["pretrain", "--config", "configs/pretrain/clip-tiny-shapes.yaml", f"train.out_dir={tmp_path}",
+                   f"eval.zeroshot.root={tmp_path}/missing", "ray=off"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "eval.zeroshot.root: not a directory" in err and len(err.strip().splitlines()) == 1
