@@ -159,8 +159,9 @@ def evaluate_zeroshot(model, tokenizer, preprocess, index: FolderIndex, classnam
         raise DataError(f"zeroshot.root: {index.root}: none of its {len(index.samples)} images could be read "
                         f"(first: {errors[0]})")
     out = scores(torch.cat(preds), torch.cat(labels), len(classnames))
+    counts, accs = out.pop("per_class_images"), out.pop("per_class_top1")
     per_class = [{"folder": f, "name": n, "images": c, "top1": a}
-                 for f, n, c, a in zip(index.classes, classnames, out.pop("per_class_images"), out.pop("per_class_top1"))]
+                 for f, n, c, a in zip(index.classes, classnames, counts, accs)]
     n_ok = sum(len(y) for y in labels)
     return {**out, "images": n_ok, "images_per_s": n_ok / max(elapsed, 1e-9), "per_class": per_class,
             "classnames": classnames, "templates": templates, "root": index.root, "errors": errors}
