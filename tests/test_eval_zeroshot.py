@@ -13,6 +13,7 @@ from PIL import Image
 from clipdense.cli import main as cli_main
 from clipdense.config import build_config
 from clipdense.eval import EvalStageConfig, run
+from clipdense.eval.run import load_model
 from clipdense.models import create_clip
 from pretrain_files import shape_jpeg, write_world
 
@@ -132,3 +133,20 @@ def test_retrieval_on_shards(ray_local, tiny, tmp_path):
     assert r["rows"] == 11 and r["skipped"] == {"undecodable image": 1}
     for way in ("i2t", "t2i"):
         assert 0.0 <= r[f"{way}_R@1"] <= r[f"{way}_R@5"] <= r[f"{way}_R@10"] <= 1.0
+
+
+def test_local_dir_model_gives_the_same_result(tiny, tmp_path):
+    """`model.pretrained=local-dir:DIR` (open_clip_config.json + weights, as open_clip exports) loads the same model."""
+    d, root, _, ev = tiny
+    model_dir = tmp_path / "hub"
+    model_dir.mkdir()
+    cfg = open_clip.get_model_config("clip-tiny")
+    (model_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    torch.save(torch.load(d / "model.pt", weights_only=True), model_dir / "open_clip_pytorch_model.bin")
+    run(build_config(EvalStageConfig, {"model": {"pretrained": f"local-dir:{model_dir}"}, "out": str(tmp_path / "o"),
+                                       "zeroshot": {"root": str(root), "batch_size": 4}}))
+    z = json.loads((tmp_path / "o" / "eval.json").read_text())["zeroshot"]
+    assert z["per_class"] == ev["zeroshot"]["per_class"] and z["top1"] == ev["zeroshot"]["top1"]
+    loaded = load_model("ignored-label", f"local-dir:{model_dir}")[0].state_dict()
+    saved = torch.load(d / "model.pt", weights_only=True)
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
