@@ -18,7 +18,7 @@ from clipdense.paths import configs_dir
 from clipdense.pretrain import PretrainConfig
 from clipdense.pretrain.task import ClipPretrainTask
 from clipdense.train import fit_local
-from test_eval_zeroshot import write_folder
+from eval_files import write_folder
 
 START = math.log(1000.0)  # above open_clip_train's ceiling ln 100
 

@@ -152,7 +152,9 @@ class ClipPretrainTask(TrainTask):
         # the eval transform open_clip's create_model_and_transforms builds
         preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
         zs = self.cfg.eval.zeroshot
-        out = evaluate_zeroshot(model, tokenizer_for(self.cfg.model.name), preprocess, *self.zeroshot,
+        if not hasattr(self, "tokenizer"):
+            self.tokenizer = tokenizer_for(self.cfg.model.name)
+        out = evaluate_zeroshot(model, self.tokenizer, preprocess, *self.zeroshot,
                                 device=ctx.device, batch_size=zs.batch_size, workers=zs.workers,
                                 classes_per_batch=zs.classes_per_batch)  # under the runner's autocast
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
