@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from clipdense.models.export import export_open_clip_dir
 from clipdense.pretrain.batches import Collate
 from clipdense.pretrain.config import PretrainConfig
 from clipdense.train.task import TrainContext, TrainTask
@@ -189,13 +190,16 @@ def clamp_logit_scale(model) -> None:
 
 
 def export_model(model, out: Path, name: str, steps: int | None = None) -> dict:
-    """`model.pt` (open_clip.create_model(name, pretrained=...) loads it), `visual.pt` (image tower), export.json."""
+    """`model.pt` (open_clip.create_model(name, pretrained=...) loads it once our model configs are registered),
+    `visual.pt` (image tower), `open_clip/` (plain open_clip loads it as `local-dir:`), export.json."""
     out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in model.state_dict().items()}
     torch.save(sd, out / "model.pt")
     torch.save({k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}, out / "visual.pt")
+    portable = export_open_clip_dir(model, name, out / "open_clip")  # loads with plain open_clip, no clipdense
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     info = {"name": name, "model": str(out / "model.pt"), "visual": str(out / "visual.pt"),
+            "open_clip_dir": f"local-dir:{portable}",
             "params": count(model), "visual_params": count(model.visual), "steps": steps}
     (out / "export.json").write_text(json.dumps(info, indent=2))
     return info
