@@ -209,6 +209,7 @@ def _train(env, task_factory, cfg: TrainConfig, ctx: TrainContext, sink: Sink, t
             step += 1
             batch_in_epoch += 1
             ctx.step = step
+            task.after_step(raw, ctx)
             meter.add(loss, metrics, task.batch_size(batch), wait)
             report: dict = {}
             if step % cfg.log_every == 0 or step == total:
