@@ -136,7 +136,7 @@ def main(quick: bool = False, argv: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(1)
     cores = len(os.sched_getaffinity(0))
     ours, raw, oc = [], [], []
-    loads = RoundLoads()
+    loads = RoundLoads(quick=quick)
     with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
         paths = make_shards(Path(tmp), a.shards, a.per_shard, 320)
         started = not ray.is_initialized()

@@ -166,7 +166,7 @@ def main(quick: bool = False, argv: list[str] | None = None) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(a.threads)  # same threads on both sides; oversubscription swings CPU times wildly
-    loads = RoundLoads()
+    loads = RoundLoads(quick=quick or a.quick)
     r = compare(a.backbone, a.size, a.batch, a.classes, a.channels, a.channels // 2, a.steps, 5, a.rounds, device,
                 loads)
     note = (f"{a.backbone} UperNet seg, {a.size}px, batch {a.batch}, {a.classes} classes, head {a.channels} ch, "

@@ -136,7 +136,7 @@ def main(quick: bool = False, images: int | None = None, batch: int = 32, thread
     # 10x, so the runs also alternate (peer, ours, peer, ours) and report medians over every interval.
     torch.set_num_threads(threads)
     ours, peer, ours_wall, peer_wall = [], [], [], []
-    loads = RoundLoads()
+    loads = RoundLoads(quick=quick)
     with tempfile.TemporaryDirectory(prefix="bench-pretrain-") as tmp:
         root = Path(tmp)
         csv_path, tars = make_inputs(root / "data", n)

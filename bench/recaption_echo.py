@@ -144,7 +144,7 @@ def main(argv=None, quick: bool = False) -> int:
         decode = {"size": args.size}  # batch_size None: read + decode fused in one task
         pipeline(paths[:1], work / "warmup", echo, decode)  # start workers once; measure steady state
         plains, pools, pipes = [], [], []
-        loads = RoundLoads()
+        loads = RoundLoads(quick=quick)
         for _ in range(args.repeats):  # alternate the three, each after the machine cooled down; keep each's best
             loads.start_round()
             plains.append(plain_decode(paths, args.size))
