@@ -42,7 +42,7 @@ def run_probe(finetune: dict, overrides: dict) -> dict:
     from clipdense.config import build_config
     from clipdense.dense.config import FinetuneConfig
     from clipdense.dense.run import run
-    from clipdense.sweep.grid import set_dotted
+    from clipdense.config import set_dotted
 
     data = json.loads(json.dumps(finetune))
     for k, v in overrides.items():

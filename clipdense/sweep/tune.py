@@ -19,10 +19,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from clipdense.config import build_config
+from clipdense.config import build_config, set_dotted
 from clipdense.sweep.config import SearchDim, SweepConfig
 from clipdense.sweep.grid import (METRICS_FILE, TRIAL_FILE, Trial, expand, flat_metrics, grid_hash, hparam_label,
-                                  set_dotted, trial_dir)
+                                  trial_dir)
 
 TOKEN_CPU = 0.01
 STOPPED_FILE = "early_stopped.json"   # written by the driver for trials a scheduler stopped (not rerun)
