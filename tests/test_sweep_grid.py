@@ -5,7 +5,7 @@ import yaml
 from clipdense.config import load_config
 from clipdense.errors import ConfigError
 from clipdense.sweep.config import SweepConfig
-from clipdense.sweep.grid import default_fractions, expand, grid_hash, seeds_for
+from clipdense.sweep.grid import default_fractions, expand, flat_metrics, grid_hash, seeds_for
 
 
 @pytest.fixture
@@ -112,3 +112,18 @@ def test_shipped_sweep_configs_expand_to_valid_finetune_configs(name, tmp_path):
     if cfg.search_space:
         ft = finetune_config(_spec(cfg, trials[0], tmp_path), {"train.optim.lr": 3e-4}, tmp_path)
         assert ft.train.optim.lr == 3e-4
+
+
+def test_a_task_override_into_a_scalar_is_a_one_line_error(tmp_path, base_yaml):
+    cfg = _cfg(tmp_path, base_yaml, tasks=[{"name": "seg", "config": str(base_yaml),
+                                            "overrides": {"task.kind": "x"}}])
+    with pytest.raises(ConfigError, match="'task' is not a section"):
+        expand(cfg)
+
+
+def test_flat_metrics_joins_nested_keys_and_keeps_finite_numbers_only():
+    doc = {"task": "seg", "metrics": {"mIoU": 0.5, "per_class": {"circle": 0.25}, "nan": float("nan"),
+                                      "ok": True, "names": ["a"]},
+           "train": {"steps": 10}, "config": {"lr": 1.0}, "backbone": {"params": 5}}
+    assert flat_metrics(doc) == {"metrics/mIoU": 0.5, "metrics/per_class/circle": 0.25, "train/steps": 10.0}
+    assert flat_metrics(doc["metrics"]) == {"mIoU": 0.5, "per_class/circle": 0.25}

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clipdense.config import read_yaml
+from clipdense.config import deep_merge, read_yaml, set_dotted
 from clipdense.errors import ConfigError
 from clipdense.paths import configs_dir
 from clipdense.sweep.config import SweepConfig
@@ -44,30 +44,22 @@ def seeds_for(cfg: SweepConfig, fraction: float) -> list[int]:
     return list(range(n))
 
 
+def flat_metrics(doc: dict, prefix: str = "") -> dict[str, float]:
+    """The finite numbers of a metrics dict (a `metrics.json`, or a finetune's results), nested keys joined with
+    '/'; the config, backbone and provenance sections are no metrics and are skipped."""
+    out = {}
+    for k, v in doc.items():
+        if isinstance(v, dict) and k not in ("config", "backbone", "provenance"):
+            out.update(flat_metrics(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
 def hparam_label(hparams: dict[str, Any]) -> str:
     """A short stable directory name for one hyperparameter sample."""
     text = json.dumps(hparams, sort_keys=True, default=str)
     return "hp-" + hashlib.sha1(text.encode()).hexdigest()[:10]
-
-
-def set_dotted(data: dict, key: str, value: Any) -> None:
-    node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        elif not isinstance(child, dict):
-            raise ConfigError(f"key {key!r}: {part!r} is not a section")
-        node = child
-    node[parts[-1]] = copy.deepcopy(value)
-
-
-def deep_merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in extra.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
 
 
 def resolve_config_path(path: str) -> Path:

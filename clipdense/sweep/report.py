@@ -22,7 +22,7 @@ from clipdense.config import Config
 from clipdense.errors import ConfigError
 from clipdense.sweep.config import TASK_METRICS
 from clipdense.sweep.factor import efficiency_factor, fraction_deltas, full_data_target
-from clipdense.sweep.grid import METRICS_FILE, TRIAL_FILE
+from clipdense.sweep.grid import METRICS_FILE, TRIAL_FILE, flat_metrics
 
 SWEEP_FILE = "sweep.json"      # the sweep's resolved config, written by `clipdense sweep` beside trials/
 PATH_RE = re.compile(r"^(?P<task>[^/]+)/(?P<backbone>[^/]+)/f(?P<fraction>[0-9.e+-]+)/s(?P<seed>\d+)"
@@ -49,16 +49,7 @@ def find_metric(doc: dict, key: str) -> float | None:
         node = node.get(part) if isinstance(node, dict) else None
     if isinstance(node, (int, float)):
         return float(node)
-    flat = {}
-
-    def walk(d: dict, prefix: str) -> None:
-        for k, v in d.items():
-            if isinstance(v, dict) and k not in ("config", "backbone", "provenance"):
-                walk(v, f"{prefix}{k}/")
-            elif isinstance(v, (int, float)) and not isinstance(v, bool):
-                flat[f"{prefix}{k}"] = float(v)
-    walk(doc, "")
-    hits = [v for k, v in flat.items() if re.split(r"[/.]", k.lower())[-1] == key.lower()]
+    hits = [v for k, v in flat_metrics(doc).items() if re.split(r"[/.]", k.lower())[-1] == key.lower()]
     return hits[0] if len(hits) == 1 else None
 
 
