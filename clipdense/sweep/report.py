@@ -21,7 +21,7 @@ from pydantic import Field
 from clipdense.config import Config
 from clipdense.errors import ConfigError
 from clipdense.sweep.config import TASK_METRICS
-from clipdense.sweep.factor import efficiency_factor, fraction_deltas, full_data_target
+from clipdense.sweep.factor import compare, full_data_target
 from clipdense.sweep.grid import METRICS_FILE, TRIAL_FILE
 
 SWEEP_FILE = "sweep.json"      # the sweep's resolved config, written by `clipdense sweep` beside trials/
