@@ -63,6 +63,21 @@ def set_dotted(data: dict, key: str, value: Any) -> None:
     node[parts[-1]] = copy.deepcopy(value)
 
 
+def get_dotted(data: dict, key: str) -> Any:
+    node: Any = data
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def scale_schedule(data: dict, keys, fraction: float) -> None:
+    """schedule_by epochs: the fraction's steps (and warmup) are the full-data ones times the fraction."""
+    for key in (keys.total_steps, keys.warmup_steps):
+        steps = get_dotted(data, key)
+        if isinstance(steps, int) and steps > 0:
+            set_dotted(data, key, max(1, round(steps * fraction)))
+
+
 def deep_merge(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in extra.items():
@@ -91,6 +106,9 @@ class Trial:
     mode: str                         # "max" | "min"
     source: str                       # base finetune YAML, for error messages
     finetune: dict = field(repr=False, hash=False, compare=False)   # finetune config data, out_dir unset
+    condition: str = ""               # pretraining condition (the backbone's name unless grouped)
+    schedule_by: str = "iterations"
+    total_steps: int | None = None    # the trial's finetuning steps (scaled by the fraction with schedule_by epochs)
 
     @property
     def name(self) -> str:
@@ -98,7 +116,8 @@ class Trial:
 
     def coordinates(self) -> dict:
         return {"task": self.task, "backbone": self.backbone, "fraction": self.fraction, "seed": self.seed,
-                "metric": self.metric, "mode": self.mode}
+                "metric": self.metric, "mode": self.mode, "condition": self.condition or self.backbone,
+                "schedule_by": self.schedule_by, "total_steps": self.total_steps}
 
 
 def trial_dir(out: str | Path, name: str) -> Path:
@@ -125,9 +144,12 @@ def expand(cfg: SweepConfig) -> list[Trial]:
                 for s in seeds_for(cfg, f):
                     d = copy.deepcopy(data)
                     set_dotted(d, keys.fraction, f)
+                    if cfg.schedule_by == "epochs":
+                        scale_schedule(d, keys, f)
                     for key in keys.seed:
                         set_dotted(d, key, s)
-                    trials.append(Trial(task.name, bb.name, f, s, task.metric, task.mode, str(path), d))
+                    trials.append(Trial(task.name, bb.name, f, s, task.metric, task.mode, str(path), d,
+                                        bb.condition_name, cfg.schedule_by, get_dotted(d, keys.total_steps)))
     return trials
 
 
