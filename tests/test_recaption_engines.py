@@ -148,6 +148,30 @@ def test_coca_captions_are_a_function_of_seed_and_key_not_batching(coca):
     assert len({c for caps in batch for c in caps}) > 4                # captions differ across rows and samples
 
 
+def test_caption_actors_give_each_row_the_same_captions_however_rows_are_split(coca, tmp_path):
+    """The pipeline's actor logic (no Ray): one actor captioning 3 rows in one batch == two actors (separate
+    engines loaded from one checkpoint) captioning them as batches of 2 and 1, in reversed order."""
+    from clipdense.recaption.pipeline import CaptionActor
+
+    path = tmp_path / "coca.pt"
+    torch.save(coca.model.state_dict(), path)
+    engine = {"kind": "coca", "model": "coca-tiny", "checkpoint": str(path), "num_captions": 2, "seq_len": 12,
+              "seed": 7, "device": "cpu"}
+    images = _images(3)
+
+    def batch(rows):
+        return {"key": np.array([f"key{i}" for i in rows]), "caption": np.array(["c"] * len(rows)),
+                "error": np.array([None] * len(rows), dtype=object), "shard": np.array(["s.tar"] * len(rows)),
+                "pixels": np.stack([images[i] for i in rows])}
+
+    whole = CaptionActor(engine)(batch([0, 1, 2])).column("syn_captions").to_pylist()
+    first, second = CaptionActor(engine), CaptionActor(engine)
+    split = second(batch([2])).column("syn_captions").to_pylist() + first(batch([1, 0])).column(
+        "syn_captions").to_pylist()
+    assert split == [whole[2], whole[1], whole[0]]
+    assert all(len(c) == 2 for c in whole) and whole[0] != whole[1]
+
+
 def test_coca_tiny_top_p_is_greedy_argmax(coca):
     images = _images(2)
     coca.top_p = 1e-9
