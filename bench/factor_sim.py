@@ -106,8 +106,9 @@ def main(argv=None) -> None:
                     print(f"[{time.time() - t0:.0f} s] noise {noise} {shape} k={factor:g} n={seeds}: " + "; ".join(
                         f"L{lv}: cov {r['coverage']:.2f} err {r['median_rel_error']:.3f}" for lv, r in cell.items()),
                         flush=True)
-    doc = {"sweeps_per_cell": args.sweeps, "noise_parts": "1/3 common seed effect, 1/3 per-backbone seed effect, "
-           "1/3 per-trial; total std at full data = noise x slope, x f^-0.2 below", "full_score_in_slopes": FULL_SCORE, "bootstrap": args.bootstrap, "fit": args.fit, "fractions": FRACTIONS,
+    doc = {"sweeps_per_cell": args.sweeps, "bootstrap": args.bootstrap, "fit": args.fit, "fractions": FRACTIONS,
+           "noise_parts": "1/3 common seed effect, 1/3 per-backbone seed effect, 1/3 per-trial; total std at full "
+           "data = noise x slope, x f^-0.2 below", "full_score_in_slopes": FULL_SCORE,
            "seconds": round(time.time() - t0, 1), "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "factor_sim.json").write_text(json.dumps(doc, indent=2) + "\n")
