@@ -170,3 +170,17 @@ def test_backbones_grouped_by_condition_are_pretraining_runs(tmp_path):
     assert recap["factor"] == pytest.approx(2 ** ((0.34 - 0.305) / 0.03), rel=1e-3)
     assert summary["schedule_by"].startswith("epochs")
     assert "2 pretraining runs: recap-s0, recap-s1" in (root / "report.md").read_text()
+
+
+def test_factor_and_interval_texts_mark_censoring():
+    from clipdense.sweep.report import factor_text, interval_text
+
+    censored = {"factor": 16.0, "reached": True, "censored": True, "ci_low": 3.1, "ci_high": 16.0,
+                "ci_low_open": False, "ci_high_open": True}
+    assert (factor_text(censored), interval_text(censored)) == ("≥ 16x", "[3.1, ≥ 16]")
+    bound_only = {**censored, "ci_low": 16.0}
+    assert interval_text(bound_only) == "≥ 16"
+    missed = {"factor": 1.0, "reached": False, "censored": False, "ci_low": 1.0, "ci_high": 1.0,
+              "ci_low_open": True, "ci_high_open": False}
+    assert (factor_text(missed), interval_text(missed)) == ("< 1x (not reached)", "< 1")
+    assert interval_text({"ci_low": None, "ci_high": None}) == "n/a"

@@ -184,7 +184,7 @@ def _power_crossing(a, b, c, target, x_min: float, x_max: float) -> np.ndarray:
 
 
 class _Fitted:
-    """A condition's mean curve (per bootstrap draw) and its monotone fit; `sign` makes larger better."""
+    """A condition's mean curve (per bootstrap draw; larger is better) and its monotone fit."""
 
     def __init__(self, means: np.ndarray, weights: np.ndarray, fractions: np.ndarray, fit: Fit):
         self.x = np.log(fractions)

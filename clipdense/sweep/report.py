@@ -199,6 +199,8 @@ def factor_text(d: dict) -> str:
 def interval_text(d: dict) -> str:
     if d.get("ci_low") is None or d.get("ci_high") is None:
         return "n/a"
+    if math.isclose(d["ci_low"], d["ci_high"]) and (d["ci_low_open"] or d["ci_high_open"]):
+        return ("< " if d["ci_low_open"] else "≥ ") + _fmt(d["ci_high"], 3)     # one-sided: a bound only
     low = ("< " if d["ci_low_open"] else "") + _fmt(d["ci_low"], 3)
     high = ("≥ " if d["ci_high_open"] else "") + _fmt(d["ci_high"], 3)
     return f"[{low}, {high}]"
