@@ -33,7 +33,7 @@ TOOLS = {
 SHORTHANDS = {
     "synth": {"--out": "out", "--preset": "preset", "--seed": "seed"},
     "report": {},
-    "demo": {"--out": "out", "--quick": "quick"},
+    "demo": {"--out": "out", "--quick": "quick", "--replicates": "replicates"},
     "finetune": {"--save-predictions": "save_predictions", "--out": "out_dir"},
 }
 POSITIONAL = {"report": "results_dir"}

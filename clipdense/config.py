@@ -51,6 +51,14 @@ def set_dotted(data: dict, key: str, value: Any) -> None:
     node[parts[-1]] = copy.deepcopy(value)
 
 
+def get_dotted(data: dict, key: str) -> Any:
+    """The value at `a.b.c` in nested dicts, None where a part is missing."""
+    node: Any = data
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
 def deep_merge(base: dict, extra: dict) -> dict:
     """A copy of `base` with `extra` merged in: sections merge key by key, anything else replaces."""
     out = copy.deepcopy(base)

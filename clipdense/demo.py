@@ -79,6 +79,9 @@ class DemoConfig(Config):
     ray_num_cpus: int = Field(4, ge=1, description="logical CPUs of the local Ray (more than cores: Ray Data "
                                                      "tasks run beside the training workers)")
     fresh: bool = Field(False, description="ignore finished steps of an earlier run in `out`")
+    replicates: int = Field(1, ge=1, description="pretraining runs per condition (seeds seed .. seed+N-1): the "
+                            "report's factor then resamples pretraining runs too (two-level bootstrap). N > 1 "
+                            "does not fit the default preset's 30 minutes on 2 cores (each run ~230 s)")
     scale: DemoScale = Field(description="the preset's scale with the keys given here merged over it")
 
     @model_validator(mode="before")
@@ -211,15 +214,23 @@ def probe_task(p: dict, world: Path, task: str) -> dict:
         **PROBE, **own, "data.root": str(world / subdir)}}
 
 
-def _sweep_cfg(p: dict, out: Path, world: Path, alt_ckpt: str, recap_ckpt: str, seed: int):
+def run_name(condition: str, replicate: int) -> str:
+    """Pretraining run (and sweep backbone) name: the condition's for replicate 0, as before replicates existed."""
+    return condition if replicate == 0 else f"{condition}-r{replicate}"
+
+
+def _sweep_cfg(p: dict, out: Path, world: Path, alt_ckpt: str, recap_ckpt: str, seed: int,
+               replicate_ckpts: dict[tuple[str, int], str] | None = None):
+    """`replicate_ckpts`: (condition, replicate >= 1) -> checkpoint of the further pretraining runs."""
     from clipdense.sweep import SweepConfig
 
+    ckpts = {("alt-text-clip", 0): alt_ckpt, ("recap-clip", 0): recap_ckpt, **(replicate_ckpts or {})}
+    runs = [{"name": run_name(cond, r), "condition": cond, "backbone": {"name": p["clip_model"], "checkpoint": ckpt}}
+            for (cond, r), ckpt in sorted(ckpts.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
     return build_config(SweepConfig, {
         "name": "demo", "out": str(out),
         # random-init: the same tower untrained, the floor a pretraining must beat to have put anything useful in
-        "backbones": [{"name": "alt-text-clip", "backbone": {"name": p["clip_model"], "checkpoint": alt_ckpt}},
-                      {"name": "recap-clip", "backbone": {"name": p["clip_model"], "checkpoint": recap_ckpt}},
-                      {"name": "random-init", "backbone": {"name": p["clip_model"], "checkpoint": None}}],
+        "backbones": [*runs, {"name": "random-init", "backbone": {"name": p["clip_model"], "checkpoint": None}}],
         "tasks": [probe_task(p, world, "seg"), probe_task(p, world, "depth")],
         "fractions": p["fractions"], "seeds": p["seeds"], "small_fraction_seeds": p["small_seeds"],
         "search_seed": seed, "max_failures": 1, "report": {"reference": "alt-text-clip"},
@@ -272,20 +283,24 @@ def run(cfg: DemoConfig) -> dict:
               f"appears: {q['alt_text_shape_recall']:.2f} vs {q['synthetic_shape_recall']:.2f}")
 
     ckpts = {}
-    with _step(out, 4, f"pretrain two {p['clip_model']} CLIPs with identical budgets", cfg.fresh) as s:
-        for name, policy in (("alt-text-clip", "real"), ("recap-clip", "synthetic")):
-            run_dir = out / "pretrain" / name
-            ckpts[name] = str(run_dir / "export" / "model.pt")
-            if not s.done:
-                print(f"  {name}: caption policy {policy}", flush=True)
-                pretrain.run(_pretrain_cfg(p["clip_model"], str(world / "web"), str(recap), policy, run_dir,
-                                           p["clip_steps"], p["clip_batch"], cfg.seed, threads))
+    with _step(out, 4, f"pretrain {p['clip_model']} CLIPs with identical budgets, {cfg.replicates} per condition",
+               cfg.fresh) as s:
+        for r in range(cfg.replicates):
+            for condition, policy in (("alt-text-clip", "real"), ("recap-clip", "synthetic")):
+                name = run_name(condition, r)
+                run_dir = out / "pretrain" / name
+                ckpts[condition, r] = str(run_dir / "export" / "model.pt")
+                if not s.done or not Path(ckpts[condition, r]).is_file():   # a run added by a larger --replicates
+                    print(f"  {name}: caption policy {policy}, seed {cfg.seed + r}", flush=True)
+                    pretrain.run(_pretrain_cfg(p["clip_model"], str(world / "web"), str(recap), policy, run_dir,
+                                               p["clip_steps"], p["clip_batch"], cfg.seed + r, threads))
 
     sweep_dir = out / "sweep"
-    title = "sweep seg + depth probes (frozen trunk, linear head): fractions x 3 backbones x seeds"
+    title = f"sweep seg + depth probes (frozen trunk, linear head): fractions x {len(ckpts) + 1} backbones x seeds"
     with _step(out, 5, title, cfg.fresh) as s:
-        scfg = _sweep_cfg(p, sweep_dir, world, ckpts["alt-text-clip"], ckpts["recap-clip"], cfg.seed)
-        if not s.done:
+        scfg = _sweep_cfg(p, sweep_dir, world, ckpts.pop(("alt-text-clip", 0)), ckpts.pop(("recap-clip", 0)),
+                          cfg.seed, ckpts)
+        if not s.done or cfg.replicates > 1:    # the sweep resumes: finished trials are not rerun
             sweep.run(scfg.model_copy(update={"run_report": False}))
 
     with _step(out, 6, "report: plots, tables, efficiency factor", False):

@@ -102,6 +102,18 @@ def test_cli_quick_flag_and_quick_preset_file_resolve_alike(capsys):
     assert yaml.safe_load(capsys.readouterr().out) == flag and flag["quick"] is True
 
 
+def test_replicates_are_pretraining_runs_of_one_condition(tmp_path):
+    """`--replicates 2`: the second pretraining run of each condition joins the sweep as a backbone of that
+    condition, so the report's bootstrap resamples pretraining runs too."""
+    cfg = _sweep_cfg(preset_scale("quick").model_dump(exclude_unset=True), tmp_path / "sweep", tmp_path / "world", "alt.pt", "recap.pt", 0,
+                     {("alt-text-clip", 1): "alt1.pt", ("recap-clip", 1): "recap1.pt"})
+    runs = {b.name: (b.condition_name, b.backbone["checkpoint"]) for b in cfg.backbones}
+    assert runs == {"alt-text-clip": ("alt-text-clip", "alt.pt"), "recap-clip": ("recap-clip", "recap.pt"),
+                    "alt-text-clip-r1": ("alt-text-clip", "alt1.pt"), "recap-clip-r1": ("recap-clip", "recap1.pt"),
+                    "random-init": ("random-init", None)}
+    assert DemoConfig(replicates=2).replicates == 2 and cfg.report.reference == "alt-text-clip"
+
+
 @pytest.mark.slow
 def test_demo_quick_produces_every_artefact(ray_local, tmp_path):
     out = tmp_path / "demo"

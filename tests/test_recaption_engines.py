@@ -105,7 +105,6 @@ def test_kv_cached_decoder_equals_open_clip_forward(coca, correct_cls_mask):
         samples = {}
         for cached in (True, False):
             coca.kv_cache = cached
-            coca.generator.manual_seed(5)
             samples[cached] = coca.sample_tokens(_images(4), 2)
         assert torch.equal(samples[True], samples[False])
     finally:
@@ -119,18 +118,59 @@ def _images(k, size=64):
 
 def test_coca_n_captions_per_image_and_seeded_determinism(coca, tmp_path):
     images = _images(2)
-    coca.generator.manual_seed(3)
     first = coca.generate(images, 3)
     assert len(first) == 2 and all(len(c) == 3 and all(isinstance(s, str) for s in c) for c in first)
-    coca.generator.manual_seed(3)
     assert coca.generate(images, 3) == first
-    coca.generator.manual_seed(4)
-    assert coca.generate(images, 3) != first
+    coca.seed = 4
+    try:
+        assert coca.generate(images, 3) != first
+    finally:
+        coca.seed = 3
     # a local checkpoint (what the pretrain stage saves) loads into an identical captioner
     path = tmp_path / "coca.pt"
     torch.save(coca.model.state_dict(), path)
     other = CocaCaptioner("coca-tiny", checkpoint=str(path), seq_len=12, device="cpu", seed=3)
     assert other.generate(images, 3) == first
+
+
+def test_coca_captions_are_a_function_of_seed_and_key_not_batching(coca):
+    """CPU fp32: a row's captions are the same alone, in a batch of 3, in another order and in another captioner
+    instance (another actor); another key (or seed) gives other captions."""
+    images, keys = _images(3), ["k0", "k1", "k2"]
+    batch = coca.generate(images, 4, keys=keys)
+    alone = [coca.generate([im], 4, keys=[k])[0] for im, k in zip(images, keys)]
+    assert batch == alone
+    order = [2, 0, 1]
+    assert coca.generate([images[i] for i in order], 4, keys=[keys[i] for i in order]) == [batch[i] for i in order]
+    other_actor = CocaCaptioner("coca-tiny", seq_len=12, device="cpu", seed=3)
+    other_actor.model.load_state_dict(coca.model.state_dict())
+    assert other_actor.generate(images[1:], 4, keys=keys[1:]) == batch[1:]
+    assert coca.generate(images[:1], 4, keys=["another"])[0] != batch[0]
+    assert len({c for caps in batch for c in caps}) > 4                # captions differ across rows and samples
+
+
+def test_caption_actors_give_each_row_the_same_captions_however_rows_are_split(coca, tmp_path):
+    """The pipeline's actor logic (no Ray): one actor captioning 3 rows in one batch == two actors (separate
+    engines loaded from one checkpoint) captioning them as batches of 2 and 1, in reversed order."""
+    from clipdense.recaption.pipeline import CaptionActor
+
+    path = tmp_path / "coca.pt"
+    torch.save(coca.model.state_dict(), path)
+    engine = {"kind": "coca", "model": "coca-tiny", "checkpoint": str(path), "num_captions": 2, "seq_len": 12,
+              "seed": 7, "device": "cpu"}
+    images = _images(3)
+
+    def batch(rows):
+        return {"key": np.array([f"key{i}" for i in rows]), "caption": np.array(["c"] * len(rows)),
+                "error": np.array([None] * len(rows), dtype=object), "shard": np.array(["s.tar"] * len(rows)),
+                "pixels": np.stack([images[i] for i in rows])}
+
+    whole = CaptionActor(engine)(batch([0, 1, 2])).column("syn_captions").to_pylist()
+    first, second = CaptionActor(engine), CaptionActor(engine)
+    split = second(batch([2])).column("syn_captions").to_pylist() + first(batch([1, 0])).column(
+        "syn_captions").to_pylist()
+    assert split == [whole[2], whole[1], whole[0]]
+    assert all(len(c) == 2 for c in whole) and whole[0] != whole[1]
 
 
 def test_coca_tiny_top_p_is_greedy_argmax(coca):
@@ -219,10 +259,9 @@ def test_coca_on_cuda_bf16_is_seeded_and_matches_cpu_greedy():
     gpu = CocaCaptioner("coca-tiny", seq_len=12, device="cuda", seed=5)
     torch.nn.init.normal_(gpu.model.text_decoder.text_projection, std=2.0)
     images = _images(4)
-    first = gpu.generate(images, 5)
+    first = gpu.generate(images, 5, keys=["a", "b", "c", "d"])
     assert len(first) == 4 and all(len(c) == 5 for c in first)
-    gpu.generator.manual_seed(5)
-    assert gpu.generate(images, 5) == first  # seeded on the GPU too
+    assert gpu.generate(images, 5, keys=["a", "b", "c", "d"]) == first  # seeded on the GPU too
     gpu.top_p = 1e-9  # greedy: bf16 autocast on CUDA picks the same first tokens as fp32 on CPU
     cpu = CocaCaptioner("coca-tiny", seq_len=12, device="cpu")
     cpu.model.load_state_dict(gpu.model.state_dict())

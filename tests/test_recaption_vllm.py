@@ -44,8 +44,9 @@ def make_fake_vllm(completions=None, fail=None):
                 raise fail
             outs = []
             for i, _ in enumerate(messages):
-                texts = completions(i, sampling_params.n) if completions else [
-                    f"  caption {i}-{k}\nsecond sentence. " for k in range(sampling_params.n)]
+                sp = sampling_params[i] if isinstance(sampling_params, list) else sampling_params
+                texts = completions(i, sp.n) if completions else [
+                    f"  caption {i}-{k}\nsecond sentence. " for k in range(sp.n)]
                 outs.append(SimpleNamespace(outputs=[SimpleNamespace(text=t) for t in texts]))
             return outs
 
@@ -81,6 +82,18 @@ def test_adapter_builds_chat_requests_and_parses_n_outputs(monkeypatch):
     assert user["content"][0]["type"] == "image_pil" and user["content"][0]["image_pil"].size == (30, 20)
     assert user["content"][1] == {"type": "text", "text": "Caption this."}
     assert chat["use_tqdm"] is False
+
+
+def test_adapter_seeds_each_request_from_its_key(monkeypatch):
+    fake = make_fake_vllm()
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    captioner = VLLMCaptioner("m", prompt="p", seed=3)
+    images = [np.zeros((4, 4, 3), np.uint8)] * 3
+    captioner.generate(images, 2, keys=["a", "b", "c"])
+    captioner.generate(images[:2], 2, keys=["c", "a"])
+    first, second = ([p.kwargs["seed"] for p in call["sampling_params"]] for call in fake.calls["chat"])
+    assert len(set(first)) == 3 and second == [first[2], first[0]]   # per key, whatever the batch and order
+    assert all(p.kwargs["n"] == 2 for p in fake.calls["chat"][0]["sampling_params"])
 
 
 def test_adapter_cut_at_period_and_provenance(monkeypatch):

@@ -127,3 +127,17 @@ def test_flat_metrics_joins_nested_keys_and_keeps_finite_numbers_only():
            "train": {"steps": 10}, "config": {"lr": 1.0}, "backbone": {"params": 5}}
     assert flat_metrics(doc) == {"metrics/mIoU": 0.5, "metrics/per_class/circle": 0.25, "train/steps": 10.0}
     assert flat_metrics(doc["metrics"]) == {"mIoU": 0.5, "per_class/circle": 0.25}
+
+
+def test_schedule_by_epochs_scales_steps_and_is_recorded(tmp_path, base_yaml):
+    by_iter = {t.name: t for t in expand(_cfg(tmp_path, base_yaml, fractions=[0.25, 1.0], seeds=1))}
+    by_epoch = {t.name: t for t in expand(_cfg(tmp_path, base_yaml, fractions=[0.25, 1.0], seeds=1,
+                                               schedule_by="epochs"))}
+    steps = lambda t: t.finetune["train"]["schedule"]["total_steps"]
+    assert steps(by_iter["depth/recap-clip/f0.25/s0"]) == steps(by_iter["depth/recap-clip/f1/s0"]) == 10
+    assert steps(by_epoch["depth/recap-clip/f0.25/s0"]) == 2 and steps(by_epoch["depth/recap-clip/f1/s0"]) == 10
+    coords = by_epoch["depth/recap-clip/f0.25/s0"].coordinates()
+    assert (coords["schedule_by"], coords["total_steps"], coords["condition"]) == ("epochs", 2, "recap-clip")
+    grouped = expand(_cfg(tmp_path, base_yaml, seeds=1, fractions=[1.0], report={"reference": "alt"},
+                          backbones=[{"name": "alt-s0", "condition": "alt"}, {"name": "alt-s1", "condition": "alt"}]))
+    assert {t.coordinates()["condition"] for t in grouped} == {"alt"}

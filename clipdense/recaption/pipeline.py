@@ -37,7 +37,7 @@ class CaptionActor:
         self.engine = build_captioner(self.cfg)
         self.calls = 0
 
-    def _generate(self, images: list, captions: list) -> list[list[str]]:
+    def _generate(self, images: list, captions: list, keys: list | None = None) -> list[list[str]]:
         self.calls += 1
         if self.calls <= self.fault.engine_fail_first:
             raise RuntimeError(f"injected engine failure (call {self.calls})")
@@ -45,13 +45,14 @@ class CaptionActor:
         if marker and any(marker in (c or "") for c in captions):
             raise RuntimeError(f"injected engine failure (a caption contains {marker!r})")
         n = self.cfg.num_captions
-        return check_output(self.engine.generate(images, n, captions), len(images), n)
+        return check_output(self.engine.generate(images, n, captions, keys=keys), len(images), n)
 
-    def caption(self, images: list, captions: list) -> tuple[list[list[str]] | None, str | None]:
+    def caption(self, images: list, captions: list,
+                keys: list | None = None) -> tuple[list[list[str]] | None, str | None]:
         last: Exception | None = None
         for attempt in range(self.cfg.retries + 1):
             try:
-                return self._generate(images, captions), None
+                return self._generate(images, captions, keys), None
             except Exception as e:  # any engine failure (CUDA OOM, bad output...) is retried, then recorded
                 last = e
                 log.warning("captioner call failed (attempt %d/%d): %s", attempt + 1, self.cfg.retries + 1, e)
@@ -66,7 +67,8 @@ class CaptionActor:
                 images = [batch["pixels"][i] for i in ok]
             else:
                 images = [bytes(batch["image_jpeg"][i]) for i in ok]
-            result, failure = self.caption(images, [batch["caption"][i] for i in ok])
+            result, failure = self.caption(images, [batch["caption"][i] for i in ok],
+                                           [str(batch["key"][i]) for i in ok])
             for j, i in enumerate(ok):
                 if failure is None:
                     syn[i] = result[j]

@@ -1,8 +1,9 @@
 """The captioner interface: a small pure API that tests call without Ray.
 
-`Captioner.generate(images, n, captions=None) -> list[list[str]]`: for each image, `n` captions. Images are PIL
-images or uint8 HxWx3 arrays (what the pipeline's CPU stage produces); `captions` are the original captions
-(only the echo engine reads them).
+`Captioner.generate(images, n, captions=None, keys=None) -> list[list[str]]`: for each image, `n` captions. Images
+are PIL images or uint8 HxWx3 arrays (what the pipeline's CPU stage produces); `captions` are the original captions
+(only the echo engine reads them); `keys` are the rows' keys, which seed each row's sampling (so a caption does not
+depend on batching, actors or order).
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ class Captioner(abc.ABC):
     kind: str = ""
 
     @abc.abstractmethod
-    def generate(self, images: Sequence[ImageLike], n: int,
-                 captions: Sequence[str | None] | None = None) -> list[list[str]]:
+    def generate(self, images: Sequence[ImageLike], n: int, captions: Sequence[str | None] | None = None,
+                 keys: Sequence[str] | None = None) -> list[list[str]]:
         """n captions for each image, in order."""
 
     def close(self) -> None:

@@ -4,10 +4,17 @@ forward, so no `transformers` is needed.
 
 Vectorised: the image tower runs once per image; its embeddings are repeated N times and all B*N sequences are
 sampled together. CPU (fp32) or CUDA (bf16 autocast).
+
+Seeding: each caption's draws come from (engine seed, row key, caption index) (sampling.sequence_uniforms), so a
+row's captions do not depend on the batch it came in, the actor or the order. On CPU in fp32 that makes captions
+exact across batchings (tested); on CUDA in bf16 the draws are the same but the logits can differ in the last bits
+with the batch shape (kernel choice), which can flip a token whose uniform sits on a nucleus boundary: rare, not
+exact. Without keys (direct calls) a row's key is a hash of its pixels.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from pathlib import Path
 from typing import Sequence
 
@@ -18,7 +25,7 @@ from clipdense.models import open_clip_adapter as oca
 from clipdense.recaption.decode import fit_square
 from clipdense.recaption.engines.base import Captioner, ImageLike, cut_caption, to_pil
 from clipdense.recaption.engines.kv_cache import CocaKVDecoder, supports_kv_cache
-from clipdense.recaption.engines.sampling import decode_sequences, sample_top_p
+from clipdense.recaption.engines.sampling import decode_sequences, sample_top_p, sequence_uniforms
 
 
 def coca_image_size(model: str) -> int | None:
@@ -67,7 +74,7 @@ class CocaCaptioner(Captioner):
         self.std = torch.tensor(pre.get("std", (0.26862954, 0.26130258, 0.27577711)), device=self.device)
         self.top_p, self.temperature = top_p, temperature
         self.seq_len, self.min_seq_len, self.cut_at_period = seq_len, min_seq_len, cut_at_period
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.seed = seed  # with each row's key, seeds that row's captions (sampling.sequence_uniforms)
         # our cached decoder (kv_cache.py) where the model's towers are open_clip's stock ones; else its forward
         self.kv_cache = kv_cache and supports_kv_cache(self.model)
 
@@ -89,9 +96,12 @@ class CocaCaptioner(Captioner):
         return (x - self.mean[:, None, None]) / self.std[:, None, None]
 
     @torch.no_grad()
-    def sample_tokens(self, images: Sequence[ImageLike], n: int) -> torch.Tensor:
-        """[len(images) * n, seq_len] token ids; rows i*n .. i*n+n-1 belong to image i."""
+    def sample_tokens(self, images: Sequence[ImageLike], n: int, keys: Sequence[str] | None = None) -> torch.Tensor:
+        """[len(images) * n, seq_len] token ids; rows i*n .. i*n+n-1 belong to image i (key keys[i])."""
         x = self.pixels(images)
+        if keys is None:
+            keys = [hashlib.blake2b(row.cpu().numpy().tobytes(), digest_size=16).hexdigest() for row in x]
+        uniforms = sequence_uniforms(self.seed, keys, n, self.seq_len)
         with self._autocast():
             latent, embs = oca.coca_encode_image(self.model, x)
         latent, embs = latent.repeat_interleave(n, 0), embs.repeat_interleave(n, 0)
@@ -113,13 +123,15 @@ class CocaCaptioner(Captioner):
         with trim:
             return sample_top_p(next_logits, len(images) * n, sot=self.sot, eot=self.eot, pad=self.pad,
                                 seq_len=self.seq_len, min_seq_len=self.min_seq_len, top_p=self.top_p,
-                                temperature=self.temperature, generator=self.generator, device=self.device)
+                                temperature=self.temperature, device=self.device, uniforms=uniforms)
 
-    def generate(self, images: Sequence[ImageLike], n: int,
-                 captions: Sequence[str | None] | None = None) -> list[list[str]]:
+    def generate(self, images: Sequence[ImageLike], n: int, captions: Sequence[str | None] | None = None,
+                 keys: Sequence[str] | None = None) -> list[list[str]]:
         if not images:
             return []
-        tokens = self.sample_tokens(images, n).cpu()
+        if keys is not None and len(keys) != len(images):
+            raise ValueError(f"{len(keys)} keys for {len(images)} images")
+        tokens = self.sample_tokens(images, n, keys).cpu()
         texts = decode_sequences(tokens, self.tokenizer.decode, self.sot, self.eot)
         texts = [cut_caption(t, self.cut_at_period) for t in texts]
         return [texts[i * n:(i + 1) * n] for i in range(len(images))]
