@@ -63,22 +63,26 @@ def test_coca_tiny_end_to_end_nothing_lost(ray_local, tmp_path):
     for tar, keys in expected.items():  # one output per input shard, every input row exactly once, in order
         assert [r["key"] for r in outputs[tar.replace(".tar", ".parquet")]] == keys
     rows = {r["key"]: r for rows in outputs.values() for r in rows}
-    ok = [r for r in rows.values() if r["error"] is None]
+    ok = [r for r in rows.values() if r["error_code"] is None]
+    assert all(r["error"] is None for r in ok)
     assert {r["key"] for r in ok} >= {"a0000", "a0003", "b0000", "b0002"}
     assert all(len(r["syn_captions"]) == 5 and all("." not in c for c in r["syn_captions"]) for r in ok)
     assert rows["a0000"]["engine"] == "coca" and rows["a0000"]["model"] == "coca-tiny"
     assert json.loads(rows["a0000"]["sampling"])["top_p"] == 0.9 and rows["a0000"]["prompt"] is None
     assert "image_bytes" not in rows["a0000"]
-    assert rows["trunc"]["error"].startswith("undecodable image") and rows["trunc"]["syn_captions"] is None
-    assert rows["nocap"]["error"].startswith("no caption")
-    assert rows["pdf"]["error"].startswith("no image")
-    assert rows["huge"]["error"].startswith("image too large (1500x1000")
-    assert any(e and e.startswith("truncated or corrupt tar") for e in (r["error"] for r in rows.values()))
+    assert rows["trunc"]["error_code"] == "undecodable_image" and rows["trunc"]["syn_captions"] is None
+    assert rows["nocap"]["error_code"] == "no_caption"
+    assert rows["pdf"]["error_code"] == "no_image"
+    assert (rows["huge"]["error_code"], rows["huge"]["error"]) == ("image_too_large",
+                                                                  "1500x1000 > max_image_pixels=1000000")
+    assert sum(r["error_code"] == "truncated_tar" for r in rows.values()) == 1
     assert summary["rows_in"] == len(rows) == sum(len(k) for k in expected.values())
     assert summary["rows_captioned"] == len(ok) and summary["rows_failed"] == len(rows) - len(ok)
-    assert summary["failed_by_reason"]["image too large"] == 1 and summary["failed_by_reason"]["no image"] == 1
+    assert summary["failed_by_code"] == {"image_too_large": 1, "no_caption": 1, "no_image": 1, "truncated_tar": 1,
+                                         "undecodable_image": 1}
     stats = json.loads((tmp_path / "out" / "_stats.json").read_text())
     assert stats["rows_captioned"] == len(ok) and stats["synthetic"]["count"] == 5 * len(ok)
+    assert stats["rows_failed_by_code"] == summary["failed_by_code"]
     assert 0 < stats["synthetic"]["distinct_1"] <= 1 and stats["clip"]["images"] == 4
     assert stats["clip"]["clip_score_synthetic"] >= 0
 
@@ -105,9 +109,10 @@ def test_kill_and_rerun_is_exactly_once(ray_local, tmp_path):
         assert [r["key"] for r in outputs[name.rsplit(".", 1)[0] + ".parquet"]] == keys
     rows = {r["key"]: r for rows in outputs.values() for r in rows}
     assert rows["a0001"]["syn_captions"] == ["caption a1"] * 2  # echo after a retried failure
-    assert rows["b0001"]["error"].startswith("caption engine failed (RuntimeError: injected engine failure")
-    assert summary["failed_by_reason"]["caption engine failed"] >= 1
-    assert rows["p0"]["syn_captions"] == ["caption p0"] * 2 and rows["p2"]["error"].startswith("no image")
+    assert rows["b0001"]["error_code"] == "caption_engine_failed"
+    assert rows["b0001"]["error"].startswith("RuntimeError: injected engine failure")
+    assert summary["failed_by_code"]["caption_engine_failed"] >= 1
+    assert rows["p0"]["syn_captions"] == ["caption p0"] * 2 and rows["p2"]["error_code"] == "no_image"
     # a third run has nothing left to do
     assert run(build_config(RecaptionConfig, base))["shards"]["written"] == 0
 
@@ -174,7 +179,8 @@ def test_assembler_handles_interleaved_sources_and_detects_lost_order():
 
     def block(*rows):
         return pa.table({"key": [k for k, _ in rows], "caption": ["c"] * len(rows),
-                         "syn_captions": [["c"]] * len(rows), "error": [None] * len(rows),
+                         "syn_captions": [["c"]] * len(rows), "error_code": pa.nulls(len(rows), pa.string()),
+                         "error": pa.nulls(len(rows), pa.string()),
                          "shard": [s for _, s in rows]})
     # Ray's ordered union alternates tar and Parquet blocks; within a source, shards stay contiguous
     for b in (block(("a1", "/d/a.tar")), block(("p1", "/d/p.parquet")), block(("a2", "/d/a.tar"), ("b1", "/d/b.tar")),
