@@ -4,8 +4,9 @@
   guard): an image declaring more pixels is refused before any pixel is decoded. PIL's process-wide
   `Image.MAX_IMAGE_PIXELS` is never changed for good: at or below PIL's limit our check alone decides; a larger
   configured limit lifts PIL's only for the duration of the call (`_pil_limit`).
-- `load_rgb` / `load_pixels`: decode to RGB / in the file's own mode; `load_rgb` optionally with `Image.draft` (JPEG only: DCT-domain downscale at decode by 1/2, 1/4
-  or 1/8, never below the requested size; several times cheaper for photo-size JPEGs).
+- `load_rgb` / `load_pixels`: decode to RGB / in the file's own mode; `load_rgb` optionally with `Image.draft`
+  (JPEG only: DCT-domain downscale at decode by 1/2, 1/4 or 1/8, never below the requested size; several times
+  cheaper for photo-size JPEGs).
 - `fit_square` / `fit_pixels`: the resize geometry the pipelines use; `decode_square` / `shrink_jpeg` chain them.
 Problems raise `ImageError` (a ValueError) with a row-error code (`data.rows`) and a deterministic detail.
 """
