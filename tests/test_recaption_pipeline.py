@@ -117,6 +117,42 @@ def test_kill_and_rerun_is_exactly_once(ray_local, tmp_path):
     assert run(build_config(RecaptionConfig, base))["shards"]["written"] == 0
 
 
+def test_rerun_over_old_format_outputs_resumes(ray_local, tmp_path):
+    """An output directory written by the previous version (one `error` string per row, no `error_code`) resumes:
+    its files count as done and are read by code, by the stats and by pretraining's join."""
+    from clipdense.data.shards import SCHEMA
+    from clipdense.pretrain.data import join_recaptions
+    from clipdense.recaption.writer import OUTPUT_SCHEMA
+
+    expected = _shards(tmp_path / "in")
+    src = str(tmp_path / "in" / "000000.tar")
+    old_errors = {"a0001": f"caption engine failed (RuntimeError: engine died) [{src}]",
+                  "trunc": f"undecodable image (OSError: image file is truncated) [{src}]",
+                  "nocap": f"no caption [{src}]", "pdf": f"no image (found: pdf) [{src}]",
+                  "huge": f"image too large (1500x1000 > max_image_pixels=1000000) [{src}]"}
+    old = [{"key": k, "caption": "c", "syn_captions": None if k in old_errors else ["old syn"], "engine": "echo",
+            "model": "echo", "prompt": None, "sampling": "{}", "error": old_errors.get(k)}
+           for k in expected["000000.tar"]]
+    (tmp_path / "out").mkdir()
+    old_schema = pa.schema([f for f in OUTPUT_SCHEMA if f.name != "error_code"])
+    pq.write_table(pa.Table.from_pylist(old, schema=old_schema), tmp_path / "out" / "000000.parquet")
+    cfg = build_config(RecaptionConfig, {"input": str(tmp_path / "in" / "{000000..000001}.tar"),
+                                         "output": str(tmp_path / "out"), "decode": {"size": 32},
+                                         "engine": {"kind": "echo", "num_captions": 1}})
+    summary = run(cfg)
+    assert summary["shards"] == {"total": 2, "skipped_done": 1, "written": 1}
+    assert pq.read_table(tmp_path / "out" / "000000.parquet").column_names == old_schema.names  # left as it was
+    assert summary["stats"]["rows_failed_by_code"] == {"caption_engine_failed": 1, "image_too_large": 1,
+                                                       "no_caption": 1, "no_image": 1, "undecodable_image": 1}
+    assert summary["stats"]["rows_captioned"] == len(expected["000000.tar"]) - 5 + len(expected["000001.tar"])
+    rows = [r for name in ("000000.tar", "000001.tar") for r in read_shard_local(str(tmp_path / "in" / name))]
+    joined = join_recaptions(pa.Table.from_pylist(rows, schema=SCHEMA), str(tmp_path / "out"), "synthetic")
+    by_key = {r["key"]: r for r in joined.to_pylist()}
+    assert (by_key["a0001"]["error_code"], by_key["a0001"]["error"]) == (
+        "recaption_failed", "caption_engine_failed: RuntimeError: engine died")
+    assert by_key["a0000"]["syn_captions"] == ["old syn"] and by_key["b0000"]["syn_captions"] == ["caption b0"]
+
+
 def test_s3_input_and_output_via_cli(ray_local, s3_server, tmp_path, capsys):
     import boto3
 
