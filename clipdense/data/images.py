@@ -38,12 +38,13 @@ class ImageError(ValueError):
 
 
 @contextlib.contextmanager
-def _pil_limit(max_pixels: int):
+def _pil_limit(max_pixels: int, quiet: type[Warning] = Image.DecompressionBombWarning):
     """PIL refuses images above twice its MAX_IMAGE_PIXELS (and warns above it) wherever it looks at a size; our
     guard decides instead. Only a limit above PIL's current one lifts PIL's, for this call, under a lock, restored
-    after (another thread opening an image meanwhile sees the lifted limit)."""
+    after (another thread opening an image meanwhile sees the lifted limit). Warnings of class `quiet` are muted
+    (a bomb warning becomes our row error)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our guard reports it as a row error
+        warnings.simplefilter("ignore", quiet)
         current = Image.MAX_IMAGE_PIXELS
         if current is None or max_pixels <= current:
             yield
@@ -97,15 +98,13 @@ def load_rgb(im: Image.Image, draft_size: tuple[int, int] | None = None,
              max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode `im` to RGB; with `draft_size`, a JPEG is decoded at the smallest 1/2^k scale still >= that size."""
     try:
-        with _pil_limit(max_pixels):
+        with _pil_limit(max_pixels, quiet=Warning):  # also palette-with-transparency notices
             if draft_size is not None and im.format == "JPEG":
                 im.draft("RGB", draft_size)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # palette-with-transparency notices
-                if im.mode != "RGB":
-                    return im.convert("RGB")
-                im.load()
-                return im
+            if im.mode != "RGB":
+                return im.convert("RGB")
+            im.load()
+            return im
     except Exception as e:
         raise ImageError("undecodable_image", exception_detail(e)) from None
 
