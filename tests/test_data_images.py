@@ -62,6 +62,23 @@ def test_bomb_in_a_shard_is_a_row_error(tmp_path):
     assert rows["bomb"]["error_code"] == "image_too_large" and rows["ok"]["error_code"] is None
 
 
+def test_dense_file_readers_use_the_guard(tmp_path):
+    from clipdense.dense.datasets.common import read_png, read_rgb
+    from clipdense.errors import DataError
+
+    (tmp_path / "bomb.png").write_bytes(bomb_header(10_000, 10_000))
+    (tmp_path / "junk.jpg").write_bytes(b"junk")
+    (tmp_path / "depth.png").write_bytes(_png((6, 4), "I;16"))
+    with pytest.raises(DataError, match=r"bomb.png: image too large \(10000x10000 > max_image_pixels=89478485\)"):
+        read_rgb(tmp_path / "bomb.png")
+    with pytest.raises(DataError, match=r"junk.jpg: unreadable image \(UnidentifiedImageError"):
+        read_rgb(tmp_path / "junk.jpg")
+    with pytest.raises(DataError, match="bomb.png: depth too large"):
+        read_png(tmp_path / "bomb.png", "depth")
+    depth = read_png(tmp_path / "depth.png", "depth")
+    assert depth.shape == (4, 6) and depth.dtype == np.uint16
+
+
 def test_importing_every_module_leaves_pils_limit_alone():
     for m in pkgutil.walk_packages(clipdense.__path__, "clipdense."):
         importlib.import_module(m.name)

@@ -29,8 +29,8 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 
 def _unreadable(path: Path, what: str, e: ImageError) -> DataError:
-    why = "too large" if e.code == "image_too_large" else "unreadable"
-    return DataError(f"{path}: {why} {what} ({e.detail})")
+    problem = f"{what} too large" if e.code == "image_too_large" else f"unreadable {what}"
+    return DataError(f"{path}: {problem} ({e.detail})")
 
 
 def read_rgb(path: Path) -> np.ndarray:
