@@ -70,7 +70,7 @@ def _open(fp, max_pixels: int) -> Image.Image:
         except Image.DecompressionBombError:  # above twice PIL's limit: PIL refuses before we see the size
             raise ImageError("image_too_large", f"more than {2 * Image.MAX_IMAGE_PIXELS} pixels > "
                                                 f"max_image_pixels={max_pixels}") from None
-        except (FileNotFoundError, IsADirectoryError):
+        except FileNotFoundError:
             raise
         except Exception as e:  # PIL raises many types for bad bytes
             raise ImageError("undecodable_image", exception_detail(e)) from None
