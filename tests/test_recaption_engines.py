@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from clipdense.recaption.decode import ImageError, ImageInput, decode_batch, prepare_image
+from clipdense.data.images import ImageError
+from clipdense.recaption.decode import ImageInput, decode_batch, prepare_image
 from clipdense.recaption.engines import check_output, cut_caption, EngineOutputError
 from clipdense.recaption.engines.coca import CocaCaptioner
 from clipdense.recaption.engines.echo import EchoCaptioner
@@ -230,24 +231,27 @@ def test_prepare_image_modes_and_errors():
     assert w * h <= 60 * 60 and w == h
     kept = jpeg_bytes(3, 40)
     assert prepare_image(kept, ImageInput(mode="jpeg", max_pixels=60 * 60)) == kept  # small JPEG shipped as is
-    with pytest.raises(ImageError, match="image too large"):
+    with pytest.raises(ImageError, match="image_too_large: 2000x1000 > max_image_pixels=1000000"):
         prepare_image(_png((2000, 1000), "L"), ImageInput(max_image_pixels=1_000_000))
     good = jpeg_bytes(4, 64)
-    for bad in (good[: len(good) // 2], b"not an image", b"", None):
-        with pytest.raises(ImageError, match="undecodable image|no image"):
+    for bad, code in ((good[: len(good) // 2], "undecodable_image"), (b"not an image", "undecodable_image"),
+                      (b"", "no_image"), (None, "no_image")):
+        with pytest.raises(ImageError) as e:
             prepare_image(bad, ImageInput(size=32))
+        assert e.value.code == code
 
 
 def test_decode_batch_records_errors_and_keeps_rows():
     batch = pa.table({
         "key": ["ok", "bad", "nocap", "prior"], "image_bytes": [jpeg_bytes(1), b"xx", jpeg_bytes(2), None],
-        "caption": ["c", "c", " ", None], "error": [None, None, None, "no image [s.tar]"],
-        "shard": ["s.tar"] * 4})
+        "caption": ["c", "c", " ", None], "error_code": [None, None, None, "no_image"],
+        "error": [None, None, None, "found: pdf"], "shard": ["s.tar"] * 4})
     out = decode_batch(batch, ImageInput(size=16), keep_images=True)
     assert out.column("key").to_pylist() == ["ok", "bad", "nocap", "prior"]
+    assert out.column("error_code").to_pylist() == [None, "undecodable_image", "no_caption", "no_image"]
     errs = out.column("error").to_pylist()
-    assert errs[0] is None and errs[1].startswith("undecodable image") and errs[1].endswith("[s.tar]")
-    assert errs[2] == "no caption [s.tar]" and errs[3] == "no image [s.tar]"
+    assert errs[0] is None and errs[1] == "UnidentifiedImageError: cannot identify image file <_io.BytesIO>"
+    assert errs[2] == "no caption text" and errs[3] == "found: pdf"  # an earlier stage's error passes through
     pixels = out.column("pixels").chunk(0).to_numpy()
     assert pixels.shape == (4, 16, 16, 3) and pixels[0].any() and not pixels[1].any()
     assert out.column("image_bytes").to_pylist()[0] == jpeg_bytes(1)

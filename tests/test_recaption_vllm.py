@@ -131,12 +131,13 @@ def test_engine_failures_are_retried_then_recorded(monkeypatch):
     actor = CaptionActor(_cfg(num_captions=2, retries=2).engine.model_dump())
     jpeg = jpeg_bytes(1)
     batch = {"key": np.array(["a", "b"], object), "caption": np.array(["x", "y"], object),
-             "error": np.array([None, "no image [s]"], object), "shard": np.array(["s", "s"], object),
+             "error_code": np.array([None, "no_image"], object), "error": np.array([None, "found: pdf"], object),
+             "shard": np.array(["s", "s"], object),
              "image_jpeg": np.array([jpeg, None], object)}
     out = actor(batch).to_pylist()
     assert len(fake.calls["chat"]) == 3 and len(fake.calls["chat"][0]["messages"]) == 1  # 1 try + 2 retries
-    assert out[0]["error"] == "caption engine failed (RuntimeError: engine died) [s]" and out[0]["syn_captions"] is None
-    assert out[1]["error"] == "no image [s]"
+    assert (out[0]["error_code"], out[0]["error"]) == ("caption_engine_failed", "RuntimeError: engine died")
+    assert out[0]["syn_captions"] is None and (out[1]["error_code"], out[1]["error"]) == ("no_image", "found: pdf")
 
 
 def test_vllm_config_needs_a_model():

@@ -21,8 +21,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from clipdense.data.images import fit_square
 from clipdense.models import open_clip_adapter as oca
-from clipdense.recaption.decode import fit_square
 from clipdense.recaption.engines.base import Captioner, ImageLike, cut_caption, to_pil
 from clipdense.recaption.engines.kv_cache import CocaKVDecoder, supports_kv_cache
 from clipdense.recaption.engines.sampling import decode_sequences, sample_top_p, sequence_uniforms
