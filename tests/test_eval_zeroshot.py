@@ -117,7 +117,7 @@ def test_retrieval_on_shards(ray_local, tiny, tmp_path):
                    f"out={tmp_path / 'out'}"])
     r = json.loads((tmp_path / "out" / "eval.json").read_text())["retrieval"]
     assert rc == 0 and "zeroshot" not in json.loads((tmp_path / "out" / "eval.json").read_text())
-    assert r["rows"] == 11 and r["skipped"] == {"undecodable image": 1}
+    assert r["rows"] == 11 and r["skipped"] == {"undecodable_image": 1}
     for way in ("i2t", "t2i"):
         assert 0.0 <= r[f"{way}_R@1"] <= r[f"{way}_R@5"] <= r[f"{way}_R@10"] <= 1.0
 

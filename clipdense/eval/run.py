@@ -34,16 +34,15 @@ def load_model(name: str, pretrained: str | None):
 
 
 def retrieval_rows(shards, s3_endpoint: str | None, max_rows: int) -> tuple[list[dict], dict]:
-    """The first `max_rows` usable rows of `shards` (read with Ray Data) and the skipped rows' errors by reason."""
+    """The first `max_rows` usable rows of `shards` (read with Ray Data) and the skipped rows counted by error code."""
     from clipdense.data.shards import read_shards
 
     rows, skipped = [], {}
-    ds = read_shards(shards, s3_endpoint=s3_endpoint).select_columns(["key", "image_bytes", "caption", "error"])
+    ds = read_shards(shards, s3_endpoint=s3_endpoint).select_columns(["key", "image_bytes", "caption", "error_code"])
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=256):
         for r in batch.to_pylist():
-            if r["error"] is not None:
-                reason = r["error"].split(" [")[0].split(" (")[0]  # as data.shards.summarize groups them
-                skipped[reason] = skipped.get(reason, 0) + 1
+            if r["error_code"] is not None:
+                skipped[r["error_code"]] = skipped.get(r["error_code"], 0) + 1
             elif len(rows) < max_rows:
                 rows.append(r)
         if len(rows) >= max_rows:

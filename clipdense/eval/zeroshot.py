@@ -7,7 +7,6 @@ extensions), `evaluate_zeroshot` runs a model over it. Unreadable images are ski
 from __future__ import annotations
 
 import contextlib
-import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +17,10 @@ from clipdense.errors import ConfigError, DataError
 
 
 def open_image(source: str | Path | bytes):
-    """The one place eval opens an image (a path or encoded bytes) -> RGB PIL image."""
-    from PIL import Image
+    """An image (a path or encoded bytes) -> RGB PIL image, through the project's one guarded image module."""
+    from clipdense.data.images import decode_rgb
 
-    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
-        return im.convert("RGB")
+    return decode_rgb(source if isinstance(source, bytes) else Path(source).read_bytes())
 
 
 def default_templates() -> list[str]:
