@@ -1,7 +1,7 @@
 """FinetuneConfig: one dense finetune (segmentation | depth | detection) of one backbone on one data fraction."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -80,7 +80,9 @@ class FinetuneOptim(OptimConfig):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
     grad_clip: float | None = None
-    layer_decay: float | None = Field(0.65, gt=0, le=1)  # lr scale = layer_decay ** (N - 1 - layer id); null = off
+    # lr scale = layer_decay ** (head id - layer id), ids per backbone family (clipdense.dense.optim); null = off;
+    # auto = the family's default: ViT 0.65 (mmseg MAE), hierarchical timm towers 0.9 (mmseg ConvNeXt)
+    layer_decay: Annotated[float, Field(gt=0, le=1)] | Literal["auto"] | None = "auto"
 
 
 class FinetuneSchedule(ScheduleConfig):
