@@ -103,7 +103,10 @@ class EvalConfig(Config):
     crop_size: list[int] = [512, 512]
     stride: list[int] = [341, 341]
     test_scale: list[int] | None = [2048, 512]  # seg: (long, short) keep-ratio resize before inference; None = as is
-    flip: bool = False  # depth: average with the flipped prediction
+    # test-time augmentation: flip averages with the mirrored prediction (seg, depth); ms_flip (seg, mmseg "ms+flip")
+    # averages class probabilities over tta_scales x {as is, mirrored}, each ratio applied to the test-scale image
+    tta: Literal["none", "flip", "ms_flip"] = "none"
+    tta_scales: list[Annotated[float, Field(gt=0)]] = Field([0.5, 0.75, 1.0, 1.25, 1.5, 1.75], min_length=1)
     batch_size: int = Field(1, ge=1)
 
 
@@ -122,6 +125,9 @@ class FinetuneConfig(Config):
     def _head_fits_task(self):
         if self.task == "det" and self.head.kind != "upernet":
             raise ValueError(f"head.kind {self.head.kind!r} is a seg/depth decoder; task det uses Faster R-CNN heads")
+        if self.eval.tta != "none" and (self.task == "det" or (self.task == "depth" and self.eval.tta == "ms_flip")):
+            raise ValueError(f"eval.tta {self.eval.tta!r} is not supported for task {self.task} "
+                             "(seg: flip | ms_flip, depth: flip, det: none)")
         if self.head.depth_bins == 1:
             raise ValueError("head.depth_bins must be 0 (regression) or at least 2 (one bin predicts a constant)")
         return self
