@@ -134,8 +134,8 @@ def layer_decay_param_groups(model: nn.Module, backbone: nn.Module, weight_decay
     if low is not None and low["lr_scale"] < min_lr_scale:
         raise ConfigError(
             f"train.optim.layer_decay {decay_rate} gives {low['param_names'][0]} (layer {low['layer_id']} of "
-            f"{table.head}, {table.family}) lr scale {low['lr_scale']:.3g} < train.optim.min_lr_scale {min_lr_scale:g}; "
-            "raise layer_decay or lower min_lr_scale")
+            f"{table.head}, {table.family}) lr scale {low['lr_scale']:.3g} < train.optim.min_lr_scale "
+            f"{min_lr_scale:g}; raise layer_decay or lower min_lr_scale")
     return out
 
 
