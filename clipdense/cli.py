@@ -19,6 +19,7 @@ STAGES = {
     "recaption": ("clipdense.recaption", "RecaptionConfig"),
     "pretrain": ("clipdense.pretrain", "PretrainConfig"),
     "finetune": ("clipdense.dense", "FinetuneConfig"),
+    "eval": ("clipdense.eval", "EvalStageConfig"),
     "sweep": ("clipdense.sweep", "SweepConfig"),
     "report": ("clipdense.sweep.report", "ReportConfig"),
     "demo": ("clipdense.demo", "DemoConfig"),

@@ -91,7 +91,8 @@ def test_kv_cached_decoder_equals_open_clip_forward(coca, correct_cls_mask):
     old, model.text.correct_cls_mask = model.text.correct_cls_mask, correct_cls_mask
     try:
         with torch.no_grad():
-            latent, embs = model._encode_image(coca.pixels(_images(3)))
+            image = model(coca.pixels(_images(3)))  # open_clip's CoCa forward without text: the image outputs
+            latent, embs = image["image_features"], image["image_embs"]
             tokens = torch.randint(1, 1000, (3, 10), generator=torch.Generator().manual_seed(0))
             tokens[:, 0], tokens[1, 3], tokens[2, 1] = coca.sot, coca.pad, coca.pad
             decoder = CocaKVDecoder(model, embs, 10)
@@ -141,7 +142,8 @@ def test_coca_tiny_top_p_is_greedy_argmax(coca):
         coca.top_p = 0.9
     # greedy decoding by hand from open_clip's CoCa forward (full logits, no sampler code)
     with torch.no_grad():
-        latent, embs = coca.model._encode_image(coca.pixels(images))
+        image = coca.model(coca.pixels(images))
+        latent, embs = image["image_features"], image["image_embs"]
         seq = torch.full((2, 1), coca.sot)
         for cur in range(1, coca.seq_len):
             if cur == coca.seq_len - 1:

@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from clipdense.models import open_clip_adapter as oca
 from clipdense.recaption.decode import fit_square
 from clipdense.recaption.engines.base import Captioner, ImageLike, cut_caption, to_pil
 from clipdense.recaption.engines.kv_cache import CocaKVDecoder, supports_kv_cache
@@ -50,7 +51,7 @@ class CocaCaptioner(Captioner):
             raise FileNotFoundError(f"CoCa checkpoint not found: {checkpoint}")
         self.device = pick_device(device)
         self.model = create_clip(model, pretrained=checkpoint or pretrained).to(self.device).eval()
-        if not hasattr(self.model, "text_decoder"):
+        if not oca.is_coca(self.model):
             raise ValueError(f"{model} is not a CoCa model (no text decoder)")
         self.tokenizer = tokenizer_for(model)
         self.sot = int(getattr(self.tokenizer, "sot_token_id", 49406))
@@ -59,7 +60,7 @@ class CocaCaptioner(Captioner):
         context = int(getattr(self.model, "context_length", 77))
         if seq_len > context:
             raise ValueError(f"seq_len {seq_len} exceeds {model}'s text context length {context}")
-        pre = getattr(self.model.visual, "preprocess_cfg", {}) or {}
+        pre = oca.preprocess_cfg(self.model)
         size = pre.get("size", getattr(self.model.visual, "image_size", 224))
         self.image_size = int(size[0] if isinstance(size, (list, tuple)) else size)
         self.mean = torch.tensor(pre.get("mean", (0.48145466, 0.4578275, 0.40821073)), device=self.device)
@@ -87,22 +88,12 @@ class CocaCaptioner(Captioner):
         x = x.permute(0, 3, 1, 2).float().div_(255)
         return (x - self.mean[:, None, None]) / self.std[:, None, None]
 
-    @contextlib.contextmanager
-    def _last_position_logits(self):
-        """Project only the last position to the vocabulary: the decoder's final LayerNorm and projection are
-        per-token, so trimming their input keeps open_clip's forward intact and saves a [B, L, vocab] matmul."""
-        hook = self.model.text_decoder.ln_final.register_forward_pre_hook(lambda _m, args: (args[0][:, -1:],))
-        try:
-            yield
-        finally:
-            hook.remove()
-
     @torch.no_grad()
     def sample_tokens(self, images: Sequence[ImageLike], n: int) -> torch.Tensor:
         """[len(images) * n, seq_len] token ids; rows i*n .. i*n+n-1 belong to image i."""
         x = self.pixels(images)
         with self._autocast():
-            latent, embs = self.model._encode_image(x)
+            latent, embs = oca.coca_encode_image(self.model, x)
         latent, embs = latent.repeat_interleave(n, 0), embs.repeat_interleave(n, 0)
 
         if self.kv_cache:
@@ -116,10 +107,8 @@ class CocaCaptioner(Captioner):
         else:
             def next_logits(prefix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
                 with self._autocast():  # open_clip's CoCa forward with precomputed image embeddings
-                    out = self.model(None, prefix, image_latent=latent[rows], image_embs=embs[rows],
-                                     output_labels=False)
-                return out["logits"][:, -1]
-            trim = self._last_position_logits()
+                    return oca.coca_logits(self.model, prefix, latent[rows], embs[rows])[:, -1]
+            trim = oca.last_position_logits(self.model)  # project only the last position to the vocabulary
 
         with trim:
             return sample_top_p(next_logits, len(images) * n, sot=self.sot, eot=self.eot, pad=self.pad,
