@@ -154,3 +154,6 @@ def test_mobileclip_open_clip_timm_tower():
     assert bb.provenance["drop_path"] == 0.1  # retrofitted into the built timm trunk
     feats = bb(torch.randn(1, 3, 64, 64))
     assert [tuple(f.shape[-2:]) for f in feats] == [(16, 16), (8, 8), (4, 4), (2, 2)]
+    groups = layer_decay_param_groups(bb, bb, weight_decay=0.05, layer_decay="auto", min_lr_scale=1e-3)
+    assert {g["layer_id"] for g in groups} == set(range(13))  # stem + 12 stage-level ids (a bare trunk: no head)
+    assert min(g["lr_scale"] for g in groups) == pytest.approx(0.9 ** 13)
