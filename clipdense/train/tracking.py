@@ -255,3 +255,28 @@ class RunWatchers:
     def close(self) -> None:
         self.progress.close()
         self._each("close")
+
+
+def tune_callbacks(cfg: TrackingConfig | None) -> list:
+    """Ray Tune's own logger callbacks for a sweep: each trial is logged once, by Tune, with its config and the
+    metrics it reports (the trials themselves then track nothing). TensorBoard: Tune writes event files for every
+    trial by itself when tensorboardX is installed (part of the `tracking` extra)."""
+    if cfg is None:
+        return []
+    check_installed(cfg)
+    callbacks = []
+    if cfg.tensorboard:
+        require("tensorboardX", "tracking.tensorboard (sweeps)")
+    if cfg.mlflow is not None:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        callbacks.append(MLflowLoggerCallback(tracking_uri=cfg.mlflow.tracking_uri,
+                                              experiment_name=cfg.mlflow.experiment, save_artifact=False))
+    if cfg.wandb is not None:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        callbacks.append(WandbLoggerCallback(project=cfg.wandb.project, mode=cfg.wandb.mode,
+                                             entity=cfg.wandb.entity, log_config=True))
+    return callbacks
