@@ -73,13 +73,13 @@ def random_images(count: int, side: int, seed: int = 0):
 def fixed_length(captioner, tokens: int) -> None:
     """Every caption exactly `tokens` long (random weights stop anywhere otherwise; token ids beyond our small
     tokenizer are not detokenized); the per-row seed stays."""
-    from clipdense.recaption.engines.vllm import request_seed, sampling_kwargs
+    from clipdense.recaption.engines.vllm import sampling_kwargs
 
-    def sampling_params(n, key=None):
+    def sampling_params(n, seed=None):
         kwargs = {**sampling_kwargs(n, captioner.top_p, captioner.temperature, tokens), "min_tokens": tokens,
                   "ignore_eos": True, "detokenize": False}
-        if key is not None:
-            kwargs["seed"] = request_seed(captioner.seed, key)
+        if seed is not None:
+            kwargs["seed"] = seed
         return captioner._vllm.SamplingParams(**kwargs)
     captioner.sampling_params = sampling_params
 

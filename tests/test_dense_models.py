@@ -13,6 +13,7 @@ from clipdense.dense.inference import slide_predict, whole_predict
 from clipdense.dense.necks import Feature2Pyramid
 from clipdense.dense.optim import layer_decay_param_groups
 from clipdense.errors import ConfigError
+from clipdense.models.open_clip_adapter import interpolated_pos_embed
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +28,8 @@ def test_clip_vit_pyramid_shapes_any_size(clip_tiny):
         feats = clip_tiny(torch.randn(2, 3, h, w))
         assert [tuple(f.shape) for f in feats] == [(2, 64, h // s, w // s) for s in (4, 8, 16, 32)]
     grid = tuple(clip_tiny.vit.grid_size)
-    assert clip_tiny.pos_embed(*grid) is clip_tiny.vit.positional_embedding  # native grid: untouched
-    assert clip_tiny.pos_embed(3, 5).shape == (1 + 15, 64)
+    assert interpolated_pos_embed(clip_tiny.vit, grid) is clip_tiny.vit.positional_embedding  # native grid: untouched
+    assert interpolated_pos_embed(clip_tiny.vit, (3, 5)).shape == (1 + 15, 64)
 
 
 def test_default_block_indices():
@@ -153,3 +154,6 @@ def test_mobileclip_open_clip_timm_tower():
     assert bb.provenance["drop_path"] == 0.1  # retrofitted into the built timm trunk
     feats = bb(torch.randn(1, 3, 64, 64))
     assert [tuple(f.shape[-2:]) for f in feats] == [(16, 16), (8, 8), (4, 4), (2, 2)]
+    groups = layer_decay_param_groups(bb, bb, weight_decay=0.05, layer_decay="auto", min_lr_scale=1e-3)
+    assert {g["layer_id"] for g in groups} == set(range(13))  # stem + 12 stage-level ids (a bare trunk: no head)
+    assert min(g["lr_scale"] for g in groups) == pytest.approx(0.9 ** 13)

@@ -38,6 +38,10 @@ def _check_common(out, losses, task: str) -> dict:
     assert record["backbone"]["params"] > 0 and record["backbone"]["model_params"] > record["backbone"]["params"]
     assert record["config"]["task"] == task and record["config"]["data"]["batch_size"] == 4
     assert record["train"]["steps"] == STEPS[task]
+    scales = [g["lr_scale"] for g in record["lr_scales"]]  # one row per optimizer group
+    assert record["layer_decay"]["family"] == "vit" and max(scales) == 1.0
+    assert min(scales) >= record["config"]["train"]["optim"]["min_lr_scale"]
+    assert sum(g["numel"] for g in record["lr_scales"]) <= record["backbone"]["model_params"]
     return record
 
 
@@ -140,7 +144,7 @@ def test_shipped_configs_load():
     ade = load_config(FinetuneConfig, configs_dir() / "finetune" / "ade20k-upernet-vitb16.yaml")
     o, s = ade.train.optim, ade.train.schedule
     assert (o.lr, o.weight_decay, o.layer_decay, s.kind, s.warmup_steps, s.total_steps) == \
-        (1e-4, 0.05, 0.65, "poly", 1500, 160_000)
+        (1e-4, 0.05, "auto", "poly", 1500, 160_000)  # auto: 0.65 for this ViT (clipdense.dense.optim)
     assert ade.backbone.drop_path == 0.1 and ade.data.crop_size == [512, 512] and ade.data.batch_size == 16
     for name in names:
         cfg = load_config(FinetuneConfig, configs_dir() / "finetune" / name)

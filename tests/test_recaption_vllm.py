@@ -21,7 +21,8 @@ from clipdense.errors import ConfigError
 from clipdense.recaption import RecaptionConfig
 from clipdense.recaption.engines import build_captioner, image_input, provenance
 from clipdense.recaption.engines.base import EngineOutputError
-from clipdense.recaption.engines.vllm import VLLMCaptioner, build_messages, parse_outputs, request_seed
+from clipdense.recaption.engines.sampling import row_seed
+from clipdense.recaption.engines.vllm import VLLMCaptioner, build_messages, parse_outputs
 from shard_files import jpeg_bytes
 
 
@@ -86,21 +87,27 @@ def test_adapter_builds_chat_requests_and_parses_n_outputs(monkeypatch):
     assert chat["use_tqdm"] is False
 
 
-def test_each_request_is_seeded_from_engine_seed_and_row_key(monkeypatch):
+def test_adapter_seeds_each_request_from_its_key(monkeypatch):
+    fake = make_fake_vllm()
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    captioner = VLLMCaptioner("m", prompt="p", seed=3)
+    images = [np.zeros((4, 4, 3), np.uint8)] * 3
+    captioner.generate(images, 2, keys=["a", "b", "c"])
+    captioner.generate(images[:2], 2, keys=["c", "a"])
+    first, second = ([p.kwargs["seed"] for p in call["sampling_params"]] for call in fake.calls["chat"])
+    assert len(set(first)) == 3 and second == [first[2], first[0]]   # per key, whatever the batch and order
+    assert all(p.kwargs["n"] == 2 for p in fake.calls["chat"][0]["sampling_params"])
+
+
+def test_request_seeds_come_from_engine_seed_and_key(monkeypatch):
     fake = make_fake_vllm()
     monkeypatch.setitem(sys.modules, "vllm", fake)
     cap = build_captioner(_cfg(num_captions=2, seed=7).engine)
-    images = [np.zeros((4, 4, 3), np.uint8)] * 3
-    cap.generate(images, 2, keys=["k0", "k1", "k2"])
-    cap.generate(images[:1], 2, keys=["k1"])  # k1 again, alone in another batch
-    first, second = (c["sampling_params"] for c in fake.calls["chat"])
-    seeds = [p.kwargs["seed"] for p in first]
-    assert seeds == [request_seed(7, k) for k in ("k0", "k1", "k2")] and len(set(seeds)) == 3
-    assert second[0].kwargs["seed"] == seeds[1] and 0 <= min(seeds) and max(seeds) < 2 ** 62
-    assert request_seed(8, "k1") != seeds[1]
-    assert all(p.kwargs["n"] == 2 for p in first)
+    cap.generate([np.zeros((4, 4, 3), np.uint8)] * 2, 2, keys=["k0", "k1"])
+    seeds = [p.kwargs["seed"] for p in fake.calls["chat"][0]["sampling_params"]]
+    assert seeds == [row_seed(7, "k0"), row_seed(7, "k1")] and row_seed(8, "k1") != seeds[1]
     with pytest.raises(ValueError, match="2 keys for 3 images"):
-        cap.generate(images, 2, keys=["a", "b"])
+        cap.generate([np.zeros((4, 4, 3), np.uint8)] * 3, 2, keys=["a", "b"])
 
 
 def test_adapter_cut_at_period_and_provenance(monkeypatch):
@@ -110,7 +117,7 @@ def test_adapter_cut_at_period_and_provenance(monkeypatch):
     assert out == [["caption 0-0 second sentence", "caption 0-1 second sentence"]]  # text after '.' dropped
     prov = provenance(cfg.engine)
     assert prov["engine"] == "vllm" and prov["prompt"] == cfg.engine.prompt and '"n": 2' in prov["sampling"]
-    assert '"request_seed": "blake2b(engine_seed:key)"' in prov["sampling"]
+    assert '"request_seed": "row_seed(engine_seed, key)"' in prov["sampling"]
     spec = image_input(cfg.engine, cfg.decode)
     assert spec.mode == "jpeg" and spec.max_pixels == cfg.engine.max_pixels
 
@@ -143,13 +150,14 @@ def test_engine_failures_are_retried_then_recorded(monkeypatch):
     actor = CaptionActor(_cfg(num_captions=2, retries=2).engine.model_dump())
     jpeg = jpeg_bytes(1)
     batch = {"key": np.array(["a", "b"], object), "caption": np.array(["x", "y"], object),
-             "error": np.array([None, "no image [s]"], object), "shard": np.array(["s", "s"], object),
+             "error_code": np.array([None, "no_image"], object), "error": np.array([None, "found: pdf"], object),
+             "shard": np.array(["s", "s"], object),
              "image_jpeg": np.array([jpeg, None], object)}
     out = actor(batch).to_pylist()
     assert len(fake.calls["chat"]) == 3 and len(fake.calls["chat"][0]["messages"]) == 1  # 1 try + 2 retries
-    assert [p.kwargs["seed"] for p in fake.calls["chat"][0]["sampling_params"]] == [request_seed(0, "a")]
-    assert out[0]["error"] == "caption engine failed (RuntimeError: engine died) [s]" and out[0]["syn_captions"] is None
-    assert out[1]["error"] == "no image [s]"
+    assert [p.kwargs["seed"] for p in fake.calls["chat"][0]["sampling_params"]] == [row_seed(0, "a")]
+    assert (out[0]["error_code"], out[0]["error"]) == ("caption_engine_failed", "RuntimeError: engine died")
+    assert out[0]["syn_captions"] is None and (out[1]["error_code"], out[1]["error"]) == ("no_image", "found: pdf")
 
 
 def test_vllm_config_needs_a_model():

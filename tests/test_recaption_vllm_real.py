@@ -128,8 +128,8 @@ def test_real_vllm_n_captions_provenance_and_error_rows(first_run, tiny_vlm):
     assert r["engine"] == "vllm" and r["model"] == tiny_vlm and r["prompt"] == first_run["cfg"].engine.prompt
     sampling = json.loads(r["sampling"])
     assert sampling["n"] == 3 and sampling["max_tokens"] == 8 and sampling["engine_seed"] == 0
-    assert rows["trunc"]["error"].startswith("undecodable image") and rows["trunc"]["syn_captions"] is None
-    assert rows["pdf"]["error"].startswith("no image")
+    assert rows["trunc"]["error_code"] == "undecodable_image" and rows["trunc"]["syn_captions"] is None
+    assert rows["pdf"]["error_code"] == "no_image" and rows["pdf"]["syn_captions"] is None
     assert summary["rows_in"] == len(rows) and summary["rows_captioned"] == len(ok)
     assert summary["rows_failed"] == 2
     print(f"tiny Qwen2-VL on CPU through the pipeline: {summary['images_per_s']} images/s "

@@ -1,7 +1,7 @@
 """FinetuneConfig: one dense finetune (segmentation | depth | detection) of one backbone on one data fraction."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -80,7 +80,9 @@ class FinetuneOptim(OptimConfig):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
     grad_clip: float | None = None
-    layer_decay: float | None = Field(0.65, gt=0, le=1)  # lr scale = layer_decay ** (N - 1 - layer id); null = off
+    # lr scale = layer_decay ** (head id - layer id), ids per backbone family (clipdense.dense.optim); null = off;
+    # auto = the family's default: ViT 0.65 (mmseg MAE), hierarchical timm towers 0.9 (mmseg ConvNeXt)
+    layer_decay: Annotated[float, Field(gt=0, le=1)] | Literal["auto"] | None = "auto"
 
 
 class FinetuneSchedule(ScheduleConfig):
@@ -101,7 +103,10 @@ class EvalConfig(Config):
     crop_size: list[int] = [512, 512]
     stride: list[int] = [341, 341]
     test_scale: list[int] | None = [2048, 512]  # seg: (long, short) keep-ratio resize before inference; None = as is
-    flip: bool = False  # depth: average with the flipped prediction
+    # test-time augmentation: flip averages with the mirrored prediction (seg, depth); ms_flip (seg, mmseg "ms+flip")
+    # averages class probabilities over tta_scales x {as is, mirrored}, each ratio applied to the test-scale image
+    tta: Literal["none", "flip", "ms_flip"] = "none"
+    tta_scales: list[Annotated[float, Field(gt=0)]] = Field([0.5, 0.75, 1.0, 1.25, 1.5, 1.75], min_length=1)
     batch_size: int = Field(1, ge=1)
 
 
@@ -120,6 +125,9 @@ class FinetuneConfig(Config):
     def _head_fits_task(self):
         if self.task == "det" and self.head.kind != "upernet":
             raise ValueError(f"head.kind {self.head.kind!r} is a seg/depth decoder; task det uses Faster R-CNN heads")
+        if self.eval.tta != "none" and (self.task == "det" or (self.task == "depth" and self.eval.tta == "ms_flip")):
+            raise ValueError(f"eval.tta {self.eval.tta!r} is not supported for task {self.task} "
+                             "(seg: flip | ms_flip, depth: flip, det: none)")
         if self.head.depth_bins == 1:
             raise ValueError("head.depth_bins must be 0 (regression) or at least 2 (one bin predicts a constant)")
         return self

@@ -15,7 +15,7 @@ from clipdense.dense.datasets.ade import list_pairs, load_label, reduce_zero_lab
 from clipdense.dense.datasets.common import read_png, read_rgb
 from clipdense.dense.datasets.nyu import load_depth, read_list
 from clipdense.dense.heads import resize
-from clipdense.dense.inference import slide_predict, whole_predict
+from clipdense.dense.inference import slide_predict, tta_predict, tta_views, whole_predict
 from clipdense.dense.metrics import ConfusionMatrix, DepthMeter, depth_errors, detection_metrics, seg_metrics
 from clipdense.errors import DataError
 
@@ -27,16 +27,21 @@ def _write_png(path: Path, arr: np.ndarray) -> None:
 
 @torch.no_grad()
 def evaluate_seg(model, dataset, cfg: FinetuneConfig, device, save_dir: str | Path | None = None) -> dict:
-    """Dataset-level confusion matrix over all validation images (logits resized back to the label size)."""
+    """Dataset-level confusion matrix over all validation images (logits resized back to the label size).
+    `eval.tta`: flip or ms_flip average the views' class probabilities (`inference.tta_predict`)."""
     ev = cfg.eval
     cm = ConfusionMatrix(cfg.data.num_classes)
+    views = tta_views(ev.tta, ev.tta_scales)
+
+    def predict(x):
+        if ev.mode == "slide":
+            return slide_predict(model.predict, x, tuple(ev.crop_size), tuple(ev.stride), ev.batch_size)
+        return whole_predict(model.predict, x)
+
     for i in range(len(dataset)):
         item = dataset[i]
         img = item["img"].unsqueeze(0).to(device)
-        if ev.mode == "slide":
-            logits = slide_predict(model.predict, img, tuple(ev.crop_size), tuple(ev.stride), ev.batch_size)
-        else:
-            logits = whole_predict(model.predict, img)
+        logits = tta_predict(predict, img, views, softmax=True)
         label = item["label"]
         pred = resize(logits.float(), label.shape[-2:]).argmax(1)[0].cpu()
         cm.update(pred, label)
@@ -45,6 +50,7 @@ def evaluate_seg(model, dataset, cfg: FinetuneConfig, device, save_dir: str | Pa
             _write_png(Path(save_dir) / item["name"], restore_zero_label(p) if cfg.data.reduce_zero_label else p)
     out = seg_metrics(cm.mat)
     out["images"] = len(dataset)
+    out["tta"] = ev.tta
     return out
 
 
@@ -52,18 +58,17 @@ def evaluate_seg(model, dataset, cfg: FinetuneConfig, device, save_dir: str | Pa
 def evaluate_depth(model, dataset, cfg: FinetuneConfig, device, save_dir: str | Path | None = None) -> dict:
     """BTS protocol: whole-image prediction, per-image errors in the (scaled) Eigen crop, averaged over images."""
     meter = DepthMeter()
+    views = tta_views(cfg.eval.tta)  # none or flip (the config refuses ms_flip for depth)
     for i in range(len(dataset)):
         item = dataset[i]
         img = item["img"].unsqueeze(0).to(device)
-        pred = whole_predict(model.predict, img)
-        if cfg.eval.flip:
-            pred = 0.5 * (pred + whole_predict(model.predict, img.flip(-1)).flip(-1))
+        pred = tta_predict(lambda x: whole_predict(model.predict, x), img, views, softmax=False)
         pred = pred[0].float().cpu().numpy()
         meter.update(depth_errors(pred, item["depth"].numpy(), cfg.data.min_depth, cfg.data.max_depth))
         if save_dir is not None:
             mm = np.clip(np.round(pred * 1000.0), 0, 65535).astype(np.uint16)
             _write_png(Path(save_dir) / item["name"], mm)
-    return meter.compute()
+    return {**meter.compute(), "tta": cfg.eval.tta}
 
 
 def coco_results(dataset, outputs: list[tuple[int, dict]]) -> list[dict]:

@@ -44,3 +44,47 @@ def slide_predict(predict, img: torch.Tensor, crop: tuple[int, int], stride: tup
             out[..., y1:y2, x1:x2] += logits[j * n:(j + 1) * n, :, : y2 - y1, : x2 - x1]
             count[..., y1:y2, x1:x2] += 1
     return out / count
+
+
+# ---- test-time augmentation ----
+
+MS_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # mmseg's "ms+flip" img_ratios
+
+
+def tta_views(tta: str, scales=MS_SCALES) -> list[tuple[float, bool]]:
+    """(scale ratio, horizontal flip) per view: none = the image as is; flip = it and its mirror; ms_flip = every
+    ratio in `scales`, each also mirrored (mmseg's MultiScaleFlipAug)."""
+    if tta == "none":
+        return [(1.0, False)]
+    if tta == "flip":
+        return [(1.0, False), (1.0, True)]
+    if tta == "ms_flip":
+        return [(float(r), f) for r in scales for f in (False, True)]
+    raise ValueError(f"unknown tta {tta!r}")
+
+
+def rescale(img: torch.Tensor, ratio: float) -> torch.Tensor:
+    """`img` (B,C,H,W, any dtype) resized bilinearly by `ratio`, back in its own dtype (uint8 rounded and clamped)."""
+    size = (max(1, int(img.shape[-2] * ratio + 0.5)), max(1, int(img.shape[-1] * ratio + 0.5)))
+    out = F.interpolate(img.float(), size=size, mode="bilinear", align_corners=False)
+    return out.round().clamp(0, 255).to(img.dtype) if img.dtype == torch.uint8 else out.to(img.dtype)
+
+
+def tta_predict(predict, img: torch.Tensor, views: list[tuple[float, bool]], softmax: bool) -> torch.Tensor:
+    """Mean over `views` of `predict` (e.g. a slide or whole-image predictor) on the rescaled / mirrored image, each
+    output mirrored back and resized bilinearly to the input size. `softmax`: average class probabilities (mmseg's
+    aug_test), else the raw outputs (depth). One view of ratio 1 without flip returns `predict(img)` unchanged.
+    The ratios apply to the image as given (already at the test scale), so each view is one resampling of it."""
+    h, w = img.shape[-2:]
+    if views == [(1.0, False)]:
+        return predict(img)
+    total = None
+    for ratio, flip in views:
+        x = img if ratio == 1.0 else rescale(img, ratio)
+        out = predict(x.flip(-1) if flip else x).float()
+        out = out.flip(-1) if flip else out
+        if out.shape[-2:] != (h, w):
+            out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
+        out = out.softmax(1) if softmax else out
+        total = out if total is None else total + out
+    return total / len(views)

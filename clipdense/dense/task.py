@@ -22,7 +22,7 @@ from clipdense.dense.detection import build_detector
 from clipdense.dense.evaluate import EVALUATORS
 from clipdense.dense.heads import DepthModel, SegModel
 from clipdense.dense.losses import seg_loss, sig_loss
-from clipdense.dense.optim import layer_decay_param_groups
+from clipdense.dense.optim import backbone_family, layer_decay_param_groups, lr_scale_record
 from clipdense.errors import ConfigError, DataError
 from clipdense.train.task import TrainContext, TrainTask
 
@@ -53,6 +53,7 @@ class DenseTask(TrainTask):
         self.backbone: nn.Module | None = None
         self.provenance: dict = {}
         self.last_eval: dict = {}
+        self.optim_record: dict = {}
         self.ctx = TrainContext()
 
     # ---- runner hooks ----
@@ -90,7 +91,10 @@ class DenseTask(TrainTask):
         return model
 
     def param_groups(self, model: nn.Module, optim_cfg) -> list[dict]:
-        return layer_decay_param_groups(model, self.backbone, optim_cfg.weight_decay, optim_cfg.layer_decay)
+        groups = layer_decay_param_groups(model, self.backbone, optim_cfg.weight_decay, optim_cfg.layer_decay,
+                                          optim_cfg.min_lr_scale)
+        self.optim_record = lr_scale_record(groups, optim_cfg.layer_decay, backbone_family(self.backbone))
+        return groups
 
     def train_batches(self, ctx: TrainContext):
         batches = epoch_batches(len(self.train_set), self.per_rank, ctx.rank, ctx.world_size, ctx.seed, ctx.epoch)
@@ -132,6 +136,7 @@ class DenseTask(TrainTask):
         """metrics.json: every metric, the resolved config, backbone provenance, the data actually used."""
         record = metrics_record(self.cfg, self.last_eval, self.provenance,
                                 {"train_samples": len(self.train_set), "eval_samples": len(self.eval_set or [])})
+        record.update(self.optim_record)  # layer_decay (family, resolved rate), lr_scales (one row per optimizer group)
         path = Path(out_dir) / "metrics.json"
         path.write_text(json.dumps(record, indent=2, default=_json_default))
         return {"metrics_json": str(path)}

