@@ -12,7 +12,10 @@ from clipdense.train.config import OptimConfig, ScheduleConfig, TrainConfig
 class BackboneConfig(Config):
     name: str = "clip-tiny"  # an open_clip model name (incl. configs/models/*.json) or a timm model name
     kind: Literal["auto", "open_clip", "timm"] = "auto"  # auto: open_clip if it knows the name, else timm
-    checkpoint: str | None = None  # open_clip: pretrained tag or checkpoint path; timm: weights file path
+    # open_clip: pretrained tag, checkpoint path, or local-dir:<dir> / hf-hub:<repo> (e.g. <pretrain out>/export/open_clip);
+    # timm: weights file path (state dict, .safetensors) or hf-hub:<repo> / local-dir:<dir> (HF cache when offline)
+    checkpoint: str | None = None
+    model_kwargs: dict = {}  # timm: extra timm.create_model kwargs, e.g. {img_size: 512} for Swin at 512 px
     out_indices: list[int] | None = None  # ViT blocks (default: 4 evenly spaced, [3,5,7,11] for 12 blocks)
     drop_path: float = Field(0.0, ge=0.0, lt=1.0)
     # Probe protocol: the pretrained trunk stays fixed (no gradients, eval mode) and only the neck + head train, so
@@ -54,7 +57,8 @@ class DataConfig(Config):
 
 
 class HeadConfig(Config):
-    kind: Literal["upernet", "linear"] = "upernet"  # seg/depth decoder; linear: the probe's BN + 1x1 conv
+    # seg/depth decoder; linear: the probe's BN + 1x1 conv; dpt: DPT reassemble + fusion (depth; dense/dpt.py)
+    kind: Literal["upernet", "linear", "dpt"] = "upernet"
     channels: int = 768  # UperNet (seg/depth) decoder width
     pool_scales: list[int] = [1, 2, 3, 6]
     dropout: float = 0.1
@@ -120,6 +124,8 @@ class FinetuneConfig(Config):
     def _head_fits_task(self):
         if self.task == "det" and self.head.kind != "upernet":
             raise ValueError(f"head.kind {self.head.kind!r} is a seg/depth decoder; task det uses Faster R-CNN heads")
+        if self.head.kind == "dpt" and self.task != "depth":
+            raise ValueError(f"head.kind 'dpt' is a depth decoder; task {self.task} has none")
         if self.head.depth_bins == 1:
             raise ValueError("head.depth_bins must be 0 (regression) or at least 2 (one bin predicts a constant)")
         return self

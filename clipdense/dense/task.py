@@ -74,7 +74,9 @@ class DenseTask(TrainTask):
 
     def build_model(self) -> nn.Module:
         cfg, h = self.cfg, self.cfg.head
-        backbone = create_backbone(cfg.backbone)
+        # the crop's grid for a ViT's position table (detection resizes per image: the table stays as built)
+        img_size = None if cfg.task == "det" else cfg.data.crop_size
+        backbone = create_backbone(cfg.backbone, img_size, neck="dpt" if h.kind == "dpt" else "feature2pyramid")
         if cfg.task == "seg":
             model = SegModel(backbone, cfg.data.num_classes, h.channels, tuple(h.pool_scales), h.dropout,
                              h.aux_channels, aux=h.aux_weight > 0 and h.kind == "upernet", kind=h.kind)
@@ -144,7 +146,7 @@ def _json_default(v):
 
 
 def metrics_record(cfg: FinetuneConfig, metrics: dict, provenance: dict, data: dict) -> dict:
-    return {"task": cfg.task, "metrics": {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+    return {"task": cfg.task, "head": "faster_rcnn" if cfg.task == "det" else cfg.head.kind, "metrics": {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                                           for k, v in metrics.items()},
             "backbone": provenance,
             "data": {"root": cfg.data.root, "fraction": cfg.data.fraction, "seed": cfg.data.seed, **data},

@@ -1,0 +1,142 @@
+"""Backbone building: the position table resized once to the finetune crop, weights through `backbone.checkpoint`
+(timm state dict / safetensors file, open_clip local-dir export), `backbone.model_kwargs`, trunk-only param counts."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from clipdense.dense.backbones import create_backbone
+from clipdense.dense.config import BackboneConfig
+from clipdense.errors import ConfigError
+from clipdense.models import open_clip_adapter as oca
+from clipdense.models.export import export_open_clip_dir
+from clipdense.models.registry import create_clip
+
+
+def test_vit_position_table_is_resized_once_to_the_crop(monkeypatch, tmp_path):
+    torch.manual_seed(0)
+    clip = create_clip("clip-tiny")  # 64 px, patch 8: an 8x8 table
+    original = clip.visual.positional_embedding.detach().clone()
+    expected = oca.interpolated_pos_embed(clip.visual, (12, 16)).detach().clone()
+    path = tmp_path / "clip.pt"
+    torch.save({"state_dict": clip.state_dict()}, path)
+    bb = create_backbone(BackboneConfig(name="clip-tiny", checkpoint=str(path)), img_size=(96, 128)).eval()
+    vit = bb.vit
+    assert tuple(vit.grid_size) == (12, 16) and vit.positional_embedding.shape == (1 + 12 * 16, 64)
+    assert torch.allclose(vit.positional_embedding, expected)  # bicubic resize of the pretrained table, once
+    assert not torch.equal(vit.positional_embedding[1:9], original[1:9])
+    params = dict(bb.named_parameters())
+    assert params["vit.positional_embedding"] is vit.positional_embedding and vit.positional_embedding.requires_grad
+
+    x = torch.randn(2, 3, 96, 128)
+    calls = []
+    real = oca.interpolated_pos_embed
+    monkeypatch.setattr(oca, "interpolated_pos_embed", lambda *a: calls.append(a) or real(*a))
+    with torch.no_grad():
+        feats = bb(x)
+        # open_clip's own forward, which adds the stored table as is
+        ref = vit.forward_intermediates(x, indices=sorted(set(bb.out_indices)), intermediates_only=True,
+                                        stop_early=True)["image_intermediates"]
+    assert not calls, "a crop-size forward must not interpolate the table"
+    ref = dict(zip(sorted(set(bb.out_indices)), ref))
+    assert torch.allclose(feats[2], bb.neck([ref[i] for i in bb.out_indices])[2], atol=1e-6)
+
+    with torch.no_grad():  # whole-image evaluation at another size interpolates from the trained table
+        other = bb(torch.randn(1, 3, 64, 80))
+    assert calls and tuple(calls[-1][1]) == (8, 10)
+    assert [tuple(f.shape[-2:]) for f in other] == [(16, 20), (8, 10), (4, 5), (2, 2)]
+
+
+def test_crop_not_multiple_of_patch_is_a_config_error():
+    with pytest.raises(ConfigError, match="crop_size"):
+        create_backbone(BackboneConfig(name="clip-tiny"), img_size=(100, 128))
+
+
+def test_timm_vit_is_built_at_the_crop():
+    bb = create_backbone(BackboneConfig(name="test_vit"), img_size=(96, 128))  # patch 16: a 6x8 grid
+    assert bb.model.pos_embed.shape[1] == bb.model.num_prefix_tokens + 6 * 8
+    assert [tuple(f.shape[-2:]) for f in bb(torch.randn(1, 3, 96, 128))] == [(24, 32), (12, 16), (6, 8), (3, 4)]
+    assert [tuple(f.shape[-2:]) for f in bb(torch.randn(1, 3, 64, 64))][2] == (4, 4)  # other sizes still work
+
+
+@pytest.mark.parametrize("name,fmt", [("test_vit", "pth"), ("test_convnext", "safetensors")])
+def test_timm_weights_file_loads_through_checkpoint(tmp_path, name, fmt):
+    torch.manual_seed(1)
+    src = timm.create_model(name).eval()
+    sd = src.state_dict()
+    path = tmp_path / f"w.{fmt}"
+    if fmt == "pth":
+        torch.save({"state_dict": sd}, path)  # a training checkpoint wrapping the state dict
+    else:
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    bb = create_backbone(BackboneConfig(name=name, checkpoint=str(path))).eval()
+    fresh = create_backbone(BackboneConfig(name=name)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    indices = bb.out_indices
+    with torch.no_grad():
+        ref = src.forward_intermediates(x, indices=indices, intermediates_only=True)
+        got = bb.model.forward_intermediates(x, indices=indices, intermediates_only=True)
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ref, got))
+        assert not torch.allclose(fresh.model.forward_intermediates(x, indices=indices, intermediates_only=True)[-1],
+                                  ref[-1])
+    assert bb.provenance["checkpoint"] == str(path)
+
+
+def test_timm_local_dir_and_bad_weights_are_one_line_errors(tmp_path):
+    src = timm.create_model("test_convnext")
+    folder = tmp_path / "timm_dir"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(folder / "model.safetensors"))
+    bb = create_backbone(BackboneConfig(name="test_convnext", checkpoint=f"local-dir:{folder}"))
+    assert torch.equal(bb.model.stem[0].weight, src.stem[0].weight)
+    with pytest.raises(ConfigError, match="folder not found"):
+        create_backbone(BackboneConfig(name="test_convnext", checkpoint=f"local-dir:{tmp_path / 'nope'}"))
+    wrong = tmp_path / "vit.pth"
+    torch.save(timm.create_model("test_vit").state_dict(), wrong)
+    with pytest.raises(ConfigError, match="checkpoint"):
+        create_backbone(BackboneConfig(name="test_convnext", checkpoint=str(wrong)))
+
+
+def test_open_clip_local_dir_export_loads(tmp_path):
+    clip = create_clip("clip-tiny")
+    folder = export_open_clip_dir(clip, "clip-tiny", tmp_path / "export" / "open_clip")
+    bb = create_backbone(BackboneConfig(name="clip-tiny", checkpoint=f"local-dir:{folder}")).eval()
+    assert torch.equal(bb.vit.conv1.weight, clip.visual.conv1.weight)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = clip.visual.forward_intermediates(x, indices=[0], intermediates_only=True)["image_intermediates"][0]
+        assert bb.out_indices[1] == 0 and bb.strides[1] == 8  # patch 8: level 1 is block 0's map as is
+        assert torch.allclose(bb(x)[1], ref, atol=1e-6)
+    with pytest.raises(ConfigError, match="image tower"):
+        create_backbone(BackboneConfig(name="clip-demo", checkpoint=f"local-dir:{folder}"))
+    with pytest.raises(ConfigError, match="open_clip_config.json"):
+        create_backbone(BackboneConfig(name="clip-tiny", checkpoint=f"local-dir:{tmp_path}"))
+
+
+def test_model_kwargs_reach_timm():
+    """timm's Swin rejects other sizes unless built at them (`img_size`); a tiny Swin stands in for Swin-L."""
+    kw = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]}
+    swin = BackboneConfig(name="swin_tiny_patch4_window7_224", model_kwargs=kw)
+    with pytest.raises(AssertionError):
+        create_backbone(swin)(torch.randn(1, 3, 128, 128))
+    bb = create_backbone(swin.model_copy(update={"model_kwargs": {**kw, "img_size": 128}}))
+    feats = bb(torch.randn(1, 3, 128, 128))
+    assert [f.shape[1] for f in feats] == [16, 32, 64, 128] and feats[0].shape[-1] == 32
+    with pytest.raises(ConfigError, match="model_kwargs"):
+        create_backbone(BackboneConfig(name="test_vit", model_kwargs={"no_such_arg": 1}))
+    with pytest.raises(ConfigError, match="model_kwargs"):
+        create_backbone(BackboneConfig(name="clip-tiny", model_kwargs={"img_size": 128}))
+
+
+def test_provenance_params_count_the_trunk_only():
+    for name in ("clip-tiny", "test_vit", "test_convnext"):
+        bb = create_backbone(BackboneConfig(name=name))
+        trunk = bb.vit if hasattr(bb, "vit") else bb.model
+        assert bb.provenance["params"] == sum(p.numel() for p in trunk.parameters())
+        neck = sum(p.numel() for p in bb.neck.parameters()) if bb.neck is not None else 0
+        assert bb.provenance["neck_params"] == neck
+        assert bb.provenance["params"] + neck == sum(p.numel() for p in bb.parameters())
+    assert create_backbone(BackboneConfig(name="test_vit")).provenance["neck_params"] > 0  # Feature2Pyramid
+
