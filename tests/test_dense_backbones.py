@@ -140,3 +140,27 @@ def test_provenance_params_count_the_trunk_only():
         assert bb.provenance["params"] + neck == sum(p.numel() for p in bb.parameters())
     assert create_backbone(BackboneConfig(name="test_vit")).provenance["neck_params"] > 0  # Feature2Pyramid
 
+
+
+def test_report_shows_each_backbones_trunk_params(tmp_path):
+    """metrics.json records the trunk count (provenance `params`); the report's table reads it per backbone."""
+    import csv
+    import json
+
+    from clipdense.sweep.report import ReportConfig, run
+
+    counts = {}
+    for bb_name, model in (("big", "test_vit"), ("small", "test_convnext")):
+        prov = create_backbone(BackboneConfig(name=model)).provenance
+        counts[bb_name] = prov["params"]
+        for f, v in ((0.5, 0.3), (1.0, 0.4)):
+            d = tmp_path / "trials" / "seg" / bb_name / f"f{f:g}" / "s0"
+            d.mkdir(parents=True)
+            (d / "metrics.json").write_text(json.dumps({"task": "seg", "metrics": {"mIoU": v}, "backbone": prov}))
+    run(ReportConfig(results_dir=str(tmp_path), reference="big", bootstrap=10, quiet=True))
+    md = (tmp_path / "report.md").read_text()
+    assert "| backbone | trunk params |" in md
+    assert f"| small | {counts['small'] / 1e3:.1f}k | 0.5 |" in md and f"| big | {counts['big'] / 1e3:.1f}k |" in md
+    with open(tmp_path / "report.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["backbone"]: int(r["trunk_params"]) for r in rows} == counts
