@@ -42,6 +42,11 @@ def default_block_indices(depth: int) -> list[int]:
     return known.get(depth, [max(0, round((k + 1) * depth / 4) - 1) for k in range(4)])
 
 
+def dpt_block_indices(depth: int) -> list[int]:
+    """DPT's taps: the last block of each quarter of the depth, [2, 5, 8, 11] for 12 blocks (the Toolbox's ViT-B)."""
+    return [max(0, round((k + 1) * depth / 4) - 1) for k in range(4)]
+
+
 def _pyramid_scales(patch: int) -> list[float]:
     scales = [patch / s for s in STRIDES]
     if patch < 1 or patch & (patch - 1):
@@ -93,7 +98,8 @@ class ViTPyramid(_Freezable, nn.Module):
         super().__init__()
         shape = oca.vit_shape(vit)
         depth = shape.depth
-        self.out_indices = list(out_indices) if out_indices else default_block_indices(depth)
+        default = dpt_block_indices if neck == "dpt" else default_block_indices
+        self.out_indices = list(out_indices) if out_indices else default(depth)
         if any(not 0 <= i < depth for i in self.out_indices) or len(self.out_indices) != 4:
             raise ConfigError(f"backbone.out_indices {self.out_indices}: need 4 block indices in [0, {depth - 1}]")
         ph, pw = shape.patch
@@ -139,7 +145,7 @@ class TimmPyramid(_Freezable, nn.Module):
         self.plain = len(set(reductions)) == 1
         if out_indices is None:
             if self.plain:
-                out_indices = default_block_indices(len(info))
+                out_indices = (dpt_block_indices if neck == "dpt" else default_block_indices)(len(info))
             else:
                 missing = [s for s in STRIDES if s not in reductions]
                 if missing:

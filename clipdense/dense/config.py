@@ -16,6 +16,7 @@ class BackboneConfig(Config):
     # timm: weights file path (state dict, .safetensors) or hf-hub:<repo> / local-dir:<dir> (HF cache when offline)
     checkpoint: str | None = None
     model_kwargs: dict = {}  # timm: extra timm.create_model kwargs, e.g. {img_size: 512} for Swin at 512 px
+    lr_scale: float = Field(1.0, gt=0, le=1)  # the trunk's lr multiplier on top of layer decay (Toolbox DPT: 0.1)
     out_indices: list[int] | None = None  # ViT blocks (default: 4 evenly spaced, [3,5,7,11] for 12 blocks)
     drop_path: float = Field(0.0, ge=0.0, lt=1.0)
     # Probe protocol: the pretrained trunk stays fixed (no gradients, eval mode) and only the neck + head train, so
@@ -38,6 +39,12 @@ class DataConfig(Config):
     ratio_range: list[float] = [0.5, 2.0]
     cat_max_ratio: float = 0.75  # seg: re-draw a crop (up to 10 times) while one class covers more than this
     photometric: bool = True
+    # depth, the Monocular-Depth-Estimation-Toolbox's NYU pipeline: NYUCrop (480x640 -> rows 45:472, cols 43:608, the
+    # white border gone), a random rotation of +-rotate_degrees (p 0.5) and ColorAug (p 0.5: gamma 0.9-1.1,
+    # brightness 0.75-1.25, per-channel colour 0.9-1.1) in place of `photometric`
+    nyu_crop: bool = False
+    rotate_degrees: float = Field(0.0, ge=0.0, le=180.0)
+    color_aug: bool = False
     max_depth: float = 10.0  # depth: decoder range and evaluation cap (BTS NYU: 10 m)
     min_depth: float = 1e-3
     train_list: str = "nyudepthv2_train_files_with_gt.txt"  # depth: list files, relative to root
