@@ -164,3 +164,9 @@ def test_report_shows_each_backbones_trunk_params(tmp_path):
     with open(tmp_path / "report.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert {r["backbone"]: int(r["trunk_params"]) for r in rows} == counts
+
+
+def test_frozen_trunk_keeps_its_stored_table():
+    bb = create_backbone(BackboneConfig(name="clip-tiny", frozen=True), img_size=(96, 128))
+    assert tuple(bb.vit.grid_size) == (8, 8)  # nothing trains: no resized copy, the same values by interpolation
+    assert [tuple(f.shape[-2:]) for f in bb(torch.randn(1, 3, 96, 128))][1] == (12, 16)
