@@ -170,3 +170,25 @@ def test_frozen_trunk_keeps_its_stored_table():
     bb = create_backbone(BackboneConfig(name="clip-tiny", frozen=True), img_size=(96, 128))
     assert tuple(bb.vit.grid_size) == (8, 8)  # nothing trains: no resized copy, the same values by interpolation
     assert [tuple(f.shape[-2:]) for f in bb(torch.randn(1, 3, 96, 128))][1] == (12, 16)
+
+
+def test_timm_weights_from_the_hf_cache(tmp_path, monkeypatch):
+    """`hf-hub:<repo>` reads the HF cache offline (e.g. timm/vit_base_patch16_224.mae); a tiny model stands in,
+    placed in the cache's own layout (refs/main -> snapshots/<rev>/model.safetensors)."""
+    import huggingface_hub.constants as hf_constants
+
+    repo = tmp_path / "models--local--tiny-convnext"
+    rev = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    (repo / "snapshots" / rev).mkdir(parents=True)
+    src = timm.create_model("test_convnext")
+    weights = repo / "snapshots" / rev / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(weights))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path))
+    bb = create_backbone(BackboneConfig(name="test_convnext", checkpoint="hf-hub:local/tiny-convnext"))
+    assert torch.equal(bb.model.stem[0].weight, src.stem[0].weight)
+    with pytest.raises(ConfigError, match="hf-hub:local/not-cached"):
+        create_backbone(BackboneConfig(name="test_convnext", checkpoint="hf-hub:local/not-cached"))

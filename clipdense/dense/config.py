@@ -12,7 +12,7 @@ from clipdense.train.config import OptimConfig, ScheduleConfig, TrainConfig
 class BackboneConfig(Config):
     name: str = "clip-tiny"  # an open_clip model name (incl. configs/models/*.json) or a timm model name
     kind: Literal["auto", "open_clip", "timm"] = "auto"  # auto: open_clip if it knows the name, else timm
-    # open_clip: pretrained tag, checkpoint path, or local-dir:<dir> / hf-hub:<repo> (e.g. <pretrain out>/export/open_clip);
+    # open_clip: pretrained tag, checkpoint path, or local-dir:<dir> / hf-hub:<repo> (e.g. <out>/export/open_clip);
     # timm: weights file path (state dict, .safetensors) or hf-hub:<repo> / local-dir:<dir> (HF cache when offline)
     checkpoint: str | None = None
     model_kwargs: dict = {}  # timm: extra timm.create_model kwargs, e.g. {img_size: 512} for Swin at 512 px

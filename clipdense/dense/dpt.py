@@ -7,8 +7,8 @@
   4-stage pyramid goes straight into the head.
 - `DPTHead`: a 3x3 conv per level to `channels` (256), then fusion from the coarsest level: each fusion block adds
   a residual-conv-unit-refined skip, refines again, upsamples x2 (bilinear, align_corners) and projects 1x1; then
-  a 3x3 conv + ReLU and the depth head (3x3 to channels/2, x2 up, 3x3 to 32, ReLU, 1x1 to `num_outputs`). Output stride 1
-  for a stride-4 first level. No normalisation layers (the Toolbox's DPT uses none), so any batch size works.
+  a 3x3 conv + ReLU and the depth head (3x3 to channels/2, x2 up, 3x3 to 32, ReLU, 1x1 to `num_outputs`). Output
+  stride 1 for a stride-4 first level. No normalisation layers (the Toolbox's DPT uses none), so any batch size works.
 """
 from __future__ import annotations
 

@@ -124,7 +124,8 @@ class SegModel(nn.Module):
 
 class DepthModel(nn.Module):
     """Backbone + decoder -> metric depth at the input size. `bins` = 0: one output, sigmoid * max_depth (BTS /
-    Monocular-Depth-Estimation-Toolbox `scale_up`), or for `kind="dpt"` relu + min_depth (the Toolbox's DPT). `bins` = N: DINOv2's linear depth protocol (after AdaBins): N uniform depth
+    Monocular-Depth-Estimation-Toolbox `scale_up`), or for `kind="dpt"` relu + min_depth (the Toolbox's DPT).
+    `bins` = N: DINOv2's linear depth protocol (after AdaBins): N uniform depth
     bins over [min_depth, max_depth], scores relu + 0.1 normalised to weights, depth = the weighted mean bin centre."""
 
     def __init__(self, backbone: nn.Module, max_depth: float = 10.0, channels: int = 768, pool_scales=(1, 2, 3, 6),

@@ -164,8 +164,9 @@ def _json_default(v):
 
 
 def metrics_record(cfg: FinetuneConfig, metrics: dict, provenance: dict, data: dict) -> dict:
-    return {"task": cfg.task, "head": "faster_rcnn" if cfg.task == "det" else cfg.head.kind, "metrics": {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                                          for k, v in metrics.items()},
+    head = "faster_rcnn" if cfg.task == "det" else cfg.head.kind
+    return {"task": cfg.task, "head": head,
+            "metrics": {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()},
             "backbone": provenance,
             "data": {"root": cfg.data.root, "fraction": cfg.data.fraction, "seed": cfg.data.seed, **data},
             "save_predictions": cfg.save_predictions, "config": cfg.model_dump(mode="json")}
