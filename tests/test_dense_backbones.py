@@ -192,3 +192,16 @@ def test_timm_weights_from_the_hf_cache(tmp_path, monkeypatch):
     assert torch.equal(bb.model.stem[0].weight, src.stem[0].weight)
     with pytest.raises(ConfigError, match="hf-hub:local/not-cached"):
         create_backbone(BackboneConfig(name="test_convnext", checkpoint="hf-hub:local/not-cached"))
+
+
+def test_timm_vit_weights_at_another_size_are_resampled_once(tmp_path):
+    """A timm ViT checkpoint from its own size (MAE: 224) loads into the model built at the crop: timm resamples
+    the table on load, and that table is what trains."""
+    from timm.layers import resample_abs_pos_embed
+
+    src = timm.create_model("test_vit")  # 160 px, patch 16: a 10x10 table
+    torch.save(src.state_dict(), path := tmp_path / "vit.pth")
+    bb = create_backbone(BackboneConfig(name="test_vit", checkpoint=str(path)), img_size=(96, 128))
+    expected = resample_abs_pos_embed(src.pos_embed.detach(), (6, 8), num_prefix_tokens=src.num_prefix_tokens)
+    assert bb.model.pos_embed.shape == expected.shape and torch.allclose(bb.model.pos_embed, expected, atol=1e-5)
+    assert torch.equal(bb.model.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
