@@ -17,7 +17,7 @@ class BackboneConfig(Config):
     checkpoint: str | None = None
     model_kwargs: dict = {}  # timm: extra timm.create_model kwargs, e.g. {img_size: 512} for Swin at 512 px
     lr_scale: float = Field(1.0, gt=0, le=1)  # the trunk's lr multiplier on top of layer decay (Toolbox DPT: 0.1)
-    out_indices: list[int] | None = None  # ViT blocks (default: 4 evenly spaced, [3,5,7,11] for 12 blocks)
+    out_indices: list[int] | None = None  # ViT blocks (default: [3,5,7,11] for 12 blocks; DPT: [2,5,8,11])
     drop_path: float = Field(0.0, ge=0.0, lt=1.0)
     # Probe protocol: the pretrained trunk stays fixed (no gradients, eval mode) and only the neck + head train, so
     # the score measures the encoder's features rather than what finetuning can rebuild in them.
