@@ -92,7 +92,8 @@ def plain_step_times(cfg, batch: dict, steps: int, device: torch.device) -> dict
 
     torch.manual_seed(cfg.train.seed)
     h = cfg.head
-    model = SegModel(create_backbone(cfg.backbone), cfg.data.num_classes, h.channels, tuple(h.pool_scales),
+    backbone = create_backbone(cfg.backbone, cfg.data.crop_size)  # as the runner builds it: table at the crop
+    model = SegModel(backbone, cfg.data.num_classes, h.channels, tuple(h.pool_scales),
                      h.dropout, h.aux_channels, aux=True).to(device).train()
     o = cfg.train.optim
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)

@@ -1,17 +1,27 @@
 """Backbones with one interface: `forward(x) -> [4 maps at strides 4, 8, 16, 32]`, `.out_channels`, `.layer_id(name)`.
 
 - open_clip ViT (`clipdense.models.create_clip(name, pretrained=...).visual`): tokens of 4 blocks (open_clip's
-  `forward_intermediates`) -> maps -> Feature2Pyramid; at another grid than the position table's the table is
-  interpolated to the input grid, so any size (multiple of the patch) works. Drop path: open_clip blocks have none,
-  so each residual branch's LayerScale is followed by a timm DropPath (rates rising linearly over depth, as timm
-  does). Every access to open_clip's internals lives in `clipdense.models.open_clip_adapter`.
+  `forward_intermediates`) -> maps -> Feature2Pyramid (or DPT's reassemble, `neck="dpt"`). As mmseg does, the
+  position table is resized once at build time to the finetune crop's grid (`img_size`) and that table trains;
+  at any other grid (whole-image evaluation) it is interpolated to the input grid, so any size (multiple of the
+  patch) works. Plain timm ViTs get the same: built at `img_size` (timm resamples pretrained tables on load). A
+  frozen trunk keeps its stored table. Drop path: open_clip blocks have none, so each residual branch's LayerScale
+  is followed by a timm DropPath (rates rising linearly over depth, as timm does). Every access to open_clip's
+  internals lives in `clipdense.models.open_clip_adapter`.
 - timm models (by name, or the trunk of an open_clip timm tower such as MobileCLIP's MCi): `forward_intermediates`
   at the stages of reduction 4/8/16/32; plain timm ViTs (all one stride) also go through Feature2Pyramid.
+  `backbone.model_kwargs` reach `timm.create_model` (e.g. Swin's `img_size`).
+Weights (`backbone.checkpoint`, one key for all): open_clip: a pretrained tag, a checkpoint file, or a folder
+`local-dir:<dir>` / `hf-hub:<repo>` (open_clip's own layout, what pretraining exports to `<out>/export/open_clip`);
+timm: a weights file (state dict, `.safetensors`, a checkpoint with `state_dict` / `model`), or `hf-hub:<repo>` /
+`local-dir:<dir>` (timm's layout; read from the HF cache when offline). Provenance `params` counts the trunk only
+(no neck), the figure "N x smaller" compares.
 Layer ids for layer-wise lr decay: 0 = stem / patch+pos embed + cls token, i+1 = block (or timm group) i, and
 `num_layers - 1` = everything else (neck, heads), so lr_scale = decay ** (num_layers - 1 - id).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -33,11 +43,34 @@ def default_block_indices(depth: int) -> list[int]:
     return known.get(depth, [max(0, round((k + 1) * depth / 4) - 1) for k in range(4)])
 
 
+def dpt_block_indices(depth: int) -> list[int]:
+    """DPT's taps: the last block of each quarter of the depth, [2, 5, 8, 11] for 12 blocks (the Toolbox's ViT-B)."""
+    return [max(0, round((k + 1) * depth / 4) - 1) for k in range(4)]
+
+
 def _pyramid_scales(patch: int) -> list[float]:
     scales = [patch / s for s in STRIDES]
     if patch < 1 or patch & (patch - 1):
         raise ConfigError(f"backbone: patch size {patch} is not a power of two; Feature2Pyramid cannot reach strides 4-32")
     return scales
+
+
+def _grid(img_size, patch: int) -> tuple[int, int]:
+    h, w = (int(v) for v in img_size)
+    if h % patch or w % patch:
+        raise ConfigError(f"data.crop_size {[h, w]} is not a multiple of the backbone's patch size {patch}")
+    return h // patch, w // patch
+
+
+def _plain_neck(kind: str, width: int, patch: int) -> nn.Module:
+    """Same-stride ViT maps -> strides 4-32: mmseg's Feature2Pyramid, or DPT's reassemble (readout-projected)."""
+    if kind == "dpt":
+        from clipdense.dense.dpt import Reassemble
+
+        return Reassemble(width, _pyramid_scales(patch))
+    neck = Feature2Pyramid(width, _pyramid_scales(patch))
+    neck.out_channels = [width] * 4
+    return neck
 
 
 class _Freezable:
@@ -61,29 +94,36 @@ class _Freezable:
 class ViTPyramid(_Freezable, nn.Module):
     """An open_clip VisionTransformer as a 4-level pyramid backbone (open_clip access: models/open_clip_adapter.py)."""
 
-    def __init__(self, vit: nn.Module, out_indices: list[int] | None = None, drop_path: float = 0.0):
+    def __init__(self, vit: nn.Module, out_indices: list[int] | None = None, drop_path: float = 0.0,
+                 img_size: tuple[int, int] | None = None, neck: str = "feature2pyramid"):
         super().__init__()
         shape = oca.vit_shape(vit)
         depth = shape.depth
-        self.out_indices = list(out_indices) if out_indices else default_block_indices(depth)
+        default = dpt_block_indices if neck == "dpt" else default_block_indices
+        self.out_indices = list(out_indices) if out_indices else default(depth)
         if any(not 0 <= i < depth for i in self.out_indices) or len(self.out_indices) != 4:
             raise ConfigError(f"backbone.out_indices {self.out_indices}: need 4 block indices in [0, {depth - 1}]")
         ph, pw = shape.patch
         if ph != pw:
             raise ConfigError(f"backbone: non-square patches {shape.patch} are not supported")
         oca.prune_vit(vit, self.out_indices)
+        if img_size is not None:
+            oca.resize_pos_table(vit, _grid(img_size, ph))
         self.vit = vit
         self.trunk_name = "vit"
         self.patch = ph
         self.depth = depth
-        self.neck = Feature2Pyramid(shape.width, _pyramid_scales(ph))
-        self.out_channels = [shape.width] * 4
+        self.neck = _plain_neck(neck, shape.width, ph)
+        self.out_channels = list(self.neck.out_channels)
         self.strides = list(STRIDES)
         self.num_layers = depth + 2
         if drop_path > 0:
             oca.add_vit_drop_path(vit, drop_path, depth)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if getattr(self.neck, "uses_cls", False):
+            maps, cls = oca.vit_block_maps(self.vit, x, self.out_indices, with_cls=True)
+            return self.neck(maps, cls)
         return self.neck(oca.vit_block_maps(self.vit, x, self.out_indices))
 
     def layer_id(self, name: str) -> int:
@@ -97,7 +137,7 @@ class ViTPyramid(_Freezable, nn.Module):
 class TimmPyramid(_Freezable, nn.Module):
     """A timm model (hierarchical, or plain ViT + Feature2Pyramid) as a 4-level pyramid backbone."""
 
-    def __init__(self, model: nn.Module, out_indices: list[int] | None = None):
+    def __init__(self, model: nn.Module, out_indices: list[int] | None = None, neck: str = "feature2pyramid"):
         super().__init__()
         from timm.models import group_parameters
 
@@ -106,7 +146,7 @@ class TimmPyramid(_Freezable, nn.Module):
         self.plain = len(set(reductions)) == 1
         if out_indices is None:
             if self.plain:
-                out_indices = default_block_indices(len(info))
+                out_indices = (dpt_block_indices if neck == "dpt" else default_block_indices)(len(info))
             else:
                 missing = [s for s in STRIDES if s not in reductions]
                 if missing:
@@ -119,14 +159,18 @@ class TimmPyramid(_Freezable, nn.Module):
         self.model = model
         self.trunk_name = "model"
         chans = [int(info[i]["num_chs"]) for i in self.out_indices]
-        self.neck = Feature2Pyramid(chans[0], _pyramid_scales(reductions[0])) if self.plain else None
-        self.out_channels = chans
+        self.neck = _plain_neck(neck, chans[0], reductions[0]) if self.plain else None
+        self.out_channels = list(self.neck.out_channels) if self.plain else chans
         self.strides = list(STRIDES)
         groups = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
         self._layer = {f"model.{n}": int(g) for n, g in groups.items()}
         self.num_layers = (max(self._layer.values()) if self._layer else 0) + 2
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if getattr(self.neck, "uses_cls", False):
+            out = self.model.forward_intermediates(x, indices=self.out_indices, intermediates_only=True,
+                                                   return_prefix_tokens=True)
+            return self.neck([m for m, _ in out], [p[:, 0] for _, p in out])
         feats = self.model.forward_intermediates(x, indices=self.out_indices, intermediates_only=True)
         return self.neck(feats) if self.neck is not None else list(feats)
 
@@ -147,6 +191,13 @@ def _retrofit_drop_path(module: nn.Module, rate: float) -> int:
     return len(slots)
 
 
+SCHEMAS = ("local-dir:", "hf-hub:")
+
+
+def _schema(ckpt: str | None) -> str | None:
+    return next((p for p in SCHEMAS if ckpt and ckpt.startswith(p)), None)
+
+
 def resolve_kind(cfg: BackboneConfig) -> str:
     if cfg.kind != "auto":
         return cfg.kind
@@ -164,56 +215,112 @@ def resolve_kind(cfg: BackboneConfig) -> str:
 
 
 def _check_checkpoint(ckpt: str | None) -> None:
-    if ckpt and ("/" in ckpt or Path(ckpt).suffix in {".pt", ".pth", ".bin", ".safetensors"}) and not Path(ckpt).exists():
+    schema = _schema(ckpt)
+    if schema == "local-dir:" and not Path(ckpt[len(schema):]).is_dir():
+        raise ConfigError(f"backbone.checkpoint: folder not found: {ckpt[len(schema):]}")
+    if not schema and ckpt and ("/" in ckpt or Path(ckpt).suffix in {".pt", ".pth", ".bin", ".safetensors"}) \
+            and not Path(ckpt).exists():
         raise ConfigError(f"backbone.checkpoint: file not found: {ckpt}")
 
 
-def create_backbone(cfg: BackboneConfig) -> nn.Module:
-    """Build the pyramid backbone `cfg` names; it carries `.provenance` (name, kind, checkpoint, params), `.mean`, `.std`."""
+def _open_clip_model(cfg: BackboneConfig):
+    """The named open_clip model with `backbone.checkpoint`'s weights; a `local-dir:` / `hf-hub:` folder is open_clip's
+    own layout (config + weights), and its image tower must be the named model's."""
+    import open_clip
+
+    from clipdense.models.registry import create_clip, register_model_configs
+
+    schema = _schema(cfg.checkpoint)
+    if not schema:
+        return create_clip(cfg.name, pretrained=cfg.checkpoint)
+    register_model_configs()
+    named = (open_clip.get_model_config(cfg.name) or {}).get("vision_cfg")
+    if schema == "local-dir:":
+        cfg_file = Path(cfg.checkpoint[len(schema):]) / "open_clip_config.json"
+        if not cfg_file.is_file():
+            raise ConfigError(f"backbone.checkpoint {cfg.checkpoint}: no open_clip_config.json (open_clip's layout; "
+                              "pretraining writes it to <out>/export/open_clip)")
+        folder = json.loads(cfg_file.read_text())
+        if named is not None and folder.get("model_cfg", {}).get("vision_cfg") != named:
+            raise ConfigError(f"backbone.checkpoint {cfg.checkpoint}: its image tower is not {cfg.name!r}'s "
+                              "(vision_cfg differs)")
+    return open_clip.create_model(cfg.checkpoint)
+
+
+def _timm_model(cfg: BackboneConfig, kwargs: dict):
+    import timm
+
+    schema = _schema(cfg.checkpoint)
+    if schema == "hf-hub:":
+        kwargs = {**kwargs, "pretrained": True, "pretrained_cfg_overlay": {"hf_hub_id": cfg.checkpoint[len(schema):],
+                                                                          "source": "hf-hub"}}
+    elif schema == "local-dir:":
+        folder = Path(cfg.checkpoint[len(schema):])
+        files = [folder / f for f in ("model.safetensors", "pytorch_model.bin") if (folder / f).is_file()]
+        if not files:
+            raise ConfigError(f"backbone.checkpoint {cfg.checkpoint}: no model.safetensors or pytorch_model.bin "
+                              "(timm's folder layout)")
+        kwargs = {**kwargs, "pretrained": True, "pretrained_cfg_overlay": {"file": str(files[0])}}
+    elif cfg.checkpoint:
+        kwargs = {**kwargs, "pretrained": True, "pretrained_cfg_overlay": {"file": cfg.checkpoint}}
+    try:
+        return timm.create_model(cfg.name, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"backbone.model_kwargs {cfg.model_kwargs}: {cfg.name!r} rejects them ({e})") from None
+    except (RuntimeError, ValueError, AssertionError, OSError, KeyError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"backbone {cfg.name!r} checkpoint {cfg.checkpoint!r}: {msg}") from None
+
+
+def create_backbone(cfg: BackboneConfig, img_size: tuple[int, int] | list[int] | None = None,
+                    neck: str = "feature2pyramid") -> nn.Module:
+    """Build the pyramid backbone `cfg` names; it carries `.provenance` (name, kind, checkpoint, trunk params),
+    `.mean`, `.std`. `img_size`: the finetune crop, whose grid a ViT's position table is resized to once.
+    `neck`: how a plain ViT's one-stride maps become a pyramid ("feature2pyramid" | "dpt")."""
     kind = resolve_kind(cfg)
     _check_checkpoint(cfg.checkpoint)
+    if cfg.frozen:  # nothing trains: keep the table bit-identical to the checkpoint (interpolating it gives the same)
+        img_size = None
     drop_path_applied = cfg.drop_path > 0
     if kind == "open_clip":
-        from clipdense.models.registry import create_clip
-
+        if cfg.model_kwargs:
+            raise ConfigError("backbone.model_kwargs: only timm backbones take them (this one is open_clip)")
         try:
-            clip = create_clip(cfg.name, pretrained=cfg.checkpoint)
-        except (RuntimeError, ValueError) as e:
+            clip = _open_clip_model(cfg)
+        except (RuntimeError, ValueError, FileNotFoundError) as e:
             raise ConfigError(f"backbone {cfg.name!r} checkpoint {cfg.checkpoint!r}: {str(e).splitlines()[0]}") from None
         visual, trunk = clip.visual, oca.timm_trunk(clip.visual)
         pp = oca.preprocess_cfg(clip)
         mean, std = pp.get("mean", CLIP_MEAN), pp.get("std", CLIP_STD)
         if oca.is_vit(visual):
-            net = ViTPyramid(visual, cfg.out_indices, cfg.drop_path)
+            net = ViTPyramid(visual, cfg.out_indices, cfg.drop_path, img_size, neck)
         elif trunk is not None:
             if cfg.drop_path > 0:
                 drop_path_applied = _retrofit_drop_path(trunk, cfg.drop_path) > 0
-            net = TimmPyramid(trunk, cfg.out_indices)
+            net = TimmPyramid(trunk, cfg.out_indices, neck)
         else:
             raise ConfigError(f"backbone {cfg.name!r}: image tower {type(visual).__name__} is not supported "
                               "(open_clip ViTs and timm towers are)")
         del clip
     else:
-        import timm
-
-        kwargs = {"drop_path_rate": cfg.drop_path} if cfg.drop_path > 0 else {}
-        if cfg.checkpoint:
-            kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": cfg.checkpoint})
-        try:
-            model = timm.create_model(cfg.name, **kwargs)
-        except RuntimeError as e:
-            raise ConfigError(f"backbone {cfg.name!r} checkpoint {cfg.checkpoint!r}: {str(e).splitlines()[0]}") from None
-        if len({f["reduction"] for f in model.feature_info}) == 1:  # plain ViT: let it take any input size
-            model = timm.create_model(cfg.name, dynamic_img_size=True, **kwargs)
+        kwargs = dict(cfg.model_kwargs)
+        if cfg.drop_path > 0:
+            kwargs["drop_path_rate"] = cfg.drop_path
+        model = _timm_model(cfg, kwargs)
+        if len({f["reduction"] for f in model.feature_info}) == 1:  # plain ViT: any input size, table at the crop
+            if img_size is not None and "img_size" not in kwargs:
+                kwargs["img_size"] = [int(v) for v in img_size]
+            model = _timm_model(cfg, {**kwargs, "dynamic_img_size": True})
         pc = getattr(model, "pretrained_cfg", {}) or {}
         mean, std = pc.get("mean", (0.485, 0.456, 0.406)), pc.get("std", (0.229, 0.224, 0.225))
-        net = TimmPyramid(model, cfg.out_indices)
+        net = TimmPyramid(model, cfg.out_indices, neck)
     if cfg.frozen:
         net.freeze()
     net.mean = tuple(float(v) for v in (cfg.mean or mean))
     net.std = tuple(float(v) for v in (cfg.std or std))
-    net.provenance = {"name": cfg.name, "kind": kind, "checkpoint": cfg.checkpoint,
-                      "params": sum(p.numel() for p in net.parameters()),
+    trunk_params = sum(p.numel() for p in getattr(net, net.trunk_name).parameters())
+    net.provenance = {"name": cfg.name, "kind": kind, "checkpoint": cfg.checkpoint, "params": trunk_params,
+                      "neck_params": sum(p.numel() for p in net.parameters()) - trunk_params,
                       "out_channels": list(net.out_channels), "drop_path": cfg.drop_path if drop_path_applied else 0.0,
                       "frozen": cfg.frozen}
     return net

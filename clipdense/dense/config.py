@@ -12,8 +12,12 @@ from clipdense.train.config import OptimConfig, ScheduleConfig, TrainConfig
 class BackboneConfig(Config):
     name: str = "clip-tiny"  # an open_clip model name (incl. configs/models/*.json) or a timm model name
     kind: Literal["auto", "open_clip", "timm"] = "auto"  # auto: open_clip if it knows the name, else timm
-    checkpoint: str | None = None  # open_clip: pretrained tag or checkpoint path; timm: weights file path
-    out_indices: list[int] | None = None  # ViT blocks (default: 4 evenly spaced, [3,5,7,11] for 12 blocks)
+    # open_clip: pretrained tag, checkpoint path, or local-dir:<dir> / hf-hub:<repo> (e.g. <out>/export/open_clip);
+    # timm: weights file path (state dict, .safetensors) or hf-hub:<repo> / local-dir:<dir> (HF cache when offline)
+    checkpoint: str | None = None
+    model_kwargs: dict = {}  # timm: extra timm.create_model kwargs, e.g. {img_size: 512} for Swin at 512 px
+    lr_scale: float = Field(1.0, gt=0, le=1)  # the trunk's lr multiplier on top of layer decay (Toolbox DPT: 0.1)
+    out_indices: list[int] | None = None  # ViT blocks (default: [3,5,7,11] for 12 blocks; DPT: [2,5,8,11])
     drop_path: float = Field(0.0, ge=0.0, lt=1.0)
     # Probe protocol: the pretrained trunk stays fixed (no gradients, eval mode) and only the neck + head train, so
     # the score measures the encoder's features rather than what finetuning can rebuild in them.
@@ -35,6 +39,12 @@ class DataConfig(Config):
     ratio_range: list[float] = [0.5, 2.0]
     cat_max_ratio: float = 0.75  # seg: re-draw a crop (up to 10 times) while one class covers more than this
     photometric: bool = True
+    # depth, the Monocular-Depth-Estimation-Toolbox's NYU pipeline: NYUCrop (480x640 -> rows 45:472, cols 43:608, the
+    # white border gone), a random rotation of +-rotate_degrees (p 0.5) and ColorAug (p 0.5: gamma 0.9-1.1,
+    # brightness 0.75-1.25, per-channel colour 0.9-1.1) in place of `photometric`
+    nyu_crop: bool = False
+    rotate_degrees: float = Field(0.0, ge=0.0, le=180.0)
+    color_aug: bool = False
     max_depth: float = 10.0  # depth: decoder range and evaluation cap (BTS NYU: 10 m)
     min_depth: float = 1e-3
     train_list: str = "nyudepthv2_train_files_with_gt.txt"  # depth: list files, relative to root
@@ -54,7 +64,8 @@ class DataConfig(Config):
 
 
 class HeadConfig(Config):
-    kind: Literal["upernet", "linear"] = "upernet"  # seg/depth decoder; linear: the probe's BN + 1x1 conv
+    # seg/depth decoder; linear: the probe's BN + 1x1 conv; dpt: DPT reassemble + fusion (depth; dense/dpt.py)
+    kind: Literal["upernet", "linear", "dpt"] = "upernet"
     channels: int = 768  # UperNet (seg/depth) decoder width
     pool_scales: list[int] = [1, 2, 3, 6]
     dropout: float = 0.1
@@ -128,6 +139,8 @@ class FinetuneConfig(Config):
         if self.eval.tta != "none" and (self.task == "det" or (self.task == "depth" and self.eval.tta == "ms_flip")):
             raise ValueError(f"eval.tta {self.eval.tta!r} is not supported for task {self.task} "
                              "(seg: flip | ms_flip, depth: flip, det: none)")
+        if self.head.kind == "dpt" and self.task != "depth":
+            raise ValueError(f"head.kind 'dpt' is a depth decoder; task {self.task} has none")
         if self.head.depth_bins == 1:
             raise ValueError("head.depth_bins must be 0 (regression) or at least 2 (one bin predicts a constant)")
         return self

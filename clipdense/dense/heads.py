@@ -63,6 +63,10 @@ class LinearHead(nn.Module):
 def decode_head(kind: str, in_channels: list[int], channels: int, num_outputs: int, pool_scales, dropout: float):
     if kind == "linear":
         return LinearHead(in_channels, num_outputs, dropout)
+    if kind == "dpt":
+        from clipdense.dense.dpt import DPTHead
+
+        return DPTHead(in_channels, channels, num_outputs)
     return UperHead(in_channels, channels, num_outputs, pool_scales, dropout)
 
 
@@ -120,7 +124,8 @@ class SegModel(nn.Module):
 
 class DepthModel(nn.Module):
     """Backbone + decoder -> metric depth at the input size. `bins` = 0: one output, sigmoid * max_depth (BTS /
-    Monocular-Depth-Estimation-Toolbox). `bins` = N: DINOv2's linear depth protocol (after AdaBins): N uniform depth
+    Monocular-Depth-Estimation-Toolbox `scale_up`), or for `kind="dpt"` relu + min_depth (the Toolbox's DPT).
+    `bins` = N: DINOv2's linear depth protocol (after AdaBins): N uniform depth
     bins over [min_depth, max_depth], scores relu + 0.1 normalised to weights, depth = the weighted mean bin centre."""
 
     def __init__(self, backbone: nn.Module, max_depth: float = 10.0, channels: int = 768, pool_scales=(1, 2, 3, 6),
@@ -128,7 +133,7 @@ class DepthModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.normalize = Normalize(backbone.mean, backbone.std)
-        self.max_depth = max_depth
+        self.max_depth, self.min_depth, self.kind = max_depth, min_depth, kind
         self.decode_head = decode_head(kind, backbone.out_channels, channels, max(bins, 1), pool_scales, dropout)
         self.register_buffer("bin_centres", torch.linspace(min_depth, max_depth, bins) if bins else None,
                              persistent=False)
@@ -136,7 +141,10 @@ class DepthModel(nn.Module):
     def forward(self, img: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.decode_head(self.backbone(self.normalize(img)))
         if self.bin_centres is None:
-            return {"depth": torch.sigmoid(resize(out, img.shape[-2:])[:, 0]) * self.max_depth}
+            out = resize(out, img.shape[-2:])[:, 0]
+            if self.kind == "dpt":
+                return {"depth": torch.relu(out) + self.min_depth}
+            return {"depth": torch.sigmoid(out) * self.max_depth}
         weights = torch.relu(out) + 0.1
         depth = torch.einsum("bkhw,k->bhw", weights / weights.sum(dim=1, keepdim=True), self.bin_centres)
         return {"depth": resize(depth[:, None], img.shape[-2:])[:, 0]}

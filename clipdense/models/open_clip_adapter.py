@@ -15,7 +15,8 @@ here. Public API is used where it fits (`create_model`, `get_model_config`, `lis
   (`vit_block_maps` at a grid other than the table's, `interpolated_pos_embed`): `_embeds`, which
   `forward_intermediates` runs, adds the stored table without interpolation, so inputs of another size (512 px crops,
   whole-image evaluation) are embedded here with a bicubically resized table, then run through the public
-  `transformer.forward_intermediates`.
+  `transformer.forward_intermediates`. `resize_pos_table` replaces the table (and `grid_size`, `image_size`) once
+  with one for the finetune crop, as mmseg does at build time, so crop-size forwards add the trained table as is.
 - `VisionTransformer.{attn_pool, attn_pool_contrastive, patch_dropout}` (`prune_vit`): `prune_intermediate_layers`
   keeps a CoCa tower's attention poolers (parameters without gradients, which DDP rejects); patch dropout is a
   CLIP-pretraining trick that would drop tokens from the dense maps.
@@ -129,6 +130,21 @@ def interpolated_pos_embed(vit: nn.Module, grid: tuple[int, int]) -> torch.Tenso
     return torch.cat([pos[:1], table.flatten(2).transpose(1, 2)[0]], dim=0)
 
 
+def resize_pos_table(vit: nn.Module, grid: tuple[int, int]) -> None:
+    """Make the tower's own position table cover `grid` (a new trainable parameter, resized bicubically once);
+    other grids still go through `interpolated_pos_embed`, now from this table."""
+    grid = tuple(int(g) for g in grid)
+    if grid == tuple(vit.grid_size):
+        return
+    with torch.no_grad():
+        table = interpolated_pos_embed(vit, grid).detach().clone()
+    old = vit.positional_embedding
+    vit.positional_embedding = nn.Parameter(table, requires_grad=old.requires_grad)
+    ph, pw = vit.patch_size
+    vit.grid_size = grid
+    vit.image_size = (grid[0] * ph, grid[1] * pw)
+
+
 def _embed_any_size(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`VisionTransformer._embeds` with the position table resized to the input's grid (no patch dropout)."""
     x = vit.conv1(x)
@@ -139,20 +155,27 @@ def _embed_any_size(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return vit.ln_pre(x)
 
 
-def vit_block_maps(vit: nn.Module, x: torch.Tensor, indices: list[int]) -> list[torch.Tensor]:
-    """Patch tokens after each block in `indices` (repeats allowed) as [B, width, H/patch, W/patch] maps."""
+def vit_block_maps(vit: nn.Module, x: torch.Tensor, indices: list[int], with_cls: bool = False):
+    """Patch tokens after each block in `indices` (repeats allowed) as [B, width, H/patch, W/patch] maps; with
+    `with_cls`, also each block's class token [B, width] (DPT's readout): `(maps, cls)`."""
     take = sorted(set(indices))
     b, _, h, w = x.shape
     ph, pw = vit.patch_size
     grid = (h // ph, w // pw)
     if grid == tuple(vit.grid_size):
-        maps = vit.forward_intermediates(x, indices=take, stop_early=True, intermediates_only=True)
-        maps = maps["image_intermediates"]
+        out = vit.forward_intermediates(x, indices=take, stop_early=True, intermediates_only=True,
+                                        output_extra_tokens=with_cls)
+        maps = out["image_intermediates"]
+        cls = [t[:, 0] for t in out["image_intermediates_prefix"]] if with_cls else None
     else:  # open_clip would add the stored table as is: embed here, then its own block loop
         _, tokens = vit.transformer.forward_intermediates(_embed_any_size(vit, x), indices=take, stop_early=True)
         maps = [t[:, 1:].transpose(1, 2).reshape(b, -1, *grid) for t in tokens]
+        cls = [t[:, 0] for t in tokens]
     by_index = dict(zip(take, maps))
-    return [by_index[i] for i in indices]
+    if not with_cls:
+        return [by_index[i] for i in indices]
+    cls_by_index = dict(zip(take, cls))
+    return [by_index[i] for i in indices], [cls_by_index[i] for i in indices]
 
 
 def vit_layer_id(name: str) -> int | None:

@@ -90,14 +90,16 @@ def collect(results_dir: str | Path) -> tuple[list[dict], list[dict]]:
                 metric, mode = TASK_METRICS.get(task, (None, None))
             if metric is None:
                 raise ValueError(f"unknown task {task!r} and no metric in {TRIAL_FILE}")
-            value = find_metric(_json(mpath), metric)
+            doc = _json(mpath)
+            value = find_metric(doc, metric)
             if value is None or not math.isfinite(value):
                 raise ValueError(f"metric {metric!r} missing or not finite")
             rows.append({"task": task, "backbone": coords["backbone"], "fraction": float(coords["fraction"]),
                          "seed": int(coords["seed"]), "hp": coords.get("hp"), "hparams": coords.get("hparams") or {},
                          "metric": metric, "mode": mode, "value": value, "dir": rel,
                          "condition": coords.get("condition") or coords["backbone"],
-                         "schedule_by": coords.get("schedule_by"), "total_steps": coords.get("total_steps")})
+                         "schedule_by": coords.get("schedule_by"), "total_steps": coords.get("total_steps"),
+                         "trunk_params": (doc.get("backbone") or {}).get("params")})  # trunk only, no neck
         except (ValueError, KeyError, TypeError, OSError) as e:
             errors.append({"dir": rel, "error": f"{type(e).__name__}: {e}".splitlines()[0]})
     return rows, errors
@@ -107,17 +109,20 @@ def aggregate(rows: list[dict]) -> list[dict]:
     """Mean and std (ddof=1; 0 for a single seed) over seeds per (task, backbone, fraction); hp trials excluded."""
     groups: dict[tuple, list[float]] = defaultdict(list)
     meta: dict[str, tuple[str, str]] = {}
+    params: dict[str, int] = {}
     for r in rows:
         if r["hp"]:
             continue
         groups[(r["task"], r["backbone"], r["fraction"])].append(r["value"])
+        if isinstance(r.get("trunk_params"), int):
+            params.setdefault(r["backbone"], r["trunk_params"])
         meta[r["task"]] = (r["metric"], r["mode"])
     table = []
     for (task, bb, f), vals in sorted(groups.items()):
         v = np.asarray(vals, dtype=float)
         table.append({"task": task, "backbone": bb, "fraction": f, "n_seeds": len(v), "mean": float(v.mean()),
                       "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-                      "metric": meta[task][0], "mode": meta[task][1]})
+                      "metric": meta[task][0], "mode": meta[task][1], "trunk_params": params.get(bb)})
     return table
 
 
@@ -187,6 +192,11 @@ def factor_text(d: dict) -> str:
     return f"{'≥ ' if d['censored'] else ''}{_fmt(d['factor'], 3)}x"
 
 
+def _params_text(n: int | None) -> str:
+    """A trunk's parameter count (metrics.json `backbone.params`, the neck not counted), e.g. 86.2M."""
+    return "?" if n is None else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
+
+
 def interval_text(d: dict) -> str:
     if d.get("ci_low") is None or d.get("ci_high") is None:
         return "n/a"
@@ -233,9 +243,9 @@ def write_markdown(path: Path, table, factors, rows, errors, hp_rows, settings: 
         t_rows = [r for r in table if r["task"] == task]
         lines += ["", f"## {task}: {t_rows[0]['metric']} ({'higher' if t_rows[0]['mode'] == 'max' else 'lower'}"
                   " is better)", "", f"![{task}]({task}.png)", "",
-                  "| backbone | fraction | n seeds | mean | std |", "|---|---|---|---|---|"]
-        lines += [f"| {r['backbone']} | {r['fraction']:.6g} | {r['n_seeds']} | {r['mean']:.4f} | {r['std']:.4f} |"
-                  for r in t_rows]
+                  "| backbone | trunk params | fraction | n seeds | mean | std |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['backbone']} | {_params_text(r['trunk_params'])} | {r['fraction']:.6g} | {r['n_seeds']} | "
+                  f"{r['mean']:.4f} | {r['std']:.4f} |" for r in t_rows]
         if task in factors:
             e = factors[task]
             lines += ["", f"Data-efficiency factor vs `{e['reference']}` ({_runs_text(e['reference_runs'])}):", "",
@@ -309,7 +319,8 @@ def run(cfg: ReportConfig) -> dict:
     missing = [n for n in sweep.get("trial_names", []) if n not in found and not sweep.get("search_space")]
     table = aggregate(rows)
     with open(out / "report.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["task", "backbone", "fraction", "n_seeds", "mean", "std", "metric", "mode"])
+        w = csv.DictWriter(fh, fieldnames=["task", "backbone", "fraction", "n_seeds", "mean", "std", "metric", "mode",
+                                            "trunk_params"])
         w.writeheader()
         w.writerows(table)
 

@@ -18,7 +18,7 @@ def build_train_dataset(cfg: FinetuneConfig):
                         d.scale, d.ratio_range, d.cat_max_ratio, d.photometric, d.fraction, d.seed, cfg.train.seed)
     if cfg.task == "depth":
         return NYUTrain(d.root, d.train_list, d.train_dir, d.crop_size, d.photometric, d.fraction, d.seed,
-                        cfg.train.seed)
+                        cfg.train.seed, nyu_crop=d.nyu_crop, rotate_degrees=d.rotate_degrees, color_aug=d.color_aug)
     return COCODetection(d.root, d.train_split or "train2017", train=True, fraction=d.fraction,
                          subset_seed=d.seed, aug_seed=cfg.train.seed)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from clipdense.dense.datasets.common import (check_same_size, pad_to, photometric, random_crop, random_flip,
@@ -46,16 +47,49 @@ def load_depth(path: Path, image: np.ndarray, image_path: Path) -> np.ndarray:
     return raw.astype(np.float32) / 1000.0
 
 
+NYU_CROP = (45, 472, 43, 608)  # rows, cols kept of a 480x640 NYU frame (the Toolbox's NYUCrop)
+
+
+def nyu_crop(img: np.ndarray, depth: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if img.shape[:2] != (480, 640):
+        raise DataError(f"{path}: data.nyu_crop needs 480x640 NYU frames, got {img.shape[1]}x{img.shape[0]}")
+    y0, y1, x0, x1 = NYU_CROP
+    return img[y0:y1, x0:x1], depth[y0:y1, x0:x1]
+
+
+def random_rotate(img: np.ndarray, depth: np.ndarray, degrees: float, rng, p: float = 0.5):
+    """With probability p, rotate both by U(-degrees, degrees): image bilinear, depth nearest (no blended depths),
+    uncovered corners 0 (black image, invalid depth)."""
+    if degrees <= 0 or rng.random() >= p:
+        return img, depth
+    angle = float(rng.uniform(-degrees, degrees))
+    img = np.asarray(Image.fromarray(np.ascontiguousarray(img)).rotate(angle, resample=Image.BILINEAR))
+    depth = np.asarray(Image.fromarray(np.ascontiguousarray(depth)).rotate(angle, resample=Image.NEAREST))
+    return img, depth
+
+
+def color_aug(img: np.ndarray, rng, p: float = 0.5) -> np.ndarray:
+    """BTS / the Toolbox's ColorAug on [0, 1] intensities: gamma U(0.9, 1.1), brightness U(0.75, 1.25), a colour
+    factor U(0.9, 1.1) per channel, clipped."""
+    if rng.random() >= p:
+        return img
+    x = (img.astype(np.float32) / 255.0) ** rng.uniform(0.9, 1.1)
+    x = x * rng.uniform(0.75, 1.25) * rng.uniform(0.9, 1.1, size=3).astype(np.float32)
+    return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
 class NYUTrain(Dataset):
-    """Random flip + random crop (pad with invalid depth 0 if smaller) + optional photometric distortion.
-    Items: {"img": uint8 CHW, "depth": float32 HW metres (0 = invalid)}."""
+    """[NYUCrop, random rotation,] random flip + random crop (pad with invalid depth 0 if smaller) + optional
+    photometric distortion or ColorAug. Items: {"img": uint8 CHW, "depth": float32 HW metres (0 = invalid)}."""
 
     def __init__(self, root, list_file: str, subdir: str = "", crop=(416, 544), photometric_aug: bool = True,
-                 fraction: float = 1.0, subset_seed: int = 0, aug_seed: int = 0):
+                 fraction: float = 1.0, subset_seed: int = 0, aug_seed: int = 0, nyu_crop: bool = False,
+                 rotate_degrees: float = 0.0, color_aug: bool = False):
         rows = read_list(root, list_file, subdir)
         self.indices = subset_indices(len(rows), fraction, subset_seed)
         self.rows = [rows[i] for i in self.indices]
         self.crop, self.photometric, self.aug_seed = tuple(crop), photometric_aug, aug_seed
+        self.nyu_crop, self.rotate_degrees, self.color_aug = nyu_crop, rotate_degrees, color_aug
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -66,9 +100,14 @@ class NYUTrain(Dataset):
         img = read_rgb(rgb_path)
         depth = load_depth(depth_path, img, rgb_path)
         rng = sample_rng(self.aug_seed, epoch, index)
+        if self.nyu_crop:
+            img, depth = nyu_crop(img, depth, rgb_path)
+        img, depth = random_rotate(img, depth, self.rotate_degrees, rng)
         img, depth = random_flip(img, depth, rng)
         img, depth = random_crop(img, depth, self.crop, rng)
-        if self.photometric:
+        if self.color_aug:
+            img = color_aug(img, rng)
+        elif self.photometric:
             img = photometric(np.ascontiguousarray(img), rng)
         img, depth = pad_to(img, depth, self.crop, 0.0)
         return {"img": to_chw(img), "depth": torch.from_numpy(np.ascontiguousarray(depth))}
