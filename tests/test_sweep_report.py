@@ -84,7 +84,7 @@ def test_report_tables_plots_and_factors(results, capsys):
     assert depth["ci_low"] is None and depth["df"] == 0               # one seed at 1/4 and 1/2: no interval
     md = (results / "report.md").read_text()
     assert "## seg: mIoU (higher is better)" in md and "## depth: rmse (lower is better)" in md
-    assert "| recap | 0.25 | 3 | 0.3800 | 0.0200 |" in md
+    assert "| recap | ? | 0.25 | 3 | 0.3800 | 0.0200 |" in md  # no backbone provenance in these fixtures
     assert "| condition | target | factor | 95% CI |" in md and "| recap | 100% = " in md
     assert "| recap | 1 pretraining run | 0.25 | +0.1600 |" in md
     assert "Finetuning schedule across fractions: iterations (not recorded" in md
