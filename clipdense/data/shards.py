@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 
 from clipdense.data.images import DEFAULT_MAX_PIXELS, Validate, check_image
 from clipdense.data.paths import expand_paths, filesystem_for
-from clipdense.data.rows import (ERROR_FIELDS, RowError, count_codes, error_columns, errors_from, exception_detail,
-                                 row_error)
+from clipdense.data.rows import ERROR_FIELDS, RowError, count_codes, error_columns, errors_from, row_error
+from clipdense.data.rows import exception_detail
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 SCHEMA = pa.schema([
@@ -45,7 +45,7 @@ def _sample_row(key: str, files: dict[str, bytes], shard: str, validate: Validat
     if "syn.json" in files:
         try:
             syn = [str(s) for s in json.loads(files["syn.json"])]
-        except (ValueError, TypeError, RecursionError):
+        except (ValueError, TypeError):
             syn = None
     meta = files["json"].decode("utf-8", "replace") if "json" in files else None
     if image is None:
