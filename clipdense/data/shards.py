@@ -125,8 +125,9 @@ def iter_tar_members(stream) -> Iterator[tuple[str, int, bytes] | TarBreak]:
     except Exception as e:  # tarfile and its decompressors raise many types (ReadError, EOFError, zlib.error, ...)
         cut = isinstance(e, EOFError) or str(e) in _CUT_MESSAGES
         offset = reading.offset if reading is not None else (tar.offset if tar is not None else 0)
-        what = f"member {reading.name} at byte {offset}" if reading is not None else f"byte {offset}"
-        end = TarBreak("truncated_tar" if cut else "corrupt_tar", offset, f"{what}: {exception_detail(e)}")
+        member = f" (member {reading.name})" if reading is not None else ""  # after the offset: details are capped
+        end = TarBreak("truncated_tar" if cut else "corrupt_tar", offset,
+                       f"at byte {offset}{member}: {exception_detail(e)}")
     if end is not None:
         yield end
 
