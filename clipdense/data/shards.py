@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import tarfile
+from dataclasses import dataclass
 from typing import Iterator
 
 import pyarrow as pa
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 from clipdense.data.images import DEFAULT_MAX_PIXELS, Validate, check_image
 from clipdense.data.paths import expand_paths, filesystem_for
 from clipdense.data.rows import ERROR_FIELDS, RowError, count_codes, error_columns, errors_from, row_error
+from clipdense.data.rows import exception_detail
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 SCHEMA = pa.schema([
@@ -61,60 +63,123 @@ def _error_fields(error: RowError | None) -> dict:
     return {"error_code": None if error is None else error.code, "error": None if error is None else error.detail}
 
 
-class _TailTracker:
-    """Wraps a stream and remembers its length and last bytes: Python's streaming tarfile ends silently when a file
-    is cut at a header, so completeness is judged by the end-of-archive marker (a zero block) at the very end."""
+class _HeaderProbe(tarfile.TarInfo):
+    """Records where and why header reading stopped (`tar.header_stop`): Python's streaming tarfile ends iteration
+    silently on a cut, invalid or all-zero header past the first, so the member list alone cannot tell a complete
+    tar from a broken one."""
 
-    def __init__(self, stream):
-        self.stream, self.total, self.tail = stream, 0, b""
-
-    def read(self, n=-1):
-        data = self.stream.read(n)
-        self.total += len(data)
-        self.tail = (self.tail + data)[-1024:]
-        return data
-
-    def complete(self) -> bool:
-        while self.read(1 << 16):
-            pass
-        zeros = len(self.tail) - len(self.tail.rstrip(b"\0"))
-        return self.total % 512 == 0 and zeros >= 512
+    @classmethod
+    def fromtarfile(cls, tar):
+        start = tar.fileobj.tell()
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.HeaderError as e:
+            tar.header_stop = (start, e)
+            raise
 
 
-def _truncated_row(key: str | None, shard: str, why: str) -> dict:
-    return {"key": key or f"{shard}#truncated", "image_bytes": None, "caption": None, "syn_captions": None,
-            "meta": None, **_error_fields(row_error("truncated_tar", why, shard)), "shard": shard}
+@dataclass(frozen=True)
+class TarBreak:
+    """Where a tar stops being readable: everything from `offset` (a byte offset into the uncompressed tar) on."""
+    code: str  # truncated_tar | corrupt_tar
+    offset: int
+    detail: str
+
+
+# tarfile names no exception type for a cut stream, only these messages
+_CUT_MESSAGES = ("unexpected end of data", "empty file", "truncated header")
+
+
+def _end_of_archive(tar) -> TarBreak | None:
+    """None if the archive ended at an end-of-archive marker (a zero block) followed by zeros only."""
+    start, why = getattr(tar, "header_stop", (tar.offset, tarfile.EmptyHeaderError()))
+    if isinstance(why, tarfile.EmptyHeaderError):
+        return TarBreak("truncated_tar", start, f"file ends at byte {start} without an end-of-archive marker")
+    if isinstance(why, tarfile.TruncatedHeaderError):
+        return TarBreak("truncated_tar", start, f"file ends inside the header at byte {start}")
+    if not isinstance(why, tarfile.EOFHeaderError):
+        return TarBreak("corrupt_tar", start, f"bad header at byte {start}: {why}")
+    pos = start + tarfile.BLOCKSIZE
+    while chunk := tar.fileobj.read(1 << 16):  # a zeroed header in mid-archive also reads as the end: look past it
+        if chunk.count(0) != len(chunk):
+            at = pos + len(chunk) - len(chunk.lstrip(b"\0"))
+            return TarBreak("corrupt_tar", start, f"end-of-archive marker at byte {start} followed by data at "
+                                                  f"byte {at}")
+        pos += len(chunk)
+    return None
+
+
+def iter_tar_members(stream) -> Iterator[tuple[str, int, bytes] | TarBreak]:
+    """(name, header byte offset, data) of each regular file of a tar stream in order, then one TarBreak if the
+    archive does not end cleanly. Reading stops at the first cut or unreadable header or member data."""
+    tar, reading = None, None
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_HeaderProbe, encoding="utf-8", errors="replace")
+        for member in tar:
+            if member.isfile():
+                reading = member
+                data = tar.extractfile(member).read()
+                reading = None
+                yield member.name, member.offset, data
+        end = _end_of_archive(tar)
+    except Exception as e:  # tarfile and its decompressors raise many types (ReadError, EOFError, zlib.error, ...)
+        cut = isinstance(e, EOFError) or str(e) in _CUT_MESSAGES
+        offset = reading.offset if reading is not None else (tar.offset if tar is not None else 0)
+        member = f" (member {reading.name})" if reading is not None else ""  # after the offset: details are capped
+        end = TarBreak("truncated_tar" if cut else "corrupt_tar", offset,
+                       f"at byte {offset}{member}: {exception_detail(e)}")
+    if end is not None:
+        yield end
+
+
+def _sample_name(name: str) -> tuple[str, str] | None:
+    """`dir/KEY.ext` -> (KEY, ext lowercased); None for members that are no sample file (img2dataset's _stats.json,
+    names without an extension or a key)."""
+    base, dot, ext = name.rsplit("/", 1)[-1].partition(".")
+    return None if not dot or not base or base.startswith("_") else (base, ext.lower())
+
+
+def _error_row(key: str, shard: str, error: RowError) -> dict:
+    return {"key": key, "image_bytes": None, "caption": None, "syn_captions": None, "meta": None,
+            **_error_fields(error), "shard": shard}
 
 
 def iter_tar_samples(stream, shard: str, validate: Validate = "header",
                      max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[dict]:
-    """Group a webdataset tar's members by key (`KEY.ext`) into canonical rows; a truncated tar ends with
-    an error row for the sample where it broke instead of raising."""
-    key, files = None, {}
-    tracked = _TailTracker(stream)
-    try:
-        with tarfile.open(fileobj=tracked, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                name = member.name.rsplit("/", 1)[-1]
-                base, dot, ext = name.partition(".")
-                if not dot or base.startswith("_"):
-                    continue  # img2dataset's _stats.json and friends
-                data = tar.extractfile(member).read()
-                if base != key:
-                    if key is not None:
-                        yield _sample_row(key, files, shard, validate, max_pixels)
-                    key, files = base, {}
-                files[ext.lower()] = data
-        complete = tracked.complete()
-    except (tarfile.TarError, OSError, EOFError) as e:
-        yield _truncated_row(key, shard, type(e).__name__)  # the last sample may be cut: report, don't guess
-        return
-    if not complete:
-        yield _truncated_row(key, shard, "no end-of-archive marker")
-    elif key is not None:
-        yield _sample_row(key, files, shard, validate, max_pixels)
+    """Group a webdataset tar's members into canonical rows: consecutive `KEY.ext` members form a sample (a
+    repeated extension starts a new one). Nothing raises and every sample is accounted for:
+    - a key seen before in the shard keeps its first sample; each later one is a `duplicate_key` row keyed
+      `KEY#duplicate@OFFSET`;
+    - where the tar breaks (cut, bad header, data after the end marker), the sample read so far becomes its row as
+      it is, and the unreadable rest is one `truncated_tar` / `corrupt_tar` row keyed `SHARD#CODE@OFFSET`, whose
+      detail names the byte offset;
+    - text members are decoded as UTF-8 with replacement characters (a non-UTF-8 caption stays usable)."""
+    key, files, start, seen = None, {}, 0, set()
+
+    def sample_row():
+        if key in seen:
+            return _error_row(f"{key}#duplicate@{start}", shard, row_error(
+                "duplicate_key", f"key {key} again at byte {start}; the first sample is kept", shard))
+        seen.add(key)
+        return _sample_row(key, files, shard, validate, max_pixels)
+
+    for item in iter_tar_members(stream):
+        if isinstance(item, TarBreak):
+            if key is not None:
+                yield sample_row()
+            yield _error_row(f"{shard}#{item.code}@{item.offset}", shard, row_error(item.code, item.detail, shard))
+            return
+        name, offset, data = item
+        parsed = _sample_name(name)
+        if parsed is None:
+            continue
+        if parsed[0] != key or parsed[1] in files:
+            if key is not None:
+                yield sample_row()
+            key, files, start = parsed[0], {}, offset
+        files[parsed[1]] = data
+    if key is not None:
+        yield sample_row()
 
 
 def _rows_to_table(rows: list[dict]) -> pa.Table:
