@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipdense.pretrain.captions import pick_batch, sample_rng
+from clipdense.pretrain.captions import pick_batch, real_mask, sample_rng
 
 try:  # Ray Data's typed collate (a bare callable is deprecated since Ray 2.47)
     from ray.data.collate_fn import NumpyBatchCollateFn as _CollateBase
@@ -96,4 +96,7 @@ class Collate(_CollateBase):
             use_syn = self.policy == "synthetic"
             slots = [[(s[0] if s else r) if (use_syn or not r) else r for r, s in zip(reals, syns)]]
         tok = _tokenizer(self.model_name)
-        return {"image": image, "texts": [tok(texts) for texts in slots], "keys": keys}
+        out = {"image": image, "texts": [tok(texts) for texts in slots], "keys": keys}
+        if self.train and self.policy == "both":
+            out["real_mask"] = torch.tensor(real_mask(reals), dtype=torch.bool)
+        return out
