@@ -176,3 +176,107 @@ def test_masked_rows_leave_the_real_term(kind):
     assert torch.allclose(fn(other), loss.detach())
     none = torch.zeros(6, dtype=torch.bool)
     assert float(masked_clip_loss(img, txt, scale, none)) == 0.0
+
+
+# --- DataCompDR: synthetic captions, augmentation parameters and teacher embeddings joined by uid -----------------
+
+AUGS, DIM, N_SYN = 3, 8, 5
+
+
+def _datacomp_pair(root, per_shard=10, seed=0) -> dict:
+    """DataComp image shards (img2dataset, uid in json) + DataCompDR shards of the same names. Shard 0: one uid
+    DataCompDR lacks, one sha256 that differs; one failed download."""
+    import hashlib
+
+    import numpy as np
+
+    from clipdense.data.synth.layouts import datacompdr_shard
+
+    rng = np.random.default_rng(seed)
+    (root / "dr").mkdir(parents=True)
+    out = {"images": str(root / "dc"), "recaptions": str(root / "dr"), "teacher": {}, "expect": {}}
+    for k in range(2):
+        samples, dr = [], []
+        for i in range(per_shard):
+            colour, shape = list(COLOURS)[i % 4], SHAPES[i % 2]
+            jpg = shape_jpeg(colour, shape, rng)
+            uid = hashlib.md5(f"{k}-{i}".encode()).hexdigest()
+            samples.append({"jpg": jpg, "caption": f"{colour} {shape}" if i % 3 else "", "size": (48, 48),
+                            "uid": uid})
+            img, txt = rng.normal(size=(AUGS, DIM)), rng.normal(size=(1 + N_SYN, DIM))
+            dr.append({"key": f"{k:05d}{i:04d}", "uid": uid, "sha256": hashlib.sha256(jpg).hexdigest(),
+                       "url": f"https://example.com/{uid}.jpg", "syn_text": [f"syn {j} {colour} {shape}" for j in
+                                                                             range(N_SYN)],
+                       "param_aug": {"0": {"crop": [0, 0, 48, 48], "flip": i % 2}}, "image_emb": img,
+                       "text_emb": txt})
+            out["teacher"][uid] = (img.astype(np.float16), txt.astype(np.float16))
+        if k == 0:
+            samples[2] = {"jpg": None, "caption": "lost", "uid": "f" * 32, "status": "failed_to_download",
+                          "error_message": "timeout"}
+            dr.pop(4)                              # the join misses this uid
+            dr[6]["sha256"] = "0" * 64             # (index 6 after the pop: sample 7) another image than DataComp's
+        img2dataset_shard(root / "dc", k, samples)
+        datacompdr_shard(root / "dr" / f"{k:05d}.tar", dr)
+    out["rows"] = 2 * per_shard
+    return out
+
+
+def test_syn_json_as_datacompdr_dict_is_its_captions(tmp_path):
+    from clipdense.data.datacompdr import syn_captions_from_json
+
+    assert syn_captions_from_json(json.dumps({"syn_text": ["a", "b"]}).encode()) == ["a", "b"]
+    assert syn_captions_from_json(json.dumps(["a"]).encode()) == ["a"]
+    assert syn_captions_from_json(b'{"other": 1}') is None and syn_captions_from_json(b"not json") is None
+
+
+def test_datacompdr_joins_by_uid_with_sha256_check(tmp_path):
+    import numpy as np
+
+    from clipdense.data.datacompdr import teacher_batch
+    from clipdense.data.shards import SCHEMA
+    from clipdense.pretrain.data import join_recaptions
+
+    pair = _datacomp_pair(tmp_path)
+    rows = read_shard_local(f"{pair['images']}/00000.tar")
+    out = join_recaptions(pa.Table.from_pylist(rows, schema=SCHEMA), pair["recaptions"], "both").to_pylist()
+    codes = {r["key"]: r["error_code"] for r in out}
+    assert codes["000000002"] == "failed_to_download"
+    assert codes["000000004"] == "no_recaption_for_uid" and codes["000000007"] == "sha256_mismatch"
+    ok = [r for r in out if r["error_code"] is None]
+    assert len(ok) == 7 and all(len(r["syn_captions"]) == N_SYN for r in ok)
+    assert sum(not r["caption"] for r in ok) >= 2  # empty alt text: `both` keeps the row (real term masked)
+    r = ok[0]
+    uid = json.loads(r["meta"])["uid"]
+    assert json.loads(r["aug_params"]) == {"0": {"crop": [0, 0, 48, 48], "flip": 0}}
+    t = teacher_batch([r["teacher_emb"], None], [r["key"], "x"])
+    assert t["teacher_image_emb"].shape == (2, AUGS, DIM) and t["teacher_text_emb"].shape == (2, 1 + N_SYN, DIM)
+    assert np.allclose(t["teacher_image_emb"][0].numpy(), pair["teacher"][uid][0].astype(np.float32))
+    assert t["teacher_mask"].tolist() == [True, False] and not t["teacher_image_emb"][1].any()
+    real = join_recaptions(pa.Table.from_pylist(rows, schema=SCHEMA), pair["recaptions"], "real").to_pylist()
+    assert sum(r["error_code"] == "no_caption" for r in real) >= 2
+
+
+def test_datacompdr_reaches_the_batch_and_the_summary(ray_local, tmp_path):
+    from clipdense.pretrain import PretrainConfig
+    from clipdense.pretrain import run as pretrain
+    from clipdense.pretrain.batches import Collate
+    from clipdense.pretrain.data import build_datasets
+
+    pair = _datacomp_pair(tmp_path)
+    cfg = build_config(PretrainConfig, {
+        "model": {"name": "clip-tiny"}, "captions": {"policy": "both"}, "ray": "off",
+        "data": {"shards": pair["images"], "recaptions": pair["recaptions"], "batch_size": 6, "decode_cpus": 0.5},
+        "train": {"out_dir": str(tmp_path / "pre"), "schedule": {"total_steps": 2, "warmup_steps": 1},
+                  "checkpoint": {"every_steps": 0}, "log_every": 1}})
+    train, _, counts = build_datasets(cfg, image_size=32)
+    batch = next(iter(train.iter_batches(batch_size=6, batch_format="numpy")))
+    b = Collate(model_name="clip-tiny", image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, policy="both", seed=0,
+                epoch=0)(batch)
+    assert b["teacher_image_emb"].shape == (6, AUGS, DIM) and b["teacher_mask"].all()
+    assert len(b["aug_params"]) == 6 and all(json.loads(a) for a in b["aug_params"])
+    pretrain(cfg)
+    summary = json.loads((tmp_path / "pre" / "pretrain_summary.json").read_text())["data"]
+    assert summary["errors"] == {"failed_to_download": 1, "no_recaption_for_uid": 1, "sha256_mismatch": 1}
+    assert summary["ok"] == pair["rows"] - 3
+    assert summary["synthetic"] == {"rows_with": pair["rows"] - 3, "per_row_mean": float(N_SYN), "join_missed": 1,
+                                    "rows_with_teacher_emb": pair["rows"] - 3}

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from clipdense.data.datacompdr import aug_params_from_json, syn_captions_from_json
 from clipdense.data.images import DEFAULT_MAX_PIXELS, Validate, check_image
 from clipdense.data.paths import expand_shards, filesystem_for
 from clipdense.data.rows import ERROR_FIELDS, RowError, count_codes, error_columns, errors_from, row_error
@@ -28,6 +29,9 @@ SCHEMA = pa.schema([
     ("meta", pa.string()),
     *ERROR_FIELDS,
     ("shard", pa.string()),
+    # DataCompDR's optional per-sample fields (data/datacompdr.py), null elsewhere
+    ("aug_params", pa.string()),       # its param_aug: the JSON string of the stored augmentations' parameters
+    ("teacher_emb", pa.binary()),      # its npz as stored: image_emb (per augmentation), text_emb (real + synthetic)
 ])
 
 
@@ -40,21 +44,17 @@ def image_row_error(data: bytes | None, validate: Validate, shard: str | None,
 def _sample_row(key: str, files: dict[str, bytes], shard: str, validate: Validate, max_pixels: int) -> dict:
     image = next((files[e] for e in IMAGE_EXTS if e in files), None)
     caption = (files["txt"].decode("utf-8", "replace").strip() or None) if "txt" in files else None
-    syn = None
-    if "syn.json" in files:
-        try:
-            syn = [str(s) for s in json.loads(files["syn.json"])]
-        except (ValueError, TypeError):
-            syn = None
+    syn = syn_captions_from_json(files.get("syn.json"))  # ours (a list) or DataCompDR's {"syn_text": [...]}
     meta = files["json"].decode("utf-8", "replace") if "json" in files else None
     if image is None:
-        others = sorted(set(files) - {"txt", "json", "syn.json"})
+        others = sorted(set(files) - {"txt", "json", "syn.json", "paug.json", "npz", "url.txt"})
         error = row_error("no_image", f"found: {', '.join(others)}" if others else None, shard)
     else:
         error = image_row_error(image, validate, shard, max_pixels)
     # a missing or empty caption is no error here: the captioner needs only the image; the caption policy decides
     return {"key": key, "image_bytes": image, "caption": caption, "syn_captions": syn, "meta": meta,
-            **_error_fields(error), "shard": shard}
+            **_error_fields(error), "shard": shard, "aug_params": aug_params_from_json(files.get("paug.json")),
+            "teacher_emb": files.get("npz")}
 
 
 def _error_fields(error: RowError | None) -> dict:

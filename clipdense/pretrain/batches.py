@@ -64,7 +64,9 @@ def _tokenizer(name: str):
 
 
 class Collate(_CollateBase):
-    """numpy batch (key, caption, syn_captions, pixels) -> {"image": (B,3,S,S), "texts": [(B,L) per caption slot]}."""
+    """numpy batch (key, caption, syn_captions, pixels[, aug_params, teacher_emb]) -> {"image": (B,3,S,S), "texts":
+    [(B,L) per caption slot], "keys"}; `both` adds "real_mask" (B,) (rows with a real caption); DataCompDR rows add
+    "teacher_image_emb" (B,A,D), "teacher_text_emb" (B,T,D), "teacher_mask" (B,) and "aug_params" (JSON strings)."""
 
     def __init__(self, *, model_name: str, image_size: int, mean, std, policy: str, seed: int, epoch: int,
                  mix_p: float = 0.5, train: bool = True):
@@ -99,4 +101,10 @@ class Collate(_CollateBase):
         out = {"image": image, "texts": [tok(texts) for texts in slots], "keys": keys}
         if self.train and self.policy == "both":
             out["real_mask"] = torch.tensor(real_mask(reals), dtype=torch.bool)
+        embs = batch.get("teacher_emb")
+        if embs is not None and any(e is not None for e in embs):  # DataCompDR rows: for distillation losses
+            from clipdense.data.datacompdr import teacher_batch
+
+            out.update(teacher_batch(embs, keys))
+            out["aug_params"] = [None if a is None else str(a) for a in batch["aug_params"]]
         return out
