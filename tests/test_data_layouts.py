@@ -93,7 +93,8 @@ def test_img2dataset_folder_recaptions_and_pretrains(ray_local, tmp_path):
     assert summary["shards"]["total"] == 2 and summary["rows_in"] == len(world["keys"])
     assert summary["failed_by_code"] == world["failed"]  # failed downloads counted by img2dataset's status
     assert summary["rows_captioned"] == len(world["keys"]) - sum(world["failed"].values())
-    out = {r["key"]: r for f in ("00000", "00001") for r in pq.read_table(tmp_path / "recap" / f"{f}.parquet").to_pylist()}
+    out = {r["key"]: r for f in ("00000", "00001")
+           for r in pq.read_table(tmp_path / "recap" / f"{f}.parquet").to_pylist()}
     assert sorted(out) == sorted(world["keys"])
     assert all(out[k]["error_code"] is None and len(out[k]["syn_captions"]) == 2 for k in world["no_alt"])
     # pretrain on the same folder as given, with synthetic captions in our own recaption layout

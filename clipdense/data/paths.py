@@ -116,7 +116,7 @@ def expand_shards(specs: str | Iterable[str], s3_endpoint: str | None = None) ->
         return files, {}
     fs, _ = filesystem_for(tars[0], s3_endpoint)
     candidates = {t: t[: -len(".tar")] + ".parquet" for t in tars}
-    inner = {t: filesystem_for(c, s3_endpoint)[1] for t, c in candidates.items()}
+    inner = {t: c[len("s3://"):] if c.startswith("s3://") else c for t, c in candidates.items()}
     infos = fs.get_file_info(list(inner.values()))
     sidecars = {t: candidates[t] for t, info in zip(tars, infos)
                 if info.type == pafs.FileType.File and _is_sidecar(fs, inner[t])}

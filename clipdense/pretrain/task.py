@@ -55,9 +55,10 @@ def _gathered(image_f: torch.Tensor, text_f: torch.Tensor, mask: torch.Tensor, r
 
     all_img, all_txt = gather_features(image_f, text_f, local_loss=True, gather_with_grad=True, rank=rank,
                                        world_size=world_size)
-    masks = [torch.empty_like(mask) for _ in range(world_size)]
-    dist.all_gather(masks, mask)
-    return all_img, all_txt, torch.cat(masks)
+    flags = mask.to(torch.uint8)  # not every backend gathers bool tensors
+    masks = [torch.empty_like(flags) for _ in range(world_size)]
+    dist.all_gather(masks, flags)
+    return all_img, all_txt, torch.cat(masks).bool()
 
 
 _EXCLUDED = -1e4  # a logit no softmax over scaled cosines (|x| <= 100) gives weight to, finite so no inf * 0

@@ -79,8 +79,8 @@ def npz_bytes(**arrays: np.ndarray) -> bytes:
 
 
 def datacompdr_shard(path: str | Path, samples: list[dict]) -> str:
-    """Write one DataCompDR shard. samples: {"key", "uid", "sha256", "url", "syn_text": [str],
-    "param_aug": dict (serialised to a JSON string, as DataCompDR stores it), "image_emb": (A, D), "text_emb": (T, D)}."""
+    """Write one DataCompDR shard. samples: {"key", "uid", "sha256", "url", "syn_text": [str], "param_aug": dict
+    (serialised to a JSON string, as DataCompDR stores it), "image_emb": (A, D), "text_emb": (T, D)}."""
     members = []
     for s in samples:
         k = s["key"]
