@@ -281,3 +281,36 @@ def test_datacompdr_reaches_the_batch_and_the_summary(ray_local, tmp_path):
     assert summary["ok"] == pair["rows"] - 3
     assert summary["synthetic"] == {"rows_with": pair["rows"] - 3, "per_row_mean": float(N_SYN), "join_missed": 1,
                                     "rows_with_teacher_emb": pair["rows"] - 3}
+
+
+@pytest.mark.parametrize("policy", ["real", "synthetic", "mix", "both"])
+def test_each_policy_counts_rows_without_alt_text(ray_local, tmp_path, policy):
+    from clipdense.pretrain import PretrainConfig
+    from clipdense.pretrain.batches import Collate
+    from clipdense.pretrain.data import build_datasets
+
+    world = _img2dataset_folder(tmp_path / "i2d", n_shards=1)
+    (tmp_path / "recap").mkdir()
+    info = world["shards"][0]
+    pq.write_table(pa.Table.from_pylist([{"key": k, "caption": None, "syn_captions": world["syn"][k],
+                                          "error_code": None, "error": None} for k in info["keys"]]),
+                   tmp_path / "recap" / "00000.parquet")
+    cfg = build_config(PretrainConfig, {
+        "captions": {"policy": policy}, "ray": "off",
+        "data": {"shards": str(tmp_path / "i2d"), "recaptions": str(tmp_path / "recap"), "batch_size": 4}})
+    train, _, counts = build_datasets(cfg, image_size=32)
+    downloaded = len(world["keys"]) - sum(world["failed"].values())
+    no_alt = len(world["no_alt"])
+    assert counts["errors"] == ({**world["failed"], "no_caption": no_alt} if policy == "real" else world["failed"])
+    assert counts["ok"] == downloaded - (no_alt if policy == "real" else 0)
+    rows = train.take_all()
+    kept = {r["key"] for r in rows}
+    assert kept.isdisjoint(world["no_alt"]) if policy == "real" else kept >= set(world["no_alt"])
+    batch = {c: __import__("numpy").array([r[c] for r in rows] + [None], dtype=object)[:-1]
+             for c in ("key", "caption", "syn_captions")}
+    batch["pixels"] = __import__("numpy").stack([r["pixels"] for r in rows])
+    out = Collate(model_name="clip-tiny", image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, policy=policy, seed=0,
+                  epoch=0)(batch)
+    assert out["texts"][0].shape[0] == len(rows)
+    if policy == "both":  # the rows without alt text train their synthetic term only
+        assert out["real_mask"].tolist() == [k not in world["no_alt"] for k in batch["key"]]

@@ -143,11 +143,15 @@ def decode_ok(batch: pa.Table, size: int, drop_keys: frozenset = frozenset(), on
         out["pixels"].append(px)
         out["aug_params"].append(a)
         out["teacher_emb"].append(t)
+    from ray.data.extensions import ArrowTensorArray
+
     pixels = np.stack(out["pixels"]) if out["pixels"] else np.zeros((0, size, size, 3), np.uint8)
-    objects = lambda xs: np.array(xs + [None], dtype=object)[:-1]  # noqa: E731  (lists stay elements)
-    return {"key": np.array(out["key"], dtype=object), "caption": np.array(out["caption"], dtype=object),
-            "syn_captions": objects(out["syn_captions"]), "pixels": pixels,
-            "aug_params": objects(out["aug_params"]), "teacher_emb": objects(out["teacher_emb"])}
+    # typed columns: a numpy batch would turn an all-null column (no DataCompDR fields) into float NaNs
+    return pa.table({"key": pa.array(out["key"], pa.string()), "caption": pa.array(out["caption"], pa.string()),
+                     "syn_captions": pa.array(out["syn_captions"], pa.list_(pa.string())),
+                     "pixels": ArrowTensorArray.from_numpy(pixels),
+                     "aug_params": pa.array(out["aug_params"], pa.string()),
+                     "teacher_emb": pa.array(out["teacher_emb"], pa.binary())})
 
 
 def joined_rows(shards, recaptions: str | None, policy: str, cfg: PretrainConfig):
