@@ -80,6 +80,7 @@ def test_a_listed_parquet_that_holds_images_stays_a_shard(tmp_path):
     assert [s.rsplit("/", 1)[1] for s in shards] == ["00000.tar", "00001.parquet"] and len(sidecars) == 1
 
 
+@pytest.mark.slow
 def test_img2dataset_folder_recaptions_and_pretrains(ray_local, tmp_path):
     from clipdense.pretrain import PretrainConfig
     from clipdense.pretrain import run as pretrain
@@ -257,6 +258,7 @@ def test_datacompdr_joins_by_uid_with_sha256_check(tmp_path):
     assert sum(r["error_code"] == "no_caption" for r in real) >= 2
 
 
+@pytest.mark.slow
 def test_datacompdr_reaches_the_batch_and_the_summary(ray_local, tmp_path):
     from clipdense.pretrain import PretrainConfig
     from clipdense.pretrain import run as pretrain
