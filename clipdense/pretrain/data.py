@@ -24,7 +24,7 @@ from clipdense.pretrain.captions import missing_for
 from clipdense.pretrain.config import PretrainConfig
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=2)  # rows come shard by shard; a DataCompDR shard's embeddings are large
 def _recaption_table(recaptions: str, stem: str, s3_endpoint: str | None) -> tuple[str, dict, str | None] | None:
     """One shard's recaptions, cached per Ray worker process: ("key", key -> (caption, syn_captions, RowError |
     None), None) from our `<stem>.parquet` (this version's or an older one's), or ("uid", uid -> DrSample, why it
