@@ -1,7 +1,8 @@
 """Shard I/O: webdataset tars and Parquet -> Ray Datasets with one canonical schema; Parquet out.
 
 Canonical row (ARCHITECTURE.md): key, image_bytes, caption, syn_captions, meta, error_code, error, plus `shard` (the
-source file) so later stages can write one output per input shard. Bad samples never crash a read: they become
+source file) so later stages can write one output per input shard, and DataCompDR's optional aug_params and
+teacher_emb. An img2dataset tar's sidecar parquet adds the URLs the tar lacks as rows coded by their status. Bad samples never crash a read: they become
 rows with a row error (data/rows.py: `error_code` + `error` detail), and `summarize` counts them by code.
 """
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 Pipeline (all lazy Ray Data, CPU tasks):
   read_shards(shards)                         canonical rows (bad samples are rows with `error`)
-  -> map_batches(join_recaptions)             caption/syn_captions from `<recaptions>/<shard stem>.parquet` by key;
+  -> map_batches(join_recaptions)             caption/syn_captions from `<recaptions>/<shard stem>.parquet` by key,
+                                              or DataCompDR's `<shard stem>.tar` by uid (+ sha256 check, teacher
+                                              embeddings, augmentation parameters);
                                               no_recaption_for_key / recaption_failed / policy needs -> row errors
   -> [count pass: errors by code]             before training, so skips are reported, never silent
   -> map_batches(decode_ok)                   drop error rows, decode + resize shorter side + centre crop -> `pixels`
