@@ -38,7 +38,7 @@ def test_bad_samples_become_error_rows(tmp_path):
     assert set(rows) == {"ok0000", "ok0001", "ok0002", "trunc", "nocap", "pdf", "junk"}
     assert all(rows[f"ok000{i}"]["error_code"] is None and rows[f"ok000{i}"]["error"] is None for i in range(3))
     assert rows["trunc"]["error_code"] == "undecodable_image" and rows["trunc"]["error"].startswith("OSError")
-    assert rows["nocap"]["error_code"] == "no_caption"
+    assert rows["nocap"]["error_code"] is None and rows["nocap"]["caption"] is None  # the caption policy decides
     assert (rows["pdf"]["error_code"], rows["pdf"]["error"]) == ("no_image", "found: pdf")
     assert rows["junk"]["error_code"] == "undecodable_image"
     assert rows["junk"]["error"] == "UnidentifiedImageError: cannot identify image file <_io.BytesIO>"
@@ -77,7 +77,7 @@ def test_parquet_round_trip_atomic(tmp_path):
              "error_code": None, "error": None, "shard": "s"}]
     out = tmp_path / "o" / "x.parquet"
     write_parquet(rows, str(out), schema=SCHEMA)
-    assert pq.read_table(out).to_pylist() == rows
+    assert pq.read_table(out).to_pylist() == [{**r, "aug_params": None, "teacher_emb": None} for r in rows]
     assert not [f for f in os.listdir(out.parent) if f.startswith(".tmp")]
 
 

@@ -87,3 +87,38 @@ def expand_paths(specs: str | Iterable[str], suffixes: tuple[str, ...] = (".tar"
                 raise DataError(f"no input files match {one!r}")
             out += [f for f in found if f not in out]
     return out
+
+
+# img2dataset writes `NNNNN.parquet` beside `NNNNN.tar`: one row per input URL (key, url, caption, status,
+# error_message, sizes, sha256, ...) and no image bytes. It is the tar's metadata, not a second shard.
+SIDECAR_COLUMNS = frozenset({"key", "status"})
+IMAGE_COLUMNS = frozenset({"image_bytes", "image", "jpg", "png", "webp"})
+
+
+def _is_sidecar(fs: pafs.FileSystem, inner: str) -> bool:
+    import pyarrow.parquet as pq
+
+    try:
+        with fs.open_input_file(inner) as f:
+            names = set(pq.read_schema(f).names)
+    except (OSError, ValueError):  # unreadable: not ours to judge here, the reader reports it
+        return False
+    return SIDECAR_COLUMNS <= names and not names & IMAGE_COLUMNS
+
+
+def expand_shards(specs: str | Iterable[str], s3_endpoint: str | None = None) -> tuple[list[str], dict[str, str]]:
+    """(shards, {tar: its img2dataset sidecar parquet}). A sidecar is found beside each tar whether or not the specs
+    name it (a `*.tar` glob over an img2dataset folder still accounts for its failed downloads); a named sidecar is
+    not a shard of its own."""
+    files = expand_paths(specs, s3_endpoint=s3_endpoint)
+    tars = [f for f in files if f.endswith(".tar")]
+    if not tars:
+        return files, {}
+    fs, _ = filesystem_for(tars[0], s3_endpoint)
+    candidates = {t: t[: -len(".tar")] + ".parquet" for t in tars}
+    inner = {t: c[len("s3://"):] if c.startswith("s3://") else c for t, c in candidates.items()}
+    infos = fs.get_file_info(list(inner.values()))
+    sidecars = {t: candidates[t] for t, info in zip(tars, infos)
+                if info.type == pafs.FileType.File and _is_sidecar(fs, inner[t])}
+    taken = set(sidecars.values())
+    return [f for f in files if f not in taken], sidecars

@@ -29,6 +29,13 @@ CODES = {
     "no_recaption_for_key": "the shard's recaption file has no row for the key",
     "recaption_failed": "the recaption row is an error row",
     "caption_engine_failed": "the captioner failed on the row's batch",
+    # img2dataset's per-URL statuses (its sidecar parquet): the URL never became a sample of the tar
+    "failed_to_download": "img2dataset could not download the URL",
+    "failed_to_resize": "img2dataset could not resize the downloaded image",
+    "not_in_tar": "img2dataset's parquet lists the URL as downloaded, its tar has no sample for it",
+    # DataCompDR recaptions joined by uid to DataComp image shards
+    "no_recaption_for_uid": "the DataCompDR shard has no sample with the image's uid",
+    "sha256_mismatch": "the image's sha256 differs from DataCompDR's (its augmentations and embeddings do not hold)",
 }
 ERROR_FIELDS = (pa.field("error_code", pa.string()), pa.field("error", pa.string()))
 DETAIL_CHARS = 200

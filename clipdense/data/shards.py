@@ -1,12 +1,14 @@
 """Shard I/O: webdataset tars and Parquet -> Ray Datasets with one canonical schema; Parquet out.
 
 Canonical row (ARCHITECTURE.md): key, image_bytes, caption, syn_captions, meta, error_code, error, plus `shard` (the
-source file) so later stages can write one output per input shard. Bad samples never crash a read: they become
+source file) so later stages can write one output per input shard, and DataCompDR's optional aug_params and
+teacher_emb. An img2dataset tar's sidecar parquet adds the URLs the tar lacks as rows coded by their status. Bad samples never crash a read: they become
 rows with a row error (data/rows.py: `error_code` + `error` detail), and `summarize` counts them by code.
 """
 from __future__ import annotations
 
 import json
+import re
 import tarfile
 from dataclasses import dataclass
 from typing import Iterator
@@ -15,8 +17,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from clipdense.data.datacompdr import aug_params_from_json, syn_captions_from_json
 from clipdense.data.images import DEFAULT_MAX_PIXELS, Validate, check_image
-from clipdense.data.paths import expand_paths, filesystem_for
+from clipdense.data.paths import expand_shards, filesystem_for
 from clipdense.data.rows import ERROR_FIELDS, RowError, count_codes, error_columns, errors_from, row_error
 from clipdense.data.rows import exception_detail
 
@@ -29,6 +32,9 @@ SCHEMA = pa.schema([
     ("meta", pa.string()),
     *ERROR_FIELDS,
     ("shard", pa.string()),
+    # DataCompDR's optional per-sample fields (data/datacompdr.py), null elsewhere
+    ("aug_params", pa.string()),       # its param_aug: the JSON string of the stored augmentations' parameters
+    ("teacher_emb", pa.binary()),      # its npz as stored: image_emb (per augmentation), text_emb (real + synthetic)
 ])
 
 
@@ -40,23 +46,18 @@ def image_row_error(data: bytes | None, validate: Validate, shard: str | None,
 
 def _sample_row(key: str, files: dict[str, bytes], shard: str, validate: Validate, max_pixels: int) -> dict:
     image = next((files[e] for e in IMAGE_EXTS if e in files), None)
-    caption = files["txt"].decode("utf-8", "replace").strip() if "txt" in files else None
-    syn = None
-    if "syn.json" in files:
-        try:
-            syn = [str(s) for s in json.loads(files["syn.json"])]
-        except (ValueError, TypeError):
-            syn = None
+    caption = (files["txt"].decode("utf-8", "replace").strip() or None) if "txt" in files else None
+    syn = syn_captions_from_json(files.get("syn.json"))  # ours (a list) or DataCompDR's {"syn_text": [...]}
     meta = files["json"].decode("utf-8", "replace") if "json" in files else None
     if image is None:
-        others = sorted(set(files) - {"txt", "json", "syn.json"})
+        others = sorted(set(files) - {"txt", "json", "syn.json", "paug.json", "npz", "url.txt"})
         error = row_error("no_image", f"found: {', '.join(others)}" if others else None, shard)
     else:
         error = image_row_error(image, validate, shard, max_pixels)
-    if error is None and not caption:
-        error = row_error("no_caption", shard=shard)
+    # a missing or empty caption is no error here: the captioner needs only the image; the caption policy decides
     return {"key": key, "image_bytes": image, "caption": caption, "syn_captions": syn, "meta": meta,
-            **_error_fields(error), "shard": shard}
+            **_error_fields(error), "shard": shard, "aug_params": aug_params_from_json(files.get("paug.json")),
+            "teacher_emb": files.get("npz")}
 
 
 def _error_fields(error: RowError | None) -> dict:
@@ -182,19 +183,63 @@ def iter_tar_samples(stream, shard: str, validate: Validate = "header",
         yield sample_row()
 
 
+SIDECAR_READ = ("key", "status", "error_message", "url", "caption")
+
+
+def _status_code(status: object) -> str:
+    code = re.sub(r"[^a-z0-9]+", "_", str(status or "unknown").lower()).strip("_") or "unknown"
+    return code if code[0].isalpha() else f"status_{code}"
+
+
+def sidecar_rows(path: str, shard: str, seen: set, filesystem=None) -> Iterator[dict]:
+    """The URLs of an img2dataset parquet that its tar does not hold, as error rows: failed downloads (code = their
+    status: failed_to_download, failed_to_resize, ...; detail = img2dataset's error_message) and `not_in_tar` for a
+    "success" the tar lacks (cut short). So every input URL is accounted for."""
+    fs = filesystem or pafs.LocalFileSystem()
+    inner = path[len("s3://"):] if path.startswith("s3://") else path
+    with fs.open_input_file(inner) as f:
+        pf = pq.ParquetFile(f)
+        table = pf.read(columns=[c for c in SIDECAR_READ if c in pf.schema_arrow.names])
+    cols = {c: table.column(c).to_pylist() if c in table.column_names else [None] * table.num_rows
+            for c in SIDECAR_READ}
+    for key, status, message, url, caption in zip(*(cols[c] for c in SIDECAR_READ)):
+        key = str(key)
+        if key in seen:
+            continue
+        if status == "success":
+            error = row_error("not_in_tar", f"{path} lists it as downloaded", shard)
+        else:
+            error = row_error(_status_code(status), message or status, shard)
+        meta = json.dumps({"url": url, "status": status, "error_message": message})
+        yield {"key": key, "image_bytes": None, "caption": caption or None, "syn_captions": None, "meta": meta,
+               **_error_fields(error), "shard": shard}
+
+
+def shard_rows(stream, shard: str, validate: Validate = "header", max_pixels: int = DEFAULT_MAX_PIXELS,
+               sidecar: str | None = None, filesystem=None) -> Iterator[dict]:
+    """A tar's canonical rows, then (img2dataset) the URLs its sidecar parquet lists that the tar lacks."""
+    seen = set()
+    for row in iter_tar_samples(stream, shard, validate, max_pixels):
+        seen.add(row["key"])
+        yield row
+    if sidecar is not None:
+        yield from sidecar_rows(sidecar, shard, seen, filesystem)
+
+
 def _rows_to_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
-def _tar_datasource(paths: list[str], validate: Validate, batch_rows: int, filesystem, max_pixels: int):
+def _tar_datasource(paths: list[str], validate: Validate, batch_rows: int, filesystem, max_pixels: int,
+                    sidecars: dict[str, str] | None = None):
     from ray.data.datasource import FileBasedDatasource
 
     class TarShards(FileBasedDatasource):
         # Ray's read_webdataset raises on a truncated tar; this keeps every readable sample and records the break.
         def _read_stream(self, f, path):
             rows = []
-            for row in iter_tar_samples(f, path if "://" in path or path.startswith("/") else f"s3://{path}", validate,
-                                        max_pixels):
+            shard = path if "://" in path or path.startswith("/") else f"s3://{path}"
+            for row in shard_rows(f, shard, validate, max_pixels, (sidecars or {}).get(shard), filesystem):
                 rows.append(row)
                 if len(rows) >= batch_rows:
                     yield _rows_to_table(rows)
@@ -219,13 +264,10 @@ def _canonical_parquet_batch(batch: pa.Table, columns: dict[str, str], validate:
     given = {f: batch.column(columns.get(f, f)) for f in ("error_code", "error")
              if columns.get(f, f) in batch.column_names}
     errors = errors_from({**given, "key": out["key"], "shard": out["shard"]})
-    images, captions, shards = out["image_bytes"].to_pylist(), out["caption"].to_pylist(), out["shard"].to_pylist()
+    images, shards = out["image_bytes"].to_pylist(), out["shard"].to_pylist()
     for i in range(n):
         if errors[i] is None:
-            err = image_row_error(images[i], validate, shards[i], max_pixels) if require_image else None
-            if err is None and not captions[i]:
-                err = row_error("no_caption", shard=shards[i])
-            errors[i] = err
+            errors[i] = image_row_error(images[i], validate, shards[i], max_pixels) if require_image else None
     out.update(error_columns(errors))
     return pa.table(out, schema=SCHEMA)
 
@@ -237,14 +279,15 @@ def read_shards(paths, *, validate: Validate = "header", s3_endpoint: str | None
     `max_pixels` is the decompression-bomb guard of the header/full image checks."""
     import ray.data
 
-    files = expand_paths(paths, s3_endpoint=s3_endpoint)
+    files, sidecars = expand_shards(paths, s3_endpoint=s3_endpoint)
     tars = [f for f in files if f.endswith(".tar")]
     parquets = [f for f in files if f.endswith(".parquet")]
     fs = filesystem_for(files[0], s3_endpoint)[0] if files[0].startswith("s3://") else None
     strip = (lambda p: p[len("s3://"):]) if fs is not None else (lambda p: p)
     parts = []
     if tars:
-        ds = ray.data.read_datasource(_tar_datasource([strip(p) for p in tars], validate, batch_rows, fs, max_pixels))
+        ds = ray.data.read_datasource(_tar_datasource([strip(p) for p in tars], validate, batch_rows, fs, max_pixels,
+                                                      sidecars))
         parts.append(ds)
     if parquets:
         cols = parquet_columns or {}
@@ -261,8 +304,9 @@ def read_shard_local(path: str, validate: Validate = "header", s3_endpoint: str 
                      max_pixels: int = DEFAULT_MAX_PIXELS) -> list[dict]:
     """All canonical rows of one tar shard, without Ray (for tests and small tools)."""
     fs, inner = filesystem_for(path, s3_endpoint)
+    sidecar = next(iter(expand_shards(path, s3_endpoint)[1].values()), None) if path.endswith(".tar") else None
     with fs.open_input_stream(inner) as f:
-        return list(iter_tar_samples(f, path, validate, max_pixels))
+        return list(shard_rows(f, path, validate, max_pixels, sidecar, fs))
 
 
 def summarize(ds) -> dict:

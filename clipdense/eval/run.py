@@ -41,8 +41,10 @@ def retrieval_rows(shards, s3_endpoint: str | None, max_rows: int) -> tuple[list
     ds = read_shards(shards, s3_endpoint=s3_endpoint).select_columns(["key", "image_bytes", "caption", "error_code"])
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=256):
         for r in batch.to_pylist():
-            if r["error_code"] is not None:
-                skipped[r["error_code"]] = skipped.get(r["error_code"], 0) + 1
+            # retrieval needs the real caption (the reader no longer flags rows without one)
+            code = r["error_code"] or (None if (r["caption"] or "").strip() else "no_caption")
+            if code is not None:
+                skipped[code] = skipped.get(code, 0) + 1
             elif len(rows) < max_rows:
                 rows.append(r)
         if len(rows) >= max_rows:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipdense.pretrain.captions import pick_batch, sample_rng
+from clipdense.pretrain.captions import pick_batch, real_mask, sample_rng
 
 try:  # Ray Data's typed collate (a bare callable is deprecated since Ray 2.47)
     from ray.data.collate_fn import NumpyBatchCollateFn as _CollateBase
@@ -64,7 +64,9 @@ def _tokenizer(name: str):
 
 
 class Collate(_CollateBase):
-    """numpy batch (key, caption, syn_captions, pixels) -> {"image": (B,3,S,S), "texts": [(B,L) per caption slot]}."""
+    """numpy batch (key, caption, syn_captions, pixels[, aug_params, teacher_emb]) -> {"image": (B,3,S,S), "texts":
+    [(B,L) per caption slot], "keys"}; `both` adds "real_mask" (B,) (rows with a real caption); DataCompDR rows add
+    "teacher_image_emb" (B,A,D), "teacher_text_emb" (B,T,D), "teacher_mask" (B,) and "aug_params" (JSON strings)."""
 
     def __init__(self, *, model_name: str, image_size: int, mean, std, policy: str, seed: int, epoch: int,
                  mix_p: float = 0.5, train: bool = True):
@@ -96,4 +98,13 @@ class Collate(_CollateBase):
             use_syn = self.policy == "synthetic"
             slots = [[(s[0] if s else r) if (use_syn or not r) else r for r, s in zip(reals, syns)]]
         tok = _tokenizer(self.model_name)
-        return {"image": image, "texts": [tok(texts) for texts in slots], "keys": keys}
+        out = {"image": image, "texts": [tok(texts) for texts in slots], "keys": keys}
+        if self.train and self.policy == "both":
+            out["real_mask"] = torch.tensor(real_mask(reals), dtype=torch.bool)
+        embs = batch.get("teacher_emb")
+        if embs is not None and any(e is not None for e in embs):  # DataCompDR rows: for distillation losses
+            from clipdense.data.datacompdr import teacher_batch
+
+            out.update(teacher_batch(embs, keys))
+            out["aug_params"] = [None if a is None else str(a) for a in batch["aug_params"]]
+        return out

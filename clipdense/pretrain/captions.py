@@ -1,10 +1,12 @@
 """Caption policies: which text(s) a sample trains with. Small pure functions of (policy, captions, rng).
 
-- real:      the web caption.
+- real:      the web caption; a row without one is skipped (`no_caption`).
 - synthetic: one of the N synthetic captions, drawn uniformly.
-- mix:       synthetic with probability p, else real.
+- mix:       synthetic with probability p, else real; a row without a real caption always takes a synthetic one.
 - both:      DataCompDR: one real and one random synthetic caption; the loss is
              contrastive(image, real) + contrastive(image, synthetic) (apple/ml-mobileclip training/open_clip.patch).
+             A row without a real caption trains the synthetic term only (`real_mask`: its real term is masked).
+Images without alt text are recaptioned like any other: only `real` needs the web caption.
 
 Randomness is a pure function of (seed, epoch, sample key) through `sample_rng`, never of global RNG state, so a
 resumed run draws exactly what an uninterrupted one would have.
@@ -36,10 +38,14 @@ def _usable(texts) -> list[str]:
     return [t for t in (texts or []) if t and str(t).strip()]
 
 
+def has_text(real: str | None) -> bool:
+    return bool(real and str(real).strip())
+
+
 def missing_for(policy: str, real: str | None, syn) -> str | None:
     """Why a row cannot train under `policy` (a row-error code, data/rows.py), or None."""
-    has_real, has_syn = bool(real and real.strip()), bool(_usable(syn))
-    if policy in ("real", "both") and not has_real:
+    has_real, has_syn = has_text(real), bool(_usable(syn))
+    if policy == "real" and not has_real:
         return "no_caption"
     if policy in ("synthetic", "mix", "both") and not has_syn:
         return "no_synthetic_captions"
@@ -56,9 +62,9 @@ def pick_captions(policy: str, real: str | None, syn, rng: np.random.Generator, 
     if policy == "mix":
         use_syn = rng.random() < mix_p
         j = int(rng.integers(len(syn)))  # drawn either way: the stream does not depend on the coin
-        return [syn[j] if use_syn else real]
-    if policy == "both":
-        return [real, syn[int(rng.integers(len(syn)))]]
+        return [syn[j] if use_syn or not has_text(real) else real]
+    if policy == "both":  # no real caption: an empty placeholder, masked out of the loss (real_mask)
+        return [real if has_text(real) else "", syn[int(rng.integers(len(syn)))]]
     raise ValueError(f"unknown caption policy {policy!r} (choose from {', '.join(POLICIES)})")
 
 
@@ -66,3 +72,8 @@ def pick_batch(policy: str, keys, reals, syns, seed: int, epoch: int, mix_p: flo
     """Per caption slot, the batch's texts: [[texts for slot 0], ([texts for slot 1])]."""
     picked = [pick_captions(policy, r, s, sample_rng(seed, epoch, k, 1), mix_p) for k, r, s in zip(keys, reals, syns)]
     return [list(col) for col in zip(*picked)] if picked else [[] for _ in range(captions_per_sample(policy))]
+
+
+def real_mask(reals) -> list[bool]:
+    """`both`: which rows have a real caption (the others train the synthetic term only)."""
+    return [has_text(r) for r in reals]

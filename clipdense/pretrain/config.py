@@ -17,7 +17,8 @@ class ModelConfig(Config):
 
 class DataConfig(Config):
     """Images come from `shards` (tar/Parquet, as `data.shards.read_shards` reads them); captions from the
-    recaption stage's Parquet files in `recaptions` (one `<shard stem>.parquet` per input shard, joined by key), or
+    recaption stage's Parquet files in `recaptions` (one `<shard stem>.parquet` per input shard, joined by key, or
+    DataCompDR's `<shard stem>.tar` shards, joined by uid), or
     from the shards themselves when `recaptions` is null (e.g. one Parquet holding images + captions)."""
 
     shards: str | list[str] = "PLACEHOLDER/web/{00000..00003}.tar"

@@ -2,7 +2,9 @@
 
 Pipeline (all lazy Ray Data, CPU tasks):
   read_shards(shards)                         canonical rows (bad samples are rows with `error`)
-  -> map_batches(join_recaptions)             caption/syn_captions from `<recaptions>/<shard stem>.parquet` by key;
+  -> map_batches(join_recaptions)             caption/syn_captions from `<recaptions>/<shard stem>.parquet` by key,
+                                              or DataCompDR's `<shard stem>.tar` by uid (+ sha256 check, teacher
+                                              embeddings, augmentation parameters);
                                               no_recaption_for_key / recaption_failed / policy needs -> row errors
   -> [count pass: errors by code]             before training, so skips are reported, never silent
   -> map_batches(decode_ok)                   drop error rows, decode + resize shorter side + centre crop -> `pixels`
@@ -12,6 +14,7 @@ collate (pretrain/batches.py) because they depend on the epoch, which a Ray Data
 from __future__ import annotations
 
 import functools
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -23,57 +26,99 @@ from clipdense.pretrain.captions import missing_for
 from clipdense.pretrain.config import PretrainConfig
 
 
-@functools.lru_cache(maxsize=8)
-def _recaption_table(path: str, s3_endpoint: str | None) -> dict | None:
-    """key -> (caption, syn_captions, RowError | None) of one recaption Parquet file, this version's or an older
-    one's (`error` string alone); cached per Ray worker process."""
+@functools.lru_cache(maxsize=2)  # rows come shard by shard; a DataCompDR shard's embeddings are large
+def _recaption_table(recaptions: str, stem: str, s3_endpoint: str | None) -> tuple[str, dict, str | None] | None:
+    """One shard's recaptions, cached per Ray worker process: ("key", key -> (caption, syn_captions, RowError |
+    None), None) from our `<stem>.parquet` (this version's or an older one's), or ("uid", uid -> DrSample, why it
+    ended early) from a DataCompDR `<stem>.tar`; None when neither exists."""
     import pyarrow.parquet as pq
 
+    from clipdense.data.datacompdr import read_datacompdr
     from clipdense.data.paths import filesystem_for
 
-    fs, inner = filesystem_for(path, s3_endpoint)
-    if fs.get_file_info(inner).type.name != "File":
-        return None
-    table = pq.read_table(inner, filesystem=fs)
-    cols = {c: table.column(c).to_pylist() if c in table.column_names else [None] * table.num_rows
-            for c in ("key", "caption", "syn_captions")}
-    return dict(zip(cols["key"], zip(cols["caption"], cols["syn_captions"], errors_from(table))))
+    base = f"{recaptions.rstrip('/')}/{stem}"
+    fs, inner = filesystem_for(f"{base}.parquet", s3_endpoint)
+    if fs.get_file_info(inner).type.name == "File":
+        table = pq.read_table(inner, filesystem=fs)
+        cols = {c: table.column(c).to_pylist() if c in table.column_names else [None] * table.num_rows
+                for c in ("key", "caption", "syn_captions")}
+        return "key", dict(zip(cols["key"], zip(cols["caption"], cols["syn_captions"], errors_from(table)))), None
+    fs, inner = filesystem_for(f"{base}.tar", s3_endpoint)
+    if fs.get_file_info(inner).type.name == "File":
+        with fs.open_input_stream(inner) as f:
+            samples, broken = read_datacompdr(f)
+        return "uid", samples, broken
+    return None
+
+
+def _uid_and_sha(meta: str | None) -> tuple[str | None, str | None]:
+    """DataComp's img2dataset json carries the uid and the original image's sha256."""
+    try:
+        obj = json.loads(meta) if meta else {}
+    except ValueError:
+        return None, None
+    if not isinstance(obj, dict):
+        return None, None
+    uid, sha = obj.get("uid"), obj.get("sha256")
+    return (str(uid) if uid is not None else None), (str(sha) if sha else None)
 
 
 def join_recaptions(batch: pa.Table, recaptions: str | None, policy: str, s3_endpoint: str | None = None) -> pa.Table:
-    """Canonical rows -> the same rows with captions from the recaption files; every problem becomes a row error."""
-    from clipdense.recaption.writer import output_path, shard_name
+    """Canonical rows -> the same rows with captions from the recaption files (ours by key, DataCompDR's by uid,
+    with its teacher embeddings and augmentation parameters); every problem becomes a row error."""
+    from clipdense.recaption.writer import shard_name
 
     n = batch.num_rows
     keys = batch.column("key").to_pylist()
     caps = batch.column("caption").to_pylist()
     syns = batch.column("syn_captions").to_pylist()
+    metas = batch.column("meta").to_pylist()
+    augs = batch.column("aug_params").to_pylist() if "aug_params" in batch.column_names else [None] * n
+    embs = batch.column("teacher_emb").to_pylist() if "teacher_emb" in batch.column_names else [None] * n
     errs = errors_from(batch)
     shards = batch.column("shard").to_pylist()
     for i in range(n):
         if errs[i] is not None:
             continue
         if recaptions is not None:
-            table = _recaption_table(output_path(recaptions, shard_name(shards[i])), s3_endpoint)
-            hit = None if table is None else table.get(keys[i])
-            if table is None:
-                errs[i] = row_error("no_recaption_file", output_path(recaptions, shard_name(shards[i])), shards[i])
+            stem = shard_name(shards[i])
+            found = _recaption_table(recaptions, stem, s3_endpoint)
+            if found is None:
+                base = f"{recaptions.rstrip('/')}/{stem}"
+                errs[i] = row_error("no_recaption_file", f"{base}.tar (DataCompDR) or {base}.parquet", shards[i])
                 continue
-            if hit is None:
-                errs[i] = row_error("no_recaption_for_key", shard=shards[i])
-                continue
-            cap, syn, err = hit
-            if err is not None:
-                errs[i] = row_error("recaption_failed", f"{err.code}: {err.detail}", shards[i])
-                continue
-            caps[i] = cap if cap is not None else caps[i]
-            syns[i] = syn
+            by, table, broken = found
+            if by == "uid":
+                uid, sha = _uid_and_sha(metas[i])
+                hit = None if uid is None else table.get(uid)
+                if hit is None:
+                    why = "the image row has no uid" if uid is None else f"uid {uid}"
+                    errs[i] = row_error("no_recaption_for_uid", why + (f" (shard ended: {broken})" if broken else ""),
+                                        shards[i])
+                    continue
+                if sha and hit.sha256 and sha.lower() != hit.sha256.lower():
+                    errs[i] = row_error("sha256_mismatch", f"uid {uid}: image {sha[:16]} != DataCompDR "
+                                        f"{hit.sha256[:16]}", shards[i])
+                    continue
+                syns[i], augs[i], embs[i] = hit.syn, hit.aug_params, hit.teacher_emb
+            else:
+                hit = table.get(keys[i])
+                if hit is None:
+                    errs[i] = row_error("no_recaption_for_key", shard=shards[i])
+                    continue
+                cap, syn, err = hit
+                if err is not None:
+                    errs[i] = row_error("recaption_failed", f"{err.code}: {err.detail}", shards[i])
+                    continue
+                caps[i] = cap if cap is not None else caps[i]
+                syns[i] = syn
         code = missing_for(policy, caps[i], syns[i])
         if code:
             errs[i] = row_error(code, shard=shards[i])
     return pa.table({"key": batch.column("key"), "image_bytes": batch.column("image_bytes"),
                      "caption": pa.array(caps, pa.string()), "syn_captions": pa.array(syns, pa.list_(pa.string())),
-                     **error_columns(errs), "shard": batch.column("shard")})
+                     "meta": batch.column("meta"), **error_columns(errs), "shard": batch.column("shard"),
+                     "aug_params": pa.array(augs, pa.string()), "teacher_emb": pa.array(embs, pa.binary())})
 
 
 def decode_ok(batch: pa.Table, size: int, drop_keys: frozenset = frozenset(), only_keys: frozenset | None = None):
@@ -83,8 +128,11 @@ def decode_ok(batch: pa.Table, size: int, drop_keys: frozenset = frozenset(), on
     datas = batch.column("image_bytes").to_pylist()
     caps = batch.column("caption").to_pylist()
     syns = batch.column("syn_captions").to_pylist()
-    out = {"key": [], "caption": [], "syn_captions": [], "pixels": []}
-    for k, e, d, c, s in zip(keys, errs, datas, caps, syns):
+    n = batch.num_rows
+    augs = batch.column("aug_params").to_pylist() if "aug_params" in batch.column_names else [None] * n
+    embs = batch.column("teacher_emb").to_pylist() if "teacher_emb" in batch.column_names else [None] * n
+    out = {"key": [], "caption": [], "syn_captions": [], "pixels": [], "aug_params": [], "teacher_emb": []}
+    for k, e, d, c, s, a, t in zip(keys, errs, datas, caps, syns, augs, embs):
         if e is not None or k in drop_keys or (only_keys is not None and k not in only_keys):
             continue
         try:
@@ -95,9 +143,17 @@ def decode_ok(batch: pa.Table, size: int, drop_keys: frozenset = frozenset(), on
         out["caption"].append(c)
         out["syn_captions"].append(list(s) if s is not None else [])
         out["pixels"].append(px)
+        out["aug_params"].append(a)
+        out["teacher_emb"].append(t)
+    from ray.data.extensions import ArrowTensorArray
+
     pixels = np.stack(out["pixels"]) if out["pixels"] else np.zeros((0, size, size, 3), np.uint8)
-    return {"key": np.array(out["key"], dtype=object), "caption": np.array(out["caption"], dtype=object),
-            "syn_captions": np.array(out["syn_captions"] + [None], dtype=object)[:-1], "pixels": pixels}
+    # typed columns: a numpy batch would turn an all-null column (no DataCompDR fields) into float NaNs
+    return pa.table({"key": pa.array(out["key"], pa.string()), "caption": pa.array(out["caption"], pa.string()),
+                     "syn_captions": pa.array(out["syn_captions"], pa.list_(pa.string())),
+                     "pixels": ArrowTensorArray.from_numpy(pixels),
+                     "aug_params": pa.array(out["aug_params"], pa.string()),
+                     "teacher_emb": pa.array(out["teacher_emb"], pa.binary())})
 
 
 def joined_rows(shards, recaptions: str | None, policy: str, cfg: PretrainConfig):
@@ -110,10 +166,32 @@ def joined_rows(shards, recaptions: str | None, policy: str, cfg: PretrainConfig
                                        "s3_endpoint": cfg.data.s3_endpoint}, num_cpus=cfg.data.decode_cpus)
 
 
-def count_rows(joined) -> dict:
-    from clipdense.data.shards import summarize
+JOIN_MISSED = ("no_recaption_file", "no_recaption_for_key", "no_recaption_for_uid")
 
-    return summarize(joined)
+
+def count_rows(joined) -> dict:
+    """Rows, usable rows, errors by code, and the synthetic captions: usable rows carrying them, their mean number
+    per such row, the rows the recaption join missed (no file, key or uid) and those carrying teacher embeddings."""
+    import pyarrow.compute as pc
+
+    from clipdense.data.rows import count_codes
+
+    rows, ok, errors, with_syn, n_syn, with_teacher = 0, 0, {}, 0, 0, 0
+    for batch in joined.select_columns(["error_code", "syn_captions", "teacher_emb"]).iter_batches(
+            batch_format="pyarrow", batch_size=4096):
+        n_ok, counts = count_codes(batch.column("error_code").to_pylist())
+        rows, ok = rows + batch.num_rows, ok + n_ok
+        for code, k in counts.items():
+            errors[code] = errors.get(code, 0) + k
+        usable = batch.filter(pc.is_null(batch.column("error_code")))
+        lengths = pc.fill_null(pc.list_value_length(usable.column("syn_captions")), 0)
+        with_syn += int(pc.sum(pc.greater(lengths, 0)).as_py() or 0)
+        n_syn += int(pc.sum(lengths).as_py() or 0)
+        with_teacher += int(pc.sum(pc.is_valid(usable.column("teacher_emb"))).as_py() or 0)
+    return {"rows": rows, "ok": ok, "errors": dict(sorted(errors.items())),
+            "synthetic": {"rows_with": with_syn, "per_row_mean": round(n_syn / with_syn, 3) if with_syn else 0.0,
+                          "join_missed": sum(errors.get(c, 0) for c in JOIN_MISSED),
+                          "rows_with_teacher_emb": with_teacher}}
 
 
 def first_ok_keys(joined, n: int) -> tuple[list[str], int]:

@@ -1,7 +1,9 @@
 """The CLIP / SigLIP / CoCa pretraining step plugged into the one runner (`clipdense.train`).
 
 Losses are open_clip's: ClipLoss(local_loss=True, gather_with_grad=True) across ranks, SigLipLoss, CoCaLoss.
-Policy `both` (DataCompDR) adds the loss on (image, synthetic caption) to the loss on (image, real caption).
+Policy `both` (DataCompDR) adds the loss on (image, synthetic caption) to the loss on (image, real caption); rows
+without a real caption are masked out of the real term (masked_clip_loss / masked_siglip_loss, equal to open_clip's
+losses when no row is masked).
 After every optimizer step logit_scale is clamped to [0, ln 100], as open_clip_train does.
 """
 from __future__ import annotations
@@ -41,6 +43,52 @@ def build_loss(kind: str, rank: int, world_size: int, caption_weight: float = 2.
     if kind == "siglip":
         return SigLipLoss(cache_labels=True, rank=rank, world_size=world_size)
     return ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank, world_size=world_size)
+
+
+def _gathered(image_f: torch.Tensor, text_f: torch.Tensor, mask: torch.Tensor, rank: int, world_size: int):
+    """All ranks' features (with gradients, as open_clip's gather_with_grad) and masks; the same collectives on every
+    rank whatever its mask holds."""
+    if world_size == 1:
+        return image_f, text_f, mask
+    import torch.distributed as dist
+    from open_clip.loss import gather_features
+
+    all_img, all_txt = gather_features(image_f, text_f, local_loss=True, gather_with_grad=True, rank=rank,
+                                       world_size=world_size)
+    flags = mask.to(torch.uint8)  # not every backend gathers bool tensors
+    masks = [torch.empty_like(flags) for _ in range(world_size)]
+    dist.all_gather(masks, flags)
+    return all_img, all_txt, torch.cat(masks).bool()
+
+
+_EXCLUDED = -1e4  # a logit no softmax over scaled cosines (|x| <= 100) gives weight to, finite so no inf * 0
+
+
+def masked_clip_loss(image_f, text_f, logit_scale, mask, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """open_clip's ClipLoss (local_loss, gather_with_grad) over the rows whose `mask` is true: a masked row's text is
+    neither an anchor nor a candidate; its image stays a candidate (a true negative for the other texts).
+    With every row kept it equals ClipLoss."""
+    all_img, all_txt, all_mask = _gathered(image_f, text_f, mask, rank, world_size)
+    n = image_f.shape[0]
+    labels = torch.arange(n, device=image_f.device) + n * rank
+    per_image = (logit_scale * image_f @ all_txt.T).masked_fill(~all_mask[None, :], _EXCLUDED)
+    per_text = logit_scale * text_f @ all_img.T
+    ce = F.cross_entropy(per_image, labels, reduction="none") + F.cross_entropy(per_text, labels, reduction="none")
+    ce = torch.where(mask, ce, torch.zeros_like(ce))
+    return ce.sum() / (2 * mask.sum().clamp(min=1))
+
+
+def masked_siglip_loss(image_f, text_f, logit_scale, logit_bias, mask, rank: int = 0,
+                       world_size: int = 1) -> torch.Tensor:
+    """open_clip's SigLipLoss (every image against every rank's texts) over the kept rows' texts and images."""
+    _, all_txt, all_mask = _gathered(image_f, text_f, mask, rank, world_size)
+    n = image_f.shape[0]
+    logits = logit_scale * image_f @ all_txt.T + logit_bias
+    labels = -torch.ones_like(logits)
+    labels[torch.arange(n), torch.arange(n) + n * rank] = 1.0
+    keep = mask[:, None] & all_mask[None, :]
+    pair = -F.logsigmoid(labels * logits)
+    return torch.where(keep, pair, torch.zeros_like(pair)).sum() / mask.sum().clamp(min=1)
 
 
 def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
@@ -102,15 +150,37 @@ class ClipPretrainTask(TrainTask):
                                       drop_last=True, prefetch_batches=d.prefetch_batches, **shuffle)
         return itertools.islice(it, ctx.start_batch, None)
 
-    def _contrastive(self, out: dict, text_features: torch.Tensor) -> torch.Tensor:
+    def _contrastive(self, out: dict, text_features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is not None:  # every rank takes this path under `both`, so the collectives match
+            if self.kind == "siglip":
+                return masked_siglip_loss(out["image_features"], text_features, out["logit_scale"],
+                                          out["logit_bias"], mask, self.rank, self.world_size)
+            return masked_clip_loss(out["image_features"], text_features, out["logit_scale"], mask, self.rank,
+                                    self.world_size)
         if self.kind == "siglip":
             return self.loss_fn(out["image_features"], text_features, out["logit_scale"], out["logit_bias"])
         return self.loss_fn(out["image_features"], text_features, out["logit_scale"])
+
+    def _masked_coca(self, out: dict, sl: slice, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CoCaLoss on the real-caption slot with masked rows left out: their captioning targets become padding
+        (CoCaLoss ignores pad_id 0), their texts leave the contrastive term."""
+        lc = self.cfg.loss
+        clip_l = masked_clip_loss(out["image_features"][sl], out["text_features"][sl], out["logit_scale"], mask,
+                                  self.rank, self.world_size) * lc.coca_contrastive_weight
+        labels = out["labels"][sl].masked_fill(~mask[:, None], 0)
+        logits = out["logits"][sl]
+        if bool(mask.any()):
+            cap_l = F.cross_entropy(logits.permute(0, 2, 1), labels, ignore_index=0)
+        else:
+            cap_l = logits.sum() * 0.0
+        return clip_l, cap_l * lc.coca_caption_weight
 
     def loss(self, model, batch, ctx: TrainContext):
         dev = ctx.device
         image = batch["image"].to(dev, non_blocking=True)
         texts = [t.to(dev, non_blocking=True) for t in batch["texts"]]
+        # `both`: rows without a real caption train the synthetic term only (slot 0 masked for them)
+        mask = batch["real_mask"].to(dev) if "real_mask" in batch else None
         metrics: dict[str, float] = {}
         if self.kind == "coca":
             n = len(texts)  # `both`: each image once per caption slot (the decoder needs a caption per image)
@@ -119,14 +189,17 @@ class ClipPretrainTask(TrainTask):
             b = image.shape[0]
             for i in range(n):
                 sl = slice(i * b, (i + 1) * b)
-                clip_l, cap_l = self.loss_fn(out["image_features"][sl], out["text_features"][sl],
-                                             out["logits"][sl], out["labels"][sl], out["logit_scale"])
+                if i == 0 and mask is not None:
+                    clip_l, cap_l = self._masked_coca(out, sl, mask)
+                else:
+                    clip_l, cap_l = self.loss_fn(out["image_features"][sl], out["text_features"][sl],
+                                                 out["logits"][sl], out["labels"][sl], out["logit_scale"])
                 total = total + clip_l + cap_l
                 metrics[f"caption_loss_{i}"] = float(cap_l.detach())
         else:
             out = model(image, torch.cat(texts) if len(texts) > 1 else texts[0])
             tf = out["text_features"].chunk(len(texts)) if len(texts) > 1 else [out["text_features"]]
-            losses = [self._contrastive(out, t) for t in tf]
+            losses = [self._contrastive(out, t, mask if i == 0 else None) for i, t in enumerate(tf)]
             total = sum(losses)
             if len(losses) > 1:
                 metrics.update({"loss_real": float(losses[0].detach()), "loss_syn": float(losses[1].detach())})

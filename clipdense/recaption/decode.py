@@ -44,16 +44,12 @@ def decode_batch(batch: pa.Table, spec: ImageInput, keep_images: bool = False) -
 
     datas = batch.column("image_bytes").to_pylist()
     errors = errors_from(batch)
-    captions = batch.column("caption").to_pylist()
     shards = batch.column("shard").to_pylist()
     n = len(datas)
     pixels = np.zeros((n, spec.size, spec.size, 3), np.uint8) if spec.mode == "array" else None
     jpegs: list[bytes | None] = [None] * n
     for i in range(n):
         if errors[i] is not None:
-            continue
-        if not (captions[i] or "").strip():
-            errors[i] = row_error("no_caption", shard=shards[i])
             continue
         try:
             out = prepare_image(datas[i], spec)

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from clipdense.data.paths import expand_paths
+from clipdense.data.paths import expand_shards
 from clipdense.data.rows import error_columns, errors_from, exception_detail, row_error
 from clipdense.data.shards import write_parquet
 from clipdense.errors import ConfigError
@@ -214,7 +214,7 @@ def run(cfg: RecaptionConfig) -> dict:
     from clipdense.recaption.stats import write_stats
 
     check_engine(cfg)
-    plan = plan_shards(expand_paths(cfg.input, s3_endpoint=cfg.s3_endpoint), cfg.output, cfg.s3_endpoint)
+    plan = plan_shards(expand_shards(cfg.input, s3_endpoint=cfg.s3_endpoint)[0], cfg.output, cfg.s3_endpoint)
     todo = plan.todo
     started = False
     written, seconds, counts = [], 0.0, None

@@ -134,7 +134,9 @@ def clip_section(cfg, plan, data: dict[str, list]) -> dict:
             continue
     device = "cuda" if st.device == "cuda" or (st.device == "auto" and torch.cuda.is_available()) else "cpu"
     syn = clip_scores(st.clip_model, st.clip_pretrained, pils, [ok[k][1] for k in keys], device)
-    orig = clip_scores(st.clip_model, st.clip_pretrained, pils, [[ok[k][0]] for k in keys], device)
+    with_alt = [i for i, k in enumerate(keys) if ok[k][0]]  # images without alt text are recaptioned too
+    orig = clip_scores(st.clip_model, st.clip_pretrained, [pils[i] for i in with_alt],
+                       [[ok[keys[i]][0]] for i in with_alt], device) if with_alt else []
     return {"clip_model": st.clip_model, "clip_pretrained": st.clip_pretrained, "images": len(keys),
             "clip_score_synthetic": round(float(np.mean(syn)), 3) if syn else None,
             "clip_score_original": round(float(np.mean(orig)), 3) if orig else None}
