@@ -177,8 +177,13 @@ def test_wandb_offline_records_the_run(tmp_path):
               params={"seed": 3})
     files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
-    records = _wandb_records(files[0])
-    history = [r.history for r in records if r.WhichOneof("record_type") == "history"]
+    deadline = time.monotonic() + 60  # wandb's service process may still be writing the file after finish()
+    while True:
+        records = _wandb_records(files[0])
+        history = [r.history for r in records if r.WhichOneof("record_type") == "history"]
+        if len(history) >= 4 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert [h.step.num for h in history] == [5, 10, 15, 20]
     losses = [json.loads(i.value_json) for h in history for i in h.item if list(i.nested_key) == ["loss"]]
     logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
