@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from clipdense.config import Config, build_config
+from clipdense.ray_session import OnRayConfig, RayConfig, ray_session, reject_old_keys
 
 # Scale of each step. `quick` proves the plumbing in minutes; `default` is the most the 30-minute budget on 2 cores
 # holds. Dense evaluation is the probe protocol (frozen trunk, linear head): with CPU-budget CLIPs, full finetuning
@@ -60,10 +61,15 @@ class DemoConfig(Config):
     out: str = "runs/demo"
     quick: bool = False
     seed: int = 0
-    ray_num_cpus: int = Field(4, ge=1, description="logical CPUs of the local Ray (more than cores: Ray Data "
-                                                     "tasks run beside the training workers)")
+    # num_cpus: logical CPUs of the local Ray (more than cores: Ray Data tasks run beside the training workers)
+    ray: OnRayConfig = RayConfig(num_cpus=4)
     fresh: bool = Field(False, description="ignore finished steps of an earlier run in `out`")
     scale: dict = Field(default_factory=dict, description="overrides of the preset's scale keys")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data):
+        return reject_old_keys(data)
 
 
 def _step(out: Path, n: int, title: str, fresh: bool):
@@ -169,7 +175,7 @@ def probe_task(p: dict, world: Path, task: str) -> dict:
     steps = p["finetune_steps"]
     return {"name": task, "config": config, "overrides": {
         "train.schedule.total_steps": steps, "train.schedule.warmup_steps": max(1, steps // 10),
-        "train.log_every": max(1, steps // 5), "data.max_eval_images": p["eval_images"], "runner": "local",
+        "train.log_every": max(1, steps // 5), "data.max_eval_images": p["eval_images"], "ray.in_process": True,
         **PROBE, **own, "data.root": str(world / subdir)}}
 
 
@@ -190,6 +196,11 @@ def _sweep_cfg(p: dict, out: Path, world: Path, alt_ckpt: str, recap_ckpt: str, 
 
 
 def run(cfg: DemoConfig) -> dict:
+    with ray_session(cfg.ray):
+        return _run(cfg)
+
+
+def _run(cfg: DemoConfig) -> dict:
     import ray
 
     from clipdense import pretrain, recaption, sweep
@@ -199,11 +210,9 @@ def run(cfg: DemoConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     world, t_start = out / "world", time.time()
-    if not ray.is_initialized():
-        ray.init(num_cpus=cfg.ray_num_cpus, include_dashboard=False, log_to_driver=False)
     summary: dict = {"out": str(out), "preset": "quick" if cfg.quick else "default"}
     # the one training worker gets every core but one Ray CPU for the decode tasks feeding it (torch threads)
-    threads = max(1, min(os.cpu_count() or 1, cfg.ray_num_cpus - 1))
+    threads = max(1, min(os.cpu_count() or 1, int(ray.cluster_resources().get("CPU", 1)) - 1))
 
     with _step(out, 1, "generate the synthetic world", cfg.fresh) as s:
         if not s.done:

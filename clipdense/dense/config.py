@@ -6,6 +6,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from clipdense.config import Config
+from clipdense.ray_session import RayConfig, reject_old_keys
 from clipdense.train.config import OptimConfig, ScheduleConfig, TrainConfig
 
 
@@ -114,7 +115,12 @@ class FinetuneConfig(Config):
     train: FinetuneTrain = FinetuneTrain()  # optim, schedule, scaling (workers, GPU), eval_every, seed (init + aug)
     out_dir: str = "runs/finetune"  # metrics.json, metrics.jsonl, checkpoints
     save_predictions: str | None = None  # write final predictions in the dataset's own format here
-    runner: Literal["auto", "local", "ray"] = "auto"  # auto: Ray Train if train.scaling.num_workers > 1 or callbacks
+    ray: RayConfig = RayConfig()  # in_process null: Ray Train if train.scaling.num_workers > 1 or in a Tune trial
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data):
+        return reject_old_keys(data)
 
     @model_validator(mode="after")
     def _head_fits_task(self):

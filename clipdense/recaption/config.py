@@ -6,6 +6,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from clipdense.config import Config
+from clipdense.ray_session import OnRayConfig, RayConfig, reject_old_keys
 
 # DataCompDR (apple/ml-mobileclip-dr scripts/gen.py): open_clip coca_ViT-L-14, 5 samples, top-p 0.9, seq_len 30.
 DATACOMPDR_COCA = "coca_ViT-L-14"
@@ -101,4 +102,9 @@ class RecaptionConfig(Config):
     decode: DecodeConfig = DecodeConfig()
     stats: StatsConfig = StatsConfig()
     fault: FaultConfig = FaultConfig()
-    ray_address: str | None = None      # None: join the running Ray (or start a local one); "auto": a cluster
+    ray: OnRayConfig = RayConfig()      # where it runs: a local Ray, or a cluster's address (clipdense.ray_session)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data):
+        return reject_old_keys(data)
