@@ -6,7 +6,6 @@ import datetime as dt
 import json
 import os
 import platform
-import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -80,12 +79,3 @@ def median_rate(values: list[float], skip_first: bool = True) -> float:
     s = sorted(vals)
     mid = len(s) // 2
     return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
-
-
-class Timer:
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.t0

@@ -4,7 +4,6 @@ from typing import Literal
 
 import pytest
 
-from clipdense.cli import main
 from clipdense.config import Config, load_config
 from clipdense.errors import ConfigError
 

@@ -21,8 +21,6 @@ from clipdense.pretrain.captions import missing_for
 from clipdense.pretrain.config import PretrainConfig
 from clipdense.ray_session import data_context
 
-JOINED_COLUMNS = ["key", "image_bytes", "caption", "syn_captions", "error", "shard"]
-
 
 @functools.lru_cache(maxsize=8)
 def _recaption_table(path: str, s3_endpoint: str | None) -> dict | None:
