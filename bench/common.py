@@ -54,6 +54,33 @@ def markdown(payloads: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def latest_figures(payloads: list[dict]) -> list[dict]:
+    """The payloads with each figure (bench, metric) kept from its latest run only, and a failed figure
+    ("[bench] <subject> FAILED") dropped once a later run measured that subject: the table shows what holds now."""
+    def failed_subject(r: dict) -> str | None:
+        words = r["metric"].split()
+        if not words or words[-1] != "FAILED":
+            return None
+        return " ".join(words[1:-1] if words[0] == r["bench"] else words[:-1])
+
+    rows = [(p.get("date", ""), r) for p in payloads for r in p.get("rows", [])]
+    latest: dict[tuple[str, str], str] = {}
+    for date, r in rows:
+        key = (r["bench"], r["metric"])
+        latest[key] = max(latest.get(key, ""), date)
+
+    def current(date: str, r: dict) -> bool:
+        if latest[(r["bench"], r["metric"])] != date:
+            return False
+        subject = failed_subject(r)
+        return subject is None or not any(
+            d > date and o["bench"] == r["bench"] and o["metric"].startswith(subject + " ") and not failed_subject(o)
+            for d, o in rows)
+
+    return [{**p, "rows": [r for r in p["rows"] if current(p.get("date", ""), r)]} if "rows" in p else p
+            for p in payloads]
+
+
 def load_note() -> str:
     """The machine's load, for the notes: a shared box's figures swing with what else runs."""
     try:
