@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from clipdense.config import Config, build_config
-from clipdense.ray_session import OnRayConfig, RayConfig, ray_session, reject_old_keys
+from clipdense.config import build_config
+from clipdense.ray_session import OnRayConfig, RayConfig, StageConfig, ray_session
 
 # Scale of each step. `quick` proves the plumbing in minutes; `default` is the most the 30-minute budget on 2 cores
 # holds. Dense evaluation is the probe protocol (frozen trunk, linear head): with CPU-budget CLIPs, full finetuning
@@ -57,7 +57,7 @@ PRESETS: dict[str, dict] = {
 }
 
 
-class DemoConfig(Config):
+class DemoConfig(StageConfig):
     out: str = "runs/demo"
     quick: bool = False
     seed: int = 0
@@ -65,11 +65,6 @@ class DemoConfig(Config):
     ray: OnRayConfig = RayConfig(num_cpus=4)
     fresh: bool = Field(False, description="ignore finished steps of an earlier run in `out`")
     scale: dict = Field(default_factory=dict, description="overrides of the preset's scale keys")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _old_keys(cls, data):
-        return reject_old_keys(data)
 
 
 def _step(out: Path, n: int, title: str, fresh: bool):

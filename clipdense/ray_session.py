@@ -56,13 +56,17 @@ class RayConfig(Config):
         return env if env and not env.startswith(("http://", "https://")) else None
 
 
-def reject_old_keys(data: Any) -> Any:
-    """A stage config's `mode="before"` validator: old Ray keys fail with what replaced them."""
-    if isinstance(data, dict):
-        for old, new in OLD_KEYS.items():
-            if old in data:
-                raise ValueError(f"{old!r} was replaced by {new}")
-    return data
+class StageConfig(Config):
+    """Base of the stage configs that have a `ray` section: the keys it replaced fail with what replaced them."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_ray_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for old, new in OLD_KEYS.items():
+                if old in data:
+                    raise ValueError(f"{old!r} was replaced by {new}")
+        return data
 
 
 def _not_in_process(cfg: RayConfig) -> RayConfig:

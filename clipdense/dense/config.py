@@ -6,7 +6,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from clipdense.config import Config
-from clipdense.ray_session import RayConfig, reject_old_keys
+from clipdense.ray_session import RayConfig, StageConfig
 from clipdense.train.config import OptimConfig, ScheduleConfig, TrainConfig
 
 
@@ -106,7 +106,7 @@ class EvalConfig(Config):
     batch_size: int = Field(1, ge=1)
 
 
-class FinetuneConfig(Config):
+class FinetuneConfig(StageConfig):
     task: Literal["seg", "depth", "det"] = "seg"
     backbone: BackboneConfig = BackboneConfig()
     data: DataConfig = DataConfig()
@@ -116,11 +116,6 @@ class FinetuneConfig(Config):
     out_dir: str = "runs/finetune"  # metrics.json, metrics.jsonl, checkpoints
     save_predictions: str | None = None  # write final predictions in the dataset's own format here
     ray: RayConfig = RayConfig()  # in_process null: Ray Train if train.scaling.num_workers > 1 or in a Tune trial
-
-    @model_validator(mode="before")
-    @classmethod
-    def _old_keys(cls, data):
-        return reject_old_keys(data)
 
     @model_validator(mode="after")
     def _head_fits_task(self):

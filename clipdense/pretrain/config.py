@@ -6,7 +6,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from clipdense.config import Config
-from clipdense.ray_session import RayConfig, reject_old_keys
+from clipdense.ray_session import RayConfig, StageConfig
 from clipdense.train.config import OptimConfig, ScheduleConfig, TrainConfig
 
 
@@ -64,7 +64,7 @@ class PretrainTrain(TrainConfig):
     out_dir: str = "runs/pretrain"
 
 
-class PretrainConfig(Config):
+class PretrainConfig(StageConfig):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     captions: CaptionConfig = CaptionConfig()
@@ -72,11 +72,6 @@ class PretrainConfig(Config):
     eval: EvalConfig = EvalConfig()
     train: PretrainTrain = PretrainTrain()
     ray: RayConfig = RayConfig()  # in_process true: train in this process (world size 1), data still via Ray Data
-
-    @model_validator(mode="before")
-    @classmethod
-    def _old_keys(cls, data):
-        return reject_old_keys(data)
 
     @model_validator(mode="after")
     def _batch_divides(self):

@@ -6,7 +6,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from clipdense.config import Config
-from clipdense.ray_session import OnRayConfig, RayConfig, reject_old_keys
+from clipdense.ray_session import OnRayConfig, RayConfig, StageConfig
 
 # DataCompDR (apple/ml-mobileclip-dr scripts/gen.py): open_clip coca_ViT-L-14, 5 samples, top-p 0.9, seq_len 30.
 DATACOMPDR_COCA = "coca_ViT-L-14"
@@ -93,7 +93,7 @@ class FaultConfig(Config):
     engine_fail_marker: str | None = None              # calls whose batch has a caption containing this raise
 
 
-class RecaptionConfig(Config):
+class RecaptionConfig(StageConfig):
     input: str | list[str]              # tar/Parquet shards: paths, dirs, globs, {a..b} ranges, s3://
     output: str                         # directory (local or s3://): one <shard>.parquet per input shard
     s3_endpoint: str | None = None      # S3-compatible endpoint (else env AWS_ENDPOINT_URL)
@@ -103,8 +103,3 @@ class RecaptionConfig(Config):
     stats: StatsConfig = StatsConfig()
     fault: FaultConfig = FaultConfig()
     ray: OnRayConfig = RayConfig()      # where it runs: a local Ray, or a cluster's address (clipdense.ray_session)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _old_keys(cls, data):
-        return reject_old_keys(data)
