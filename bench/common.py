@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import os
 import platform
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -22,13 +23,17 @@ def hardware() -> str:
 
 
 def row(bench: str, metric: str, ours: float | None, peer: float | None, peer_name: str, unit: str,
-        higher_is_better: bool = True, notes: str = "") -> dict:
+        higher_is_better: bool = True, notes: str = "", rounds: "RoundLoads | None" = None) -> dict:
+    """One figure. `rounds` (the load before each measured round) marks it `loaded` when the machine was busy."""
     ratio = None  # > 1 means ours is better, whichever direction the metric runs
     if peer and ours:
         ratio = ours / peer if higher_is_better else peer / ours
-    return {"bench": bench, "metric": metric, "ours": None if ours is None else round(ours, 4),
-            "peer": None if peer is None else round(peer, 4), "peer_name": peer_name,
-            "ratio": None if ratio is None else round(ratio, 3), "unit": unit, "notes": notes}
+    out = {"bench": bench, "metric": metric, "ours": None if ours is None else round(ours, 4),
+           "peer": None if peer is None else round(peer, 4), "peer_name": peer_name,
+           "ratio": None if ratio is None else round(ratio, 3), "unit": unit, "notes": notes}
+    if rounds is not None:
+        out.update(rounds.summary())
+    return out
 
 
 def save(name: str, rows: list[dict], out_dir: Path = RESULTS) -> Path:
@@ -49,6 +54,8 @@ def markdown(payloads: list[dict]) -> str:
             peer = "" if r["peer"] is None else f"{r['peer']} ({r['peer_name']})"
             ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
             notes = " ".join(str(r.get("notes", "")).split()).replace("|", "/")
+            if r.get("loaded"):
+                notes = "LOADED machine, not a publishable figure; " + notes
             lines.append(f"| {r['bench']} | {r['metric']} | {ours} | {peer} | {ratio} | {r['unit']} | "
                          f"{p['hardware']} | {p['date'][:10]} | {notes} |")
     return "\n".join(lines) + "\n"
@@ -79,6 +86,56 @@ def latest_figures(payloads: list[dict]) -> list[dict]:
 
     return [{**p, "rows": [r for r in p["rows"] if current(p.get("date", ""), r)]} if "rows" in p else p
             for p in payloads]
+
+
+def quiet_limit(cores: int | None = None) -> float:
+    """The 1-minute load average above which a round counts as loaded: 1.5 on 2 cores (0.75 per core). A busy
+    box once turned a 0.92x figure into a published 1.47x: the peer's loader workers lose more to other load."""
+    return 0.75 * (cores or os.cpu_count() or 1)
+
+
+def wait_for_quiet(limit: float | None = None, timeout_s: float = 300.0, poll_s: float = 5.0,
+                   sleep=time.sleep, loadavg=os.getloadavg) -> float:
+    """Wait (up to `timeout_s`) for the 1-minute load average to fall to `limit`; return the load it ends at.
+    The caller records that load: a round that had to start above the limit is marked loaded, not hidden."""
+    limit = quiet_limit() if limit is None else limit
+    waited = 0.0
+    load = loadavg()[0]
+    while load > limit and waited < timeout_s:
+        if waited == 0:
+            print(f"bench: load average {load:.2f} > {limit:.2f}; waiting up to {timeout_s:.0f} s for the machine "
+                  "to cool down", flush=True)
+        sleep(poll_s)
+        waited += poll_s
+        load = loadavg()[0]
+    return load
+
+
+class RoundLoads:
+    """The load average before each measured round. Rounds start only after `wait_for_quiet`; figures from a run
+    in which any round started above the limit are marked `loaded` and kept out of the published tables."""
+
+    def __init__(self, limit: float | None = None, timeout_s: float = 300.0, quick: bool = False):
+        self.limit = quiet_limit() if limit is None else limit
+        self.timeout_s = 10.0 if quick else timeout_s  # a smoke run does not wait; its figures are not published
+        self.loads: list[float] = []
+
+    def start_round(self) -> float:
+        load = wait_for_quiet(self.limit, self.timeout_s)
+        self.loads.append(round(load, 2))
+        return load
+
+    @property
+    def loaded(self) -> bool:
+        return any(load > self.limit for load in self.loads)
+
+    def summary(self) -> dict:
+        return {"load_1m_before_rounds": list(self.loads), "load_limit": round(self.limit, 2),
+                "loaded": self.loaded}
+
+    def note(self) -> str:
+        state = "LOADED (not for publication)" if self.loaded else "quiet"
+        return f"{state}: load avg before rounds {', '.join(f'{x:.1f}' for x in self.loads)} (limit {self.limit:.1f})"
 
 
 def load_note() -> str:

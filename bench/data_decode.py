@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.common import load_note, row, write_report
+from bench.common import RoundLoads, row, write_report
 from bench.recaption_echo import make_shards
 
 
@@ -136,6 +136,7 @@ def main(quick: bool = False, argv: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(1)
     cores = len(os.sched_getaffinity(0))
     ours, raw, oc = [], [], []
+    loads = RoundLoads(quick=quick)
     with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
         paths = make_shards(Path(tmp), a.shards, a.per_shard, 320)
         started = not ray.is_initialized()
@@ -143,9 +144,12 @@ def main(quick: bool = False, argv: list[str] | None = None) -> list[dict]:
             ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
         try:
             pipeline(paths[:1], a.size, a.batch)  # start Ray's workers once: measure the steady state
-            for _ in range(a.rounds):  # alternate the sides: the machine is shared
+            for _ in range(a.rounds):  # alternate the sides, each after the machine has cooled down
+                loads.start_round()
                 raw.append(plain_pil(paths, a.size))
+                loads.start_round()
                 oc.append(open_clip_transform(paths, a.size))
+                loads.start_round()
                 ours.append(pipeline(paths, a.size, a.batch))
         finally:
             torch.set_num_threads(threads)
@@ -154,18 +158,18 @@ def main(quick: bool = False, argv: list[str] | None = None) -> list[dict]:
     best = lambda runs, i: max(r[i] for r in runs)  # noqa: E731  (best of the rounds)
     n = a.shards * a.per_shard
     note = (f"{n} JPEGs 320x240 in {a.shards} tars -> {a.size}px; ours: Ray Data over {cores} cores + collate in "
-            f"the driver; best of {a.rounds} alternating rounds; {load_note()}")
+            f"the driver; best of {a.rounds} alternating rounds; {loads.note()}")
     rows = [
         row("data", "decode+augment images/s per core vs raw PIL decode+resize", best(ours, 0) / cores,
-            best(raw, 0), "PIL decode+resize+crop, 1 process", "images/s/core", notes=note),
+            best(raw, 0), "PIL decode+resize+crop, 1 process", "images/s/core", notes=note, rounds=loads),
         row("data", "decode+augment images/s per core vs open_clip train transform", best(ours, 0) / cores,
-            best(oc, 0), "open_clip image_transform(is_train), 1 process", "images/s/core", notes=note),
+            best(oc, 0), "open_clip image_transform(is_train), 1 process", "images/s/core", notes=note, rounds=loads),
         row("data", "decode+augment images per CPU-second vs raw PIL decode+resize", best(ours, 1), best(raw, 1),
             "PIL decode+resize+crop, 1 process", "images/CPU-s",
             notes="CPU time of every process involved (ours: driver + the Ray session's processes): robust to "
-                  "other jobs' load, unlike wall time per core"),
+                  "other jobs' load, unlike wall time per core", rounds=loads),
         row("data", "decode+augment images per CPU-second vs open_clip train transform", best(ours, 1), best(oc, 1),
-            "open_clip image_transform(is_train), 1 process", "images/CPU-s"),
+            "open_clip image_transform(is_train), 1 process", "images/CPU-s", rounds=loads),
         row("data", "decode+augment images/s (all cores)", best(ours, 0), None, "", "images/s",
             notes=f"runs (images/s, images/CPU-s): ours {_fmt(ours)}, raw PIL {_fmt(raw)}, open_clip {_fmt(oc)}"),
     ]

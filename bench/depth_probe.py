@@ -28,10 +28,11 @@ REGRESSION = {"head.depth_bins": 0, "train.optim.lr": 1e-3}  # the demo's depth 
 
 def probe_trials(demo: Path, seeds: int) -> list:
     """The demo sweep's depth trials at fraction 1, for `seeds` seeds."""
-    from clipdense.demo import PRESETS, _sweep_cfg
+    from clipdense.demo import _sweep_cfg, preset_scale
     from clipdense.sweep.grid import expand
 
-    p = {**PRESETS["default"], "fractions": [1.0], "seeds": seeds, "small_seeds": None}
+    p = {**preset_scale("default").model_dump(exclude_unset=True), "fractions": [1.0], "seeds": seeds,
+         "small_seeds": None}
     cfg = _sweep_cfg(p, demo / "sweep-bench", demo / "world", str(demo / "pretrain/alt-text-clip/export/model.pt"),
                      str(demo / "pretrain/recap-clip/export/model.pt"), 0)
     return [t for t in expand(cfg) if t.task == "depth"]
@@ -41,7 +42,7 @@ def run_probe(finetune: dict, overrides: dict) -> dict:
     from clipdense.config import build_config
     from clipdense.dense.config import FinetuneConfig
     from clipdense.dense.run import run
-    from clipdense.sweep.grid import set_dotted
+    from clipdense.config import set_dotted
 
     data = json.loads(json.dumps(finetune))
     for k, v in overrides.items():
@@ -95,8 +96,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 f"{peer['wall_s']:.0f}s; {load_note()}")
         rows.append(row("depth-probe", f"{bb} RMSE, 256 bins lr 3e-3", ours["rmse"], peer["rmse"],
                         "sigmoid regression lr 1e-3", "m", higher_is_better=False, notes=note))
-    from clipdense.demo import PRESETS
-    for name, v in feature_free_baselines(demo / "world" / "nyu", PRESETS["default"]["eval_images"]).items():
+    from clipdense.demo import preset_scale
+    for name, v in feature_free_baselines(demo / "world" / "nyu", preset_scale("default").eval_images).items():
         rows.append(row("depth-probe", f"no features: {name} of the training depths, RMSE", v, None, "", "m",
                         higher_is_better=False, notes="same evaluation images as the probes"))
     print(write_report("depth_probe", "Depth probe protocol", __doc__, rows))

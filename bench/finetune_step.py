@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.common import load_note, median_rate, row, write_report
+from bench.common import RoundLoads, median_rate, row, write_report
 
 
 def seg_config(backbone: str, size: int, batch: int, classes: int, channels: int, aux_channels: int,
@@ -121,7 +121,7 @@ def plain_step_times(cfg, batch: dict, steps: int, device: torch.device) -> dict
 
 
 def compare(backbone: str, size: int, batch_size: int, classes: int, channels: int, aux_channels: int, steps: int,
-            log_every: int, rounds: int, device: torch.device) -> dict:
+            log_every: int, rounds: int, device: torch.device, loads: RoundLoads | None = None) -> dict:
     """Median step seconds of ours and the plain loop, alternating `rounds` times."""
     ours, plain, peaks = [], [], {}
     for _ in range(rounds):
@@ -129,8 +129,12 @@ def compare(backbone: str, size: int, batch_size: int, classes: int, channels: i
             cfg = seg_config(backbone, size, batch_size, classes, channels, aux_channels, steps, log_every, d,
                              device.type == "cuda")
             batch = fixed_batch(size, batch_size, classes, device)
+            if loads:
+                loads.start_round()
             p = plain_step_times(cfg, batch, steps, device)
             _free()
+            if loads:
+                loads.start_round()
             o = runner_step_times(cfg, batch, steps)
             _free()
         plain += p["step_s"][1:] if len(p["step_s"]) > 2 else p["step_s"]
@@ -162,12 +166,14 @@ def main(quick: bool = False, argv: list[str] | None = None) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(a.threads)  # same threads on both sides; oversubscription swings CPU times wildly
-    r = compare(a.backbone, a.size, a.batch, a.classes, a.channels, a.channels // 2, a.steps, 5, a.rounds, device)
+    loads = RoundLoads(quick=quick or a.quick)
+    r = compare(a.backbone, a.size, a.batch, a.classes, a.channels, a.channels // 2, a.steps, 5, a.rounds, device,
+                loads)
     note = (f"{a.backbone} UperNet seg, {a.size}px, batch {a.batch}, {a.classes} classes, head {a.channels} ch, "
             f"{device.type} ({'bf16 autocast' if device.type == 'cuda' else f'fp32, {a.threads} thread(s)'}), "
-            f"{a.steps} steps x {a.rounds} alternating rounds, median of 5-step intervals; {load_note()}")
+            f"{a.steps} steps x {a.rounds} alternating rounds, median of 5-step intervals; {loads.note()}")
     rows = [row("finetune", "step time (fit_local + DenseTask)", r["ours_step_s"] * 1e3, r["plain_step_s"] * 1e3,
-                "plain PyTorch loop", "ms/step", higher_is_better=False, notes=note)]
+                "plain PyTorch loop", "ms/step", higher_is_better=False, notes=note, rounds=loads)]
     print(write_report("finetune_step", "Dense finetune step: runner vs plain loop", __doc__, rows))
     return rows
 

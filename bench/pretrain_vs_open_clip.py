@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.common import load_note, markdown, row, save
+from bench.common import RoundLoads, markdown, row, save
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 SHAPES = ["circle", "square"]
@@ -136,13 +136,16 @@ def main(quick: bool = False, images: int | None = None, batch: int = 32, thread
     # 10x, so the runs also alternate (peer, ours, peer, ours) and report medians over every interval.
     torch.set_num_threads(threads)
     ours, peer, ours_wall, peer_wall = [], [], [], []
+    loads = RoundLoads(quick=quick)
     with tempfile.TemporaryDirectory(prefix="bench-pretrain-") as tmp:
         root = Path(tmp)
         csv_path, tars = make_inputs(root / "data", n)
         for r in range(rounds):
+            loads.start_round()
             sps, wall = run_open_clip_train(csv_path, root / f"peer{r}", batch, steps_log, threads)
             peer += sps[1:] if len(sps) > 2 else sps
             peer_wall.append(wall)
+            loads.start_round()
             sps, wall = run_clipdense(tars, root / f"ours{r}", batch, steps, steps_log)
             ours += sps[1:] if len(sps) > 2 else sps
             ours_wall.append(wall)
@@ -153,11 +156,13 @@ def main(quick: bool = False, images: int | None = None, batch: int = 32, thread
     ours_wall, peer_wall = statistics.median(ours_wall), statistics.median(peer_wall)
     step_s = batch / ours_sps
     notes = (f"clip-tiny 64px, batch {batch}, {n} JPEGs (96px), fp32 CPU, 1 process, {threads} torch thread(s), "
-             f"{rounds} alternating rounds; medians over log intervals; {load_note()}")
+             f"{rounds} alternating rounds; medians over log intervals; {loads.note()}")
     rows = [
-        row("pretrain", "train samples/s (steady)", ours_sps, peer_sps, "open_clip_train", "samples/s", True, notes),
+        row("pretrain", "train samples/s (steady)", ours_sps, peer_sps, "open_clip_train", "samples/s", True, notes,
+            rounds=loads),
         row("pretrain", "wall seconds, 1 epoch incl. startup", ours_wall, peer_wall, "open_clip_train", "s", False,
-            "clipdense wall includes building the model to read its preprocess config and Ray Data startup"),
+            "clipdense wall includes building the model to read its preprocess config and Ray Data startup",
+            rounds=loads),
         row("pretrain", "tokenise one batch in the worker / step time", tok_s / step_s, None, "", "fraction", False,
             f"{tok_s * 1e3:.1f} ms per batch of {batch} vs {step_s * 1e3:.0f} ms per step: tokenising 1-2 captions "
             "per sample in the worker costs less than tokenising all N+1 in Ray Data"),

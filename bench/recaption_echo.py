@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.common import hardware, load_note, row
+from bench.common import RoundLoads, hardware, row
 
 ROOT = Path(__file__).resolve().parent
 
@@ -144,9 +144,13 @@ def main(argv=None, quick: bool = False) -> int:
         decode = {"size": args.size}  # batch_size None: read + decode fused in one task
         pipeline(paths[:1], work / "warmup", echo, decode)  # start workers once; measure steady state
         plains, pools, pipes = [], [], []
-        for _ in range(args.repeats):  # the machine is shared: alternate the three and keep each one's best
+        loads = RoundLoads(quick=quick)
+        for _ in range(args.repeats):  # alternate the three, each after the machine cooled down; keep each's best
+            loads.start_round()
             plains.append(plain_decode(paths, args.size))
+            loads.start_round()
             pools.append(plain_decode_pool(paths, args.size, args.cpus))
+            loads.start_round()
             pipes.append(pipeline(paths, work / "echo", echo, decode))
         plain = max(plains, key=lambda r: r["images_per_s"])
         pooled = max(pools, key=lambda r: r["images_per_s"])
@@ -162,7 +166,7 @@ def main(argv=None, quick: bool = False) -> int:
         ray.shutdown()
     result = {
         "bench": "recaption_echo", "cpus": args.cpus, "machine": platform.platform(),
-        "load_avg_1m": round(os.getloadavg()[0], 2), "shards": args.shards, "images_per_shard": args.per_shard,
+        "load_avg_1m": round(os.getloadavg()[0], 2), **loads.summary(), "shards": args.shards, "images_per_shard": args.per_shard,
         "image_px": [args.image_px, int(args.image_px * 0.75)], "resize_to": args.size,
         "plain_decode_one_process": plain, "plain_decode_all_cores": pooled, "echo_pipeline": piped,
         "all_runs": {"plain": plains, "plain_all_cores": pools, "echo_pipeline": pipes},
@@ -172,9 +176,9 @@ def main(argv=None, quick: bool = False) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # the harness's common row format (bench/common.py), beside this bench's own detail
-    note = f"{args.shards}x{args.per_shard} JPEGs {args.image_px}px -> {args.size}; best of runs; {load_note()}"
+    note = f"{args.shards}x{args.per_shard} JPEGs {args.image_px}px -> {args.size}; best of runs; {loads.note()}"
     rows = [row("recaption", "echo pipeline images/s per core", piped["images_per_s"] / args.cpus,
-                pooled["per_core"], f"plain PIL decode+resize, {args.cpus} processes", "images/s/core", notes=note),
+                pooled["per_core"], f"plain PIL decode+resize, {args.cpus} processes", "images/s/core", notes=note, rounds=loads),
             *[row("recaption", f"coca-tiny {k.replace('_', ' ')} images/s", v["images_per_s"], None, "", "images/s",
                   notes="5 captions per image, seq_len 30, CPU, one actor") for k, v in coca.items()]]
     result = {"name": "recaption_echo", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

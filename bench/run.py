@@ -24,6 +24,7 @@ CPU_BENCHES = {
     "recaption": "bench.recaption_echo",
     "finetune": "bench.finetune_step",
     "demo": "bench.demo_wall",
+    "eval": "bench.eval_zeroshot",
 }
 GPU_BENCHES = {"gpu": "bench.gpu"}
 

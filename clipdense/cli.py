@@ -19,6 +19,7 @@ STAGES = {
     "recaption": ("clipdense.recaption", "RecaptionConfig"),
     "pretrain": ("clipdense.pretrain", "PretrainConfig"),
     "finetune": ("clipdense.dense", "FinetuneConfig"),
+    "eval": ("clipdense.eval", "EvalStageConfig"),
     "sweep": ("clipdense.sweep", "SweepConfig"),
     "report": ("clipdense.sweep.report", "ReportConfig"),
     "demo": ("clipdense.demo", "DemoConfig"),
@@ -32,7 +33,7 @@ TOOLS = {
 SHORTHANDS = {
     "synth": {"--out": "out", "--preset": "preset", "--seed": "seed"},
     "report": {},
-    "demo": {"--out": "out", "--quick": "quick"},
+    "demo": {"--out": "out", "--quick": "quick", "--replicates": "replicates"},
     "finetune": {"--save-predictions": "save_predictions", "--out": "out_dir"},
 }
 POSITIONAL = {"report": "results_dir"}

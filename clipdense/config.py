@@ -6,6 +6,7 @@ naming the file or key at fault.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Iterable, TypeVar
 
@@ -36,6 +37,36 @@ def _parse_value(text: str) -> Any:
     return value
 
 
+def set_dotted(data: dict, key: str, value: Any) -> None:
+    """Set `data["a"]["b"]["c"] = value` for key `a.b.c` in place, making missing sections (value deep-copied)."""
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"key {key!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = copy.deepcopy(value)
+
+
+def get_dotted(data: dict, key: str) -> Any:
+    """The value at `a.b.c` in nested dicts, None where a part is missing."""
+    node: Any = data
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    """A copy of `base` with `extra` merged in: sections merge key by key, anything else replaces."""
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
 def apply_override(data: dict, override: str) -> None:
     """Apply one `a.b.c=value` override in place."""
     if "=" not in override:
@@ -44,16 +75,7 @@ def apply_override(data: dict, override: str) -> None:
     key = key.strip()
     if not key:
         raise ConfigError(f"override {override!r} has an empty key")
-    node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        elif not isinstance(child, dict):
-            raise ConfigError(f"override {key!r}: {part!r} is not a section")
-        node = child
-    node[parts[-1]] = _parse_value(raw)
+    set_dotted(data, key, _parse_value(raw))
 
 
 def read_yaml(path: str | Path) -> dict:

@@ -16,55 +16,96 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, TypeAdapter, ValidationError, create_model, model_validator
 
-from clipdense.config import build_config
+from clipdense.config import Config, build_config, deep_merge, read_yaml
+from clipdense.data.synth.config import SynthConfig
+from clipdense.errors import ConfigError
+from clipdense.paths import configs_dir
 from clipdense.ray_session import OnRayConfig, RayConfig, StageConfig, ray_session
+from clipdense.sweep.config import SmallFractionSeeds
 
-# Scale of each step. `quick` proves the plumbing in minutes; `default` is the most the 30-minute budget on 2 cores
-# holds. Dense evaluation is the probe protocol (frozen trunk, linear head): with CPU-budget CLIPs, full finetuning
-# rebuilds the features from the dense labels and hides what pretraining put in them (measured: README, Status).
+# Scale of each step: a preset in configs/demo/ (`quick` proves the plumbing in minutes; `default` is the most the
+# 30-minute budget on 2 cores holds), with the config's `scale` keys merged over it. Dense evaluation is the probe
+# protocol (frozen trunk, linear head): with CPU-budget CLIPs, full finetuning rebuilds the features from the dense
+# labels and hides what pretraining put in them (measured: README, Status).
 PROBE = {"backbone.frozen": True, "head.kind": "linear", "train.optim.layer_decay": None}
 # The depth probe is DINOv2's linear one: 256 depth bins, not a sigmoid regression. The regression probe was far from
 # converged after 200 steps (delta1 0.22-0.34 for every tower), so it measured how fast one output unit finds the
 # scene's scale; bins lower every tower's RMSE 1.19-1.37x at the same steps, and lr 3e-3 lowers every tower's final
 # loss vs 1e-3 (bench/results/depth_probe.md).
 DEPTH_PROBE = {"head.depth_bins": 256, "train.optim.lr": 3e-3}
-PRESETS: dict[str, dict] = {
-    "quick": {
-        "synth": {"preset": "tiny", "web_images": 384, "shard_size": 128, "curated_fraction": 0.25,
-                  "ade_train": 64, "ade_val": 16, "nyu_train": 64, "nyu_test": 16},
-        "clip_model": "clip-tiny", "coca_model": "coca-tiny", "context": 32,
-        "captioner_steps": 30, "captioner_batch": 32, "captioner_lr": 1e-3,
-        "recaption": {"num_captions": 2, "seq_len": 30, "batch_size": 64},
-        "clip_steps": 30, "clip_batch": 64,
-        "finetune_steps": 6, "fractions": [0.25, 1.0], "seeds": 1, "small_seeds": None,
-        "eval_images": 8,
-    },
-    "default": {
-        "synth": {"preset": "demo", "web_images": 6000, "shard_size": 500, "curated_fraction": 0.15,
-                  "ade_train": 1024, "ade_val": 128, "nyu_train": 1024, "nyu_test": 128},
-        "clip_model": "clip-demo", "coca_model": "coca-demo", "context": 48,
-        "captioner_steps": 250, "captioner_batch": 64, "captioner_lr": 2e-3,
-        "recaption": {"num_captions": 2, "seq_len": 44, "batch_size": 128},
-        "clip_steps": 250, "clip_batch": 128,
-        "finetune_steps": 200, "fractions": [0.0625, 0.25, 1.0], "seeds": 2,
-        "small_seeds": {"below": 0.2, "seeds": 3},
-        "eval_images": 64,
-    },
-}
+PRESETS = ("quick", "default")
+
+# The world: every `clipdense synth` key but the two the demo sets, with SynthConfig's own types and checks.
+DemoWorld = create_model("DemoWorld", __base__=Config, **{k: (f.annotation, f) for k, f in
+                                                          SynthConfig.model_fields.items() if k not in ("out", "seed")})
+
+
+class DemoRecaption(Config):
+    num_captions: int = Field(ge=1, description="synthetic captions per web image")
+    seq_len: int = Field(ge=3, description="tokens per caption, start and end included")
+    batch_size: int = Field(ge=1, description="images per captioner call")
+
+
+class DemoScale(Config):
+    """Sizes of every step. All keys are required here; a preset file gives them (configs/demo/*.yaml)."""
+    synth: DemoWorld
+    clip_model: str = Field(description="open_clip name of the two pretrained CLIPs")
+    coca_model: str = Field(description="open_clip name of the captioner")
+    captioner_steps: int = Field(ge=1)
+    captioner_batch: int = Field(ge=1)
+    captioner_lr: float = Field(gt=0)
+    recaption: DemoRecaption
+    clip_steps: int = Field(ge=1)
+    clip_batch: int = Field(ge=1)
+    finetune_steps: int = Field(ge=1, description="steps of each probe trial")
+    fractions: list[float] = Field(min_length=1, description="fractions of the dense training sets swept")
+    seeds: int = Field(ge=1, description="seeds per fraction")
+    small_seeds: SmallFractionSeeds | None = Field(description="more seeds below a fraction; null = none")
+    eval_images: int = Field(ge=1, description="evaluation images per probe trial")
+
+
+def preset_path(name: str) -> Path:
+    return configs_dir() / "demo" / f"{name}.yaml"
 
 
 class DemoConfig(StageConfig):
     out: str = "runs/demo"
-    quick: bool = False
+    quick: bool = Field(False, description="start from the quick preset (configs/demo/quick.yaml), else default.yaml")
     seed: int = 0
     # num_cpus: logical CPUs of the local Ray (more than cores: Ray Data tasks run beside the training workers)
     ray: OnRayConfig = RayConfig(num_cpus=4)
     fresh: bool = Field(False, description="ignore finished steps of an earlier run in `out`")
-    scale: dict = Field(default_factory=dict, description="overrides of the preset's scale keys")
+    replicates: int = Field(1, ge=1, description="pretraining runs per condition (seeds seed .. seed+N-1): the "
+                            "report's factor then resamples pretraining runs too (two-level bootstrap). N > 1 "
+                            "does not fit the default preset's 30 minutes on 2 cores (each run ~230 s)")
+    scale: DemoScale = Field(description="the preset's scale with the keys given here merged over it")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_over_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        try:
+            quick = TypeAdapter(bool).validate_python(data.get("quick", False))
+        except ValidationError:
+            quick = False       # the field's own check reports the bad value
+        given = data.get("scale") or {}
+        if not isinstance(given, dict):
+            return data
+        preset = read_yaml(preset_path("quick" if quick else "default")).get("scale") or {}
+        return {**data, "scale": deep_merge(preset, given)}
+
+
+def preset_scale(name: str) -> DemoScale:
+    """A shipped preset's scale, e.g. to run one step of the demo at its size (bench/depth_probe.py)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown demo preset {name!r} (choose from {', '.join(PRESETS)})")
+    return DemoConfig(quick=name == "quick").scale
 
 
 def _step(out: Path, n: int, title: str, fresh: bool):
@@ -174,18 +215,26 @@ def probe_task(p: dict, world: Path, task: str) -> dict:
         **PROBE, **own, "data.root": str(world / subdir)}}
 
 
-def _sweep_cfg(p: dict, out: Path, world: Path, alt_ckpt: str, recap_ckpt: str, seed: int):
+def run_name(condition: str, replicate: int) -> str:
+    """Pretraining run (and sweep backbone) name: the condition's for replicate 0, as before replicates existed."""
+    return condition if replicate == 0 else f"{condition}-r{replicate}"
+
+
+def _sweep_cfg(p: dict, out: Path, world: Path, alt_ckpt: str, recap_ckpt: str, seed: int,
+               replicate_ckpts: dict[tuple[str, int], str] | None = None):
+    """`replicate_ckpts`: (condition, replicate >= 1) -> checkpoint of the further pretraining runs."""
     from clipdense.sweep import SweepConfig
 
+    ckpts = {("alt-text-clip", 0): alt_ckpt, ("recap-clip", 0): recap_ckpt, **(replicate_ckpts or {})}
+    runs = [{"name": run_name(cond, r), "condition": cond, "backbone": {"name": p["clip_model"], "checkpoint": ckpt}}
+            for (cond, r), ckpt in sorted(ckpts.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
     return build_config(SweepConfig, {
         "name": "demo", "out": str(out),
         # random-init: the same tower untrained, the floor a pretraining must beat to have put anything useful in
-        "backbones": [{"name": "alt-text-clip", "backbone": {"name": p["clip_model"], "checkpoint": alt_ckpt}},
-                      {"name": "recap-clip", "backbone": {"name": p["clip_model"], "checkpoint": recap_ckpt}},
-                      {"name": "random-init", "backbone": {"name": p["clip_model"], "checkpoint": None}}],
+        "backbones": [*runs, {"name": "random-init", "backbone": {"name": p["clip_model"], "checkpoint": None}}],
         "tasks": [probe_task(p, world, "seg"), probe_task(p, world, "depth")],
         "fractions": p["fractions"], "seeds": p["seeds"], "small_fraction_seeds": p["small_seeds"],
-        "search_seed": seed, "max_failures": 1, "report": {"reference": "alt-text-clip", "bootstrap": 1000},
+        "search_seed": seed, "max_failures": 1, "report": {"reference": "alt-text-clip"},
         "resources": {"cpu": 1.0, "max_concurrent_trials": 2},
     }, "demo sweep")
 
@@ -201,7 +250,7 @@ def _run(cfg: DemoConfig) -> dict:
     from clipdense import pretrain, recaption, sweep
     from clipdense.data import synth
 
-    p = {**PRESETS["quick" if cfg.quick else "default"], **cfg.scale}
+    p = cfg.scale.model_dump(exclude_unset=True)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     world, t_start = out / "world", time.time()
@@ -238,20 +287,24 @@ def _run(cfg: DemoConfig) -> dict:
               f"appears: {q['alt_text_shape_recall']:.2f} vs {q['synthetic_shape_recall']:.2f}")
 
     ckpts = {}
-    with _step(out, 4, f"pretrain two {p['clip_model']} CLIPs with identical budgets", cfg.fresh) as s:
-        for name, policy in (("alt-text-clip", "real"), ("recap-clip", "synthetic")):
-            run_dir = out / "pretrain" / name
-            ckpts[name] = str(run_dir / "export" / "model.pt")
-            if not s.done:
-                print(f"  {name}: caption policy {policy}", flush=True)
-                pretrain.run(_pretrain_cfg(p["clip_model"], str(world / "web"), str(recap), policy, run_dir,
-                                           p["clip_steps"], p["clip_batch"], cfg.seed, threads))
+    with _step(out, 4, f"pretrain {p['clip_model']} CLIPs with identical budgets, {cfg.replicates} per condition",
+               cfg.fresh) as s:
+        for r in range(cfg.replicates):
+            for condition, policy in (("alt-text-clip", "real"), ("recap-clip", "synthetic")):
+                name = run_name(condition, r)
+                run_dir = out / "pretrain" / name
+                ckpts[condition, r] = str(run_dir / "export" / "model.pt")
+                if not s.done or not Path(ckpts[condition, r]).is_file():   # a run added by a larger --replicates
+                    print(f"  {name}: caption policy {policy}, seed {cfg.seed + r}", flush=True)
+                    pretrain.run(_pretrain_cfg(p["clip_model"], str(world / "web"), str(recap), policy, run_dir,
+                                               p["clip_steps"], p["clip_batch"], cfg.seed + r, threads))
 
     sweep_dir = out / "sweep"
-    title = "sweep seg + depth probes (frozen trunk, linear head): fractions x 3 backbones x seeds"
+    title = f"sweep seg + depth probes (frozen trunk, linear head): fractions x {len(ckpts) + 1} backbones x seeds"
     with _step(out, 5, title, cfg.fresh) as s:
-        scfg = _sweep_cfg(p, sweep_dir, world, ckpts["alt-text-clip"], ckpts["recap-clip"], cfg.seed)
-        if not s.done:
+        scfg = _sweep_cfg(p, sweep_dir, world, ckpts.pop(("alt-text-clip", 0)), ckpts.pop(("recap-clip", 0)),
+                          cfg.seed, ckpts)
+        if not s.done or cfg.replicates > 1:    # the sweep resumes: finished trials are not rerun
             sweep.run(scfg.model_copy(update={"run_report": False}))
 
     with _step(out, 6, "report: plots, tables, efficiency factor", False):

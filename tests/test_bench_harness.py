@@ -116,3 +116,25 @@ def test_gpu_bench_quick_mode_runs_without_ray(tmp_path):
     assert {"gpu-pretrain", "gpu-recaption", "gpu-finetune"} <= benches
     peered = [r for r in rows if r["metric"].endswith("samples/s") or r["bench"] == "gpu-finetune"]
     assert peered and all(r["ratio"] is not None and r["ours"] > 0 and r["peer"] > 0 for r in peered)
+
+
+def test_rounds_wait_for_a_quiet_machine_and_mark_loaded_figures():
+    # The machine's load cannot be set from a test: a scripted load average stands in for os.getloadavg.
+    readings = iter([3.0, 2.2, 1.2])
+    slept = []
+    load = common.wait_for_quiet(1.5, timeout_s=60, poll_s=5, sleep=slept.append,
+                                 loadavg=lambda: (next(readings), 0.0, 0.0))
+    assert load == 1.2 and slept == [5, 5]  # waited until the load fell under the limit
+    stuck = common.wait_for_quiet(1.5, timeout_s=10, poll_s=5, sleep=lambda s: None, loadavg=lambda: (4.0, 0, 0))
+    assert stuck == 4.0  # gave up after the timeout; the caller records it
+
+    quiet, busy = common.RoundLoads(limit=1.5), common.RoundLoads(limit=1.5)
+    quiet.loads, busy.loads = [0.9, 1.1], [0.9, 2.4]
+    assert not quiet.loaded and busy.loaded
+    r = common.row("pretrain", "samples/s", 100.0, 90.0, "peer", "samples/s", rounds=busy)
+    assert r["loaded"] is True and r["load_1m_before_rounds"] == [0.9, 2.4]
+    md = common.markdown([{"name": "x", "date": "2026-11-29T00:00:00", "hardware": "cpu", "rows": [r]}])
+    assert "LOADED" in md
+    ok = common.row("pretrain", "samples/s", 100.0, 90.0, "peer", "samples/s", rounds=quiet)
+    assert "LOADED" not in common.markdown([{"name": "x", "date": "2026-11-29", "hardware": "cpu", "rows": [ok]}])
+    assert common.quiet_limit(2) == 1.5

@@ -4,7 +4,7 @@ from typing import Literal
 
 import pytest
 
-from clipdense.config import Config, load_config
+from clipdense.config import Config, apply_override, deep_merge, load_config, set_dotted
 from clipdense.errors import ConfigError
 
 
@@ -41,6 +41,24 @@ def test_bad_configs_give_one_line_errors(tmp_path, text, overrides, needle):
     with pytest.raises(ConfigError) as e:
         load_config(Demo, p, overrides)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_dotted_set_makes_sections_copies_values_and_refuses_to_descend_into_a_scalar():
+    data = {"optim": {"lr": 1.0}, "name": "x"}
+    value = [1, 2]
+    set_dotted(data, "a.b.c", value)
+    value.append(3)                                      # the config holds a copy
+    apply_override(data, "optim.betas=[0.9,0.95]")
+    assert data == {"optim": {"lr": 1.0, "betas": [0.9, 0.95]}, "name": "x", "a": {"b": {"c": [1, 2]}}}
+    with pytest.raises(ConfigError, match="key 'name.first': 'name' is not a section"):
+        apply_override(data, "name.first=y")
+
+
+def test_deep_merge_merges_sections_and_replaces_the_rest():
+    base = {"a": {"x": 1, "y": {"z": 2}}, "b": [1], "c": {"k": 1}}
+    out = deep_merge(base, {"a": {"y": {"w": 3}}, "b": [2], "c": None})
+    assert out == {"a": {"x": 1, "y": {"z": 2, "w": 3}}, "b": [2], "c": None}
+    assert base == {"a": {"x": 1, "y": {"z": 2}}, "b": [1], "c": {"k": 1}}   # untouched
 
 
 def test_missing_file_names_it(tmp_path):

@@ -36,12 +36,13 @@ def test_bad_samples_become_error_rows(tmp_path):
     write_tar(tmp_path / "a.tar", samples)
     rows = {r["key"]: r for r in read_shard_local(str(tmp_path / "a.tar"), validate="full")}
     assert set(rows) == {"ok0000", "ok0001", "ok0002", "trunc", "nocap", "pdf", "junk"}
-    assert all(rows[f"ok000{i}"]["error"] is None for i in range(3))
-    assert rows["trunc"]["error"].startswith("undecodable image")
-    assert rows["nocap"]["error"].startswith("no caption")
-    assert rows["pdf"]["error"].startswith("no image (found: pdf)")
-    assert rows["junk"]["error"].startswith("undecodable image")
-    assert "a.tar" in rows["junk"]["error"]
+    assert all(rows[f"ok000{i}"]["error_code"] is None and rows[f"ok000{i}"]["error"] is None for i in range(3))
+    assert rows["trunc"]["error_code"] == "undecodable_image" and rows["trunc"]["error"].startswith("OSError")
+    assert rows["nocap"]["error_code"] == "no_caption"
+    assert (rows["pdf"]["error_code"], rows["pdf"]["error"]) == ("no_image", "found: pdf")
+    assert rows["junk"]["error_code"] == "undecodable_image"
+    assert rows["junk"]["error"] == "UnidentifiedImageError: cannot identify image file <_io.BytesIO>"
+    assert rows["junk"]["shard"].endswith("a.tar")
 
 
 def test_truncated_tar_keeps_readable_samples(tmp_path):
@@ -50,9 +51,9 @@ def test_truncated_tar_keeps_readable_samples(tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     rows = read_shard_local(str(path))
-    ok = [r for r in rows if r["error"] is None]
+    ok = [r for r in rows if r["error_code"] is None]
     assert 1 <= len(ok) < 6
-    assert rows[-1]["error"].startswith("truncated or corrupt tar")
+    assert rows[-1]["error_code"] == "truncated_tar" and rows[-1]["error"]
 
 
 def test_read_shards_ray_tar_and_parquet_canonical(ray_local, tmp_path):
@@ -68,12 +69,12 @@ def test_read_shards_ray_tar_and_parquet_canonical(ray_local, tmp_path):
     assert shards["a0000"].endswith("000000.tar") and shards["p0"].endswith("extra.parquet")
     s = summarize(ds)
     assert s["rows"] == 12 and s["ok"] == 10
-    assert s["errors"] == {"undecodable image": 1} or s["errors"].get("undecodable image") == 1
+    assert s["errors"] == {"no_image": 1, "undecodable_image": 1}
 
 
 def test_parquet_round_trip_atomic(tmp_path):
     rows = [{"key": "k", "image_bytes": b"123", "caption": "c", "syn_captions": ["a", "b"], "meta": None,
-             "error": None, "shard": "s"}]
+             "error_code": None, "error": None, "shard": "s"}]
     out = tmp_path / "o" / "x.parquet"
     write_parquet(rows, str(out), schema=SCHEMA)
     assert pq.read_table(out).to_pylist() == rows

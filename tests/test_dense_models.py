@@ -13,6 +13,7 @@ from clipdense.dense.inference import slide_predict, whole_predict
 from clipdense.dense.necks import Feature2Pyramid
 from clipdense.dense.optim import layer_decay_param_groups
 from clipdense.errors import ConfigError
+from clipdense.models.open_clip_adapter import interpolated_pos_embed
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +28,8 @@ def test_clip_vit_pyramid_shapes_any_size(clip_tiny):
         feats = clip_tiny(torch.randn(2, 3, h, w))
         assert [tuple(f.shape) for f in feats] == [(2, 64, h // s, w // s) for s in (4, 8, 16, 32)]
     grid = tuple(clip_tiny.vit.grid_size)
-    assert clip_tiny.pos_embed(*grid) is clip_tiny.vit.positional_embedding  # native grid: untouched
-    assert clip_tiny.pos_embed(3, 5).shape == (1 + 15, 64)
+    assert interpolated_pos_embed(clip_tiny.vit, grid) is clip_tiny.vit.positional_embedding  # native grid: untouched
+    assert interpolated_pos_embed(clip_tiny.vit, (3, 5)).shape == (1 + 15, 64)
 
 
 def test_default_block_indices():

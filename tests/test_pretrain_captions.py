@@ -39,9 +39,9 @@ def test_draws_are_pure_functions_of_seed_epoch_key():
 
 
 def test_missing_captions_are_reasons_not_crashes():
-    assert missing_for("real", None, SYN) == "no caption"
-    assert missing_for("synthetic", "x", None) == "no synthetic captions"
-    assert missing_for("both", "x", ["", " "]) == "no synthetic captions"
+    assert missing_for("real", None, SYN) == "no_caption"
+    assert missing_for("synthetic", "x", None) == "no_synthetic_captions"
+    assert missing_for("both", "x", ["", " "]) == "no_synthetic_captions"
     assert missing_for("mix", "x", SYN) is None and missing_for("real", "x", None) is None
 
 

@@ -31,23 +31,25 @@ def _cfg(world, **kw) -> PretrainConfig:
 def test_join_records_every_problem_in_error(world):
     shard = f"{world['shards']}/00000.tar"
     rows = [{"key": f"00000{i:04d}", "image_bytes": b"x", "caption": "web", "syn_captions": None, "meta": None,
-             "error": None, "shard": shard} for i in range(4)]
+             "error_code": None, "error": None, "shard": shard} for i in range(4)]
     rows.append({**rows[0], "key": "nope", "shard": f"{world['shards']}/00009.tar"})
     out = join_recaptions(pa.Table.from_pylist(rows, schema=SCHEMA), world["recaptions"], "both").to_pylist()
-    assert out[0]["error"] is None and len(out[0]["syn_captions"]) == 3
-    assert out[1]["error"].startswith("recaption failed (engine failed)")
-    assert out[2]["error"].startswith("no recaption for key")
-    assert out[4]["error"].startswith("no recaption file for shard")
+    assert out[0]["error_code"] is None and len(out[0]["syn_captions"]) == 3
+    # the recaption files are in the old format (`error` string alone): still read, by code
+    assert (out[1]["error_code"], out[1]["error"]) == ("recaption_failed", "engine_failed: engine failed")
+    assert out[2]["error_code"] == "no_recaption_for_key"
+    assert out[4]["error_code"] == "no_recaption_file" and out[4]["error"].endswith("recap/00009.parquet")
     # without recaptions, `both` needs synthetic captions the shard rows do not have
     alone = join_recaptions(pa.Table.from_pylist(rows[:1], schema=SCHEMA), None, "both").to_pylist()
-    assert alone[0]["error"].startswith("no synthetic captions")
-    assert join_recaptions(pa.Table.from_pylist(rows[:1], schema=SCHEMA), None, "real").to_pylist()[0]["error"] is None
+    assert alone[0]["error_code"] == "no_synthetic_captions"
+    real = join_recaptions(pa.Table.from_pylist(rows[:1], schema=SCHEMA), None, "real").to_pylist()[0]
+    assert real["error_code"] is None and real["error"] is None
 
 
 def test_build_datasets_skips_and_counts_bad_rows(ray_local, world):
     train, eval_ds, counts = build_datasets(_cfg(world), image_size=32)
     assert counts["rows"] == 48 and counts["ok"] == 45
-    assert counts["errors"] == {"recaption failed": 1, "no recaption for key": 1, "undecodable image": 1}
+    assert counts["errors"] == {"recaption_failed": 1, "no_recaption_for_key": 1, "undecodable_image": 1}
     assert counts["holdout_rows"] == counts["eval_rows"] == 6
     rows = train.take_all()
     eval_keys = {r["key"] for r in eval_ds.take_all()}

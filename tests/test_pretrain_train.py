@@ -47,7 +47,7 @@ def ray_run(ray_local, world, tmp_path_factory):
 def test_ray_two_workers_both_policy(ray_run):
     out, result, world = ray_run
     assert result["step"] == 12 and not result["stopped_early"]
-    assert result["data"]["errors"] == {"recaption failed": 1, "no recaption for key": 1, "undecodable image": 1}
+    assert result["data"]["errors"] == {"recaption_failed": 1, "no_recaption_for_key": 1, "undecodable_image": 1}
     assert result["data"]["ok"] == world["rows"] - 3 and result["data"]["holdout_rows"] == 8
     losses = _losses(out)
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]

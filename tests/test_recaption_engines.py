@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from clipdense.recaption.decode import ImageError, ImageInput, decode_batch, prepare_image
+from clipdense.data.images import ImageError
+from clipdense.recaption.decode import ImageInput, decode_batch, prepare_image
 from clipdense.recaption.engines import check_output, cut_caption, EngineOutputError
 from clipdense.recaption.engines.coca import CocaCaptioner
 from clipdense.recaption.engines.echo import EchoCaptioner
@@ -91,7 +92,8 @@ def test_kv_cached_decoder_equals_open_clip_forward(coca, correct_cls_mask):
     old, model.text.correct_cls_mask = model.text.correct_cls_mask, correct_cls_mask
     try:
         with torch.no_grad():
-            latent, embs = model._encode_image(coca.pixels(_images(3)))
+            image = model(coca.pixels(_images(3)))  # open_clip's CoCa forward without text: the image outputs
+            latent, embs = image["image_features"], image["image_embs"]
             tokens = torch.randint(1, 1000, (3, 10), generator=torch.Generator().manual_seed(0))
             tokens[:, 0], tokens[1, 3], tokens[2, 1] = coca.sot, coca.pad, coca.pad
             decoder = CocaKVDecoder(model, embs, 10)
@@ -104,7 +106,6 @@ def test_kv_cached_decoder_equals_open_clip_forward(coca, correct_cls_mask):
         samples = {}
         for cached in (True, False):
             coca.kv_cache = cached
-            coca.generator.manual_seed(5)
             samples[cached] = coca.sample_tokens(_images(4), 2)
         assert torch.equal(samples[True], samples[False])
     finally:
@@ -118,18 +119,59 @@ def _images(k, size=64):
 
 def test_coca_n_captions_per_image_and_seeded_determinism(coca, tmp_path):
     images = _images(2)
-    coca.generator.manual_seed(3)
     first = coca.generate(images, 3)
     assert len(first) == 2 and all(len(c) == 3 and all(isinstance(s, str) for s in c) for c in first)
-    coca.generator.manual_seed(3)
     assert coca.generate(images, 3) == first
-    coca.generator.manual_seed(4)
-    assert coca.generate(images, 3) != first
+    coca.seed = 4
+    try:
+        assert coca.generate(images, 3) != first
+    finally:
+        coca.seed = 3
     # a local checkpoint (what the pretrain stage saves) loads into an identical captioner
     path = tmp_path / "coca.pt"
     torch.save(coca.model.state_dict(), path)
     other = CocaCaptioner("coca-tiny", checkpoint=str(path), seq_len=12, device="cpu", seed=3)
     assert other.generate(images, 3) == first
+
+
+def test_coca_captions_are_a_function_of_seed_and_key_not_batching(coca):
+    """CPU fp32: a row's captions are the same alone, in a batch of 3, in another order and in another captioner
+    instance (another actor); another key (or seed) gives other captions."""
+    images, keys = _images(3), ["k0", "k1", "k2"]
+    batch = coca.generate(images, 4, keys=keys)
+    alone = [coca.generate([im], 4, keys=[k])[0] for im, k in zip(images, keys)]
+    assert batch == alone
+    order = [2, 0, 1]
+    assert coca.generate([images[i] for i in order], 4, keys=[keys[i] for i in order]) == [batch[i] for i in order]
+    other_actor = CocaCaptioner("coca-tiny", seq_len=12, device="cpu", seed=3)
+    other_actor.model.load_state_dict(coca.model.state_dict())
+    assert other_actor.generate(images[1:], 4, keys=keys[1:]) == batch[1:]
+    assert coca.generate(images[:1], 4, keys=["another"])[0] != batch[0]
+    assert len({c for caps in batch for c in caps}) > 4                # captions differ across rows and samples
+
+
+def test_caption_actors_give_each_row_the_same_captions_however_rows_are_split(coca, tmp_path):
+    """The pipeline's actor logic (no Ray): one actor captioning 3 rows in one batch == two actors (separate
+    engines loaded from one checkpoint) captioning them as batches of 2 and 1, in reversed order."""
+    from clipdense.recaption.pipeline import CaptionActor
+
+    path = tmp_path / "coca.pt"
+    torch.save(coca.model.state_dict(), path)
+    engine = {"kind": "coca", "model": "coca-tiny", "checkpoint": str(path), "num_captions": 2, "seq_len": 12,
+              "seed": 7, "device": "cpu"}
+    images = _images(3)
+
+    def batch(rows):
+        return {"key": np.array([f"key{i}" for i in rows]), "caption": np.array(["c"] * len(rows)),
+                "error": np.array([None] * len(rows), dtype=object), "shard": np.array(["s.tar"] * len(rows)),
+                "pixels": np.stack([images[i] for i in rows])}
+
+    whole = CaptionActor(engine)(batch([0, 1, 2])).column("syn_captions").to_pylist()
+    first, second = CaptionActor(engine), CaptionActor(engine)
+    split = second(batch([2])).column("syn_captions").to_pylist() + first(batch([1, 0])).column(
+        "syn_captions").to_pylist()
+    assert split == [whole[2], whole[1], whole[0]]
+    assert all(len(c) == 2 for c in whole) and whole[0] != whole[1]
 
 
 def test_coca_tiny_top_p_is_greedy_argmax(coca):
@@ -141,7 +183,8 @@ def test_coca_tiny_top_p_is_greedy_argmax(coca):
         coca.top_p = 0.9
     # greedy decoding by hand from open_clip's CoCa forward (full logits, no sampler code)
     with torch.no_grad():
-        latent, embs = coca.model._encode_image(coca.pixels(images))
+        image = coca.model(coca.pixels(images))
+        latent, embs = image["image_features"], image["image_embs"]
         seq = torch.full((2, 1), coca.sot)
         for cur in range(1, coca.seq_len):
             if cur == coca.seq_len - 1:
@@ -188,24 +231,27 @@ def test_prepare_image_modes_and_errors():
     assert w * h <= 60 * 60 and w == h
     kept = jpeg_bytes(3, 40)
     assert prepare_image(kept, ImageInput(mode="jpeg", max_pixels=60 * 60)) == kept  # small JPEG shipped as is
-    with pytest.raises(ImageError, match="image too large"):
+    with pytest.raises(ImageError, match="image_too_large: 2000x1000 > max_image_pixels=1000000"):
         prepare_image(_png((2000, 1000), "L"), ImageInput(max_image_pixels=1_000_000))
     good = jpeg_bytes(4, 64)
-    for bad in (good[: len(good) // 2], b"not an image", b"", None):
-        with pytest.raises(ImageError, match="undecodable image|no image"):
+    for bad, code in ((good[: len(good) // 2], "undecodable_image"), (b"not an image", "undecodable_image"),
+                      (b"", "no_image"), (None, "no_image")):
+        with pytest.raises(ImageError) as e:
             prepare_image(bad, ImageInput(size=32))
+        assert e.value.code == code
 
 
 def test_decode_batch_records_errors_and_keeps_rows():
     batch = pa.table({
         "key": ["ok", "bad", "nocap", "prior"], "image_bytes": [jpeg_bytes(1), b"xx", jpeg_bytes(2), None],
-        "caption": ["c", "c", " ", None], "error": [None, None, None, "no image [s.tar]"],
-        "shard": ["s.tar"] * 4})
+        "caption": ["c", "c", " ", None], "error_code": [None, None, None, "no_image"],
+        "error": [None, None, None, "found: pdf"], "shard": ["s.tar"] * 4})
     out = decode_batch(batch, ImageInput(size=16), keep_images=True)
     assert out.column("key").to_pylist() == ["ok", "bad", "nocap", "prior"]
+    assert out.column("error_code").to_pylist() == [None, "undecodable_image", "no_caption", "no_image"]
     errs = out.column("error").to_pylist()
-    assert errs[0] is None and errs[1].startswith("undecodable image") and errs[1].endswith("[s.tar]")
-    assert errs[2] == "no caption [s.tar]" and errs[3] == "no image [s.tar]"
+    assert errs[0] is None and errs[1] == "UnidentifiedImageError: cannot identify image file <_io.BytesIO>"
+    assert errs[2] == "no caption text" and errs[3] == "found: pdf"  # an earlier stage's error passes through
     pixels = out.column("pixels").chunk(0).to_numpy()
     assert pixels.shape == (4, 16, 16, 3) and pixels[0].any() and not pixels[1].any()
     assert out.column("image_bytes").to_pylist()[0] == jpeg_bytes(1)
@@ -217,10 +263,9 @@ def test_coca_on_cuda_bf16_is_seeded_and_matches_cpu_greedy():
     gpu = CocaCaptioner("coca-tiny", seq_len=12, device="cuda", seed=5)
     torch.nn.init.normal_(gpu.model.text_decoder.text_projection, std=2.0)
     images = _images(4)
-    first = gpu.generate(images, 5)
+    first = gpu.generate(images, 5, keys=["a", "b", "c", "d"])
     assert len(first) == 4 and all(len(c) == 5 for c in first)
-    gpu.generator.manual_seed(5)
-    assert gpu.generate(images, 5) == first  # seeded on the GPU too
+    assert gpu.generate(images, 5, keys=["a", "b", "c", "d"]) == first  # seeded on the GPU too
     gpu.top_p = 1e-9  # greedy: bf16 autocast on CUDA picks the same first tokens as fp32 on CPU
     cpu = CocaCaptioner("coca-tiny", seq_len=12, device="cpu")
     cpu.model.load_state_dict(gpu.model.state_dict())

@@ -63,22 +63,26 @@ def test_coca_tiny_end_to_end_nothing_lost(ray_local, tmp_path):
     for tar, keys in expected.items():  # one output per input shard, every input row exactly once, in order
         assert [r["key"] for r in outputs[tar.replace(".tar", ".parquet")]] == keys
     rows = {r["key"]: r for rows in outputs.values() for r in rows}
-    ok = [r for r in rows.values() if r["error"] is None]
+    ok = [r for r in rows.values() if r["error_code"] is None]
+    assert all(r["error"] is None for r in ok)
     assert {r["key"] for r in ok} >= {"a0000", "a0003", "b0000", "b0002"}
     assert all(len(r["syn_captions"]) == 5 and all("." not in c for c in r["syn_captions"]) for r in ok)
     assert rows["a0000"]["engine"] == "coca" and rows["a0000"]["model"] == "coca-tiny"
     assert json.loads(rows["a0000"]["sampling"])["top_p"] == 0.9 and rows["a0000"]["prompt"] is None
     assert "image_bytes" not in rows["a0000"]
-    assert rows["trunc"]["error"].startswith("undecodable image") and rows["trunc"]["syn_captions"] is None
-    assert rows["nocap"]["error"].startswith("no caption")
-    assert rows["pdf"]["error"].startswith("no image")
-    assert rows["huge"]["error"].startswith("image too large (1500x1000")
-    assert any(e and e.startswith("truncated or corrupt tar") for e in (r["error"] for r in rows.values()))
+    assert rows["trunc"]["error_code"] == "undecodable_image" and rows["trunc"]["syn_captions"] is None
+    assert rows["nocap"]["error_code"] == "no_caption"
+    assert rows["pdf"]["error_code"] == "no_image"
+    assert (rows["huge"]["error_code"], rows["huge"]["error"]) == ("image_too_large",
+                                                                  "1500x1000 > max_image_pixels=1000000")
+    assert sum(r["error_code"] == "truncated_tar" for r in rows.values()) == 1
     assert summary["rows_in"] == len(rows) == sum(len(k) for k in expected.values())
     assert summary["rows_captioned"] == len(ok) and summary["rows_failed"] == len(rows) - len(ok)
-    assert summary["failed_by_reason"]["image too large"] == 1 and summary["failed_by_reason"]["no image"] == 1
+    assert summary["failed_by_code"] == {"image_too_large": 1, "no_caption": 1, "no_image": 1, "truncated_tar": 1,
+                                         "undecodable_image": 1}
     stats = json.loads((tmp_path / "out" / "_stats.json").read_text())
     assert stats["rows_captioned"] == len(ok) and stats["synthetic"]["count"] == 5 * len(ok)
+    assert stats["rows_failed_by_code"] == summary["failed_by_code"]
     assert 0 < stats["synthetic"]["distinct_1"] <= 1 and stats["clip"]["images"] == 4
     assert stats["clip"]["clip_score_synthetic"] >= 0
 
@@ -105,11 +109,48 @@ def test_kill_and_rerun_is_exactly_once(ray_local, tmp_path):
         assert [r["key"] for r in outputs[name.rsplit(".", 1)[0] + ".parquet"]] == keys
     rows = {r["key"]: r for rows in outputs.values() for r in rows}
     assert rows["a0001"]["syn_captions"] == ["caption a1"] * 2  # echo after a retried failure
-    assert rows["b0001"]["error"].startswith("caption engine failed (RuntimeError: injected engine failure")
-    assert summary["failed_by_reason"]["caption engine failed"] >= 1
-    assert rows["p0"]["syn_captions"] == ["caption p0"] * 2 and rows["p2"]["error"].startswith("no image")
+    assert rows["b0001"]["error_code"] == "caption_engine_failed"
+    assert rows["b0001"]["error"].startswith("RuntimeError: injected engine failure")
+    assert summary["failed_by_code"]["caption_engine_failed"] >= 1
+    assert rows["p0"]["syn_captions"] == ["caption p0"] * 2 and rows["p2"]["error_code"] == "no_image"
     # a third run has nothing left to do
     assert run(build_config(RecaptionConfig, base))["shards"]["written"] == 0
+
+
+def test_rerun_over_old_format_outputs_resumes(ray_local, tmp_path):
+    """An output directory written by the previous version (one `error` string per row, no `error_code`) resumes:
+    its files count as done and are read by code, by the stats and by pretraining's join."""
+    from clipdense.data.shards import SCHEMA
+    from clipdense.pretrain.data import join_recaptions
+    from clipdense.recaption.writer import OUTPUT_SCHEMA
+
+    expected = _shards(tmp_path / "in")
+    src = str(tmp_path / "in" / "000000.tar")
+    old_errors = {"a0001": f"caption engine failed (RuntimeError: engine died) [{src}]",
+                  "trunc": f"undecodable image (OSError: image file is truncated) [{src}]",
+                  "nocap": f"no caption [{src}]", "pdf": f"no image (found: pdf) [{src}]",
+                  "huge": f"image too large (1500x1000 > max_image_pixels=1000000) [{src}]"}
+    old = [{"key": k, "caption": "c", "syn_captions": None if k in old_errors else ["old syn"], "engine": "echo",
+            "model": "echo", "prompt": None, "sampling": "{}", "error": old_errors.get(k)}
+           for k in expected["000000.tar"]]
+    (tmp_path / "out").mkdir()
+    old_schema = pa.schema([f for f in OUTPUT_SCHEMA if f.name != "error_code"])
+    pq.write_table(pa.Table.from_pylist(old, schema=old_schema), tmp_path / "out" / "000000.parquet")
+    cfg = build_config(RecaptionConfig, {"input": str(tmp_path / "in" / "{000000..000001}.tar"),
+                                         "output": str(tmp_path / "out"), "decode": {"size": 32},
+                                         "engine": {"kind": "echo", "num_captions": 1}})
+    summary = run(cfg)
+    assert summary["shards"] == {"total": 2, "skipped_done": 1, "written": 1}
+    assert pq.read_table(tmp_path / "out" / "000000.parquet").column_names == old_schema.names  # left as it was
+    assert summary["stats"]["rows_failed_by_code"] == {"caption_engine_failed": 1, "image_too_large": 1,
+                                                       "no_caption": 1, "no_image": 1, "undecodable_image": 1}
+    assert summary["stats"]["rows_captioned"] == len(expected["000000.tar"]) - 5 + len(expected["000001.tar"])
+    rows = [r for name in ("000000.tar", "000001.tar") for r in read_shard_local(str(tmp_path / "in" / name))]
+    joined = join_recaptions(pa.Table.from_pylist(rows, schema=SCHEMA), str(tmp_path / "out"), "synthetic")
+    by_key = {r["key"]: r for r in joined.to_pylist()}
+    assert (by_key["a0001"]["error_code"], by_key["a0001"]["error"]) == (
+        "recaption_failed", "caption_engine_failed: RuntimeError: engine died")
+    assert by_key["a0000"]["syn_captions"] == ["old syn"] and by_key["b0000"]["syn_captions"] == ["caption b0"]
 
 
 def test_s3_input_and_output_via_cli(ray_local, s3_server, tmp_path, capsys):
@@ -174,7 +215,8 @@ def test_assembler_handles_interleaved_sources_and_detects_lost_order():
 
     def block(*rows):
         return pa.table({"key": [k for k, _ in rows], "caption": ["c"] * len(rows),
-                         "syn_captions": [["c"]] * len(rows), "error": [None] * len(rows),
+                         "syn_captions": [["c"]] * len(rows), "error_code": pa.nulls(len(rows), pa.string()),
+                         "error": pa.nulls(len(rows), pa.string()),
                          "shard": [s for _, s in rows]})
     # Ray's ordered union alternates tar and Parquet blocks; within a source, shards stay contiguous
     for b in (block(("a1", "/d/a.tar")), block(("p1", "/d/p.parquet")), block(("a2", "/d/a.tar"), ("b1", "/d/b.tar")),

@@ -44,8 +44,9 @@ def make_fake_vllm(completions=None, fail=None):
                 raise fail
             outs = []
             for i, _ in enumerate(messages):
-                texts = completions(i, sampling_params.n) if completions else [
-                    f"  caption {i}-{k}\nsecond sentence. " for k in range(sampling_params.n)]
+                sp = sampling_params[i] if isinstance(sampling_params, list) else sampling_params
+                texts = completions(i, sp.n) if completions else [
+                    f"  caption {i}-{k}\nsecond sentence. " for k in range(sp.n)]
                 outs.append(SimpleNamespace(outputs=[SimpleNamespace(text=t) for t in texts]))
             return outs
 
@@ -83,6 +84,18 @@ def test_adapter_builds_chat_requests_and_parses_n_outputs(monkeypatch):
     assert chat["use_tqdm"] is False
 
 
+def test_adapter_seeds_each_request_from_its_key(monkeypatch):
+    fake = make_fake_vllm()
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    captioner = VLLMCaptioner("m", prompt="p", seed=3)
+    images = [np.zeros((4, 4, 3), np.uint8)] * 3
+    captioner.generate(images, 2, keys=["a", "b", "c"])
+    captioner.generate(images[:2], 2, keys=["c", "a"])
+    first, second = ([p.kwargs["seed"] for p in call["sampling_params"]] for call in fake.calls["chat"])
+    assert len(set(first)) == 3 and second == [first[2], first[0]]   # per key, whatever the batch and order
+    assert all(p.kwargs["n"] == 2 for p in fake.calls["chat"][0]["sampling_params"])
+
+
 def test_adapter_cut_at_period_and_provenance(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", make_fake_vllm())
     cfg = _cfg(num_captions=2, cut_at_period=True)
@@ -118,12 +131,13 @@ def test_engine_failures_are_retried_then_recorded(monkeypatch):
     actor = CaptionActor(_cfg(num_captions=2, retries=2).engine.model_dump())
     jpeg = jpeg_bytes(1)
     batch = {"key": np.array(["a", "b"], object), "caption": np.array(["x", "y"], object),
-             "error": np.array([None, "no image [s]"], object), "shard": np.array(["s", "s"], object),
+             "error_code": np.array([None, "no_image"], object), "error": np.array([None, "found: pdf"], object),
+             "shard": np.array(["s", "s"], object),
              "image_jpeg": np.array([jpeg, None], object)}
     out = actor(batch).to_pylist()
     assert len(fake.calls["chat"]) == 3 and len(fake.calls["chat"][0]["messages"]) == 1  # 1 try + 2 retries
-    assert out[0]["error"] == "caption engine failed (RuntimeError: engine died) [s]" and out[0]["syn_captions"] is None
-    assert out[1]["error"] == "no image [s]"
+    assert (out[0]["error_code"], out[0]["error"]) == ("caption_engine_failed", "RuntimeError: engine died")
+    assert out[0]["syn_captions"] is None and (out[1]["error_code"], out[1]["error"]) == ("no_image", "found: pdf")
 
 
 def test_vllm_config_needs_a_model():

@@ -5,7 +5,7 @@ import yaml
 from clipdense.config import load_config
 from clipdense.errors import ConfigError
 from clipdense.sweep.config import SweepConfig
-from clipdense.sweep.grid import default_fractions, expand, grid_hash, seeds_for
+from clipdense.sweep.grid import default_fractions, expand, flat_metrics, grid_hash, seeds_for
 
 
 @pytest.fixture
@@ -112,3 +112,32 @@ def test_shipped_sweep_configs_expand_to_valid_finetune_configs(name, tmp_path):
     if cfg.search_space:
         ft = finetune_config(_spec(cfg, trials[0], tmp_path), {"train.optim.lr": 3e-4}, tmp_path)
         assert ft.train.optim.lr == 3e-4
+
+
+def test_a_task_override_into_a_scalar_is_a_one_line_error(tmp_path, base_yaml):
+    cfg = _cfg(tmp_path, base_yaml, tasks=[{"name": "seg", "config": str(base_yaml),
+                                            "overrides": {"task.kind": "x"}}])
+    with pytest.raises(ConfigError, match="'task' is not a section"):
+        expand(cfg)
+
+
+def test_flat_metrics_joins_nested_keys_and_keeps_finite_numbers_only():
+    doc = {"task": "seg", "metrics": {"mIoU": 0.5, "per_class": {"circle": 0.25}, "nan": float("nan"),
+                                      "ok": True, "names": ["a"]},
+           "train": {"steps": 10}, "config": {"lr": 1.0}, "backbone": {"params": 5}}
+    assert flat_metrics(doc) == {"metrics/mIoU": 0.5, "metrics/per_class/circle": 0.25, "train/steps": 10.0}
+    assert flat_metrics(doc["metrics"]) == {"mIoU": 0.5, "per_class/circle": 0.25}
+
+
+def test_schedule_by_epochs_scales_steps_and_is_recorded(tmp_path, base_yaml):
+    by_iter = {t.name: t for t in expand(_cfg(tmp_path, base_yaml, fractions=[0.25, 1.0], seeds=1))}
+    by_epoch = {t.name: t for t in expand(_cfg(tmp_path, base_yaml, fractions=[0.25, 1.0], seeds=1,
+                                               schedule_by="epochs"))}
+    steps = lambda t: t.finetune["train"]["schedule"]["total_steps"]
+    assert steps(by_iter["depth/recap-clip/f0.25/s0"]) == steps(by_iter["depth/recap-clip/f1/s0"]) == 10
+    assert steps(by_epoch["depth/recap-clip/f0.25/s0"]) == 2 and steps(by_epoch["depth/recap-clip/f1/s0"]) == 10
+    coords = by_epoch["depth/recap-clip/f0.25/s0"].coordinates()
+    assert (coords["schedule_by"], coords["total_steps"], coords["condition"]) == ("epochs", 2, "recap-clip")
+    grouped = expand(_cfg(tmp_path, base_yaml, seeds=1, fractions=[1.0], report={"reference": "alt"},
+                          backbones=[{"name": "alt-s0", "condition": "alt"}, {"name": "alt-s1", "condition": "alt"}]))
+    assert {t.coordinates()["condition"] for t in grouped} == {"alt"}

@@ -65,6 +65,9 @@ def test_fit_local_learns_and_logs(tmp_path):
     assert ckpts == ["step_00000016", "step_00000020"]  # keep=2
     model_sd, state = load_checkpoint(tmp_path / "checkpoints" / "step_00000020")
     assert state["step"] == 20 and state["task"] == {"seen": 20} and "0.weight" in model_sd
+    # both files hold tensors and plain values only: loading never needs to run pickled code
+    raw = torch.load(tmp_path / "checkpoints" / "step_00000020" / "train_state.pt", weights_only=True)
+    assert raw["step"] == 20 and raw["rng"][0]["numpy"][0] == "MT19937"
     assert json.loads((tmp_path / "result.json").read_text())["step"] == 20
 
 

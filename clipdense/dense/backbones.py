@@ -1,9 +1,10 @@
 """Backbones with one interface: `forward(x) -> [4 maps at strides 4, 8, 16, 32]`, `.out_channels`, `.layer_id(name)`.
 
-- open_clip ViT (`clipdense.models.create_clip(name, pretrained=...).visual`): tokens of 4 blocks -> maps ->
-  Feature2Pyramid; the positional embedding is interpolated to the input grid, so any size (multiple of the patch) works.
-  Drop path: open_clip blocks have none, so each residual branch's LayerScale (`ls_1`, `ls_2`) is followed by a
-  timm DropPath (rates rising linearly over depth, as timm does).
+- open_clip ViT (`clipdense.models.create_clip(name, pretrained=...).visual`): tokens of 4 blocks (open_clip's
+  `forward_intermediates`) -> maps -> Feature2Pyramid; at another grid than the position table's the table is
+  interpolated to the input grid, so any size (multiple of the patch) works. Drop path: open_clip blocks have none,
+  so each residual branch's LayerScale is followed by a timm DropPath (rates rising linearly over depth, as timm
+  does). Every access to open_clip's internals lives in `clipdense.models.open_clip_adapter`.
 - timm models (by name, or the trunk of an open_clip timm tower such as MobileCLIP's MCi): `forward_intermediates`
   at the stages of reduction 4/8/16/32; plain timm ViTs (all one stride) also go through Feature2Pyramid.
 Layer ids for layer-wise lr decay: 0 = stem / patch+pos embed + cls token, i+1 = block (or timm group) i, and
@@ -11,17 +12,16 @@ Layer ids for layer-wise lr decay: 0 = stem / patch+pos embed + cls token, i+1 =
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
 from clipdense.dense.config import BackboneConfig
 from clipdense.dense.necks import Feature2Pyramid
 from clipdense.errors import ConfigError
+from clipdense.models import open_clip_adapter as oca
 
 STRIDES = (4, 8, 16, 32)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -59,75 +59,39 @@ class _Freezable:
 
 
 class ViTPyramid(_Freezable, nn.Module):
-    """An open_clip VisionTransformer as a 4-level pyramid backbone."""
+    """An open_clip VisionTransformer as a 4-level pyramid backbone (open_clip access: models/open_clip_adapter.py)."""
 
     def __init__(self, vit: nn.Module, out_indices: list[int] | None = None, drop_path: float = 0.0):
         super().__init__()
-        depth = len(vit.transformer.resblocks)
+        shape = oca.vit_shape(vit)
+        depth = shape.depth
         self.out_indices = list(out_indices) if out_indices else default_block_indices(depth)
         if any(not 0 <= i < depth for i in self.out_indices) or len(self.out_indices) != 4:
             raise ConfigError(f"backbone.out_indices {self.out_indices}: need 4 block indices in [0, {depth - 1}]")
-        ph, pw = vit.patch_size
+        ph, pw = shape.patch
         if ph != pw:
-            raise ConfigError(f"backbone: non-square patches {vit.patch_size} are not supported")
-        # Parts the pyramid never calls would be parameters without gradients (DDP rejects those): drop them.
-        vit.proj, vit.ln_post = None, nn.Identity()
-        vit.attn_pool = vit.attn_pool_contrastive = None
-        vit.transformer.resblocks = vit.transformer.resblocks[: max(self.out_indices) + 1]
+            raise ConfigError(f"backbone: non-square patches {shape.patch} are not supported")
+        oca.prune_vit(vit, self.out_indices)
         self.vit = vit
         self.trunk_name = "vit"
         self.patch = ph
         self.depth = depth
-        width = vit.conv1.out_channels
-        self.neck = Feature2Pyramid(width, _pyramid_scales(ph))
-        self.out_channels = [width] * 4
+        self.neck = Feature2Pyramid(shape.width, _pyramid_scales(ph))
+        self.out_channels = [shape.width] * 4
         self.strides = list(STRIDES)
         self.num_layers = depth + 2
         if drop_path > 0:
-            n = len(vit.transformer.resblocks)
-            for i, blk in enumerate(vit.transformer.resblocks):
-                rate = drop_path * i / max(depth - 1, 1)
-                blk.ls_1 = nn.Sequential(blk.ls_1, DropPath(rate))
-                blk.ls_2 = nn.Sequential(blk.ls_2, DropPath(rate))
-            assert n == len(vit.transformer.resblocks)
-
-    def pos_embed(self, gh: int, gw: int) -> torch.Tensor:
-        pos = self.vit.positional_embedding
-        g0 = tuple(self.vit.grid_size)
-        if (gh, gw) == g0:
-            return pos
-        grid = pos[1:].reshape(1, g0[0], g0[1], -1).permute(0, 3, 1, 2).float()
-        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False).to(pos.dtype)
-        return torch.cat([pos[:1], grid.flatten(2).transpose(1, 2)[0]], dim=0)
+            oca.add_vit_drop_path(vit, drop_path, depth)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        v = self.vit
-        b = x.shape[0]
-        x = v.conv1(x)
-        gh, gw = x.shape[-2:]
-        x = x.flatten(2).transpose(1, 2)
-        cls = v.class_embedding.to(x.dtype).expand(b, 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed(gh, gw).to(x.dtype)
-        x = v.ln_pre(x)  # (open_clip's patch dropout is a CLIP-pretraining trick: not used for dense tasks)
-        batch_first = getattr(v.transformer, "batch_first", True)
-        if not batch_first:
-            x = x.transpose(0, 1)
-        taken: dict[int, torch.Tensor] = {}
-        for i, blk in enumerate(v.transformer.resblocks):
-            x = blk(x)
-            if i in self.out_indices:
-                t = x if batch_first else x.transpose(0, 1)
-                taken[i] = t[:, 1:].transpose(1, 2).reshape(b, -1, gh, gw)
-        return self.neck([taken[i] for i in self.out_indices])
+        return self.neck(oca.vit_block_maps(self.vit, x, self.out_indices))
 
     def layer_id(self, name: str) -> int:
-        if name.startswith(("vit.conv1", "vit.class_embedding", "vit.positional_embedding", "vit.ln_pre")):
-            return 0
-        m = re.match(r"vit\.transformer\.resblocks\.(\d+)\.", name)
-        return int(m.group(1)) + 1 if m else self.num_layers - 1
+        i = oca.vit_layer_id(name[len("vit."):]) if name.startswith("vit.") else None
+        return self.num_layers - 1 if i is None else i
 
     def no_weight_decay(self) -> set[str]:
-        return {"vit.positional_embedding", "vit.class_embedding"}
+        return {f"vit.{n}" for n in self.vit.no_weight_decay()}
 
 
 class TimmPyramid(_Freezable, nn.Module):
@@ -216,15 +180,15 @@ def create_backbone(cfg: BackboneConfig) -> nn.Module:
             clip = create_clip(cfg.name, pretrained=cfg.checkpoint)
         except (RuntimeError, ValueError) as e:
             raise ConfigError(f"backbone {cfg.name!r} checkpoint {cfg.checkpoint!r}: {str(e).splitlines()[0]}") from None
-        visual = clip.visual
-        pp = getattr(visual, "preprocess_cfg", {}) or {}
+        visual, trunk = clip.visual, oca.timm_trunk(clip.visual)
+        pp = oca.preprocess_cfg(clip)
         mean, std = pp.get("mean", CLIP_MEAN), pp.get("std", CLIP_STD)
-        if hasattr(visual, "transformer") and hasattr(visual, "conv1"):
+        if oca.is_vit(visual):
             net = ViTPyramid(visual, cfg.out_indices, cfg.drop_path)
-        elif hasattr(visual, "trunk"):
+        elif trunk is not None:
             if cfg.drop_path > 0:
-                drop_path_applied = _retrofit_drop_path(visual.trunk, cfg.drop_path) > 0
-            net = TimmPyramid(visual.trunk, cfg.out_indices)
+                drop_path_applied = _retrofit_drop_path(trunk, cfg.drop_path) > 0
+            net = TimmPyramid(trunk, cfg.out_indices)
         else:
             raise ConfigError(f"backbone {cfg.name!r}: image tower {type(visual).__name__} is not supported "
                               "(open_clip ViTs and timm towers are)")

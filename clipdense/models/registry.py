@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 
 import open_clip
-import torch
 
+from clipdense.models.open_clip_adapter import init_unset_parameters, register_model_config
 from clipdense.paths import configs_dir
 
 
@@ -28,8 +28,7 @@ def register_model_configs(extra_dir: str | None = None) -> tuple[str, ...]:
             kwargs = cfg.get("text_cfg", {}).get("tokenizer_kwargs") or {}
             if "bpe_path" in kwargs:  # a shipped (smaller) BPE vocabulary, named relative to the JSON
                 kwargs["bpe_path"] = str((p.parent / kwargs["bpe_path"]).resolve())
-            # open_clip reads configs only from files or its registry dict; register the resolved dict directly
-            open_clip.factory._MODEL_CONFIGS[p.stem] = cfg
+            register_model_config(p.stem, cfg)  # the resolved dict, not the file: see open_clip_adapter
             names.append(p.stem)
     return tuple(names)
 
@@ -40,24 +39,13 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown open_clip model {name!r} (see open_clip.list_models() or configs/models/)")
 
 
-def _init_uninitialised(model) -> None:
-    # open_clip 3.3 never calls MultimodalTransformer.init_parameters() (which is itself broken: it reads a
-    # `.transformer` the class lacks), so a randomly initialised CoCa's vocabulary projection
-    # (`text_decoder.text_projection`, torch.empty) holds whatever memory it got: zeros in a fresh process, garbage
-    # (1e35) or NaN (deterministic mode) in a long-lived one. Initialise it as that method intends.
-    proj = getattr(getattr(model, "text_decoder", None), "text_projection", None)
-    if isinstance(proj, torch.nn.Parameter):
-        with torch.no_grad():
-            torch.nn.init.normal_(proj, std=model.text_decoder.width ** -0.5)
-
-
 def create_clip(name: str, pretrained: str | None = None, **kwargs):
     """An open_clip model by name; `pretrained` is an open_clip tag or a local checkpoint path."""
     _check_name(name)
     if pretrained:
         return open_clip.create_model(name, pretrained=pretrained, **kwargs)
     model = open_clip.create_model(name, **kwargs)
-    _init_uninitialised(model)
+    init_unset_parameters(model)
     return model
 
 
@@ -66,7 +54,7 @@ def create_clip_and_transforms(name: str, pretrained: str | None = None, **kwarg
     _check_name(name)
     model, train_tf, eval_tf = open_clip.create_model_and_transforms(name, pretrained=pretrained or None, **kwargs)
     if not pretrained:
-        _init_uninitialised(model)
+        init_unset_parameters(model)
     return model, train_tf, eval_tf
 
 

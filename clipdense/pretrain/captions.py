@@ -37,12 +37,12 @@ def _usable(texts) -> list[str]:
 
 
 def missing_for(policy: str, real: str | None, syn) -> str | None:
-    """Why a row cannot train under `policy` (a short reason for the `error` column), or None."""
+    """Why a row cannot train under `policy` (a row-error code, data/rows.py), or None."""
     has_real, has_syn = bool(real and real.strip()), bool(_usable(syn))
     if policy in ("real", "both") and not has_real:
-        return "no caption"
+        return "no_caption"
     if policy in ("synthetic", "mix", "both") and not has_syn:
-        return "no synthetic captions"
+        return "no_synthetic_captions"
     return None
 
 

@@ -6,6 +6,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from clipdense.config import Config
+from clipdense.eval.config import ZeroShotConfig
 from clipdense.ray_session import RayConfig, StageConfig
 from clipdense.train.config import OptimConfig, ScheduleConfig, TrainConfig
 
@@ -48,7 +49,9 @@ class LossConfig(Config):
 
 
 class EvalConfig(Config):
-    """Held-out retrieval (R@1/R@5 both ways): the first `holdout` usable rows, or the rows of `path`."""
+    """Held-out retrieval (R@1/R@5 both ways): the first `holdout` usable rows, or the rows of `path`; zero-shot
+    classification on the ImageFolder `zeroshot.root` when set (as `clipdense eval` runs it), both every
+    `train.eval_every` steps and at the end."""
 
     holdout: int = Field(0, ge=0)
     path: str | list[str] | None = None
@@ -56,6 +59,7 @@ class EvalConfig(Config):
     caption: Literal["real", "synthetic"] = "real"
     max_rows: int = Field(1000, ge=2)
     batch_size: int = Field(128, ge=1)
+    zeroshot: ZeroShotConfig = ZeroShotConfig()
 
 
 class PretrainTrain(TrainConfig):

@@ -3,8 +3,8 @@
 Pipeline (all lazy Ray Data, CPU tasks):
   read_shards(shards)                         canonical rows (bad samples are rows with `error`)
   -> map_batches(join_recaptions)             caption/syn_captions from `<recaptions>/<shard stem>.parquet` by key;
-                                              "no recaption for key" / recaption errors / policy needs -> `error`
-  -> [count pass: errors by reason]           before training, so skips are reported, never silent
+                                              no_recaption_for_key / recaption_failed / policy needs -> row errors
+  -> [count pass: errors by code]             before training, so skips are reported, never silent
   -> map_batches(decode_ok)                   drop error rows, decode + resize shorter side + centre crop -> `pixels`
 The per-sample random crop, normalisation, caption choice and tokenisation happen in the train worker's batch
 collate (pretrain/batches.py) because they depend on the epoch, which a Ray Data pipeline does not know.
@@ -16,6 +16,8 @@ import functools
 import numpy as np
 import pyarrow as pa
 
+from clipdense.data.images import ImageError, decode_square
+from clipdense.data.rows import error_columns, errors_from, row_error
 from clipdense.errors import DataError
 from clipdense.pretrain.captions import missing_for
 from clipdense.pretrain.config import PretrainConfig
@@ -24,7 +26,8 @@ from clipdense.ray_session import data_context
 
 @functools.lru_cache(maxsize=8)
 def _recaption_table(path: str, s3_endpoint: str | None) -> dict | None:
-    """key -> (caption, syn_captions, error) of one recaption Parquet file (cached per Ray worker process)."""
+    """key -> (caption, syn_captions, RowError | None) of one recaption Parquet file, this version's or an older
+    one's (`error` string alone); cached per Ray worker process."""
     import pyarrow.parquet as pq
 
     from clipdense.data.paths import filesystem_for
@@ -34,19 +37,19 @@ def _recaption_table(path: str, s3_endpoint: str | None) -> dict | None:
         return None
     table = pq.read_table(inner, filesystem=fs)
     cols = {c: table.column(c).to_pylist() if c in table.column_names else [None] * table.num_rows
-            for c in ("key", "caption", "syn_captions", "error")}
-    return {k: (c, s, e) for k, c, s, e in zip(cols["key"], cols["caption"], cols["syn_captions"], cols["error"])}
+            for c in ("key", "caption", "syn_captions")}
+    return dict(zip(cols["key"], zip(cols["caption"], cols["syn_captions"], errors_from(table))))
 
 
 def join_recaptions(batch: pa.Table, recaptions: str | None, policy: str, s3_endpoint: str | None = None) -> pa.Table:
-    """Canonical rows -> the same rows with captions from the recaption files; every problem lands in `error`."""
+    """Canonical rows -> the same rows with captions from the recaption files; every problem becomes a row error."""
     from clipdense.recaption.writer import output_path, shard_name
 
     n = batch.num_rows
     keys = batch.column("key").to_pylist()
     caps = batch.column("caption").to_pylist()
     syns = batch.column("syn_captions").to_pylist()
-    errs = batch.column("error").to_pylist()
+    errs = errors_from(batch)
     shards = batch.column("shard").to_pylist()
     for i in range(n):
         if errs[i] is not None:
@@ -55,36 +58,29 @@ def join_recaptions(batch: pa.Table, recaptions: str | None, policy: str, s3_end
             table = _recaption_table(output_path(recaptions, shard_name(shards[i])), s3_endpoint)
             hit = None if table is None else table.get(keys[i])
             if table is None:
-                errs[i] = f"no recaption file for shard [{shards[i]}]"
+                errs[i] = row_error("no_recaption_file", output_path(recaptions, shard_name(shards[i])), shards[i])
                 continue
             if hit is None:
-                errs[i] = f"no recaption for key [{shards[i]}]"
+                errs[i] = row_error("no_recaption_for_key", shard=shards[i])
                 continue
             cap, syn, err = hit
             if err is not None:
-                errs[i] = f"recaption failed ({str(err)[:80]}) [{shards[i]}]"
+                errs[i] = row_error("recaption_failed", f"{err.code}: {err.detail}", shards[i])
                 continue
             caps[i] = cap if cap is not None else caps[i]
             syns[i] = syn
-        why = missing_for(policy, caps[i], syns[i])
-        if why:
-            errs[i] = f"{why} [{shards[i]}]"
+        code = missing_for(policy, caps[i], syns[i])
+        if code:
+            errs[i] = row_error(code, shard=shards[i])
     return pa.table({"key": batch.column("key"), "image_bytes": batch.column("image_bytes"),
                      "caption": pa.array(caps, pa.string()), "syn_captions": pa.array(syns, pa.list_(pa.string())),
-                     "error": pa.array(errs, pa.string()), "shard": batch.column("shard")})
-
-
-def decode_square(data: bytes, size: int) -> np.ndarray:
-    """Encoded image -> (size, size, 3) uint8: shorter side to `size`, centre crop (open_clip's eval geometry)."""
-    from clipdense.recaption.decode import ImageInput, prepare_image
-
-    return prepare_image(data, ImageInput(mode="array", size=size))
+                     **error_columns(errs), "shard": batch.column("shard")})
 
 
 def decode_ok(batch: pa.Table, size: int, drop_keys: frozenset = frozenset(), only_keys: frozenset | None = None):
     """Keep rows without error (minus `drop_keys`, or only `only_keys`), decoded to `pixels`; undecodable rows drop."""
     keys = batch.column("key").to_pylist()
-    errs = batch.column("error").to_pylist()
+    errs = batch.column("error_code").to_pylist()
     datas = batch.column("image_bytes").to_pylist()
     caps = batch.column("caption").to_pylist()
     syns = batch.column("syn_captions").to_pylist()
@@ -94,7 +90,7 @@ def decode_ok(batch: pa.Table, size: int, drop_keys: frozenset = frozenset(), on
             continue
         try:
             px = decode_square(d, size)
-        except ValueError:  # ImageError: the header looked fine, the pixels do not (validate_images=full counts it)
+        except ImageError:  # the header looked fine, the pixels do not (validate_images=full counts it)
             continue
         out["key"].append(k)
         out["caption"].append(c)
@@ -125,8 +121,8 @@ def first_ok_keys(joined, n: int) -> tuple[list[str], int]:
     """The keys of the first `n` usable rows (in input order: the held-out split) and the rows scanned to find them."""
     keys: list[str] = []
     seen = 0
-    for batch in joined.select_columns(["key", "error"]).iter_batches(batch_format="pyarrow", batch_size=256):
-        for k, e in zip(batch.column("key").to_pylist(), batch.column("error").to_pylist()):
+    for batch in joined.select_columns(["key", "error_code"]).iter_batches(batch_format="pyarrow", batch_size=256):
+        for k, e in zip(batch.column("key").to_pylist(), batch.column("error_code").to_pylist()):
             seen += 1
             if e is None:
                 keys.append(k)

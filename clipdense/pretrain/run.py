@@ -37,6 +37,12 @@ def run(cfg: PretrainConfig) -> dict:
     from clipdense.train.runner import fit, fit_local
 
     pp, params = model_preprocess(cfg.model.name, cfg.model.pretrained)
+    if cfg.eval.zeroshot.root:  # a bad folder or prompt file is a one-line error before any worker starts
+        from clipdense.eval.zeroshot import index_folder, resolve_prompts
+
+        zs = cfg.eval.zeroshot
+        resolve_prompts(index_folder(zs.root, zs.max_images, "eval.zeroshot.root"), zs.classnames, zs.templates,
+                        "eval.zeroshot")
     with ray_session(cfg.ray):
         train_ds, eval_ds, counts = build_datasets(cfg, pp["size"])
         datasets = {"train": train_ds, **({"eval": eval_ds} if eval_ds is not None else {})}

@@ -2,19 +2,24 @@
 
 Losses are open_clip's: ClipLoss(local_loss=True, gather_with_grad=True) across ranks, SigLipLoss, CoCaLoss.
 Policy `both` (DataCompDR) adds the loss on (image, synthetic caption) to the loss on (image, real caption).
+After every optimizer step logit_scale is clamped to [0, ln 100], as open_clip_train does.
 """
 from __future__ import annotations
 
 import itertools
 import json
+import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from clipdense.models.export import export_open_clip_dir
 from clipdense.pretrain.batches import Collate
 from clipdense.pretrain.config import PretrainConfig
 from clipdense.train.task import TrainContext, TrainTask
+
+LOGIT_SCALE_MAX = math.log(100)  # open_clip_train clamps logit_scale to [0, ln 100] after every optimizer step
 
 
 def loss_kind(model, requested: str = "auto") -> str:
@@ -63,6 +68,13 @@ class ClipPretrainTask(TrainTask):
         self.ctx = ctx  # the runner keeps it current (step, epoch)
         self.rank, self.world_size = ctx.rank, ctx.world_size
         self.local_batch = max(1, self.cfg.data.batch_size // ctx.world_size)
+        self.zeroshot = None
+        zs = self.cfg.eval.zeroshot
+        if zs.root and ctx.is_main:  # (folder index, class names, templates), listed once
+            from clipdense.eval.zeroshot import index_folder, resolve_prompts
+
+            index = index_folder(zs.root, zs.max_images, "eval.zeroshot.root")
+            self.zeroshot = (index, *resolve_prompts(index, zs.classnames, zs.templates, "eval.zeroshot"))
 
     def build_model(self):
         from clipdense.models import create_clip
@@ -121,9 +133,39 @@ class ClipPretrainTask(TrainTask):
         metrics["logit_scale"] = float(out["logit_scale"].detach())
         return total, metrics
 
+    def after_step(self, model, ctx: TrainContext) -> None:
+        clamp_logit_scale(model)
+
     def evaluate(self, model, ctx: TrainContext) -> dict[str, float]:
+        if not ctx.is_main:
+            return {}
+        return {**self._retrieval(model, ctx), **self._zeroshot(model, ctx)}
+
+    def _zeroshot(self, model, ctx: TrainContext) -> dict[str, float]:
+        """`clipdense eval`'s zero-shot figures as metrics; the full record (per class, errors) in zeroshot.jsonl."""
+        if self.zeroshot is None:
+            return {}
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        from clipdense.eval.zeroshot import evaluate_zeroshot
+        from clipdense.models import tokenizer_for
+
+        # the eval transform open_clip's create_model_and_transforms builds
+        preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
+        zs = self.cfg.eval.zeroshot
+        if not hasattr(self, "tokenizer"):
+            self.tokenizer = tokenizer_for(self.cfg.model.name)
+        out = evaluate_zeroshot(model, self.tokenizer, preprocess, *self.zeroshot,
+                                device=ctx.device, batch_size=zs.batch_size, workers=zs.workers,
+                                classes_per_batch=zs.classes_per_batch)  # under the runner's autocast
+        ctx.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(ctx.out_dir / "zeroshot.jsonl", "a") as f:
+            f.write(json.dumps({"step": ctx.step, **out}) + "\n")
+        return {f"zeroshot_{k}": out[k] for k in ("top1", "top5", "mean_per_class", "images")}
+
+    def _retrieval(self, model, ctx: TrainContext) -> dict[str, float]:
         eval_it = ctx.dataset_shards.get("eval")
-        if not ctx.is_main or eval_it is None:
+        if eval_it is None:
             return {}
         imgs, txts = [], []
         collate = self._collate(0, False)
@@ -140,14 +182,24 @@ class ClipPretrainTask(TrainTask):
         return export_model(model, Path(out_dir) / "export", self.cfg.model.name, self.ctx.step)
 
 
+def clamp_logit_scale(model) -> None:
+    """open_clip_train's clamp, for every model kind (CLIP, SigLIP, CoCa): without it the temperature can grow
+    past 100 at high lr and destabilise training."""
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+
+
 def export_model(model, out: Path, name: str, steps: int | None = None) -> dict:
-    """`model.pt` (open_clip.create_model(name, pretrained=...) loads it), `visual.pt` (image tower), export.json."""
+    """`model.pt` (open_clip.create_model(name, pretrained=...) loads it once our model configs are registered),
+    `visual.pt` (image tower), `open_clip/` (plain open_clip loads it as `local-dir:`), export.json."""
     out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in model.state_dict().items()}
     torch.save(sd, out / "model.pt")
     torch.save({k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}, out / "visual.pt")
+    portable = export_open_clip_dir(model, name, out / "open_clip")  # loads with plain open_clip, no clipdense
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     info = {"name": name, "model": str(out / "model.pt"), "visual": str(out / "visual.pt"),
+            "open_clip_dir": f"local-dir:{portable}",
             "params": count(model), "visual_params": count(model.visual), "steps": steps}
     (out / "export.json").write_text(json.dumps(info, indent=2))
     return info

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from clipdense.data.paths import expand_paths
+from clipdense.data.rows import error_columns, errors_from, exception_detail, row_error
 from clipdense.data.shards import write_parquet
 from clipdense.errors import ConfigError
 from clipdense.ray_session import data_context, ray_session
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 class CaptionActor:
     """One captioner per actor (model loaded once). Rows already in error pass through; a failing engine call is
-    retried `engine.retries` times, then its rows get `error = "caption engine failed (...)"`."""
+    retried `engine.retries` times, then its rows get the row error `caption_engine_failed`."""
 
     def __init__(self, engine: dict, fault: dict | None = None):
         self.cfg = EngineConfig(**engine)
@@ -37,7 +38,7 @@ class CaptionActor:
         self.engine = build_captioner(self.cfg)
         self.calls = 0
 
-    def _generate(self, images: list, captions: list) -> list[list[str]]:
+    def _generate(self, images: list, captions: list, keys: list | None = None) -> list[list[str]]:
         self.calls += 1
         if self.calls <= self.fault.engine_fail_first:
             raise RuntimeError(f"injected engine failure (call {self.calls})")
@@ -45,20 +46,21 @@ class CaptionActor:
         if marker and any(marker in (c or "") for c in captions):
             raise RuntimeError(f"injected engine failure (a caption contains {marker!r})")
         n = self.cfg.num_captions
-        return check_output(self.engine.generate(images, n, captions), len(images), n)
+        return check_output(self.engine.generate(images, n, captions, keys=keys), len(images), n)
 
-    def caption(self, images: list, captions: list) -> tuple[list[list[str]] | None, str | None]:
+    def caption(self, images: list, captions: list,
+                keys: list | None = None) -> tuple[list[list[str]] | None, str | None]:
         last: Exception | None = None
         for attempt in range(self.cfg.retries + 1):
             try:
-                return self._generate(images, captions), None
+                return self._generate(images, captions, keys), None
             except Exception as e:  # any engine failure (CUDA OOM, bad output...) is retried, then recorded
                 last = e
                 log.warning("captioner call failed (attempt %d/%d): %s", attempt + 1, self.cfg.retries + 1, e)
-        return None, f"{type(last).__name__}: {' '.join(str(last).split())[:200]}"
+        return None, exception_detail(last)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        errors = list(batch["error"])
+        errors = errors_from(batch)
         ok = [i for i, e in enumerate(errors) if e is None]
         syn: list[list[str] | None] = [None] * len(errors)
         if ok:
@@ -66,14 +68,15 @@ class CaptionActor:
                 images = [batch["pixels"][i] for i in ok]
             else:
                 images = [bytes(batch["image_jpeg"][i]) for i in ok]
-            result, failure = self.caption(images, [batch["caption"][i] for i in ok])
+            result, failure = self.caption(images, [batch["caption"][i] for i in ok],
+                                           [str(batch["key"][i]) for i in ok])
             for j, i in enumerate(ok):
                 if failure is None:
                     syn[i] = result[j]
                 else:
-                    errors[i] = f"caption engine failed ({failure}) [{batch['shard'][i]}]"
+                    errors[i] = row_error("caption_engine_failed", failure, batch["shard"][i])
         cols = {"key": pa.array(batch["key"], pa.string()), "caption": pa.array(batch["caption"], pa.string()),
-                "syn_captions": pa.array(syn, pa.list_(pa.string())), "error": pa.array(errors, pa.string()),
+                "syn_captions": pa.array(syn, pa.list_(pa.string())), **error_columns(errors),
                 "shard": pa.array(batch["shard"], pa.string())}
         if "image_bytes" in batch:
             cols["image_bytes"] = pa.array(batch["image_bytes"], pa.binary())
@@ -169,11 +172,11 @@ def run(cfg: RecaptionConfig) -> dict:
         "output": cfg.output,
         "shards": {"total": len(plan.inputs), "skipped_done": len(plan.done), "written": len(written)},
         "rows_in": rows, "rows_captioned": counts.ok if counts else 0, "rows_failed": counts.failed if counts else 0,
-        "failed_by_reason": dict(sorted(counts.errors.items())) if counts else {},
+        "failed_by_code": dict(sorted(counts.errors.items())) if counts else {},
         "seconds": round(seconds, 3), "images_per_s": round(rows / seconds, 2) if seconds > 0 else 0.0,
         "stats": stats,
     }
-    reasons = ", ".join(f"{k}: {v}" for k, v in summary["failed_by_reason"].items()) or "none"
+    reasons = ", ".join(f"{k}: {v}" for k, v in summary["failed_by_code"].items()) or "none"
     print(f"recaption: {rows} rows in, {summary['rows_captioned']} captioned, {summary['rows_failed']} failed "
           f"({reasons}); {len(written)} shard file(s) written, {len(plan.done)} already done; "
           f"{summary['images_per_s']} images/s over {seconds:.1f}s", file=sys.stderr, flush=True)

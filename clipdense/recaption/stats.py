@@ -5,7 +5,8 @@
 - per-image diversity: mean number of different captions among an image's N;
 - optionally (stats.clip_model) the mean CLIP score over a sample: 100 * max(cos(image, caption), 0), i.e.
   CLIPScore without its w = 2.5 rescaling; synthetic and original captions are scored alike.
-Stats are computed from the output files (every shard of the input, including ones done by earlier runs).
+Stats are computed from the output files (every shard of the input, including ones done by earlier runs, whose
+files may be in an older version's format: `error` string alone), with the rows read counted by error code.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from clipdense.data.paths import filesystem_for
+from clipdense.data.rows import codes_of, count_codes
 
 _WORD = re.compile(r"[\w']+")
 
@@ -82,12 +84,15 @@ def clip_scores(model_name: str, pretrained: str | None, images: list, texts: li
 
 
 def _read_outputs(paths: list[str], s3_endpoint: str | None, max_rows: int) -> dict[str, list]:
-    cols = {"key": [], "caption": [], "syn_captions": [], "error": []}
+    """key, caption, syn_captions and `error_code` (None: captioned) of the output files, either format."""
+    cols = {"key": [], "caption": [], "syn_captions": [], "error_code": []}
     for p in paths:
         fs, inner = filesystem_for(p, s3_endpoint)
-        t = pq.read_table(inner, columns=list(cols), filesystem=fs)
-        for c in cols:
+        present = set(pq.read_schema(inner, filesystem=fs).names)
+        t = pq.read_table(inner, columns=[c for c in (*cols, "error") if c in present], filesystem=fs)
+        for c in ("key", "caption", "syn_captions"):
             cols[c] += t.column(c).to_pylist()
+        cols["error_code"] += codes_of(t)
         if len(cols["key"]) >= max_rows:
             break
     return {c: v[:max_rows] for c, v in cols.items()}
@@ -112,17 +117,21 @@ def _sample_images(inputs: list[str], keys: set[str], limit: int, s3_endpoint: s
 
 
 def clip_section(cfg, plan, data: dict[str, list]) -> dict:
-    import io
-
     import torch
-    from PIL import Image
+
+    from clipdense.data.images import ImageError, decode_rgb
 
     st = cfg.stats
-    ok = {k: (c, s) for k, c, s, e in zip(data["key"], data["caption"], data["syn_captions"], data["error"])
+    ok = {k: (c, s) for k, c, s, e in zip(data["key"], data["caption"], data["syn_captions"], data["error_code"])
           if e is None and s}
     images = _sample_images(list(plan.inputs.values()), set(ok), st.clip_sample, cfg.s3_endpoint)
-    keys = [k for k in images]
-    pils = [Image.open(io.BytesIO(images[k])).convert("RGB") for k in keys]
+    keys, pils = [], []
+    for k, blob in images.items():
+        try:
+            pils.append(decode_rgb(blob, cfg.decode.max_image_pixels))
+            keys.append(k)
+        except ImageError:  # the same key in another input shard may hold other bytes: skip, don't crash
+            continue
     device = "cuda" if st.device == "cuda" or (st.device == "auto" and torch.cuda.is_available()) else "cpu"
     syn = clip_scores(st.clip_model, st.clip_pretrained, pils, [ok[k][1] for k in keys], device)
     orig = clip_scores(st.clip_model, st.clip_pretrained, pils, [[ok[k][0]] for k in keys], device)
@@ -138,8 +147,9 @@ def write_stats(cfg, plan) -> dict:
     present = existing_files(cfg.output, cfg.s3_endpoint)
     paths = [p for n, p in plan.outputs.items() if f"{n}.parquet" in present]
     data = _read_outputs(paths, cfg.s3_endpoint, cfg.stats.max_rows)
-    ok = [i for i, e in enumerate(data["error"]) if e is None]
+    ok = [i for i, e in enumerate(data["error_code"]) if e is None]
     stats = {"shards": len(paths), "rows_read": len(data["key"]), "rows_captioned": len(ok),
+             "rows_failed_by_code": count_codes(data["error_code"])[1],
              **caption_stats([data["syn_captions"][i] or [] for i in ok], [data["caption"][i] for i in ok])}
     if cfg.stats.clip_model and ok:
         stats["clip"] = clip_section(cfg, plan, data)

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from clipdense.data.paths import filesystem_for
+from clipdense.data.rows import ERROR_FIELDS, codes_of, count_codes
 from clipdense.errors import DataError
 
 OUTPUT_SCHEMA = pa.schema([
@@ -26,7 +27,7 @@ OUTPUT_SCHEMA = pa.schema([
     ("model", pa.string()),
     ("prompt", pa.string()),
     ("sampling", pa.string()),  # JSON of the sampling parameters
-    ("error", pa.string()),
+    *ERROR_FIELDS,              # error_code + error (detail); outputs of older versions have `error` alone
 ])
 IMAGE_FIELD = pa.field("image_bytes", pa.binary())
 
@@ -43,11 +44,6 @@ def shard_name(path: str) -> str:
 
 def output_path(output: str, name: str) -> str:
     return f"{output.rstrip('/')}/{name}.parquet"
-
-
-def error_reason(err: str) -> str:
-    """`undecodable image (OSError: ...) [shard]` -> `undecodable image` (as data.shards.summarize counts)."""
-    return err.split(" [")[0].split(" (")[0]
 
 
 @dataclass
@@ -88,13 +84,11 @@ class RunCounts:
     errors: dict[str, int] = field(default_factory=dict)
 
     def add(self, table: pa.Table) -> None:
-        err = table.column("error")
+        ok, errors = count_codes(codes_of(table))
         self.rows += table.num_rows
-        self.ok += err.null_count
-        if err.null_count < table.num_rows:
-            for e in err.drop_null().to_pylist():
-                reason = error_reason(e)
-                self.errors[reason] = self.errors.get(reason, 0) + 1
+        self.ok += ok
+        for code, n in errors.items():
+            self.errors[code] = self.errors.get(code, 0) + n
 
     @property
     def failed(self) -> int:

@@ -2,7 +2,7 @@
 
     grid.py    SweepConfig -> trials (task x backbone x fraction x seed), deterministic trial dir names
     tune.py    Ray Tune wiring: one trial = one `clipdense.dense.run`, resources, retries, restore
-    factor.py  data-efficiency factor + seed bootstrap CI (pure numpy)
+    factor.py  data-efficiency factor: monotone fits, paired seed bootstrap, censoring (pure numpy)
     report.py  `clipdense report DIR`: plots, tables, factors from the trial dirs' metrics.json
 """
 from __future__ import annotations
@@ -33,7 +33,5 @@ def run(cfg: SweepConfig) -> dict:
     for line in summary["failed"]:
         print(f"  FAILED {line}")
     if cfg.run_report:
-        r = cfg.report
-        summary["report"] = report.run(ReportConfig(results_dir=str(out), reference=r.reference,
-                                                    bootstrap=r.bootstrap, ci=r.ci, seed=r.seed))
+        summary["report"] = report.run(ReportConfig(results_dir=str(out), **cfg.report.model_dump()))
     return summary

@@ -34,11 +34,18 @@ class BackboneEntry(Config):
     backbone: dict[str, Any] = Field(default_factory=dict,
                                      description="merged into the finetune config's `backbone` section")
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted finetune keys -> values")
+    condition: str | None = Field(None, description="the pretraining condition this backbone is one run of: "
+                                  "backbones sharing it are its pretraining seeds (two-level bootstrap); "
+                                  "default: the backbone's name")
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
         return _check_name(v, "backbone")
+
+    @property
+    def condition_name(self) -> str:
+        return self.condition or self.name
 
 
 class TaskEntry(Config):
@@ -113,10 +120,23 @@ class ResourcesConfig(Config):
 
 
 class ReportSettings(Config):
-    reference: str | None = Field(None, description="backbone the efficiency factor is measured against")
-    bootstrap: int = Field(1000, ge=0)
-    ci: float = Field(0.95, gt=0, lt=1)
+    """How `clipdense report` computes factors; the sweep's `report:` section and `clipdense report` (whose
+    unset keys fall back to the sweep's) share this one model."""
+    reference: str | None = Field(None, description="condition (or backbone) the efficiency factor is measured "
+                                  "against")
+    bootstrap: int = Field(2000, ge=0, description="bootstrap draws of the factor's interval (0: none)")
+    ci: float = Field(0.95, gt=0, lt=1, description="interval level")
     seed: int = 0
+    targets: list[float] = Field([1.0, 0.95], min_length=1, description="target levels: shares of the "
+                                 "reference's full-data score (direction-aware: 0.95 -> RMSE x 1.05)")
+    fit: Literal["power", "isotonic"] = Field("power", description="monotone fit of each curve in log-fraction")
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: list[float]) -> list[float]:
+        if any(not 0 < t <= 1 for t in v):
+            raise ValueError("targets must be in (0, 1]")
+        return v
 
 
 class FinetuneKeys(Config):
@@ -126,6 +146,8 @@ class FinetuneKeys(Config):
                             description="init seed and data-subset seed (same seed -> nested subsets)")
     out_dir: str = "out_dir"
     backbone: str = "backbone"
+    total_steps: str = "train.schedule.total_steps"
+    warmup_steps: str = "train.schedule.warmup_steps"
 
 
 class SweepConfig(Config):
@@ -137,6 +159,10 @@ class SweepConfig(Config):
     min_fraction: float = Field(1 / 64, gt=0, le=1)
     seeds: int = Field(3, ge=1)
     small_fraction_seeds: SmallFractionSeeds | None = Field(default_factory=SmallFractionSeeds)
+    schedule_by: Literal["iterations", "epochs"] = Field(
+        "iterations", description="finetuning length across fractions: iterations = the same steps at every "
+        "fraction (more epochs on less data); epochs = steps scaled by the fraction (keys.total_steps, "
+        "keys.warmup_steps)")
     search_space: dict[str, SearchDim] = Field(default_factory=dict, description="dotted finetune key -> dim")
     num_samples: int = Field(1, ge=1, description="samples of search_space per grid point")
     search_seed: int = 0
@@ -172,6 +198,7 @@ class SweepConfig(Config):
             if dup:
                 raise ValueError(f"duplicate {what} names: {dup}")
         ref = self.report.reference
-        if ref is not None and ref not in {b.name for b in self.backbones}:
-            raise ValueError(f"report.reference {ref!r} is not a backbone name")
+        if ref is not None and ref not in {b.name for b in self.backbones} | {b.condition_name
+                                                                               for b in self.backbones}:
+            raise ValueError(f"report.reference {ref!r} is not a backbone or condition name")
         return self

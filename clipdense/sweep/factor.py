@@ -1,143 +1,402 @@
-"""Data-efficiency factor: how much less finetuning data backbone B needs to match reference A's full-data metric.
+"""Data-efficiency factor: how much less finetuning data candidate B needs to match reference A, with an interval.
 
-Pure numpy; the report calls it per task. Curves are {fraction: [metric per seed]}.
+Pure numpy; the report calls `compare` per task. A curve is `{fraction: [value per seed]}` (list position = seed)
+or `{fraction: {seed: value}}`; a condition with several pretraining runs is a list of curves (one per run).
 
-    target = mean over seeds of A at fraction 1 (its full-data metric)
-    f*_B   = the smallest fraction at which B's mean curve reaches target: the first grid point (from the smallest
-             fraction up) that matches, log-interpolated with its left neighbour (linear in log f between the two)
-    f*_A   = the same for A's own curve: 1 when A still improves up to all the data; below 1 when A's curve is flat
-             or falls (noise), so that a reference whose full-data mean sits low cannot inflate the factor
-    factor = f*_A / f*_B     ("not reached" -> NaN when no grid point of B matches)
-
-"Matches" respects the metric direction: >= target for higher-is-better (mIoU, mAP), <= for lower-is-better (RMSE).
-When B already matches at its smallest fraction, f* is that fraction and the factor is a lower bound (`censored`).
-The bootstrap resamples the seeds of every fraction (with replacement) for A and B independently and recomputes the
-factor; a resample that does not reach counts as factor 0 (needs more than all the data), so percentiles stay ordered,
-and `not_reached_frac` says how often that happened.
+Estimate (per target):
+    fit     each condition's mean curve (seeds averaged per run, runs averaged) gets a monotone fit in log-fraction:
+            `power` (default), least squares of a + b*g_c(f) with g_c(f) = (f^c - 1)/c (log f at c = 0), b >= 0,
+            c on a grid in [-3, 1.5]: a power law that saturates (c < 0), is linear in log f (c = 0) or
+            accelerates; weights = seeds per fraction. `isotonic`: weighted pool-adjacent-violators, linear in
+            log f between grid points (model-free, noisier).
+    target  level x the reference's fitted full-data score (at its largest fraction, 1 in a full grid);
+            direction-aware: for lower-is-better metrics the target is (2 - level) x the score, e.g. RMSE x 1.05
+            at level 0.95. Levels 1 and 0.95 by default.
+    f*      where a fit first reaches the target, inside the measured fractions; f*_A for the reference itself.
+    factor  f*_A / f*_B. Censored when B's fit is already past the target at its smallest fraction f_min:
+            factor >= f*_A / f_min. Not reached when B's fit does not reach the target by its largest
+            fraction f_max: factor < f*_A / f_max.
+In simulation (bench/factor_sim.py, `--fit`) both fits gave similar median errors (neither uniformly better, within
+~0.03) and coverage >= 0.92; power is the default because its crossing uses every fraction, not only the two around
+it, while isotonic assumes nothing but monotonicity.
+Interval: a paired Bayesian bootstrap of whole seed curves. Each draw gives every finetuning seed a Dirichlet(1)
+weight, shared by all fractions, runs and both conditions (a seed's data subset is the same everywhere); a fraction
+uses the weights of the seeds it has, renormalised (so fractions with more seeds resample within the fraction and
+pair where seeds are shared). With several pretraining runs per condition, runs get their own Dirichlet weights
+per condition (two levels). Residuals around the means are scaled by sqrt((n+1)/(n-1)) (n = seeds at that
+fraction; runs: n = runs) so the resampled means have the unbiased variance, and the percentile interval of
+log(factor) is widened around the estimate by t(df)/z, df = the fewest seeds at any fraction - 1 (runs - 1 with
+several runs): the small-sample t correction that a 3-seed bootstrap lacks. A censored draw counts as +inf, a
+not-reached one as -inf, so an interval end that falls among them is open (">= x", "< x"). Validated by simulation:
+`bench/factor_sim.py` (coverage and error table in README) and `tests/test_sweep_factor.py`.
 """
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import asdict, dataclass
-from typing import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from statistics import NormalDist
+from typing import Literal, Mapping, Sequence, Union
 
 import numpy as np
 
-Curve = Mapping[float, Sequence[float]]
+Curve = Mapping[float, Union[Sequence[float], Mapping[int, float]]]
+Condition = Union[Curve, Sequence[Curve]]          # one curve, or one per pretraining run
+Fit = Literal["power", "isotonic"]
+POWER_GRID = np.linspace(-3.0, 1.5, 46)
+DEFAULT_TARGETS = (1.0, 0.95)
 
 
 @dataclass
 class Factor:
-    factor: float                 # 1 / f*, NaN when not reached
-    fraction: float               # f*, NaN when not reached
+    factor: float                 # f*_A / f*_B; the bound when censored (>=) or not reached (<)
+    fraction: float               # f*_B (f_min when censored, NaN when not reached)
     reached: bool
-    censored: bool                # B matched already at its smallest fraction: factor is a lower bound
-    target: float                 # A's full-data mean
+    censored: bool                # B's fit is past the target at its smallest fraction: factor >= `factor`
+    target: float
+    level: float = 1.0            # target = level x the reference's full-data score (direction-aware)
+    reference_fraction: float = 1.0     # f*_A
     ci_low: float = math.nan
     ci_high: float = math.nan
-    not_reached_frac: float = math.nan   # share of bootstrap samples in which B never matched
+    ci_low_open: bool = False     # ci_low is a bound: the interval reaches below what the grid can show ("< x")
+    ci_high_open: bool = False    # ci_high is a bound: the interval reaches above it (">= x")
+    ci: float = 0.95
+    censored_frac: float = math.nan      # share of bootstrap draws censored
+    not_reached_frac: float = math.nan   # share of bootstrap draws not reached
     n_bootstrap: int = 0
-    reference_fraction: float = 1.0      # f*_A: where A's own curve first reaches its full-data mean
+    df: int = 0
+    fit: str = "power"
 
     def to_dict(self) -> dict:
-        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
 
 
-def _matches(value: float, target: float, higher_is_better: bool) -> bool:
-    return value >= target if higher_is_better else value <= target
+@dataclass
+class Data:
+    """One condition as arrays: values [R, F, S] (NaN = no trial), fractions [F], seeds [S]."""
+    values: np.ndarray
+    fractions: np.ndarray
+    seeds: list = field(default_factory=list)
 
 
-def crossing_fraction(fractions: Sequence[float], means: Sequence[float], target: float,
-                      higher_is_better: bool = True) -> tuple[float, bool]:
-    """(f*, censored) for a mean curve given at increasing `fractions`; (NaN, False) when never reached."""
-    fr = np.asarray(fractions, dtype=float)
-    m = np.asarray(means, dtype=float)
-    if fr.ndim != 1 or fr.shape != m.shape or len(fr) == 0:
-        raise ValueError("fractions and means must be 1-D and of equal, non-zero length")
-    if np.any(np.diff(fr) <= 0) or np.any(fr <= 0):
-        raise ValueError("fractions must be positive and strictly increasing")
-    for i in range(len(fr)):
-        if not np.isfinite(m[i]) or not _matches(m[i], target, higher_is_better):
-            continue
-        if i == 0:
-            return float(fr[0]), True
-        lo, hi = m[i - 1], m[i]
-        if not np.isfinite(lo) or hi == lo:
-            return float(fr[i]), False
-        t = (target - lo) / (hi - lo)          # in (0, 1]: lo does not match, hi does
-        log_f = math.log(fr[i - 1]) + t * (math.log(fr[i]) - math.log(fr[i - 1]))
-        return float(math.exp(log_f)), False
-    return math.nan, False
+def _runs(cond: Condition) -> list[Curve]:
+    return [cond] if isinstance(cond, Mapping) else list(cond)
 
 
-def _sorted(curve: Curve) -> tuple[np.ndarray, list[np.ndarray]]:
-    fractions = sorted(float(f) for f in curve)
-    values = [np.asarray([v for v in curve[f] if v is not None and np.isfinite(v)], dtype=float)
-              for f in sorted(curve, key=float)]
-    return np.asarray(fractions), values
+def as_data(cond: Condition, seeds: list | None = None) -> Data:
+    runs = _runs(cond)
+    if not runs:
+        raise ValueError("a condition needs at least one curve")
+    per_run = []
+    for curve in runs:
+        pts = {}
+        for f, vals in curve.items():
+            items = vals.items() if isinstance(vals, Mapping) else enumerate(vals)
+            pts[float(f)] = {s: float(v) for s, v in items if v is not None and np.isfinite(v)}
+        per_run.append(pts)
+    fractions = sorted({f for pts in per_run for f, d in pts.items() if d})
+    if seeds is None:
+        seeds = sorted({s for pts in per_run for d in pts.values() for s in d}, key=str)
+    values = np.full((len(runs), len(fractions), len(seeds)), np.nan)
+    index = {s: i for i, s in enumerate(seeds)}
+    for r, pts in enumerate(per_run):
+        for j, f in enumerate(fractions):
+            for s, v in pts.get(f, {}).items():
+                values[r, j, index[s]] = v
+    fr = np.asarray(fractions)
+    if np.any(fr <= 0):
+        raise ValueError("fractions must be positive")
+    return Data(values, fr, list(seeds))
 
 
-def _point(fr: np.ndarray, b_values: list[np.ndarray], target: float, hib: bool) -> tuple[float, bool]:
-    means = [v.mean() if len(v) else math.nan for v in b_values]
-    return crossing_fraction(fr, means, target, hib)
+# ---- monotone fits (vectorised over leading axes; y: [..., F], increasing is better) ----
+
+def isotonic(y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted non-decreasing least-squares fit: fit_i = max_{j<=i} min_{k>=i} mean_w(y[j..k]) (= PAVA)."""
+    F = y.shape[-1]
+    cw, cy = np.cumsum(w, -1), np.cumsum(w * y, -1)
+    cw = np.concatenate([np.zeros_like(cw[..., :1]), cw], -1)
+    cy = np.concatenate([np.zeros_like(cy[..., :1]), cy], -1)
+    j, k = np.meshgrid(np.arange(F), np.arange(F), indexing="ij")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m = (cy[..., k + 1] - cy[..., j]) / (cw[k + 1] - cw[j])            # [..., j, k] mean of y[j..k]
+    m = np.where(k >= j, m, np.inf)
+    upper = np.minimum.accumulate(m[..., ::-1], axis=-1)[..., ::-1]       # min over k >= i, per j: [..., j, i]
+    upper = np.where(k >= j, upper, -np.inf)
+    return np.max(upper, axis=-2)                                         # max over j <= i
 
 
-def full_data_target(reference: Curve) -> float:
-    """Mean over seeds of the reference at fraction 1."""
-    for f, values in reference.items():
-        if math.isclose(float(f), 1.0):
-            vals = [v for v in values if v is not None and np.isfinite(v)]
-            if vals:
-                return float(np.mean(vals))
-    return math.nan
+def _isotonic_crossing(fit: np.ndarray, x: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """log-fraction where the piecewise-linear fit first reaches target; -inf if at x[0] already, +inf never."""
+    shape = fit.shape[:-1]
+    fit, target = fit.reshape(-1, fit.shape[-1]), np.broadcast_to(target, shape).reshape(-1)
+    out = np.full(len(fit), np.inf)
+    hit = fit >= target[:, None]
+    first = np.where(hit.any(-1), hit.argmax(-1), -1)
+    out[first == 0] = -np.inf
+    rows = np.nonzero(first > 0)[0]
+    i = first[rows]
+    lo, hi = fit[rows, i - 1], fit[rows, i]
+    t = (target[rows] - lo) / np.where(hi > lo, hi - lo, 1.0)
+    out[rows] = x[i - 1] + t * (x[i] - x[i - 1])
+    return out.reshape(shape)
 
 
-def _resample(rng: np.random.Generator, values: list[np.ndarray]) -> list[np.ndarray]:
-    """Every fraction's seeds drawn with replacement (empty fractions stay empty)."""
-    return [rng.choice(v, size=len(v), replace=True) if len(v) else v for v in values]
+def _g(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """(f^c - 1)/c at x = log f; log f where c = 0. Broadcasts c [G, 1] against x [F]."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.expm1(c * x) / c
+    return np.where(np.abs(c) < 1e-9, x, out)
 
 
-def _own_fraction(fr_a: np.ndarray, a_values: list[np.ndarray], target: float, hib: bool) -> float:
-    f, _ = _point(fr_a, a_values, target, hib)
-    return f if np.isfinite(f) else 1.0  # A reaches its own full-data mean at 1 by definition
+def power_fit(y: np.ndarray, w: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(a, b, c) of the weighted least-squares a + b*g_c, b >= 0, best c on POWER_GRID; y [..., F]."""
+    c = POWER_GRID[:, None]
+    gx = _g(x[None, :], c)                                 # [G, F]
+    wn = w / w.sum()
+    gm = gx @ wn                                           # [G]
+    gvar = ((gx - gm[:, None]) ** 2) @ wn                  # [G]
+    ym = y @ wn                                            # [...]
+    cov = np.einsum("...f,gf,f->...g", y - ym[..., None], gx - gm[:, None], wn)
+    b = np.maximum(cov / np.where(gvar > 0, gvar, 1.0), 0.0)
+    a = ym[..., None] - b * gm
+    resid = y[..., None, :] - (a[..., None] + b[..., None] * gx)
+    sse = np.einsum("...gf,f->...g", resid ** 2, wn)
+    best = np.argmin(sse, -1)
+    take = lambda arr: np.take_along_axis(arr, best[..., None], -1)[..., 0]
+    return take(a), take(b), POWER_GRID[best]
 
 
-def efficiency_factor(reference: Curve, candidate: Curve, higher_is_better: bool = True, *,
-                      n_bootstrap: int = 1000, ci: float = 0.95, seed: int = 0) -> Factor:
-    """Factor of `candidate` (B) against `reference` (A), with a seed-bootstrap percentile CI."""
-    target = full_data_target(reference)
-    fr, b_values = _sorted(candidate)
-    if not np.isfinite(target) or len(fr) == 0:
-        return Factor(math.nan, math.nan, False, False, target)
-    fr_a, a_values = _sorted(reference)
-    f_a = _own_fraction(fr_a, a_values, target, higher_is_better)
-    f_star, censored = _point(fr, b_values, target, higher_is_better)
-    reached = bool(np.isfinite(f_star))
-    out = Factor(f_a / f_star if reached else math.nan, f_star, reached, censored, target, reference_fraction=f_a)
-    if n_bootstrap <= 0:
+def _power_value(a, b, c, x):
+    return a + b * _g(np.asarray(x, dtype=float), c)
+
+
+def _power_crossing(a, b, c, target, x_min: float, x_max: float) -> np.ndarray:
+    """log f where a + b*g_c(f) = target, clipped: -inf below x_min (censored), +inf above x_max (not reached)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gt = (target - a) / b
+        inner = 1.0 + c * gt
+        xs = np.where(np.abs(c) < 1e-9, gt, np.log(np.where(inner > 0, inner, np.nan)) / c)
+    xs = np.where((np.abs(c) >= 1e-9) & (inner <= 0), np.where(c < 0, np.inf, -np.inf), xs)
+    xs = np.where(b <= 0, np.where(a >= target, -np.inf, np.inf), xs)
+    xs = np.where(xs <= x_min + 1e-12, -np.inf, xs)
+    return np.where(xs > x_max + 1e-12, np.inf, xs)
+
+
+class _Fitted:
+    """A condition's mean curve (per bootstrap draw; larger is better) and its monotone fit."""
+
+    def __init__(self, means: np.ndarray, weights: np.ndarray, fractions: np.ndarray, fit: Fit):
+        self.x = np.log(fractions)
+        self.fit = fit
+        if fit == "power":
+            self.abc = power_fit(means, weights, self.x)
+        else:
+            self.iso = isotonic(means, weights)
+
+    def at_full(self) -> np.ndarray:
+        """The fit at the largest fraction (1 in a full grid)."""
+        if self.fit == "power":
+            return _power_value(*self.abc, self.x[-1])
+        return self.iso[..., -1]
+
+    def crossing(self, target: np.ndarray) -> np.ndarray:
+        if self.fit == "power":
+            return _power_crossing(*self.abc, target, self.x[0], self.x[-1])
+        return _isotonic_crossing(self.iso, self.x, target)
+
+
+def _means(d: Data, seed_w: np.ndarray | None, run_w: np.ndarray | None) -> np.ndarray:
+    """[B, F] (or [F]) condition means: seed-weighted per run and fraction, then run-weighted."""
+    present = np.isfinite(d.values)
+    v = np.where(present, d.values, 0.0)
+    if seed_w is None:
+        per_run = v.sum(-1) / np.maximum(present.sum(-1), 1)                 # [R, F]
+        ok = present.any(-1)
+        return (per_run * ok).sum(0) / np.maximum(ok.sum(0), 1)
+    sw = seed_w[:, None, None, :] * present                                  # [B, R, F, S]
+    per_run = (sw * v).sum(-1) / np.maximum(sw.sum(-1), 1e-300)              # [B, R, F]
+    ok = present.any(-1)                                                     # [R, F]
+    rw = run_w[:, :, None] * ok                                              # [B, R, F]
+    return (rw * per_run).sum(1) / np.maximum(rw.sum(1), 1e-300)
+
+
+def _nanmean(v: np.ndarray, axis: int) -> np.ndarray:
+    ok = np.isfinite(v)
+    return np.where(ok, v, 0.0).sum(axis, keepdims=True) / np.maximum(ok.sum(axis, keepdims=True), 1)
+
+
+def _inflate(d: Data) -> Data:
+    """Residuals around the seed mean (per run, fraction) and around the run mean scaled by sqrt((n+1)/(n-1)):
+    a Dirichlet(1) resample of n values then has the unbiased variance of their mean."""
+    v = d.values
+    present = np.isfinite(v)
+    n = present.sum(-1, keepdims=True)
+    m = _nanmean(v, -1)                                                      # [R, F, 1]
+    v = m + (v - m) * np.sqrt(np.where(n > 1, (n + 1) / np.maximum(n - 1, 1), 1.0))
+    if v.shape[0] > 1:
+        has = present.any(-1, keepdims=True)
+        rm = np.where(has, m, np.nan)
+        nr = has.sum(0, keepdims=True)
+        kr = np.sqrt(np.where(nr > 1, (nr + 1) / np.maximum(nr - 1, 1), 1.0))
+        v = v + np.where(has, (rm - _nanmean(rm, 0)) * (kr - 1), 0.0)
+    return Data(np.where(present, v, np.nan), d.fractions, d.seeds)
+
+
+def _weights(d: Data) -> np.ndarray:
+    """Seeds per fraction (summed over runs): the fits' weights."""
+    return np.isfinite(d.values).sum((0, 2)).astype(float)
+
+
+def _dof(a: Data, b: Data) -> int:
+    R = min(a.values.shape[0], b.values.shape[0])
+    if R > 1:
+        return R - 1
+    counts = [np.isfinite(d.values).sum(-1).min() for d in (a, b)]
+    return int(min(counts)) - 1
+
+
+def compare(reference: Condition, candidate: Condition, higher_is_better: bool = True, *,
+            targets: Sequence[float] = DEFAULT_TARGETS, n_bootstrap: int = 2000, ci: float = 0.95, seed: int = 0,
+            fit: Fit = "power") -> dict:
+    """{"factors": [Factor per target level], "deltas": per-fraction mean(B) - mean(A) (> 0: B better) with CIs}."""
+    a0, b0 = as_data(reference), as_data(candidate)
+    seeds = sorted(set(a0.seeds) | set(b0.seeds), key=str)
+    a0, b0 = as_data(reference, seeds), as_data(candidate, seeds)
+    sign = 1.0 if higher_is_better else -1.0
+    df = _dof(a0, b0)
+    widen = _t_quantile(1 - (1 - ci) / 2, df) / NormalDist().inv_cdf(1 - (1 - ci) / 2) if df >= 1 else math.nan
+
+    def estimate(ma, mb):
+        """[(raw target, log f*_A, log f*_B)] per target level; the fits run on the larger-is-better scale."""
+        fa = _Fitted(sign * ma, _weights(a0), a0.fractions, fit)
+        fb = _Fitted(sign * mb, _weights(b0), b0.fractions, fit)
+        score = sign * fa.at_full()                                          # raw full-data score
+        out = []
+        for level in targets:
+            t_raw = (level if higher_is_better else 2.0 - level) * score
+            xa = fa.crossing(sign * t_raw)
+            xa = np.where(np.isfinite(xa), xa, np.where(xa < 0, fa.x[0], fa.x[-1]))
+            out.append((t_raw, xa, fb.crossing(sign * t_raw)))
         return out
-    rng = np.random.default_rng(seed)
-    full = next(i for i, f in enumerate(fr_a) if math.isclose(f, 1.0))
-    factors = np.empty(n_bootstrap)
-    for b in range(n_bootstrap):
-        a_re = _resample(rng, a_values)
-        t = a_re[full].mean()
-        f_b, _ = _point(fr, _resample(rng, b_values), t, higher_is_better)
-        # not reached: needs more than all the data
-        factors[b] = _own_fraction(fr_a, a_re, t, higher_is_better) / f_b if np.isfinite(f_b) else 0.0
-    alpha = (1.0 - ci) / 2.0
-    out.ci_low, out.ci_high = (float(x) for x in np.percentile(factors, [100 * alpha, 100 * (1 - alpha)]))
-    out.not_reached_frac = float(np.mean(factors == 0.0))
-    out.n_bootstrap = n_bootstrap
-    return out
+
+    point = estimate(_means(a0, None, None), _means(b0, None, None))
+    factors = []
+    for level, (t, xa, xb) in zip(targets, point):
+        xa, xb = float(xa), float(xb)
+        reached, censored = xb != math.inf, xb == -math.inf
+        f_b = b0.fractions[0] if censored else (math.exp(xb) if reached else math.nan)
+        value = math.exp(xa) / (f_b if reached else b0.fractions[-1])
+        factors.append(Factor(float(value), float(f_b), reached, censored, float(t), level, math.exp(xa), ci=ci,
+                              df=max(df, 0), fit=fit))
+    deltas = _delta_points(a0, b0, sign)
+    if n_bootstrap > 0 and df >= 1:
+        rng = np.random.default_rng(seed)
+        a, b = _inflate(a0), _inflate(b0)
+        sw = rng.dirichlet(np.ones(len(seeds)), n_bootstrap)
+        rwa = rng.dirichlet(np.ones(a.values.shape[0]), n_bootstrap)
+        rwb = rng.dirichlet(np.ones(b.values.shape[0]), n_bootstrap)
+        ma, mb = _means(a, sw, rwa), _means(b, sw, rwb)
+        for fac, (_, xa, xb) in zip(factors, estimate(ma, mb)):
+            log_f = np.where(np.isfinite(xb), xa - xb, np.where(xb < 0, np.inf, -np.inf))
+            _interval(fac, log_f, widen, ci, b0.fractions[0], b0.fractions[-1])
+            fac.n_bootstrap = n_bootstrap
+        for d in deltas:
+            ja, jb = d.pop("_ja"), d.pop("_jb")
+            draws = sign * (mb[:, jb] - ma[:, ja])
+            lo, hi = np.quantile(draws, [(1 - ci) / 2, 1 - (1 - ci) / 2])
+            d["ci_low"] = float(d["delta"] + (lo - d["delta"]) * widen)
+            d["ci_high"] = float(d["delta"] + (hi - d["delta"]) * widen)
+    for d in deltas:
+        d.pop("_ja", None), d.pop("_jb", None)
+    return {"factors": factors, "deltas": deltas, "df": max(df, 0), "fit": fit,
+            "seeds": {"reference": _seed_counts(a0), "candidate": _seed_counts(b0)},
+            "runs": {"reference": int(a0.values.shape[0]), "candidate": int(b0.values.shape[0])}}
 
 
-def fraction_deltas(reference: Curve, candidate: Curve, higher_is_better: bool = True) -> list[dict]:
-    """At every fraction both curves have: mean(B) - mean(A), signed so that > 0 means B is better."""
-    a, b = (dict(zip(*_sorted(c))) for c in (reference, candidate))
+def _seed_counts(d: Data) -> dict:
+    return {format(f, ".6g"): int(n) for f, n in zip(d.fractions, np.isfinite(d.values).sum((0, 2)))}
+
+
+def _delta_points(a: Data, b: Data, sign: float) -> list[dict]:
+    ma, mb = _means(a, None, None), _means(b, None, None)
     out = []
-    for f in sorted(a.keys() & b.keys()):
-        if len(a[f]) and len(b[f]):
-            d = float(b[f].mean() - a[f].mean())
-            out.append({"fraction": float(f), "delta": d if higher_is_better else -d})
+    for jb, f in enumerate(b.fractions):
+        ja = np.nonzero(np.isclose(a.fractions, f))[0]
+        if len(ja):
+            out.append({"fraction": float(f), "delta": float(sign * (mb[jb] - ma[ja[0]])),
+                        "ci_low": math.nan, "ci_high": math.nan, "_ja": int(ja[0]), "_jb": jb})
     return out
+
+
+def _interval(fac: Factor, log_f: np.ndarray, widen: float, ci: float, fb_min: float, fb_max: float) -> None:
+    """Percentile interval of log(factor) draws, widened around the estimate by t/z. The grid can show factors
+    in [f*_A / fb_max, f*_A / fb_min]; an end beyond either (or among the +-inf draws) is open: a bound."""
+    alpha = (1 - ci) / 2
+    fac.censored_frac = float(np.mean(log_f == np.inf))
+    fac.not_reached_frac = float(np.mean(log_f == -np.inf))
+    lo, hi = np.quantile(log_f, [alpha, 1 - alpha], method="inverted_cdf")
+    centre = math.log(fac.factor)
+    low = centre - (centre - lo) * widen if lo < centre else lo
+    high = centre + (hi - centre) * widen if hi > centre else hi
+    bound_lo = math.log(fac.reference_fraction / fb_max)
+    bound_hi = math.log(fac.reference_fraction / fb_min)
+    fac.ci_low_open, fac.ci_high_open = bool(low < bound_lo), bool(high >= bound_hi)
+    fac.ci_low = math.exp(min(max(low, bound_lo), bound_hi))
+    fac.ci_high = math.exp(max(min(high, bound_hi), bound_lo))
+
+
+@functools.lru_cache(maxsize=64)
+def _t_quantile(p: float, df: int) -> float:
+    """Student-t quantile (df >= 1) by bisection on the regularised incomplete beta (no scipy needed)."""
+    if df >= 200:
+        return NormalDist().inv_cdf(p)
+
+    def cdf(t: float) -> float:
+        x = df / (df + t * t)
+        tail = 0.5 * _betainc(df / 2, 0.5, x)
+        return 1 - tail if t > 0 else tail
+    lo, hi = 0.0, 1e3
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b) (continued fraction, Numerical Recipes `betacf`)."""
+    if x <= 0 or x >= 1:
+        return 0.0 if x <= 0 else 1.0
+    lbeta = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+    front = math.exp(lbeta + a * math.log(x) + b * math.log1p(-x))
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - _betainc(b, a, 1 - x)
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > 1e-300 else 1e-300)
+    h = d
+    for m in range(1, 300):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > 1e-300 else 1e-300)
+            c = 1.0 + num / c
+            c = c if abs(c) > 1e-300 else 1e-300
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-14:
+            break
+    return front * h / a
+
+
+def efficiency_factor(reference: Condition, candidate: Condition, higher_is_better: bool = True, *,
+                      level: float = 1.0, n_bootstrap: int = 2000, ci: float = 0.95, seed: int = 0,
+                      fit: Fit = "power") -> Factor:
+    """The factor at one target level (see `compare`)."""
+    return compare(reference, candidate, higher_is_better, targets=(level,), n_bootstrap=n_bootstrap, ci=ci,
+                   seed=seed, fit=fit)["factors"][0]
+
+
+def full_data_target(reference: Condition, higher_is_better: bool = True, fit: Fit = "power") -> float:
+    """The reference's fitted full-data score (target level 1)."""
+    d = as_data(reference)
+    sign = 1.0 if higher_is_better else -1.0
+    return float(sign * _Fitted(sign * _means(d, None, None), _weights(d), d.fractions, fit).at_full())

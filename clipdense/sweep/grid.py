@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clipdense.config import read_yaml
+from clipdense.config import deep_merge, get_dotted, read_yaml, set_dotted
 from clipdense.errors import ConfigError
 from clipdense.paths import configs_dir
 from clipdense.sweep.config import SweepConfig
@@ -44,30 +44,30 @@ def seeds_for(cfg: SweepConfig, fraction: float) -> list[int]:
     return list(range(n))
 
 
+def flat_metrics(doc: dict, prefix: str = "") -> dict[str, float]:
+    """The finite numbers of a metrics dict (a `metrics.json`, or a finetune's results), nested keys joined with
+    '/'; the config, backbone and provenance sections are no metrics and are skipped."""
+    out = {}
+    for k, v in doc.items():
+        if isinstance(v, dict) and k not in ("config", "backbone", "provenance"):
+            out.update(flat_metrics(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
 def hparam_label(hparams: dict[str, Any]) -> str:
     """A short stable directory name for one hyperparameter sample."""
     text = json.dumps(hparams, sort_keys=True, default=str)
     return "hp-" + hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
-def set_dotted(data: dict, key: str, value: Any) -> None:
-    node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        elif not isinstance(child, dict):
-            raise ConfigError(f"key {key!r}: {part!r} is not a section")
-        node = child
-    node[parts[-1]] = copy.deepcopy(value)
-
-
-def deep_merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in extra.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
+def scale_schedule(data: dict, keys, fraction: float) -> None:
+    """schedule_by epochs: the fraction's steps (and warmup) are the full-data ones times the fraction."""
+    for key in (keys.total_steps, keys.warmup_steps):
+        steps = get_dotted(data, key)
+        if isinstance(steps, int) and steps > 0:
+            set_dotted(data, key, max(1, round(steps * fraction)))
 
 
 def resolve_config_path(path: str) -> Path:
@@ -91,6 +91,9 @@ class Trial:
     mode: str                         # "max" | "min"
     source: str                       # base finetune YAML, for error messages
     finetune: dict = field(repr=False, hash=False, compare=False)   # finetune config data, out_dir unset
+    condition: str = ""               # pretraining condition (the backbone's name unless grouped)
+    schedule_by: str = "iterations"
+    total_steps: int | None = None    # the trial's finetuning steps (scaled by the fraction with schedule_by epochs)
 
     @property
     def name(self) -> str:
@@ -98,7 +101,8 @@ class Trial:
 
     def coordinates(self) -> dict:
         return {"task": self.task, "backbone": self.backbone, "fraction": self.fraction, "seed": self.seed,
-                "metric": self.metric, "mode": self.mode}
+                "metric": self.metric, "mode": self.mode, "condition": self.condition or self.backbone,
+                "schedule_by": self.schedule_by, "total_steps": self.total_steps}
 
 
 def trial_dir(out: str | Path, name: str) -> Path:
@@ -125,9 +129,12 @@ def expand(cfg: SweepConfig) -> list[Trial]:
                 for s in seeds_for(cfg, f):
                     d = copy.deepcopy(data)
                     set_dotted(d, keys.fraction, f)
+                    if cfg.schedule_by == "epochs":
+                        scale_schedule(d, keys, f)
                     for key in keys.seed:
                         set_dotted(d, key, s)
-                    trials.append(Trial(task.name, bb.name, f, s, task.metric, task.mode, str(path), d))
+                    trials.append(Trial(task.name, bb.name, f, s, task.metric, task.mode, str(path), d,
+                                        bb.condition_name, cfg.schedule_by, get_dotted(d, keys.total_steps)))
     return trials
 
 

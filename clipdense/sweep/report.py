@@ -16,27 +16,33 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, ValidationError
 
-from clipdense.config import Config
 from clipdense.errors import ConfigError
-from clipdense.sweep.config import TASK_METRICS
-from clipdense.sweep.factor import efficiency_factor, fraction_deltas, full_data_target
-from clipdense.sweep.grid import METRICS_FILE, TRIAL_FILE
+from clipdense.sweep.config import TASK_METRICS, ReportSettings
+from clipdense.sweep.factor import compare
+from clipdense.sweep.grid import METRICS_FILE, TRIAL_FILE, flat_metrics
 
 SWEEP_FILE = "sweep.json"      # the sweep's resolved config, written by `clipdense sweep` beside trials/
 PATH_RE = re.compile(r"^(?P<task>[^/]+)/(?P<backbone>[^/]+)/f(?P<fraction>[0-9.e+-]+)/s(?P<seed>\d+)"
                      r"(?:/(?P<hp>hp-[^/]+))?$")
 
 
-class ReportConfig(Config):
+class ReportConfig(ReportSettings):
+    """`clipdense report`: the report settings (keys not given fall back to the sweep's `report:` section in
+    sweep.json, then to ReportSettings' defaults) + where to read and write."""
     results_dir: str = Field(description="a sweep's out dir (holding trials/)")
     out_dir: str | None = Field(None, description="where to write the report; default: results_dir")
-    reference: str | None = Field(None, description="reference backbone; default: the sweep's report.reference")
-    bootstrap: int | None = Field(None, ge=0, description="bootstrap samples; default: the sweep's, else 1000")
-    ci: float | None = Field(None, gt=0, lt=1)
-    seed: int | None = None
     quiet: bool = False
+
+    def settings(self, sweep_report: dict) -> ReportSettings:
+        """The sweep's settings, overridden by the keys given here."""
+        given = self.model_dump(include=set(ReportSettings.model_fields) & self.model_fields_set)
+        try:
+            known = {k: v for k, v in (sweep_report or {}).items() if k in ReportSettings.model_fields}
+            return ReportSettings.model_validate({**known, **given})
+        except ValidationError as e:
+            raise ConfigError(f"{SWEEP_FILE} report settings: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}")
 
 
 def find_metric(doc: dict, key: str) -> float | None:
@@ -49,16 +55,7 @@ def find_metric(doc: dict, key: str) -> float | None:
         node = node.get(part) if isinstance(node, dict) else None
     if isinstance(node, (int, float)):
         return float(node)
-    flat = {}
-
-    def walk(d: dict, prefix: str) -> None:
-        for k, v in d.items():
-            if isinstance(v, dict) and k not in ("config", "backbone", "provenance"):
-                walk(v, f"{prefix}{k}/")
-            elif isinstance(v, (int, float)) and not isinstance(v, bool):
-                flat[f"{prefix}{k}"] = float(v)
-    walk(doc, "")
-    hits = [v for k, v in flat.items() if re.split(r"[/.]", k.lower())[-1] == key.lower()]
+    hits = [v for k, v in flat_metrics(doc).items() if re.split(r"[/.]", k.lower())[-1] == key.lower()]
     return hits[0] if len(hits) == 1 else None
 
 
@@ -98,7 +95,9 @@ def collect(results_dir: str | Path) -> tuple[list[dict], list[dict]]:
                 raise ValueError(f"metric {metric!r} missing or not finite")
             rows.append({"task": task, "backbone": coords["backbone"], "fraction": float(coords["fraction"]),
                          "seed": int(coords["seed"]), "hp": coords.get("hp"), "hparams": coords.get("hparams") or {},
-                         "metric": metric, "mode": mode, "value": value, "dir": rel})
+                         "metric": metric, "mode": mode, "value": value, "dir": rel,
+                         "condition": coords.get("condition") or coords["backbone"],
+                         "schedule_by": coords.get("schedule_by"), "total_steps": coords.get("total_steps")})
         except (ValueError, KeyError, TypeError, OSError) as e:
             errors.append({"dir": rel, "error": f"{type(e).__name__}: {e}".splitlines()[0]})
     return rows, errors
@@ -122,12 +121,24 @@ def aggregate(rows: list[dict]) -> list[dict]:
     return table
 
 
-def curves(rows: list[dict], task: str) -> dict[str, dict[float, list[float]]]:
-    out: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+def curves(rows: list[dict], task: str) -> dict[str, dict[float, dict[int, float]]]:
+    """backbone -> fraction -> seed -> value (seeds kept: the bootstrap pairs them across fractions/backbones)."""
+    out: dict[str, dict[float, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
     for r in rows:
         if r["task"] == task and not r["hp"]:
-            out[r["backbone"]][r["fraction"]].append(r["value"])
+            out[r["backbone"]][r["fraction"]][r["seed"]] = r["value"]
     return {bb: dict(c) for bb, c in out.items()}
+
+
+def conditions(rows: list[dict], task: str, sweep: dict) -> dict[str, list[str]]:
+    """condition -> its backbones (pretraining runs): from trial.json, else the sweep's backbone entries."""
+    declared = {b.get("name"): b.get("condition") for b in sweep.get("backbones") or [] if isinstance(b, dict)}
+    out: dict[str, set] = defaultdict(set)
+    for r in rows:
+        if r["task"] == task and not r["hp"]:
+            cond = r["condition"] if r["condition"] != r["backbone"] else declared.get(r["backbone"])
+            out[cond or r["backbone"]].add(r["backbone"])
+    return {c: sorted(b) for c, b in sorted(out.items())}
 
 
 def plot_task(table: list[dict], task: str, path: Path, reference: str | None = None) -> None:
@@ -167,20 +178,57 @@ def _sweep_file(root: Path) -> dict:
         return {}
 
 
-def _factor_text(d: dict) -> str:
-    wins = d.get("deltas")
-    better = f"; better at {sum(x['delta'] > 0 for x in wins)}/{len(wins)} fractions" if wins else ""
+def factor_text(d: dict) -> str:
+    """One target's factor: `3.1x`, `>= 16x` (censored), `< 1x (not reached)`."""
+    if d.get("factor") is None:
+        return "n/a"
     if not d["reached"]:
-        return "not reached" + better
-    bound = "≥ " if d["censored"] else ""
-    ref = d.get("reference_fraction") or 1.0
-    ref_text = f", reference reaches at {_fmt(ref, 3)}" if ref < 1.0 else ""
-    return f"{bound}{_fmt(d['factor'], 3)}x (f*={_fmt(d['fraction'], 3)}{ref_text}){better}"
+        return f"< {_fmt(d['factor'], 3)}x (not reached)"
+    return f"{'≥ ' if d['censored'] else ''}{_fmt(d['factor'], 3)}x"
 
 
-def write_markdown(path: Path, table, factors, rows, errors, hp_rows, reference, missing=()) -> None:
-    lines = ["# Data-efficiency report", ""]
-    lines.append(f"{len(rows)} finished trials, {len(errors)} unreadable; reference backbone: {reference or '(none)'}.")
+def interval_text(d: dict) -> str:
+    if d.get("ci_low") is None or d.get("ci_high") is None:
+        return "n/a"
+    if math.isclose(d["ci_low"], d["ci_high"]) and (d["ci_low_open"] or d["ci_high_open"]):
+        return ("< " if d["ci_low_open"] else "≥ ") + _fmt(d["ci_high"], 3)     # one-sided: a bound only
+    low = ("< " if d["ci_low_open"] else "") + _fmt(d["ci_low"], 3)
+    high = ("≥ " if d["ci_high_open"] else "") + _fmt(d["ci_high"], 3)
+    return f"[{low}, {high}]"
+
+
+def summary_text(entry: dict) -> str:
+    """All targets of one candidate, for the console: `3.1x [1.2, 6.0] at 100%; ...; better at 3/3 fractions`."""
+    parts = [f"{factor_text(d)} {interval_text(d)} at {100 * d['level']:g}%" for d in entry["targets"]]
+    wins = entry.get("deltas") or []
+    better = f"; better at {sum(x['delta'] > 0 for x in wins)}/{len(wins)} fractions" if wins else ""
+    return "; ".join(parts) + better
+
+
+def _schedule_text(rows: list[dict], sweep: dict) -> str:
+    kinds = sorted({r["schedule_by"] for r in rows if r.get("schedule_by")} | (
+        {sweep["schedule_by"]} if sweep.get("schedule_by") else set()))
+    if not kinds:
+        return "iterations (not recorded: sweeps before `schedule_by` used the same steps at every fraction)"
+    return " + ".join(kinds) + (" (same steps at every fraction)" if kinds == ["iterations"] else
+                                " (steps scaled by the fraction)" if kinds == ["epochs"] else "")
+
+
+def write_markdown(path: Path, table, factors, rows, errors, hp_rows, settings: ReportSettings, sweep: dict,
+                   missing=()) -> None:
+    level = f"{100 * settings.ci:g}%"
+    reference = settings.reference
+    lines = ["# Data-efficiency report", "",
+             f"{len(rows)} finished trials, {len(errors)} unreadable; reference: {reference or '(none)'}.", "",
+             f"Finetuning schedule across fractions: {_schedule_text(rows, sweep)}.", ""]
+    if factors:
+        lines += [f"Factor = f*(reference) / f*(candidate), f* = where a {settings.fit} fit of the mean curve in "
+                  "log-fraction reaches the target; target = level x the reference's fitted full-data score "
+                  f"(lower-is-better metrics: (2 - level) x). {level} interval: paired Bayesian bootstrap of whole "
+                  f"seed curves ({settings.bootstrap} draws; pretraining runs resampled too where a condition has "
+                  "several), widened by t/z for the few seeds (`clipdense/sweep/factor.py`). ≥ x: already past the "
+                  "target at the smallest fraction (censored: the data bound it only from below); < x: not reached "
+                  "by the largest fraction.", ""]
     for task in sorted({r["task"] for r in table}):
         t_rows = [r for r in table if r["task"] == task]
         lines += ["", f"## {task}: {t_rows[0]['metric']} ({'higher' if t_rows[0]['mode'] == 'max' else 'lower'}"
@@ -189,14 +237,23 @@ def write_markdown(path: Path, table, factors, rows, errors, hp_rows, reference,
         lines += [f"| {r['backbone']} | {r['fraction']:.6g} | {r['n_seeds']} | {r['mean']:.4f} | {r['std']:.4f} |"
                   for r in t_rows]
         if task in factors:
-            lines += ["", f"Data-efficiency factor vs `{reference}` (full-data {t_rows[0]['metric']} = "
-                      f"{_fmt(factors[task]['target'])}):", "",
-                      "| backbone | factor | 95% CI | bootstrap not reached | mean - reference per fraction "
-                      "(> 0: better) |", "|---|---|---|---|---|"]
-            for bb, d in sorted(factors[task]["backbones"].items()):
-                deltas = ", ".join(f"{x['fraction']:.4g}: {x['delta']:+.4f}" for x in d.get("deltas", []))
-                lines.append(f"| {bb} | {_factor_text(d)} | [{_fmt(d['ci_low'], 3)}, {_fmt(d['ci_high'], 3)}] | "
-                             f"{_fmt(d['not_reached_frac'], 3)} | {deltas} |")
+            e = factors[task]
+            lines += ["", f"Data-efficiency factor vs `{e['reference']}` ({_runs_text(e['reference_runs'])}):", "",
+                      f"| condition | target | factor | {level} CI | f* candidate / reference | draws censored / "
+                      "not reached |", "|---|---|---|---|---|---|"]
+            for cond, c in sorted(e["backbones"].items()):
+                for d in c["targets"]:
+                    lines.append(f"| {cond} | {100 * d['level']:g}% = {_fmt(d['target'])} | {factor_text(d)} | "
+                                 f"{interval_text(d)} | {_fmt(d['fraction'], 3)} / {_fmt(d['reference_fraction'], 3)}"
+                                 f" | {_fmt(d['censored_frac'], 2)} / {_fmt(d['not_reached_frac'], 2)} |")
+            lines += ["", f"Per fraction: mean(condition) - mean(reference), > 0 = better, with its {level} CI:", "",
+                      "| condition | runs | fraction | delta | CI |", "|---|---|---|---|---|"]
+            for cond, c in sorted(e["backbones"].items()):
+                for x in c["deltas"]:
+                    ci = (f"[{x['ci_low']:+.4f}, {x['ci_high']:+.4f}]" if x.get("ci_low") is not None
+                          and x.get("ci_high") is not None else "n/a")
+                    lines.append(f"| {cond} | {_runs_text(c['runs'])} | {x['fraction']:.4g} | {x['delta']:+.4f} | "
+                                 f"{ci} |")
     if hp_rows:
         lines += ["", "## Hyperparameter trials (best first per task/backbone/fraction)", "",
                   "| task | backbone | fraction | seed | value | hparams |", "|---|---|---|---|---|---|"]
@@ -209,6 +266,35 @@ def write_markdown(path: Path, table, factors, rows, errors, hp_rows, reference,
     path.write_text("\n".join(lines) + "\n")
 
 
+def _runs_text(runs: list[str]) -> str:
+    return f"{len(runs)} pretraining run{'s' if len(runs) != 1 else ''}" + (f": {', '.join(runs)}"
+                                                                            if len(runs) > 1 else "")
+
+
+def task_factors(rows: list[dict], task: str, mode: str, metric: str, settings: ReportSettings,
+                 sweep: dict) -> dict | None:
+    """factors.json's entry of one task: every condition against the reference condition."""
+    cs, conds = curves(rows, task), conditions(rows, task, sweep)
+    ref = settings.reference
+    if ref is not None and ref not in conds:
+        ref = next((c for c, bbs in conds.items() if ref in bbs), None)
+    if ref is None:
+        return None
+    entry = {"reference": ref, "reference_runs": conds[ref], "metric": metric, "mode": mode, "backbones": {}}
+    for cond, bbs in conds.items():
+        if cond == ref:
+            continue
+        res = compare([cs[b] for b in conds[ref]], [cs[b] for b in bbs], mode == "max", targets=settings.targets,
+                      n_bootstrap=settings.bootstrap, ci=settings.ci, seed=settings.seed, fit=settings.fit)
+        targets = [f.to_dict() for f in res["factors"]]
+        deltas = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in x.items()}
+                  for x in res["deltas"]]
+        entry["backbones"][cond] = {**targets[0], "targets": targets, "deltas": deltas, "runs": bbs,
+                                    "seeds": res["seeds"]["candidate"]}
+        entry["target"] = targets[0]["target"]
+    return entry
+
+
 def run(cfg: ReportConfig) -> dict:
     root = Path(cfg.results_dir)
     if not root.is_dir():
@@ -216,11 +302,7 @@ def run(cfg: ReportConfig) -> dict:
     out = Path(cfg.out_dir) if cfg.out_dir else root
     out.mkdir(parents=True, exist_ok=True)
     sweep = _sweep_file(root)
-    settings = sweep.get("report") or {}
-    reference = cfg.reference or settings.get("reference")
-    n_boot = cfg.bootstrap if cfg.bootstrap is not None else settings.get("bootstrap", 1000)
-    ci = cfg.ci or settings.get("ci", 0.95)
-    seed = cfg.seed if cfg.seed is not None else settings.get("seed", 0)
+    settings = cfg.settings(sweep.get("report") or {})
 
     rows, errors = collect(root)
     found = {r["dir"] for r in rows} | {e["dir"] for e in errors}
@@ -234,19 +316,11 @@ def run(cfg: ReportConfig) -> dict:
     factors: dict[str, dict] = {}
     tasks = sorted({r["task"] for r in table})
     for task in tasks:
-        plot_task(table, task, out / f"{task}.png", reference)
-        cs = curves(rows, task)
-        if reference is None or reference not in cs:
-            continue
-        mode = next(r["mode"] for r in table if r["task"] == task)
-        entry = {"reference": reference, "metric": next(r["metric"] for r in table if r["task"] == task),
-                 "mode": mode, "target": full_data_target(cs[reference]), "backbones": {}}
-        for bb, curve in sorted(cs.items()):
-            if bb != reference:
-                f = efficiency_factor(cs[reference], curve, mode == "max", n_bootstrap=n_boot, ci=ci, seed=seed)
-                entry["backbones"][bb] = {**f.to_dict(),
-                                          "deltas": fraction_deltas(cs[reference], curve, mode == "max")}
-        factors[task] = entry
+        plot_task(table, task, out / f"{task}.png", settings.reference)
+        first = next(r for r in table if r["task"] == task)
+        entry = task_factors(rows, task, first["mode"], first["metric"], settings, sweep)
+        if entry is not None:
+            factors[task] = entry
     (out / "factors.json").write_text(json.dumps(factors, indent=2) + "\n")
 
     hp_rows = [r for r in rows if r["hp"]]
@@ -259,17 +333,18 @@ def run(cfg: ReportConfig) -> dict:
             for r in hp_rows:
                 w.writerow([r["task"], r["backbone"], r["fraction"], r["seed"], r["hp"],
                             json.dumps(r["hparams"], sort_keys=True), r["metric"], r["value"]])
-    write_markdown(out / "report.md", table, factors, rows, errors, hp_rows, reference, missing)
+    write_markdown(out / "report.md", table, factors, rows, errors, hp_rows, settings, sweep, missing)
 
     summary = {"out": str(out), "trials": len(rows), "unreadable": len(errors), "missing": len(missing),
-               "tasks": tasks,
-               "factors": {t: {bb: _factor_text(d) for bb, d in e["backbones"].items()} for t, e in factors.items()}}
+               "tasks": tasks, "schedule_by": _schedule_text(rows, sweep),
+               "factors": {t: {c: summary_text(d) for c, d in e["backbones"].items()} for t, e in factors.items()}}
     if not cfg.quiet:
         print(f"report: {len(rows)} trials ({len(errors)} unreadable, {len(missing)} missing) -> {out}")
+        print(f"  schedule across fractions: {summary['schedule_by']}")
         for task in tasks:
             t_rows = [r for r in table if r["task"] == task]
             print(f"  {task} [{t_rows[0]['metric']}]: {len({r['backbone'] for r in t_rows})} backbones, "
                   f"{len({r['fraction'] for r in t_rows})} fractions")
-            for bb, text in summary["factors"].get(task, {}).items():
-                print(f"    {bb} vs {reference}: {text}")
+            for cond, text in summary["factors"].get(task, {}).items():
+                print(f"    {cond} vs {factors[task]['reference']} ({100 * settings.ci:g}% CI): {text}")
     return summary

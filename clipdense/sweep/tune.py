@@ -20,25 +20,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from clipdense.config import build_config
+from clipdense.config import build_config, set_dotted
 from clipdense.ray_session import ray_session
 from clipdense.sweep.config import SearchDim, SweepConfig
-from clipdense.sweep.grid import (METRICS_FILE, TRIAL_FILE, Trial, expand, grid_hash, hparam_label, set_dotted,
+from clipdense.sweep.grid import (METRICS_FILE, TRIAL_FILE, Trial, expand, flat_metrics, grid_hash, hparam_label,
                                   trial_dir)
 
 TOKEN_CPU = 0.01
 STOPPED_FILE = "early_stopped.json"   # written by the driver for trials a scheduler stopped (not rerun)
-
-
-def _numbers(d: dict, prefix: str = "") -> dict[str, float]:
-    """Flat numeric metrics for Tune (nested dicts joined with '/'; config/provenance sections skipped)."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k not in ("config", "backbone", "provenance"):
-            out.update(_numbers(v, f"{prefix}{k}/"))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            out[f"{prefix}{k}"] = float(v)
-    return out
 
 
 def finetune_config(spec: dict, hparams: dict[str, Any], out_dir: Path):
@@ -68,11 +57,11 @@ def _trial_fn(config: dict, specs: dict) -> None:
     if done.is_file():                  # finished in an earlier run: report its final metrics as the runner would
         doc = json.loads(done.read_text())
         steps = (doc.get("train") or {}).get("steps")
-        ray.tune.report({**{f"eval/{k}": v for k, v in _numbers(doc.get("metrics") or {}).items()},
+        ray.tune.report({**{f"eval/{k}": v for k, v in flat_metrics(doc.get("metrics") or {}).items()},
                          **({"step": steps} if steps else {}), "skipped": 1.0})
         return
     if stopped.is_file():               # stopped early by the scheduler in an earlier run
-        ray.tune.report({**_numbers(json.loads(stopped.read_text())), "skipped": 1.0})
+        ray.tune.report({**flat_metrics(json.loads(stopped.read_text())), "skipped": 1.0})
         return
     cfg = finetune_config(spec, hparams, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -80,7 +69,7 @@ def _trial_fn(config: dict, specs: dict) -> None:
                                                   "hparams": hparams, "name": name}, indent=2))
     result = dense.run(cfg, ray_callbacks=[_eval_report_callback(spec.get("report_metric"))],
                        name=name.replace("/", "_"))
-    ray.tune.report({**_numbers((result or {}).get("metrics") or {}), "skipped": 0.0})
+    ray.tune.report({**flat_metrics((result or {}).get("metrics") or {}), "skipped": 0.0})
 
 
 def _eval_report_callback(metric: str | None):

@@ -20,6 +20,7 @@ from clipdense.train.config import TrainConfig
 from clipdense.train.schedule import lr_factor, set_lr
 from clipdense.train.state import rng_state, save_checkpoint, seed_everything, set_rng_state, unwrap
 from clipdense.train.task import TrainContext, TrainTask
+from clipdense.train.tracking import RunWatchers, TrackingConfig
 
 
 def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -70,31 +71,38 @@ class _Meter:
 
 
 class Sink:
-    """Rank 0 appends JSON lines to `out_dir/metrics.jsonl`; the env reports to Ray."""
+    """Rank 0 appends JSON lines to `out_dir/metrics.jsonl` and shows them to the watchers (progress line,
+    trackers); the env reports to Ray."""
 
-    def __init__(self, out_dir: Path, is_main: bool, run_id: str):
+    def __init__(self, out_dir: Path, is_main: bool, run_id: str, watchers: RunWatchers | None = None):
         self.path, self.is_main, self.run_id = out_dir / "metrics.jsonl", is_main, run_id
+        self.watchers = watchers
 
     def write(self, record: dict) -> None:
         if self.is_main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as f:
                 f.write(json.dumps({**record, "run_id": self.run_id, "time": time.time()}) + "\n")
+            if self.watchers is not None:
+                self.watchers.write(record)
 
 
-def run_worker(env, task_factory, cfg: TrainConfig, run_id: str) -> dict:
-    """Train on this worker until `schedule.total_steps` (or `stop_at_step`); returns rank 0's summary."""
+def run_worker(env, task_factory, cfg: TrainConfig, run_id: str, tracking: TrackingConfig | None = None,
+               params: dict | None = None) -> dict:
+    """Train on this worker until `schedule.total_steps` (or `stop_at_step`); returns rank 0's summary.
+    `tracking` says how rank 0 shows the run (progress, trackers); `params` (the stage's resolved config) go to
+    the trackers."""
     # The deterministic flag is process-global (and makes torch.empty fill with NaN): restore it afterwards, or a
     # later run in the same process (fit_local, a reused Ray worker) inherits it.
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(cfg.deterministic or was_deterministic)
     try:
-        return _run_worker(env, task_factory, cfg, run_id)
+        return _run_worker(env, task_factory, cfg, run_id, tracking, params)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
 
 
-def _run_worker(env, task_factory, cfg: TrainConfig, run_id: str) -> dict:
+def _run_worker(env, task_factory, cfg: TrainConfig, run_id: str, tracking, params) -> dict:
     seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     device = env.device
     out_dir = Path(cfg.out_dir)
@@ -110,6 +118,16 @@ def _run_worker(env, task_factory, cfg: TrainConfig, run_id: str) -> dict:
     if resumed is not None:
         step, epoch, batch_in_epoch = (resumed[1][k] for k in ("step", "epoch", "batch_in_epoch"))
     ctx.step, ctx.epoch, ctx.start_batch = step, epoch, batch_in_epoch
+    sink.watchers = RunWatchers(tracking, out_dir, run_id, total, step, params, ctx.is_main)
+    try:
+        return _train(env, task_factory, cfg, ctx, sink, task, resumed, step, epoch, batch_in_epoch)
+    finally:
+        sink.watchers.close()
+
+
+def _train(env, task_factory, cfg: TrainConfig, ctx: TrainContext, sink: Sink, task: TrainTask, resumed,
+           step: int, epoch: int, batch_in_epoch: int) -> dict:
+    device, out_dir, total = ctx.device, ctx.out_dir, ctx.total_steps
     task.setup(ctx)
     model = task.build_model()
     if cfg.scaling.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
@@ -191,6 +209,7 @@ def _run_worker(env, task_factory, cfg: TrainConfig, run_id: str) -> dict:
             step += 1
             batch_in_epoch += 1
             ctx.step = step
+            task.after_step(raw, ctx)
             meter.add(loss, metrics, task.batch_size(batch), wait)
             report: dict = {}
             if step % cfg.log_every == 0 or step == total:
@@ -227,6 +246,7 @@ def _run_worker(env, task_factory, cfg: TrainConfig, run_id: str) -> dict:
     if ctx.is_main:
         cpu_model = raw
         export = task.export(cpu_model, out_dir) or {}
+        sink.watchers.artifacts(out_dir / "export")
     final_metrics = {**last, **final}
     sink.write({"event": "final", **final})
     checkpoint(final_metrics)

@@ -20,6 +20,7 @@ from clipdense.train.config import TrainConfig
 from clipdense.train.loop import run_worker
 from clipdense.train.state import LocalCheckpoints, load_checkpoint
 from clipdense.train.task import TrainTask
+from clipdense.train.tracking import TrackingConfig, check_installed
 
 TaskFactory = Callable[[], TrainTask]
 
@@ -104,7 +105,8 @@ class RayEnv:
 
 def _ray_train_loop(config: dict) -> None:
     cfg = config["cfg"]  # the (sub)class instance itself: stages may subclass TrainConfig
-    run_worker(RayEnv(cfg, config["dataset_names"]), config["task_factory"], cfg, config["run_id"])
+    run_worker(RayEnv(cfg, config["dataset_names"]), config["task_factory"], cfg, config["run_id"],
+               config.get("tracking"), config.get("params"))
 
 
 def _summary(cfg: TrainConfig, run_id: str, worker_result: dict | None) -> dict:
@@ -123,19 +125,24 @@ def _summary(cfg: TrainConfig, run_id: str, worker_result: dict | None) -> dict:
     return summary
 
 
-def fit_local(task_factory: TaskFactory, cfg: TrainConfig, *, datasets: dict | None = None) -> dict:
-    """Run the training loop in this process (world size 1). `datasets`: name -> Ray Dataset (read via .iterator())."""
+def fit_local(task_factory: TaskFactory, cfg: TrainConfig, *, datasets: dict | None = None,
+              tracking: TrackingConfig | None = None, params: dict | None = None) -> dict:
+    """Run the training loop in this process (world size 1). `datasets`: name -> Ray Dataset (read via .iterator()).
+    `tracking`/`params`: progress and trackers, and the resolved stage config they record (see train/tracking)."""
+    if tracking is not None:
+        check_installed(tracking)
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.out_dir) / "result.json").unlink(missing_ok=True)
     run_id = uuid.uuid4().hex[:12]
     env = LocalEnv(cfg, datasets)
-    summary = _summary(cfg, run_id, run_worker(env, task_factory, cfg, run_id))
+    summary = _summary(cfg, run_id, run_worker(env, task_factory, cfg, run_id, tracking, params))
     summary["checkpoint"] = str(env.last_checkpoint or env.checkpoints.latest() or "")
     return summary
 
 
 def fit(task_factory: TaskFactory, cfg: TrainConfig, *, datasets: dict | None = None,
-        callbacks: list | None = None, name: str | None = None, dataset_config=None) -> dict:
+        callbacks: list | None = None, name: str | None = None, dataset_config=None,
+        tracking: TrackingConfig | None = None, params: dict | None = None) -> dict:
     """Run the training loop on `cfg.scaling.num_workers` Ray Train workers (TorchTrainer; gloo on CPU, nccl on GPU).
 
     `datasets` (name -> Ray Dataset) are split among workers (`ray.train.get_dataset_shard(name)` in the task).
@@ -145,6 +152,8 @@ def fit(task_factory: TaskFactory, cfg: TrainConfig, *, datasets: dict | None = 
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    if tracking is not None:
+        check_installed(tracking)
     out = Path(cfg.out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").unlink(missing_ok=True)
@@ -162,7 +171,7 @@ def fit(task_factory: TaskFactory, cfg: TrainConfig, *, datasets: dict | None = 
     trainer = TorchTrainer(
         _ray_train_loop,
         train_loop_config={"cfg": cfg, "task_factory": task_factory, "run_id": run_id,
-                           "dataset_names": sorted(datasets or {})},
+                           "dataset_names": sorted(datasets or {}), "tracking": tracking, "params": params},
         torch_config=TorchConfig(backend=backend),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=sc.use_gpu,
                                                resources_per_worker=resources),

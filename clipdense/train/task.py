@@ -15,6 +15,7 @@ Lifecycle, on every training worker (rank 0..world_size-1), in this order:
             ctx.step = optimizer steps done so far
             loss, metrics = task.loss(model, batch, ctx)   # `model` may be DDP-wrapped; call it, don't poke it
             ... backward / clip / step / schedule ...
+            task.after_step(unwrap(model), ctx)           # after every optimizer step (e.g. clamp a parameter)
             every eval_every steps: task.evaluate(unwrap(model), ctx)
     task.export(unwrap(model), out_dir)   # rank 0 only, at the end
 
@@ -105,6 +106,10 @@ class TrainTask:
     def loss(self, model: nn.Module, batch: Any, ctx: TrainContext) -> tuple[torch.Tensor, dict[str, float]]:
         """(scalar loss to minimise, metrics such as {"logit_scale": ...}). Runs under the runner's autocast."""
         raise NotImplementedError
+
+    def after_step(self, model: nn.Module, ctx: TrainContext) -> None:
+        """Called on every rank right after each optimizer step (model unwrapped, `ctx.step` already counts it);
+        in-place edits of parameters here (e.g. open_clip's logit-scale clamp) are part of the step."""
 
     def batch_size(self, batch: Any) -> int:
         """Samples in `batch` on this rank (for samples/s). Default: the length of the first tensor found."""

@@ -6,8 +6,9 @@ import math
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageEnhance, UnidentifiedImageError
+from PIL import Image, ImageEnhance
 
+from clipdense.data.images import ImageError, load_pixels, load_rgb, open_path
 from clipdense.errors import DataError
 
 IGNORE = 255
@@ -27,25 +28,30 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
 
 
+def _unreadable(path: Path, what: str, e: ImageError) -> DataError:
+    problem = f"{what} too large" if e.code == "image_too_large" else f"unreadable {what}"
+    return DataError(f"{path}: {problem} ({e.detail})")
+
+
 def read_rgb(path: Path) -> np.ndarray:
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+        with open_path(path) as im:
+            return np.asarray(load_rgb(im))
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"{path}: unreadable image ({e})") from None
+    except ImageError as e:
+        raise _unreadable(path, "image", e) from None
 
 
 def read_png(path: Path, what: str) -> np.ndarray:
     """A single-channel PNG (8-bit labels, 16-bit depth) as a 2-D array."""
     try:
-        with Image.open(path) as im:
-            arr = np.asarray(im)
+        with open_path(path) as im:
+            arr = np.asarray(load_pixels(im))
     except FileNotFoundError:
         raise DataError(f"{path}: {what} file not found") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"{path}: unreadable {what} ({e})") from None
+    except ImageError as e:
+        raise _unreadable(path, what, e) from None
     if arr.ndim != 2:
         raise DataError(f"{path}: {what} must be a single-channel PNG, got shape {arr.shape}")
     return arr

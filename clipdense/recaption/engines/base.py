@@ -1,17 +1,19 @@
 """The captioner interface: a small pure API that tests call without Ray.
 
-`Captioner.generate(images, n, captions=None) -> list[list[str]]`: for each image, `n` captions. Images are PIL
-images or uint8 HxWx3 arrays (what the pipeline's CPU stage produces); `captions` are the original captions
-(only the echo engine reads them).
+`Captioner.generate(images, n, captions=None, keys=None) -> list[list[str]]`: for each image, `n` captions. Images
+are PIL images or uint8 HxWx3 arrays (what the pipeline's CPU stage produces); `captions` are the original captions
+(only the echo engine reads them); `keys` are the rows' keys, which seed each row's sampling (so a caption does not
+depend on batching, actors or order).
 """
 from __future__ import annotations
 
 import abc
-import io
 from typing import Any, Sequence, Union
 
 import numpy as np
 from PIL import Image
+
+from clipdense.data.images import decode_rgb
 
 ImageLike = Union[Image.Image, np.ndarray, bytes]
 
@@ -24,8 +26,8 @@ class Captioner(abc.ABC):
     kind: str = ""
 
     @abc.abstractmethod
-    def generate(self, images: Sequence[ImageLike], n: int,
-                 captions: Sequence[str | None] | None = None) -> list[list[str]]:
+    def generate(self, images: Sequence[ImageLike], n: int, captions: Sequence[str | None] | None = None,
+                 keys: Sequence[str] | None = None) -> list[list[str]]:
         """n captions for each image, in order."""
 
     def close(self) -> None:
@@ -36,7 +38,7 @@ def to_pil(image: ImageLike) -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("RGB") if image.mode != "RGB" else image
     if isinstance(image, (bytes, bytearray, memoryview)):
-        return Image.open(io.BytesIO(bytes(image))).convert("RGB")
+        return decode_rgb(bytes(image))  # guarded like every image the project opens
     arr = np.asarray(image)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"expected a uint8 HxWx3 array, got {arr.dtype} {arr.shape}")

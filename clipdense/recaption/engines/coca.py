@@ -4,20 +4,28 @@ forward, so no `transformers` is needed.
 
 Vectorised: the image tower runs once per image; its embeddings are repeated N times and all B*N sequences are
 sampled together. CPU (fp32) or CUDA (bf16 autocast).
+
+Seeding: each caption's draws come from (engine seed, row key, caption index) (sampling.sequence_uniforms), so a
+row's captions do not depend on the batch it came in, the actor or the order. On CPU in fp32 that makes captions
+exact across batchings (tested); on CUDA in bf16 the draws are the same but the logits can differ in the last bits
+with the batch shape (kernel choice), which can flip a token whose uniform sits on a nucleus boundary: rare, not
+exact. Without keys (direct calls) a row's key is a hash of its pixels.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from clipdense.recaption.decode import fit_square
+from clipdense.data.images import fit_square
+from clipdense.models import open_clip_adapter as oca
 from clipdense.recaption.engines.base import Captioner, ImageLike, cut_caption, to_pil
 from clipdense.recaption.engines.kv_cache import CocaKVDecoder, supports_kv_cache
-from clipdense.recaption.engines.sampling import decode_sequences, sample_top_p
+from clipdense.recaption.engines.sampling import decode_sequences, sample_top_p, sequence_uniforms
 
 
 def coca_image_size(model: str) -> int | None:
@@ -50,7 +58,7 @@ class CocaCaptioner(Captioner):
             raise FileNotFoundError(f"CoCa checkpoint not found: {checkpoint}")
         self.device = pick_device(device)
         self.model = create_clip(model, pretrained=checkpoint or pretrained).to(self.device).eval()
-        if not hasattr(self.model, "text_decoder"):
+        if not oca.is_coca(self.model):
             raise ValueError(f"{model} is not a CoCa model (no text decoder)")
         self.tokenizer = tokenizer_for(model)
         self.sot = int(getattr(self.tokenizer, "sot_token_id", 49406))
@@ -59,14 +67,14 @@ class CocaCaptioner(Captioner):
         context = int(getattr(self.model, "context_length", 77))
         if seq_len > context:
             raise ValueError(f"seq_len {seq_len} exceeds {model}'s text context length {context}")
-        pre = getattr(self.model.visual, "preprocess_cfg", {}) or {}
+        pre = oca.preprocess_cfg(self.model)
         size = pre.get("size", getattr(self.model.visual, "image_size", 224))
         self.image_size = int(size[0] if isinstance(size, (list, tuple)) else size)
         self.mean = torch.tensor(pre.get("mean", (0.48145466, 0.4578275, 0.40821073)), device=self.device)
         self.std = torch.tensor(pre.get("std", (0.26862954, 0.26130258, 0.27577711)), device=self.device)
         self.top_p, self.temperature = top_p, temperature
         self.seq_len, self.min_seq_len, self.cut_at_period = seq_len, min_seq_len, cut_at_period
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.seed = seed  # with each row's key, seeds that row's captions (sampling.sequence_uniforms)
         # our cached decoder (kv_cache.py) where the model's towers are open_clip's stock ones; else its forward
         self.kv_cache = kv_cache and supports_kv_cache(self.model)
 
@@ -87,22 +95,15 @@ class CocaCaptioner(Captioner):
         x = x.permute(0, 3, 1, 2).float().div_(255)
         return (x - self.mean[:, None, None]) / self.std[:, None, None]
 
-    @contextlib.contextmanager
-    def _last_position_logits(self):
-        """Project only the last position to the vocabulary: the decoder's final LayerNorm and projection are
-        per-token, so trimming their input keeps open_clip's forward intact and saves a [B, L, vocab] matmul."""
-        hook = self.model.text_decoder.ln_final.register_forward_pre_hook(lambda _m, args: (args[0][:, -1:],))
-        try:
-            yield
-        finally:
-            hook.remove()
-
     @torch.no_grad()
-    def sample_tokens(self, images: Sequence[ImageLike], n: int) -> torch.Tensor:
-        """[len(images) * n, seq_len] token ids; rows i*n .. i*n+n-1 belong to image i."""
+    def sample_tokens(self, images: Sequence[ImageLike], n: int, keys: Sequence[str] | None = None) -> torch.Tensor:
+        """[len(images) * n, seq_len] token ids; rows i*n .. i*n+n-1 belong to image i (key keys[i])."""
         x = self.pixels(images)
+        if keys is None:
+            keys = [hashlib.blake2b(row.cpu().numpy().tobytes(), digest_size=16).hexdigest() for row in x]
+        uniforms = sequence_uniforms(self.seed, keys, n, self.seq_len)
         with self._autocast():
-            latent, embs = self.model._encode_image(x)
+            latent, embs = oca.coca_encode_image(self.model, x)
         latent, embs = latent.repeat_interleave(n, 0), embs.repeat_interleave(n, 0)
 
         if self.kv_cache:
@@ -116,21 +117,21 @@ class CocaCaptioner(Captioner):
         else:
             def next_logits(prefix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
                 with self._autocast():  # open_clip's CoCa forward with precomputed image embeddings
-                    out = self.model(None, prefix, image_latent=latent[rows], image_embs=embs[rows],
-                                     output_labels=False)
-                return out["logits"][:, -1]
-            trim = self._last_position_logits()
+                    return oca.coca_logits(self.model, prefix, latent[rows], embs[rows])[:, -1]
+            trim = oca.last_position_logits(self.model)  # project only the last position to the vocabulary
 
         with trim:
             return sample_top_p(next_logits, len(images) * n, sot=self.sot, eot=self.eot, pad=self.pad,
                                 seq_len=self.seq_len, min_seq_len=self.min_seq_len, top_p=self.top_p,
-                                temperature=self.temperature, generator=self.generator, device=self.device)
+                                temperature=self.temperature, device=self.device, uniforms=uniforms)
 
-    def generate(self, images: Sequence[ImageLike], n: int,
-                 captions: Sequence[str | None] | None = None) -> list[list[str]]:
+    def generate(self, images: Sequence[ImageLike], n: int, captions: Sequence[str | None] | None = None,
+                 keys: Sequence[str] | None = None) -> list[list[str]]:
         if not images:
             return []
-        tokens = self.sample_tokens(images, n).cpu()
+        if keys is not None and len(keys) != len(images):
+            raise ValueError(f"{len(keys)} keys for {len(images)} images")
+        tokens = self.sample_tokens(images, n, keys).cpu()
         texts = decode_sequences(tokens, self.tokenizer.decode, self.sot, self.eot)
         texts = [cut_caption(t, self.cut_at_period) for t in texts]
         return [texts[i * n:(i + 1) * n] for i in range(len(images))]

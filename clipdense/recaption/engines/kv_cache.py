@@ -1,4 +1,5 @@
-"""Incremental CoCa decoding with key/value caches over open_clip's own modules.
+"""Incremental CoCa decoding with key/value caches over open_clip's own modules
+(reached through clipdense.models.open_clip_adapter).
 
 open_clip's CoCa re-runs the text tower and the multimodal decoder over the whole prefix for every new token
 (O(L^2) token passes per caption). Both towers are causal over the caption tokens (the CLS token is appended
@@ -12,17 +13,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from clipdense.models import open_clip_adapter as oca
+
 
 def supports_kv_cache(model) -> bool:
     """Whether `model` is an open_clip CoCa with the built-in text tower and decoder this module re-implements."""
-    from open_clip.transformer import MultimodalTransformer, ResidualAttentionBlock, TextTransformer
-
-    text, dec = getattr(model, "text", None), getattr(model, "text_decoder", None)
-    if not isinstance(text, TextTransformer) or not isinstance(dec, MultimodalTransformer):
-        return False
-    blocks = list(text.transformer.resblocks) + list(dec.resblocks) + list(dec.cross_attn)
-    return (text.cls_emb is not None and text.transformer.batch_first and dec.batch_first
-            and all(type(b) is ResidualAttentionBlock and b.attn.batch_first for b in blocks))
+    return oca.coca_towers(model) is not None
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -30,30 +26,28 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(b, n, heads, d // heads).transpose(1, 2)  # [B, H, N, hd]
 
 
-def _mlp(block, x: torch.Tensor) -> torch.Tensor:
-    return x + block.ls_2(block.mlp(block.ln_2(x)))
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    b, h, n, hd = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * hd)
 
 
 class _SelfAttnCache:
     """Keys/values of one causal self-attention block, for every position fed so far."""
 
     def __init__(self, block, rows: int, max_len: int):
-        self.block, self.heads, self.max_len = block, block.attn.num_heads, max_len
+        self.block, self.heads, self.max_len = block, oca.attn_heads(block), max_len
         self.k = self.v = None
         self.rows = rows
 
     def step(self, x: torch.Tensor, pos: int, key_ok: torch.Tensor | None) -> torch.Tensor:
-        blk, attn = self.block, self.block.attn
-        q, k, v = F.linear(blk.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-        q, k, v = (_split_heads(t, self.heads) for t in (q, k, v))
+        q, k, v = (_split_heads(t, self.heads) for t in oca.self_attn_qkv(self.block, x))
         if self.k is None:  # allocate on first use, in the dtype autocast produced
             shape = (self.rows, self.heads, self.max_len, k.shape[-1])
             self.k, self.v = k.new_empty(shape), v.new_empty(shape)
         self.k[:, :, pos:pos + 1], self.v[:, :, pos:pos + 1] = k, v
         mask = None if key_ok is None else key_ok[:, None, None, :pos + 1]
         out = F.scaled_dot_product_attention(q, self.k[:, :, :pos + 1], self.v[:, :, :pos + 1], attn_mask=mask)
-        out = F.linear(out.transpose(1, 2).reshape(x.shape), attn.out_proj.weight, attn.out_proj.bias)
-        return _mlp(blk, x + blk.ls_1(out))
+        return oca.attn_residual(self.block, x, _merge_heads(out))
 
     def keep(self, idx: torch.Tensor) -> None:
         if self.k is not None:
@@ -64,19 +58,13 @@ class _CrossAttn:
     """One cross-attention block with the image's keys/values projected once."""
 
     def __init__(self, block, image_embs: torch.Tensor):
-        self.block, self.heads = block, block.attn.num_heads
-        attn, d = block.attn, image_embs.shape[-1]
-        kv = block.ln_1_kv(image_embs)
-        w, b = attn.in_proj_weight, attn.in_proj_bias
-        self.k = _split_heads(F.linear(kv, w[d:2 * d], b[d:2 * d]), self.heads)
-        self.v = _split_heads(F.linear(kv, w[2 * d:], b[2 * d:]), self.heads)
+        self.block, self.heads = block, oca.attn_heads(block)
+        self.k, self.v = (_split_heads(t, self.heads) for t in oca.cross_attn_kv(block, image_embs))
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
-        blk, attn, d = self.block, self.block.attn, x.shape[-1]
-        q = _split_heads(F.linear(blk.ln_1(x), attn.in_proj_weight[:d], attn.in_proj_bias[:d]), self.heads)
+        q = _split_heads(oca.cross_attn_q(self.block, x), self.heads)
         out = F.scaled_dot_product_attention(q, self.k, self.v)
-        out = F.linear(out.transpose(1, 2).reshape(x.shape), attn.out_proj.weight, attn.out_proj.bias)
-        return _mlp(blk, x + blk.ls_1(out))
+        return oca.attn_residual(self.block, x, _merge_heads(out))
 
     def keep(self, idx: torch.Tensor) -> None:
         self.k, self.v = self.k[idx], self.v[idx]
@@ -90,12 +78,14 @@ class CocaKVDecoder:
     """
 
     def __init__(self, model, image_embs: torch.Tensor, max_len: int):
-        text, dec = model.text, model.text_decoder
-        self.text, self.dec, self.pad = text, dec, int(text.pad_id)
+        towers = oca.coca_towers(model)
+        if towers is None:
+            raise ValueError(f"{type(model).__name__}: not an open_clip CoCa with the stock text tower and decoder")
+        self.towers, self.pad = towers, towers.pad_id
         n = image_embs.shape[0]
-        self.text_blocks = [_SelfAttnCache(b, n, max_len) for b in text.transformer.resblocks]
-        self.dec_blocks = [_SelfAttnCache(b, n, max_len) for b in dec.resblocks]
-        self.cross = [_CrossAttn(b, image_embs) for b in dec.cross_attn]
+        self.text_blocks = [_SelfAttnCache(b, n, max_len) for b in towers.text_blocks]
+        self.dec_blocks = [_SelfAttnCache(b, n, max_len) for b in towers.decoder_blocks]
+        self.cross = [_CrossAttn(b, image_embs) for b in towers.cross_blocks]
         self.key_ok = torch.ones(n, max_len, dtype=torch.bool, device=image_embs.device)
         self.rows = torch.arange(n, device=image_embs.device)
         self.pos = 0
@@ -114,18 +104,14 @@ class CocaKVDecoder:
             raise ValueError(f"expected a prefix of length {self.pos + 1}, got {prefixes.shape[1]}")
         self._keep(rows)
         pos, tok = self.pos, prefixes[:, -1:]
-        if self.text.correct_cls_mask:
+        if self.towers.correct_cls_mask:
             self.key_ok[:, pos] = tok[:, 0] != self.pad
         elif pos > 0:  # open_clip's legacy CoCa mask (its default) is shifted by one: key j is masked for pad at j-1
             self.key_ok[:, pos] = prefixes[:, -2] != self.pad
-        cast = self.text.transformer.get_cast_dtype()
-        x = self.text.token_embedding(tok).to(cast) + self.text.positional_embedding[pos].to(cast)
+        x = self.towers.embed(tok, pos)
         for c in self.text_blocks:
             x = c.step(x, pos, self.key_ok)
         for c, cross in zip(self.dec_blocks, self.cross):
             x = cross.step(c.step(x, pos, None))
-        x = self.dec.ln_final(x)
-        if self.dec.text_projection is not None:
-            x = x @ self.dec.text_projection
         self.pos += 1
-        return x[:, -1]
+        return self.towers.head(x)[:, -1]

@@ -11,10 +11,15 @@ Differences (same distribution, less work): only unfinished sequences are run th
 top_p of the mass (else a full sort), and the token is drawn by inverse-CDF on the sorted nucleus instead of
 torch.multinomial over the whole vocabulary (both dominated CPU time). Token 0 (open_clip's pad id, "!" in the
 CLIP vocabulary) is an ordinary token here, not a stop.
+
+Randomness is per sequence, not per batch: `sequence_uniforms(seed, keys, n, seq_len)` gives caption j of the row
+with key k its own uniforms (a CPU generator seeded from a hash of (seed, k, j)), one per position, so a caption is
+a pure function of (engine seed, row key, image) whatever the batch, actor count or order.
 """
 from __future__ import annotations
 
-from typing import Callable
+import hashlib
+from typing import Callable, Sequence
 
 import torch
 
@@ -50,13 +55,31 @@ def nucleus(logits: torch.Tensor, top_p: float, k: int = 256) -> tuple[torch.Ten
     return vals[:, :width], idx[:, :width], keep[:, :width]
 
 
+def row_seed(seed: int | None, key: str, *parts: object) -> int:
+    """A 63-bit seed that depends only on (engine seed, row key, parts)."""
+    text = "\0".join(str(x) for x in (seed, key, *parts))
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") & (2 ** 63 - 1)
+
+
+def sequence_uniforms(seed: int, keys: Sequence[str], n: int, seq_len: int) -> torch.Tensor:
+    """[len(keys) * n, seq_len] float32 uniforms on the CPU; row i*n + j = caption j of keys[i]."""
+    rows = []
+    for key in keys:
+        for j in range(n):
+            rows.append(torch.rand(seq_len, generator=torch.Generator().manual_seed(row_seed(seed, key, j))))
+    return torch.stack(rows) if rows else torch.empty(0, seq_len)
+
+
 def sample_nucleus(logits: torch.Tensor, top_p: float, temperature: float = 1.0,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row from softmax(top-p-filtered logits / temperature) (open_clip's order)."""
+                   generator: torch.Generator | None = None, uniforms: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row from softmax(top-p-filtered logits / temperature) (open_clip's order); `uniforms` [rows]
+    (in [0, 1)) replace draws from `generator`."""
     vals, idx, keep = nucleus(logits, top_p)
     weights = ((vals - vals[:, :1]) / temperature).exp() * keep
     cdf = weights.cumsum(-1)
-    u = torch.rand((logits.shape[0], 1), generator=generator, device=logits.device, dtype=cdf.dtype) * cdf[:, -1:]
+    if uniforms is None:
+        uniforms = torch.rand((logits.shape[0],), generator=generator, device=logits.device, dtype=cdf.dtype)
+    u = uniforms.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]
     pos = torch.searchsorted(cdf, u, right=True).clamp_(max=vals.shape[-1] - 1)
     return idx.gather(1, pos).squeeze(1)
 
@@ -64,8 +87,12 @@ def sample_nucleus(logits: torch.Tensor, top_p: float, temperature: float = 1.0,
 @torch.no_grad()
 def sample_top_p(next_logits: NextLogits, num_seqs: int, *, sot: int, eot: int, pad: int = 0, seq_len: int = 30,
                  min_seq_len: int = 5, top_p: float = 0.9, temperature: float = 1.0,
-                 generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
-    """[num_seqs, seq_len] token ids: <sot> tokens... <eot> pad..."""
+                 generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+                 uniforms: torch.Tensor | None = None) -> torch.Tensor:
+    """[num_seqs, seq_len] token ids: <sot> tokens... <eot> pad...; `uniforms` [num_seqs, seq_len] (see
+    sequence_uniforms) make each sequence's draws its own, else `generator` draws for the batch."""
+    if uniforms is not None:
+        uniforms = uniforms.to(device)
     out = torch.full((num_seqs, seq_len), pad, dtype=torch.long, device=device)
     out[:, 0] = sot
     done = torch.zeros(num_seqs, dtype=torch.bool, device=device)
@@ -79,7 +106,8 @@ def sample_top_p(next_logits: NextLogits, num_seqs: int, *, sot: int, eot: int, 
         logits = next_logits(out[rows, :cur], rows).float()
         if cur < min_seq_len:
             logits[:, eot] = float("-inf")
-        tokens = sample_nucleus(logits, top_p, temperature, generator)
+        tokens = sample_nucleus(logits, top_p, temperature, generator,
+                                None if uniforms is None else uniforms[rows, cur])
         out[rows, cur] = tokens
         done[rows] = tokens == eot
     return out

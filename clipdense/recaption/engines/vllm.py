@@ -20,12 +20,13 @@ from typing import Any, Sequence
 
 from clipdense.errors import ConfigError
 from clipdense.recaption.engines.base import Captioner, EngineOutputError, ImageLike, cut_caption, to_pil
+from clipdense.recaption.engines.sampling import row_seed
 
 
 def sampling_kwargs(n: int, top_p: float, temperature: float, max_tokens: int) -> dict:
-    """Keyword arguments for vllm.SamplingParams (also recorded, as JSON, beside every output row). No per-request
-    seed: vLLM would give every image's k-th sample the same seed (children get seed + k); the engine-level
-    seed (`vllm.LLM(seed=...)`) makes runs reproducible instead."""
+    """Keyword arguments for vllm.SamplingParams (also recorded, as JSON, beside every output row). The
+    per-request seed is added by the engine from each row's key (`sampling.row_seed`), so no two images share
+    one."""
     return {"n": n, "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
 
 
@@ -69,15 +70,20 @@ class VLLMCaptioner(Captioner):
         self.cut_at_period = cut_at_period
         self.llm = vllm.LLM(**llm_kwargs(model, max_pixels, dict(engine_kwargs or {}), seed))
 
-    def sampling_params(self, n: int):
-        return self._vllm.SamplingParams(**sampling_kwargs(n, self.top_p, self.temperature, self.max_tokens))
+    def sampling_params(self, n: int, seed: int | None = None):
+        extra = {} if seed is None else {"seed": seed}
+        return self._vllm.SamplingParams(**sampling_kwargs(n, self.top_p, self.temperature, self.max_tokens), **extra)
 
-    def generate(self, images: Sequence[ImageLike], n: int,
-                 captions: Sequence[str | None] | None = None) -> list[list[str]]:
+    def generate(self, images: Sequence[ImageLike], n: int, captions: Sequence[str | None] | None = None,
+                 keys: Sequence[str] | None = None) -> list[list[str]]:
+        """With `keys`, each request carries its own seed from (engine seed, key): vLLM then samples it with a
+        per-request generator, whatever else is batched with it (as far as the batch's numerics allow)."""
         if not images:
             return []
         conversations = [build_messages(to_pil(im), self.prompt, self.system_prompt) for im in images]
-        outputs = self.llm.chat(conversations, sampling_params=self.sampling_params(n), use_tqdm=False)
+        params = (self.sampling_params(n) if keys is None
+                  else [self.sampling_params(n, row_seed(self.seed, k)) for k in keys])
+        outputs = self.llm.chat(conversations, sampling_params=params, use_tqdm=False)
         return parse_outputs(outputs, len(images), n, self.cut_at_period)
 
     def close(self) -> None:

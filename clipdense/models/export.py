@@ -1,0 +1,46 @@
+"""A trained model as a folder plain open_clip loads: `open_clip.create_model_and_transforms("local-dir:<dir>")`.
+
+The folder is open_clip's own Hugging Face layout (what `push_to_hf_hub` uploads and `hf-hub:` reads):
+`open_clip_config.json` (`model_cfg` + `preprocess_cfg`, written by open_clip's `save_config_for_hf`) and
+`open_clip_model.safetensors`. A model whose tokenizer uses a shipped BPE file (the demo models) gets that file
+copied into the folder; open_clip's SimpleTokenizer opens `bpe_path` as given (relative paths resolve against the
+working directory, not the folder), so the config names the copy by its absolute path: move the folder and pass
+`bpe_path=<new dir>/<file>` to `open_clip.get_tokenizer`, or re-export.
+"""
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import open_clip
+from open_clip.push_to_hf_hub import save_config_for_hf
+from safetensors.torch import save_file
+
+from clipdense.models.registry import register_model_configs
+
+CONFIG_FILE = "open_clip_config.json"
+WEIGHTS_FILE = "open_clip_model.safetensors"
+
+
+def export_open_clip_dir(model, name: str, out: str | Path) -> Path:
+    """Write `model` (an open_clip model built from config `name`) as an open_clip local-dir folder at `out`."""
+    register_model_configs()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_cfg = copy.deepcopy(open_clip.get_model_config(name))
+    if model_cfg is None:
+        raise ValueError(f"unknown open_clip model {name!r}: cannot export its config")
+    tok = (model_cfg.get("text_cfg") or {}).get("tokenizer_kwargs") or {}
+    if "bpe_path" in tok:
+        src = Path(tok["bpe_path"])
+        dst = out / src.name
+        if src.resolve() != dst.resolve():
+            shutil.copyfile(src, dst)
+        tok["bpe_path"] = str(dst.resolve())
+    # clone: safetensors refuses tensors that share memory (tied weights)
+    tensors = {k: v.detach().float().cpu().clone().contiguous() if v.is_floating_point() else v.detach().cpu().clone()
+               for k, v in model.state_dict().items()}
+    save_file(tensors, str(out / WEIGHTS_FILE))
+    save_config_for_hf(model, out / CONFIG_FILE, model_cfg)
+    return out

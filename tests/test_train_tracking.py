@@ -1,0 +1,194 @@
+"""Watching a run: progress lines while it goes, TensorBoard event files, a real MLflow server on loopback (and one
+that dies mid-run), W&B offline, and a missing tracking library as a one-line error."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from clipdense.config import build_config
+from clipdense.errors import ConfigError
+from clipdense.train import TrainConfig, fit_local
+from clipdense.train.tracking import TrackingConfig
+from train_toy import Toy
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+
+
+def _cfg(out, steps=20) -> TrainConfig:
+    return build_config(TrainConfig, {"out_dir": str(out), "schedule": {"total_steps": steps}, "log_every": 5,
+                                      "eval_every": 10, "optim": {"lr": 1e-2}})
+
+
+def _tracking(**kw) -> TrackingConfig:
+    return build_config(TrackingConfig, {"progress": "off", **kw})
+
+
+def test_progress_lines_arrive_while_the_run_goes(tmp_path):
+    # A slow toy (0.2 s per batch) in a child process: the first progress line must reach us long before the end.
+    code = ("import sys, time; sys.path.insert(0, %r)\n"
+            "from train_toy import Toy\n"
+            "from clipdense.config import build_config\n"
+            "from clipdense.train import TrainConfig, fit_local\n"
+            "from clipdense.train.tracking import TrackingConfig\n"
+            "class Slow(Toy):\n"
+            "    def loss(self, model, batch, ctx):\n"
+            "        time.sleep(0.2)\n"
+            "        return super().loss(model, batch, ctx)\n"
+            "cfg = build_config(TrainConfig, {'out_dir': %r, 'schedule': {'total_steps': 30}, 'log_every': 5})\n"
+            "fit_local(Slow, cfg, tracking=TrackingConfig(progress='lines'))\n") % (str(TESTS), str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get(
+                                "PYTHONPATH", "")])})
+    first_line, lines = None, []
+    for line in proc.stdout:
+        lines.append(line)
+        if first_line is None and line.startswith("[clipdense] step"):
+            first_line = line
+            assert not (tmp_path / "result.json").exists()  # the run is still going
+    assert proc.wait(120) == 0
+    steps = [ln for ln in lines if ln.startswith("[clipdense] step")]
+    assert [ln.split()[2] for ln in steps] == ["5/30", "10/30", "15/30", "20/30", "25/30", "30/30"]
+    for key in ("loss ", "lr ", "samples/s", "data wait", "ETA "):
+        assert key in first_line
+    assert "ETA 0:00:0" in steps[1] or "ETA 0:00:" in steps[1]  # ~20 steps x 0.2 s left
+
+
+def test_tensorboard_reader_finds_the_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fit_local(Toy, _cfg(tmp_path), tracking=_tracking(tensorboard=True), params={"train": {"seed": 0}})
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"loss", "lr", "samples_per_s", "data_wait_frac"} <= tags
+    assert [e.step for e in acc.Scalars("loss")] == [5, 10, 15, 20]
+    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    first_loss = next(r["loss"] for r in logged if "loss" in r)
+    assert acc.Scalars("loss")[0].value == pytest.approx(first_loss, rel=1e-6)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on loopback with a file-backed store; yields (url, process)."""
+    tmp_path = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    store = tmp_path / "mlflow-store"
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", f"sqlite:///{store}.db",
+                             "--default-artifact-root", str(tmp_path / "mlflow-artifacts"), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    import urllib.request
+    deadline = time.monotonic() + 240  # its start (database migrations) takes seconds; minutes on a busy box
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1).read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                os.killpg(proc.pid, 9)
+                pytest.fail("mlflow server did not start")
+            time.sleep(0.2)
+    yield url, proc
+    if proc.poll() is None:
+        os.killpg(proc.pid, 9)
+        proc.wait(10)
+
+
+def test_mlflow_server_gets_params_metrics_and_the_export(tmp_path, mlflow_server):
+    import mlflow
+
+    url, _ = mlflow_server
+
+    class Exporting(Toy):
+        def export(self, model, out_dir):
+            (out_dir / "export").mkdir(exist_ok=True)
+            (out_dir / "export" / "model.txt").write_text("weights")
+            return {}
+
+    tracking = _tracking(mlflow={"tracking_uri": url, "experiment": "t", "run_name": "toy"})
+    fit_local(Exporting, _cfg(tmp_path / "run"), tracking=tracking,
+              params={"model": {"name": "toy"}, "train": {"optim": {"lr": 0.01}}})
+    client = mlflow.MlflowClient(tracking_uri=url)
+    runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_name == "toy" and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["model.name"] == "toy" and runs[0].data.params["train.optim.lr"] == "0.01"
+    history = client.get_metric_history(runs[0].info.run_id, "loss")
+    assert [m.step for m in history] == [5, 10, 15, 20]
+    assert [a.path for a in client.list_artifacts(runs[0].info.run_id, "export")] == ["export/model.txt"]
+
+
+def test_a_tracking_server_that_dies_mid_run_does_not_stop_training(tmp_path, mlflow_server):
+    url, proc = mlflow_server
+
+    class KillsServer(Toy):
+        def loss(self, model, batch, ctx):
+            if ctx.step == 7 and proc.poll() is None:
+                os.killpg(proc.pid, 9)
+                proc.wait(10)
+            return super().loss(model, batch, ctx)
+
+    tracking = _tracking(mlflow={"tracking_uri": url, "experiment": "dies"})
+    t0 = time.perf_counter()
+    with pytest.warns(UserWarning, match="mlflow failed"):
+        result = fit_local(KillsServer, _cfg(tmp_path / "run"), tracking=tracking)
+    assert result["step"] == 20 and not result["stopped_early"]
+    assert time.perf_counter() - t0 < 60  # short client timeouts: no minutes-long retry loop
+
+
+def _wandb_records(path: Path) -> list:
+    """The records of an offline W&B run file: wandb's own reader left the SDK (0.31), so the framing (LevelDB's
+    log: 7-byte header, 32 KiB blocks, chunks of crc32 + length + type) is read here, the records by wandb's proto."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, buf, out, block = path.read_bytes(), 7, b"", [], 32768
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        buf += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST chunk
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(buf)
+            out.append(rec)
+            buf = b""
+    return out
+
+
+def test_wandb_offline_records_the_run(tmp_path):
+    fit_local(Toy, _cfg(tmp_path), tracking=_tracking(wandb={"project": "clipdense-test", "mode": "offline"}),
+              params={"seed": 3})
+    files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    records = _wandb_records(files[0])
+    history = [r.history for r in records if r.WhichOneof("record_type") == "history"]
+    assert [h.step.num for h in history] == [5, 10, 15, 20]
+    losses = [json.loads(i.value_json) for h in history for i in h.item if list(i.nested_key) == ["loss"]]
+    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert losses == pytest.approx([r["loss"] for r in logged if "loss" in r])
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert {u.key: u.value_json for u in run.config.update}["seed"] == "3"
+
+
+def test_a_missing_tracking_library_is_one_line_naming_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"tracking.mlflow needs the 'mlflow' package: pip install "
+                                          r"\"clipdense\[tracking\]\""):
+        fit_local(Toy, _cfg(tmp_path), tracking=_tracking(mlflow={"tracking_uri": str(tmp_path / "m")}))
