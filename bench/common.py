@@ -61,6 +61,33 @@ def markdown(payloads: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def latest_figures(payloads: list[dict]) -> list[dict]:
+    """The payloads with each figure (bench, metric) kept from its latest run only, and a failed figure
+    ("[bench] <subject> FAILED") dropped once a later run measured that subject: the table shows what holds now."""
+    def failed_subject(r: dict) -> str | None:
+        words = r["metric"].split()
+        if not words or words[-1] != "FAILED":
+            return None
+        return " ".join(words[1:-1] if words[0] == r["bench"] else words[:-1])
+
+    rows = [(p.get("date", ""), r) for p in payloads for r in p.get("rows", [])]
+    latest: dict[tuple[str, str], str] = {}
+    for date, r in rows:
+        key = (r["bench"], r["metric"])
+        latest[key] = max(latest.get(key, ""), date)
+
+    def current(date: str, r: dict) -> bool:
+        if latest[(r["bench"], r["metric"])] != date:
+            return False
+        subject = failed_subject(r)
+        return subject is None or not any(
+            d > date and o["bench"] == r["bench"] and o["metric"].startswith(subject + " ") and not failed_subject(o)
+            for d, o in rows)
+
+    return [{**p, "rows": [r for r in p["rows"] if current(p.get("date", ""), r)]} if "rows" in p else p
+            for p in payloads]
+
+
 def quiet_limit(cores: int | None = None) -> float:
     """The 1-minute load average above which a round counts as loaded: 1.5 on 2 cores (0.75 per core). A busy
     box once turned a 0.92x figure into a published 1.47x: the peer's loader workers lose more to other load."""
@@ -136,12 +163,3 @@ def median_rate(values: list[float], skip_first: bool = True) -> float:
     s = sorted(vals)
     mid = len(s) // 2
     return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
-
-
-class Timer:
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.t0

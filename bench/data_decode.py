@@ -99,7 +99,7 @@ def pipeline(paths: list[str], size: int, batch: int) -> tuple[float, float]:
     from clipdense.pretrain.data import build_datasets
 
     cfg = build_config(PretrainConfig, {
-        "model": {"name": "ViT-B-16"}, "captions": {"policy": "real"}, "ray": "off",
+        "model": {"name": "ViT-B-16"}, "captions": {"policy": "real"}, "ray": {"in_process": True},
         "data": {"shards": paths, "batch_size": batch, "decode_cpus": 1, "count_errors": False}})
     t0, c0 = time.perf_counter(), ray_cpu_seconds()
     train, _, _ = build_datasets(cfg, size)

@@ -30,7 +30,7 @@ def seg_config(backbone: str, size: int, batch: int, classes: int, channels: int
     from clipdense.dense import FinetuneConfig
 
     return build_config(FinetuneConfig, {
-        "task": "seg", "backbone": {"name": backbone}, "out_dir": out_dir, "runner": "local",
+        "task": "seg", "backbone": {"name": backbone}, "out_dir": out_dir, "ray": {"in_process": True},
         "data": {"root": out_dir, "num_classes": classes, "batch_size": batch, "crop_size": [size, size]},
         "head": {"channels": channels, "aux_channels": aux_channels},
         "train": {"schedule": {"total_steps": steps, "warmup_steps": 2}, "log_every": log_every,

@@ -97,7 +97,7 @@ def ours_pretrain(name: str, batch: int, steps: int, log_every: int, compile_: b
             return (pool[i % len(pool)] for i in range(c.start_batch, steps))
 
     def task():
-        cfg = {"model": {"name": name}, "data": {"shards": "unused", "batch_size": batch}, "ray": "off"}
+        cfg = {"model": {"name": name}, "data": {"shards": "unused", "batch_size": batch}, "ray": {"in_process": True}}
         return SyntheticBatches(cfg, {"size": size, "mean": (0.5,) * 3, "std": (0.5,) * 3})
 
     cuda = torch.cuda.is_available()

@@ -27,7 +27,7 @@ class RandomBatches(ClipPretrainTask):
                    "texts": [torch.randint(1, 49407, (B, 77), device="cuda", generator=g)]}
 
 def task():
-    cfg = {"model": {"name": "ViT-B-16"}, "data": {"shards": "x", "batch_size": B}, "ray": "off"}
+    cfg = {"model": {"name": "ViT-B-16"}, "data": {"shards": "x", "batch_size": B}, "ray": {"in_process": True}}
     return RandomBatches(cfg, {"size": 224, "mean": (0.5,) * 3, "std": (0.5,) * 3})
 
 COMPILE = os.environ.get("COMPILE") == "1"

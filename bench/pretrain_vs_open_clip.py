@@ -99,7 +99,7 @@ def run_clipdense(tars: list[Path], out: Path, batch: int, steps: int, steps_log
     from clipdense.pretrain import PretrainConfig, run
 
     cfg = build_config(PretrainConfig, {
-        "model": {"name": "clip-tiny"}, "captions": {"policy": "real"}, "ray": "off",
+        "model": {"name": "clip-tiny"}, "captions": {"policy": "real"}, "ray": {"in_process": True},
         "data": {"shards": [str(t) for t in tars], "batch_size": batch, "decode_cpus": 1, "count_errors": False},
         "train": {"out_dir": str(out), "optim": {"lr": 1e-3}, "schedule": {"total_steps": steps, "warmup_steps": 10},
                   "log_every": steps_log, "checkpoint": {"every_steps": 0}, "scaling": {"precision": "fp32"}}})

@@ -16,7 +16,7 @@ import json
 import sys
 import traceback
 
-from bench.common import RESULTS, markdown
+from bench.common import RESULTS, latest_figures, markdown
 
 CPU_BENCHES = {
     "pretrain": "bench.pretrain_vs_open_clip",
@@ -32,7 +32,7 @@ GPU_BENCHES = {"gpu": "bench.gpu"}
 def write_table() -> None:
     payloads = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
     (RESULTS / "README.md").write_text("# Benchmark results\n\nRegenerate with `python -m bench.run`.\n\n"
-                                       + markdown(payloads))
+                                       + markdown(latest_figures(payloads)))
 
 
 def main(argv=None) -> int:

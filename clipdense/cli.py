@@ -40,22 +40,10 @@ SHORTHANDS = {
 POSITIONAL = {"report": "results_dir"}
 
 
-class StageMissing(Exception):
-    pass
-
-
 def _load_stage(command: str):
     module_name, cls_name = STAGES[command]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name and (e.name == module_name or module_name.startswith(e.name + ".")):
-            raise StageMissing(command) from None
-        raise
-    cls = getattr(module, cls_name, None)
-    if cls is None or not hasattr(module, "run"):
-        raise StageMissing(command)
-    return cls, module.run
+    module = importlib.import_module(module_name)
+    return getattr(module, cls_name), module.run
 
 
 def _parser(command: str) -> argparse.ArgumentParser:
@@ -92,11 +80,7 @@ def run_stage(command: str, argv: list[str]) -> int:
         value = getattr(args, key, None)
         if value is not None:
             overrides.append(f"{key}={value}")
-    try:
-        cls, run = _load_stage(command)
-    except StageMissing:
-        print(f"clipdense {command}: this stage does not exist yet", file=sys.stderr)
-        return 2
+    cls, run = _load_stage(command)
     cfg = load_config(cls, args.config, overrides)
     if args.print_config:
         print(cfg.to_yaml() if hasattr(cfg, "to_yaml") else cfg.model_dump_json(indent=2), end="")
@@ -117,14 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command in TOOLS:
             module_name, fn = TOOLS[command].split(":")
-            try:
-                module = importlib.import_module(module_name)
-            except ModuleNotFoundError as e:
-                if e.name and module_name.startswith(e.name):
-                    print(f"clipdense {command}: this command does not exist yet", file=sys.stderr)
-                    return 2
-                raise
-            return int(getattr(module, fn)(rest) or 0)
+            return int(getattr(importlib.import_module(module_name), fn)(rest) or 0)
         if command not in STAGES:
             print(f"clipdense: unknown command {command!r} (choose from {', '.join(commands)})", file=sys.stderr)
             return 2

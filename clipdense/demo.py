@@ -25,6 +25,7 @@ from clipdense.config import Config, build_config, deep_merge, read_yaml
 from clipdense.data.synth.config import SynthConfig
 from clipdense.errors import ConfigError
 from clipdense.paths import configs_dir
+from clipdense.ray_session import OnRayConfig, RayConfig, StageConfig, ray_session
 from clipdense.sweep.config import SmallFractionSeeds
 
 # Scale of each step: a preset in configs/demo/ (`quick` proves the plumbing in minutes; `default` is the most the
@@ -72,12 +73,12 @@ def preset_path(name: str) -> Path:
     return configs_dir() / "demo" / f"{name}.yaml"
 
 
-class DemoConfig(Config):
+class DemoConfig(StageConfig):
     out: str = "runs/demo"
     quick: bool = Field(False, description="start from the quick preset (configs/demo/quick.yaml), else default.yaml")
     seed: int = 0
-    ray_num_cpus: int = Field(4, ge=1, description="logical CPUs of the local Ray (more than cores: Ray Data "
-                                                     "tasks run beside the training workers)")
+    # num_cpus: logical CPUs of the local Ray (more than cores: Ray Data tasks run beside the training workers)
+    ray: OnRayConfig = RayConfig(num_cpus=4)
     fresh: bool = Field(False, description="ignore finished steps of an earlier run in `out`")
     replicates: int = Field(1, ge=1, description="pretraining runs per condition (seeds seed .. seed+N-1): the "
                             "report's factor then resamples pretraining runs too (two-level bootstrap). N > 1 "
@@ -210,7 +211,7 @@ def probe_task(p: dict, world: Path, task: str) -> dict:
     steps = p["finetune_steps"]
     return {"name": task, "config": config, "overrides": {
         "train.schedule.total_steps": steps, "train.schedule.warmup_steps": max(1, steps // 10),
-        "train.log_every": max(1, steps // 5), "data.max_eval_images": p["eval_images"], "runner": "local",
+        "train.log_every": max(1, steps // 5), "data.max_eval_images": p["eval_images"], "ray.in_process": True,
         **PROBE, **own, "data.root": str(world / subdir)}}
 
 
@@ -239,6 +240,11 @@ def _sweep_cfg(p: dict, out: Path, world: Path, alt_ckpt: str, recap_ckpt: str, 
 
 
 def run(cfg: DemoConfig) -> dict:
+    with ray_session(cfg.ray):
+        return _run(cfg)
+
+
+def _run(cfg: DemoConfig) -> dict:
     import ray
 
     from clipdense import pretrain, recaption, sweep
@@ -248,11 +254,9 @@ def run(cfg: DemoConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     world, t_start = out / "world", time.time()
-    if not ray.is_initialized():
-        ray.init(num_cpus=cfg.ray_num_cpus, include_dashboard=False, log_to_driver=False)
     summary: dict = {"out": str(out), "preset": "quick" if cfg.quick else "default"}
     # the one training worker gets every core but one Ray CPU for the decode tasks feeding it (torch threads)
-    threads = max(1, min(os.cpu_count() or 1, cfg.ray_num_cpus - 1))
+    threads = max(1, min(os.cpu_count() or 1, int(ray.cluster_resources().get("CPU", 1)) - 1))
 
     with _step(out, 1, "generate the synthetic world", cfg.fresh) as s:
         if not s.done:

@@ -36,6 +36,23 @@ def test_markdown_table_lists_every_row_and_skips_files_without_rows():
     assert md[3].count("|") == md[0].count("|")  # an empty peer and ratio keep the column count
 
 
+def test_the_table_keeps_the_latest_run_of_each_figure():
+    old = {"date": "2026-11-24T17:00:00", "hardware": "gpu", "rows": [
+        common.row("gpu-pretrain", "ViT-B-16 samples/s", 1600.0, 1500.0, "peer", "samples/s"),
+        common.row("gpu-pretrain", "MobileCLIP-S2 FAILED", None, None, "", ""),
+        common.row("gpu-recaption", "coca_ViT-L-14 captions/s", 83.0, None, "", "captions/s")]}
+    mid = {"date": "2026-11-24T19:50:00", "hardware": "gpu", "rows": [
+        common.row("gpu-pretrain", "MobileCLIP-S2 samples/s", 340.0, 325.0, "peer", "samples/s"),
+        common.row("gpu-recaption", "gpu-recaption coca_ViT-L-14 FAILED", None, None, "", ""),
+        common.row("gpu-recaption", "ViT-L-14 FAILED", None, None, "", "")]}       # nothing later measured it
+    new = {"date": "2026-11-24T19:52:00", "hardware": "gpu", "rows": [
+        common.row("gpu-recaption", "coca_ViT-L-14 captions/s", 260.0, 134.0, "peer", "captions/s")]}
+    kept = common.latest_figures([old, mid, new, {"name": "adhoc"}])
+    assert [[r["metric"] for r in p.get("rows", [])] for p in kept] == [
+        ["ViT-B-16 samples/s"], ["MobileCLIP-S2 samples/s", "ViT-L-14 FAILED"], ["coca_ViT-L-14 captions/s"], []]
+    assert kept[2]["rows"][0]["ours"] == 260.0 and kept[3] == {"name": "adhoc"}
+
+
 def test_median_rate_drops_the_warmup_interval():
     assert common.median_rate([1.0, 10.0, 12.0, 11.0]) == 11.0
     assert common.median_rate([1.0, 10.0]) == 5.5  # too few intervals to drop one

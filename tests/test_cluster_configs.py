@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,7 +126,7 @@ def test_kuberay_rayjob_per_stage(stage):
     doc = _kuberay_docs()[f"rayjob-{stage}.yaml"]
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
     spec = doc["spec"]
-    assert f"jobs/{stage}.py" in spec["entrypoint"] and (ROOT / "jobs" / f"{stage}.py").is_file()
+    assert spec["entrypoint"].startswith(f"python -m clipdense.jobs.entry {stage} ")
     assert spec["shutdownAfterJobFinishes"] is True
     yaml.safe_load(spec.get("runtimeEnvYAML", "{}"))
     _check_cluster_spec(spec["rayClusterSpec"], f"rayjob-{stage}.yaml")
@@ -135,16 +137,21 @@ def test_dockerfile_base_image_and_install():
     froms = re.findall(r"^FROM\s+(\S+)", text, re.M)
     assert froms and re.fullmatch(r"rayproject/ray:2\.60\.\d+-py311-cu12\d", froms[0]), froms
     assert re.search(r"pip install[^\n]*\"\.\$\{EXTRAS\}\"", text)
-    for d in ("clipdense", "configs", "jobs"):
+    for d in ("clipdense", "configs"):
         assert re.search(rf"^COPY\b.*\b{d}\b", text, re.M), f"Dockerfile does not copy {d}/"
 
 
-def test_job_entrypoints_exist_for_every_stage():
+def test_one_job_entry_point_serves_every_stage():
+    from clipdense.cli import STAGES
     from clipdense.jobs import JOB_STAGES
 
-    for stage in JOB_STAGES:
-        text = (ROOT / "jobs" / f"{stage}.py").read_text()
-        assert f'run("{stage}"' in text
+    assert set(JOB_STAGES) - {"probe"} <= set(STAGES)
+    entry = [sys.executable, "-m", "clipdense.jobs.entry"]
+    r = subprocess.run([*entry, "finetune", "--print-config", "ray.in_process=true"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "in_process: true" in r.stdout, r.stderr[-2000:]
+    r = subprocess.run([*entry, "train"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "unknown stage 'train'" in r.stderr
 
 
 SECRET_PATTERNS = {
@@ -159,7 +166,7 @@ SECRET_PATTERNS = {
 
 def test_no_file_contains_something_like_a_secret():
     files = [p for p in CLUSTER.rglob("*") if p.is_file()]
-    files += list((ROOT / "jobs").glob("*.py")) + list((ROOT / "clipdense" / "jobs").glob("*.py"))
+    files += list((ROOT / "clipdense" / "jobs").glob("*.py"))
     assert len(files) >= 12
     for path in files:
         text = path.read_text()

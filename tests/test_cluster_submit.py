@@ -22,20 +22,20 @@ def _closed_port() -> int:
 
 def test_project_root_found_from_a_subfolder():
     assert find_project_root(ROOT / "tests") == ROOT
-    assert (find_project_root(ROOT / "tests") / "jobs" / "pretrain.py").is_file()
+    assert (find_project_root(ROOT / "tests") / "clipdense" / "jobs" / "entry.py").is_file()
 
 
 def test_job_for_a_config_inside_the_working_dir(tmp_path):
     wd = tmp_path / "proj"
-    (wd / "jobs").mkdir(parents=True)
-    (wd / "jobs" / "finetune.py").write_text("")
+    (wd / "clipdense" / "jobs").mkdir(parents=True)
+    (wd / "clipdense" / "jobs" / "entry.py").write_text("")
     (wd / "exp").mkdir()
     cfg = wd / "exp" / "my run.yaml"
     cfg.write_text("task: seg\n")
     entry, env = build_job(SubmitArgs(stage="finetune", config=str(cfg), overrides=["optim.lr=1e-4", "name=a b"],
                                       working_dir=str(wd), pip=["einops"], validate=False))
-    assert shlex.split(entry) == ["python", "jobs/finetune.py", "--config", "exp/my run.yaml", "optim.lr=1e-4",
-                                  "name=a b"]
+    assert shlex.split(entry) == ["python", "-m", "clipdense.jobs.entry", "finetune", "--config", "exp/my run.yaml",
+                                  "optim.lr=1e-4", "name=a b"]
     assert env["working_dir"] == str(wd.resolve()) and env["pip"] == ["einops"]
     assert ".venv/" in env["excludes"] and ".git/" in env["excludes"] and "runs/" in env["excludes"]
     assert env["excludes"] == EXCLUDES
@@ -70,8 +70,8 @@ def test_config_outside_working_dir_is_refused(tmp_path):
 
 
 def test_invalid_yaml_is_caught_before_submitting(tmp_path):
-    (tmp_path / "jobs").mkdir()
-    (tmp_path / "jobs" / "pretrain.py").write_text("")
+    (tmp_path / "clipdense" / "jobs").mkdir(parents=True)
+    (tmp_path / "clipdense" / "jobs" / "entry.py").write_text("")
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("a: [1\n")
     with pytest.raises(UserError, match="invalid YAML"):

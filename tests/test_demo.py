@@ -40,6 +40,7 @@ def test_default_sweep_probes_frozen_trunks_with_the_binned_depth_head(tmp_path)
         cfg = build_config(FinetuneConfig, t.finetune, t.name)
         assert cfg.backbone.frozen and cfg.head.kind == "linear" and cfg.train.schedule.total_steps == 200
         assert cfg.head.depth_bins == (256 if t.task == "depth" else 0)
+        assert cfg.ray.in_process is True  # trains inside the trial actor, no Ray Train workers
         assert cfg.data.root == str(tmp_path / "world" / ("nyu" if t.task == "depth" else "ade"))
         if t.task == "depth":
             assert cfg.train.optim.lr == 3e-3

@@ -59,7 +59,7 @@ class InMemoryBatches(ClipPretrainTask):
 def test_logit_scale_clamped_after_each_step(tmp_path, base, siglip, kind):
     name = _register_hot(base, siglip)
     cfg = build_config(PretrainConfig, {
-        "model": {"name": name}, "ray": "off", "data": {"batch_size": 4},
+        "model": {"name": name}, "ray": {"in_process": True}, "data": {"batch_size": 4},
         "train": {"out_dir": str(tmp_path), "optim": {"lr": 1e-3}, "log_every": 1, "eval_every": 0,
                   "schedule": {"total_steps": 2, "warmup_steps": 0}, "checkpoint": {"every_steps": 0}}})
     tasks = []
@@ -81,7 +81,7 @@ def test_logit_scale_clamped_after_each_step(tmp_path, base, siglip, kind):
 def test_pretrain_records_zeroshot_metrics(tmp_path):
     root = write_folder(tmp_path / "folder")
     cfg = build_config(PretrainConfig, {
-        "model": {"name": "clip-tiny"}, "ray": "off", "data": {"batch_size": 4},
+        "model": {"name": "clip-tiny"}, "ray": {"in_process": True}, "data": {"batch_size": 4},
         "eval": {"zeroshot": {"root": str(root), "templates": ["a photo of a {}."], "batch_size": 8}},
         "train": {"out_dir": str(tmp_path / "run"), "optim": {"lr": 1e-3}, "log_every": 1, "eval_every": 1,
                   "schedule": {"total_steps": 2, "warmup_steps": 0}, "checkpoint": {"every_steps": 0}}})
@@ -106,6 +106,6 @@ def test_pretrain_records_zeroshot_metrics(tmp_path):
 
 def test_pretrain_bad_zeroshot_root_is_one_line_error(tmp_path, capsys):
     rc = cli_main(["pretrain", "--config", "configs/pretrain/clip-tiny-shapes.yaml", f"train.out_dir={tmp_path}",
-                   f"eval.zeroshot.root={tmp_path}/missing", "ray=off"])
+                   f"eval.zeroshot.root={tmp_path}/missing", "ray.in_process=true"])
     err = capsys.readouterr().err
     assert rc == 2 and "eval.zeroshot.root: not a directory" in err and len(err.strip().splitlines()) == 1

@@ -23,7 +23,7 @@ def world(tmp_path_factory):
 
 def _cfg(world, **kw) -> PretrainConfig:
     data = {"data": {"shards": world["shards"], "recaptions": world["recaptions"], "batch_size": 8},
-            "captions": {"policy": "both"}, "eval": {"holdout": 6}, "ray": "off"}
+            "captions": {"policy": "both"}, "eval": {"holdout": 6}, "ray": {"in_process": True}}
     data.update(kw)
     return build_config(PretrainConfig, data)
 

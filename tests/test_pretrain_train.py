@@ -21,12 +21,12 @@ def world(tmp_path_factory):
     return write_world(tmp_path_factory.mktemp("world"), n_shards=2, per_shard=40, bad=True)
 
 
-def _cfg(world, out, policy="both", model="clip-tiny", ray="off", **train) -> PretrainConfig:
+def _cfg(world, out, policy="both", model="clip-tiny", in_process=True, **train) -> PretrainConfig:
     t = {"out_dir": str(out), "optim": {"lr": 2e-3}, "schedule": {"total_steps": 12, "warmup_steps": 2},
          "log_every": 4, "checkpoint": {"every_steps": 4}, "scaling": {"num_workers": 2, "cpus_per_worker": 0.5}}
     t.update(train)
     return build_config(PretrainConfig, {
-        "model": {"name": model}, "captions": {"policy": policy}, "ray": ray,
+        "model": {"name": model}, "captions": {"policy": policy}, "ray": {"in_process": in_process},
         "data": {"shards": world["shards"], "recaptions": world["recaptions"], "batch_size": 16,
                  "decode_cpus": 0.5},
         "eval": {"holdout": 8}, "train": t})
@@ -41,7 +41,7 @@ def _losses(out) -> list[float]:
 def ray_run(ray_local, world, tmp_path_factory):
     """policy `both` (DataCompDR) on 2 Ray Train workers reading a split Ray dataset."""
     out = tmp_path_factory.mktemp("ray_both")
-    return out, run(_cfg(world, out, "both", ray="local")), world
+    return out, run(_cfg(world, out, "both", in_process=False)), world
 
 
 def test_ray_two_workers_both_policy(ray_run):
@@ -74,9 +74,9 @@ def test_export_loads_in_open_clip(ray_run):
 @pytest.mark.slow
 def test_ray_resume_gives_identical_weights(ray_run, tmp_path):
     out, result, world = ray_run
-    cut = run(_cfg(world, tmp_path, "both", ray="local", stop_at_step=7))
+    cut = run(_cfg(world, tmp_path, "both", in_process=False, stop_at_step=7))
     assert cut["stopped_early"] and cut["step"] == 7
-    resumed = run(_cfg(world, tmp_path, "both", ray="local"))
+    resumed = run(_cfg(world, tmp_path, "both", in_process=False))
     assert resumed["restored_from_steps"] == [4] and resumed["step"] == 12
     a = torch.load(out / "export" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "export" / "model.pt", weights_only=True)
@@ -86,7 +86,7 @@ def test_ray_resume_gives_identical_weights(ray_run, tmp_path):
 def test_cached_training_set_gives_identical_weights(ray_run, tmp_path):
     """`data.cache` decodes once and replays the object-store copy each epoch: the same rows, crops and weights."""
     out, result, world = ray_run
-    cfg = _cfg(world, tmp_path, "both", ray="local")
+    cfg = _cfg(world, tmp_path, "both", in_process=False)
     cached = run(cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache": True})}))
     assert cached["step"] == 12 and cached["data"]["ok"] == result["data"]["ok"]
     a = torch.load(out / "export" / "model.pt", weights_only=True)
@@ -111,6 +111,6 @@ def test_coca_trains_with_caption_loss(ray_local, world, tmp_path):
 
 def test_cli_bad_input_is_one_line_error(ray_local, tmp_path, capsys):
     rc = cli_main(["pretrain", "--config", "configs/pretrain/clip-tiny-shapes.yaml", f"train.out_dir={tmp_path}",
-                   f"data.shards={tmp_path}/missing/*.tar", "ray=off"])
+                   f"data.shards={tmp_path}/missing/*.tar", "ray.in_process=true"])
     err = capsys.readouterr().err
     assert rc == 2 and "no input files match" in err and len(err.strip().splitlines()) == 1

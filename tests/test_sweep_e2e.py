@@ -39,7 +39,7 @@ def test_failed_trial_then_resume_without_rerunning_finished_ones(ray_local, ade
     ckpt = tmp_path / "recap" / "export" / "model.pt"          # the recaptioned CLIP is not exported yet
     data = _tiny(ade_root, tmp_path / "sweep")
     data["backbones"][1]["backbone"]["checkpoint"] = str(ckpt)
-    data["tasks"][0]["overrides"]["runner"] = "local"              # in the trial actor (the ASHA test uses Ray Train)
+    data["tasks"][0]["overrides"]["ray.in_process"] = True        # in the trial actor (the ASHA test uses Ray Train)
     first = run(build_config(SweepConfig, data))
 
     trials = tmp_path / "sweep" / "trials"

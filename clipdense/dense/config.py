@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from clipdense.config import Config
+from clipdense.ray_session import RayConfig, StageConfig
 from clipdense.train.config import OptimConfig, ScheduleConfig, TrainConfig
 
 
@@ -121,7 +122,7 @@ class EvalConfig(Config):
     batch_size: int = Field(1, ge=1)
 
 
-class FinetuneConfig(Config):
+class FinetuneConfig(StageConfig):
     task: Literal["seg", "depth", "det"] = "seg"
     backbone: BackboneConfig = BackboneConfig()
     data: DataConfig = DataConfig()
@@ -130,7 +131,7 @@ class FinetuneConfig(Config):
     train: FinetuneTrain = FinetuneTrain()  # optim, schedule, scaling (workers, GPU), eval_every, seed (init + aug)
     out_dir: str = "runs/finetune"  # metrics.json, metrics.jsonl, checkpoints
     save_predictions: str | None = None  # write final predictions in the dataset's own format here
-    runner: Literal["auto", "local", "ray"] = "auto"  # auto: Ray Train if train.scaling.num_workers > 1 or callbacks
+    ray: RayConfig = RayConfig()  # in_process null: Ray Train if train.scaling.num_workers > 1 or in a Tune trial
 
     @model_validator(mode="after")
     def _head_fits_task(self):

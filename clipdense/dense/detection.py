@@ -28,8 +28,3 @@ def build_detector(backbone: nn.Module, num_classes: int, head: HeadConfig) -> n
                       min_size=head.min_size, max_size=head.max_size, image_mean=list(backbone.mean),
                       image_std=list(backbone.std), box_detections_per_img=head.box_detections_per_img,
                       box_batch_size_per_image=head.box_batch_size_per_image)
-
-
-def detector_backbone(detector: nn.Module) -> nn.Module:
-    """The pyramid backbone inside a detector built by `build_detector`."""
-    return detector.backbone.body

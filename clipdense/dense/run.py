@@ -8,6 +8,7 @@ from clipdense.dense.config import FinetuneConfig
 from clipdense.dense.datasets import build_eval_dataset, build_train_dataset
 from clipdense.dense.task import DenseTaskFactory
 from clipdense.errors import UserError
+from clipdense.ray_session import ray_session
 
 
 def find_user_error(exc: BaseException) -> UserError | None:
@@ -45,8 +46,8 @@ def absolute_paths(cfg: FinetuneConfig) -> FinetuneConfig:
 def run(cfg: FinetuneConfig, *, ray_callbacks: list | None = None, name: str | None = None) -> dict:
     """Finetune and evaluate; writes `out_dir/metrics.json` and returns {"out_dir", "metrics", "metrics_json"}.
 
-    Runs in this process unless `runner` is "ray", or "auto" with `train.scaling.num_workers > 1` or
-    `ray_callbacks` (e.g. [TuneReportCallback()] from a Tune trial), which run it as a Ray Train job.
+    Runs in this process when `ray.in_process` is true, or null with one worker (`train.scaling.num_workers`)
+    and no `ray_callbacks` (e.g. [TuneReportCallback()] from a Tune trial); else as a Ray Train job.
     A rerun with the same out_dir resumes from its last checkpoint."""
     from clipdense.train import fit, fit_local
 
@@ -57,12 +58,15 @@ def run(cfg: FinetuneConfig, *, ray_callbacks: list | None = None, name: str | N
     build_eval_dataset(cfg)
     train_cfg = cfg.train.model_copy(update={"out_dir": str(out)})
     factory = DenseTaskFactory(cfg.model_dump(mode="json"))
-    use_ray = cfg.runner == "ray" or (cfg.runner == "auto" and (cfg.train.scaling.num_workers > 1 or ray_callbacks))
+    in_process = cfg.ray.in_process
+    if in_process is None:
+        in_process = cfg.train.scaling.num_workers == 1 and not ray_callbacks
     try:
-        if use_ray:
-            summary = fit(factory, train_cfg, callbacks=ray_callbacks, name=name)
-        else:
+        if in_process:
             summary = fit_local(factory, train_cfg)
+        else:
+            with ray_session(cfg.ray):
+                summary = fit(factory, train_cfg, callbacks=ray_callbacks, name=name)
     except Exception as e:
         user = find_user_error(e)
         if user is not None and user is not e:

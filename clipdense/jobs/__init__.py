@@ -1,5 +1,6 @@
 """Run stages as Ray jobs: `clipdense submit` (jobs on any Ray cluster) and `clipdense cluster` (a local
 autoscaling cluster). Entry points for the CLI: `submit.main_submit(argv)` and `cluster.main_cluster(argv)`."""
 
-# Stages that have a job entrypoint `jobs/<stage>.py`; `probe` is a cluster smoke test, not a pipeline stage.
+# Stages a job can run (`python -m clipdense.jobs.entry STAGE ...`); `probe` is a cluster smoke test, not a pipeline
+# stage.
 JOB_STAGES = ("recaption", "pretrain", "finetune", "sweep", "demo", "probe")

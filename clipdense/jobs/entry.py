@@ -1,31 +1,23 @@
-"""What a Ray job runs: join the cluster, then run one stage through the CLI's dispatcher.
+"""What a Ray job runs: `python -m clipdense.jobs.entry STAGE [--config FILE] [key=value ...]`.
 
-`jobs/<stage>.py` call `run(stage, argv)`; images without the checkout can run `python -m clipdense.jobs.entry
-STAGE --config FILE [key=value ...]` instead.
+One entry point for every stage (`clipdense.jobs.JOB_STAGES`), with the project checkout as the job's working_dir
+(`-m` puts the working dir first on sys.path, so the uploaded clipdense wins over an installed one) or inside an
+image that has clipdense installed. The stage joins the cluster itself: Ray sets RAY_ADDRESS for a job's driver,
+and `clipdense.ray_session` joins it.
 """
 from __future__ import annotations
 
-import os
 import sys
 
-
-def connect_ray() -> None:
-    """Join the running cluster if there is one (inside a Ray job RAY_ADDRESS is set); else the stage starts Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address="auto")
-        return
-    try:
-        ray.init(address="auto")
-    except ConnectionError:
-        pass  # no cluster here: the stage runs on a local Ray of its own
+USAGE = "usage: python -m clipdense.jobs.entry STAGE [--config FILE] [key=value ...]"
 
 
 def run(stage: str, argv: list[str]) -> int:
-    connect_ray()
+    from clipdense.jobs import JOB_STAGES
+
+    if stage not in JOB_STAGES:
+        print(f"unknown stage {stage!r} (choose from {', '.join(JOB_STAGES)})", file=sys.stderr)
+        return 2
     if stage == "probe":
         from clipdense.jobs.probe import main as probe_main
 
@@ -37,6 +29,6 @@ def run(stage: str, argv: list[str]) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) < 2:
-        print("usage: python -m clipdense.jobs.entry STAGE [--config FILE] [key=value ...]", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         sys.exit(2)
     sys.exit(run(sys.argv[1], sys.argv[2:]))

@@ -25,17 +25,22 @@ def parse(argv: list[str]) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    from clipdense.ray_session import ray_session
 
     try:
         opts = parse(argv)
     except ValueError as e:
         print(e, file=sys.stderr)
         return 2
-    if not ray.is_initialized():
-        ray.init()
+    with ray_session():  # inside a job: the cluster (RAY_ADDRESS)
+        return _probe(opts)
+
+
+def _probe(opts: dict) -> int:
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     n, cpus = opts["nodes"], opts["cpus"]
 
     @ray.remote(num_cpus=cpus)

@@ -5,9 +5,10 @@
     clipdense submit status|logs|stop JOB_ID [--address URL] [--follow]
     clipdense submit list [--address URL]
 
-The job runs `python jobs/<stage>.py --config <path inside working_dir> key=value ...` with the project checkout as
-its `working_dir` (uploaded by Ray, minus .venv/.git/runs/...), or, with `--image-uri`, `python -m
-clipdense.jobs.entry STAGE ...` inside that image (Ray cannot combine an image with working_dir or pip). Without
+The job runs `python -m clipdense.jobs.entry STAGE --config <path inside working_dir> key=value ...` with the
+project checkout as its `working_dir` (uploaded by Ray, minus .venv/.git/runs/...), or, with `--image-uri`, the same
+command inside that image (Ray cannot combine an image with working_dir or pip; the config path is the image's).
+Without
 `--follow`/`--no-wait` it waits and exits 0 if the job succeeded, 1 otherwise. User mistakes exit 2 with one line.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ MANAGE = ("status", "logs", "stop", "list")
 EXCLUDES = [".venv/", "venv/", ".git/", "runs/", "out/", "build/", "dist/", "*.egg-info/", "__pycache__/",
             ".pytest_cache/", "bench/results/", ".whl/", ".gl/", "*.pt", "*.ckpt", "*.safetensors"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+ENTRY_FILE = "clipdense/jobs/entry.py"   # the one job entry point, run as `python -m clipdense.jobs.entry`
 
 
 @dataclass
@@ -50,14 +52,15 @@ class SubmitArgs:
 
 
 def find_project_root(start: Path | None = None) -> Path:
-    """The checkout holding `jobs/` and `clipdense/`: from the cwd upwards, else where this package lives."""
+    """The checkout holding `pyproject.toml` and the job entry point: from the cwd upwards, else where this
+    package lives."""
     here = (start or Path.cwd()).resolve()
     candidates = [here, *here.parents, Path(__file__).resolve().parents[2]]
     for d in candidates:
-        if (d / "jobs").is_dir() and (d / "clipdense").is_dir():
+        if (d / "pyproject.toml").is_file() and (d / ENTRY_FILE).is_file():
             return d
-    raise UserError("cannot find the project root (a folder with jobs/ and clipdense/): run from the checkout "
-                    "or pass --working-dir")
+    raise UserError(f"cannot find the project root (a folder with pyproject.toml and {ENTRY_FILE}): run from the "
+                    "checkout or pass --working-dir")
 
 
 def _config_in_working_dir(config: Path, working_dir: Path) -> str:
@@ -91,6 +94,11 @@ def _validate_config(stage: str, config: Path | None, overrides: list[str]) -> N
     load_config(cls, config, overrides)
 
 
+def entry_command(stage: str, args: list[str]) -> str:
+    """The job's entrypoint: the one entry module with the stage and its arguments."""
+    return shlex.join(["python", "-m", "clipdense.jobs.entry", stage, *args])
+
+
 def build_job(a: SubmitArgs) -> tuple[str, dict]:
     """(entrypoint, runtime_env) for a submission; raises UserError for unknown stages and stray config files."""
     if a.stage not in JOB_STAGES:
@@ -111,14 +119,12 @@ def build_job(a: SubmitArgs) -> tuple[str, dict]:
             raise UserError("--image-uri cannot be combined with --pip or --working-dir (Ray runs the job inside "
                             "the image; bake packages and code into it)")
         args = (["--config", a.config] if a.config else []) + a.overrides
-        entry = shlex.join(["python", "-m", "clipdense.jobs.entry", a.stage, *args])
-        return entry, {"image_uri": a.image_uri, "env_vars": {"PYTHONUNBUFFERED": "1"}}
+        return entry_command(a.stage, args), {"image_uri": a.image_uri, "env_vars": {"PYTHONUNBUFFERED": "1"}}
     working_dir = Path(a.working_dir).expanduser().resolve() if a.working_dir else find_project_root()
     if not working_dir.is_dir():
         raise UserError(f"working dir not found: {working_dir}")
-    if not (working_dir / "jobs" / f"{a.stage}.py").is_file():
-        raise UserError(f"{working_dir / 'jobs' / (a.stage + '.py')} not found: --working-dir must be the "
-                        "project checkout")
+    if not (working_dir / ENTRY_FILE).is_file():
+        raise UserError(f"{working_dir / ENTRY_FILE} not found: --working-dir must be the project checkout")
     args = []
     if config is not None:
         if not config.is_file():
@@ -126,7 +132,7 @@ def build_job(a: SubmitArgs) -> tuple[str, dict]:
         args = ["--config", _config_in_working_dir(config, working_dir)]
     if a.validate and a.stage != "probe":
         _validate_config(a.stage, config, a.overrides)
-    entry = shlex.join(["python", f"jobs/{a.stage}.py", *args, *a.overrides])
+    entry = entry_command(a.stage, [*args, *a.overrides])
     runtime_env: dict = {"working_dir": str(working_dir), "excludes": list(EXCLUDES),
                          "env_vars": {"PYTHONUNBUFFERED": "1"}}
     if a.pip:

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from clipdense.config import Config
 from clipdense.eval.config import ZeroShotConfig
+from clipdense.ray_session import RayConfig, StageConfig
 from clipdense.train.config import OptimConfig, ScheduleConfig, TrainConfig
 
 
@@ -68,27 +69,18 @@ class PretrainTrain(TrainConfig):
     out_dir: str = "runs/pretrain"
 
 
-class PretrainConfig(Config):
+class PretrainConfig(StageConfig):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     captions: CaptionConfig = CaptionConfig()
     loss: LossConfig = LossConfig()
     eval: EvalConfig = EvalConfig()
     train: PretrainTrain = PretrainTrain()
-    ray: Literal["auto", "local", "off"] = Field(
-        "auto", description="auto/local: Ray Train workers (joins a running Ray, else starts a local one); "
-                            "off: train in this process (world size 1), data still via Ray Data")
-    ray_address: str | None = None
-    ray_num_cpus: int | None = Field(None, ge=1, description="logical CPUs when starting a local Ray")
-
-    @field_validator("ray", mode="before")
-    @classmethod
-    def _yaml_off(cls, v):
-        return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v  # YAML reads `off` as false
+    ray: RayConfig = RayConfig()  # in_process true: train in this process (world size 1), data still via Ray Data
 
     @model_validator(mode="after")
     def _batch_divides(self):
-        n = self.train.scaling.num_workers if self.ray != "off" else 1
+        n = self.train.scaling.num_workers if not self.ray.in_process else 1
         if self.data.batch_size % n:
             raise ValueError(f"data.batch_size ({self.data.batch_size}) must be divisible by "
                              f"train.scaling.num_workers ({n})")

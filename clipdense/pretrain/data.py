@@ -24,6 +24,7 @@ from clipdense.data.rows import error_columns, errors_from, row_error
 from clipdense.errors import DataError
 from clipdense.pretrain.captions import missing_for
 from clipdense.pretrain.config import PretrainConfig
+from clipdense.ray_session import data_context
 
 
 @functools.lru_cache(maxsize=2)  # rows come shard by shard; a DataCompDR shard's embeddings are large
@@ -210,9 +211,11 @@ def first_ok_keys(joined, n: int) -> tuple[list[str], int]:
 
 def build_datasets(cfg: PretrainConfig, image_size: int) -> tuple[object, object | None, dict]:
     """(train dataset, eval dataset or None, counts) as lazy Ray Datasets of key/caption/syn_captions/pixels."""
-    from ray.data import DataContext
+    with data_context({"execution_options.preserve_order": True}):  # the same rows in the same order each epoch
+        return _build_datasets(cfg, image_size)
 
-    DataContext.get_current().execution_options.preserve_order = True  # the same rows in the same order each epoch
+
+def _build_datasets(cfg: PretrainConfig, image_size: int) -> tuple[object, object | None, dict]:
     policy = cfg.captions.policy
     joined = joined_rows(cfg.data.shards, cfg.data.recaptions, policy, cfg)
     counts = count_rows(joined) if cfg.data.count_errors else {}

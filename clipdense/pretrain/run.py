@@ -7,6 +7,7 @@ from pathlib import Path
 
 from clipdense.errors import ConfigError
 from clipdense.pretrain.config import PretrainConfig
+from clipdense.ray_session import ray_session
 
 
 def model_preprocess(name: str, pretrained: str | None) -> tuple[dict, dict]:
@@ -28,14 +29,6 @@ def model_preprocess(name: str, pretrained: str | None) -> tuple[dict, dict]:
     return {"size": int(size), "mean": tuple(pp["mean"]), "std": tuple(pp["std"])}, params
 
 
-def _ensure_ray(cfg: PretrainConfig) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address, num_cpus=cfg.ray_num_cpus if not cfg.ray_address else None,
-                 include_dashboard=False, log_to_driver=False)
-
-
 def run(cfg: PretrainConfig) -> dict:
     from ray.train import DataConfig
 
@@ -50,17 +43,17 @@ def run(cfg: PretrainConfig) -> dict:
         zs = cfg.eval.zeroshot
         resolve_prompts(index_folder(zs.root, zs.max_images, "eval.zeroshot.root"), zs.classnames, zs.templates,
                         "eval.zeroshot")
-    _ensure_ray(cfg)
-    train_ds, eval_ds, counts = build_datasets(cfg, pp["size"])
-    datasets = {"train": train_ds, **({"eval": eval_ds} if eval_ds is not None else {})}
-    factory = functools.partial(ClipPretrainTask, cfg.model_dump(mode="json"), pp)
-    if cfg.ray == "off":
-        result = fit_local(factory, cfg.train, datasets=datasets)
-    else:
-        options = DataConfig.default_ingest_options()
-        options.preserve_order = True  # deterministic split among workers + order: exact resume
-        result = fit(factory, cfg.train, datasets=datasets,
-                     dataset_config=DataConfig(datasets_to_split=["train"], execution_options=options))
+    with ray_session(cfg.ray):
+        train_ds, eval_ds, counts = build_datasets(cfg, pp["size"])
+        datasets = {"train": train_ds, **({"eval": eval_ds} if eval_ds is not None else {})}
+        factory = functools.partial(ClipPretrainTask, cfg.model_dump(mode="json"), pp)
+        if cfg.ray.in_process:
+            result = fit_local(factory, cfg.train, datasets=datasets)
+        else:
+            options = DataConfig.default_ingest_options()
+            options.preserve_order = True  # deterministic split among workers + order: exact resume
+            result = fit(factory, cfg.train, datasets=datasets,
+                         dataset_config=DataConfig(datasets_to_split=["train"], execution_options=options))
     summary = {"model": cfg.model.name, "policy": cfg.captions.policy, **params, "data": counts, **result}
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)

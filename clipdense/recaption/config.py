@@ -6,6 +6,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from clipdense.config import Config
+from clipdense.ray_session import OnRayConfig, RayConfig, StageConfig
 
 # DataCompDR (apple/ml-mobileclip-dr scripts/gen.py): open_clip coca_ViT-L-14, 5 samples, top-p 0.9, seq_len 30.
 DATACOMPDR_COCA = "coca_ViT-L-14"
@@ -93,7 +94,7 @@ class FaultConfig(Config):
     engine_fail_marker: str | None = None              # calls whose batch has a caption containing this raise
 
 
-class RecaptionConfig(Config):
+class RecaptionConfig(StageConfig):
     input: str | list[str]              # tar/Parquet shards: paths, dirs, globs, {a..b} ranges, s3://
     output: str                         # directory (local or s3://): one <shard>.parquet per input shard
     s3_endpoint: str | None = None      # S3-compatible endpoint (else env AWS_ENDPOINT_URL)
@@ -102,4 +103,4 @@ class RecaptionConfig(Config):
     decode: DecodeConfig = DecodeConfig()
     stats: StatsConfig = StatsConfig()
     fault: FaultConfig = FaultConfig()
-    ray_address: str | None = None      # None: join the running Ray (or start a local one); "auto": a cluster
+    ray: OnRayConfig = RayConfig()      # where it runs: a local Ray, or a cluster's address (clipdense.ray_session)

@@ -6,7 +6,6 @@ one Parquet file per input shard (writer.py). Ray Data's progress bars show each
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
 import os
@@ -20,6 +19,7 @@ from clipdense.data.paths import expand_shards
 from clipdense.data.rows import error_columns, errors_from, exception_detail, row_error
 from clipdense.data.shards import write_parquet
 from clipdense.errors import ConfigError
+from clipdense.ray_session import data_context, ray_session
 from clipdense.recaption.config import EngineConfig, FaultConfig, RecaptionConfig
 from clipdense.recaption.decode import ImageInput, decode_batch
 from clipdense.recaption.engines import build_captioner, check_output, image_input, provenance
@@ -125,45 +125,35 @@ def check_engine(cfg: RecaptionConfig) -> None:
             raise ConfigError(f"engine.seq_len {e.seq_len} exceeds {e.model_name}'s context length {ctx}")
         coca_image_size(e.model_name)
     py_exe = (e.runtime_env or {}).get("py_executable")
-    if e.kind == "vllm" and py_exe and not cfg.ray_address and not os.path.isfile(py_exe.split()[0]):
+    if e.kind == "vllm" and py_exe and not cfg.ray.target() and not os.path.isfile(py_exe.split()[0]):
         raise ConfigError(f"engine.runtime_env.py_executable: not found: {py_exe} (build one with "
                           "`clipdense vllm-env DIR`)")
-    if e.kind == "vllm" and not py_exe and not cfg.ray_address and importlib.util.find_spec("vllm") is None:
+    if e.kind == "vllm" and not py_exe and not cfg.ray.target() and importlib.util.find_spec("vllm") is None:
         raise ConfigError("engine.kind=vllm needs vLLM: pip install 'clipdense[vllm]' (GPU), or build a CPU vLLM "
                           "env with `clipdense vllm-env DIR` and set engine.runtime_env.py_executable=DIR/bin/python")
-    if e.kind == "vllm" and not cfg.ray_address and e.model_name.startswith(("/", ".", "~")) \
+    if e.kind == "vllm" and not cfg.ray.target() and e.model_name.startswith(("/", ".", "~")) \
             and not os.path.isdir(os.path.expanduser(e.model_name)):
         raise ConfigError(f"engine.model: model directory not found: {e.model_name}")
     if e.num_gpus == 0 and e.device == "cuda":
         raise ConfigError("engine.device=cuda needs engine.num_gpus > 0 (actors see no GPU otherwise)")
 
 
-@contextlib.contextmanager
-def data_context():
-    """Ray Data settings of this pipeline, on the process's current DataContext while we plan and run (read
-    parallelism is planned from the current context at execution time), restored afterwards.
-    - preserve_order: result blocks arrive in input order, which the per-shard writer relies on;
-    - read_op_min_num_blocks=1: read parallelism from the shards and the CPUs only, so reads are not split
-      into extra blocks (a split also stops Ray from fusing read and decode into one task)."""
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    old = ctx.execution_options.preserve_order, ctx.read_op_min_num_blocks
-    ctx.execution_options.preserve_order, ctx.read_op_min_num_blocks = True, 1
-    try:
-        yield ctx
-    finally:
-        ctx.execution_options.preserve_order, ctx.read_op_min_num_blocks = old
+# Ray Data settings of this pipeline, on the process's DataContext while we plan and run (read parallelism is
+# planned from the current context at execution time), restored afterwards:
+# - preserve_order: result blocks arrive in input order, which the per-shard writer relies on;
+# - read_op_min_num_blocks=1: read parallelism from the shards and the CPUs only, so reads are not split into extra
+#   blocks (a split also stops Ray from fusing read and decode into one task).
+DATA_CONTEXT = {"execution_options.preserve_order": True, "read_op_min_num_blocks": 1}
 
 
 def build_dataset(cfg: RecaptionConfig, inputs: list[str], spec: ImageInput):
     """The lazy Ray Dataset of result rows (key, caption, syn_captions, error, shard), in input order.
-    Iterate it inside `data_context()`."""
+    Iterate it inside `data_context(DATA_CONTEXT)`."""
     import ray.data
 
     from clipdense.data.shards import read_shards
 
-    with data_context():
+    with data_context(DATA_CONTEXT):
         ds = read_shards(inputs, validate="none", s3_endpoint=cfg.s3_endpoint)  # decode_batch checks fully
     ds.context.execution_options.preserve_order, ds.context.read_op_min_num_blocks = True, 1
     ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=cfg.decode.batch_size,
@@ -180,15 +170,6 @@ def build_dataset(cfg: RecaptionConfig, inputs: list[str], spec: ImageInput):
         runtime_env=e.runtime_env or {})
 
 
-def _ensure_ray(address: str | None) -> bool:
-    import ray
-
-    if ray.is_initialized():
-        return False
-    ray.init(address=address)
-    return True
-
-
 def execute(cfg: RecaptionConfig, plan: Plan) -> tuple[ShardAssembler, float]:
     spec = image_input(cfg.engine, cfg.decode)
     assembler = ShardAssembler(plan, provenance(cfg.engine),
@@ -196,7 +177,7 @@ def execute(cfg: RecaptionConfig, plan: Plan) -> tuple[ShardAssembler, float]:
                                keep_images=cfg.keep_images, fail_after_shards=cfg.fault.fail_after_shards)
     ds = build_dataset(cfg, list(plan.todo.values()), spec)
     t0 = time.perf_counter()
-    with data_context():
+    with data_context(DATA_CONTEXT):
         try:
             for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 assembler.add(block)
@@ -216,18 +197,12 @@ def run(cfg: RecaptionConfig) -> dict:
     check_engine(cfg)
     plan = plan_shards(expand_shards(cfg.input, s3_endpoint=cfg.s3_endpoint)[0], cfg.output, cfg.s3_endpoint)
     todo = plan.todo
-    started = False
     written, seconds, counts = [], 0.0, None
-    try:
-        if todo:
-            started = _ensure_ray(cfg.ray_address)
+    if todo:
+        with ray_session(cfg.ray, log_to_driver=True):
             assembler, seconds = execute(cfg, plan)
-            written, counts = assembler.written, assembler.counts
-        stats = write_stats(cfg, plan) if cfg.stats.enabled else None
-    finally:
-        if started:
-            import ray
-            ray.shutdown()
+        written, counts = assembler.written, assembler.counts
+    stats = write_stats(cfg, plan) if cfg.stats.enabled else None
     rows = counts.rows if counts else 0
     summary = {
         "output": cfg.output,

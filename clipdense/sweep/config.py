@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from clipdense.config import Config
+from clipdense.ray_session import OnRayConfig, RayConfig
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")   # names become directory names
 
@@ -112,9 +113,9 @@ class SchedulerConfig(Config):
 class ResourcesConfig(Config):
     """What a Tune trial actor holds. A sweep's finetune runs on Ray Train workers (they request their own
     `train.scaling` resources), so by default the trial actor, which only waits for them, holds nothing; a
-    finetune with `runner: local` trains inside the actor, which then holds its worker's CPUs/GPU."""
-    cpu: float | None = Field(None, ge=0, description="default: 0, or train.scaling.cpus_per_worker (runner local)")
-    gpu: float | None = Field(None, ge=0, description="default: 0, or 1 if use_gpu (runner local)")
+    finetune with `ray.in_process: true` trains inside the actor, which then holds its worker's CPUs/GPU."""
+    cpu: float | None = Field(None, ge=0, description="default: 0, or train.scaling.cpus_per_worker (in_process)")
+    gpu: float | None = Field(None, ge=0, description="default: 0, or 1 if use_gpu (in_process)")
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: from ray.cluster_resources()")
 
 
@@ -172,6 +173,7 @@ class SweepConfig(Config):
     report: ReportSettings = Field(default_factory=ReportSettings)
     run_report: bool = True
     verbose: int = Field(1, ge=0, le=2)
+    ray: OnRayConfig = RayConfig()  # the Ray the Tune driver joins or starts (trials carry their own `ray`)
 
     @field_validator("name")
     @classmethod

@@ -3,7 +3,8 @@
 The trial function (`tune.with_resources`, per-trial resources) builds the trial's FinetuneConfig and calls
 `dense.run(cfg, ray_callbacks=[TuneReportCallback subclass], name=<stable per trial>)`: the finetune runs on Ray
 Train workers and reports every eval interval to Tune through the callback (so ASHA can stop it); the trial then
-reports the final metrics itself. With `runner: local` the finetune trains inside the trial actor instead. Results live in `<out>/trials/<task>/<backbone>/f<fraction>/s<seed>`
+reports the final metrics itself. With `ray.in_process: true` the finetune trains inside the trial actor instead.
+Results live in `<out>/trials/<task>/<backbone>/f<fraction>/s<seed>`
 (+ `/hp-<hash>` for hyperparameter samples): `trial.json` (coordinates) and the finetune's `metrics.json`.
 
 Resume, twice over: Tune state lives in `<out>/tune/<name>-<grid hash>` and is `Tuner.restore`d (unfinished and
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from clipdense.config import build_config, set_dotted
+from clipdense.ray_session import ray_session
 from clipdense.sweep.config import SearchDim, SweepConfig
 from clipdense.sweep.grid import (METRICS_FILE, TRIAL_FILE, Trial, expand, flat_metrics, grid_hash, hparam_label,
                                   trial_dir)
@@ -100,7 +102,7 @@ def trial_resources(cfg: SweepConfig, ft_cfgs: list) -> tuple[dict[str, float], 
     holds, total = {"CPU": 0.0, "GPU": 0.0}, {"CPU": 0.0, "GPU": 0.0}
     for c in ft_cfgs:
         sc = c.train.scaling
-        local = c.runner == "local"
+        local = c.ray.in_process is True
         gpu = sc.gpus_per_worker if sc.use_gpu else 0.0
         h = {"CPU": cfg.resources.cpu if cfg.resources.cpu is not None else (sc.cpus_per_worker if local else 0.0),
              "GPU": cfg.resources.gpu if cfg.resources.gpu is not None else (min(gpu, 1.0) if local else 0.0)}
@@ -139,54 +141,53 @@ def run_tune(cfg: SweepConfig, trials: list[Trial] | None = None) -> dict:
     if not pending:
         return summary
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=cfg.verbose > 1)
-    holds, per_trial = trial_resources(cfg, ft_cfgs)
-    concurrency = max_concurrent(cfg, per_trial, ray.cluster_resources())
-    summary["max_concurrent_trials"] = concurrency
-    # Tune refuses an empty request: a waiting trial actor takes a token CPU share
-    trainable = tune.with_resources(tune.with_parameters(_trial_fn, specs=specs),
-                                    {k: v for k, v in holds.items() if v > 0} or {"CPU": TOKEN_CPU})
-    exp_name = f"{cfg.name}-{grid_hash(trials, cfg)}"
-    exp_path = out / "tune" / exp_name
-    if tune.Tuner.can_restore(str(exp_path)):
-        tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True,
-                                   restart_errored=True)
-        summary["restored"] = str(exp_path)
-    else:
-        from ray.tune.search.basic_variant import BasicVariantGenerator
+    with ray_session(cfg.ray, log_to_driver=cfg.verbose > 1):
+        holds, per_trial = trial_resources(cfg, ft_cfgs)
+        concurrency = max_concurrent(cfg, per_trial, ray.cluster_resources())
+        summary["max_concurrent_trials"] = concurrency
+        # Tune refuses an empty request: a waiting trial actor takes a token CPU share
+        trainable = tune.with_resources(tune.with_parameters(_trial_fn, specs=specs),
+                                        {k: v for k, v in holds.items() if v > 0} or {"CPU": TOKEN_CPU})
+        exp_name = f"{cfg.name}-{grid_hash(trials, cfg)}"
+        exp_path = out / "tune" / exp_name
+        if tune.Tuner.can_restore(str(exp_path)):
+            tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True,
+                                       restart_errored=True)
+            summary["restored"] = str(exp_path)
+        else:
+            from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        param_space: dict[str, Any] = {"trial": tune.grid_search(pending)}
-        if cfg.search_space:
-            param_space["hp"] = {k: _search_dim(v) for k, v in cfg.search_space.items()}
-        scheduler = None
-        if cfg.scheduler.type == "asha":
-            from ray.tune.schedulers import ASHAScheduler
+            param_space: dict[str, Any] = {"trial": tune.grid_search(pending)}
+            if cfg.search_space:
+                param_space["hp"] = {k: _search_dim(v) for k, v in cfg.search_space.items()}
+            scheduler = None
+            if cfg.scheduler.type == "asha":
+                from ray.tune.schedulers import ASHAScheduler
 
-            sc = cfg.scheduler
-            scheduler = ASHAScheduler(time_attr=sc.time_attr, metric=report_metric,
-                                      mode=sc.mode or trials[0].mode, max_t=sc.max_t,
-                                      grace_period=sc.grace_period, reduction_factor=sc.reduction_factor)
-        tuner = tune.Tuner(
-            trainable, param_space=param_space,
-            tune_config=tune.TuneConfig(
-                num_samples=cfg.num_samples, scheduler=scheduler, trial_dirname_creator=_dirname,
-                search_alg=BasicVariantGenerator(max_concurrent=concurrency, random_state=cfg.search_seed)),
-            run_config=tune.RunConfig(name=exp_name, storage_path=str(out / "tune"), verbose=cfg.verbose,
-                                      failure_config=tune.FailureConfig(max_failures=cfg.max_failures)))
-    results = tuner.fit()
-    for r in results:
-        name = (r.config or {}).get("trial", "?")
-        hp = (r.config or {}).get("hp") or {}
-        tdir = trials_root / name / (hparam_label({k: (v.item() if hasattr(v, "item") else v)
-                                                   for k, v in hp.items()}) if hp else "")
-        if r.error is not None:
-            summary["failed"].append(f"{name}: {str(r.error).strip().splitlines()[-1][:200]}")
-        elif not (tdir / METRICS_FILE).is_file() and tdir.is_dir():
-            (tdir / STOPPED_FILE).write_text(json.dumps(r.metrics or {}, indent=2, default=str))
-            summary["stopped"].append(str(tdir.relative_to(trials_root)))
-    summary["experiment"] = str(exp_path)
-    return summary
+                sc = cfg.scheduler
+                scheduler = ASHAScheduler(time_attr=sc.time_attr, metric=report_metric,
+                                          mode=sc.mode or trials[0].mode, max_t=sc.max_t,
+                                          grace_period=sc.grace_period, reduction_factor=sc.reduction_factor)
+            tuner = tune.Tuner(
+                trainable, param_space=param_space,
+                tune_config=tune.TuneConfig(
+                    num_samples=cfg.num_samples, scheduler=scheduler, trial_dirname_creator=_dirname,
+                    search_alg=BasicVariantGenerator(max_concurrent=concurrency, random_state=cfg.search_seed)),
+                run_config=tune.RunConfig(name=exp_name, storage_path=str(out / "tune"), verbose=cfg.verbose,
+                                          failure_config=tune.FailureConfig(max_failures=cfg.max_failures)))
+        results = tuner.fit()
+        for r in results:
+            name = (r.config or {}).get("trial", "?")
+            hp = (r.config or {}).get("hp") or {}
+            tdir = trials_root / name / (hparam_label({k: (v.item() if hasattr(v, "item") else v)
+                                                       for k, v in hp.items()}) if hp else "")
+            if r.error is not None:
+                summary["failed"].append(f"{name}: {str(r.error).strip().splitlines()[-1][:200]}")
+            elif not (tdir / METRICS_FILE).is_file() and tdir.is_dir():
+                (tdir / STOPPED_FILE).write_text(json.dumps(r.metrics or {}, indent=2, default=str))
+                summary["stopped"].append(str(tdir.relative_to(trials_root)))
+        summary["experiment"] = str(exp_path)
+        return summary
 
 
 def _spec(cfg: SweepConfig, t: Trial, out: Path) -> dict:
