@@ -101,6 +101,20 @@ def test_policies_train_in_process(ray_local, world, tmp_path, policy):
     assert result["step"] == 12 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
 
 
+def test_pretrain_shows_progress_and_writes_tensorboard(ray_local, world, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _cfg(world, tmp_path, "real", checkpoint={"every_steps": 0})
+    cfg = cfg.model_copy(update={"tracking": build_config(type(cfg.tracking), {"progress": "lines",
+                                                                               "tensorboard": True})})
+    run(cfg)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[clipdense] step")]
+    assert [ln.split()[2] for ln in lines][:3] == ["4/12", "8/12", "12/12"]
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [4, 8, 12] and "lr" in acc.Tags()["scalars"]
+
+
 def test_coca_trains_with_caption_loss(ray_local, world, tmp_path):
     result = run(_cfg(world, tmp_path, "synthetic", model="coca-tiny", checkpoint={"every_steps": 0}, log_every=3,
                       schedule={"total_steps": 6, "warmup_steps": 1}))

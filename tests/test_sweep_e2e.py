@@ -87,7 +87,8 @@ def test_asha_sweep_gets_intermediate_metrics(ray_local, ade_root, tmp_path):
     data = _tiny(ade_root, tmp_path / "hp", fractions=[1.0], report={"reference": None},
                  backbones=[{"name": "clip", "backbone": {"name": "clip-tiny"}}],
                  search_space={"train.optim.lr": {"grid": [1e-3, 1e-4]}},
-                 scheduler={"type": "asha", "grace_period": 2, "max_t": 4, "reduction_factor": 2})
+                 scheduler={"type": "asha", "grace_period": 2, "max_t": 4, "reduction_factor": 2},
+                 tracking={"mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "hp"}})
     data["tasks"][0]["overrides"].update({"train.eval_every": 2, "train.schedule.total_steps": 4,
                                           "eval.mode": "whole", "data.max_eval_images": 2})
     summary = run(build_config(SweepConfig, data))
@@ -102,3 +103,8 @@ def test_asha_sweep_gets_intermediate_metrics(ray_local, ade_root, tmp_path):
     lrs = {json.loads((p.parent / "trial.json").read_text())["hparams"]["train.optim.lr"] for p in done + stopped}
     assert lrs == {1e-3, 1e-4}
     assert "hparams" in (tmp_path / "hp" / "report.md").read_text()
+    import mlflow                                                   # Tune's MLflowLoggerCallback: one run per trial
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("hp").experiment_id])
+    assert len(runs) == 2                                           # each trial logged once (the trial itself: not)
+    assert all(client.get_metric_history(r.info.run_id, "eval/mIoU") for r in runs)

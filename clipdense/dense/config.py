@@ -5,6 +5,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
+from clipdense.train.tracking import TrackingConfig
 from clipdense.config import Config
 from clipdense.ray_session import RayConfig, StageConfig
 from clipdense.train.config import OptimConfig, ScheduleConfig, TrainConfig
@@ -132,6 +133,7 @@ class FinetuneConfig(StageConfig):
     out_dir: str = "runs/finetune"  # metrics.json, metrics.jsonl, checkpoints
     save_predictions: str | None = None  # write final predictions in the dataset's own format here
     ray: RayConfig = RayConfig()  # in_process null: Ray Train if train.scaling.num_workers > 1 or in a Tune trial
+    tracking: TrackingConfig = TrackingConfig()  # progress lines, TensorBoard / MLflow / W&B (train/tracking.py)
 
     @model_validator(mode="after")
     def _head_fits_task(self):

@@ -63,10 +63,11 @@ def run(cfg: FinetuneConfig, *, ray_callbacks: list | None = None, name: str | N
         in_process = cfg.train.scaling.num_workers == 1 and not ray_callbacks
     try:
         if in_process:
-            summary = fit_local(factory, train_cfg)
+            summary = fit_local(factory, train_cfg, tracking=cfg.tracking, params=cfg.model_dump(mode="json"))
         else:
             with ray_session(cfg.ray):
-                summary = fit(factory, train_cfg, callbacks=ray_callbacks, name=name)
+                summary = fit(factory, train_cfg, callbacks=ray_callbacks, name=name, tracking=cfg.tracking,
+                              params=cfg.model_dump(mode="json"))
     except Exception as e:
         user = find_user_error(e)
         if user is not None and user is not e:

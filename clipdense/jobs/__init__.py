@@ -3,4 +3,4 @@ autoscaling cluster). Entry points for the CLI: `submit.main_submit(argv)` and `
 
 # Stages a job can run (`python -m clipdense.jobs.entry STAGE ...`); `probe` is a cluster smoke test, not a pipeline
 # stage.
-JOB_STAGES = ("recaption", "pretrain", "finetune", "sweep", "demo", "probe")
+JOB_STAGES = ("recaption", "pretrain", "finetune", "eval", "sweep", "demo", "probe")

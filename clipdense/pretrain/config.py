@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 from clipdense.config import Config
 from clipdense.eval.config import ZeroShotConfig
 from clipdense.ray_session import RayConfig, StageConfig
+from clipdense.train.tracking import TrackingConfig
 from clipdense.train.config import OptimConfig, ScheduleConfig, TrainConfig
 
 
@@ -77,6 +78,7 @@ class PretrainConfig(StageConfig):
     eval: EvalConfig = EvalConfig()
     train: PretrainTrain = PretrainTrain()
     ray: RayConfig = RayConfig()  # in_process true: train in this process (world size 1), data still via Ray Data
+    tracking: TrackingConfig = TrackingConfig()  # progress lines, TensorBoard / MLflow / W&B (train/tracking.py)
 
     @model_validator(mode="after")
     def _batch_divides(self):

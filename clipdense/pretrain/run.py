@@ -7,7 +7,7 @@ from pathlib import Path
 
 from clipdense.errors import ConfigError
 from clipdense.pretrain.config import PretrainConfig
-from clipdense.ray_session import ray_session
+from clipdense.ray_session import data_context, ray_session
 
 
 def model_preprocess(name: str, pretrained: str | None) -> tuple[dict, dict]:
@@ -43,16 +43,18 @@ def run(cfg: PretrainConfig) -> dict:
         zs = cfg.eval.zeroshot
         resolve_prompts(index_folder(zs.root, zs.max_images, "eval.zeroshot.root"), zs.classnames, zs.templates,
                         "eval.zeroshot")
-    with ray_session(cfg.ray):
+    quiet = {"enable_progress_bars": cfg.tracking.ray_data_progress}  # Ray Data's bars would drown ours
+    with ray_session(cfg.ray), data_context(quiet):
         train_ds, eval_ds, counts = build_datasets(cfg, pp["size"])
         datasets = {"train": train_ds, **({"eval": eval_ds} if eval_ds is not None else {})}
-        factory = functools.partial(ClipPretrainTask, cfg.model_dump(mode="json"), pp)
+        params_doc = cfg.model_dump(mode="json")
+        factory = functools.partial(ClipPretrainTask, params_doc, pp)
         if cfg.ray.in_process:
-            result = fit_local(factory, cfg.train, datasets=datasets)
+            result = fit_local(factory, cfg.train, datasets=datasets, tracking=cfg.tracking, params=params_doc)
         else:
             options = DataConfig.default_ingest_options()
             options.preserve_order = True  # deterministic split among workers + order: exact resume
-            result = fit(factory, cfg.train, datasets=datasets,
+            result = fit(factory, cfg.train, datasets=datasets, tracking=cfg.tracking, params=params_doc,
                          dataset_config=DataConfig(datasets_to_split=["train"], execution_options=options))
     summary = {"model": cfg.model.name, "policy": cfg.captions.policy, **params, "data": counts, **result}
     out = Path(cfg.train.out_dir)

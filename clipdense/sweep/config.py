@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from clipdense.train.tracking import TrackingConfig
 from clipdense.config import Config
 from clipdense.ray_session import OnRayConfig, RayConfig
 
@@ -174,6 +175,7 @@ class SweepConfig(Config):
     run_report: bool = True
     verbose: int = Field(1, ge=0, le=2)
     ray: OnRayConfig = RayConfig()  # the Ray the Tune driver joins or starts (trials carry their own `ray`)
+    tracking: TrackingConfig = TrackingConfig()  # Tune's own logger callbacks: each trial logged once, by Tune
 
     @field_validator("name")
     @classmethod

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from clipdense.train.tracking import TrackingConfig, tune_callbacks
 from clipdense.config import build_config, set_dotted
 from clipdense.ray_session import ray_session
 from clipdense.sweep.config import SearchDim, SweepConfig
@@ -64,6 +65,8 @@ def _trial_fn(config: dict, specs: dict) -> None:
         ray.tune.report({**flat_metrics(json.loads(stopped.read_text())), "skipped": 1.0})
         return
     cfg = finetune_config(spec, hparams, out_dir)
+    # each trial is logged once, by Tune's callbacks (the sweep's `tracking`): the trial itself tracks nothing
+    cfg = cfg.model_copy(update={"tracking": TrackingConfig(progress="off")})
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / TRIAL_FILE).write_text(json.dumps({**spec["coords"], "hp": hparam_label(hparams) if hparams else None,
                                                   "hparams": hparams, "name": name}, indent=2))
@@ -174,6 +177,7 @@ def run_tune(cfg: SweepConfig, trials: list[Trial] | None = None) -> dict:
                     num_samples=cfg.num_samples, scheduler=scheduler, trial_dirname_creator=_dirname,
                     search_alg=BasicVariantGenerator(max_concurrent=concurrency, random_state=cfg.search_seed)),
                 run_config=tune.RunConfig(name=exp_name, storage_path=str(out / "tune"), verbose=cfg.verbose,
+                                          callbacks=tune_callbacks(cfg.tracking) or None,
                                           failure_config=tune.FailureConfig(max_failures=cfg.max_failures)))
         results = tuner.fit()
         for r in results:
