@@ -104,7 +104,7 @@ def test_img2dataset_folder_recaptions_and_pretrains(ray_local, tmp_path):
                 for k in info["keys"]]
         pq.write_table(pa.Table.from_pylist(rows), tmp_path / "recap" / info["parquet"].rsplit("/", 1)[1])
     result = pretrain(build_config(PretrainConfig, {
-        "model": {"name": "clip-tiny"}, "captions": {"policy": "both"}, "ray": "off",
+        "model": {"name": "clip-tiny"}, "captions": {"policy": "both"}, "ray": {"in_process": True},
         "data": {"shards": str(tmp_path / "i2d"), "recaptions": str(tmp_path / "recap"), "batch_size": 8,
                  "decode_cpus": 0.5},
         "train": {"out_dir": str(tmp_path / "pre"), "schedule": {"total_steps": 2, "warmup_steps": 1},
@@ -267,7 +267,7 @@ def test_datacompdr_reaches_the_batch_and_the_summary(ray_local, tmp_path):
 
     pair = _datacomp_pair(tmp_path)
     cfg = build_config(PretrainConfig, {
-        "model": {"name": "clip-tiny"}, "captions": {"policy": "both"}, "ray": "off",
+        "model": {"name": "clip-tiny"}, "captions": {"policy": "both"}, "ray": {"in_process": True},
         "data": {"shards": pair["images"], "recaptions": pair["recaptions"], "batch_size": 6, "decode_cpus": 0.5},
         "train": {"out_dir": str(tmp_path / "pre"), "schedule": {"total_steps": 2, "warmup_steps": 1},
                   "checkpoint": {"every_steps": 0}, "log_every": 1}})
@@ -298,7 +298,7 @@ def test_each_policy_counts_rows_without_alt_text(ray_local, tmp_path, policy):
                                           "error_code": None, "error": None} for k in info["keys"]]),
                    tmp_path / "recap" / "00000.parquet")
     cfg = build_config(PretrainConfig, {
-        "captions": {"policy": policy}, "ray": "off",
+        "captions": {"policy": policy}, "ray": {"in_process": True},
         "data": {"shards": str(tmp_path / "i2d"), "recaptions": str(tmp_path / "recap"), "batch_size": 4}})
     train, _, counts = build_datasets(cfg, image_size=32)
     downloaded = len(world["keys"]) - sum(world["failed"].values())
