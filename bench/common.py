@@ -49,7 +49,7 @@ def markdown(payloads: list[dict]) -> str:
     lines = ["| bench | metric | ours | peer | ratio (ours vs peer) | unit | hardware | date | notes |",
              "|---|---|---:|---:|---:|---|---|---|---|"]
     for p in payloads:
-        for r in p.get("rows", []):  # files without rows (ad-hoc GPU checks) have their own layout
+        for r in harness_rows(p):  # files without harness rows (ad-hoc GPU checks, simulations): own layout
             ours = "" if r["ours"] is None else r["ours"]
             peer = "" if r["peer"] is None else f"{r['peer']} ({r['peer_name']})"
             ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
@@ -61,6 +61,13 @@ def markdown(payloads: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def harness_rows(payload: dict) -> list[dict]:
+    """The rows of a payload in this harness's format (`row()`); other JSON files in results/ keep their own."""
+    rows = payload.get("rows")
+    return [r for r in rows if isinstance(r, dict) and "bench" in r and "metric" in r] if isinstance(rows, list) \
+        else []
+
+
 def latest_figures(payloads: list[dict]) -> list[dict]:
     """The payloads with each figure (bench, metric) kept from its latest run only, and a failed figure
     ("[bench] <subject> FAILED") dropped once a later run measured that subject: the table shows what holds now."""
@@ -70,7 +77,7 @@ def latest_figures(payloads: list[dict]) -> list[dict]:
             return None
         return " ".join(words[1:-1] if words[0] == r["bench"] else words[:-1])
 
-    rows = [(p.get("date", ""), r) for p in payloads for r in p.get("rows", [])]
+    rows = [(p.get("date", ""), r) for p in payloads for r in harness_rows(p)]
     latest: dict[tuple[str, str], str] = {}
     for date, r in rows:
         key = (r["bench"], r["metric"])
@@ -84,8 +91,7 @@ def latest_figures(payloads: list[dict]) -> list[dict]:
             d > date and o["bench"] == r["bench"] and o["metric"].startswith(subject + " ") and not failed_subject(o)
             for d, o in rows)
 
-    return [{**p, "rows": [r for r in p["rows"] if current(p.get("date", ""), r)]} if "rows" in p else p
-            for p in payloads]
+    return [{**p, "rows": [r for r in harness_rows(p) if current(p.get("date", ""), r)]} for p in payloads]
 
 
 def quiet_limit(cores: int | None = None) -> float:
