@@ -91,7 +91,8 @@ def latest_figures(payloads: list[dict]) -> list[dict]:
             d > date and o["bench"] == r["bench"] and o["metric"].startswith(subject + " ") and not failed_subject(o)
             for d, o in rows)
 
-    return [{**p, "rows": [r for r in harness_rows(p) if current(p.get("date", ""), r)]} for p in payloads]
+    return [{**p, "rows": [r for r in harness_rows(p) if current(p.get("date", ""), r)]} if "rows" in p else p
+            for p in payloads]
 
 
 def quiet_limit(cores: int | None = None) -> float:
