@@ -108,14 +108,17 @@ def resolve_layer_decay(layer_decay: float | str | None, family: str) -> float |
 
 
 def layer_decay_param_groups(model: nn.Module, backbone: nn.Module, weight_decay: float,
-                             layer_decay: float | str | None, min_lr_scale: float = 0.0) -> list[dict]:
-    """Groups keyed by (layer id, decay?), each with `lr_scale`, `layer_id`, `param_names`. A backbone parameter's id
-    comes from `LayerIds(backbone)`; every other parameter (necks outside the backbone, heads) gets the head id.
-    `layer_decay`: a number, "auto" (the family default) or None (off). A group whose lr_scale falls below
-    `min_lr_scale` is a ConfigError: such a layer would effectively be frozen."""
+                             layer_decay: float | str | None, min_lr_scale: float = 0.0,
+                             trunk_lr_scale: float = 1.0) -> list[dict]:
+    """Groups keyed by (layer id, decay?, in the trunk?), each with `lr_scale`, `layer_id`, `param_names`. A backbone
+    parameter's id comes from `LayerIds(backbone)`; every other parameter (necks outside the backbone, heads) gets
+    the head id. `layer_decay`: a number, "auto" (the family default) or None (off). `trunk_lr_scale`
+    (`backbone.lr_scale`, the Toolbox's DPT: x0.1) multiplies the trunk's scales (not the neck's). A group whose
+    final lr_scale falls below `min_lr_scale` is a ConfigError: such a layer would effectively be frozen."""
     table = LayerIds(backbone)
     decay_rate = resolve_layer_decay(layer_decay, table.family)
     by_param = {id(p): name for name, p in backbone.named_parameters()}
+    trunk = {id(p) for p in getattr(backbone, backbone.trunk_name).parameters()} if trunk_lr_scale != 1.0 else set()
     no_wd_names = backbone.no_weight_decay() if hasattr(backbone, "no_weight_decay") else set()
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
@@ -124,17 +127,19 @@ def layer_decay_param_groups(model: nn.Module, backbone: nn.Module, weight_decay
         bb_name = by_param.get(id(p))
         layer = table(bb_name) if bb_name is not None else table.head
         decay = not (p.ndim <= 1 or name.endswith(".bias") or bb_name in no_wd_names)
-        scale = decay_rate ** (table.head - layer) if decay_rate else 1.0
-        g = groups.setdefault((layer, decay), {"params": [], "param_names": [], "lr_scale": scale, "layer_id": layer,
+        in_trunk = id(p) in trunk
+        scale = (decay_rate ** (table.head - layer) if decay_rate else 1.0) * (trunk_lr_scale if in_trunk else 1.0)
+        g = groups.setdefault((layer, decay, in_trunk), {"params": [], "param_names": [], "lr_scale": scale, "layer_id": layer,
                                                "weight_decay": weight_decay if decay else 0.0})
         g["params"].append(p)
         g["param_names"].append(name)
     out = [groups[k] for k in sorted(groups)]
     low = min(out, key=lambda g: g["lr_scale"], default=None)
     if low is not None and low["lr_scale"] < min_lr_scale:
+        trunk_note = f" with backbone.lr_scale {trunk_lr_scale:g}" if trunk_lr_scale != 1.0 else ""
         raise ConfigError(
-            f"train.optim.layer_decay {decay_rate} gives {low['param_names'][0]} (layer {low['layer_id']} of "
-            f"{table.head}, {table.family}) lr scale {low['lr_scale']:.3g} < train.optim.min_lr_scale "
+            f"train.optim.layer_decay {decay_rate}{trunk_note} gives {low['param_names'][0]} (layer {low['layer_id']} "
+            f"of {table.head}, {table.family}) lr scale {low['lr_scale']:.3g} < train.optim.min_lr_scale "
             f"{min_lr_scale:g}; raise layer_decay or lower min_lr_scale")
     return out
 

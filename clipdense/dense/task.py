@@ -41,23 +41,6 @@ def epoch_batches(n: int, per_rank: int, rank: int, world_size: int, seed: int, 
     return [order[b * g + rank * per_rank: b * g + (rank + 1) * per_rank] for b in range(len(order) // g)]
 
 
-def scale_trunk_lr(groups: list[dict], backbone: nn.Module, scale: float) -> list[dict]:
-    """`backbone.lr_scale` (the Toolbox's DPT: backbone lr x0.1): the trunk's parameters (not the neck) train at
-    `scale` x their group's lr scale; a group holding both is split so the neck and heads keep theirs."""
-    if scale == 1.0:
-        return groups
-    trunk = {id(p) for p in getattr(backbone, backbone.trunk_name).parameters()}
-    out = []
-    for g in groups:
-        inside = [i for i, p in enumerate(g["params"]) if id(p) in trunk]
-        rest = [i for i in range(len(g["params"])) if id(g["params"][i]) not in trunk]
-        for idx, s in ((inside, scale), (rest, 1.0)):
-            if idx:
-                out.append({**g, "params": [g["params"][i] for i in idx],
-                            "param_names": [g["param_names"][i] for i in idx], "lr_scale": g["lr_scale"] * s})
-    return out
-
-
 def _scalars(d: dict) -> dict[str, float]:
     return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
@@ -111,13 +94,7 @@ class DenseTask(TrainTask):
 
     def param_groups(self, model: nn.Module, optim_cfg) -> list[dict]:
         groups = layer_decay_param_groups(model, self.backbone, optim_cfg.weight_decay, optim_cfg.layer_decay,
-                                          optim_cfg.min_lr_scale)
-        groups = scale_trunk_lr(groups, self.backbone, self.cfg.backbone.lr_scale)
-        low = min((g for g in groups if g["params"]), key=lambda g: g["lr_scale"], default=None)
-        if low is not None and low["lr_scale"] < optim_cfg.min_lr_scale:  # after backbone.lr_scale, too
-            raise ConfigError(f"backbone.lr_scale {self.cfg.backbone.lr_scale:g} with train.optim.layer_decay "
-                              f"{optim_cfg.layer_decay} gives {low['param_names'][0]} lr scale {low['lr_scale']:.3g} "
-                              f"< train.optim.min_lr_scale {optim_cfg.min_lr_scale:g}")
+                                          optim_cfg.min_lr_scale, trunk_lr_scale=self.cfg.backbone.lr_scale)
         self.optim_record = lr_scale_record(groups, optim_cfg.layer_decay, backbone_family(self.backbone))
         return groups
 
