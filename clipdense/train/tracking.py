@@ -82,6 +82,14 @@ def _flat_params(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def short_mlflow_timeouts() -> None:
+    """A server that goes away must cost seconds, not minutes: MLflow's client defaults retry for ~2 minutes.
+    Values the user set in the environment win."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
+
 class _TensorBoard:
     name = "tensorboard"
 
@@ -105,10 +113,7 @@ class _Mlflow:
     name = "mlflow"
 
     def __init__(self, cfg: MlflowConfig, out_dir: Path, run_id: str, params: dict):
-        # A server that goes away must cost seconds, not minutes: the client's defaults retry for ~2 minutes.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        short_mlflow_timeouts()
         mlflow = require("mlflow", "tracking.mlflow")
         self.client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri)
         exp = self.client.get_experiment_by_name(cfg.experiment)
@@ -270,8 +275,7 @@ def tune_callbacks(cfg: TrackingConfig | None) -> list:
     if cfg.mlflow is not None:
         from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        short_mlflow_timeouts()
         callbacks.append(MLflowLoggerCallback(tracking_uri=cfg.mlflow.tracking_uri,
                                               experiment_name=cfg.mlflow.experiment, save_artifact=False))
     if cfg.wandb is not None:
