@@ -22,7 +22,7 @@ class DrSample:
     teacher_emb: bytes | None   # the npz as stored (image_emb, text_emb)
 
 
-def _json_or_none(data: bytes | None):
+def json_or_none(data: str | bytes | None):
     """Parsed JSON, or None for a missing or unreadable member (bad UTF-8/JSON, or nesting deep enough to hit
     Python's recursion limit: a corrupt shard must not crash the reader)."""
     if data is None:
@@ -35,7 +35,7 @@ def _json_or_none(data: bytes | None):
 
 def syn_captions_from_json(data: bytes | None) -> list[str] | None:
     """`syn.json`: a list of captions, or DataCompDR's {"syn_text": [...]}; anything else is no captions."""
-    obj = _json_or_none(data)
+    obj = json_or_none(data)
     if isinstance(obj, dict):
         obj = obj.get("syn_text")
     if isinstance(obj, list) and all(isinstance(s, str) for s in obj):
@@ -45,16 +45,13 @@ def syn_captions_from_json(data: bytes | None) -> list[str] | None:
 
 def aug_params_from_json(data: bytes | None) -> str | None:
     """`paug.json` = {"param_aug": "<json string>"} -> that string (kept as stored: the consumer parses it)."""
-    obj = _json_or_none(data)
+    obj = json_or_none(data)
     value = obj.get("param_aug") if isinstance(obj, dict) else None
     return value if isinstance(value, str) else (json.dumps(value) if value is not None else None)
 
 
 def _sample(files: dict[str, bytes]) -> tuple[str | None, DrSample]:
-    try:
-        meta = json.loads(files["json"]) if "json" in files else {}
-    except ValueError:
-        meta = {}
+    meta = json_or_none(files.get("json"))
     meta = meta if isinstance(meta, dict) else {}
     uid = meta.get("uid")
     return (str(uid) if uid is not None else None,

@@ -14,11 +14,11 @@ collate (pretrain/batches.py) because they depend on the epoch, which a Ray Data
 from __future__ import annotations
 
 import functools
-import json
 
 import numpy as np
 import pyarrow as pa
 
+from clipdense.data.datacompdr import json_or_none
 from clipdense.data.images import ImageError, decode_square
 from clipdense.data.rows import error_columns, errors_from, row_error
 from clipdense.errors import DataError
@@ -54,10 +54,7 @@ def _recaption_table(recaptions: str, stem: str, s3_endpoint: str | None) -> tup
 
 def _uid_and_sha(meta: str | None) -> tuple[str | None, str | None]:
     """DataComp's img2dataset json carries the uid and the original image's sha256."""
-    try:
-        obj = json.loads(meta) if meta else {}
-    except ValueError:
-        return None, None
+    obj = json_or_none(meta)
     if not isinstance(obj, dict):
         return None, None
     uid, sha = obj.get("uid"), obj.get("sha256")
