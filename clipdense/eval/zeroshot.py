@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from clipdense.data.rows import exception_detail
 from clipdense.errors import ConfigError, DataError
 
 
@@ -99,7 +100,7 @@ class FolderImages(torch.utils.data.Dataset):
         try:
             return self.transform(open_image(path)), label, None
         except Exception as e:  # noqa: BLE001 - any undecodable file is recorded, not fatal
-            return None, label, f"{path}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            return None, label, f"{path}: {exception_detail(e)}"  # deterministic text, as row errors
 
 
 def _collate(items):
