@@ -35,6 +35,8 @@ class DataConfig(Config):
     cache: bool = Field(False, description="decode the training set once into Ray's object store and iterate that "
                         "each epoch (sets that fit in memory: small runs, many epochs); crops stay per epoch")
     count_errors: bool = Field(True, description="a pass over the joined rows before training to count skips")
+    sample_log: bool = Field(False, description="every rank appends the keys it trains on, per step, to "
+                             "out_dir/samples/rank<r>.jsonl (audits which samples a run, or a resumed run, saw)")
 
 
 class CaptionConfig(Config):
@@ -82,8 +84,14 @@ class PretrainConfig(StageConfig):
 
     @model_validator(mode="after")
     def _batch_divides(self):
-        n = self.train.scaling.num_workers if not self.ray.in_process else 1
-        if self.data.batch_size % n:
+        sc = self.train.scaling
+        counts = [1] if self.ray.in_process else list(sc.worker_counts())
+        bad = [n for n in counts if self.data.batch_size % n]
+        if bad and sc.elastic and not self.ray.in_process:  # the global batch stays; each size splits it evenly
+            raise ValueError(f"data.batch_size ({self.data.batch_size}) must be divisible by every worker count "
+                             f"an elastic run may use (train.scaling.min_workers..num_workers = "
+                             f"{counts[0]}..{counts[-1]}); not by {bad[0]}")
+        if bad:
             raise ValueError(f"data.batch_size ({self.data.batch_size}) must be divisible by "
-                             f"train.scaling.num_workers ({n})")
+                             f"train.scaling.num_workers ({bad[0]})")
         return self

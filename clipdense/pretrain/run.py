@@ -54,8 +54,10 @@ def run(cfg: PretrainConfig) -> dict:
         else:
             options = DataConfig.default_ingest_options()
             options.preserve_order = True  # deterministic split among workers + order: exact resume
+            # elastic: no split by worker count; each worker slices global batches by sample index (task.py)
+            split = [] if cfg.train.scaling.elastic else ["train"]
             result = fit(factory, cfg.train, datasets=datasets, tracking=cfg.tracking, params=params_doc,
-                         dataset_config=DataConfig(datasets_to_split=["train"], execution_options=options))
+                         dataset_config=DataConfig(datasets_to_split=split, execution_options=options))
     summary = {"model": cfg.model.name, "policy": cfg.captions.policy, **params, "data": counts, **result}
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
+import time
 from pathlib import Path
 
 import torch
@@ -146,9 +148,32 @@ class ClipPretrainTask(TrainTask):
         d = self.cfg.data
         shuffle = {"local_shuffle_buffer_size": d.shuffle_buffer, "local_shuffle_seed": ctx.seed + ctx.epoch} \
             if d.shuffle_buffer else {}
+        if self.cfg.train.scaling.elastic and not self.cfg.ray.in_process:
+            return self._global_slices(shard, ctx, shuffle)
         it = shard.iter_torch_batches(batch_size=self.local_batch, collate_fn=self._collate(ctx.epoch, True),
                                       drop_last=True, prefetch_batches=d.prefetch_batches, **shuffle)
         return itertools.islice(it, ctx.start_batch, None)
+
+    def _global_slices(self, stream, ctx: TrainContext, shuffle: dict):
+        """Elastic runs: every worker reads the whole (unsplit) stream in global batches and keeps the rows
+        [rank * local, (rank + 1) * local) of each, so global batch b is the stream's rows [b * G, (b + 1) * G)
+        whatever the worker count: a run resumed on fewer (or more) workers at batch b trains exactly the rows
+        the old group had not. The price: each worker reads and decodes the whole stream."""
+        global_batch = self.cfg.data.batch_size
+        lo = ctx.rank * self.local_batch
+        collate = self._collate(ctx.epoch, True)
+        batches = stream.iter_batches(batch_size=global_batch, batch_format="numpy", drop_last=True,
+                                      prefetch_batches=self.cfg.data.prefetch_batches, **shuffle)
+        for batch in itertools.islice(batches, ctx.start_batch, None):
+            yield collate({k: v[lo:lo + self.local_batch] for k, v in batch.items()})
+
+    def _log_samples(self, batch, ctx: TrainContext) -> None:
+        path = ctx.out_dir / "samples" / f"rank{ctx.rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": ctx.step, "epoch": ctx.epoch, "rank": ctx.rank,
+                                "world_size": ctx.world_size, "pid": os.getpid(), "time": time.time(),
+                                "keys": list(batch["keys"])}) + "\n")
 
     def _contrastive(self, out: dict, text_features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if mask is not None:  # every rank takes this path under `both`, so the collectives match
@@ -176,6 +201,8 @@ class ClipPretrainTask(TrainTask):
         return clip_l, cap_l * lc.coca_caption_weight
 
     def loss(self, model, batch, ctx: TrainContext):
+        if self.cfg.data.sample_log:
+            self._log_samples(batch, ctx)
         dev = ctx.device
         image = batch["image"].to(dev, non_blocking=True)
         texts = [t.to(dev, non_blocking=True) for t in batch["texts"]]

@@ -48,10 +48,23 @@ class ScalingConfig(Config):
             raise ValueError(f"min_workers ({self.min_workers}) > num_workers ({self.num_workers})")
         return self
 
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None and self.min_workers < self.num_workers
+
+    def worker_counts(self) -> range:
+        """Every worker-group size this run may train with (elastic: min_workers..num_workers)."""
+        return range(self.min_workers if self.elastic else self.num_workers, self.num_workers + 1)
+
 
 class CheckpointConfig(Config):
     every_steps: int = Field(0, ge=0, description="0 = only at the end")
     keep: int | None = Field(2, ge=1, description="checkpoints kept (Ray num_to_keep); null = all")
+    storage: str | None = Field(None, description="where Ray Train keeps the run's checkpoints and state: a local "
+                                "dir or s3://bucket/prefix (survives the cluster: a rerun resumes from it); "
+                                "default: out_dir")
+    s3_endpoint: str | None = Field(None, description="S3-compatible endpoint for an s3:// storage "
+                                    "(default: env AWS_ENDPOINT_URL)")
 
 
 class TrainConfig(Config):

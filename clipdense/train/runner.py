@@ -2,8 +2,9 @@
 
 Both run `loop.run_worker` unchanged; only the environment differs (rank, device, DDP, checkpoints, reporting).
 Outputs in `cfg.out_dir`: metrics.jsonl (rank 0), result.json, the task's exports; checkpoints live in
-`out_dir/<name>/checkpoint_*` (Ray) or `out_dir/checkpoints/step_*` (local). Rerunning with the same out_dir
-and name resumes from the latest checkpoint at the exact step and data position.
+`<checkpoint.storage or out_dir>/<name>/step_*` (Ray; storage may be s3://) or `out_dir/checkpoints/step_*`
+(local). Rerunning with the same storage and name resumes from the latest checkpoint at the exact step and data
+position (Ray Train restores its checkpoint manager's snapshot from the storage, also on a new cluster).
 """
 from __future__ import annotations
 
@@ -164,10 +165,10 @@ def fit(task_factory: TaskFactory, cfg: TrainConfig, *, datasets: dict | None = 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
-    workers = (sc.min_workers, sc.num_workers) if sc.min_workers and sc.min_workers < sc.num_workers \
-        else sc.num_workers
+    workers = (sc.min_workers, sc.num_workers) if sc.elastic else sc.num_workers
     backend = sc.backend if sc.backend != "auto" else ("nccl" if sc.use_gpu else "gloo")
     run_name = name or cfg.name or out.name
+    storage, storage_fs, storage_uri = run_storage(cfg, out)
     trainer = TorchTrainer(
         _ray_train_loop,
         train_loop_config={"cfg": cfg, "task_factory": task_factory, "run_id": run_id,
@@ -176,7 +177,7 @@ def fit(task_factory: TaskFactory, cfg: TrainConfig, *, datasets: dict | None = 
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=sc.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=str(out), callbacks=callbacks,
+            name=run_name, storage_path=storage, storage_filesystem=storage_fs, callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
         datasets=datasets or None,
@@ -185,5 +186,20 @@ def fit(task_factory: TaskFactory, cfg: TrainConfig, *, datasets: dict | None = 
     result = trainer.fit()
     summary = _summary(cfg, run_id, None)
     summary["checkpoint"] = result.checkpoint.path if result.checkpoint else ""
-    summary["ray_storage"] = os.path.join(str(out), run_name)
+    summary["ray_storage"] = f"{storage_uri.rstrip('/')}/{run_name}"
     return summary
+
+
+def run_storage(cfg: TrainConfig, out: Path) -> tuple[str, object | None, str]:
+    """(Ray's storage_path, its pyarrow filesystem or None, the same place as a URI) for `checkpoint.storage`:
+    s3:// goes through pyarrow's S3FileSystem (endpoint_override from `checkpoint.s3_endpoint` or
+    AWS_ENDPOINT_URL), so Ray Train itself uploads, lists and restores checkpoints there."""
+    uri = cfg.checkpoint.storage
+    if not uri:
+        return str(out), None, str(out)
+    if not uri.startswith("s3://"):
+        return os.path.abspath(uri), None, os.path.abspath(uri)
+    from clipdense.data.paths import filesystem_for
+
+    fs, inner = filesystem_for(uri, cfg.checkpoint.s3_endpoint)
+    return inner.rstrip("/"), fs, uri

@@ -1,0 +1,107 @@
+"""Elastic pretraining (train.scaling.min_workers < num_workers): a run resumed on fewer workers continues at the
+same global step with the same global batch, and from the checkpoint on trains every sample of the epoch once.
+
+Global batch b of an epoch is the stream's rows [b * G, (b + 1) * G) whatever the worker count, and every epoch
+streams the same rows in the same order (no shuffle here), so "every sample once, in place" is checked as: each
+global batch of a later epoch holds exactly the keys of the same batch of epoch 0, and no key repeats within an
+epoch. `data.sample_log` records what each rank trained at each step.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from clipdense.config import build_config
+from clipdense.errors import ConfigError
+from clipdense.pretrain import PretrainConfig, run
+from pretrain_files import write_world
+
+GLOBAL_BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return write_world(tmp_path_factory.mktemp("world"), n_shards=2, per_shard=40, bad=True)
+
+
+def elastic_cfg(world, out, *, total=16, cpus_per_worker=1.0, extra_train=None, **top) -> PretrainConfig:
+    train = {"out_dir": str(out), "optim": {"lr": 2e-3}, "schedule": {"total_steps": total, "warmup_steps": 2},
+             "log_every": 4, "checkpoint": {"every_steps": 4, "keep": 2}, "max_failures": 3,
+             "scaling": {"num_workers": 2, "min_workers": 1, "cpus_per_worker": cpus_per_worker}}
+    train.update(extra_train or {})
+    doc = {"model": {"name": "clip-tiny"}, "captions": {"policy": "real"}, "ray": {"in_process": False},
+           "data": {"shards": world["shards"], "recaptions": world["recaptions"], "batch_size": GLOBAL_BATCH,
+                    "decode_cpus": 0.25, "sample_log": True, "count_errors": False},
+           "eval": {"holdout": 0}, "train": train}
+    doc.update(top)
+    return build_config(PretrainConfig, doc)
+
+
+def trained_steps(out: Path) -> dict[int, list[dict]]:
+    """step -> the records of the last worker group that trained it (a replayed step: the later group's)."""
+    by_step: dict[int, list[dict]] = defaultdict(list)
+    for f in sorted((out / "samples").glob("rank*.jsonl")):
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            by_step[rec["step"]].append(rec)
+    final = {}
+    for step, recs in by_step.items():
+        recs.sort(key=lambda r: r["time"])
+        world = recs[-1]["world_size"]
+        last: dict[int, dict] = {}
+        for r in reversed(recs):  # the newest record of each rank of the last group
+            if r["world_size"] == world and r["rank"] not in last:
+                last[r["rank"]] = r
+        final[step] = [last[k] for k in sorted(last)]
+    return final
+
+
+def check_every_sample_once(out: Path, total: int) -> dict[int, int]:
+    """Asserts the promise over the whole run; returns step -> world size that trained it."""
+    steps = trained_steps(out)
+    assert sorted(steps) == list(range(total)), "steps trained: not exactly 0..total-1"
+    batches: dict[tuple[int, int], list[str]] = {}
+    per_epoch: dict[int, list[str]] = defaultdict(list)
+    batch_in_epoch: dict[int, int] = defaultdict(int)
+    for step in range(total):
+        recs = steps[step]
+        world = recs[0]["world_size"]
+        assert [r["rank"] for r in recs] == list(range(world)), f"step {step}: ranks {[r['rank'] for r in recs]}"
+        assert all(len(r["keys"]) == GLOBAL_BATCH // world for r in recs), f"step {step}: per-worker batch"
+        keys = [k for r in recs for k in r["keys"]]
+        assert len(keys) == GLOBAL_BATCH == len(set(keys)), f"step {step}: global batch {keys}"
+        epoch = recs[0]["epoch"]
+        batches[epoch, batch_in_epoch[epoch]] = keys
+        batch_in_epoch[epoch] += 1
+        per_epoch[epoch] += keys
+    for epoch, keys in per_epoch.items():
+        assert len(keys) == len(set(keys)), f"epoch {epoch}: a sample trained twice"
+    for (epoch, b), keys in batches.items():  # the same rows at the same place in every epoch
+        assert keys == batches[0, b], f"epoch {epoch} batch {b}: {keys} != epoch 0's {batches[0, b]}"
+    return {s: recs[0]["world_size"] for s, recs in steps.items()}
+
+
+def test_global_batch_must_divide_every_elastic_worker_count(world, tmp_path):
+    with pytest.raises(ConfigError, match=r"divisible by every worker count .*1\.\.3.*not by 2") as e:
+        build_config(PretrainConfig, {"data": {"shards": world["shards"], "batch_size": 9},
+                                      "train": {"scaling": {"num_workers": 3, "min_workers": 1}}})
+    assert len(str(e.value).splitlines()) == 1
+    elastic_cfg(world, tmp_path)  # 8 splits over 1 and 2 workers
+
+
+@pytest.mark.slow
+def test_resume_on_fewer_workers_keeps_step_batch_and_samples(ray_local, world, tmp_path):
+    """Stopped at step 14 on 2 workers, rerun where only one worker fits (each asks for more CPUs than half the
+    cluster): Ray Train's elastic policy starts 1 worker, which resumes from the step-12 checkpoint."""
+    cut = run(elastic_cfg(world, tmp_path, cpus_per_worker=1.0, extra_train={"stop_at_step": 14}))
+    assert cut["stopped_early"] and cut["step"] == 14
+    resumed = run(elastic_cfg(world, tmp_path, cpus_per_worker=2.5))
+    assert resumed["step"] == 16 and not resumed["stopped_early"] and resumed["restored_from_steps"] == [12]
+    worlds = check_every_sample_once(tmp_path, 16)
+    assert {worlds[s] for s in range(12)} == {2} and {worlds[s] for s in range(12, 16)} == {1}
+    events = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    resume = [e for e in events if e.get("event") == "resume"]
+    assert [(e["step"], e["world_size"]) for e in resume] == [(12, 1)]
