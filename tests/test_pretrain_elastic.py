@@ -105,3 +105,86 @@ def test_resume_on_fewer_workers_keeps_step_batch_and_samples(ray_local, world, 
     events = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     resume = [e for e in events if e.get("event") == "resume"]
     assert [(e["step"], e["world_size"]) for e in resume] == [(12, 1)]
+
+
+NODE_CONFIG = {  # the head runs the driver and Train's controller; each 3-CPU node fits one 2-CPU train worker
+    # and its share of Ray Data's read tasks (1 CPU each)
+    "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+    "train_node": {"resources": {"CPU": 3}, "node_config": {}, "min_workers": 2, "max_workers": 2},
+}
+
+
+def _kill_node_of(pid: int) -> list[int]:
+    """SIGKILL the fake node hosting process `pid`: its raylet (worker processes are the raylet's children) and
+    every process under it (the node's workers and agents). Returns the pids killed."""
+    import ray  # noqa: F401  (puts Ray's vendored psutil on the path)
+    import psutil
+
+    raylet = next(p for p in psutil.Process(pid).parents() if "raylet" in " ".join(p.cmdline()))
+    victims = [raylet, *raylet.children(recursive=True)]
+    for p in victims:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    return [p.pid for p in victims]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_node_loss_on_fake_multinode_cluster(world, tmp_path):
+    """`clipdense cluster up --local` with two 3-CPU worker nodes; rank 1's whole node is SIGKILLed after the
+    step-8 checkpoint. Ray Train's elastic policy restarts on the one node left; the run ends at step 16 with every
+    sample of each epoch trained once."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    import yaml
+
+    from clipdense.jobs.cluster import down_local, free_port, up_local
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="cde", dir="/tmp"))
+    local = yaml.safe_load((Path(__file__).resolve().parents[1] / "cluster" / "local.yaml").read_text())
+    local.update({"available_node_types": NODE_CONFIG, "max_workers": 2, "idle_timeout_minutes": 5})
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(local))
+    out = tmp_path / "run"
+    cfg = elastic_cfg(world, out, total=16, cpus_per_worker=2.0, extra_train={"max_failures": 3})
+    (tmp_path / "pretrain.yaml").write_text(cfg.to_yaml())
+    driver = None
+    try:
+        cluster = up_local(tmp_path / "cluster.yaml", ray_tmp / "r", port=free_port(), dashboard_port=free_port(),
+                           auth=False)
+        env = dict(os.environ, RAY_ADDRESS=cluster.gcs_address, RAY_AUTH_MODE="disabled")
+        driver = subprocess.Popen([sys.executable, "-c", "import sys; from clipdense.cli import main; "
+                                   f"sys.exit(main(['pretrain', '--config', '{tmp_path / 'pretrain.yaml'}']))"],
+                                  env=env, stdout=open(tmp_path / "driver.log", "w"), stderr=subprocess.STDOUT)
+        deadline, killed = time.time() + 420, None
+        while driver.poll() is None and time.time() < deadline and killed is None:
+            time.sleep(0.5)
+            steps = trained_steps(out) if (out / "samples").is_dir() else {}
+            done = max(steps, default=-1)
+            ranks = {r["rank"]: r["pid"] for r in steps.get(done, [])}
+            if done >= 9 and len(ranks) == 2:  # past the step-8 checkpoint, both workers training
+                killed = (done, _kill_node_of(ranks[1]))
+        assert killed, f"never saw step 9 on 2 workers:\n{(tmp_path / 'driver.log').read_text()[-3000:]}"
+        rc = driver.wait(max(10, deadline - time.time()))
+        log = (tmp_path / "driver.log").read_text()
+        assert rc == 0, log[-3000:]
+    finally:
+        if driver is not None and driver.poll() is None:
+            driver.kill()
+        down_local(ray_tmp / "r", grace_s=5)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    summary = json.loads((out / "pretrain_summary.json").read_text())
+    assert summary["step"] == 16 and not summary["stopped_early"]
+    worlds = check_every_sample_once(out, 16)
+    resumes = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    resumes = [(e["step"], e["world_size"]) for e in resumes if e.get("event") == "resume"]
+    # back to the last checkpoint before the kill (step 8, or 12 if it came first), on the node left
+    assert resumes and resumes[0][0] in (8, 12) and resumes[0][0] <= killed[0] + 1 and resumes[0][1] == 1, resumes
+    assert {worlds[s] for s in range(resumes[0][0])} == {2}
+    assert 1 in {worlds[s] for s in range(resumes[0][0], 16)}

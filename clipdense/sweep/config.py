@@ -170,6 +170,11 @@ class SweepConfig(Config):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     max_failures: int = Field(1, ge=0, description="retries of a failed trial")
+    storage: str | None = Field(None, description="where Tune keeps the experiment state: a local dir or "
+                                "s3://bucket/prefix (survives the head: rerun the same sweep on a new cluster to "
+                                "Tuner.restore it); default <out>/tune")
+    s3_endpoint: str | None = Field(None, description="S3-compatible endpoint for an s3:// storage "
+                                    "(default: env AWS_ENDPOINT_URL)")
     keys: FinetuneKeys = Field(default_factory=FinetuneKeys)
     report: ReportSettings = Field(default_factory=ReportSettings)
     run_report: bool = True

@@ -7,8 +7,9 @@ reports the final metrics itself. With `ray.in_process: true` the finetune train
 Results live in `<out>/trials/<task>/<backbone>/f<fraction>/s<seed>`
 (+ `/hp-<hash>` for hyperparameter samples): `trial.json` (coordinates) and the finetune's `metrics.json`.
 
-Resume, twice over: Tune state lives in `<out>/tune/<name>-<grid hash>` and is `Tuner.restore`d (unfinished and
-errored trials rerun, finished ones not) when the same grid is run again; and a trial whose `metrics.json` exists
+Resume, twice over: Tune state lives in `<storage or out/tune>/<name>-<grid hash>` (storage may be s3://, so it
+outlives the head) and is `Tuner.restore`d (unfinished and errored trials rerun, finished ones not) when the same
+grid is run again; and a trial whose `metrics.json` exists
 returns at once without training, so a changed grid or a lost Tune state never repeats finished work.
 """
 from __future__ import annotations
@@ -152,11 +153,12 @@ def run_tune(cfg: SweepConfig, trials: list[Trial] | None = None) -> dict:
         trainable = tune.with_resources(tune.with_parameters(_trial_fn, specs=specs),
                                         {k: v for k, v in holds.items() if v > 0} or {"CPU": TOKEN_CPU})
         exp_name = f"{cfg.name}-{grid_hash(trials, cfg)}"
-        exp_path = out / "tune" / exp_name
-        if tune.Tuner.can_restore(str(exp_path)):
-            tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True,
-                                       restart_errored=True)
-            summary["restored"] = str(exp_path)
+        storage, storage_fs, storage_uri = tune_storage(cfg, out)
+        exp_path, exp_uri = f"{storage}/{exp_name}", f"{storage_uri.rstrip('/')}/{exp_name}"
+        if tune.Tuner.can_restore(exp_path, storage_filesystem=storage_fs):
+            tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
+                                       restart_errored=True, storage_filesystem=storage_fs)
+            summary["restored"] = exp_uri
         else:
             from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -176,7 +178,8 @@ def run_tune(cfg: SweepConfig, trials: list[Trial] | None = None) -> dict:
                 tune_config=tune.TuneConfig(
                     num_samples=cfg.num_samples, scheduler=scheduler, trial_dirname_creator=_dirname,
                     search_alg=BasicVariantGenerator(max_concurrent=concurrency, random_state=cfg.search_seed)),
-                run_config=tune.RunConfig(name=exp_name, storage_path=str(out / "tune"), verbose=cfg.verbose,
+                run_config=tune.RunConfig(name=exp_name, storage_path=storage, storage_filesystem=storage_fs,
+                                          verbose=cfg.verbose,
                                           callbacks=tune_callbacks(cfg.tracking) or None,
                                           failure_config=tune.FailureConfig(max_failures=cfg.max_failures)))
         results = tuner.fit()
@@ -190,8 +193,20 @@ def run_tune(cfg: SweepConfig, trials: list[Trial] | None = None) -> dict:
             elif not (tdir / METRICS_FILE).is_file() and tdir.is_dir():
                 (tdir / STOPPED_FILE).write_text(json.dumps(r.metrics or {}, indent=2, default=str))
                 summary["stopped"].append(str(tdir.relative_to(trials_root)))
-        summary["experiment"] = str(exp_path)
+        summary["experiment"] = exp_uri
         return summary
+
+
+def tune_storage(cfg: SweepConfig, out: Path) -> tuple[str, object | None, str]:
+    """(Tune's storage_path, its pyarrow filesystem or None, the same place as a URI): `storage` (s3:// through
+    pyarrow's S3FileSystem, endpoint from `s3_endpoint` or AWS_ENDPOINT_URL) or <out>/tune."""
+    uri = cfg.storage or str(out / "tune")
+    if not uri.startswith("s3://"):
+        return os.path.abspath(uri), None, os.path.abspath(uri)
+    from clipdense.data.paths import filesystem_for
+
+    fs, inner = filesystem_for(uri, cfg.s3_endpoint)
+    return inner.rstrip("/"), fs, uri
 
 
 def _spec(cfg: SweepConfig, t: Trial, out: Path) -> dict:

@@ -185,7 +185,8 @@ def fit(task_factory: TaskFactory, cfg: TrainConfig, *, datasets: dict | None = 
     )
     result = trainer.fit()
     summary = _summary(cfg, run_id, None)
-    summary["checkpoint"] = result.checkpoint.path if result.checkpoint else ""
+    ckpt = result.checkpoint.path if result.checkpoint else ""
+    summary["checkpoint"] = f"s3://{ckpt}" if ckpt and storage_uri.startswith("s3://") else ckpt
     summary["ray_storage"] = f"{storage_uri.rstrip('/')}/{run_name}"
     return summary
 
