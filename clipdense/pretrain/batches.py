@@ -67,7 +67,10 @@ def _tokenizer(name: str):
 class Collate(_CollateBase):
     """numpy batch (key, caption, syn_captions, pixels[, aug_params, teacher_emb]) -> {"image": (B,3,S,S), "texts":
     [(B,L) per caption slot], "keys"}; `both` adds "real_mask" (B,) (rows with a real caption); DataCompDR rows add
-    "teacher_image_emb" (B,A,D), "teacher_text_emb" (B,T,D), "teacher_mask" (B,) and "aug_params" (JSON strings)."""
+    "teacher_image_emb" (B,A,D), "teacher_text_emb" (B,T,D), "teacher_mask" (B,) and "aug_params" (JSON strings).
+    With `distill_slots` (loss.distill) a batch carrying `orig_w`/`orig_h` (and `pixels` per row at any size) gets
+    each row's stored view as its image, and "distill_image_emb" (B,D), "distill_text_emb" (B,n,D), "distill_mask"
+    (B,n), "distill_views" (B,) in place of the two teacher arrays (pretrain/distill.py)."""
 
     def __init__(self, *, model_name: str, image_size: int, mean, std, policy: str, seed: int, epoch: int,
                  mix_p: float = 0.5, train: bool = True, distill_slots: tuple = ()):
