@@ -246,3 +246,55 @@ def test_shards_without_teacher_embeddings_are_refused():
     with pytest.raises(DataError, match="no usable row .* carries DataCompDR teacher embeddings"):
         check_teacher_rows(cfg, counts)
     check_teacher_rows(cfg, {"synthetic": {"rows_with_teacher_emb": 1}})
+
+
+def _rank_worker(rank: int, port: int, data: dict, out: dict) -> None:
+    import torch.distributed as dist
+
+    from clipdense.pretrain.distill import DistillLoss
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        sl = slice(4 * rank, 4 * rank + 4)
+        img = data["img"][sl].clone().requires_grad_(True)
+        txt = data["txt"][sl].clone().requires_grad_(True)
+        loss_fn = DistillLoss([4, 4], 100.0, rank=rank, world_size=2)
+        values = []
+        for mask in (data["mask"], data["mask_rank0_only"]):
+            loss = loss_fn(img, txt, torch.tensor(10.0), data["t_img"][sl], data["t_txt"][sl], mask[sl])
+            loss.backward()  # the gathers' backward collectives run on both ranks, also for an all-masked rank
+            values.append(loss.item())
+        out[rank] = values
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_process():
+    """gloo, 2 processes: each rank's local loss against every rank's kept candidates; with equal kept rows per
+    rank their mean is the one-process loss; a rank with no kept row gives 0 without stalling the other's backward."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from clipdense.pretrain.distill import DistillLoss
+
+    g = torch.Generator().manual_seed(1)
+    unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, generator=g), dim=-1)  # noqa: E731
+    t_img = torch.cat([unit(8, 4), unit(8, 4)], 1)
+    data = {"img": unit(8, 6), "txt": unit(8, 6), "t_img": t_img, "t_txt": torch.cat([unit(8, 4), unit(8, 4)], 1),
+            "mask": torch.tensor([1, 1, 0, 1, 1, 0, 1, 1], dtype=torch.bool),
+            "mask_rank0_only": torch.tensor([1, 0, 1, 1, 0, 0, 0, 0], dtype=torch.bool)}
+    one = DistillLoss([4, 4], 100.0)
+    ref = one(data["img"], data["txt"], torch.tensor(10.0), data["t_img"], data["t_txt"], data["mask"]).item()
+    ref0 = one(data["img"], data["txt"], torch.tensor(10.0), data["t_img"], data["t_txt"],
+               data["mask_rank0_only"]).item()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_rank_worker, args=(port, data, out), nprocs=2, join=True)
+        res = dict(out)
+    assert (res[0][0] + res[1][0]) / 2 == pytest.approx(ref, rel=1e-5)
+    assert res[0][1] == pytest.approx(ref0, rel=1e-5) and res[1][1] == 0.0
