@@ -51,8 +51,11 @@ class DistillLoss:
         return sum(self.dims)
 
     def teacher_probs(self, anchors: torch.Tensor, candidates: torch.Tensor, rows, cols) -> torch.Tensor:
-        """The teachers' softmax over the kept candidates, averaged over teachers (after softmax)."""
-        probs = [(self.scale * anchors[rows, a:b] @ candidates[cols, a:b].T).softmax(dim=1) for a, b in self.spans]
+        """The teachers' softmax over the kept candidates, averaged over teachers (after softmax); in float32 even
+        under autocast (at logit scale 100 a bf16 logit is off by up to 0.5)."""
+        with torch.autocast(device_type=anchors.device.type, enabled=False):
+            probs = [(self.scale * anchors[rows, a:b].float() @ candidates[cols, a:b].float().T).softmax(dim=1)
+                     for a, b in self.spans]
         return sum(probs) / len(probs)
 
     def __call__(self, image_f, text_f, logit_scale, teacher_image, teacher_text, mask) -> torch.Tensor:
