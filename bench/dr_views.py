@@ -12,6 +12,11 @@ size forced to 224 and random weights (no pretrained weights are available offli
 sensitivity figure, not a teacher's; for scale, the same model's 1 - cosine between two different stored views
 of one image is the peer (ratio: how many times smaller the re-application drift is). Per-op rows: the crop + that single op (signed magnitude 9) at the 1/2 decode,
 to show which RandAugment ops amplify the resampling difference. Not part of `bench.run`.
+
+Reading: the drift grows with the decode reduction but stays orders of magnitude below the difference between two
+stored views; geometric and colour-scale ops pass the resampling difference through unchanged, while the ops that
+depend on image statistics (AutoContrast's per-channel min/max, Equalize's histogram, Solarize's threshold) amplify
+it, AutoContrast most in embedding terms. A decode at the original size removes all of it (bit-exact).
 """
 from __future__ import annotations
 

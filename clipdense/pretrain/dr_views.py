@@ -14,7 +14,9 @@ torchvision's RandAugment). What cannot be reproduced exactly:
 - the crop from a smaller decode (a JPEG draft-decoded at 1/2^k, or an image already shrunk): the stored box is
   scaled to the decoded image and resampled from fewer pixels, so the view is a slightly blurrier resampling of
   the same region. This is the only mismatch on the training path; its effect on embeddings is measured in
-  bench/results/dr_views.md. Every RandAugment op then runs exactly as stored on that crop.
+  bench/results/dr_views.md. Every RandAugment op then runs exactly as stored on that crop, but the ops that
+  depend on image statistics (AutoContrast: per-channel min/max; Equalize: the histogram; Solarize: a threshold)
+  amplify the resampling difference, AutoContrast most.
 - a student resolution S other than the stored 224: TranslateX/Y magnitudes are pixels of the 224 view and are
   rescaled by S/224 (the other ops are resolution-free), so the view covers the same content at another grid.
 - decoder differences the parameters cannot capture (another libjpeg/Pillow, an EXIF rotation the generator did
