@@ -298,3 +298,20 @@ def test_two_ranks_match_one_process():
         res = dict(out)
     assert (res[0][0] + res[1][0]) / 2 == pytest.approx(ref, rel=1e-5)
     assert res[0][1] == pytest.approx(ref0, rel=1e-5) and res[1][1] == 0.0
+
+
+def test_teacher_targets_stay_float32_under_autocast():
+    from clipdense.pretrain.distill import DistillLoss
+
+    g = torch.Generator().manual_seed(2)
+    t_img = torch.nn.functional.normalize(torch.randn(16, 8, generator=g), dim=1)
+    t_txt = torch.nn.functional.normalize(torch.randn(16, 8, generator=g), dim=1)
+    keep = torch.ones(16, dtype=torch.bool)
+    loss = DistillLoss([8], 100.0)
+    plain = loss.teacher_probs(t_img, t_txt, keep, keep)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = loss.teacher_probs(t_img, t_txt, keep, keep)
+        img = torch.nn.functional.normalize(torch.randn(16, 8, generator=g), dim=1)
+        value = loss(img, img.flip(0), torch.tensor(10.0), t_img, t_txt, keep)
+    assert auto.dtype == torch.float32 and torch.equal(auto, plain)
+    assert torch.isfinite(value)
