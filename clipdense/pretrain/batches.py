@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from clipdense.pretrain.captions import pick_batch, real_mask, sample_rng
+from clipdense.pretrain.distill import stored_views
 
 try:  # Ray Data's typed collate (a bare callable is deprecated since Ray 2.47)
     from ray.data.collate_fn import NumpyBatchCollateFn as _CollateBase
@@ -66,11 +67,15 @@ def _tokenizer(name: str):
 class Collate(_CollateBase):
     """numpy batch (key, caption, syn_captions, pixels[, aug_params, teacher_emb]) -> {"image": (B,3,S,S), "texts":
     [(B,L) per caption slot], "keys"}; `both` adds "real_mask" (B,) (rows with a real caption); DataCompDR rows add
-    "teacher_image_emb" (B,A,D), "teacher_text_emb" (B,T,D), "teacher_mask" (B,) and "aug_params" (JSON strings)."""
+    "teacher_image_emb" (B,A,D), "teacher_text_emb" (B,T,D), "teacher_mask" (B,) and "aug_params" (JSON strings).
+    With `distill_slots` (loss.distill) a batch carrying `orig_w`/`orig_h` (and `pixels` per row at any size) gets
+    each row's stored view as its image, and "distill_image_emb" (B,D), "distill_text_emb" (B,n,D), "distill_mask"
+    (B,n), "distill_views" (B,) in place of the two teacher arrays (pretrain/distill.py)."""
 
     def __init__(self, *, model_name: str, image_size: int, mean, std, policy: str, seed: int, epoch: int,
-                 mix_p: float = 0.5, train: bool = True):
+                 mix_p: float = 0.5, train: bool = True, distill_slots: tuple = ()):
         self.model_name, self.size, self.policy = model_name, image_size, policy
+        self.distill_slots = tuple(distill_slots)  # ((caption slot, "real" | "synthetic"), ...): loss.distill on
         mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self.scale, self.shift = 1.0 / (255.0 * std), -mean / std  # (x / 255 - mean) / std = x * scale + shift
@@ -78,10 +83,16 @@ class Collate(_CollateBase):
 
     def __call__(self, batch: dict) -> dict:
         keys = [str(k) for k in batch["key"]]
-        with warnings.catch_warnings():  # Ray hands read-only arrays; `px` is only read (every op below copies)
-            warnings.simplefilter("ignore", UserWarning)
-            px = torch.from_numpy(np.asarray(batch["pixels"], dtype=np.uint8)).permute(0, 3, 1, 2)
-        if self.train:
+        # loss.distill on DataCompDR: each sample's stored view (pretrain/distill.py), as its teachers embedded it
+        views = stored_views(batch, keys, self.seed, self.epoch, self.size) \
+            if self.train and self.distill_slots else None
+        if views is None:
+            with warnings.catch_warnings():  # Ray hands read-only arrays; `px` is only read (every op below copies)
+                warnings.simplefilter("ignore", UserWarning)
+                px = torch.from_numpy(np.asarray(batch["pixels"], dtype=np.uint8)).permute(0, 3, 1, 2)
+        if views is not None:
+            image, view_index = views
+        elif self.train:
             h, w = px.shape[-2:]
             boxes = [crop_box(sample_rng(self.seed, self.epoch, k, 2), h, w) for k in keys]
             image = random_resized_crop(px, boxes, self.size)
@@ -107,4 +118,9 @@ class Collate(_CollateBase):
 
             out.update(teacher_batch(embs, keys))
             out["aug_params"] = [None if a is None else str(a) for a in batch["aug_params"]]
+        if self.train and self.distill_slots and "teacher_mask" in out:
+            from clipdense.pretrain.distill import distill_targets
+
+            out.update(distill_targets(out, keys, reals, syns, slots, self.distill_slots,
+                                       view_index if views is not None else None))
         return out

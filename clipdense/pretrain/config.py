@@ -46,10 +46,34 @@ class CaptionConfig(Config):
     mix_p: float = Field(0.5, ge=0, le=1, description="mix: probability of a synthetic caption")
 
 
+class DistillConfig(Config):
+    """DataCompDR's distillation from the teacher embeddings in its shards (pretrain/distill.py), as ml-mobileclip's
+    run_datacompdr12m.sh trains: `--distill-loss-weights 0.0 1.0 --distill-logit-scale 100
+    --distill-teacher-dimension 768 768 --distill-average-after-softmax`. CLIP models only; the student's image is
+    the stored view (crop + RandAugment, pretrain/dr_views.py) its teacher embedding was made from."""
+
+    enabled: bool = False
+    weights: tuple[float, float] = (0.0, 1.0)   # (contrastive, distillation)
+    logit_scale: float = Field(100.0, gt=0)     # the teachers'
+    teacher_dims: list[int] = [768, 768]        # the blocks of the stored embedding, one per teacher
+    slots: list[Literal["real", "synthetic"]] = ["real", "synthetic"]  # caption slots with a distillation term
+
+    @model_validator(mode="after")
+    def _valid(self):
+        if min(self.weights) < 0 or sum(self.weights) <= 0:
+            raise ValueError(f"loss.distill.weights {list(self.weights)}: (contrastive, distillation), >= 0, not both 0")
+        if not self.teacher_dims or min(self.teacher_dims) <= 0:
+            raise ValueError(f"loss.distill.teacher_dims {self.teacher_dims}: one positive size per teacher")
+        if not self.slots or len(set(self.slots)) != len(self.slots):
+            raise ValueError(f"loss.distill.slots {self.slots}: real and/or synthetic, each once")
+        return self
+
+
 class LossConfig(Config):
     kind: Literal["auto", "clip", "siglip", "coca"] = "auto"   # auto: coca for CoCa models, siglip if logit_bias
     coca_caption_weight: float = Field(2.0, ge=0)               # open_clip_train defaults
     coca_contrastive_weight: float = Field(1.0, ge=0)
+    distill: DistillConfig = DistillConfig()
 
 
 class EvalConfig(Config):
@@ -94,4 +118,10 @@ class PretrainConfig(StageConfig):
         if bad:
             raise ValueError(f"data.batch_size ({self.data.batch_size}) must be divisible by "
                              f"train.scaling.num_workers ({bad[0]})")
+        d, policy = self.loss.distill, self.captions.policy
+        if d.enabled and policy != "both" and d.slots != [policy]:
+            raise ValueError(f"loss.distill.slots {d.slots} need captions.policy both (or real / synthetic for that "
+                             f"one slot), not {policy!r}")
+        if d.enabled and self.loss.kind in ("siglip", "coca"):
+            raise ValueError(f"loss.distill is DataCompDR's CLIP loss; loss.kind {self.loss.kind!r} cannot take it")
         return self

@@ -206,6 +206,14 @@ def first_ok_keys(joined, n: int) -> tuple[list[str], int]:
     return keys, seen
 
 
+def check_teacher_rows(cfg: PretrainConfig, counts: dict) -> None:
+    """loss.distill needs DataCompDR teacher embeddings: none in any usable row is a one-line error; rows without
+    them train only the contrastive term (masked out of distillation), their number is in the counts."""
+    if cfg.loss.distill.enabled and counts and counts["synthetic"]["rows_with_teacher_emb"] == 0:
+        raise DataError(f"loss.distill is on but no usable row of {cfg.data.shards!r} carries DataCompDR teacher "
+                        f"embeddings (data.recaptions must name DataCompDR .tar shards with npz members)")
+
+
 def build_datasets(cfg: PretrainConfig, image_size: int) -> tuple[object, object | None, dict]:
     """(train dataset, eval dataset or None, counts) as lazy Ray Datasets of key/caption/syn_captions/pixels."""
     with data_context({"execution_options.preserve_order": True}):  # the same rows in the same order each epoch
@@ -218,6 +226,7 @@ def _build_datasets(cfg: PretrainConfig, image_size: int) -> tuple[object, objec
     counts = count_rows(joined) if cfg.data.count_errors else {}
     if counts and counts["ok"] == 0:
         raise DataError(f"no usable training rows in {cfg.data.shards!r} (errors: {counts['errors']})")
+    check_teacher_rows(cfg, counts)
     decode_kw = {"batch_format": "pyarrow", "batch_size": cfg.data.decode_batch_size,
                  "num_cpus": cfg.data.decode_cpus}
     eval_ds, held = None, frozenset()

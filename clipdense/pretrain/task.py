@@ -4,6 +4,8 @@ Losses are open_clip's: ClipLoss(local_loss=True, gather_with_grad=True) across 
 Policy `both` (DataCompDR) adds the loss on (image, synthetic caption) to the loss on (image, real caption); rows
 without a real caption are masked out of the real term (masked_clip_loss / masked_siglip_loss, equal to open_clip's
 losses when no row is masked).
+`loss.distill` (DataCompDR): weights x (the contrastive terms, the distillation terms of pretrain/distill.py on the
+real and synthetic slots, from the teacher embeddings the collate selects for each row's stored view and caption).
 After every optimizer step logit_scale is clamped to [0, ln 100], as open_clip_train does.
 """
 from __future__ import annotations
@@ -134,12 +136,30 @@ class ClipPretrainTask(TrainTask):
         self.kind = loss_kind(model, lc.kind)
         self.loss_fn = build_loss(self.kind, self.rank, self.world_size, lc.coca_caption_weight,
                                   lc.coca_contrastive_weight)
+        self.distill = None
+        if lc.distill.enabled:
+            from clipdense.errors import ConfigError
+            from clipdense.pretrain.distill import DistillLoss
+
+            if self.kind != "clip":
+                raise ConfigError(f"loss.distill is DataCompDR's CLIP loss; {self.cfg.model.name} trains with "
+                                  f"{self.kind}")
+            self.distill = DistillLoss(lc.distill.teacher_dims, lc.distill.logit_scale, self.rank, self.world_size)
         return model
+
+    def distill_slots(self) -> tuple:
+        """((caption slot index, "real" | "synthetic"), ...) that get a distillation term."""
+        d = self.cfg.loss.distill
+        if not d.enabled:
+            return ()
+        order = ["real", "synthetic"] if self.cfg.captions.policy == "both" else [self.cfg.captions.policy]
+        return tuple((order.index(kind), kind) for kind in d.slots)
 
     def _collate(self, epoch: int, train: bool) -> Collate:
         return Collate(model_name=self.cfg.model.name, image_size=self.pp["size"], mean=self.pp["mean"],
                        std=self.pp["std"], policy=self.cfg.captions.policy if train else self.cfg.eval.caption,
-                       seed=self.cfg.train.seed, epoch=epoch, mix_p=self.cfg.captions.mix_p, train=train)
+                       seed=self.cfg.train.seed, epoch=epoch, mix_p=self.cfg.captions.mix_p, train=train,
+                       distill_slots=self.distill_slots() if train else ())
 
     def train_batches(self, ctx: TrainContext):
         shard = ctx.dataset_shard
@@ -226,12 +246,35 @@ class ClipPretrainTask(TrainTask):
         else:
             out = model(image, torch.cat(texts) if len(texts) > 1 else texts[0])
             tf = out["text_features"].chunk(len(texts)) if len(texts) > 1 else [out["text_features"]]
-            losses = [self._contrastive(out, t, mask if i == 0 else None) for i, t in enumerate(tf)]
-            total = sum(losses)
+            w_contrastive = self.cfg.loss.distill.weights[0] if self.distill is not None else 1.0
+            losses = [self._contrastive(out, t, mask if i == 0 else None) for i, t in enumerate(tf)] \
+                if w_contrastive else []
+            total = w_contrastive * sum(losses) if losses else 0.0
             if len(losses) > 1:
                 metrics.update({"loss_real": float(losses[0].detach()), "loss_syn": float(losses[1].detach())})
+            if self.distill is not None:
+                total = total + self._distill_terms(out, tf, batch, metrics)
         metrics["logit_scale"] = float(out["logit_scale"].detach())
         return total, metrics
+
+    def _distill_terms(self, out: dict, tf: list, batch: dict, metrics: dict) -> torch.Tensor:
+        """loss.distill's weight x the distillation terms of its slots (pretrain/distill.py); a batch without
+        DataCompDR teacher embeddings takes all-masked zeros, so every rank runs the same collectives."""
+        slots = self.distill_slots()
+        b = out["image_features"].shape[0]
+        if "distill_mask" in batch:
+            t_img, t_txt, keep = batch["distill_image_emb"], batch["distill_text_emb"], batch["distill_mask"]
+        else:
+            d = self.distill.teacher_dim
+            t_img, t_txt = torch.zeros(b, d), torch.zeros(b, len(slots), d)
+            keep = torch.zeros(b, len(slots), dtype=torch.bool)
+        total = 0.0
+        for j, (slot, kind) in enumerate(slots):
+            term = self.distill(out["image_features"], tf[slot], out["logit_scale"], t_img, t_txt[:, j], keep[:, j])
+            metrics[f"distill_{kind}"] = float(term.detach())
+            total = total + term
+        metrics["distill_rows"] = float(keep.any(1).sum())
+        return self.cfg.loss.distill.weights[1] * total
 
     def after_step(self, model, ctx: TrainContext) -> None:
         clamp_logit_scale(model)
