@@ -62,8 +62,20 @@ def _grid(img_size, patch: int) -> tuple[int, int]:
     return h // patch, w // patch
 
 
+def plain_block_indices(neck: str, depth: int) -> list[int]:
+    """The blocks a plain ViT's neck reads: DPT's, ViTDet's (the last block, once per level) or mmseg's."""
+    if neck == "vitdet":
+        return [depth - 1] * 4
+    return (dpt_block_indices if neck == "dpt" else default_block_indices)(depth)
+
+
 def _plain_neck(kind: str, width: int, patch: int) -> nn.Module:
-    """Same-stride ViT maps -> strides 4-32: mmseg's Feature2Pyramid, or DPT's reassemble (readout-projected)."""
+    """Same-stride ViT maps -> strides 4-32: mmseg's Feature2Pyramid, DPT's reassemble (readout-projected), or
+    ViTDet's rescaling of the last block (detection)."""
+    if kind == "vitdet":
+        from clipdense.dense.necks import ViTDetRescale
+
+        return ViTDetRescale(width, _pyramid_scales(patch))
     if kind == "dpt":
         from clipdense.dense.dpt import Reassemble
 
@@ -99,8 +111,7 @@ class ViTPyramid(_Freezable, nn.Module):
         super().__init__()
         shape = oca.vit_shape(vit)
         depth = shape.depth
-        default = dpt_block_indices if neck == "dpt" else default_block_indices
-        self.out_indices = list(out_indices) if out_indices else default(depth)
+        self.out_indices = list(out_indices) if out_indices else plain_block_indices(neck, depth)
         if any(not 0 <= i < depth for i in self.out_indices) or len(self.out_indices) != 4:
             raise ConfigError(f"backbone.out_indices {self.out_indices}: need 4 block indices in [0, {depth - 1}]")
         ph, pw = shape.patch
@@ -146,7 +157,7 @@ class TimmPyramid(_Freezable, nn.Module):
         self.plain = len(set(reductions)) == 1
         if out_indices is None:
             if self.plain:
-                out_indices = (dpt_block_indices if neck == "dpt" else default_block_indices)(len(info))
+                out_indices = plain_block_indices(neck, len(info))
             else:
                 missing = [s for s in STRIDES if s not in reductions]
                 if missing:
@@ -155,7 +166,8 @@ class TimmPyramid(_Freezable, nn.Module):
         if len(out_indices) != 4 or any(not 0 <= i < len(info) for i in out_indices):
             raise ConfigError(f"backbone.out_indices {out_indices}: need 4 feature indices in [0, {len(info) - 1}]")
         self.out_indices = list(out_indices)
-        model.prune_intermediate_layers(self.out_indices, prune_norm=True, prune_head=True)
+        self._take = sorted(set(self.out_indices))  # timm takes each index once; a repeated one is reused
+        model.prune_intermediate_layers(self._take, prune_norm=True, prune_head=True)
         self.model = model
         self.trunk_name = "model"
         chans = [int(info[i]["num_chs"]) for i in self.out_indices]
@@ -168,11 +180,12 @@ class TimmPyramid(_Freezable, nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if getattr(self.neck, "uses_cls", False):
-            out = self.model.forward_intermediates(x, indices=self.out_indices, intermediates_only=True,
-                                                   return_prefix_tokens=True)
-            return self.neck([m for m, _ in out], [p[:, 0] for _, p in out])
-        feats = self.model.forward_intermediates(x, indices=self.out_indices, intermediates_only=True)
-        return self.neck(feats) if self.neck is not None else list(feats)
+            out = dict(zip(self._take, self.model.forward_intermediates(x, indices=self._take, intermediates_only=True,
+                                                                        return_prefix_tokens=True)))
+            return self.neck([out[i][0] for i in self.out_indices], [out[i][1][:, 0] for i in self.out_indices])
+        out = dict(zip(self._take, self.model.forward_intermediates(x, indices=self._take, intermediates_only=True)))
+        feats = [out[i] for i in self.out_indices]
+        return self.neck(feats) if self.neck is not None else feats
 
     def layer_id(self, name: str) -> int:
         return self._layer.get(name, self.num_layers - 1)
@@ -276,7 +289,7 @@ def create_backbone(cfg: BackboneConfig, img_size: tuple[int, int] | list[int] |
                     neck: str = "feature2pyramid") -> nn.Module:
     """Build the pyramid backbone `cfg` names; it carries `.provenance` (name, kind, checkpoint, trunk params),
     `.mean`, `.std`. `img_size`: the finetune crop, whose grid a ViT's position table is resized to once.
-    `neck`: how a plain ViT's one-stride maps become a pyramid ("feature2pyramid" | "dpt")."""
+    `neck`: how a plain ViT's one-stride maps become a pyramid ("feature2pyramid" | "dpt" | "vitdet")."""
     kind = resolve_kind(cfg)
     _check_checkpoint(cfg.checkpoint)
     if cfg.frozen:  # nothing trains: keep the table bit-identical to the checkpoint (interpolating it gives the same)
