@@ -1,7 +1,7 @@
 """Backbones with one interface: `forward(x) -> [4 maps at strides 4, 8, 16, 32]`, `.out_channels`, `.layer_id(name)`.
 
 - open_clip ViT (`clipdense.models.create_clip(name, pretrained=...).visual`): tokens of 4 blocks (open_clip's
-  `forward_intermediates`) -> maps -> Feature2Pyramid (or DPT's reassemble, `neck="dpt"`). As mmseg does, the
+  `forward_intermediates`) -> maps -> Feature2Pyramid (or DPT's reassemble, `neck="dpt"`; ViTDet's, `"vitdet"`). As mmseg does, the
   position table is resized once at build time to the finetune crop's grid (`img_size`) and that table trains;
   at any other grid (whole-image evaluation) it is interpolated to the input grid, so any size (multiple of the
   patch) works. Plain timm ViTs get the same: built at `img_size` (timm resamples pretrained tables on load). A
@@ -16,8 +16,11 @@ Weights (`backbone.checkpoint`, one key for all): open_clip: a pretrained tag, a
 timm: a weights file (state dict, `.safetensors`, a checkpoint with `state_dict` / `model`), or `hf-hub:<repo>` /
 `local-dir:<dir>` (timm's layout; read from the HF cache when offline). Provenance `params` counts the trunk only
 (no neck), the figure "N x smaller" compares.
-Layer ids for layer-wise lr decay: 0 = stem / patch+pos embed + cls token, i+1 = block (or timm group) i, and
-`num_layers - 1` = everything else (neck, heads), so lr_scale = decay ** (num_layers - 1 - id).
+Layer ids for layer-wise lr decay (dense/optim.py, `LayerIds`): for ViTs (open_clip, plain timm) `layer_id(name)`
+here: 0 = stem (patch + position embedding, class token, pre-norm), i + 1 = block i, `num_layers - 1` = everything
+else (neck, heads), so lr_scale = decay ** (num_layers - 1 - id). Hierarchical timm towers do not use `layer_id`:
+optim.hierarchical_layer_ids gives them stage-level ids (stem 0, at most 12 ids over the stages' blocks, head last).
+Detection (`neck="vitdet"`): a plain ViT's last block, once per level, through ViTDet's rescaling (necks.py).
 """
 from __future__ import annotations
 

@@ -217,6 +217,9 @@ class FinetuneConfig(StageConfig):
 
     task: str = "seg"
     backbone: BackboneConfig = BackboneConfig()
+    data: DataConfig = DataConfig()  # data, head, eval: each task's own class (declared here to keep the key order)
+    head: Config = Config()
+    eval: Config = Config()
     train: FinetuneTrain = FinetuneTrain()  # optim, schedule, scaling (workers, GPU), eval_every, seed (init + aug)
     out_dir: str = "runs/finetune"  # metrics.json, metrics.jsonl, checkpoints
     save_predictions: str | None = None  # write final predictions in the dataset's own format here

@@ -51,7 +51,7 @@ def evaluate_det(model, dataset, cfg: DetFinetune, device, save_dir: str | Path 
     """COCO AP (torchmetrics, pycocotools backend) over the validation images: boxes, and masks for Mask R-CNN."""
     with_masks = cfg.head.kind == "mask_rcnn"
     meter = detection_meter(with_masks)
-    outputs = []
+    rows = []
     for i in range(len(dataset)):
         item = dataset[i]
         det = model([item["img"].to(device).float() / 255.0])[0]
@@ -63,14 +63,14 @@ def evaluate_det(model, dataset, cfg: DetFinetune, device, save_dir: str | Path 
         if with_masks:
             target["masks"] = t["masks"].bool()
         meter.update([det], [target])  # per image: torchmetrics keeps masks as RLE, not full-size tensors
-        if save_dir is not None:
-            outputs.append((int(t["image_id"]), det))
+        if save_dir is not None:  # rows per image: masks become RLE at once
+            rows.extend(coco_results(dataset, [(int(t["image_id"]), det)]))
     out = detection_scalars(meter.compute())
     out["images"] = len(dataset)
     if save_dir is not None:
         path = Path(save_dir) / "detections.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(coco_results(dataset, outputs)))
+        path.write_text(json.dumps(rows))
     return out
 
 
