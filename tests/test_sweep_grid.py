@@ -154,5 +154,5 @@ def test_backbone_overrides_apply_to_the_tasks_that_have_the_key(tmp_path, base_
     assert seg["backbone"]["model_kwargs"] == {"img_size": 64}                         # inside a free-form dict
     bad = {"name": "probe", "overrides": {"head.depth_bin": 256}}
     with pytest.raises(ConfigError, match="'head.depth_bin' is a key of no task") as e:
-        expand(_cfg(tmp_path, base_yaml, seeds=1, fractions=[1.0], backbones=[bad]))
-    assert "\n" not in str(e.value)
+        _cfg(tmp_path, base_yaml, seeds=1, fractions=[1.0], backbones=[bad])
+    assert "\n" not in str(e.value) and "sweep.yaml" in str(e.value)

@@ -16,6 +16,7 @@ from clipdense.ray_session import OnRayConfig, RayConfig
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")   # names become directory names
 
+from clipdense.dense.config import tasks_with_key
 from clipdense.dense.tasks import TASKS
 
 # default (metric key in metrics.json, direction) by task kind, as each task's module says; a task entry can
@@ -44,6 +45,14 @@ class BackboneEntry(Config):
     @classmethod
     def _name(cls, v: str) -> str:
         return _check_name(v, "backbone")
+
+    @field_validator("overrides")
+    @classmethod
+    def _overrides(cls, v: dict[str, Any]) -> dict[str, Any]:
+        unknown = [k for k in v if not tasks_with_key(k)]
+        if unknown:
+            raise ValueError(f"override {unknown[0]!r} is a key of no task's finetune config ({', '.join(TASKS)})")
+        return v
 
     @property
     def condition_name(self) -> str:

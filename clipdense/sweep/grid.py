@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from clipdense.config import deep_merge, get_dotted, read_yaml, set_dotted
-from clipdense.dense.config import FinetuneConfig, has_key, tasks_with_key
+from clipdense.dense.config import FinetuneConfig, has_key
 from clipdense.errors import ConfigError
 from clipdense.paths import configs_dir
 from clipdense.sweep.config import SweepConfig
@@ -112,14 +112,9 @@ def trial_dir(out: str | Path, name: str) -> Path:
 
 def expand(cfg: SweepConfig) -> list[Trial]:
     """All trials, ordered task, backbone, fraction (ascending), seed. A backbone's `overrides` apply to the tasks
-    whose config has the key; a key of no task's config is an error."""
+    whose config has the key (SweepConfig refuses a key of no task's config)."""
     trials = []
     keys = cfg.keys
-    for bb in cfg.backbones:
-        unknown = [k for k in bb.overrides if not tasks_with_key(k)]
-        if unknown:
-            raise ConfigError(f"backbone {bb.name!r}: override {unknown[0]!r} is a key of no task's finetune config "
-                              f"({', '.join(FinetuneConfig.TASKS)})")
     for task in cfg.tasks:
         path = resolve_config_path(task.config)
         base = read_yaml(path)
