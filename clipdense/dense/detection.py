@@ -4,8 +4,8 @@ projects/ViTDet), on the backbone's pyramid.
 - Pyramid: a plain ViT's last block through ViTDet's simple feature pyramid (`necks.ViTDetRescale` inside the
   backbone, then `necks.SimpleFeaturePyramid`: 1x1 + 3x3 LayerNorm convs per level + a max-pooled p6); a
   hierarchical tower (MCi, Swin, ConvNeXt) feeds its own 4 stages through torchvision's FPN (`necks.TowerFPN`).
-- `mask_rcnn`: ViTDet's heads: a 2-conv RPN head, a 4-conv (LayerNorm) + 1-fc box head, a 4-conv (LayerNorm) mask
-  head. `faster_rcnn`: torchvision's 1-conv RPN head and two-MLP box head.
+- `mask_rcnn`: ViTDet's heads: a 2-conv RPN head (1000 proposals after NMS in training, as detectron2), a 4-conv
+  (LayerNorm) + 1-fc box head, a 4-conv (LayerNorm) mask head. `faster_rcnn`: torchvision's 1-conv RPN head and two-MLP box head.
 - Input: [0, 1] float images, normalised by the backbone's mean/std. Without LSJ torchvision resizes to
   min_size/max_size; with `lsj_size` (ViTDet's 1024) `SquareTransform` keeps the dataset's jittered training
   images as they are, resizes test images so the long side is lsj_size, and pads both to the lsj_size square."""
@@ -64,7 +64,7 @@ def build_detector(backbone: nn.Module, num_classes: int, head: DetHead, lsj_siz
                   box_predictor=FastRCNNPredictor(head.representation_size, num_classes + 1))
     if head.kind == "mask_rcnn":
         model = MaskRCNN(
-            pyramid, rpn_head=RPNHead(c, 3, conv_depth=2),
+            pyramid, rpn_head=RPNHead(c, 3, conv_depth=2), rpn_post_nms_top_n_train=1000,
             box_head=FastRCNNConvFCHead((c, 7, 7), [c] * 4, [head.representation_size], norm_layer=LayerNorm2d),
             mask_roi_pool=MultiScaleRoIAlign(featmap_names=names, output_size=14, sampling_ratio=2),
             mask_head=MaskRCNNHeads(c, [c] * 4, 1, norm_layer=LayerNorm2d),
