@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from clipdense.dense.datasets.common import _resize, read_rgb, sample_rng, subset_indices, to_chw
+from clipdense.dense.datasets.common import read_rgb, resize_image, resize_mask, sample_rng, subset_indices, to_chw
 from clipdense.errors import DataError
 
 BOX_TOLERANCE = 1.0  # pixels a box may overhang the image (rounding in exported annotations)
@@ -61,10 +61,10 @@ def lsj(img: np.ndarray, boxes: np.ndarray, masks: np.ndarray | None, size: int,
     s = rng.uniform(*scale_range)
     f = min(size * s / h, size * s / w)
     nh, nw = max(1, int(h * f + 0.5)), max(1, int(w * f + 0.5))
-    img = _resize(img, (nh, nw), nearest=False)
+    img = resize_image(img, (nh, nw))
     boxes = boxes * np.array([nw / w, nh / h, nw / w, nh / h], dtype=np.float32)
     if masks is not None and len(masks):
-        masks = np.stack([_resize(m, (nh, nw), nearest=True) for m in masks])
+        masks = np.stack([resize_mask(m, (nh, nw)) for m in masks])
     elif masks is not None:
         masks = np.zeros((0, nh, nw), np.uint8)
     y0, x0 = int(rng.integers(0, max(nh - size, 0) + 1)), int(rng.integers(0, max(nw - size, 0) + 1))
