@@ -1,13 +1,13 @@
 """Backbones with one interface: `forward(x) -> [4 maps at strides 4, 8, 16, 32]`, `.out_channels`, `.layer_id(name)`.
 
 - open_clip ViT (`clipdense.models.create_clip(name, pretrained=...).visual`): tokens of 4 blocks (open_clip's
-  `forward_intermediates`) -> maps -> Feature2Pyramid (or DPT's reassemble, `neck="dpt"`; ViTDet's, `"vitdet"`). As mmseg does, the
-  position table is resized once at build time to the finetune crop's grid (`img_size`) and that table trains;
-  at any other grid (whole-image evaluation) it is interpolated to the input grid, so any size (multiple of the
-  patch) works. Plain timm ViTs get the same: built at `img_size` (timm resamples pretrained tables on load). A
-  frozen trunk keeps its stored table. Drop path: open_clip blocks have none, so each residual branch's LayerScale
-  is followed by a timm DropPath (rates rising linearly over depth, as timm does). Every access to open_clip's
-  internals lives in `clipdense.models.open_clip_adapter`.
+  `forward_intermediates`) -> maps -> Feature2Pyramid (or DPT's reassemble, `neck="dpt"`; ViTDet's, `"vitdet"`). As
+  mmseg does, the position table is resized once at build time to the finetune crop's grid (`img_size`) and that
+  table trains; at any other grid (whole-image evaluation) it is interpolated to the input grid, so any size
+  (multiple of the patch) works. Plain timm ViTs get the same: built at `img_size` (timm resamples pretrained tables
+  on load). A frozen trunk keeps its stored table. Drop path: open_clip blocks have none, so each residual branch's
+  LayerScale is followed by a timm DropPath (rates rising linearly over depth, as timm does). Every access to
+  open_clip's internals lives in `clipdense.models.open_clip_adapter`.
 - timm models (by name, or the trunk of an open_clip timm tower such as MobileCLIP's MCi): `forward_intermediates`
   at the stages of reduction 4/8/16/32; plain timm ViTs (all one stride) also go through Feature2Pyramid.
   `backbone.model_kwargs` reach `timm.create_model` (e.g. Swin's `img_size`).

@@ -5,7 +5,8 @@ projects/ViTDet), on the backbone's pyramid.
   backbone, then `necks.SimpleFeaturePyramid`: 1x1 + 3x3 LayerNorm convs per level + a max-pooled p6); a
   hierarchical tower (MCi, Swin, ConvNeXt) feeds its own 4 stages through torchvision's FPN (`necks.TowerFPN`).
 - `mask_rcnn`: ViTDet's heads: a 2-conv RPN head (1000 proposals after NMS in training, as detectron2), a 4-conv
-  (LayerNorm) + 1-fc box head, a 4-conv (LayerNorm) mask head. `faster_rcnn`: torchvision's 1-conv RPN head and two-MLP box head.
+  (LayerNorm) + 1-fc box head, a 4-conv (LayerNorm) mask head. `faster_rcnn`: torchvision's 1-conv RPN head and
+  two-MLP box head.
 - Input: [0, 1] float images, normalised by the backbone's mean/std. Without LSJ torchvision resizes to
   min_size/max_size; with `lsj_size` (ViTDet's 1024) `SquareTransform` keeps the dataset's jittered training
   images as they are, resizes test images so the long side is lsj_size, and pads both to the lsj_size square."""

@@ -12,12 +12,11 @@ from pydantic import Field, field_validator, model_validator
 
 from clipdense.train.tracking import TrackingConfig
 from clipdense.config import Config
+from clipdense.dense.config import tasks_with_key
+from clipdense.dense.tasks import TASKS
 from clipdense.ray_session import OnRayConfig, RayConfig
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")   # names become directory names
-
-from clipdense.dense.config import tasks_with_key
-from clipdense.dense.tasks import TASKS
 
 # default (metric key in metrics.json, direction) by task kind, as each task's module says; a task entry can
 # override both

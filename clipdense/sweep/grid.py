@@ -1,6 +1,7 @@
 """Expand a SweepConfig into trials: one finetune config (as a dict) per (task, backbone, fraction, seed).
 
-No Ray, no torch of its own (the finetune config schemas only): the driver validates each dict against `FinetuneConfig` before launching anything.
+No Ray, no torch of its own (only the finetune config schemas, to route backbone overrides to the tasks that have
+the key): the driver validates each dict against `FinetuneConfig` before launching anything.
 Trial names are deterministic, `seg/recap-clip/f0.0625/s1`, so reruns find earlier results by path.
 """
 from __future__ import annotations
