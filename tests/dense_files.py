@@ -68,9 +68,17 @@ def write_nyu(root, n_train: int = 6, n_test: int = 3, size=(48, 64), seed: int 
     return root
 
 
-def write_coco(root, n_train: int = 6, n_val: int = 3, size=(64, 64), seed: int = 0) -> Path:
+def _rle(mask: np.ndarray) -> dict:
+    from pycocotools import mask as mask_utils
+
+    r = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in r["size"]], "counts": r["counts"].decode("ascii")}
+
+
+def write_coco(root, n_train: int = 6, n_val: int = 3, size=(64, 64), seed: int = 0, crowd: bool = False) -> Path:
     """root/{train2017,val2017}/*.jpg + root/annotations/instances_{train,val}2017.json; category ids 1, 3, 7
-    (not contiguous, to exercise the label mapping)."""
+    (not contiguous, to exercise the label mapping). Segmentations as real COCO has them: polygons (odd annotation
+    ids) and compressed RLE (even ids) of the rectangles; `crowd` adds an iscrowd RLE region to each val image."""
     root = Path(root)
     cat_ids = [1, 3, 7]
     rng = np.random.default_rng(seed)
@@ -83,8 +91,19 @@ def write_coco(root, n_train: int = 6, n_val: int = 3, size=(64, 64), seed: int 
             _save(root / split / name, img)
             images.append({"id": i + 1, "file_name": name, "height": size[0], "width": size[1]})
             for c, x, y, bw, bh in boxes:
+                mask = np.zeros(size, np.uint8)
+                mask[y:y + bh, x:x + bw] = 1
+                seg = [[x, y, x + bw, y, x + bw, y + bh, x, y + bh]] if ann_id % 2 else _rle(mask)
                 anns.append({"id": ann_id, "image_id": i + 1, "category_id": cat_ids[c - 1], "iscrowd": 0,
-                             "bbox": [float(x), float(y), float(bw), float(bh)], "area": float(bw * bh)})
+                             "bbox": [float(x), float(y), float(bw), float(bh)], "area": float(bw * bh),
+                             "segmentation": seg})
+                ann_id += 1
+            if crowd and split == "val2017":
+                mask = np.zeros(size, np.uint8)
+                mask[: size[0] // 4, : size[1] // 4] = 1
+                anns.append({"id": ann_id, "image_id": i + 1, "category_id": cat_ids[0], "iscrowd": 1,
+                             "bbox": [0.0, 0.0, float(size[1] // 4), float(size[0] // 4)],
+                             "area": float(mask.sum()), "segmentation": _rle(mask)})
                 ann_id += 1
         doc = {"images": images, "annotations": anns,
                "categories": [{"id": c, "name": f"shape{c}"} for c in cat_ids]}

@@ -13,15 +13,18 @@ from clipdense.dense import FinetuneConfig, run
 from clipdense.dense.evaluate import rescore_depth, rescore_det, rescore_seg
 from dense_files import write_ade, write_coco, write_nyu
 
-TINY = ["data.batch_size=4", "data.crop_size=[32,32]", "data.photometric=false", "head.channels=32",
-        "head.aux_channels=16", "head.dropout=0.0", "train.optim.lr=2e-3", "train.schedule.warmup_steps=2",
-        "train.log_every=1", "train.checkpoint.keep=1"]
+TINY = ["data.batch_size=4", "train.optim.lr=2e-3", "train.schedule.warmup_steps=2", "train.log_every=1",
+        "train.checkpoint.keep=1"]
+# each task's config has only its own keys (a key of another task is an error)
+DECODER = ["data.crop_size=[32,32]", "data.photometric=false", "head.channels=32", "head.dropout=0.0"]
+TINY_TASK = {"seg": DECODER + ["head.aux_channels=16"], "depth": DECODER, "det": []}
 STEPS = {"seg": 16, "depth": 16, "det": 12}
 
 
 def _cfg(task: str, root, out, *extra: str) -> FinetuneConfig:
     return load_config(FinetuneConfig, None, [f"task={task}", f"data.root={root}", f"out_dir={out}",
-                                              f"train.schedule.total_steps={STEPS[task]}", *TINY, *extra])
+                                              f"train.schedule.total_steps={STEPS[task]}", *TINY, *TINY_TASK[task],
+                                              *extra])
 
 
 def _losses(out) -> list[float]:

@@ -141,3 +141,18 @@ def test_schedule_by_epochs_scales_steps_and_is_recorded(tmp_path, base_yaml):
     grouped = expand(_cfg(tmp_path, base_yaml, seeds=1, fractions=[1.0], report={"reference": "alt"},
                           backbones=[{"name": "alt-s0", "condition": "alt"}, {"name": "alt-s1", "condition": "alt"}]))
     assert {t.coordinates()["condition"] for t in grouped} == {"alt"}
+
+
+def test_backbone_overrides_apply_to_the_tasks_that_have_the_key(tmp_path, base_yaml):
+    probe = {"name": "probe", "overrides": {"head.depth_bins": 256, "head.aux_weight": 0.0, "train.optim.lr": 3e-3,
+                                            "backbone.model_kwargs.img_size": 64}}
+    trials = expand(_cfg(tmp_path, base_yaml, seeds=1, fractions=[1.0], small_fraction_seeds=None, backbones=[probe]))
+    seg = next(t for t in trials if t.task == "seg").finetune
+    depth = next(t for t in trials if t.task == "depth").finetune
+    assert seg["head"] == {"aux_weight": 0.0} and depth["head"] == {"depth_bins": 256}  # each only its own key
+    assert seg["train"]["optim"]["lr"] == depth["train"]["optim"]["lr"] == 3e-3        # a shared key: both
+    assert seg["backbone"]["model_kwargs"] == {"img_size": 64}                         # inside a free-form dict
+    bad = {"name": "probe", "overrides": {"head.depth_bin": 256}}
+    with pytest.raises(ConfigError, match="'head.depth_bin' is a key of no task") as e:
+        _cfg(tmp_path, base_yaml, seeds=1, fractions=[1.0], backbones=[bad])
+    assert "\n" not in str(e.value) and "sweep.yaml" in str(e.value)

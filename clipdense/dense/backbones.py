@@ -1,13 +1,13 @@
 """Backbones with one interface: `forward(x) -> [4 maps at strides 4, 8, 16, 32]`, `.out_channels`, `.layer_id(name)`.
 
 - open_clip ViT (`clipdense.models.create_clip(name, pretrained=...).visual`): tokens of 4 blocks (open_clip's
-  `forward_intermediates`) -> maps -> Feature2Pyramid (or DPT's reassemble, `neck="dpt"`). As mmseg does, the
-  position table is resized once at build time to the finetune crop's grid (`img_size`) and that table trains;
-  at any other grid (whole-image evaluation) it is interpolated to the input grid, so any size (multiple of the
-  patch) works. Plain timm ViTs get the same: built at `img_size` (timm resamples pretrained tables on load). A
-  frozen trunk keeps its stored table. Drop path: open_clip blocks have none, so each residual branch's LayerScale
-  is followed by a timm DropPath (rates rising linearly over depth, as timm does). Every access to open_clip's
-  internals lives in `clipdense.models.open_clip_adapter`.
+  `forward_intermediates`) -> maps -> Feature2Pyramid (or DPT's reassemble, `neck="dpt"`; ViTDet's, `"vitdet"`). As
+  mmseg does, the position table is resized once at build time to the finetune crop's grid (`img_size`) and that
+  table trains; at any other grid (whole-image evaluation) it is interpolated to the input grid, so any size
+  (multiple of the patch) works. Plain timm ViTs get the same: built at `img_size` (timm resamples pretrained tables
+  on load). A frozen trunk keeps its stored table. Drop path: open_clip blocks have none, so each residual branch's
+  LayerScale is followed by a timm DropPath (rates rising linearly over depth, as timm does). Every access to
+  open_clip's internals lives in `clipdense.models.open_clip_adapter`.
 - timm models (by name, or the trunk of an open_clip timm tower such as MobileCLIP's MCi): `forward_intermediates`
   at the stages of reduction 4/8/16/32; plain timm ViTs (all one stride) also go through Feature2Pyramid.
   `backbone.model_kwargs` reach `timm.create_model` (e.g. Swin's `img_size`).
@@ -16,8 +16,11 @@ Weights (`backbone.checkpoint`, one key for all): open_clip: a pretrained tag, a
 timm: a weights file (state dict, `.safetensors`, a checkpoint with `state_dict` / `model`), or `hf-hub:<repo>` /
 `local-dir:<dir>` (timm's layout; read from the HF cache when offline). Provenance `params` counts the trunk only
 (no neck), the figure "N x smaller" compares.
-Layer ids for layer-wise lr decay: 0 = stem / patch+pos embed + cls token, i+1 = block (or timm group) i, and
-`num_layers - 1` = everything else (neck, heads), so lr_scale = decay ** (num_layers - 1 - id).
+Layer ids for layer-wise lr decay (dense/optim.py, `LayerIds`): for ViTs (open_clip, plain timm) `layer_id(name)`
+here: 0 = stem (patch + position embedding, class token, pre-norm), i + 1 = block i, `num_layers - 1` = everything
+else (neck, heads), so lr_scale = decay ** (num_layers - 1 - id). Hierarchical timm towers do not use `layer_id`:
+optim.hierarchical_layer_ids gives them stage-level ids (stem 0, at most 12 ids over the stages' blocks, head last).
+Detection (`neck="vitdet"`): a plain ViT's last block, once per level, through ViTDet's rescaling (necks.py).
 """
 from __future__ import annotations
 
@@ -62,8 +65,20 @@ def _grid(img_size, patch: int) -> tuple[int, int]:
     return h // patch, w // patch
 
 
+def plain_block_indices(neck: str, depth: int) -> list[int]:
+    """The blocks a plain ViT's neck reads: DPT's, ViTDet's (the last block, once per level) or mmseg's."""
+    if neck == "vitdet":
+        return [depth - 1] * 4
+    return (dpt_block_indices if neck == "dpt" else default_block_indices)(depth)
+
+
 def _plain_neck(kind: str, width: int, patch: int) -> nn.Module:
-    """Same-stride ViT maps -> strides 4-32: mmseg's Feature2Pyramid, or DPT's reassemble (readout-projected)."""
+    """Same-stride ViT maps -> strides 4-32: mmseg's Feature2Pyramid, DPT's reassemble (readout-projected), or
+    ViTDet's rescaling of the last block (detection)."""
+    if kind == "vitdet":
+        from clipdense.dense.necks import ViTDetRescale
+
+        return ViTDetRescale(width, _pyramid_scales(patch))
     if kind == "dpt":
         from clipdense.dense.dpt import Reassemble
 
@@ -99,8 +114,7 @@ class ViTPyramid(_Freezable, nn.Module):
         super().__init__()
         shape = oca.vit_shape(vit)
         depth = shape.depth
-        default = dpt_block_indices if neck == "dpt" else default_block_indices
-        self.out_indices = list(out_indices) if out_indices else default(depth)
+        self.out_indices = list(out_indices) if out_indices else plain_block_indices(neck, depth)
         if any(not 0 <= i < depth for i in self.out_indices) or len(self.out_indices) != 4:
             raise ConfigError(f"backbone.out_indices {self.out_indices}: need 4 block indices in [0, {depth - 1}]")
         ph, pw = shape.patch
@@ -146,7 +160,7 @@ class TimmPyramid(_Freezable, nn.Module):
         self.plain = len(set(reductions)) == 1
         if out_indices is None:
             if self.plain:
-                out_indices = (dpt_block_indices if neck == "dpt" else default_block_indices)(len(info))
+                out_indices = plain_block_indices(neck, len(info))
             else:
                 missing = [s for s in STRIDES if s not in reductions]
                 if missing:
@@ -155,7 +169,8 @@ class TimmPyramid(_Freezable, nn.Module):
         if len(out_indices) != 4 or any(not 0 <= i < len(info) for i in out_indices):
             raise ConfigError(f"backbone.out_indices {out_indices}: need 4 feature indices in [0, {len(info) - 1}]")
         self.out_indices = list(out_indices)
-        model.prune_intermediate_layers(self.out_indices, prune_norm=True, prune_head=True)
+        self._take = sorted(set(self.out_indices))  # timm takes each index once; a repeated one is reused
+        model.prune_intermediate_layers(self._take, prune_norm=True, prune_head=True)
         self.model = model
         self.trunk_name = "model"
         chans = [int(info[i]["num_chs"]) for i in self.out_indices]
@@ -168,11 +183,12 @@ class TimmPyramid(_Freezable, nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if getattr(self.neck, "uses_cls", False):
-            out = self.model.forward_intermediates(x, indices=self.out_indices, intermediates_only=True,
-                                                   return_prefix_tokens=True)
-            return self.neck([m for m, _ in out], [p[:, 0] for _, p in out])
-        feats = self.model.forward_intermediates(x, indices=self.out_indices, intermediates_only=True)
-        return self.neck(feats) if self.neck is not None else list(feats)
+            out = dict(zip(self._take, self.model.forward_intermediates(x, indices=self._take, intermediates_only=True,
+                                                                        return_prefix_tokens=True)))
+            return self.neck([out[i][0] for i in self.out_indices], [out[i][1][:, 0] for i in self.out_indices])
+        out = dict(zip(self._take, self.model.forward_intermediates(x, indices=self._take, intermediates_only=True)))
+        feats = [out[i] for i in self.out_indices]
+        return self.neck(feats) if self.neck is not None else feats
 
     def layer_id(self, name: str) -> int:
         return self._layer.get(name, self.num_layers - 1)
@@ -276,7 +292,7 @@ def create_backbone(cfg: BackboneConfig, img_size: tuple[int, int] | list[int] |
                     neck: str = "feature2pyramid") -> nn.Module:
     """Build the pyramid backbone `cfg` names; it carries `.provenance` (name, kind, checkpoint, trunk params),
     `.mean`, `.std`. `img_size`: the finetune crop, whose grid a ViT's position table is resized to once.
-    `neck`: how a plain ViT's one-stride maps become a pyramid ("feature2pyramid" | "dpt")."""
+    `neck`: how a plain ViT's one-stride maps become a pyramid ("feature2pyramid" | "dpt" | "vitdet")."""
     kind = resolve_kind(cfg)
     _check_checkpoint(cfg.checkpoint)
     if cfg.frozen:  # nothing trains: keep the table bit-identical to the checkpoint (interpolating it gives the same)

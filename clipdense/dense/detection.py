@@ -1,30 +1,77 @@
-"""Detection: torchvision Faster R-CNN on the backbone's pyramid through a ViTDet-style simple feature pyramid."""
+"""Detection models from torchvision pieces: Faster R-CNN, or ViTDet's Mask R-CNN (Li et al. 2022, detectron2
+projects/ViTDet), on the backbone's pyramid.
+
+- Pyramid: a plain ViT's last block through ViTDet's simple feature pyramid (`necks.ViTDetRescale` inside the
+  backbone, then `necks.SimpleFeaturePyramid`: 1x1 + 3x3 LayerNorm convs per level + a max-pooled p6); a
+  hierarchical tower (MCi, Swin, ConvNeXt) feeds its own 4 stages through torchvision's FPN (`necks.TowerFPN`).
+- `mask_rcnn`: ViTDet's heads: a 2-conv RPN head (1000 proposals after NMS in training, as detectron2), a 4-conv
+  (LayerNorm) + 1-fc box head, a 4-conv (LayerNorm) mask head. `faster_rcnn`: torchvision's 1-conv RPN head and
+  two-MLP box head.
+- Input: [0, 1] float images, normalised by the backbone's mean/std. Without LSJ torchvision resizes to
+  min_size/max_size; with `lsj_size` (ViTDet's 1024) `SquareTransform` keeps the dataset's jittered training
+  images as they are, resizes test images so the long side is lsj_size, and pads both to the lsj_size square."""
 from __future__ import annotations
 
 from torch import nn
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from clipdense.dense.config import HeadConfig
-from clipdense.dense.necks import SimpleFeaturePyramid
+from clipdense.dense.config import DetHead
+from clipdense.dense.necks import LayerNorm2d, SimpleFeaturePyramid, TowerFPN
+from clipdense.errors import ConfigError
 
 
-def build_detector(backbone: nn.Module, num_classes: int, head: HeadConfig) -> nn.Module:
-    """Faster R-CNN with `num_classes` object categories (+ background). Images go in as [0,1] float tensors;
-    torchvision resizes (min_size/max_size) and normalises with the backbone's mean/std."""
-    from torchvision.models.detection import FasterRCNN
-    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+class SquareTransform(GeneralizedRCNNTransform):
+    """ViTDet's input handling for large-scale jitter (see the module docstring)."""
+
+    def __init__(self, size: int, image_mean, image_std):
+        super().__init__(size, size, image_mean, image_std, size_divisible=size)
+
+    def resize(self, image, target=None):
+        if self.training:  # already jittered and cropped by the dataset
+            return image, target
+        return super().resize(image, target)
+
+
+def detection_pyramid(backbone: nn.Module, channels: int) -> nn.Module:
+    """ViTDet's simple feature pyramid for a plain ViT (built with neck `vitdet`), torchvision's FPN otherwise."""
+    from clipdense.dense.optim import backbone_family
+
+    if backbone_family(backbone) == "hierarchical":
+        return TowerFPN(backbone, channels)
+    return SimpleFeaturePyramid(backbone, channels)
+
+
+def build_detector(backbone: nn.Module, num_classes: int, head: DetHead, lsj_size: int | None = None) -> nn.Module:
+    """Faster or Mask R-CNN with `num_classes` object categories (+ background)."""
+    from torchvision.models.detection import FasterRCNN, MaskRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+    from torchvision.models.detection.rpn import RPNHead
     from torchvision.ops import MultiScaleRoIAlign
 
-    fpn = SimpleFeaturePyramid(backbone, head.fpn_channels)
+    c = head.fpn_channels
+    pyramid = detection_pyramid(backbone, c)
     levels = len(backbone.out_channels) + 1  # + the max-pooled level
     if len(head.anchor_sizes) != levels:
-        from clipdense.errors import ConfigError
         raise ConfigError(f"head.anchor_sizes needs {levels} sizes (one per pyramid level), got {head.anchor_sizes}")
     anchors = AnchorGenerator(sizes=tuple((s,) for s in head.anchor_sizes), aspect_ratios=((0.5, 1.0, 2.0),) * levels)
-    roi_pool = MultiScaleRoIAlign(featmap_names=[str(i) for i in range(levels - 1)], output_size=7, sampling_ratio=2)
-    box_head = TwoMLPHead(head.fpn_channels * 7 * 7, head.representation_size)
-    return FasterRCNN(fpn, rpn_anchor_generator=anchors, box_roi_pool=roi_pool, box_head=box_head,
-                      box_predictor=FastRCNNPredictor(head.representation_size, num_classes + 1),
-                      min_size=head.min_size, max_size=head.max_size, image_mean=list(backbone.mean),
-                      image_std=list(backbone.std), box_detections_per_img=head.box_detections_per_img,
-                      box_batch_size_per_image=head.box_batch_size_per_image)
+    names = [str(i) for i in range(levels - 1)]
+    common = dict(rpn_anchor_generator=anchors, min_size=head.min_size, max_size=head.max_size,
+                  image_mean=list(backbone.mean), image_std=list(backbone.std),
+                  box_detections_per_img=head.box_detections_per_img, box_score_thresh=head.box_score_thresh,
+                  box_batch_size_per_image=head.box_batch_size_per_image,
+                  box_roi_pool=MultiScaleRoIAlign(featmap_names=names, output_size=7, sampling_ratio=2),
+                  box_predictor=FastRCNNPredictor(head.representation_size, num_classes + 1))
+    if head.kind == "mask_rcnn":
+        model = MaskRCNN(
+            pyramid, rpn_head=RPNHead(c, 3, conv_depth=2), rpn_post_nms_top_n_train=1000,
+            box_head=FastRCNNConvFCHead((c, 7, 7), [c] * 4, [head.representation_size], norm_layer=LayerNorm2d),
+            mask_roi_pool=MultiScaleRoIAlign(featmap_names=names, output_size=14, sampling_ratio=2),
+            mask_head=MaskRCNNHeads(c, [c] * 4, 1, norm_layer=LayerNorm2d),
+            mask_predictor=MaskRCNNPredictor(c, c, num_classes + 1), **common)
+    else:
+        model = FasterRCNN(pyramid, box_head=TwoMLPHead(c * 7 * 7, head.representation_size), **common)
+    if lsj_size:
+        model.transform = SquareTransform(lsj_size, list(backbone.mean), list(backbone.std))
+    return model

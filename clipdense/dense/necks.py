@@ -1,4 +1,6 @@
-"""Necks: Feature2Pyramid (plain ViT tokens -> strides 4/8/16/32) and the ViTDet simple feature pyramid for detection."""
+"""Necks: Feature2Pyramid (plain ViT tokens -> strides 4/8/16/32), ViTDet's simple feature pyramid for detection
+(its rescaling from one block, `ViTDetRescale`, and its per-level 1x1 + 3x3 LayerNorm convs + max-pooled level,
+`SimpleFeaturePyramid`), and torchvision's FPN for hierarchical towers (`TowerFPN`)."""
 from __future__ import annotations
 
 import math
@@ -49,9 +51,55 @@ class LayerNorm2d(nn.LayerNorm):
                             ).permute(0, 3, 1, 2)
 
 
+class ViTDetRescale(nn.Module):
+    """ViTDet's rescaling of one ViT block's map (`scales[i]` = patch / output stride): x4 = ConvT (C -> C/2), LN,
+    GELU, ConvT (C/2 -> C/4); x2 = ConvT (C -> C/2); x1 = identity; x0.5 = MaxPool(2) (more halvings for larger
+    scales, MaxPool(4) for 0.25). Takes the same block's map once per level (backbone out_indices repeated)."""
+
+    def __init__(self, channels: int, scales: list[float]):
+        super().__init__()
+        self.ops, self.out_channels = nn.ModuleList(), []
+        for s in scales:
+            if s <= 1:
+                k = round(1 / s)
+                self.ops.append(nn.Identity() if k == 1 else nn.MaxPool2d(kernel_size=k, stride=k))
+                self.out_channels.append(channels)
+                continue
+            layers: list[nn.Module] = []
+            c = channels
+            for i in range(round(math.log2(s))):
+                if i:
+                    layers += [LayerNorm2d(c), nn.GELU()]
+                layers.append(nn.ConvTranspose2d(c, max(c // 2, 1), kernel_size=2, stride=2))
+                c = max(c // 2, 1)
+            self.ops.append(nn.Sequential(*layers))
+            self.out_channels.append(c)
+
+    def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [op(f) for op, f in zip(self.ops, feats)]
+
+
+class TowerFPN(nn.Module):
+    """Detection backbone for torchvision from a hierarchical tower: its 4 stages through torchvision's standard
+    FPN (lateral 1x1 + top-down + 3x3) with a max-pooled extra level."""
+
+    def __init__(self, body: nn.Module, channels: int = 256):
+        super().__init__()
+        from torchvision.ops import FeaturePyramidNetwork
+        from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+        self.body = body
+        self.out_channels = channels
+        self.fpn = FeaturePyramidNetwork(list(body.out_channels), channels, extra_blocks=LastLevelMaxPool())
+
+    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.body(x))))
+
+
 class SimpleFeaturePyramid(nn.Module):
-    """Detection backbone for torchvision: pyramid backbone -> 1x1 + 3x3 convs (LN) to `channels` per level, plus
-    a max-pooled extra level (ViTDet's p6). Exposes `.out_channels` and returns an OrderedDict, as torchvision needs."""
+    """Detection backbone for torchvision from a plain ViT (neck `vitdet`: the last block rescaled): 1x1 + 3x3 convs
+    (LN, no bias) to `channels` per level, plus a max-pooled extra level (ViTDet's p6). Exposes `.out_channels` and
+    returns an OrderedDict, as torchvision needs."""
 
     def __init__(self, body: nn.Module, channels: int = 256):
         super().__init__()

@@ -1,5 +1,6 @@
 """The dense finetune as a `clipdense.train.TrainTask`: the one training runner (`fit` on Ray Train, `fit_local`
-in-process) owns the loop, AdamW, schedule, checkpoints and resume; this class says what to train and how to score.
+in-process) owns the loop, AdamW, schedule, checkpoints and resume; this class says what to train and how to score,
+asking the task's module (`dense/tasks/`, by `cfg.task`) for the datasets, head, collate, loss and evaluator.
 
 Batches are deterministic in (train.seed, epoch, rank, world size): each epoch is a seeded permutation of the
 training subset (repeated when the subset is smaller than one global batch), cut into global batches whose
@@ -13,22 +14,14 @@ from pathlib import Path
 
 import numpy as np
 from torch import nn
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader
 
 from clipdense.dense.backbones import create_backbone
 from clipdense.dense.config import FinetuneConfig
-from clipdense.dense.datasets import build_eval_dataset, build_train_dataset
-from clipdense.dense.detection import build_detector
-from clipdense.dense.evaluate import EVALUATORS
-from clipdense.dense.heads import DepthModel, SegModel
-from clipdense.dense.losses import seg_loss, sig_loss
 from clipdense.dense.optim import backbone_family, layer_decay_param_groups, lr_scale_record
+from clipdense.dense.tasks import task_of
 from clipdense.errors import ConfigError, DataError
 from clipdense.train.task import TrainContext, TrainTask
-
-
-def collate_detection(items: list[dict]) -> dict:
-    return {"images": [it["img"] for it in items], "targets": [it["target"] for it in items]}
 
 
 def epoch_batches(n: int, per_rank: int, rank: int, world_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -50,6 +43,7 @@ class DenseTask(TrainTask):
 
     def __init__(self, cfg: FinetuneConfig):
         self.cfg = cfg
+        self.kind = task_of(cfg)
         self.backbone: nn.Module | None = None
         self.provenance: dict = {}
         self.last_eval: dict = {}
@@ -65,27 +59,18 @@ class DenseTask(TrainTask):
             raise ConfigError(f"data.batch_size {gb} is not divisible by {ws} training workers")
         self.per_rank = gb // ws
         sync_bn = ws > 1 and ctx.device.type == "cuda"
-        if cfg.task != "det" and self.per_rank < 2 and not sync_bn:
+        if self.per_rank < self.kind.min_batch_per_rank and not sync_bn:
             raise ConfigError(f"data.batch_size {gb} over {ws} workers leaves {self.per_rank} image per worker; "
                               "the decoder's BatchNorm needs >= 2 (SyncBatchNorm is used only on multi-GPU runs)")
-        self.train_set = build_train_dataset(cfg)
+        self.train_set = self.kind.train_dataset(cfg)
         if len(self.train_set) == 0:
             raise DataError(f"{cfg.data.root}: no training samples for task {cfg.task}")
-        self.eval_set = build_eval_dataset(cfg) if ctx.is_main else None
+        self.eval_set = self.kind.eval_dataset(cfg) if ctx.is_main else None
 
     def build_model(self) -> nn.Module:
-        cfg, h = self.cfg, self.cfg.head
-        # the crop's grid for a ViT's position table (detection resizes per image: the table stays as built)
-        img_size = None if cfg.task == "det" else cfg.data.crop_size
-        backbone = create_backbone(cfg.backbone, img_size, neck="dpt" if h.kind == "dpt" else "feature2pyramid")
-        if cfg.task == "seg":
-            model = SegModel(backbone, cfg.data.num_classes, h.channels, tuple(h.pool_scales), h.dropout,
-                             h.aux_channels, aux=h.aux_weight > 0 and h.kind == "upernet", kind=h.kind)
-        elif cfg.task == "depth":
-            model = DepthModel(backbone, cfg.data.max_depth, h.channels, tuple(h.pool_scales), h.dropout, h.kind,
-                               h.depth_bins, cfg.data.min_depth)
-        else:
-            model = build_detector(backbone, self.train_set.num_classes, h)
+        cfg, kind = self.cfg, self.kind
+        backbone = create_backbone(cfg.backbone, kind.img_size(cfg), neck=kind.neck(cfg))
+        model = kind.build_model(cfg, backbone, self.train_set)
         if self.ctx.world_size > 1 and self.ctx.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.backbone = backbone
@@ -103,27 +88,14 @@ class DenseTask(TrainTask):
         keyed = [[(i, ctx.epoch) for i in b] for b in batches[ctx.start_batch:]]
         if not keyed:
             return iter(())
-        collate = collate_detection if self.cfg.task == "det" else default_collate
         return iter(DataLoader(self.train_set, batch_sampler=keyed, num_workers=self.cfg.data.loader_workers,
-                               collate_fn=collate, pin_memory=ctx.device.type == "cuda"))
+                               collate_fn=self.kind.collate, pin_memory=ctx.device.type == "cuda"))
 
     def loss(self, model: nn.Module, batch, ctx: TrainContext):
-        dev, cfg = ctx.device, self.cfg
-        if cfg.task == "seg":
-            out = model(batch["img"].to(dev, non_blocking=True))
-            return seg_loss(out, batch["label"].to(dev, non_blocking=True), cfg.head.aux_weight)
-        if cfg.task == "depth":
-            pred = model(batch["img"].to(dev, non_blocking=True))["depth"].float()
-            loss = sig_loss(pred, batch["depth"].to(dev, non_blocking=True), cfg.data.min_depth, cfg.data.max_depth,
-                            cfg.head.depth_loss_weight)
-            return loss, {}
-        images = [im.to(dev).float() / 255.0 for im in batch["images"]]
-        targets = [{k: v.to(dev) for k, v in t.items()} for t in batch["targets"]]
-        losses = model(images, targets)
-        return sum(losses.values()), {k: float(v.detach()) for k, v in losses.items()}
+        return self.kind.loss(model, batch, self.cfg, ctx.device)
 
     def batch_size(self, batch) -> int:
-        return len(batch["images"]) if self.cfg.task == "det" else int(batch["img"].shape[0])
+        return self.kind.batch_size(batch)
 
     def evaluate(self, model: nn.Module, ctx: TrainContext) -> dict[str, float]:
         """Rank 0 scores the validation set; the final evaluation also writes predictions if asked."""
@@ -131,7 +103,7 @@ class DenseTask(TrainTask):
             return {}
         final = ctx.step + 1 >= ctx.total_steps  # the runner's final eval comes after the last step
         save = self.cfg.save_predictions if final else None
-        self.last_eval = EVALUATORS[self.cfg.task](model, self.eval_set, self.cfg, ctx.device, save)
+        self.last_eval = self.kind.evaluate(model, self.eval_set, self.cfg, ctx.device, save)
         return _scalars(self.last_eval)
 
     def export(self, model: nn.Module, out_dir: Path) -> dict:
@@ -151,8 +123,7 @@ def _json_default(v):
 
 
 def metrics_record(cfg: FinetuneConfig, metrics: dict, provenance: dict, data: dict) -> dict:
-    head = "faster_rcnn" if cfg.task == "det" else cfg.head.kind
-    return {"task": cfg.task, "head": head,
+    return {"task": cfg.task, "head": task_of(cfg).head_name(cfg),
             "metrics": {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()},
             "backbone": provenance,
             "data": {"root": cfg.data.root, "fraction": cfg.data.fraction, "seed": cfg.data.seed, **data},

@@ -12,16 +12,15 @@ from pydantic import Field, field_validator, model_validator
 
 from clipdense.train.tracking import TrackingConfig
 from clipdense.config import Config
+from clipdense.dense.config import tasks_with_key
+from clipdense.dense.tasks import TASKS
 from clipdense.ray_session import OnRayConfig, RayConfig
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")   # names become directory names
 
-# default (metric key in metrics.json, direction) by task kind; a task entry can override both
-TASK_METRICS: dict[str, tuple[str, str]] = {
-    "seg": ("mIoU", "max"),
-    "depth": ("rmse", "min"),
-    "det": ("map", "max"),
-}
+# default (metric key in metrics.json, direction) by task kind, as each task's module says; a task entry can
+# override both
+TASK_METRICS: dict[str, tuple[str, str]] = {name: task.metric for name, task in TASKS.items()}
 
 
 def _check_name(value: str, what: str) -> str:
@@ -34,7 +33,9 @@ class BackboneEntry(Config):
     name: str = Field(description="label of this backbone in trial dirs, tables and plots")
     backbone: dict[str, Any] = Field(default_factory=dict,
                                      description="merged into the finetune config's `backbone` section")
-    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted finetune keys -> values")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted finetune keys -> values, each "
+                                      "applied to the tasks whose config has the key (e.g. head.depth_bins: depth "
+                                      "only); a key no task has is an error")
     condition: str | None = Field(None, description="the pretraining condition this backbone is one run of: "
                                   "backbones sharing it are its pretraining seeds (two-level bootstrap); "
                                   "default: the backbone's name")
@@ -43,6 +44,14 @@ class BackboneEntry(Config):
     @classmethod
     def _name(cls, v: str) -> str:
         return _check_name(v, "backbone")
+
+    @field_validator("overrides")
+    @classmethod
+    def _overrides(cls, v: dict[str, Any]) -> dict[str, Any]:
+        unknown = [k for k in v if not tasks_with_key(k)]
+        if unknown:
+            raise ValueError(f"override {unknown[0]!r} is a key of no task's finetune config ({', '.join(TASKS)})")
+        return v
 
     @property
     def condition_name(self) -> str:

@@ -1,6 +1,7 @@
 """Expand a SweepConfig into trials: one finetune config (as a dict) per (task, backbone, fraction, seed).
 
-Pure Python (no Ray, no torch): the driver validates each dict against `FinetuneConfig` before launching anything.
+No Ray, no torch of its own (only the finetune config schemas, to route backbone overrides to the tasks that have
+the key): the driver validates each dict against `FinetuneConfig` before launching anything.
 Trial names are deterministic, `seg/recap-clip/f0.0625/s1`, so reruns find earlier results by path.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from clipdense.config import deep_merge, get_dotted, read_yaml, set_dotted
+from clipdense.dense.config import FinetuneConfig, has_key
 from clipdense.errors import ConfigError
 from clipdense.paths import configs_dir
 from clipdense.sweep.config import SweepConfig
@@ -110,7 +112,8 @@ def trial_dir(out: str | Path, name: str) -> Path:
 
 
 def expand(cfg: SweepConfig) -> list[Trial]:
-    """All trials, ordered task, backbone, fraction (ascending), seed."""
+    """All trials, ordered task, backbone, fraction (ascending), seed. A backbone's `overrides` apply to the tasks
+    whose config has the key (SweepConfig refuses a key of no task's config)."""
     trials = []
     keys = cfg.keys
     for task in cfg.tasks:
@@ -124,7 +127,8 @@ def expand(cfg: SweepConfig) -> list[Trial]:
                 section = data.get(keys.backbone)
                 data[keys.backbone] = deep_merge(section if isinstance(section, dict) else {}, bb.backbone)
             for k, v in bb.overrides.items():
-                set_dotted(data, k, v)
+                if has_key(FinetuneConfig.TASKS.get(data.get("task", "seg"), FinetuneConfig), k):
+                    set_dotted(data, k, v)
             for f in fractions(cfg):
                 for s in seeds_for(cfg, f):
                     d = copy.deepcopy(data)

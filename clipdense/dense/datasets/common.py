@@ -80,6 +80,11 @@ def resize_image(img: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     return img if img.shape[:2] == tuple(size_hw) else _resize(img, size_hw, nearest=False)
 
 
+def resize_mask(mask: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a label or instance mask."""
+    return _resize(mask, size_hw, nearest=True)
+
+
 def random_resize(img, label, scale, ratio_range, rng):
     r = rng.uniform(*ratio_range)
     size = keep_ratio_size(*img.shape[:2], (scale[0] * r, scale[1] * r))
