@@ -12,7 +12,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import pyarrow as pa
 
 from clipdense.data.paths import expand_shards
@@ -82,27 +81,36 @@ class CaptionActor:
                 log.warning("captioner call failed (attempt %d/%d): %s", attempt + 1, self.cfg.retries + 1, e)
         return None, exception_detail(last)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+    def __call__(self, batch: pa.Table | dict) -> pa.Table:
+        # Ray Data hands an Arrow batch (not numpy): the key/caption/shard columns pass through untouched, and only
+        # the rows' images and captions become Python objects. A dict of numpy columns works too.
+        from ray.data.block import BlockAccessor
+
+        if not isinstance(batch, pa.Table):
+            batch = BlockAccessor.batch_to_block(batch)
         errors = errors_from(batch)
         ok = [i for i, e in enumerate(errors) if e is None]
         syn: list[list[str] | None] = [None] * len(errors)
         if ok:
-            if "pixels" in batch:
-                images = [batch["pixels"][i] for i in ok]
+            if "pixels" in batch.column_names:
+                pixels = BlockAccessor.for_block(batch.select(["pixels"])).to_numpy("pixels")  # zero-copy view
+                images = [pixels[i] for i in ok]
             else:
-                images = [bytes(batch["image_jpeg"][i]) for i in ok]
-            result, failure = self.caption(images, [batch["caption"][i] for i in ok],
-                                           [str(batch["key"][i]) for i in ok])
+                jpegs = batch.column("image_jpeg").to_pylist()
+                images = [jpegs[i] for i in ok]
+            captions, keys = batch.column("caption").to_pylist(), batch.column("key").to_pylist()
+            result, failure = self.caption(images, [captions[i] for i in ok], [str(keys[i]) for i in ok])
+            shards = batch.column("shard").to_pylist() if failure is not None else None
             for j, i in enumerate(ok):
                 if failure is None:
                     syn[i] = result[j]
                 else:
-                    errors[i] = row_error("caption_engine_failed", failure, batch["shard"][i])
-        cols = {"key": pa.array(batch["key"], pa.string()), "caption": pa.array(batch["caption"], pa.string()),
+                    errors[i] = row_error("caption_engine_failed", failure, shards[i])
+        cols = {"key": batch.column("key").cast(pa.string()), "caption": batch.column("caption").cast(pa.string()),
                 "syn_captions": pa.array(syn, pa.list_(pa.string())), **error_columns(errors),
-                "shard": pa.array(batch["shard"], pa.string())}
-        if "image_bytes" in batch:
-            cols["image_bytes"] = pa.array(batch["image_bytes"], pa.binary())
+                "shard": batch.column("shard").cast(pa.string())}
+        if "image_bytes" in batch.column_names:
+            cols["image_bytes"] = batch.column("image_bytes").cast(pa.binary())
         return pa.table(cols)
 
 
@@ -161,7 +169,7 @@ def build_dataset(cfg: RecaptionConfig, inputs: list[str], spec: ImageInput):
     e = cfg.engine
     lo, hi = e.concurrency if isinstance(e.concurrency, tuple) else (e.concurrency, e.concurrency)
     return ds.map_batches(
-        CaptionActor, batch_format="numpy", batch_size=e.batch_size,
+        CaptionActor, batch_format="pyarrow", batch_size=e.batch_size,
         fn_constructor_kwargs={"engine": e.model_dump(), "fault": cfg.fault.model_dump()},
         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), num_gpus=e.num_gpus, num_cpus=e.num_cpus,
         # Always set (an empty runtime_env adds nothing to the job's): remote args that differ from the decode
