@@ -305,12 +305,13 @@ def _canonical_parquet_batch(batch: pa.Table, columns: dict[str, str], validate:
 
 def read_shards(paths, *, validate: Validate = "header", s3_endpoint: str | None = None,
                 parquet_columns: dict[str, str] | None = None, batch_rows: int = 256, require_image: bool = True,
-                max_pixels: int = DEFAULT_MAX_PIXELS):
+                max_pixels: int = DEFAULT_MAX_PIXELS, sidecars: dict[str, str] | None = None):
     """A Ray Dataset of canonical rows from tar and/or Parquet shards (paths, globs, brace ranges, s3://);
-    `max_pixels` is the decompression-bomb guard of the header/full image checks."""
+    `max_pixels` is the decompression-bomb guard of the header/full image checks. With `sidecars` (what
+    `expand_shards` found), `paths` is its list of files, used as is: no second listing of many shards."""
     import ray.data
 
-    files, sidecars = expand_shards(paths, s3_endpoint=s3_endpoint)
+    files, sidecars = (list(paths), sidecars) if sidecars is not None else expand_shards(paths, s3_endpoint=s3_endpoint)
     tars = [f for f in files if f.endswith(".tar")]
     parquets = [f for f in files if f.endswith(".parquet")]
     fs = filesystem_for(files[0], s3_endpoint)[0] if files[0].startswith("s3://") else None

@@ -154,15 +154,16 @@ def check_engine(cfg: RecaptionConfig) -> None:
 DATA_CONTEXT = {"execution_options.preserve_order": True, "read_op_min_num_blocks": 1}
 
 
-def build_dataset(cfg: RecaptionConfig, inputs: list[str], spec: ImageInput):
+def build_dataset(cfg: RecaptionConfig, inputs: list[str], spec: ImageInput, sidecars: dict[str, str] | None = None):
     """The lazy Ray Dataset of result rows (key, caption, syn_captions, error, shard), in input order.
-    Iterate it inside `data_context(DATA_CONTEXT)`."""
+    Iterate it inside `data_context(DATA_CONTEXT)`. `sidecars` given: `inputs` are listed files, read as they are."""
     import ray.data
 
     from clipdense.data.shards import read_shards
 
     with data_context(DATA_CONTEXT):
-        ds = read_shards(inputs, validate="none", s3_endpoint=cfg.s3_endpoint)  # decode_batch checks fully
+        ds = read_shards(inputs, validate="none", s3_endpoint=cfg.s3_endpoint,  # decode_batch checks fully
+                         sidecars=sidecars)
     ds.context.execution_options.preserve_order, ds.context.read_op_min_num_blocks = True, 1
     ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=cfg.decode.batch_size,
                         num_cpus=cfg.decode.num_cpus, fn_kwargs={"spec": spec, "keep_images": cfg.keep_images})
@@ -178,12 +179,12 @@ def build_dataset(cfg: RecaptionConfig, inputs: list[str], spec: ImageInput):
         runtime_env=e.runtime_env or {})
 
 
-def execute(cfg: RecaptionConfig, plan: Plan) -> tuple[ShardAssembler, float]:
+def execute(cfg: RecaptionConfig, plan: Plan, sidecars: dict[str, str] | None = None) -> tuple[ShardAssembler, float]:
     spec = image_input(cfg.engine, cfg.decode)
     assembler = ShardAssembler(plan, provenance(cfg.engine),
                                write=lambda table, path: write_parquet(table, path, cfg.s3_endpoint),
                                keep_images=cfg.keep_images, fail_after_shards=cfg.fault.fail_after_shards)
-    ds = build_dataset(cfg, list(plan.todo.values()), spec)
+    ds = build_dataset(cfg, list(plan.todo.values()), spec, sidecars)
     t0 = time.perf_counter()
     with data_context(DATA_CONTEXT):
         try:
@@ -203,12 +204,13 @@ def run(cfg: RecaptionConfig) -> dict:
     from clipdense.recaption.stats import write_stats
 
     check_engine(cfg)
-    plan = plan_shards(expand_shards(cfg.input, s3_endpoint=cfg.s3_endpoint)[0], cfg.output, cfg.s3_endpoint)
+    files, sidecars = expand_shards(cfg.input, s3_endpoint=cfg.s3_endpoint)  # listed once, for plan and read
+    plan = plan_shards(files, cfg.output, cfg.s3_endpoint)
     todo = plan.todo
     written, seconds, counts = [], 0.0, None
     if todo:
         with ray_session(cfg.ray, log_to_driver=True):
-            assembler, seconds = execute(cfg, plan)
+            assembler, seconds = execute(cfg, plan, sidecars)
         written, counts = assembler.written, assembler.counts
     stats = write_stats(cfg, plan) if cfg.stats.enabled else None
     rows = counts.rows if counts else 0
