@@ -277,6 +277,17 @@ def _tar_datasource(paths: list[str], validate: Validate, batch_rows: int, files
     return TarShards(paths, filesystem=filesystem)
 
 
+def read_task_count(files: int, total_bytes: int | None, task_bytes: int) -> int:
+    """Read tasks for `files` shards of `total_bytes`: one per ~`task_bytes`, at least two per cluster CPU, at most
+    one per shard. With ordered output, a task's blocks wait until every earlier task is done; small tasks keep
+    that backlog (and Ray Data's backpressure on it) small, and their number follows the bytes, not the shards."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
+    by_size = -(-(total_bytes or 0) // task_bytes)
+    return max(1, min(files, max(by_size, 2 * cpus)))
+
+
 def _rebatched(read_fn, rows: int) -> Iterator[pa.Table]:
     yield from rebatch(iter(read_fn()), rows)
 
@@ -305,10 +316,12 @@ def _canonical_parquet_batch(batch: pa.Table, columns: dict[str, str], validate:
 
 def read_shards(paths, *, validate: Validate = "header", s3_endpoint: str | None = None,
                 parquet_columns: dict[str, str] | None = None, batch_rows: int = 256, require_image: bool = True,
-                max_pixels: int = DEFAULT_MAX_PIXELS, sidecars: dict[str, str] | None = None):
+                max_pixels: int = DEFAULT_MAX_PIXELS, sidecars: dict[str, str] | None = None,
+                task_bytes: int | None = None):
     """A Ray Dataset of canonical rows from tar and/or Parquet shards (paths, globs, brace ranges, s3://);
     `max_pixels` is the decompression-bomb guard of the header/full image checks. With `sidecars` (what
-    `expand_shards` found), `paths` is its list of files, used as is: no second listing of many shards."""
+    `expand_shards` found), `paths` is its list of files, used as is: no second listing of many shards.
+    `task_bytes`: tar read tasks of about this many input bytes each (whole shards; see `read_task_count`)."""
     import ray.data
 
     files, sidecars = (list(paths), sidecars) if sidecars is not None else expand_shards(paths, s3_endpoint=s3_endpoint)
@@ -318,8 +331,9 @@ def read_shards(paths, *, validate: Validate = "header", s3_endpoint: str | None
     strip = (lambda p: p[len("s3://"):]) if fs is not None else (lambda p: p)
     parts = []
     if tars:
-        ds = ray.data.read_datasource(_tar_datasource([strip(p) for p in tars], validate, batch_rows, fs, max_pixels,
-                                                      sidecars))
+        source = _tar_datasource([strip(p) for p in tars], validate, batch_rows, fs, max_pixels, sidecars)
+        tasks = read_task_count(len(tars), source.estimate_inmemory_data_size(), task_bytes) if task_bytes else None
+        ds = ray.data.read_datasource(source, override_num_blocks=tasks)
         parts.append(ds)
     if parquets:
         cols = parquet_columns or {}

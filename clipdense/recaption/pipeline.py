@@ -152,6 +152,9 @@ def check_engine(cfg: RecaptionConfig) -> None:
 # - read_op_min_num_blocks=1: read parallelism from the shards and the CPUs only, so reads are not split into extra
 #   blocks (a split also stops Ray from fusing read and decode into one task).
 DATA_CONTEXT = {"execution_options.preserve_order": True, "read_op_min_num_blocks": 1}
+# Input bytes per read task (whole shards, blocks spanning them): with ordered output a later task's decoded blocks
+# wait for the earlier ones, and a long task made the others stall under Ray Data's backpressure.
+READ_TASK_BYTES = 32 << 20
 
 
 def build_dataset(cfg: RecaptionConfig, inputs: list[str], spec: ImageInput, sidecars: dict[str, str] | None = None):
@@ -163,7 +166,7 @@ def build_dataset(cfg: RecaptionConfig, inputs: list[str], spec: ImageInput, sid
 
     with data_context(DATA_CONTEXT):
         ds = read_shards(inputs, validate="none", s3_endpoint=cfg.s3_endpoint,  # decode_batch checks fully
-                         sidecars=sidecars)
+                         sidecars=sidecars, task_bytes=READ_TASK_BYTES)
     ds.context.execution_options.preserve_order, ds.context.read_op_min_num_blocks = True, 1
     ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=cfg.decode.batch_size,
                         num_cpus=cfg.decode.num_cpus, fn_kwargs={"spec": spec, "keep_images": cfg.keep_images})
