@@ -1,6 +1,6 @@
 """Where the recaption pipeline's CPU goes (echo engine), as shares of CPU time.
 
-    python -m bench.recaption_profile [--shards 8] [--per-shard 500] [--image-px 320] [--no-ray]
+    python -m bench.recaption_profile [--shards 8] [--per-shard 500] [--image-px 320] [--view stages|processes]
 
 Two views of the same work (bench/recaption_echo.py's shards, resized to 224):
 1. stages, in one process without Ray: the CPU time per image of each step the pipeline runs (tar parse, rows to
@@ -27,6 +27,21 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+
+
+def plain_cpu(paths: list[str], size: int) -> float:
+    """CPU ms per image of the plain loop: read the tars + `prepare_image`, one process."""
+    from clipdense.data.shards import shard_rows
+    from clipdense.recaption.decode import ImageInput, prepare_image
+
+    spec, n = ImageInput(size=size), 0
+    c = time.process_time()
+    for p in paths:
+        with open(p, "rb") as f:
+            for row in shard_rows(f, p, "none"):
+                prepare_image(row["image_bytes"], spec)
+                n += 1
+    return round((time.process_time() - c) * 1e3 / n, 4)
 
 
 def stage_profile(paths: list[str], size: int) -> dict:
@@ -74,17 +89,11 @@ def stage_profile(paths: list[str], size: int) -> dict:
         n += block.num_rows
     timed("writer (assemble + Parquet)", assembler.finish)
     shutil.rmtree(out, ignore_errors=True)
-    c = time.process_time()
-    for p in paths:
-        with open(p, "rb") as f:
-            for row in shard_rows(f, p, "none"):
-                prepare_image(row["image_bytes"], spec)
-    plain = (time.process_time() - c) * 1e3 / n
     text = io.StringIO()
     pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(8)
     per = {k: round(v * 1e3 / n, 4) for k, v in cpu.items()}
     return {"images": n, "cpu_ms_per_image": per, "pipeline_steps_ms_per_image": round(sum(per.values()), 4),
-            "plain_ms_per_image": round(plain, 4), "decode_top_functions": text.getvalue()}
+            "decode_top_functions": text.getvalue()}
 
 
 def _procs() -> dict[int, tuple[int, float, str, str]]:
@@ -137,9 +146,9 @@ def process_profile(paths: list[str], size: int, cpus: int) -> dict:
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     try:
         pipeline(paths[:1], work / "warmup", echo, {"size": size})
-        before = _tree_cpu()
+        before, t0 = _tree_cpu(), time.perf_counter()
         result = pipeline(paths, work / "out", echo, {"size": size})
-        after = _tree_cpu()
+        after, wall = _tree_cpu(), time.perf_counter() - t0
     finally:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
@@ -148,7 +157,9 @@ def process_profile(paths: list[str], size: int, cpus: int) -> dict:
         g = _group(pid, name, cmd)
         groups[g] = groups.get(g, 0.0) + cpu - before.get(pid, (0.0,))[0]
     total = sum(groups.values())
+    # busy: the cluster's CPU time over (wall x CPUs); below 1 on a quiet machine, cores waited (backpressure)
     return {"images": result["images"], "cpu_ms_per_image": round(total * 1e3 / result["images"], 4),
+            "busy": round(total / (wall * cpus), 3),
             "shares": {g: round(v / total, 3) for g, v in sorted(groups.items(), key=lambda kv: -kv[1])}}
 
 
@@ -159,7 +170,7 @@ def main(argv=None, quick: bool = False) -> int:
     ap.add_argument("--image-px", type=int, default=320)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--cpus", type=int, default=len(os.sched_getaffinity(0)))
-    ap.add_argument("--no-ray", action="store_true", help="the in-process stage view only")
+    ap.add_argument("--view", choices=["both", "stages", "processes"], default="both")
     ap.add_argument("--out", default=str(ROOT / "results"))
     args = ap.parse_args([] if argv is None else argv)
     if quick:
@@ -170,17 +181,20 @@ def main(argv=None, quick: bool = False) -> int:
     paths = make_shards(work / "shards", args.shards, args.per_shard, args.image_px)
     result = {"bench": "recaption_profile", "load_avg_1m": round(os.getloadavg()[0], 2),
               "shards": args.shards, "images_per_shard": args.per_shard, "image_px": args.image_px,
-              "stages": stage_profile(paths, args.size)}
-    if not args.no_ray:
+              "plain_ms_per_image": plain_cpu(paths, args.size)}
+    if args.view != "processes":
+        result["stages"] = stage_profile(paths, args.size)
+    if args.view != "stages":
         result["processes"] = process_profile(paths, args.size, args.cpus)
         result["processes"]["vs_plain"] = round(result["processes"]["cpu_ms_per_image"]
-                                                / result["stages"]["plain_ms_per_image"], 3)
+                                                / result["plain_ms_per_image"], 3)
     shutil.rmtree(work, ignore_errors=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "recaption_profile.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: v for k, v in result.items() if k != "stages"}, indent=2))
-    print(json.dumps({k: v for k, v in result["stages"].items() if k != "decode_top_functions"}, indent=2))
-    print(result["stages"]["decode_top_functions"])
+    stages = result.pop("stages", {})
+    print(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in stages.items() if k != "decode_top_functions"}, indent=2))
+    print(stages.get("decode_top_functions", ""))
     return 0
 
 
