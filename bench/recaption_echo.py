@@ -4,7 +4,7 @@
 
 Both sides read the same tar shards and run the same per-image step (`prepare_image`: decode, resize shorter
 side to 224, centre crop, uint8). The ratio compares throughput per core: (pipeline images/s / cores) /
-(plain images/s per core); goal >= 0.8. The plain side runs twice: one process on one core, and one process per
+(plain images/s per core); goal >= 0.9. The plain side runs twice: one process on one core, and one process per
 core over a split of the shards. The goal is judged against the all-cores run: it loads the machine as the
 pipeline does (shared caches, memory bandwidth, clock), so it is the per-core rate the pipeline could reach; the
 one-process figure is reported beside it. The echo actor reserves no CPU (it does no work), so the decode tasks
@@ -36,26 +36,40 @@ from bench.common import RoundLoads, hardware, row
 ROOT = Path(__file__).resolve().parent
 
 
-def make_shards(d: Path, shards: int, per_shard: int, px: int) -> list[str]:
-    d.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
+def synth_jpegs(n: int, px: int, seed: int = 0) -> list[bytes]:
+    """`n` photo-like JPEGs of px x 0.75 px: smooth gradients + noise (photo-like JPEG sizes)."""
+    rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:px, 0:int(px * 0.75)]
+    out = []
+    for _ in range(n):
+        c = rng.uniform(0, 1, 6)
+        img = np.stack([(c[k] * yy + c[k + 3] * xx) % 256 for k in range(3)], -1)
+        img = (img + rng.normal(0, 12, img.shape)).clip(0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def write_shards(d: Path, images: list[bytes], shards: int) -> list[str]:
+    """`images` split in order over `shards` tars (keys and captions by image index, whatever the split)."""
+    d.mkdir(parents=True, exist_ok=True)
+    bounds = np.linspace(0, len(images), shards + 1).astype(int)
     paths = []
     for s in range(shards):
         path = d / f"{s:06d}.tar"
         with tarfile.open(path, "w") as tar:
-            for i in range(per_shard):
-                c = rng.uniform(0, 1, 6)  # smooth gradients + noise: photo-like JPEG sizes
-                img = np.stack([(c[k] * yy + c[k + 3] * xx) % 256 for k in range(3)], -1)
-                img = (img + rng.normal(0, 12, img.shape)).clip(0, 255).astype(np.uint8)
-                buf = io.BytesIO()
-                Image.fromarray(img).save(buf, format="JPEG", quality=90)
-                for ext, data in (("jpg", buf.getvalue()), ("txt", f"image {s} {i}".encode())):
-                    info = tarfile.TarInfo(f"{s:06d}{i:05d}.{ext}")
+            for i in range(bounds[s], bounds[s + 1]):
+                for ext, data in (("jpg", images[i]), ("txt", f"image {i}".encode())):
+                    info = tarfile.TarInfo(f"{i:09d}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
         paths.append(str(path))
     return paths
+
+
+def make_shards(d: Path, shards: int, per_shard: int, px: int) -> list[str]:
+    return write_shards(d, synth_jpegs(shards * per_shard, px), shards)
 
 
 def plain_decode(paths: list[str], size: int) -> dict:
@@ -170,7 +184,7 @@ def main(argv=None, quick: bool = False) -> int:
         "image_px": [args.image_px, int(args.image_px * 0.75)], "resize_to": args.size,
         "plain_decode_one_process": plain, "plain_decode_all_cores": pooled, "echo_pipeline": piped,
         "all_runs": {"plain": plains, "plain_all_cores": pools, "echo_pipeline": pipes},
-        "per_core_ratio": round(ratio, 3), "per_core_ratio_vs_one_process": round(ratio_one, 3), "goal_ratio": 0.8,
+        "per_core_ratio": round(ratio, 3), "per_core_ratio_vs_one_process": round(ratio_one, 3), "goal_ratio": 0.9,
         "coca_tiny_cpu_pipeline": coca,
     }
     out = Path(args.out)
@@ -201,7 +215,7 @@ def main(argv=None, quick: bool = False) -> int:
         *[f"| Ray Data pipeline, coca-tiny {k.replace('_', ' ')} (5 captions, CPU, 1 actor) | {v['images']} | "
           f"{v['seconds']} | {v['images_per_s']} |" for k, v in coca.items()], "",
         f"Per-core ratio (pipeline images/s / {args.cpus} CPUs) / (plain images/s per core, {args.cpus} processes): "
-        f"**{ratio:.2f}** (goal >= 0.8); against one plain process on an otherwise idle machine: {ratio_one:.2f}.",
+        f"**{ratio:.2f}** (goal >= 0.9); against one plain process on an otherwise idle machine: {ratio_one:.2f}.",
         "All runs (images/s): plain 1 process " + ", ".join(str(r["images_per_s"]) for r in plains)
         + f"; plain {args.cpus} processes " + ", ".join(str(r["images_per_s"]) for r in pools) + "; pipeline "
         + ", ".join(str(r["images_per_s"]) for r in pipes) + ".",

@@ -22,6 +22,7 @@ CPU_BENCHES = {
     "pretrain": "bench.pretrain_vs_open_clip",
     "data": "bench.data_decode",
     "recaption": "bench.recaption_echo",
+    "recaption-scale": "bench.recaption_scale",
     "finetune": "bench.finetune_step",
     "demo": "bench.demo_wall",
     "eval": "bench.eval_zeroshot",

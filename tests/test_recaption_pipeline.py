@@ -112,7 +112,11 @@ def test_kill_and_rerun_is_exactly_once(ray_local, tmp_path):
     assert rows["b0001"]["error_code"] == "caption_engine_failed"
     assert rows["b0001"]["error"].startswith("RuntimeError: injected engine failure")
     assert summary["failed_by_code"]["caption_engine_failed"] >= 1
-    assert rows["p0"]["syn_captions"] == ["caption p0"] * 2 and rows["p2"]["error_code"] == "no_image"
+    # only the one batch holding the marker fails (which rows share it depends on how blocks span shards)
+    failed = [k for k, r in rows.items() if r["error_code"] == "caption_engine_failed"]
+    assert "b0001" in failed and len(failed) <= 4
+    assert all(r["syn_captions"] == [r["caption"] or ""] * 2 for r in rows.values() if r["error_code"] is None)
+    assert rows["p6"]["syn_captions"] == ["caption p6"] * 2 and rows["p2"]["error_code"] == "no_image"
     # a third run has nothing left to do
     assert run(build_config(RecaptionConfig, base))["shards"]["written"] == 0
 

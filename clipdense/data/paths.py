@@ -80,12 +80,16 @@ def expand_paths(specs: str | Iterable[str], suffixes: tuple[str, ...] = (".tar"
     if isinstance(specs, str):
         specs = [specs]
     out: list[str] = []
+    seen: set[str] = set()  # a list scan per file would make a long shard list quadratic
     for spec in specs:
         for one in expand_braces(str(spec)):
             found = _expand_one(one, suffixes, s3_endpoint)
             if not found:
                 raise DataError(f"no input files match {one!r}")
-            out += [f for f in found if f not in out]
+            for f in found:
+                if f not in seen:
+                    seen.add(f)
+                    out.append(f)
     return out
 
 

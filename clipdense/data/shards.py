@@ -7,6 +7,7 @@ rows with a row error (data/rows.py: `error_code` + `error` detail), and `summar
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import tarfile
@@ -230,12 +231,38 @@ def _rows_to_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
+def rebatch(tables: Iterator[pa.Table], rows: int) -> Iterator[pa.Table]:
+    """Tables of exactly `rows` rows (the last one shorter) from a stream of tables, in order, across their
+    boundaries (zero-copy slices)."""
+    buf: list[pa.Table] = []
+    n = 0
+    for t in tables:
+        if t.num_rows == 0:
+            continue
+        buf.append(t)
+        n += t.num_rows
+        while n >= rows:
+            whole = buf[0] if len(buf) == 1 else pa.concat_tables(buf)
+            yield whole.slice(0, rows)
+            rest = whole.slice(rows)
+            buf, n = ([rest] if rest.num_rows else []), rest.num_rows
+    if n:
+        yield buf[0] if len(buf) == 1 else pa.concat_tables(buf)
+
+
 def _tar_datasource(paths: list[str], validate: Validate, batch_rows: int, filesystem, max_pixels: int,
                     sidecars: dict[str, str] | None = None):
-    from ray.data.datasource import FileBasedDatasource
+    from ray.data.datasource import FileBasedDatasource, ReadTask
 
     class TarShards(FileBasedDatasource):
         # Ray's read_webdataset raises on a truncated tar; this keeps every readable sample and records the break.
+        def get_read_tasks(self, parallelism: int, **kwargs) -> list:
+            # A read task reads a run of shards; its blocks span shard boundaries (`batch_rows` rows each), so a
+            # thousand tiny shards make as many blocks as a few large ones, not one block (task, object, actor
+            # call, driver round trip) per shard. Rows keep their order and their `shard` column.
+            return [ReadTask(functools.partial(_rebatched, t.read_fn, batch_rows), t.metadata, t.schema,
+                             t.per_task_row_limit) for t in super().get_read_tasks(parallelism, **kwargs)]
+
         def _read_stream(self, f, path):
             rows = []
             shard = path if "://" in path or path.startswith("/") else f"s3://{path}"
@@ -248,6 +275,21 @@ def _tar_datasource(paths: list[str], validate: Validate, batch_rows: int, files
                 yield _rows_to_table(rows)
 
     return TarShards(paths, filesystem=filesystem)
+
+
+def read_task_count(files: int, total_bytes: int | None, task_bytes: int) -> int:
+    """Read tasks for `files` shards of `total_bytes`: one per ~`task_bytes`, at least two per cluster CPU, at most
+    one per shard. With ordered output, a task's blocks wait until every earlier task is done; small tasks keep
+    that backlog (and Ray Data's backpressure on it) small, and their number follows the bytes, not the shards."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
+    by_size = -(-(total_bytes or 0) // task_bytes)
+    return max(1, min(files, max(by_size, 2 * cpus)))
+
+
+def _rebatched(read_fn, rows: int) -> Iterator[pa.Table]:
+    yield from rebatch(iter(read_fn()), rows)
 
 
 def _canonical_parquet_batch(batch: pa.Table, columns: dict[str, str], validate: Validate,
@@ -274,20 +316,24 @@ def _canonical_parquet_batch(batch: pa.Table, columns: dict[str, str], validate:
 
 def read_shards(paths, *, validate: Validate = "header", s3_endpoint: str | None = None,
                 parquet_columns: dict[str, str] | None = None, batch_rows: int = 256, require_image: bool = True,
-                max_pixels: int = DEFAULT_MAX_PIXELS):
+                max_pixels: int = DEFAULT_MAX_PIXELS, sidecars: dict[str, str] | None = None,
+                task_bytes: int | None = None):
     """A Ray Dataset of canonical rows from tar and/or Parquet shards (paths, globs, brace ranges, s3://);
-    `max_pixels` is the decompression-bomb guard of the header/full image checks."""
+    `max_pixels` is the decompression-bomb guard of the header/full image checks. With `sidecars` (what
+    `expand_shards` found), `paths` is its list of files, used as is: no second listing of many shards.
+    `task_bytes`: tar read tasks of about this many input bytes each (whole shards; see `read_task_count`)."""
     import ray.data
 
-    files, sidecars = expand_shards(paths, s3_endpoint=s3_endpoint)
+    files, sidecars = (list(paths), sidecars) if sidecars is not None else expand_shards(paths, s3_endpoint=s3_endpoint)
     tars = [f for f in files if f.endswith(".tar")]
     parquets = [f for f in files if f.endswith(".parquet")]
     fs = filesystem_for(files[0], s3_endpoint)[0] if files[0].startswith("s3://") else None
     strip = (lambda p: p[len("s3://"):]) if fs is not None else (lambda p: p)
     parts = []
     if tars:
-        ds = ray.data.read_datasource(_tar_datasource([strip(p) for p in tars], validate, batch_rows, fs, max_pixels,
-                                                      sidecars))
+        source = _tar_datasource([strip(p) for p in tars], validate, batch_rows, fs, max_pixels, sidecars)
+        tasks = read_task_count(len(tars), source.estimate_inmemory_data_size(), task_bytes) if task_bytes else None
+        ds = ray.data.read_datasource(source, override_num_blocks=tasks)
         parts.append(ds)
     if parquets:
         cols = parquet_columns or {}

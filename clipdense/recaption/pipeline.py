@@ -12,7 +12,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import pyarrow as pa
 
 from clipdense.data.paths import expand_shards
@@ -82,27 +81,36 @@ class CaptionActor:
                 log.warning("captioner call failed (attempt %d/%d): %s", attempt + 1, self.cfg.retries + 1, e)
         return None, exception_detail(last)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+    def __call__(self, batch: pa.Table | dict) -> pa.Table:
+        # Ray Data hands an Arrow batch (not numpy): the key/caption/shard columns pass through untouched, and only
+        # the rows' images and captions become Python objects. A dict of numpy columns works too.
+        from ray.data.block import BlockAccessor
+
+        if not isinstance(batch, pa.Table):
+            batch = BlockAccessor.batch_to_block(batch)
         errors = errors_from(batch)
         ok = [i for i, e in enumerate(errors) if e is None]
         syn: list[list[str] | None] = [None] * len(errors)
         if ok:
-            if "pixels" in batch:
-                images = [batch["pixels"][i] for i in ok]
+            if "pixels" in batch.column_names:
+                pixels = BlockAccessor.for_block(batch.select(["pixels"])).to_numpy("pixels")  # zero-copy view
+                images = [pixels[i] for i in ok]
             else:
-                images = [bytes(batch["image_jpeg"][i]) for i in ok]
-            result, failure = self.caption(images, [batch["caption"][i] for i in ok],
-                                           [str(batch["key"][i]) for i in ok])
+                jpegs = batch.column("image_jpeg").to_pylist()
+                images = [jpegs[i] for i in ok]
+            captions, keys = batch.column("caption").to_pylist(), batch.column("key").to_pylist()
+            result, failure = self.caption(images, [captions[i] for i in ok], [str(keys[i]) for i in ok])
+            shards = batch.column("shard").to_pylist() if failure is not None else None
             for j, i in enumerate(ok):
                 if failure is None:
                     syn[i] = result[j]
                 else:
-                    errors[i] = row_error("caption_engine_failed", failure, batch["shard"][i])
-        cols = {"key": pa.array(batch["key"], pa.string()), "caption": pa.array(batch["caption"], pa.string()),
+                    errors[i] = row_error("caption_engine_failed", failure, shards[i])
+        cols = {"key": batch.column("key").cast(pa.string()), "caption": batch.column("caption").cast(pa.string()),
                 "syn_captions": pa.array(syn, pa.list_(pa.string())), **error_columns(errors),
-                "shard": pa.array(batch["shard"], pa.string())}
-        if "image_bytes" in batch:
-            cols["image_bytes"] = pa.array(batch["image_bytes"], pa.binary())
+                "shard": batch.column("shard").cast(pa.string())}
+        if "image_bytes" in batch.column_names:
+            cols["image_bytes"] = batch.column("image_bytes").cast(pa.binary())
         return pa.table(cols)
 
 
@@ -144,24 +152,28 @@ def check_engine(cfg: RecaptionConfig) -> None:
 # - read_op_min_num_blocks=1: read parallelism from the shards and the CPUs only, so reads are not split into extra
 #   blocks (a split also stops Ray from fusing read and decode into one task).
 DATA_CONTEXT = {"execution_options.preserve_order": True, "read_op_min_num_blocks": 1}
+# Input bytes per read task (whole shards, blocks spanning them): with ordered output a later task's decoded blocks
+# wait for the earlier ones, and a long task made the others stall under Ray Data's backpressure.
+READ_TASK_BYTES = 32 << 20
 
 
-def build_dataset(cfg: RecaptionConfig, inputs: list[str], spec: ImageInput):
+def build_dataset(cfg: RecaptionConfig, inputs: list[str], spec: ImageInput, sidecars: dict[str, str] | None = None):
     """The lazy Ray Dataset of result rows (key, caption, syn_captions, error, shard), in input order.
-    Iterate it inside `data_context(DATA_CONTEXT)`."""
+    Iterate it inside `data_context(DATA_CONTEXT)`. `sidecars` given: `inputs` are listed files, read as they are."""
     import ray.data
 
     from clipdense.data.shards import read_shards
 
     with data_context(DATA_CONTEXT):
-        ds = read_shards(inputs, validate="none", s3_endpoint=cfg.s3_endpoint)  # decode_batch checks fully
+        ds = read_shards(inputs, validate="none", s3_endpoint=cfg.s3_endpoint,  # decode_batch checks fully
+                         sidecars=sidecars, task_bytes=READ_TASK_BYTES)
     ds.context.execution_options.preserve_order, ds.context.read_op_min_num_blocks = True, 1
     ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=cfg.decode.batch_size,
                         num_cpus=cfg.decode.num_cpus, fn_kwargs={"spec": spec, "keep_images": cfg.keep_images})
     e = cfg.engine
     lo, hi = e.concurrency if isinstance(e.concurrency, tuple) else (e.concurrency, e.concurrency)
     return ds.map_batches(
-        CaptionActor, batch_format="numpy", batch_size=e.batch_size,
+        CaptionActor, batch_format="pyarrow", batch_size=e.batch_size,
         fn_constructor_kwargs={"engine": e.model_dump(), "fault": cfg.fault.model_dump()},
         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), num_gpus=e.num_gpus, num_cpus=e.num_cpus,
         # Always set (an empty runtime_env adds nothing to the job's): remote args that differ from the decode
@@ -170,12 +182,12 @@ def build_dataset(cfg: RecaptionConfig, inputs: list[str], spec: ImageInput):
         runtime_env=e.runtime_env or {})
 
 
-def execute(cfg: RecaptionConfig, plan: Plan) -> tuple[ShardAssembler, float]:
+def execute(cfg: RecaptionConfig, plan: Plan, sidecars: dict[str, str] | None = None) -> tuple[ShardAssembler, float]:
     spec = image_input(cfg.engine, cfg.decode)
     assembler = ShardAssembler(plan, provenance(cfg.engine),
                                write=lambda table, path: write_parquet(table, path, cfg.s3_endpoint),
                                keep_images=cfg.keep_images, fail_after_shards=cfg.fault.fail_after_shards)
-    ds = build_dataset(cfg, list(plan.todo.values()), spec)
+    ds = build_dataset(cfg, list(plan.todo.values()), spec, sidecars)
     t0 = time.perf_counter()
     with data_context(DATA_CONTEXT):
         try:
@@ -195,12 +207,13 @@ def run(cfg: RecaptionConfig) -> dict:
     from clipdense.recaption.stats import write_stats
 
     check_engine(cfg)
-    plan = plan_shards(expand_shards(cfg.input, s3_endpoint=cfg.s3_endpoint)[0], cfg.output, cfg.s3_endpoint)
+    files, sidecars = expand_shards(cfg.input, s3_endpoint=cfg.s3_endpoint)  # listed once, for plan and read
+    plan = plan_shards(files, cfg.output, cfg.s3_endpoint)
     todo = plan.todo
     written, seconds, counts = [], 0.0, None
     if todo:
         with ray_session(cfg.ray, log_to_driver=True):
-            assembler, seconds = execute(cfg, plan)
+            assembler, seconds = execute(cfg, plan, sidecars)
         written, counts = assembler.written, assembler.counts
     stats = write_stats(cfg, plan) if cfg.stats.enabled else None
     rows = counts.rows if counts else 0

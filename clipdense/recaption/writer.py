@@ -51,10 +51,11 @@ class Plan:
     inputs: dict[str, str]            # shard name -> input path (every input, in order)
     outputs: dict[str, str]           # shard name -> output path
     done: list[str]                   # names whose output file already exists
+    todo: dict[str, str] = field(init=False)  # the inputs not done (computed once: the writer asks per block)
 
-    @property
-    def todo(self) -> dict[str, str]:
-        return {n: p for n, p in self.inputs.items() if n not in self.done}
+    def __post_init__(self):
+        done = set(self.done)
+        self.todo = {n: p for n, p in self.inputs.items() if n not in done}
 
 
 def existing_files(output: str, s3_endpoint: str | None = None) -> set[str]:
@@ -95,6 +96,24 @@ class RunCounts:
         return self.rows - self.ok
 
 
+def shard_runs(block: pa.Table) -> list[tuple[str, pa.Table]]:
+    """(shard, rows) for each run of consecutive rows from one shard, in order (zero-copy slices). A block holds a
+    run of whole shards and parts of its first and last (blocks span shard boundaries, data.shards.rebatch)."""
+    col = block.column("shard")
+    if block.num_rows == 0:
+        return []
+    first, last = col[0].as_py(), col[-1].as_py()
+    if first == last and pc.all(pc.equal(col, first)).as_py():
+        return [(first, block)]
+    values = col.to_pylist()
+    runs, start = [], 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[start]:
+            runs.append((values[start], block.slice(start, i - start)))
+            start = i
+    return runs
+
+
 class ShardAssembler:
     """Receives result blocks in input order; writes each shard's rows as one Parquet file once complete.
 
@@ -109,19 +128,17 @@ class ShardAssembler:
         self.current: dict[str, str] = {}           # source -> shard name being collected
         self.parts: dict[str, list[pa.Table]] = {}  # shard name -> its result blocks so far
         self.written: list[str] = []
+        self._written: set[str] = set()
         self.counts = RunCounts()
 
     def add(self, block: pa.Table) -> None:
         if block.num_rows == 0:
             return
-        col = block.column("shard")
-        values = pc.unique(col).to_pylist()  # first-appearance order; 1-2 shards per block
-        for value in values:
-            part = block if len(values) == 1 else block.filter(pc.equal(col, value))
+        for value, part in shard_runs(block):
             name = shard_name(value)
             if name not in self.plan.todo:
                 raise RuntimeError(f"rows from unexpected shard {value!r}")
-            if name in self.written:
+            if name in self._written:
                 raise RuntimeError(f"rows of shard {name!r} arrived after it was written (input order lost)")
             source = posixpath.splitext(value)[1]
             if self.current.get(source) not in (None, name):
@@ -134,6 +151,7 @@ class ShardAssembler:
         self.write(table, self.plan.outputs[name])
         self.counts.add(table)
         self.written.append(name)
+        self._written.add(name)
         if self.fail_after_shards is not None and len(self.written) >= self.fail_after_shards:
             raise InjectedFault(f"fault injection: stopping after {len(self.written)} shard file(s)")
 
@@ -143,7 +161,7 @@ class ShardAssembler:
             self._flush(name)
         self.current = {}
         for name in self.plan.todo:
-            if name not in self.written:
+            if name not in self._written:
                 self._flush(name)
 
     def _output_table(self, parts: list[pa.Table]) -> pa.Table:
