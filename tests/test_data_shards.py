@@ -85,17 +85,17 @@ def test_s3_read_and_write(ray_local, s3_server, tmp_path):
     import boto3
 
     s3 = boto3.client("s3", endpoint_url=s3_server)
-    s3.create_bucket(Bucket="web")
+    s3.create_bucket(Bucket="shards-io")  # its own bucket: other tests upload to "web" on the same server
     for i in range(2):
         write_tar(tmp_path / f"{i:06d}.tar", good_samples(f"s{i}_", 3))
-        s3.upload_file(str(tmp_path / f"{i:06d}.tar"), "web", f"shards/{i:06d}.tar")
-    assert len(expand_paths("s3://web/shards/{000000..000001}.tar")) == 2
-    assert len(expand_paths("s3://web/shards/*.tar")) == 2
-    ds = read_shards("s3://web/shards/{000000..000001}.tar")
+        s3.upload_file(str(tmp_path / f"{i:06d}.tar"), "shards-io", f"shards/{i:06d}.tar")
+    assert len(expand_paths("s3://shards-io/shards/{000000..000001}.tar")) == 2
+    assert len(expand_paths("s3://shards-io/shards/*.tar")) == 2
+    ds = read_shards("s3://shards-io/shards/{000000..000001}.tar")
     rows = ds.take_all()
     assert sorted(r["key"] for r in rows) == sorted(f"s{i}_{j:04d}" for i in range(2) for j in range(3))
-    assert all(r["shard"].startswith("s3://web/shards/") for r in rows)
-    assert read_shard_local("s3://web/shards/000000.tar")[0]["caption"] == "caption s0_0"
-    write_parquet(rows[:2], "s3://web/out/part.parquet", schema=SCHEMA)
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="web", Prefix="out/")["Contents"]]
+    assert all(r["shard"].startswith("s3://shards-io/shards/") for r in rows)
+    assert read_shard_local("s3://shards-io/shards/000000.tar")[0]["caption"] == "caption s0_0"
+    write_parquet(rows[:2], "s3://shards-io/out/part.parquet", schema=SCHEMA)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="shards-io", Prefix="out/")["Contents"]]
     assert keys == ["out/part.parquet"]
