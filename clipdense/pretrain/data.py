@@ -1,4 +1,4 @@
-"""Pretrain data: shards joined with recaptions (Ray Data, per shard, no shuffle) -> decoded square uint8 images.
+"""Pretrain data: shards joined with recaptions (Ray Data, per shard, no shuffle) -> decoded uint8 images.
 
 Pipeline (all lazy Ray Data, CPU tasks):
   read_shards(shards)                         canonical rows (bad samples are rows with `error`)
@@ -7,9 +7,14 @@ Pipeline (all lazy Ray Data, CPU tasks):
                                               embeddings, augmentation parameters);
                                               no_recaption_for_key / recaption_failed / policy needs -> row errors
   -> [count pass: errors by code]             before training, so skips are reported, never silent
-  -> map_batches(decode_ok)                   drop error rows, decode + resize shorter side + centre crop -> `pixels`
-The per-sample random crop, normalisation, caption choice and tokenisation happen in the train worker's batch
-collate (pretrain/batches.py) because they depend on the epoch, which a Ray Data pipeline does not know.
+  -> map_batches(decode_ok)                   drop error rows; training: the whole image, aspect kept, JPEG-draft
+                                              reduced only down to what the crop needs (`decode_crop_source`) ->
+                                              `pixels` (variable-shaped tensor) + `orig_w`/`orig_h`; eval: open_clip's
+                                              eval geometry (shorter side + centre crop) -> size x size `pixels`
+The per-sample random crop (drawn on the original geometry, as open_clip's RandomResizedCrop on the full image),
+normalisation, caption choice and tokenisation happen in the train worker's batch collate (pretrain/batches.py)
+because they depend on the epoch, which a Ray Data pipeline does not know. Whole images cost more object-store bytes
+than 224 px squares but no resample in Ray Data: per CPU-second the cheaper split (bench/results/data_profile.md).
 """
 from __future__ import annotations
 
@@ -240,7 +245,8 @@ def first_ok_keys(joined, n: int) -> tuple[list[str], int]:
 
 
 def build_datasets(cfg: PretrainConfig, image_size: int) -> tuple[object, object | None, dict]:
-    """(train dataset, eval dataset or None, counts) as lazy Ray Datasets of key/caption/syn_captions/pixels."""
+    """(train dataset, eval dataset or None, counts) as lazy Ray Datasets of key/caption/syn_captions/pixels/orig_w/
+    orig_h (+ DataCompDR's aug_params/teacher_emb)."""
     with data_context({"execution_options.preserve_order": True}):  # the same rows in the same order each epoch
         return _build_datasets(cfg, image_size)
 
