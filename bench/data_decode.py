@@ -5,9 +5,10 @@
 Same tar shards of photo-like 320x240 JPEGs on both sides. Ours: `clipdense.pretrain.data.build_datasets` (read
 shards -> join captions -> decode the whole image, JPEG-draft reduced only as far as the crop allows, in Ray Data
 tasks over every core) iterated with the train collate (`pretrain.batches.Collate`: per-sample RandomResizedCrop
-drawn on the original geometry, bicubic, normalise, tokenise), exactly as the pretrain task reads it. Peers, one process reading the same tars: (a) raw PIL decode + resize + centre crop
-(the brief's baseline), (b) open_clip's own train transform (`image_transform(224, is_train=True)`: decode,
-RandomResizedCrop, ToTensor, Normalize), what open_clip_train's data loader workers run per image.
+drawn on the original geometry, bicubic, normalise, tokenise), exactly as the pretrain task reads it. Peers, one
+process reading the same tars: (a) raw PIL decode + resize + centre crop (the brief's baseline), (b) open_clip's own
+train transform (`image_transform(224, is_train=True)`: decode, RandomResizedCrop, ToTensor, Normalize), what
+open_clip_train's data loader workers run per image.
 Two ratios: per core of wall time = (our images/s / cores) / (peer images/s on one core), and per CPU-second
 (images / CPU time of every process involved: for ours the driver plus all of the Ray session's processes), which
 other jobs on a shared machine disturb far less. >= 1 means the Ray Data path costs nothing per unit of CPU.

@@ -92,9 +92,9 @@ def _tokenizer(name: str):
 
 class Collate(_CollateBase):
     """numpy batch (key, caption, syn_captions, pixels[, orig_w, orig_h, aug_params, teacher_emb]) -> {"image":
-    (B,3,S,S), "texts":
-    [(B,L) per caption slot], "keys"}; `both` adds "real_mask" (B,) (rows with a real caption); DataCompDR rows add
-    "teacher_image_emb" (B,A,D), "teacher_text_emb" (B,T,D), "teacher_mask" (B,) and "aug_params" (JSON strings)."""
+    (B,3,S,S), "texts": [(B,L) per caption slot], "keys"}; `both` adds "real_mask" (B,) (rows with a real caption);
+    DataCompDR rows add "teacher_image_emb" (B,A,D), "teacher_text_emb" (B,T,D), "teacher_mask" (B,) and
+    "aug_params" (JSON strings)."""
 
     def __init__(self, *, model_name: str, image_size: int, mean, std, policy: str, seed: int, epoch: int,
                  mix_p: float = 0.5, train: bool = True):

@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from clipdense.data.datacompdr import json_or_none
 from clipdense.data.images import (DEFAULT_MAX_PIXELS, ImageError, crop_source_side, decode_crop_source,
-                                   decode_square)
+                                   decode_square, open_image)
 from clipdense.data.rows import error_columns, errors_from, row_error
 from clipdense.errors import DataError
 from clipdense.pretrain.batches import CROP_SCALE
@@ -145,7 +145,8 @@ def decode_ok(batch: pa.Table, size: int, drop_keys: frozenset = frozenset(), on
     """Keep rows without error (minus `drop_keys`, or only `only_keys`), decoded to `pixels`; undecodable rows drop.
     `crop_source` (training): each whole image, aspect kept, JPEG-draft reduced to no less than a crop of `size`
     needs (`decode_crop_source`), in a variable-shaped tensor column, with its original `orig_w`/`orig_h` (the
-    collate draws the crop on that geometry); otherwise (eval) open_clip's eval geometry, size x size."""
+    collate draws the crop on that geometry); otherwise (eval) open_clip's eval geometry, size x size (with the
+    original size too)."""
     keys = batch.column("key").to_pylist()
     errs = batch.column("error_code").to_pylist()
     datas = batch.column("image_bytes").to_pylist()
@@ -164,8 +165,8 @@ def decode_ok(batch: pa.Table, size: int, drop_keys: frozenset = frozenset(), on
             if crop_source:
                 px, (w, h) = decode_crop_source(d, min_side, max_pixels)
             else:
+                w, h = open_image(d, max_pixels).size  # a header parse: eval rows are few
                 px = decode_square(d, size, max_pixels)
-                w, h = px.shape[1], px.shape[0]
         except ImageError:  # the header looked fine, the pixels do not (validate_images=full counts it)
             continue
         out["key"].append(k)
@@ -269,7 +270,7 @@ def _build_datasets(cfg: PretrainConfig, image_size: int) -> tuple[object, objec
         held = frozenset(keys)
         eval_ds = joined.limit(scanned).map_batches(decode_ok, fn_kwargs={"size": image_size, "only_keys": held}, **decode_kw)
     train = joined.map_batches(decode_ok, fn_kwargs={"size": image_size, "drop_keys": held, "crop_source": True},
-                       **decode_kw)
+                               **decode_kw)
     if cfg.data.cache:  # decoded whole images only: the random crop runs in the worker's collate, seeded per epoch
         train = train.materialize()
     if eval_ds is not None:
