@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from clipdense.pretrain.batches import crop_box, random_resized_crop
+from clipdense.pretrain.batches import crop_box, random_resized_crops
 from clipdense.pretrain.captions import missing_for, pick_batch, pick_captions, sample_rng
 from clipdense.pretrain.task import retrieval_metrics
 
@@ -54,11 +54,11 @@ def test_crop_boxes_follow_open_clip_train_geometry():
 
 
 def test_full_box_crop_is_identity_and_partial_crop_resizes():
-    imgs = torch.rand(2, 3, 16, 16)
-    same = random_resized_crop(imgs, [(0, 0, 16, 16), (0, 0, 16, 16)], 16)
-    assert torch.allclose(same, imgs, atol=1e-6)
-    part = random_resized_crop(imgs, [(0, 0, 8, 8), (8, 8, 16, 16)], 16)
-    assert part.shape == (2, 3, 16, 16) and not torch.allclose(part, imgs)
+    imgs = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8)
+    same = random_resized_crops(list(imgs.numpy()), [(0, 0, 16, 16), (0, 0, 16, 16)], 16)
+    assert torch.equal(same, imgs.permute(0, 3, 1, 2))
+    part = random_resized_crops(list(imgs.numpy()), [(0, 0, 8, 8), (8, 8, 16, 16)], 16)
+    assert part.shape == (2, 3, 16, 16) and not torch.equal(part, imgs.permute(0, 3, 1, 2))
 
 
 def test_retrieval_metrics():

@@ -54,7 +54,11 @@ def test_build_datasets_skips_and_counts_bad_rows(ray_local, world):
     rows = train.take_all()
     eval_keys = {r["key"] for r in eval_ds.take_all()}
     assert len(rows) == 45 - 6 and not eval_keys & {r["key"] for r in rows}
-    assert rows[0]["pixels"].shape == (32, 32, 3) and rows[0]["pixels"].dtype == np.uint8
+    # training rows: the whole 48x48 image (the crop is drawn in the collate, on the original geometry); eval rows:
+    # open_clip's eval geometry, already at the model's size
+    assert rows[0]["pixels"].shape == (48, 48, 3) and rows[0]["pixels"].dtype == np.uint8
+    assert (rows[0]["orig_w"], rows[0]["orig_h"]) == (48, 48)
+    assert {r["pixels"].shape for r in eval_ds.take_all()} == {(32, 32, 3)}
     assert {"00000001", "00000002", "00000003"}.isdisjoint(r["key"] for r in rows)
     assert [r["key"] for r in rows] == [r["key"] for r in train.take_all()]  # same order every pass
 
@@ -68,6 +72,40 @@ def test_collate_is_deterministic_per_epoch(ray_local, world):
     assert a["image"].shape == (8, 3, 32, 32) and len(a["texts"]) == 2 and a["texts"][0].shape == (8, 32)
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["texts"][1], b["texts"][1])
     assert not torch.equal(a["image"], c["image"])           # a new crop each epoch
-    plain = mk(0, train=False)(batch)                        # eval: no crop, just normalisation
-    expect = (torch.as_tensor(batch["pixels"]).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
+    square = {**batch, "pixels": np.stack([p[8:40, 8:40] for p in batch["pixels"]])}
+    plain = mk(0, train=False)(square)                       # eval: no crop, just normalisation
+    expect = (torch.as_tensor(square["pixels"]).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
     assert torch.allclose(plain["image"], expect, atol=1e-5) and len(plain["texts"]) == 1
+
+
+def test_variable_sized_rows_cache_and_shuffle(ray_local, tmp_path):
+    """Whole images of different sizes travel as one variable-shaped tensor column: through `data.cache`
+    (materialize) and a local shuffle buffer, each row keeping its own shape and original size."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    sizes = [(40 + 8 * i, 64 - 4 * i) for i in range(10)]
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i, (w, h) in enumerate(sizes):
+            buf = io.BytesIO()
+            Image.new("RGB", (w, h), (i * 20, 90, 150)).save(buf, format="JPEG")
+            for ext, data in (("jpg", buf.getvalue()), ("txt", f"photo {i}".encode())):
+                info = tarfile.TarInfo(f"{i:05d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    cfg = build_config(PretrainConfig, {"data": {"shards": str(shard), "batch_size": 4, "decode_batch_size": 3,
+                                                 "cache": True}, "captions": {"policy": "real"},
+                                        "ray": {"in_process": True}})
+    train, _, counts = build_datasets(cfg, image_size=32)
+    assert counts["ok"] == 10
+    seen = {}
+    for b in train.iter_batches(batch_size=4, batch_format="numpy", local_shuffle_buffer_size=6,
+                                local_shuffle_seed=1):
+        for k, px, w, h in zip(b["key"], b["pixels"], b["orig_w"], b["orig_h"]):
+            seen[str(k)] = (px.shape, (int(w), int(h)))
+        out = Collate(model_name="clip-tiny", image_size=32, mean=MEAN, std=STD, policy="real", seed=0, epoch=0)(b)
+        assert out["image"].shape == (len(b["key"]), 3, 32, 32)
+    assert seen == {f"{i:05d}": ((h, w, 3), (w, h)) for i, (w, h) in enumerate(sizes)}

@@ -8,6 +8,9 @@
   (JPEG only: DCT-domain downscale at decode by 1/2, 1/4 or 1/8, never below the requested size; several times
   cheaper for photo-size JPEGs).
 - `fit_square` / `fit_pixels`: the resize geometry the pipelines use; `decode_square` / `shrink_jpeg` chain them.
+- `decode_crop_source`: the pretraining decode: the whole image, aspect kept, reduced only by the JPEG draft scale
+  (and resampled only when still far larger than a crop needs), with its original size, so that the train collate
+  draws RandomResizedCrop on the original geometry as open_clip's train transform does.
 Problems raise `ImageError` (a ValueError) with a row-error code (`data.rows`) and a deterministic detail.
 """
 from __future__ import annotations
@@ -162,6 +165,28 @@ def decode_square(data: bytes | None, size: int, max_pixels: int = DEFAULT_MAX_P
     """Encoded image -> (size, size, 3) uint8: shorter side to `size`, centre crop (open_clip's eval geometry)."""
     im = open_image(data, max_pixels)
     return np.asarray(fit_square(load_rgb(im, (size, size) if draft else None, max_pixels), size), dtype=np.uint8)
+
+
+def crop_source_side(size: int, min_scale: float) -> int:
+    """The shorter side an image needs so that a crop of at least `min_scale` of its area, resized to `size`, is
+    never upsampled: such a crop spans >= `min_scale` of each side (its area is >= min_scale * w * h and neither
+    side exceeds the image's), so a shorter side >= size / min_scale keeps both crop sides >= size."""
+    return math.ceil(size / min_scale)
+
+
+def decode_crop_source(data: bytes | None, min_side: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                       draft: bool = True) -> tuple[np.ndarray, tuple[int, int]]:
+    """Encoded image -> ((h, w, 3) uint8 of the whole image, aspect kept; its original (w, h)). A JPEG is decoded at
+    the smallest DCT scale (1/2, 1/4, 1/8) whose shorter side stays >= `min_side`; an image still over twice that
+    (non-JPEG, or beyond the 1/8 scale) is resized (bicubic) to shorter side `min_side`. Smaller images stay as is."""
+    im = open_image(data, max_pixels)
+    orig = im.size
+    rgb = load_rgb(im, (min_side, min_side) if draft else None, max_pixels)
+    w, h = rgb.size
+    if min(w, h) > 2 * min_side:
+        s = min_side / min(w, h)
+        rgb = rgb.resize((max(min_side, round(w * s)), max(min_side, round(h * s))), Image.BICUBIC, reducing_gap=3.0)
+    return np.asarray(rgb, dtype=np.uint8), orig
 
 
 def shrink_jpeg(data: bytes | None, out_pixels: int, quality: int = 90, max_pixels: int = DEFAULT_MAX_PIXELS,

@@ -1,11 +1,13 @@
 """Batch collation in the train worker (Ray Data `iter_torch_batches(collate_fn=...)`, on its prefetch threads).
 
-Train: open_clip's default train geometry, RandomResizedCrop(scale=(0.9, 1.0), ratio=(3/4, 4/3)), applied to the
-decoded square image with per-sample parameters drawn from `sample_rng(seed, epoch, key)` (so it varies by epoch
-yet replays exactly on resume), as a bilinear resize of each crop (open_clip resizes bicubic), then the model's
-mean/std folded with the 1/255 into one in-place pass; the caption policy picks each sample's text(s), which are
-tokenised here. Eval: no crop. (Per-crop `F.interpolate` on uint8 views + one fused normalisation is ~3x cheaper
-than a batched `roi_align` over a float copy: bench/data_decode.py; this runs on the train worker's CPUs.)
+Train: open_clip's train transform, RandomResizedCrop(scale=(0.9, 1.0), ratio=(3/4, 4/3)) on the FULL image,
+bicubic: each row arrives whole, aspect kept (pretrain/data.py; JPEG-draft reduced at most to what the crop needs)
+with its original size (`orig_w`, `orig_h`); the box is drawn on that original geometry exactly as torchvision's
+`RandomResizedCrop.get_params` would (`crop_box`, with the generator `sample_rng(seed, epoch, key)`: it varies by
+epoch yet replays exactly on resume), mapped to the decoded copy (`source_box`), and resized with torch's uint8
+antialiased bicubic (PIL's filter; within 1 level of torchvision on a PIL image, several times cheaper than PIL's
+resize), then the model's mean/std folded with the 1/255 into one in-place pass. The caption policy picks each
+sample's text(s), tokenised here. Eval rows come at open_clip's eval geometry (shorter side + centre crop): no crop.
 """
 from __future__ import annotations
 
@@ -47,14 +49,46 @@ def crop_box(rng: np.random.Generator, h: int, w: int, scale=CROP_SCALE, ratio=C
     return (x, y, x + cw, y + ch)
 
 
-def random_resized_crop(images: torch.Tensor, boxes: list[tuple], size: int) -> torch.Tensor:
-    """Crop each image of (B, C, H, W) (uint8 or float) to its integer pixel box and resize it to size x size:
-    float32 out, bilinear with half-pixel centres (the sample points of roi_align(aligned=True), clamped at the box)."""
-    out = torch.empty((images.shape[0], images.shape[1], size, size), dtype=torch.float32)
-    for i, (x1, y1, x2, y2) in enumerate(boxes):
-        crop = images[i:i + 1, :, int(y1):int(y2), int(x1):int(x2)].float()
-        out[i] = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)[0]
+def source_box(box: tuple, orig_w: int, orig_h: int, w: int, h: int) -> tuple[int, int, int, int]:
+    """A box drawn on the original (orig_w x orig_h) image -> integer pixels of its decoded (w x h) copy (the same
+    box when nothing was reduced; else scaled and rounded, at least one pixel, inside the image)."""
+    if (w, h) == (orig_w, orig_h):
+        return tuple(int(v) for v in box)
+    sx, sy = w / orig_w, h / orig_h
+    x1, y1 = min(w - 1, max(0, round(box[0] * sx))), min(h - 1, max(0, round(box[1] * sy)))
+    return x1, y1, max(x1 + 1, min(w, round(box[2] * sx))), max(y1 + 1, min(h, round(box[3] * sy)))
+
+
+def resized_crop(image: np.ndarray, box: tuple, size: int) -> torch.Tensor:
+    """(h, w, 3) uint8 -> the integer pixel box resized to (3, size, size) uint8: bicubic with antialias, PIL's
+    filter (torch's uint8 kernel for antialias=True; within 1 of torchvision's resized_crop on a PIL image)."""
+    x1, y1, x2, y2 = box
+    with warnings.catch_warnings():  # Ray hands read-only arrays; this one is only read (the crop is copied)
+        warnings.simplefilter("ignore", UserWarning)
+        crop = torch.from_numpy(image[y1:y2, x1:x2]).permute(2, 0, 1).unsqueeze(0)  # a channels-last view
+    crop = crop.contiguous(memory_format=torch.channels_last)  # torch's fast uint8 path wants it dense
+    return F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)[0]
+
+
+def reference_crop(image: np.ndarray, orig_w: int, orig_h: int, rng: np.random.Generator, size: int) -> torch.Tensor:
+    """open_clip's train crop of one decoded (h, w, 3) uint8 image whose original was orig_w x orig_h: the box
+    drawn on the original geometry, mapped to the decoded copy, resized -> (3, size, size) uint8."""
+    h, w = image.shape[:2]
+    return resized_crop(image, source_box(crop_box(rng, orig_h, orig_w), orig_w, orig_h, w, h), size)
+
+
+def random_resized_crops(images, boxes: list[tuple], size: int) -> torch.Tensor:
+    """Each (h, w, 3) uint8 image cropped to its integer pixel box and resized to size x size -> (B, 3, S, S) uint8."""
+    out = torch.empty((len(boxes), 3, size, size), dtype=torch.uint8)
+    for i, box in enumerate(boxes):
+        out[i] = resized_crop(images[i], box, size)
     return out
+
+
+def _images(pixels) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+    """A batch's `pixels`: (B, H, W, 3) or an object array of (h, w, 3) -> uint8 arrays and their (w, h)."""
+    ims = [np.asarray(p, dtype=np.uint8) for p in pixels]
+    return ims, [(im.shape[1], im.shape[0]) for im in ims]
 
 
 @functools.lru_cache(maxsize=4)
@@ -65,12 +99,12 @@ def _tokenizer(name: str):
 
 
 class Collate(_CollateBase):
-    """numpy batch (key, caption, syn_captions, pixels[, aug_params, teacher_emb]) -> {"image": (B,3,S,S), "texts":
-    [(B,L) per caption slot], "keys"}; `both` adds "real_mask" (B,) (rows with a real caption); DataCompDR rows add
-    "teacher_image_emb" (B,A,D), "teacher_text_emb" (B,T,D), "teacher_mask" (B,) and "aug_params" (JSON strings).
-    With `distill_slots` (loss.distill) a batch carrying `orig_w`/`orig_h` (and `pixels` per row at any size) gets
-    each row's stored view as its image, and "distill_image_emb" (B,D), "distill_text_emb" (B,n,D), "distill_mask"
-    (B,n), "distill_views" (B,) in place of the two teacher arrays (pretrain/distill.py)."""
+    """numpy batch (key, caption, syn_captions, pixels[, orig_w, orig_h, aug_params, teacher_emb]) -> {"image":
+    (B,3,S,S), "texts": [(B,L) per caption slot], "keys"}; `both` adds "real_mask" (B,) (rows with a real caption);
+    DataCompDR rows add "teacher_image_emb" (B,A,D), "teacher_text_emb" (B,T,D), "teacher_mask" (B,) and
+    "aug_params" (JSON strings). With `distill_slots` (loss.distill) each DataCompDR row gets one of its stored views
+    as its image, and "distill_image_emb" (B,D), "distill_text_emb" (B,n,D), "distill_mask" (B,n), "distill_views"
+    (B,) in place of the two teacher arrays (pretrain/distill.py)."""
 
     def __init__(self, *, model_name: str, image_size: int, mean, std, policy: str, seed: int, epoch: int,
                  mix_p: float = 0.5, train: bool = True, distill_slots: tuple = ()):
@@ -86,20 +120,18 @@ class Collate(_CollateBase):
         # loss.distill on DataCompDR: each sample's stored view (pretrain/distill.py), as its teachers embedded it
         views = stored_views(batch, keys, self.seed, self.epoch, self.size) \
             if self.train and self.distill_slots else None
-        if views is None:
-            with warnings.catch_warnings():  # Ray hands read-only arrays; `px` is only read (every op below copies)
-                warnings.simplefilter("ignore", UserWarning)
-                px = torch.from_numpy(np.asarray(batch["pixels"], dtype=np.uint8)).permute(0, 3, 1, 2)
         if views is not None:
             image, view_index = views
-        elif self.train:
-            h, w = px.shape[-2:]
-            boxes = [crop_box(sample_rng(self.seed, self.epoch, k, 2), h, w) for k in keys]
-            image = random_resized_crop(px, boxes, self.size)
-        elif px.shape[-1] != self.size:
-            image = F.interpolate(px.float(), size=(self.size, self.size), mode="bilinear", antialias=True)
-        else:
-            image = px.float()
+        elif self.train:  # boxes drawn on the original geometry, as RandomResizedCrop on the full image would
+            ims, sizes = _images(batch["pixels"])
+            origs = list(zip(batch["orig_w"], batch["orig_h"])) if "orig_w" in batch else sizes
+            image = torch.stack([reference_crop(im, int(ow), int(oh), sample_rng(self.seed, self.epoch, k, 2),
+                                                self.size) for im, k, (ow, oh) in zip(ims, keys, origs)]).float()
+        else:  # eval rows come at open_clip's eval geometry already (shorter side + centre crop)
+            ims, _ = _images(batch["pixels"])
+            px = torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2)  # a copy: writable
+            image = px.float() if px.shape[-1] == self.size else \
+                F.interpolate(px.float(), size=(self.size, self.size), mode="bicubic", antialias=True)
         image = image.mul_(self.scale).add_(self.shift)
         reals = [None if c is None else str(c) for c in batch["caption"]]
         syns = [list(s) if s is not None else [] for s in batch["syn_captions"]]

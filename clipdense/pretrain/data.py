@@ -1,4 +1,4 @@
-"""Pretrain data: shards joined with recaptions (Ray Data, per shard, no shuffle) -> decoded square uint8 images.
+"""Pretrain data: shards joined with recaptions (Ray Data, per shard, no shuffle) -> decoded uint8 images.
 
 Pipeline (all lazy Ray Data, CPU tasks):
   read_shards(shards)                         canonical rows (bad samples are rows with `error`)
@@ -7,9 +7,14 @@ Pipeline (all lazy Ray Data, CPU tasks):
                                               embeddings, augmentation parameters);
                                               no_recaption_for_key / recaption_failed / policy needs -> row errors
   -> [count pass: errors by code]             before training, so skips are reported, never silent
-  -> map_batches(decode_ok)                   drop error rows, decode + resize shorter side + centre crop -> `pixels`
-The per-sample random crop, normalisation, caption choice and tokenisation happen in the train worker's batch
-collate (pretrain/batches.py) because they depend on the epoch, which a Ray Data pipeline does not know.
+  -> map_batches(decode_ok)                   drop error rows; training: the whole image, aspect kept, JPEG-draft
+                                              reduced only down to what the crop needs (`decode_crop_source`) ->
+                                              `pixels` (variable-shaped tensor) + `orig_w`/`orig_h`; eval: open_clip's
+                                              eval geometry (shorter side + centre crop) -> size x size `pixels`
+The per-sample random crop (drawn on the original geometry, as open_clip's RandomResizedCrop on the full image),
+normalisation, caption choice and tokenisation happen in the train worker's batch collate (pretrain/batches.py)
+because they depend on the epoch, which a Ray Data pipeline does not know. Whole images cost more object-store bytes
+than 224 px squares but no resample in Ray Data: per CPU-second the cheaper split (bench/results/data_profile.md).
 """
 from __future__ import annotations
 
@@ -19,9 +24,11 @@ import numpy as np
 import pyarrow as pa
 
 from clipdense.data.datacompdr import json_or_none
-from clipdense.data.images import ImageError, decode_square
+from clipdense.data.images import (DEFAULT_MAX_PIXELS, ImageError, crop_source_side, decode_crop_source,
+                                   decode_square, open_image)
 from clipdense.data.rows import error_columns, errors_from, row_error
 from clipdense.errors import DataError
+from clipdense.pretrain.batches import CROP_SCALE
 from clipdense.pretrain.captions import missing_for
 from clipdense.pretrain.config import PretrainConfig
 from clipdense.ray_session import data_context
@@ -119,8 +126,27 @@ def join_recaptions(batch: pa.Table, recaptions: str | None, policy: str, s3_end
                      "aug_params": pa.array(augs, pa.string()), "teacher_emb": pa.array(embs, pa.binary())})
 
 
-def decode_ok(batch: pa.Table, size: int, drop_keys: frozenset = frozenset(), only_keys: frozenset | None = None):
-    """Keep rows without error (minus `drop_keys`, or only `only_keys`), decoded to `pixels`; undecodable rows drop."""
+def _tensor_column(images: list[np.ndarray]):
+    """Images of different shapes as one Ray variable-shaped tensor column (numpy batches get an object array of
+    (h, w, 3) views, zero-copy); always this type, also when the shapes agree, so every block has one schema."""
+    from ray.data.extensions import ArrowVariableShapedTensorArray, ArrowVariableShapedTensorType
+
+    if not images:  # Ray builds no empty ragged array from numpy
+        kind = ArrowVariableShapedTensorType(pa.uint8(), 3)
+        return pa.ExtensionArray.from_storage(kind, pa.array([], kind.storage_type))
+    arr = np.empty(len(images), dtype=object)
+    for i, im in enumerate(images):
+        arr[i] = im
+    return ArrowVariableShapedTensorArray.from_numpy(arr)
+
+
+def decode_ok(batch: pa.Table, size: int, drop_keys: frozenset = frozenset(), only_keys: frozenset | None = None,
+              crop_source: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """Keep rows without error (minus `drop_keys`, or only `only_keys`), decoded to `pixels`; undecodable rows drop.
+    `crop_source` (training): each whole image, aspect kept, JPEG-draft reduced to no less than a crop of `size`
+    needs (`decode_crop_source`), in a variable-shaped tensor column, with its original `orig_w`/`orig_h` (the
+    collate draws the crop on that geometry); otherwise (eval) open_clip's eval geometry, size x size (with the
+    original size too)."""
     keys = batch.column("key").to_pylist()
     errs = batch.column("error_code").to_pylist()
     datas = batch.column("image_bytes").to_pylist()
@@ -129,12 +155,18 @@ def decode_ok(batch: pa.Table, size: int, drop_keys: frozenset = frozenset(), on
     n = batch.num_rows
     augs = batch.column("aug_params").to_pylist() if "aug_params" in batch.column_names else [None] * n
     embs = batch.column("teacher_emb").to_pylist() if "teacher_emb" in batch.column_names else [None] * n
-    out = {"key": [], "caption": [], "syn_captions": [], "pixels": [], "aug_params": [], "teacher_emb": []}
+    min_side = crop_source_side(size, CROP_SCALE[0])
+    out = {"key": [], "caption": [], "syn_captions": [], "pixels": [], "aug_params": [], "teacher_emb": [],
+           "orig_w": [], "orig_h": []}
     for k, e, d, c, s, a, t in zip(keys, errs, datas, caps, syns, augs, embs):
         if e is not None or k in drop_keys or (only_keys is not None and k not in only_keys):
             continue
         try:
-            px = decode_square(d, size)
+            if crop_source:
+                px, (w, h) = decode_crop_source(d, min_side, max_pixels)
+            else:
+                w, h = open_image(d, max_pixels).size  # a header parse: eval rows are few
+                px = decode_square(d, size, max_pixels)
         except ImageError:  # the header looked fine, the pixels do not (validate_images=full counts it)
             continue
         out["key"].append(k)
@@ -143,13 +175,20 @@ def decode_ok(batch: pa.Table, size: int, drop_keys: frozenset = frozenset(), on
         out["pixels"].append(px)
         out["aug_params"].append(a)
         out["teacher_emb"].append(t)
+        out["orig_w"].append(w)
+        out["orig_h"].append(h)
     from ray.data.extensions import ArrowTensorArray
 
-    pixels = np.stack(out["pixels"]) if out["pixels"] else np.zeros((0, size, size, 3), np.uint8)
+    if crop_source:
+        pixels = _tensor_column(out["pixels"])
+    else:
+        pixels = ArrowTensorArray.from_numpy(np.stack(out["pixels"]) if out["pixels"] else
+                                             np.zeros((0, size, size, 3), np.uint8))
     # typed columns: a numpy batch would turn an all-null column (no DataCompDR fields) into float NaNs
     return pa.table({"key": pa.array(out["key"], pa.string()), "caption": pa.array(out["caption"], pa.string()),
                      "syn_captions": pa.array(out["syn_captions"], pa.list_(pa.string())),
-                     "pixels": ArrowTensorArray.from_numpy(pixels),
+                     "pixels": pixels, "orig_w": pa.array(out["orig_w"], pa.int32()),
+                     "orig_h": pa.array(out["orig_h"], pa.int32()),
                      "aug_params": pa.array(out["aug_params"], pa.string()),
                      "teacher_emb": pa.array(out["teacher_emb"], pa.binary())})
 
@@ -215,7 +254,8 @@ def check_teacher_rows(cfg: PretrainConfig, counts: dict) -> None:
 
 
 def build_datasets(cfg: PretrainConfig, image_size: int) -> tuple[object, object | None, dict]:
-    """(train dataset, eval dataset or None, counts) as lazy Ray Datasets of key/caption/syn_captions/pixels."""
+    """(train dataset, eval dataset or None, counts) as lazy Ray Datasets of key/caption/syn_captions/pixels/orig_w/
+    orig_h (+ DataCompDR's aug_params/teacher_emb)."""
     with data_context({"execution_options.preserve_order": True}):  # the same rows in the same order each epoch
         return _build_datasets(cfg, image_size)
 
@@ -238,8 +278,9 @@ def _build_datasets(cfg: PretrainConfig, image_size: int) -> tuple[object, objec
         keys, scanned = first_ok_keys(joined, cfg.eval.holdout)
         held = frozenset(keys)
         eval_ds = joined.limit(scanned).map_batches(decode_ok, fn_kwargs={"size": image_size, "only_keys": held}, **decode_kw)
-    train = joined.map_batches(decode_ok, fn_kwargs={"size": image_size, "drop_keys": held}, **decode_kw)
-    if cfg.data.cache:  # decoded pixels only: the random crop runs in the worker's collate, seeded per epoch
+    train = joined.map_batches(decode_ok, fn_kwargs={"size": image_size, "drop_keys": held, "crop_source": True},
+                               **decode_kw)
+    if cfg.data.cache:  # decoded whole images only: the random crop runs in the worker's collate, seeded per epoch
         train = train.materialize()
     if eval_ds is not None:
         eval_ds = eval_ds.materialize()  # small; read once, iterated at every eval

@@ -100,7 +100,7 @@ def stored_views(batch: dict, keys: list[str], seed: int, epoch: int, size: int)
     import numpy as np
 
     from clipdense.errors import DataError
-    from clipdense.pretrain.batches import crop_box, random_resized_crop
+    from clipdense.pretrain.batches import reference_crop
     from clipdense.pretrain.captions import sample_rng
     from clipdense.pretrain.dr_views import parse_views, reapply_view
 
@@ -125,8 +125,8 @@ def stored_views(batch: dict, keys: list[str], seed: int, epoch: int, size: int)
             except (ValueError, TypeError, IndexError):
                 k = -1
         if k < 0:
-            box = crop_box(sample_rng(seed, epoch, key, 2), px.shape[0], px.shape[1])
-            image[i] = random_resized_crop(torch.from_numpy(px).permute(2, 0, 1)[None], [box], size)[0]
+            image[i] = reference_crop(px, int(batch["orig_w"][i]), int(batch["orig_h"][i]),
+                                      sample_rng(seed, epoch, key, 2), size)
         index.append(k)
     return image, index
 
