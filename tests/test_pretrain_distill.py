@@ -315,3 +315,21 @@ def test_teacher_targets_stay_float32_under_autocast():
         value = loss(img, img.flip(0), torch.tensor(10.0), t_img, t_txt, keep)
     assert auto.dtype == torch.float32 and torch.equal(auto, plain)
     assert torch.isfinite(value)
+
+
+def test_distillation_pretrains_end_to_end_through_ray(ray_local, tmp_path):
+    """The whole path on Ray: DataCompDR join -> whole-image decode with the original size -> the stored views in
+    the collate -> the distillation loss, logged per step."""
+    from clipdense.pretrain import run as pretrain
+
+    fx = _fixture(tmp_path)
+    cfg = build_config(PretrainConfig, {
+        "model": {"name": "clip-tiny"}, "captions": {"policy": "both"}, "ray": {"in_process": True},
+        "loss": {"distill": {"enabled": True, "teacher_dims": TEACHER}},
+        "data": {"shards": fx["images"], "recaptions": fx["recaptions"], "batch_size": ROWS, "decode_cpus": 0.5},
+        "train": {"out_dir": str(tmp_path / "pre"), "schedule": {"total_steps": 2, "warmup_steps": 1},
+                  "checkpoint": {"every_steps": 0}, "log_every": 1}})
+    pretrain(cfg)
+    steps = [json.loads(x) for x in (tmp_path / "pre" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert len(steps) == 2 and all(math.isfinite(s["loss"]) for s in steps)
+    assert all(s["distill_rows"] == ROWS - 1 for s in steps)  # every row but the one without an npz
