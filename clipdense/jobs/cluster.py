@@ -31,6 +31,8 @@ from clipdense.errors import UserError
 DEFAULT_CONFIG = "cluster/local.yaml"
 DEFAULT_TEMP_DIR = "/tmp/clipdense-ray"
 STATE_FILE = "clipdense-cluster.json"
+# The provider the autoscaler runs: Ray's fake_multinode with one runtime_env dir per node (see fake_nodes.py).
+FAKE_NODE_PROVIDER = "clipdense.jobs.fake_nodes.OwnDirFakeNodeProvider"
 # Ray puts unix sockets at <temp>/session_<date>_<pid>/sockets/plasma_store; Linux caps socket paths at 107 bytes.
 MAX_TEMP_DIR_LEN = 40
 
@@ -139,6 +141,9 @@ def up_local(config_path: str | Path = DEFAULT_CONFIG, temp_dir: str | Path = DE
     # The fake provider starts worker raylets against provider.gcs_address (default: port 6379).
     config["provider"]["gcs_address"] = f"{node_ip}:{port}"
     config["provider"].setdefault("launch_multiple", True)
+    # Ray's fake_multinode with one runtime_env dir per node: stock fake nodes share one, and a node that joins
+    # deletes the job packages other nodes' workers run in (fake_nodes.py).
+    config["provider"].update(type="external", module=FAKE_NODE_PROVIDER)
     resolved = temp_dir / "autoscaling.yaml"
     resolved.write_text(yaml.safe_dump(config, sort_keys=False))
 
