@@ -51,3 +51,38 @@ def worker_nodes(state: LocalCluster) -> list[dict]:
 def wait_job(client, job_id: str, timeout_s: float) -> str:
     return wait_until(lambda: (s := str(client.get_job_status(job_id).value)) in TERMINAL and s, timeout_s,
                       f"job {job_id} to end", poll_s=1.0)
+
+
+def state_api(state: LocalCluster, what: str) -> list[dict]:
+    """Rows of the dashboard's state API (`actors`, `nodes`, ...), all states."""
+    import requests
+
+    from clipdense.jobs.client import read_token
+
+    r = requests.get(f"{state.dashboard_url}/api/v0/{what}", params={"limit": 10000, "detail": "true"},
+                     headers={"Authorization": f"Bearer {read_token(state.token_path)}"}, timeout=30)
+    r.raise_for_status()
+    return r.json()["data"]["result"]["result"]
+
+
+def kill_node(state: LocalCluster, node_id: str) -> list[int]:
+    """SIGKILL one fake worker node as a lost machine: its raylet and everything under it (workers, agents) at
+    once. The fake provider starts each node's raylet with RAY_OVERRIDE_NODE_ID_FOR_TESTING=<node id>."""
+    import psutil  # importing clipdense.jobs.cluster imported ray, which puts its vendored psutil on sys.path
+
+    raylets = []
+    for p in cluster_processes(state.temp_dir, state.pgid, state.gcs_address):
+        try:
+            if p.name() == "raylet" and p.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id:
+                raylets.append(p)
+        except psutil.Error:
+            continue
+    assert len(raylets) == 1, f"expected one raylet for node {node_id}, found {raylets}"
+    procs = [raylets[0], *raylets[0].children(recursive=True)]
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+    return [p.pid for p in procs]
