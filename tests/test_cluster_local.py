@@ -175,7 +175,8 @@ def test_autoscaler_runs_fake_nodes_with_their_own_runtime_env_dirs():
     assert load_function_or_class(cfg["provider"]["module"]) is OwnDirFakeNodeProvider
     assert issubclass(OwnDirFakeNodeProvider, FakeMultiNodeProvider)
     ids = [f"{'f' * 51}{i:05d}" for i in (1, 2)]
-    assert len({runtime_env_dir_name(i) for i in ids}) == 2 and "runtime_resources" not in map(runtime_env_dir_name, ids)
+    dirs = {runtime_env_dir_name(i) for i in ids}
+    assert len(dirs) == 2 and "runtime_resources" not in dirs  # the head's own
 
     def ray_params_keywords(method) -> set[str]:
         tree = ast.parse(textwrap.dedent(inspect.getsource(method)))
