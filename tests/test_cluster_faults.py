@@ -44,7 +44,8 @@ def test_jobs_keep_their_working_dir_while_nodes_come_and_go(tmp_path):
         stop.touch()
         status = wait_job(client, holder, 120)
         (held,) = _job_results(client, holder)
-        assert held["problems"] == [] and status == "SUCCEEDED", held
+        assert held["problems"] == [], "\n".join(held["problems"])  # before the fix: cwd vanished, package gone
+        assert status == "SUCCEEDED", client.get_job_logs(holder)[-3000:]
         assert held["checks"] > 10
         assert held["node"] not in rounds[0] | rounds[1], "the short jobs ran beside the long one, on other nodes"
         assert rounds[1] - rounds[0], "the second round ran on newly added nodes"
