@@ -39,9 +39,9 @@ def local_cluster(config: str | Path = ROOT / "cluster" / "local.yaml"):
         yield state, make_client(state.dashboard_url, str(token))
     finally:
         down_local(short / "r")
-        if state is not None:
-            assert cluster_processes(state.temp_dir, state.pgid, state.gcs_address) == [], "processes left behind"
+        left = cluster_processes(state.temp_dir, state.pgid, state.gcs_address) if state else []
         shutil.rmtree(short, ignore_errors=True)
+    assert left == [], f"processes of the cluster left behind: {left}"  # checked only when the body passed
 
 
 def worker_nodes(state: LocalCluster) -> list[dict]:

@@ -24,6 +24,7 @@ from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeP
 from ray.autoscaler.tags import (NODE_KIND_WORKER, STATUS_UP_TO_DATE, TAG_RAY_NODE_KIND, TAG_RAY_NODE_NAME,
                                  TAG_RAY_NODE_STATUS, TAG_RAY_USER_NODE_TYPE)
 
+
 def runtime_env_dir_name(node_id: str) -> str:
     """The runtime_env directory (under the shared session dir) of one fake node."""
     return f"{ray_constants.DEFAULT_RUNTIME_ENV_DIR_NAME}_{node_id[-5:]}"
