@@ -152,3 +152,38 @@ def test_local_cluster_scales_up_runs_a_job_and_scales_down(short_tmp, capsys):
     assert rc == 0 and state is not None
     assert cluster_processes(temp, state.pgid, state.gcs_address) == [], "processes of the cluster left behind"
     assert LocalCluster.load(temp) is None
+
+
+def test_autoscaler_runs_fake_nodes_with_their_own_runtime_env_dirs():
+    """Issue #23 item 0: stock fake_multinode nodes share one runtime_resources dir, and a joining node deletes the
+    working_dir packages other nodes run in. `up` hands the autoscaler our subclass, which differs from Ray's
+    provider only by a runtime_env dir per node (a drift guard: same RayParams arguments otherwise)."""
+    import ast
+    import inspect
+    import textwrap
+
+    from ray.autoscaler._private.loader import load_function_or_class
+    from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
+
+    from clipdense.jobs.cluster import autoscaler_config, load_local_config
+    from clipdense.jobs.fake_nodes import OwnDirFakeNodeProvider, runtime_env_dir_name
+
+    user = load_local_config(ROOT / "cluster" / "local.yaml")
+    cfg = autoscaler_config(user, "10.0.0.1:6390")
+    assert user["provider"]["type"] == "fake_multinode", "the user's YAML is left as it was"
+    assert cfg["provider"]["type"] == "external" and cfg["provider"]["gcs_address"] == "10.0.0.1:6390"
+    assert load_function_or_class(cfg["provider"]["module"]) is OwnDirFakeNodeProvider
+    assert issubclass(OwnDirFakeNodeProvider, FakeMultiNodeProvider)
+    ids = [f"{'f' * 51}{i:05d}" for i in (1, 2)]
+    dirs = {runtime_env_dir_name(i) for i in ids}
+    assert len(dirs) == 2 and "runtime_resources" not in dirs  # the head's own
+
+    def ray_params_keywords(method) -> set[str]:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(method)))
+        calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and ast.unparse(n.func).endswith("RayParams")]
+        assert len(calls) == 1
+        return {k.arg for k in calls[0].keywords}
+
+    ours = ray_params_keywords(OwnDirFakeNodeProvider._create_node_with_resources_and_labels)
+    rays = ray_params_keywords(FakeMultiNodeProvider._create_node_with_resources_and_labels)
+    assert ours == rays | {"runtime_env_dir_name"}, "Ray's fake provider changed: update clipdense/jobs/fake_nodes.py"

@@ -11,6 +11,7 @@ cluster/README.md).
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import json
 import os
@@ -31,6 +32,8 @@ from clipdense.errors import UserError
 DEFAULT_CONFIG = "cluster/local.yaml"
 DEFAULT_TEMP_DIR = "/tmp/clipdense-ray"
 STATE_FILE = "clipdense-cluster.json"
+# The provider the autoscaler runs: Ray's fake_multinode with one runtime_env dir per node (see fake_nodes.py).
+FAKE_NODE_PROVIDER = "clipdense.jobs.fake_nodes.OwnDirFakeNodeProvider"
 # Ray puts unix sockets at <temp>/session_<date>_<pid>/sockets/plasma_store; Linux caps socket paths at 107 bytes.
 MAX_TEMP_DIR_LEN = 40
 
@@ -112,6 +115,18 @@ def _auth_env(env: dict, auth: bool, token_file: str | None) -> str | None:
     return str(path)
 
 
+def autoscaler_config(config: dict, gcs_address: str) -> dict:
+    """The copy of the local cluster YAML that the head's autoscaler reads."""
+    config = copy.deepcopy(config)
+    # The fake provider starts worker raylets against provider.gcs_address (default: port 6379).
+    config["provider"]["gcs_address"] = gcs_address
+    config["provider"].setdefault("launch_multiple", True)
+    # Ray's fake_multinode with one runtime_env dir per node: stock fake nodes share one, and a node that joins
+    # deletes the job packages that other nodes' workers run in (fake_nodes.py).
+    config["provider"].update(type="external", module=FAKE_NODE_PROVIDER)
+    return config
+
+
 def up_local(config_path: str | Path = DEFAULT_CONFIG, temp_dir: str | Path = DEFAULT_TEMP_DIR, port: int = 6379,
              dashboard_port: int = 8265, token_file: str | None = None, auth: bool = True,
              timeout_s: float = 180) -> LocalCluster:
@@ -136,11 +151,8 @@ def up_local(config_path: str | Path = DEFAULT_CONFIG, temp_dir: str | Path = DE
             raise UserError(f"{name} {p} is already in use (another Ray?): pick another port")
     temp_dir.mkdir(parents=True, exist_ok=True)
     node_ip = get_node_ip_address()
-    # The fake provider starts worker raylets against provider.gcs_address (default: port 6379).
-    config["provider"]["gcs_address"] = f"{node_ip}:{port}"
-    config["provider"].setdefault("launch_multiple", True)
     resolved = temp_dir / "autoscaling.yaml"
-    resolved.write_text(yaml.safe_dump(config, sort_keys=False))
+    resolved.write_text(yaml.safe_dump(autoscaler_config(config, f"{node_ip}:{port}"), sort_keys=False))
 
     env = dict(os.environ, RAY_FAKE_CLUSTER="1", RAY_USAGE_STATS_ENABLED="0")
     token_path = _auth_env(env, auth, token_file)

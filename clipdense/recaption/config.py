@@ -92,6 +92,7 @@ class FaultConfig(Config):
     fail_after_shards: int | None = Field(None, ge=1)  # the driver dies after writing this many shard files
     engine_fail_first: int = Field(0, ge=0)            # each actor's first k captioner calls raise
     engine_fail_marker: str | None = None              # calls whose batch has a caption containing this raise
+    engine_delay_s: float = Field(0.0, ge=0)           # each captioner call first sleeps this long (a slow engine)
 
 
 class RecaptionConfig(StageConfig):

@@ -62,6 +62,7 @@ class CaptionActor:
 
     def _generate(self, images: list, captions: list, keys: list | None = None) -> list[list[str]]:
         self.calls += 1
+        time.sleep(self.fault.engine_delay_s)
         if self.calls <= self.fault.engine_fail_first:
             raise RuntimeError(f"injected engine failure (call {self.calls})")
         marker = self.fault.engine_fail_marker
