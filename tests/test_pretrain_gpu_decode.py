@@ -15,6 +15,7 @@ from PIL import Image
 
 from clipdense.config import build_config
 from clipdense.data.images import crop_source_side, decode_crop_source
+from clipdense.errors import DataError
 from clipdense.pretrain.batches import CROP_SCALE, Collate, crop_box
 from clipdense.pretrain.captions import sample_rng
 from clipdense.pretrain.config import PretrainConfig
@@ -118,6 +119,16 @@ def test_decode_crops_boxes_and_fallback():
     img, _ = decode_crops(datas[3:4], origs[3:4], whole[3:4], SIZE, "cpu")
     pil = np.asarray(Image.open(io.BytesIO(datas[3])).convert("RGB").resize((SIZE, SIZE), Image.BICUBIC))
     assert np.abs(img[0].permute(1, 2, 0).numpy() - pil).mean() < 1.0
+
+
+def test_broken_pixels_are_a_one_line_error_naming_the_key():
+    keys, datas = _rows()
+    broken = datas[0][: len(datas[0]) // 3]  # the header parses, the scan is cut short
+    batch = {"key": np.array(["good", "cut"]), "caption": np.array(["c", "c"], dtype=object),
+             "syn_captions": np.array([[], []], dtype=object), "image_bytes": np.array([datas[1], broken], dtype=object),
+             "orig_w": np.array([200, 320]), "orig_h": np.array([240, 240])}
+    with pytest.raises(DataError, match=r"^cut: undecodable_image: .*validate_images=full"):
+        _collate("cpu")(batch)
 
 
 def test_encoded_rows_keep_the_pixel_guard_and_drop_errors():

@@ -130,7 +130,7 @@ class Collate(_CollateBase):
             origs = [(int(w), int(h)) for w, h in zip(batch["orig_w"], batch["orig_h"])]
             boxes = [crop_box(sample_rng(self.seed, self.epoch, k, 2), oh, ow) for k, (ow, oh) in zip(keys, origs)]
             image, n_cpu = decode_crops(list(batch["image_bytes"]), origs, boxes, self.size,
-                                        self.decode_device or "cpu")
+                                        self.decode_device or "cpu", keys=keys)
             self.decode_fallbacks += n_cpu
         elif self.train:  # boxes drawn on the original geometry, as RandomResizedCrop on the full image would
             ims, sizes = _images(batch["pixels"])

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipdense.data.images import DEFAULT_MAX_PIXELS, decode_rgb
+from clipdense.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_rgb
+from clipdense.errors import DataError
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -57,10 +58,13 @@ def _resized(image: torch.Tensor, box: tuple, size: int) -> torch.Tensor:
 
 
 def decode_crops(datas: list[bytes], origs: list[tuple[int, int]], boxes: list[tuple], size: int,
-                 device: str | torch.device, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, int]:
+                 device: str | torch.device, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 keys: list[str] | None = None) -> tuple[torch.Tensor, int]:
     """Encoded images, their original (w, h), crop boxes (x1, y1, x2, y2) on that original geometry -> ((B, 3, size,
     size) float in 0..255 on `device`, rows decoded on the CPU instead). A decode whose size is not the header's
-    (an odd file) has its box scaled to it, as the CPU path maps boxes to a draft-reduced copy."""
+    (an odd file) has its box scaled to it, as the CPU path maps boxes to a draft-reduced copy. A row no decoder
+    reads (its header passed Ray Data's check, its pixels are broken) is a one-line DataError naming its key: dropping
+    it here would leave this worker's batch smaller than the others' (the contrastive loss gathers equal batches)."""
     from clipdense.pretrain.batches import source_box
 
     device = torch.device(device)
@@ -76,7 +80,12 @@ def decode_crops(datas: list[bytes], origs: list[tuple[int, int]], boxes: list[t
     for i, (data, (ow, oh), box) in enumerate(zip(datas, origs, boxes)):
         im = decoded[i]
         if im is None:  # PNG/WebP, or refused by the device decoder: PIL on the CPU, then the same crop
-            im = _cpu_decode(data, max_pixels).to(device, non_blocking=True)
+            try:
+                im = _cpu_decode(data, max_pixels).to(device, non_blocking=True)
+            except ImageError as e:
+                key = keys[i] if keys else f"row {i}"
+                raise DataError(f"{key}: {e.code}: {e.detail} (data.decode_on gpu decodes in the train worker; "
+                                f"data.validate_images=full records such rows as errors before training)") from None
             fallbacks += 1
         h, w = im.shape[-2:]
         out[i] = _resized(im, source_box(box, int(ow), int(oh), w, h), size)
