@@ -19,7 +19,7 @@ from clipdense.errors import DataError
 from clipdense.pretrain.batches import CROP_SCALE, Collate, crop_box
 from clipdense.pretrain.captions import sample_rng
 from clipdense.pretrain.config import PretrainConfig
-from clipdense.pretrain.data import decode_ok
+from clipdense.pretrain.data import build_datasets, decode_ok
 from clipdense.pretrain.gpu_decode import decode_crops
 
 SIZE = 64
@@ -157,3 +157,29 @@ def test_config_decode_on():
 @pytest.mark.gpu
 def test_device_decode_on_cuda_matches_the_cpu_collate():
     _check_against_cpu("cuda")
+
+
+def test_ray_data_ships_encoded_rows_the_collate_decodes(ray_local, tmp_path):
+    """Through Ray Data (build_datasets): decode_on gpu ships `image_bytes` + original size, not pixels, and the
+    collate's device decode (here on CPU) gives the CPU path's images for the same keys."""
+    import tarfile
+
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(6):
+            for ext, data in (("jpg", _encode(_photo(96 + 8 * i, 88, i))), ("txt", f"photo {i}".encode())):
+                info = tarfile.TarInfo(f"{i:05d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    batches = {}
+    for on in ("cpu", "gpu"):
+        cfg = build_config(PretrainConfig, {"data": {"shards": str(shard), "decode_on": on, "count_errors": False},
+                                            "train": {"scaling": {"use_gpu": on == "gpu"}}, "ray": {"in_process": True}})
+        train, _, _ = build_datasets(cfg, image_size=SIZE)
+        batches[on] = next(iter(train.iter_batches(batch_size=6, batch_format="numpy")))
+    enc = batches["gpu"]
+    assert "pixels" not in enc and all(isinstance(d, bytes) and d[:2] == b"\xff\xd8" for d in enc["image_bytes"])
+    assert enc["key"].tolist() == batches["cpu"]["key"].tolist() == [f"{i:05d}" for i in range(6)]
+    assert enc["orig_w"].tolist() == [96 + 8 * i for i in range(6)] and set(enc["orig_h"].tolist()) == {88}
+    got, ref = _collate("cpu")(enc)["image"], _collate()(batches["cpu"])["image"]
+    assert float(((got - ref).abs() * torch.tensor(STD).view(1, 3, 1, 1) * 255).mean()) < 2.5
