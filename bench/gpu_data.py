@@ -78,7 +78,8 @@ def _batch_fns(jpegs: list[bytes], batch: int, size: int, name: str, device: tor
         decoded = list(pool.map(lambda k: decode_crop_source(jpegs[k], min_side), idx))
         px = np.empty(batch, dtype=object)
         px[:] = [p for p, _ in decoded]
-        b.update(pixels=px, orig_w=np.array([w for _, (w, _) in decoded]), orig_h=np.array([h for _, (_, h) in decoded]))
+        b.update(pixels=px, orig_w=np.array([w for _, (w, _) in decoded]),
+                 orig_h=np.array([h for _, (_, h) in decoded]))
         return cpu_collate(b)
 
     def gpu(i):

@@ -1,4 +1,4 @@
-"""data.decode_on gpu: encoded rows from Ray Data, batch decode + reference crop in the collate (pretrain/gpu_decode.py).
+"""data.decode_on gpu: encoded rows from Ray Data, batch decode + reference crop in the collate (gpu_decode.py).
 
 The device path is torchvision's decode_jpeg on a list; on device "cpu" it is the same code with libjpeg, so these
 tests check it here; the `gpu` tests run it on CUDA (nvJPEG) where there is one.
@@ -125,7 +125,8 @@ def test_broken_pixels_are_a_one_line_error_naming_the_key():
     keys, datas = _rows()
     broken = datas[0][: len(datas[0]) // 3]  # the header parses, the scan is cut short
     batch = {"key": np.array(["good", "cut"]), "caption": np.array(["c", "c"], dtype=object),
-             "syn_captions": np.array([[], []], dtype=object), "image_bytes": np.array([datas[1], broken], dtype=object),
+             "syn_captions": np.array([[], []], dtype=object),
+             "image_bytes": np.array([datas[1], broken], dtype=object),
              "orig_w": np.array([200, 320]), "orig_h": np.array([240, 240])}
     with pytest.raises(DataError, match=r"^cut: undecodable_image: .*validate_images=full"):
         _collate("cpu")(batch)
@@ -174,7 +175,8 @@ def test_ray_data_ships_encoded_rows_the_collate_decodes(ray_local, tmp_path):
     batches = {}
     for on in ("cpu", "gpu"):
         cfg = build_config(PretrainConfig, {"data": {"shards": str(shard), "decode_on": on, "count_errors": False},
-                                            "train": {"scaling": {"use_gpu": on == "gpu"}}, "ray": {"in_process": True}})
+                                            "train": {"scaling": {"use_gpu": on == "gpu"}},
+                                            "ray": {"in_process": True}})
         train, _, _ = build_datasets(cfg, image_size=SIZE)
         batches[on] = next(iter(train.iter_batches(batch_size=6, batch_format="numpy")))
     enc = batches["gpu"]

@@ -126,10 +126,11 @@ class PretrainConfig(StageConfig):
             raise ValueError(f"loss.distill.slots {d.slots} need captions.policy both (or real / synthetic for that "
                              f"one slot), not {policy!r}")
         if self.data.decode_on == "gpu" and not self.train.scaling.use_gpu:
-            raise ValueError("data.decode_on gpu needs train.scaling.use_gpu true (it decodes on the train worker's GPU)")
+            raise ValueError("data.decode_on gpu needs train.scaling.use_gpu true (it decodes on the train worker's "
+                             "GPU)")
         if self.data.decode_on == "gpu" and d.enabled:
-            raise ValueError("data.decode_on gpu does not take loss.distill (its stored views are drawn from CPU-decoded "
-                             "images); use data.decode_on cpu")
+            raise ValueError("data.decode_on gpu does not take loss.distill (its stored views are drawn from "
+                             "CPU-decoded images); use data.decode_on cpu")
         if d.enabled and self.loss.kind in ("siglip", "coca"):
             raise ValueError(f"loss.distill is DataCompDR's CLIP loss; loss.kind {self.loss.kind!r} cannot take it")
         return self
