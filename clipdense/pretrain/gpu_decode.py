@@ -8,6 +8,8 @@ bicubic with antialias on the device. Crops stay a pure function of (seed, epoch
 CPU path's only by its JPEG-draft reduction and uint8 rounding (a level or two). Rows that are not JPEG (PNG, WebP)
 or that the decoder refuses (CMYK, some progressive files) are decoded on the CPU (PIL, guarded), cropped the same
 way and counted. On device "cpu" the same code runs with libjpeg: that is how the tests check it without a GPU.
+torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec (not installed here); `decode_jpeg` still
+works and is the one call to replace when it goes.
 """
 from __future__ import annotations
 
