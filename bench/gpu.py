@@ -9,6 +9,8 @@
     vocabulary projection as a trained model's peaked logits, fixed length 30, 5 captions per image, bf16).
   * finetune: UperNet ViT-B/16 steps/s at 512x512, batch 8, through the dense task vs a plain loop
     (bench/finetune_step.py).
+  * data: images/s and data-wait fraction of a ViT-B-16 training step fed real JPEGs (photo-size and 320x240)
+    decoded on the CPU (`data.decode_on: cpu`) vs on the GPU (`data.decode_on: gpu`, nvJPEG; bench/gpu_data.py).
 Nothing here imports Ray (the GPU box has none). Without CUDA, or with --quick, every part runs with tiny models
 (clip-tiny, coca-tiny) and a few steps on CPU: a smoke test of the plumbing, not a measurement.
 
@@ -240,7 +242,8 @@ def main(quick: bool = False, argv: list[str] | None = None, out_dir: Path | Non
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--peer-workers", type=int, default=8)
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["pretrain", "coca", "finetune"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["pretrain", "coca", "finetune", "data"])
+    ap.add_argument("--data-workers", type=int, default=8, help="CPU decode threads of the data part's cpu path")
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args(argv or [])
     cuda = torch.cuda.is_available()
@@ -248,9 +251,11 @@ def main(quick: bool = False, argv: list[str] | None = None, out_dir: Path | Non
     if small:  # tiny models, a few steps: proves the plumbing (on CPU: not a measurement)
         models, batch, steps, log_every, workers = ["clip-tiny"], 8, 6, 2, 1
         coca, images, ft = "coca-tiny", 4, ("clip-tiny", 64, 2, 15)
+        data = ("clip-tiny", 8, 4, 2, (640, 480), 16)
     else:
         models, batch, steps, log_every, workers = a.models, a.batch, a.steps, 10, a.peer_workers
         coca, images, ft = "coca_ViT-L-14", 64, ("ViT-B-16", 512, 8, 30)
+        data = ("ViT-B-16", a.batch, a.steps, a.data_workers, (1600, 1200), 2 * a.batch)
     rows: list[dict] = []
     if "pretrain" not in a.skip:
         for name in models:
@@ -260,6 +265,10 @@ def main(quick: bool = False, argv: list[str] | None = None, out_dir: Path | Non
         rows += _guarded(f"gpu-recaption {coca}", coca_rows, coca, images)
     if "finetune" not in a.skip:
         rows += _guarded("gpu-finetune UperNet", finetune_rows, *ft)
+    if "data" not in a.skip:
+        from bench.gpu_data import data_rows
+
+        rows += _guarded(f"gpu-data {data[0]}", data_rows, *data)
     for r in rows:
         r["notes"] = f"{r['notes']}; {load_note()}".lstrip("; ")
     name = os.environ.get("BENCH_NAME") or "gpu"

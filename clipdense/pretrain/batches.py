@@ -107,8 +107,10 @@ class Collate(_CollateBase):
     (B,) in place of the two teacher arrays (pretrain/distill.py)."""
 
     def __init__(self, *, model_name: str, image_size: int, mean, std, policy: str, seed: int, epoch: int,
-                 mix_p: float = 0.5, train: bool = True, distill_slots: tuple = ()):
+                 mix_p: float = 0.5, train: bool = True, distill_slots: tuple = (), decode_device=None):
         self.model_name, self.size, self.policy = model_name, image_size, policy
+        # data.decode_on gpu: train rows come encoded (`image_bytes`), decoded + cropped there (pretrain/gpu_decode.py)
+        self.decode_device, self.decode_fallbacks = decode_device, 0
         self.distill_slots = tuple(distill_slots)  # ((caption slot, "real" | "synthetic"), ...): loss.distill on
         mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
@@ -122,6 +124,14 @@ class Collate(_CollateBase):
             if self.train and self.distill_slots else None
         if views is not None:
             image, view_index = views
+        elif self.train and "image_bytes" in batch:  # data.decode_on gpu: the same boxes, decoded on the device
+            from clipdense.pretrain.gpu_decode import decode_crops
+
+            origs = [(int(w), int(h)) for w, h in zip(batch["orig_w"], batch["orig_h"])]
+            boxes = [crop_box(sample_rng(self.seed, self.epoch, k, 2), oh, ow) for k, (ow, oh) in zip(keys, origs)]
+            image, n_cpu = decode_crops(list(batch["image_bytes"]), origs, boxes, self.size,
+                                        self.decode_device or "cpu", keys=keys)
+            self.decode_fallbacks += n_cpu
         elif self.train:  # boxes drawn on the original geometry, as RandomResizedCrop on the full image would
             ims, sizes = _images(batch["pixels"])
             origs = list(zip(batch["orig_w"], batch["orig_h"])) if "orig_w" in batch else sizes
@@ -132,7 +142,7 @@ class Collate(_CollateBase):
             px = torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2)  # a copy: writable
             image = px.float() if px.shape[-1] == self.size else \
                 F.interpolate(px.float(), size=(self.size, self.size), mode="bicubic", antialias=True)
-        image = image.mul_(self.scale).add_(self.shift)
+        image = image.mul_(self.scale.to(image.device)).add_(self.shift.to(image.device))  # there, if on a GPU
         reals = [None if c is None else str(c) for c in batch["caption"]]
         syns = [list(s) if s is not None else [] for s in batch["syn_captions"]]
         if self.train:
@@ -142,6 +152,8 @@ class Collate(_CollateBase):
             slots = [[(s[0] if s else r) if (use_syn or not r) else r for r, s in zip(reals, syns)]]
         tok = _tokenizer(self.model_name)
         out = {"image": image, "texts": [tok(texts) for texts in slots], "keys": keys}
+        if self.decode_device is not None:  # rows decoded on the CPU so far (not JPEG, or refused by nvJPEG)
+            out["decode_fallbacks"] = torch.tensor(self.decode_fallbacks)
         if self.train and self.policy == "both":
             out["real_mask"] = torch.tensor(real_mask(reals), dtype=torch.bool)
         embs = batch.get("teacher_emb")

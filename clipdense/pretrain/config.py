@@ -30,6 +30,9 @@ class DataConfig(Config):
     batch_size: int = Field(256, ge=1, description="global batch (split evenly over workers)")
     decode_batch_size: int = Field(64, ge=1)
     decode_cpus: float = Field(1.0, gt=0, description="CPUs per Ray Data decode task (fractional allowed)")
+    decode_on: Literal["cpu", "gpu"] = Field("cpu", description="gpu: Ray Data checks headers and ships the "
+                                             "encoded training images; the train worker decodes + crops each batch "
+                                             "on its GPU (nvJPEG, pretrain/gpu_decode.py); eval rows stay on CPU")
     shuffle_buffer: int = Field(0, ge=0, description="local shuffle buffer rows per worker (seeded per epoch)")
     prefetch_batches: int = Field(2, ge=0)
     cache: bool = Field(False, description="decode the training set once into Ray's object store and iterate that "
@@ -122,6 +125,12 @@ class PretrainConfig(StageConfig):
         if d.enabled and policy != "both" and d.slots != [policy]:
             raise ValueError(f"loss.distill.slots {d.slots} need captions.policy both (or real / synthetic for that "
                              f"one slot), not {policy!r}")
+        if self.data.decode_on == "gpu" and not self.train.scaling.use_gpu:
+            raise ValueError("data.decode_on gpu needs train.scaling.use_gpu true (it decodes on the train worker's "
+                             "GPU)")
+        if self.data.decode_on == "gpu" and d.enabled:
+            raise ValueError("data.decode_on gpu does not take loss.distill (its stored views are drawn from "
+                             "CPU-decoded images); use data.decode_on cpu")
         if d.enabled and self.loss.kind in ("siglip", "coca"):
             raise ValueError(f"loss.distill is DataCompDR's CLIP loss; loss.kind {self.loss.kind!r} cannot take it")
         return self

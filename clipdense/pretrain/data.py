@@ -141,12 +141,15 @@ def _tensor_column(images: list[np.ndarray]):
 
 
 def decode_ok(batch: pa.Table, size: int, drop_keys: frozenset = frozenset(), only_keys: frozenset | None = None,
-              crop_source: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS):
+              crop_source: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS, encoded: bool = False):
     """Keep rows without error (minus `drop_keys`, or only `only_keys`), decoded to `pixels`; undecodable rows drop.
     `crop_source` (training): each whole image, aspect kept, JPEG-draft reduced to no less than a crop of `size`
     needs (`decode_crop_source`), in a variable-shaped tensor column, with its original `orig_w`/`orig_h` (the
     collate draws the crop on that geometry); otherwise (eval) open_clip's eval geometry, size x size (with the
-    original size too)."""
+    original size too). `encoded` (data.decode_on gpu, training): no decode, the header checked (pixel guard) and
+    the encoded bytes shipped as `image_bytes` with `orig_w`/`orig_h` (pretrain/gpu_decode.py decodes them)."""
+    if encoded:
+        return _encoded_ok(batch, drop_keys, max_pixels)
     keys = batch.column("key").to_pylist()
     errs = batch.column("error_code").to_pylist()
     datas = batch.column("image_bytes").to_pylist()
@@ -191,6 +194,25 @@ def decode_ok(batch: pa.Table, size: int, drop_keys: frozenset = frozenset(), on
                      "orig_h": pa.array(out["orig_h"], pa.int32()),
                      "aug_params": pa.array(out["aug_params"], pa.string()),
                      "teacher_emb": pa.array(out["teacher_emb"], pa.binary())})
+
+
+def _encoded_ok(batch: pa.Table, drop_keys: frozenset, max_pixels: int) -> pa.Table:
+    """Rows without error (minus `drop_keys`) whose header passes the pixel guard, still encoded, with their size."""
+    keep, sizes = [], []
+    for i, (k, e, d) in enumerate(zip(batch.column("key").to_pylist(), batch.column("error_code").to_pylist(),
+                                      batch.column("image_bytes").to_pylist())):
+        if e is not None or k in drop_keys:
+            continue
+        try:
+            sizes.append(open_image(d, max_pixels).size)
+        except ImageError:
+            continue
+        keep.append(i)
+    rows = batch.take(pa.array(keep, pa.int64()))
+    cols = ["key", "caption", "syn_captions", "image_bytes", "aug_params", "teacher_emb"]
+    return pa.table({**{c: rows.column(c) for c in cols if c in rows.column_names},
+                     "orig_w": pa.array([w for w, _ in sizes], pa.int32()),
+                     "orig_h": pa.array([h for _, h in sizes], pa.int32())})
 
 
 def joined_rows(shards, recaptions: str | None, policy: str, cfg: PretrainConfig):
@@ -278,8 +300,8 @@ def _build_datasets(cfg: PretrainConfig, image_size: int) -> tuple[object, objec
         keys, scanned = first_ok_keys(joined, cfg.eval.holdout)
         held = frozenset(keys)
         eval_ds = joined.limit(scanned).map_batches(decode_ok, fn_kwargs={"size": image_size, "only_keys": held}, **decode_kw)
-    train = joined.map_batches(decode_ok, fn_kwargs={"size": image_size, "drop_keys": held, "crop_source": True},
-                               **decode_kw)
+    train = joined.map_batches(decode_ok, fn_kwargs={"size": image_size, "drop_keys": held, "crop_source": True,
+                                                     "encoded": cfg.data.decode_on == "gpu"}, **decode_kw)
     if cfg.data.cache:  # decoded whole images only: the random crop runs in the worker's collate, seeded per epoch
         train = train.materialize()
     if eval_ds is not None:

@@ -120,6 +120,10 @@ class ClipPretrainTask(TrainTask):
         self.ctx = ctx  # the runner keeps it current (step, epoch)
         self.rank, self.world_size = ctx.rank, ctx.world_size
         self.local_batch = max(1, self.cfg.data.batch_size // ctx.world_size)
+        if self.cfg.data.decode_on == "gpu" and torch.device(ctx.device).type != "cuda":
+            from clipdense.errors import ConfigError
+
+            raise ConfigError(f"data.decode_on gpu: this train worker has no CUDA device ({ctx.device})")
         self.zeroshot = None
         zs = self.cfg.eval.zeroshot
         if zs.root and ctx.is_main:  # (folder index, class names, templates), listed once
@@ -159,7 +163,8 @@ class ClipPretrainTask(TrainTask):
         return Collate(model_name=self.cfg.model.name, image_size=self.pp["size"], mean=self.pp["mean"],
                        std=self.pp["std"], policy=self.cfg.captions.policy if train else self.cfg.eval.caption,
                        seed=self.cfg.train.seed, epoch=epoch, mix_p=self.cfg.captions.mix_p, train=train,
-                       distill_slots=self.distill_slots() if train else ())
+                       distill_slots=self.distill_slots() if train else (),
+                       decode_device=self.ctx.device if train and self.cfg.data.decode_on == "gpu" else None)
 
     def train_batches(self, ctx: TrainContext):
         shard = ctx.dataset_shard
@@ -255,6 +260,8 @@ class ClipPretrainTask(TrainTask):
             if self.distill is not None:
                 total = total + self._distill_terms(out, tf, batch, metrics)
         metrics["logit_scale"] = float(out["logit_scale"].detach())
+        if "decode_fallbacks" in batch:  # data.decode_on gpu: rows decoded on the CPU so far
+            metrics["decode_fallbacks"] = float(batch["decode_fallbacks"])
         return total, metrics
 
     def _distill_terms(self, out: dict, tf: list, batch: dict, metrics: dict) -> torch.Tensor:
