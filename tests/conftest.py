@@ -31,16 +31,33 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """A real local Ray cluster. 4 logical CPUs on 2 cores: Ray Data inside Ray Train needs CPUs beside the workers."""
+def _start_local_ray():
     import ray
 
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"RAY_DEDUP_LOGS": "0"}})
-    yield ray
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray cluster. 4 logical CPUs on 2 cores: Ray Data inside Ray Train needs CPUs beside the workers."""
+    yield _start_local_ray()
+    import ray
+
     ray.shutdown()
+
+
+@pytest.fixture
+def ray_fresh(ray_local):
+    """`ray_local` restarted for one test and again after it: Ray Train's elastic policy sizes the worker group
+    from the cluster's autoscaling coordinator, which keeps the resource requests of earlier tests' Ray Data and
+    Ray Train runs in the shared session; on such a cluster an elastic run waited forever for CPUs it had."""
+    ray_local.shutdown()
+    yield _start_local_ray()
+    ray_local.shutdown()
+    _start_local_ray()
 
 
 def _free_port() -> int:

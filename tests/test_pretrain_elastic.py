@@ -96,7 +96,7 @@ def test_global_batch_must_divide_every_elastic_worker_count(world, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_on_fewer_workers_keeps_step_batch_and_samples(ray_local, world, tmp_path):
+def test_resume_on_fewer_workers_keeps_step_batch_and_samples(ray_fresh, world, tmp_path):
     """Stopped at step 8 on 2 workers, rerun where only one worker fits (each asks for more CPUs than half the
     cluster): Ray Train's elastic policy starts 1 worker, which resumes from the step-6 checkpoint (epoch 1,
     batch 2) and trains the rest of epoch 1 and all of epoch 2 alone."""
