@@ -91,3 +91,15 @@ def s3_server():
             os.environ[k] = v
     proc.terminate()
     proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def ade_root(tmp_path_factory):
+    """A tiny synthetic ADE20k folder (16 train, 4 val images), once per test module."""
+    from clipdense.data.synth import SynthConfig
+    from clipdense.data.synth import run as synth
+
+    out = tmp_path_factory.mktemp("synth")
+    synth(SynthConfig(out=str(out), preset="tiny", workers=1, web_images=0, nyu_train=0, nyu_test=0,
+                      coco_train=0, coco_val=0, ade_train=16, ade_val=4))
+    return out / "ade"

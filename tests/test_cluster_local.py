@@ -20,6 +20,7 @@ import yaml
 
 from clipdense.jobs.cluster import LocalCluster, alive_nodes, cluster_processes, down_local, free_port, main_cluster
 from clipdense.jobs.submit import main_submit
+from cluster_files import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 SLEEPER = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); " \
@@ -34,23 +35,12 @@ def short_tmp():
     shutil.rmtree(d, ignore_errors=True)
 
 
-def _wait(pred, timeout_s: float, what: str, poll_s: float = 1.0):
-    deadline = time.time() + timeout_s
-    last = None
-    while time.time() < deadline:
-        last = pred()
-        if last:
-            return last
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what} (last: {last!r})")
-
-
 def test_down_stops_only_this_clusters_processes(short_tmp):
     """Processes naming the temp dir, and their descendants, go; a process naming a sibling dir stays."""
     mine, other = short_tmp / "r", short_tmp / "r2"
     procs = [subprocess.Popen([sys.executable, "-c", SLEEPER, f"--temp-dir={d}"]) for d in (mine, other)]
     try:
-        _wait(lambda: len(cluster_processes(mine)) == 2, 20, "the process and its child to appear")
+        wait_until(lambda: len(cluster_processes(mine)) == 2, 20, "the process and its child to appear")
         pids = {p.pid for p in cluster_processes(mine)}
         assert procs[0].pid in pids and procs[1].pid not in pids
         assert down_local(mine, grace_s=5) == 2
@@ -121,7 +111,7 @@ def test_local_cluster_scales_up_runs_a_job_and_scales_down(short_tmp, capsys):
         assert main_submit(["probe", "nodes=2", "seconds=3", "--no-wait", *auth]) == 0
         job_id = capsys.readouterr().out.strip().splitlines()[-1]
         assert job_id.startswith("raysubmit_")
-        _wait(lambda: len(nodes()) >= 3, 180, "the autoscaler to add 2 worker nodes")
+        wait_until(lambda: len(nodes()) >= 3, 180, "the autoscaler to add 2 worker nodes")
 
         def job_status():
             capsys.readouterr()
@@ -129,7 +119,7 @@ def test_local_cluster_scales_up_runs_a_job_and_scales_down(short_tmp, capsys):
             status = capsys.readouterr().out.split("\t")[1]
             return status if status in ("SUCCEEDED", "FAILED", "STOPPED") else None
 
-        status = _wait(job_status, 120, f"job {job_id} to finish", poll_s=2)
+        status = wait_until(job_status, 120, f"job {job_id} to finish", poll_s=2)
         assert main_submit(["logs", job_id, *auth]) == 0
         logs = capsys.readouterr().out
         assert status == "SUCCEEDED", logs[-2000:]
@@ -144,7 +134,7 @@ def test_local_cluster_scales_up_runs_a_job_and_scales_down(short_tmp, capsys):
         assert "FAILED" in capsys.readouterr().err
 
         # idle_timeout_minutes 0.2: the workers go away again.
-        _wait(lambda: len(nodes()) == 1, 150, "idle worker nodes to be removed", poll_s=2)
+        wait_until(lambda: len(nodes()) == 1, 150, "idle worker nodes to be removed", poll_s=2)
         assert main_cluster(["status", "--local", "--temp-dir", str(temp)]) == 0
         assert "1 nodes (0 workers)" in capsys.readouterr().out
     finally:

@@ -134,17 +134,6 @@ def test_pretrain_resumes_from_s3_checkpoint_after_head_restart(s3_server, head_
     assert [e["step"] for e in events if "loss" in e][0] > restored[0]  # nothing before the checkpoint retrained
 
 
-@pytest.fixture(scope="module")
-def ade_root(tmp_path_factory):
-    from clipdense.data.synth import SynthConfig
-    from clipdense.data.synth import run as synth
-
-    out = tmp_path_factory.mktemp("synth")
-    synth(SynthConfig(out=str(out), preset="tiny", workers=1, web_images=0, nyu_train=0, nyu_test=0,
-                      coco_train=0, coco_val=0, ade_train=16, ade_val=4))
-    return out / "ade"
-
-
 @pytest.mark.timeout(600)
 def test_sweep_restores_from_s3_after_head_restart(s3_server, head_cluster, ade_root, tmp_path):
     """Two trials one after the other; the cluster dies once the first has finished. The rerun restores the Tune

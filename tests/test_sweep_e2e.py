@@ -15,17 +15,6 @@ from clipdense.sweep import SweepConfig, run
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ade_root(tmp_path_factory):
-    from clipdense.data.synth import SynthConfig
-    from clipdense.data.synth import run as synth
-
-    out = tmp_path_factory.mktemp("synth")
-    synth(SynthConfig(out=str(out), preset="tiny", workers=1, web_images=0, nyu_train=0, nyu_test=0,
-                      coco_train=0, coco_val=0, ade_train=16, ade_val=4))
-    return out / "ade"
-
-
 def _tiny(ade_root, out, **extra) -> dict:
     data = read_yaml(configs_dir() / "sweep" / "data-efficiency-tiny.yaml")
     data["out"] = str(out)
