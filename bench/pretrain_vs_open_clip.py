@@ -74,13 +74,13 @@ OPEN_CLIP_WRAPPER = (
 
 
 def run_open_clip_train(csv_path: Path, logs: Path, batch: int, steps_log: int,
-                        threads: int) -> tuple[list[float], float]:
+                        threads: int, epochs: int = 3) -> tuple[list[float], float]:
     from clipdense.paths import configs_dir
 
     argv = [sys.executable, "-c", OPEN_CLIP_WRAPPER, str(configs_dir() / "models" / "clip-tiny.json"),
             "--dataset-type", "csv", "--train-data", str(csv_path), "--csv-img-key", "filepath",
             "--csv-caption-key", "title", "--csv-separator", ",", "--model", "clip-tiny", "--batch-size", str(batch),
-            "--epochs", "1", "--workers", "1", "--precision", "fp32", "--lr", "1e-3", "--warmup", "10",
+            "--epochs", str(epochs), "--workers", "1", "--precision", "fp32", "--lr", "1e-3", "--warmup", "10",
             "--device", "cpu", "--logs", str(logs), "--name", "bench", "--log-every-n-steps", str(steps_log),
             "--save-frequency", "0", "--zeroshot-frequency", "0", "--val-frequency", "0", "--report-to", ""]
     t0 = time.perf_counter()
@@ -124,12 +124,12 @@ def tokenize_cost(batch: int, repeats: int = 20) -> float:
 
 
 def main(quick: bool = False, images: int | None = None, batch: int = 32, threads: int = 1,
-         rounds: int | None = None) -> list[dict]:
+         rounds: int | None = None, epochs: int = 3) -> list[dict]:
     import ray
     import torch
 
     n = images or (512 if quick else 1536)
-    steps = n // batch  # one epoch, as open_clip_train runs
+    steps = epochs * (n // batch)  # the same epochs as open_clip_train runs, every one decoded again
     steps_log = 4 if quick else 8
     rounds = rounds or (1 if quick else 2)
     # Same compute threads on both sides: on a small shared box, thread oversubscription swings step times by
@@ -142,7 +142,7 @@ def main(quick: bool = False, images: int | None = None, batch: int = 32, thread
         csv_path, tars = make_inputs(root / "data", n)
         for r in range(rounds):
             loads.start_round()
-            sps, wall = run_open_clip_train(csv_path, root / f"peer{r}", batch, steps_log, threads)
+            sps, wall = run_open_clip_train(csv_path, root / f"peer{r}", batch, steps_log, threads, epochs)
             peer += sps[1:] if len(sps) > 2 else sps
             peer_wall.append(wall)
             loads.start_round()

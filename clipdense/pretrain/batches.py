@@ -59,15 +59,26 @@ def source_box(box: tuple, orig_w: int, orig_h: int, w: int, h: int) -> tuple[in
     return x1, y1, max(x1 + 1, min(w, round(box[2] * sx))), max(y1 + 1, min(h, round(box[3] * sy)))
 
 
+def _chw(image: np.ndarray) -> torch.Tensor:
+    """(h, w, 3) uint8 numpy -> a (1, 3, h, w) channels-last torch view (Ray hands read-only arrays: only read)."""
+    return torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0)
+
+
+def _resize(view: torch.Tensor, box: tuple, size: int) -> torch.Tensor:
+    """(1, 3, h, w) uint8 view, integer pixel box -> (1, 3, size, size) uint8: torch's uint8 antialiased bicubic
+    kernel (PIL's filter), called directly: per sample, F.interpolate's argument checks cost more than the kernel
+    on small images."""
+    x1, y1, x2, y2 = box
+    crop = view[:, :, y1:y2, x1:x2].contiguous(memory_format=torch.channels_last)  # its fast path wants it dense
+    return torch._C._nn._upsample_bicubic2d_aa(crop, (size, size), False, None, None)
+
+
 def resized_crop(image: np.ndarray, box: tuple, size: int) -> torch.Tensor:
     """(h, w, 3) uint8 -> the integer pixel box resized to (3, size, size) uint8: bicubic with antialias, PIL's
     filter (torch's uint8 kernel for antialias=True; within 1 of torchvision's resized_crop on a PIL image)."""
-    x1, y1, x2, y2 = box
-    with warnings.catch_warnings():  # Ray hands read-only arrays; this one is only read (the crop is copied)
+    with warnings.catch_warnings():  # a read-only array is only read here (the crop is copied)
         warnings.simplefilter("ignore", UserWarning)
-        crop = torch.from_numpy(image[y1:y2, x1:x2]).permute(2, 0, 1).unsqueeze(0)  # a channels-last view
-    crop = crop.contiguous(memory_format=torch.channels_last)  # torch's fast uint8 path wants it dense
-    return F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)[0]
+        return _resize(_chw(image), box, size)[0]
 
 
 def reference_crop(image: np.ndarray, orig_w: int, orig_h: int, rng: np.random.Generator, size: int) -> torch.Tensor:
@@ -80,9 +91,17 @@ def reference_crop(image: np.ndarray, orig_w: int, orig_h: int, rng: np.random.G
 def random_resized_crops(images, boxes: list[tuple], size: int) -> torch.Tensor:
     """Each (h, w, 3) uint8 image cropped to its integer pixel box and resized to size x size -> (B, 3, S, S) uint8."""
     out = torch.empty((len(boxes), 3, size, size), dtype=torch.uint8)
-    for i, box in enumerate(boxes):
-        out[i] = resized_crop(images[i], box, size)
+    with warnings.catch_warnings():  # once per batch: per sample it costs as much as a small crop
+        warnings.simplefilter("ignore", UserWarning)
+        for i, box in enumerate(boxes):
+            out[i] = _resize(_chw(images[i]), box, size)[0]
     return out
+
+
+def reference_boxes(ims: list[np.ndarray], origs, keys: list[str], seed: int, epoch: int) -> list[tuple]:
+    """Each sample's RandomResizedCrop box, drawn on its original (w, h) and mapped to its decoded copy."""
+    return [source_box(crop_box(sample_rng(seed, epoch, k, 2), int(oh), int(ow)), int(ow), int(oh),
+                       im.shape[1], im.shape[0]) for im, k, (ow, oh) in zip(ims, keys, origs)]
 
 
 def _images(pixels) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
@@ -135,8 +154,8 @@ class Collate(_CollateBase):
         elif self.train:  # boxes drawn on the original geometry, as RandomResizedCrop on the full image would
             ims, sizes = _images(batch["pixels"])
             origs = list(zip(batch["orig_w"], batch["orig_h"])) if "orig_w" in batch else sizes
-            image = torch.stack([reference_crop(im, int(ow), int(oh), sample_rng(self.seed, self.epoch, k, 2),
-                                                self.size) for im, k, (ow, oh) in zip(ims, keys, origs)]).float()
+            image = random_resized_crops(ims, reference_boxes(ims, origs, keys, self.seed, self.epoch),
+                                         self.size).float()
         else:  # eval rows come at open_clip's eval geometry already (shorter side + centre crop)
             ims, _ = _images(batch["pixels"])
             px = torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2)  # a copy: writable

@@ -16,6 +16,8 @@ class OptimConfig(Config):
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = Field(1e-6, gt=0)
     grad_clip: float | None = Field(1.0, description="max global grad norm; null = no clipping")
+    fused: bool = Field(True, description="torch's fused AdamW kernel (CPU and CUDA: one kernel over every "
+                        "parameter; the same update); false: torch's default (per-tensor on CPU, for-each on CUDA)")
     layer_decay: float | None = Field(None, gt=0, le=1, description="layer-wise lr decay (tasks that support it)")
     min_lr_scale: float = Field(1e-3, ge=0, le=1, description="refuse a layer decay that trains any parameter group "
                                                               "below this fraction of lr (it would be all but frozen)")

@@ -135,7 +135,7 @@ def _train(env, task_factory, cfg: TrainConfig, ctx: TrainContext, sink: Sink, t
     model.to(device)
     groups = task.param_groups(model, cfg.optim)
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                  weight_decay=cfg.optim.weight_decay)
+                                  weight_decay=cfg.optim.weight_decay, fused=cfg.optim.fused or None)
     if resumed is not None:
         model_sd, state = resumed
         unwrap(model).load_state_dict(model_sd)
@@ -204,7 +204,8 @@ def _train(env, task_factory, cfg: TrainConfig, ctx: TrainContext, sink: Sink, t
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip,
+                                               foreach=cfg.optim.fused or None)
             optimizer.step()
             step += 1
             batch_in_epoch += 1
