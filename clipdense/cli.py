@@ -12,6 +12,7 @@ import sys
 
 from clipdense.config import load_config
 from clipdense.errors import ConfigError, UserError
+from clipdense.ray_session import apply_process_env
 
 # command -> (module, config class); the module exposes run(cfg) -> dict
 STAGES = {
@@ -93,6 +94,7 @@ def run_stage(command: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    apply_process_env()  # before any stage imports torch
     commands = sorted(STAGES) + sorted(TOOLS)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: clipdense {" + ",".join(commands) + "} --config FILE.yaml [key=value ...] [--print-config]")

@@ -28,7 +28,8 @@ class DataConfig(Config):
     s3_endpoint: str | None = None
     validate_images: Literal["none", "header", "full"] = "header"
     batch_size: int = Field(256, ge=1, description="global batch (split evenly over workers)")
-    decode_batch_size: int = Field(64, ge=1)
+    decode_batch_size: int = Field(256, ge=1, description="rows per Ray Data read/join/decode batch (one block): "
+                                   "larger blocks spread Ray's per-block costs over more images")
     decode_cpus: float = Field(1.0, gt=0, description="CPUs per Ray Data decode task (fractional allowed)")
     decode_on: Literal["cpu", "gpu"] = Field("cpu", description="gpu: Ray Data checks headers and ships the "
                                              "encoded training images; the train worker decodes + crops each batch "

@@ -278,7 +278,10 @@ def check_teacher_rows(cfg: PretrainConfig, counts: dict) -> None:
 def build_datasets(cfg: PretrainConfig, image_size: int) -> tuple[object, object | None, dict]:
     """(train dataset, eval dataset or None, counts) as lazy Ray Datasets of key/caption/syn_captions/pixels/orig_w/
     orig_h (+ DataCompDR's aug_params/teacher_emb)."""
-    with data_context({"execution_options.preserve_order": True}):  # the same rows in the same order each epoch
+    # the same rows in the same order each epoch; Ray Data's progress bars off unless asked for (they would drown
+    # the run's own progress, and refreshing them costs the executor CPU per block)
+    with data_context({"execution_options.preserve_order": True,
+                       "enable_progress_bars": cfg.tracking.ray_data_progress}):
         return _build_datasets(cfg, image_size)
 
 
