@@ -121,8 +121,9 @@ def open_clip_transform(paths: list[str], size: int) -> tuple[float, float]:
     return _rates(n, t0, c0, time.process_time())
 
 
-def pipeline(paths: list[str], size: int, batch: int) -> tuple[float, float]:
-    """The pretrain stage's Ray Data decode and train collate (Ray must be initialised)."""
+def pipeline(paths: list[str], size: int, batch: int, decode_on: str = "cpu") -> tuple[float, float]:
+    """The pretrain stage's Ray Data read + decode and train collate (Ray must be initialised); `decode_on`
+    worker: Ray Data ships the encoded images and the collate decodes them (data.decode_on)."""
     from clipdense.config import build_config
     from clipdense.pretrain import PretrainConfig
     from clipdense.pretrain.batches import Collate
@@ -130,11 +131,12 @@ def pipeline(paths: list[str], size: int, batch: int) -> tuple[float, float]:
 
     cfg = build_config(PretrainConfig, {
         "model": {"name": "ViT-B-16"}, "captions": {"policy": "real"}, "ray": {"in_process": True},
-        "data": {"shards": paths, "batch_size": batch, "decode_cpus": 1, "count_errors": False}})
+        "data": {"shards": paths, "batch_size": batch, "decode_cpus": 1, "count_errors": False,
+                 "decode_on": decode_on}})
     t0, c0 = time.perf_counter(), ray_cpu_seconds()
     train, _, _ = build_datasets(cfg, size)
     collate = Collate(model_name="ViT-B-16", image_size=size, mean=(0.48, 0.46, 0.41), std=(0.27, 0.26, 0.28),
-                      policy="real", seed=0, epoch=0, train=True)
+                      policy="real", seed=0, epoch=0, train=True, decode_on=decode_on)
     n = 0
     for b in train.iterator().iter_torch_batches(batch_size=batch, collate_fn=collate, prefetch_batches=2):
         n += b["image"].shape[0]
@@ -166,7 +168,7 @@ def main(quick: bool = False, argv: list[str] | None = None) -> list[dict]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     cores = len(os.sched_getaffinity(0))
-    ours, raw, oc, ours_large, oc_large = [], [], [], [], []
+    ours, raw, oc, ours_large, oc_large, worker, worker_large = [], [], [], [], [], [], []
     loads = RoundLoads(quick=quick)
     with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
         paths = make_shards(Path(tmp), a.shards, a.per_shard, 320)
@@ -176,6 +178,7 @@ def main(quick: bool = False, argv: list[str] | None = None) -> list[dict]:
             ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
         try:
             pipeline(paths[:1], a.size, a.batch)  # start Ray's workers once: measure the steady state
+            pipeline(paths[:1], a.size, a.batch, "worker")
             for _ in range(a.rounds):  # alternate the sides, each after the machine has cooled down
                 loads.start_round()
                 raw.append(plain_pil(paths, a.size))
@@ -187,6 +190,10 @@ def main(quick: bool = False, argv: list[str] | None = None) -> list[dict]:
                 oc_large.append(open_clip_transform(large, a.size))
                 loads.start_round()
                 ours_large.append(pipeline(large, a.size, a.batch))
+                loads.start_round()
+                worker.append(pipeline(paths, a.size, a.batch, "worker"))
+                loads.start_round()
+                worker_large.append(pipeline(large, a.size, a.batch, "worker"))
         finally:
             torch.set_num_threads(threads)
             if started:
@@ -211,9 +218,17 @@ def main(quick: bool = False, argv: list[str] | None = None) -> list[dict]:
             "images/CPU-s", notes=f"{a.shards * a.large_per_shard} JPEGs, longer side 800-1200 px, aspect 3:4-4:3; "
                                   "ours decodes at a JPEG DCT scale (Image.draft) no smaller than the crop needs",
             rounds=loads),
+        row("data", "decode+augment images per CPU-second vs open_clip train transform, data.decode_on worker",
+            best(worker, 1), best(oc, 1), "open_clip image_transform(is_train), 1 process", "images/CPU-s",
+            notes="Ray Data ships the encoded JPEGs, the collate (its threads) decodes + crops them: the same pixels, "
+                  "no decoded images through the object store", rounds=loads),
+        row("data", "decode+augment images per CPU-second vs open_clip train transform, large JPEGs (800-1200 px), "
+                    "data.decode_on worker", best(worker_large, 1), best(oc_large, 1),
+            "open_clip image_transform(is_train), no draft, 1 process", "images/CPU-s", rounds=loads),
         row("data", "decode+augment images/s (all cores)", best(ours, 0), None, "", "images/s",
             notes=f"runs (images/s, images/CPU-s): ours {_fmt(ours)}, raw PIL {_fmt(raw)}, open_clip {_fmt(oc)}; "
-                  f"large JPEGs: ours {_fmt(ours_large)}, open_clip {_fmt(oc_large)}"),
+                  f"large JPEGs: ours {_fmt(ours_large)}, open_clip {_fmt(oc_large)}; decode_on worker: "
+                  f"{_fmt(worker)}, large {_fmt(worker_large)}"),
     ]
     print(write_report("data_decode", "Ray Data decode + augment vs one plain process", __doc__, rows))
     return rows

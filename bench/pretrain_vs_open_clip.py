@@ -1,11 +1,15 @@
 """Pretraining throughput: clipdense pretrain vs `python -m open_clip_train.main`, same run, same inputs.
 
-    python -m bench.pretrain_vs_open_clip [--images 1536] [--batch 32] [--threads 1] [--rounds 2] [--quick]
+    python -m bench.pretrain_vs_open_clip [--images 1536] [--batch 32] [--threads 1] [--rounds 2] [--epochs 3]
+                                          [--quick]
 
 Both train the tiny open_clip model `clip-tiny` (2-layer width-64 ViT and text tower, 64 px) on the same 96 px
-JPEG files and captions, fp32 on CPU, one training process, batch 32: open_clip_train reads a CSV with 1 data
-loader worker; clipdense reads the same JPEG bytes from webdataset tars through Ray Data (decode in Ray tasks;
-crop, caption choice and tokenisation in the worker's collate). Throughput is samples/s per log interval
+JPEG files and captions for 3 epochs (`data.cache` off: every epoch decodes again, as the peer's loader does), fp32
+on CPU, one training process, batch 32: open_clip_train reads a CSV with 1 data loader worker; clipdense reads the
+same JPEG bytes from webdataset tars through Ray Data (decode in Ray tasks, the executor in a split coordinator
+actor; crop, caption choice and tokenisation in the worker's collate). Ours runs its defaults, including torch's
+fused AdamW (`train.optim.fused`); a third side runs ours with `optim.fused: false` (torch's default AdamW, as the
+peer's), which shows the data path's and loop's share without the optimizer kernel. Throughput is samples/s per log interval
 (wall time of the interval, data waits included, as open_clip_train's `Batch (t)`), median after the first;
 both sides use the same torch thread count and alternate runs (thread oversubscription on a shared box swings
 step times tenfold).
@@ -94,14 +98,15 @@ def run_open_clip_train(csv_path: Path, logs: Path, batch: int, steps_log: int,
     return [batch / a for a in avgs if a > 0], wall
 
 
-def run_clipdense(tars: list[Path], out: Path, batch: int, steps: int, steps_log: int) -> tuple[list[float], float]:
+def run_clipdense(tars: list[Path], out: Path, batch: int, steps: int, steps_log: int,
+                  fused: bool = True) -> tuple[list[float], float]:
     from clipdense.config import build_config
     from clipdense.pretrain import PretrainConfig, run
 
     cfg = build_config(PretrainConfig, {
         "model": {"name": "clip-tiny"}, "captions": {"policy": "real"}, "ray": {"in_process": True},
         "data": {"shards": [str(t) for t in tars], "batch_size": batch, "decode_cpus": 1, "count_errors": False},
-        "train": {"out_dir": str(out), "optim": {"lr": 1e-3}, "schedule": {"total_steps": steps, "warmup_steps": 10},
+        "train": {"out_dir": str(out), "optim": {"lr": 1e-3, "fused": fused}, "schedule": {"total_steps": steps, "warmup_steps": 10},
                   "log_every": steps_log, "checkpoint": {"every_steps": 0}, "scaling": {"precision": "fp32"}}})
     t0 = time.perf_counter()
     run(cfg)
@@ -135,7 +140,7 @@ def main(quick: bool = False, images: int | None = None, batch: int = 32, thread
     # Same compute threads on both sides: on a small shared box, thread oversubscription swings step times by
     # 10x, so the runs also alternate (peer, ours, peer, ours) and report medians over every interval.
     torch.set_num_threads(threads)
-    ours, peer, ours_wall, peer_wall = [], [], [], []
+    ours, peer, ours_wall, peer_wall, unfused = [], [], [], [], []
     loads = RoundLoads(quick=quick)
     with tempfile.TemporaryDirectory(prefix="bench-pretrain-") as tmp:
         root = Path(tmp)
@@ -149,19 +154,26 @@ def main(quick: bool = False, images: int | None = None, batch: int = 32, thread
             sps, wall = run_clipdense(tars, root / f"ours{r}", batch, steps, steps_log)
             ours += sps[1:] if len(sps) > 2 else sps
             ours_wall.append(wall)
+            loads.start_round()
+            sps, _ = run_clipdense(tars, root / f"unfused{r}", batch, steps, steps_log, fused=False)
+            unfused += sps[1:] if len(sps) > 2 else sps
     if ray.is_initialized():
         ray.shutdown()
     tok_s = tokenize_cost(batch)
-    ours_sps, peer_sps = statistics.median(ours), statistics.median(peer)
+    ours_sps, peer_sps, unfused_sps = statistics.median(ours), statistics.median(peer), statistics.median(unfused)
     ours_wall, peer_wall = statistics.median(ours_wall), statistics.median(peer_wall)
     step_s = batch / ours_sps
-    notes = (f"clip-tiny 64px, batch {batch}, {n} JPEGs (96px), fp32 CPU, 1 process, {threads} torch thread(s), "
-             f"{rounds} alternating rounds; medians over log intervals; {loads.note()}")
+    notes = (f"clip-tiny 64px, batch {batch}, {n} JPEGs (96px) x {epochs} epochs (each decoded again), fp32 CPU, "
+             f"1 process, {threads} torch thread(s), {rounds} alternating rounds; medians over log intervals; "
+             f"ours: optim.fused (torch's fused AdamW kernel, the default); {loads.note()}")
     rows = [
         row("pretrain", "train samples/s (steady)", ours_sps, peer_sps, "open_clip_train", "samples/s", True, notes,
             rounds=loads),
-        row("pretrain", "wall seconds, 1 epoch incl. startup", ours_wall, peer_wall, "open_clip_train", "s", False,
-            "clipdense wall includes building the model to read its preprocess config and Ray Data startup",
+        row("pretrain", "train samples/s (steady), optim.fused false", unfused_sps, peer_sps, "open_clip_train",
+            "samples/s", True, "the same run with torch's default AdamW (per-tensor on CPU, as open_clip_train's): "
+            "what the data path and the loop give without the fused optimizer", rounds=loads),
+        row("pretrain", f"wall seconds, {epochs} epochs incl. startup", ours_wall, peer_wall, "open_clip_train", "s",
+            False, "clipdense wall includes building the model to read its preprocess config and Ray Data startup",
             rounds=loads),
         row("pretrain", "tokenise one batch in the worker / step time", tok_s / step_s, None, "", "fraction", False,
             f"{tok_s * 1e3:.1f} ms per batch of {batch} vs {step_s * 1e3:.0f} ms per step: tokenising 1-2 captions "
@@ -181,6 +193,10 @@ if __name__ == "__main__":
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
-    main(quick=a.quick, images=a.images, batch=a.batch, threads=a.threads, rounds=a.rounds)
+    from clipdense.ray_session import apply_process_env
+
+    apply_process_env()  # as the clipdense CLI and bench.run do
+    main(quick=a.quick, images=a.images, batch=a.batch, threads=a.threads, rounds=a.rounds, epochs=a.epochs)

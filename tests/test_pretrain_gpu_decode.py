@@ -1,4 +1,5 @@
-"""data.decode_on gpu: encoded rows from Ray Data, batch decode + reference crop in the collate (gpu_decode.py).
+"""data.decode_on gpu | worker: encoded rows from Ray Data, decode + reference crop in the collate (gpu_decode.py;
+batches.decode_sources for worker, which must give exactly the Ray-side CPU path's pixels).
 
 The device path is torchvision's decode_jpeg on a list; on device "cpu" it is the same code with libjpeg, so these
 tests check it here; the `gpu` tests run it on CUDA (nvJPEG) where there is one.
@@ -63,9 +64,9 @@ def _cpu_batch(keys, datas) -> dict:
             "orig_w": np.array([w for w, _ in sizes]), "orig_h": np.array([h for _, h in sizes])}
 
 
-def _collate(device=None, epoch=3) -> Collate:
+def _collate(device=None, epoch=3, decode_on="cpu") -> Collate:
     return Collate(model_name="clip-tiny", image_size=SIZE, mean=MEAN, std=STD, policy="real", seed=7, epoch=epoch,
-                   decode_device=device)
+                   decode_on=decode_on, decode_device=device)
 
 
 def _encoded_batch(keys, datas) -> dict:
@@ -106,6 +107,18 @@ def test_device_decode_on_cpu_matches_the_cpu_collate():
     _check_against_cpu("cpu")
 
 
+def test_worker_decode_is_the_cpu_path_exactly():
+    """decode_on worker: the same decode (PIL, JPEG draft), boxes and resize as Ray Data's CPU path, in the collate:
+    the batch is identical, PNG and CMYK rows included; another epoch differs."""
+    keys, datas = _rows()
+    ref = _collate()(_cpu_batch(keys, datas))
+    enc = _encoded_batch(keys, datas)
+    got = _collate(decode_on="worker")(enc)
+    assert torch.equal(got["image"], ref["image"]) and got["keys"] == keys
+    assert torch.equal(got["texts"][0], ref["texts"][0]) and "decode_fallbacks" not in got
+    assert not torch.equal(_collate(epoch=4, decode_on="worker")(enc)["image"], ref["image"])
+
+
 def test_decode_crops_boxes_and_fallback():
     keys, datas = _rows()
     origs = [(w, h) for w, h, *_ in ROWS]
@@ -130,6 +143,8 @@ def test_broken_pixels_are_a_one_line_error_naming_the_key():
              "orig_w": np.array([200, 320]), "orig_h": np.array([240, 240])}
     with pytest.raises(DataError, match=r"^cut: undecodable_image: .*validate_images=full"):
         _collate("cpu")(batch)
+    with pytest.raises(DataError, match=r"^cut: undecodable_image: .*decode_on worker.*validate_images=full"):
+        _collate(decode_on="worker")(batch)
 
 
 def test_encoded_rows_keep_the_pixel_guard_and_drop_errors():
@@ -153,6 +168,10 @@ def test_config_decode_on():
         build_config(PretrainConfig, {**base, "data": {"shards": "x.tar", "decode_on": "gpu"}})
     with pytest.raises(Exception, match="decode_on"):
         build_config(PretrainConfig, {"data": {"shards": "x.tar", "decode_on": "tpu"}})
+    assert build_config(PretrainConfig, {"data": {"shards": "x.tar", "decode_on": "worker"}}).data.decode_on == "worker"
+    with pytest.raises(Exception, match="decode_on worker does not take loss.distill"):
+        build_config(PretrainConfig, {"data": {"shards": "x.tar", "decode_on": "worker"},
+                                      "captions": {"policy": "both"}, "loss": {"distill": {"enabled": True}}})
 
 
 @pytest.mark.gpu
@@ -161,8 +180,8 @@ def test_device_decode_on_cuda_matches_the_cpu_collate():
 
 
 def test_ray_data_ships_encoded_rows_the_collate_decodes(ray_local, tmp_path):
-    """Through Ray Data (build_datasets): decode_on gpu ships `image_bytes` + original size, not pixels, and the
-    collate's device decode (here on CPU) gives the CPU path's images for the same keys."""
+    """Through Ray Data (build_datasets): decode_on gpu and worker ship `image_bytes` + original size, not pixels;
+    the collate's device decode (here on CPU) gives the CPU path's images for the same keys, worker's exactly."""
     import tarfile
 
     shard = tmp_path / "00000.tar"
@@ -173,7 +192,7 @@ def test_ray_data_ships_encoded_rows_the_collate_decodes(ray_local, tmp_path):
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     batches = {}
-    for on in ("cpu", "gpu"):
+    for on in ("cpu", "gpu", "worker"):
         cfg = build_config(PretrainConfig, {"data": {"shards": str(shard), "decode_on": on, "count_errors": False},
                                             "train": {"scaling": {"use_gpu": on == "gpu"}},
                                             "ray": {"in_process": True}})
@@ -185,3 +204,5 @@ def test_ray_data_ships_encoded_rows_the_collate_decodes(ray_local, tmp_path):
     assert enc["orig_w"].tolist() == [96 + 8 * i for i in range(6)] and set(enc["orig_h"].tolist()) == {88}
     got, ref = _collate("cpu")(enc)["image"], _collate()(batches["cpu"])["image"]
     assert float(((got - ref).abs() * torch.tensor(STD).view(1, 3, 1, 1) * 255).mean()) < 2.5
+    assert batches["worker"]["image_bytes"].tolist() == enc["image_bytes"].tolist()
+    assert torch.equal(_collate(decode_on="worker")(batches["worker"])["image"], ref)

@@ -104,6 +104,26 @@ def reference_boxes(ims: list[np.ndarray], origs, keys: list[str], seed: int, ep
                        im.shape[1], im.shape[0]) for im, k, (ow, oh) in zip(ims, keys, origs)]
 
 
+def decode_sources(datas, keys: list[str], size: int) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+    """data.decode_on worker: encoded rows (their headers passed Ray Data's pixel guard) -> the decoded images and
+    their original (w, h), exactly as Ray Data's decode_ok(crop_source=True) makes them. Undecodable pixels are a
+    one-line DataError naming the key: dropping the row would leave this worker's batch smaller than the others'."""
+    from clipdense.data.images import ImageError, crop_source_side, decode_crop_source
+    from clipdense.errors import DataError
+
+    ims, origs = [], []
+    min_side = crop_source_side(size, CROP_SCALE[0])
+    for data, key in zip(datas, keys):
+        try:
+            px, orig = decode_crop_source(data, min_side)
+        except ImageError as e:
+            raise DataError(f"{key}: {e.code}: {e.detail} (data.decode_on worker decodes in the train worker; "
+                            f"data.validate_images=full records such rows as errors before training)") from None
+        ims.append(px)
+        origs.append(orig)
+    return ims, origs
+
+
 def _images(pixels) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
     """A batch's `pixels`: (B, H, W, 3) or an object array of (h, w, 3) -> uint8 arrays and their (w, h)."""
     ims = [np.asarray(p, dtype=np.uint8) for p in pixels]
@@ -126,9 +146,12 @@ class Collate(_CollateBase):
     (B,) in place of the two teacher arrays (pretrain/distill.py)."""
 
     def __init__(self, *, model_name: str, image_size: int, mean, std, policy: str, seed: int, epoch: int,
-                 mix_p: float = 0.5, train: bool = True, distill_slots: tuple = (), decode_device=None):
+                 mix_p: float = 0.5, train: bool = True, distill_slots: tuple = (), decode_on: str = "cpu",
+                 decode_device=None):
         self.model_name, self.size, self.policy = model_name, image_size, policy
-        # data.decode_on gpu: train rows come encoded (`image_bytes`), decoded + cropped there (pretrain/gpu_decode.py)
+        # data.decode_on worker | gpu: train rows come encoded (`image_bytes`), decoded + cropped here, on this
+        # process's CPU (PIL, as Ray Data would) or on the GPU (pretrain/gpu_decode.py)
+        self.decode_on = "gpu" if decode_device is not None else decode_on
         self.decode_device, self.decode_fallbacks = decode_device, 0
         self.distill_slots = tuple(distill_slots)  # ((caption slot, "real" | "synthetic"), ...): loss.distill on
         mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
@@ -143,6 +166,10 @@ class Collate(_CollateBase):
             if self.train and self.distill_slots else None
         if views is not None:
             image, view_index = views
+        elif self.train and "image_bytes" in batch and self.decode_on == "worker":  # as Ray Data would, here
+            ims, origs = decode_sources(batch["image_bytes"], keys, self.size)
+            image = random_resized_crops(ims, reference_boxes(ims, origs, keys, self.seed, self.epoch),
+                                         self.size).float()
         elif self.train and "image_bytes" in batch:  # data.decode_on gpu: the same boxes, decoded on the device
             from clipdense.pretrain.gpu_decode import decode_crops
 

@@ -31,9 +31,12 @@ class DataConfig(Config):
     decode_batch_size: int = Field(256, ge=1, description="rows per Ray Data read/join/decode batch (one block): "
                                    "larger blocks spread Ray's per-block costs over more images")
     decode_cpus: float = Field(1.0, gt=0, description="CPUs per Ray Data decode task (fractional allowed)")
-    decode_on: Literal["cpu", "gpu"] = Field("cpu", description="gpu: Ray Data checks headers and ships the "
-                                             "encoded training images; the train worker decodes + crops each batch "
-                                             "on its GPU (nvJPEG, pretrain/gpu_decode.py); eval rows stay on CPU")
+    decode_on: Literal["cpu", "worker", "gpu"] = Field(
+        "cpu", description="where training images are decoded: cpu: Ray Data tasks (scales over every CPU of the "
+        "cluster; whole images travel through the object store); worker: Ray Data checks headers and ships the "
+        "encoded bytes, the train worker's collate threads decode + crop them on its CPU (the same pixels as cpu, "
+        "less per-image overhead, but only the collate threads' cores: prefetch_batches, at most 4); gpu: as worker, "
+        "decoded on the worker's GPU (nvJPEG, pretrain/gpu_decode.py). Eval rows always decode in Ray Data")
     shuffle_buffer: int = Field(0, ge=0, description="local shuffle buffer rows per worker (seeded per epoch)")
     prefetch_batches: int = Field(2, ge=0)
     cache: bool = Field(False, description="decode the training set once into Ray's object store and iterate that "
@@ -129,9 +132,9 @@ class PretrainConfig(StageConfig):
         if self.data.decode_on == "gpu" and not self.train.scaling.use_gpu:
             raise ValueError("data.decode_on gpu needs train.scaling.use_gpu true (it decodes on the train worker's "
                              "GPU)")
-        if self.data.decode_on == "gpu" and d.enabled:
-            raise ValueError("data.decode_on gpu does not take loss.distill (its stored views are drawn from "
-                             "CPU-decoded images); use data.decode_on cpu")
+        if self.data.decode_on != "cpu" and d.enabled:
+            raise ValueError(f"data.decode_on {self.data.decode_on} does not take loss.distill (its stored views are "
+                             "drawn from images decoded in Ray Data); use data.decode_on cpu")
         if d.enabled and self.loss.kind in ("siglip", "coca"):
             raise ValueError(f"loss.distill is DataCompDR's CLIP loss; loss.kind {self.loss.kind!r} cannot take it")
         return self

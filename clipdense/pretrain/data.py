@@ -146,7 +146,7 @@ def decode_ok(batch: pa.Table, size: int, drop_keys: frozenset = frozenset(), on
     `crop_source` (training): each whole image, aspect kept, JPEG-draft reduced to no less than a crop of `size`
     needs (`decode_crop_source`), in a variable-shaped tensor column, with its original `orig_w`/`orig_h` (the
     collate draws the crop on that geometry); otherwise (eval) open_clip's eval geometry, size x size (with the
-    original size too). `encoded` (data.decode_on gpu, training): no decode, the header checked (pixel guard) and
+    original size too). `encoded` (data.decode_on worker | gpu, training): no decode, the header checked (pixel guard) and
     the encoded bytes shipped as `image_bytes` with `orig_w`/`orig_h` (pretrain/gpu_decode.py decodes them)."""
     if encoded:
         return _encoded_ok(batch, drop_keys, max_pixels)
@@ -304,7 +304,7 @@ def _build_datasets(cfg: PretrainConfig, image_size: int) -> tuple[object, objec
         held = frozenset(keys)
         eval_ds = joined.limit(scanned).map_batches(decode_ok, fn_kwargs={"size": image_size, "only_keys": held}, **decode_kw)
     train = joined.map_batches(decode_ok, fn_kwargs={"size": image_size, "drop_keys": held, "crop_source": True,
-                                                     "encoded": cfg.data.decode_on == "gpu"}, **decode_kw)
+                                                     "encoded": cfg.data.decode_on != "cpu"}, **decode_kw)
     if cfg.data.cache:  # decoded whole images only: the random crop runs in the worker's collate, seeded per epoch
         train = train.materialize()
     if eval_ds is not None:

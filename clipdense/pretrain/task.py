@@ -164,6 +164,7 @@ class ClipPretrainTask(TrainTask):
                        std=self.pp["std"], policy=self.cfg.captions.policy if train else self.cfg.eval.caption,
                        seed=self.cfg.train.seed, epoch=epoch, mix_p=self.cfg.captions.mix_p, train=train,
                        distill_slots=self.distill_slots() if train else (),
+                       decode_on=self.cfg.data.decode_on if train else "cpu",
                        decode_device=self.ctx.device if train and self.cfg.data.decode_on == "gpu" else None)
 
     def train_batches(self, ctx: TrainContext):
