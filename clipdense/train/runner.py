@@ -26,12 +26,6 @@ from clipdense.train.tracking import TrackingConfig, check_installed
 TaskFactory = Callable[[], TrainTask]
 
 
-def _materialized(ds) -> bool:
-    from ray.data.dataset import MaterializedDataset
-
-    return isinstance(ds, MaterializedDataset)
-
-
 class LocalEnv:
     """World size 1 in this process; checkpoints under out_dir/checkpoints."""
 
@@ -45,10 +39,7 @@ class LocalEnv:
         self.last_checkpoint: Path | None = None
 
     def dataset_shards(self) -> dict:
-        # a lazy dataset runs its streaming executor in a split coordinator actor, as under Ray Train: in this
-        # process its scheduling loop would hold the GIL against the training loop (bench/results/data_profile.md)
-        return {name: ds.iterator() if _materialized(ds) else ds.streaming_split(1)[0]
-                for name, ds in self._datasets.items()}
+        return {name: ds.iterator() for name, ds in self._datasets.items()}
 
     def load_checkpoint(self):
         latest = self.checkpoints.latest()
