@@ -6,8 +6,8 @@
 Both train the tiny open_clip model `clip-tiny` (2-layer width-64 ViT and text tower, 64 px) on the same 96 px
 JPEG files and captions for 3 epochs (`data.cache` off: every epoch decodes again, as the peer's loader does), fp32
 on CPU, one training process, batch 32: open_clip_train reads a CSV with 1 data loader worker; clipdense reads the
-same JPEG bytes from webdataset tars through Ray Data (decode in Ray tasks, the executor in a split coordinator
-actor; crop, caption choice and tokenisation in the worker's collate). Ours runs its defaults, including torch's
+same JPEG bytes from webdataset tars through Ray Data (decode in Ray tasks; crop, caption choice and tokenisation in
+the worker's collate; `ray.in_process`, so Ray Data's executor loop runs as a thread of the training process). Ours runs its defaults, including torch's
 fused AdamW (`train.optim.fused`); a third side runs ours with `optim.fused: false` (torch's default AdamW, as the
 peer's), which shows the data path's and loop's share without the optimizer kernel. Throughput is samples/s per log interval
 (wall time of the interval, data waits included, as open_clip_train's `Batch (t)`), median after the first;
