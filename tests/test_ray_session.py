@@ -122,3 +122,19 @@ def test_old_ray_keys_fail_with_one_line_naming_the_replacement(stage, data, nee
     with pytest.raises(ConfigError) as e:
         build_config(getattr(importlib.import_module(module), cls), data, f"{stage}.yaml")
     assert needle in str(e.value) and str(e.value).startswith(f"{stage}.yaml: ") and "\n" not in str(e.value)
+
+
+def test_the_cli_sets_the_process_env_before_torch_and_a_user_value_wins(tmp_path):
+    """ray_session.PROCESS_ENV reaches the CLI's process before torch loads (torch reads THP_MEM_ALLOC_ENABLE at its
+    first allocation) and is inherited by what it starts; a value the user set is kept."""
+    from clipdense.ray_session import PROCESS_ENV
+
+    probe = ("import contextlib, io, os, sys; from clipdense import cli\n"
+             "with contextlib.redirect_stdout(io.StringIO()): cli.main(['--help'])\n"
+             "print('torch' in sys.modules, os.environ.get('THP_MEM_ALLOC_ENABLE'))")
+    env = {k: v for k, v in os.environ.items() if k not in PROCESS_ENV}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "1"]
+    env["THP_MEM_ALLOC_ENABLE"] = "0"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "0"]

@@ -89,3 +89,18 @@ def test_fit_local_exact_resume_mid_epoch(tmp_path):
 def test_empty_epoch_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="no training batches"):
         fit_local(lambda: Toy(n_batches=0), _cfg(tmp_path))
+
+
+def test_fused_adamw_is_the_default_and_takes_the_same_steps(tmp_path):
+    """train.optim.fused (default): torch's fused AdamW kernel; `false`: torch's default implementation. The same
+    update up to float rounding, so the two runs' weights agree closely (and both moved from the start)."""
+    runs = {}
+    for fused in (True, False):
+        fit_local(Toy, _cfg(tmp_path / str(fused), optim={"lr": 1e-2, "fused": fused}))
+        raw = torch.load(tmp_path / str(fused) / "checkpoints" / "step_00000020" / "train_state.pt", weights_only=True)
+        assert bool(raw["optimizer"]["param_groups"][0]["fused"]) is fused  # which kernel ran is in the state
+        runs[fused] = load_checkpoint(tmp_path / str(fused) / "checkpoints" / "step_00000020")[0]
+    start = Toy().build_model().state_dict()
+    for name, w in runs[True].items():
+        assert torch.allclose(w, runs[False][name], rtol=1e-4, atol=1e-5), name
+        assert not torch.allclose(w, start[name]), name
