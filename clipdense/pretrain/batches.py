@@ -104,12 +104,21 @@ def reference_boxes(ims: list[np.ndarray], origs, keys: list[str], seed: int, ep
                        im.shape[1], im.shape[0]) for im, k, (ow, oh) in zip(ims, keys, origs)]
 
 
+def undecodable_row(key: str, error, decode_on: str):
+    """The one-line DataError for a row whose header passed Ray Data's check but whose pixels do not decode in the
+    train worker (data.decode_on worker | gpu): dropping it there would leave this worker's batch smaller than the
+    others' (the contrastive loss gathers equal batches)."""
+    from clipdense.errors import DataError
+
+    return DataError(f"{key}: {error.code}: {error.detail} (data.decode_on {decode_on} decodes in the train worker; "
+                     f"data.validate_images=full records such rows as errors before training)")
+
+
 def decode_sources(datas, keys: list[str], size: int) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
     """data.decode_on worker: encoded rows (their headers passed Ray Data's pixel guard) -> the decoded images and
     their original (w, h), exactly as Ray Data's decode_ok(crop_source=True) makes them. Undecodable pixels are a
-    one-line DataError naming the key: dropping the row would leave this worker's batch smaller than the others'."""
+    one-line DataError naming the key (`undecodable_row`)."""
     from clipdense.data.images import ImageError, crop_source_side, decode_crop_source
-    from clipdense.errors import DataError
 
     ims, origs = [], []
     min_side = crop_source_side(size, CROP_SCALE[0])
@@ -117,8 +126,7 @@ def decode_sources(datas, keys: list[str], size: int) -> tuple[list[np.ndarray],
         try:
             px, orig = decode_crop_source(data, min_side)
         except ImageError as e:
-            raise DataError(f"{key}: {e.code}: {e.detail} (data.decode_on worker decodes in the train worker; "
-                            f"data.validate_images=full records such rows as errors before training)") from None
+            raise undecodable_row(key, e, "worker") from None
         ims.append(px)
         origs.append(orig)
     return ims, origs

@@ -71,7 +71,7 @@ def pick_captions(policy: str, real: str | None, syn, rng: np.random.Generator, 
 def pick_batch(policy: str, keys, reals, syns, seed: int, epoch: int, mix_p: float = 0.5) -> list[list[str]]:
     """Per caption slot, the batch's texts: [[texts for slot 0], ([texts for slot 1])]."""
     if policy == "real":  # no draw: the generator would cost more than the rest of the pick
-        return [list(reals)] if len(reals) else [[]]
+        return [list(reals)]
     picked = [pick_captions(policy, r, s, sample_rng(seed, epoch, k, 1), mix_p) for k, r, s in zip(keys, reals, syns)]
     return [list(col) for col in zip(*picked)] if picked else [[] for _ in range(captions_per_sample(policy))]
 

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from clipdense.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_rgb
-from clipdense.errors import DataError
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -67,7 +66,7 @@ def decode_crops(datas: list[bytes], origs: list[tuple[int, int]], boxes: list[t
     (an odd file) has its box scaled to it, as the CPU path maps boxes to a draft-reduced copy. A row no decoder
     reads (its header passed Ray Data's check, its pixels are broken) is a one-line DataError naming its key: dropping
     it here would leave this worker's batch smaller than the others' (the contrastive loss gathers equal batches)."""
-    from clipdense.pretrain.batches import source_box
+    from clipdense.pretrain.batches import source_box, undecodable_row
 
     device = torch.device(device)
     jpeg = [i for i, d in enumerate(datas) if is_jpeg(d)]
@@ -85,9 +84,7 @@ def decode_crops(datas: list[bytes], origs: list[tuple[int, int]], boxes: list[t
             try:
                 im = _cpu_decode(data, max_pixels).to(device, non_blocking=True)
             except ImageError as e:
-                key = keys[i] if keys else f"row {i}"
-                raise DataError(f"{key}: {e.code}: {e.detail} (data.decode_on gpu decodes in the train worker; "
-                                f"data.validate_images=full records such rows as errors before training)") from None
+                raise undecodable_row(keys[i] if keys else f"row {i}", e, "gpu") from None
             fallbacks += 1
         h, w = im.shape[-2:]
         out[i] = _resized(im, source_box(box, int(ow), int(oh), w, h), size)
