@@ -109,3 +109,24 @@ def test_variable_sized_rows_cache_and_shuffle(ray_local, tmp_path):
         out = Collate(model_name="clip-tiny", image_size=32, mean=MEAN, std=STD, policy="real", seed=0, epoch=0)(b)
         assert out["image"].shape == (len(b["key"]), 3, 32, 32)
     assert seen == {f"{i:05d}": ((h, w, 3), (w, h)) for i, (w, h) in enumerate(sizes)}
+
+
+def test_read_join_and_decode_run_in_one_task_given_two_shards_per_cpu(ray_local, tmp_path):
+    """With two shards per cluster CPU the read tasks are not split, so Ray fuses the join and the decode into
+    them and the encoded images never cross the object store; with fewer shards Ray splits the read's blocks and
+    the maps run apart, on every CPU. The rows and their order are the same either way."""
+    import ray
+
+    cpus = int(ray.cluster_resources()["CPU"])
+    many = write_world(tmp_path / "many", n_shards=2 * cpus, per_shard=3)
+    fused = "ReadTarShards->MapBatches(join_recaptions)->MapBatches(decode_ok)"
+    orders = []
+    for shards in (many["shards"], [f"{many['shards']}/00000.tar", f"{many['shards']}/00001.tar"]):
+        cfg = build_config(PretrainConfig, {"data": {"shards": shards, "recaptions": many["recaptions"],
+                                                     "batch_size": 2, "count_errors": False},
+                                            "captions": {"policy": "both"}, "ray": {"in_process": True}})
+        train, _, _ = build_datasets(cfg, image_size=32)
+        orders.append([r["key"] for r in train.take_all()])
+        assert (fused in train.stats()) == (shards is many["shards"])
+    assert orders[0] == [f"{k:05d}{i:04d}" for k in range(2 * cpus) for i in range(3)]
+    assert orders[1] == orders[0][:6]

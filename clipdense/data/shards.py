@@ -277,15 +277,23 @@ def _tar_datasource(paths: list[str], validate: Validate, batch_rows: int, files
     return TarShards(paths, filesystem=filesystem)
 
 
+# Input bytes per read task (whole shards, blocks spanning them): with ordered output a later task's decoded blocks
+# wait for the earlier ones, and a long task made the others stall under Ray Data's backpressure.
+READ_TASK_BYTES = 32 << 20
+
+
+def cluster_cpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
+
+
 def read_task_count(files: int, total_bytes: int | None, task_bytes: int) -> int:
     """Read tasks for `files` shards of `total_bytes`: one per ~`task_bytes`, at least two per cluster CPU, at most
     one per shard. With ordered output, a task's blocks wait until every earlier task is done; small tasks keep
     that backlog (and Ray Data's backpressure on it) small, and their number follows the bytes, not the shards."""
-    import ray
-
-    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
     by_size = -(-(total_bytes or 0) // task_bytes)
-    return max(1, min(files, max(by_size, 2 * cpus)))
+    return max(1, min(files, max(by_size, 2 * cluster_cpus())))
 
 
 def _rebatched(read_fn, rows: int) -> Iterator[pa.Table]:
@@ -321,7 +329,8 @@ def read_shards(paths, *, validate: Validate = "header", s3_endpoint: str | None
     """A Ray Dataset of canonical rows from tar and/or Parquet shards (paths, globs, brace ranges, s3://);
     `max_pixels` is the decompression-bomb guard of the header/full image checks. With `sidecars` (what
     `expand_shards` found), `paths` is its list of files, used as is: no second listing of many shards.
-    `task_bytes`: tar read tasks of about this many input bytes each (whole shards; see `read_task_count`)."""
+    `task_bytes`: tar read tasks of about this many input bytes each (whole shards; see `read_task_count`), their
+    blocks not split by Ray."""
     import ray.data
 
     files, sidecars = (list(paths), sidecars) if sidecars is not None else expand_shards(paths, s3_endpoint=s3_endpoint)

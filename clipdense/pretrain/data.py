@@ -216,13 +216,21 @@ def _encoded_ok(batch: pa.Table, drop_keys: frozenset, max_pixels: int) -> pa.Ta
 
 
 def joined_rows(shards, recaptions: str | None, policy: str, cfg: PretrainConfig):
-    from clipdense.data.shards import read_shards
+    """(canonical rows joined with their recaptions, the batch size of the maps that follow: None or
+    `data.decode_batch_size`). Read tasks of ~READ_TASK_BYTES, their blocks (`decode_batch_size` rows) not split.
+    With two shards per cluster CPU every CPU has read tasks of its own: the maps take whole blocks (no batch size),
+    so Ray fuses the join and the decode into the read tasks and the encoded images never cross the object store;
+    with fewer shards the maps stay apart and take blocks as the reads stream them, on every CPU."""
+    from clipdense.data.paths import expand_shards
+    from clipdense.data.shards import READ_TASK_BYTES, cluster_cpus, read_shards
 
-    rows = read_shards(shards, validate=cfg.data.validate_images, s3_endpoint=cfg.data.s3_endpoint,
-                       batch_rows=cfg.data.decode_batch_size)
-    return rows.map_batches(join_recaptions, batch_format="pyarrow", batch_size=cfg.data.decode_batch_size,
+    files, sidecars = expand_shards(shards, s3_endpoint=cfg.data.s3_endpoint)
+    batch = None if sum(f.endswith(".tar") for f in files) >= 2 * cluster_cpus() else cfg.data.decode_batch_size
+    rows = read_shards(files, validate=cfg.data.validate_images, s3_endpoint=cfg.data.s3_endpoint,
+                       batch_rows=cfg.data.decode_batch_size, sidecars=sidecars, task_bytes=READ_TASK_BYTES)
+    return rows.map_batches(join_recaptions, batch_format="pyarrow", batch_size=batch,
                             fn_kwargs={"recaptions": recaptions, "policy": policy,
-                                       "s3_endpoint": cfg.data.s3_endpoint}, num_cpus=cfg.data.decode_cpus)
+                                       "s3_endpoint": cfg.data.s3_endpoint}, num_cpus=cfg.data.decode_cpus), batch
 
 
 JOIN_MISSED = ("no_recaption_file", "no_recaption_for_key", "no_recaption_for_uid")
@@ -287,24 +295,26 @@ def build_datasets(cfg: PretrainConfig, image_size: int) -> tuple[object, object
 
 def _build_datasets(cfg: PretrainConfig, image_size: int) -> tuple[object, object | None, dict]:
     policy = cfg.captions.policy
-    joined = joined_rows(cfg.data.shards, cfg.data.recaptions, policy, cfg)
+    joined, batch = joined_rows(cfg.data.shards, cfg.data.recaptions, policy, cfg)
     counts = count_rows(joined) if cfg.data.count_errors else {}
     if counts and counts["ok"] == 0:
         raise DataError(f"no usable training rows in {cfg.data.shards!r} (errors: {counts['errors']})")
     check_teacher_rows(cfg, counts)
-    decode_kw = {"batch_format": "pyarrow", "batch_size": cfg.data.decode_batch_size,
-                 "num_cpus": cfg.data.decode_cpus}
+    decode_kw = {"batch_format": "pyarrow", "num_cpus": cfg.data.decode_cpus}
     eval_ds, held = None, frozenset()
     eval_policy = "real" if cfg.eval.caption == "real" else "synthetic"
     if cfg.eval.path:
-        ejoined = joined_rows(cfg.eval.path, cfg.eval.recaptions, eval_policy, cfg)
-        eval_ds = ejoined.map_batches(decode_ok, fn_kwargs={"size": image_size}, **decode_kw).limit(cfg.eval.max_rows)
+        ejoined, ebatch = joined_rows(cfg.eval.path, cfg.eval.recaptions, eval_policy, cfg)
+        eval_ds = ejoined.map_batches(decode_ok, fn_kwargs={"size": image_size}, batch_size=ebatch,
+                                      **decode_kw).limit(cfg.eval.max_rows)
     elif cfg.eval.holdout:
         keys, scanned = first_ok_keys(joined, cfg.eval.holdout)
         held = frozenset(keys)
-        eval_ds = joined.limit(scanned).map_batches(decode_ok, fn_kwargs={"size": image_size, "only_keys": held}, **decode_kw)
+        eval_ds = joined.limit(scanned).map_batches(decode_ok, fn_kwargs={"size": image_size, "only_keys": held},
+                                                    batch_size=cfg.data.decode_batch_size, **decode_kw)
     train = joined.map_batches(decode_ok, fn_kwargs={"size": image_size, "drop_keys": held, "crop_source": True,
-                                                     "encoded": cfg.data.decode_on != "cpu"}, **decode_kw)
+                                                     "encoded": cfg.data.decode_on != "cpu"}, batch_size=batch,
+                               **decode_kw)
     if cfg.data.cache:  # decoded whole images only: the random crop runs in the worker's collate, seeded per epoch
         train = train.materialize()
     if eval_ds is not None:

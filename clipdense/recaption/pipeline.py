@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from clipdense.data.paths import expand_shards
 from clipdense.data.rows import error_columns, errors_from, exception_detail, row_error
-from clipdense.data.shards import write_parquet
+from clipdense.data.shards import READ_TASK_BYTES, write_parquet
 from clipdense.errors import ConfigError
 from clipdense.ray_session import data_context, ray_session
 from clipdense.recaption.config import EngineConfig, FaultConfig, RecaptionConfig
@@ -153,9 +153,6 @@ def check_engine(cfg: RecaptionConfig) -> None:
 # - read_op_min_num_blocks=1: read parallelism from the shards and the CPUs only, so reads are not split into extra
 #   blocks (a split also stops Ray from fusing read and decode into one task).
 DATA_CONTEXT = {"execution_options.preserve_order": True, "read_op_min_num_blocks": 1}
-# Input bytes per read task (whole shards, blocks spanning them): with ordered output a later task's decoded blocks
-# wait for the earlier ones, and a long task made the others stall under Ray Data's backpressure.
-READ_TASK_BYTES = 32 << 20
 
 
 def build_dataset(cfg: RecaptionConfig, inputs: list[str], spec: ImageInput, sidecars: dict[str, str] | None = None):
