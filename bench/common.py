@@ -25,6 +25,18 @@ def add_local_ray_args(ap: argparse.ArgumentParser, repeats: int | None = 2) -> 
     return ap
 
 
+def parse_bench_args(prog: str, argv: list[str] | None, quick: bool = False, **defaults) -> argparse.Namespace:
+    """A bench's flags: one `--name` per keyword (`per_class=60` -> `--per-class`, typed as its default) and
+    `--quick`, set when given or when the caller passes `quick` (as `bench.run --quick` does)."""
+    ap = argparse.ArgumentParser(prog=prog)
+    for name, default in defaults.items():
+        ap.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv or [])
+    args.quick = args.quick or quick
+    return args
+
+
 def hardware() -> str:
     try:
         import torch
