@@ -2,6 +2,7 @@
 measured in the same run; `save` writes bench/results/<name>.json and the run writes one markdown table."""
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
@@ -10,6 +11,30 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def add_local_ray_args(ap: argparse.ArgumentParser, repeats: int | None = 2) -> argparse.ArgumentParser:
+    """The flags of the benches that caption synthetic JPEGs on a local Ray they start: `--image-px` (their long
+    side), `--cpus` (of that Ray; default: this process's cores), `--repeats` (measured rounds; not added when
+    None) and `--out` (where results go)."""
+    ap.add_argument("--image-px", type=int, default=320)
+    ap.add_argument("--cpus", type=int, default=len(os.sched_getaffinity(0)))
+    if repeats is not None:
+        ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--out", default=str(RESULTS))
+    return ap
+
+
+def parse_bench_args(prog: str, argv: list[str] | None, quick: bool = False, **defaults) -> argparse.Namespace:
+    """A bench's flags: one `--name` per keyword (`per_class=60` -> `--per-class`, typed as its default) and
+    `--quick`, set when given or when the caller passes `quick` (as `bench.run --quick` does)."""
+    ap = argparse.ArgumentParser(prog=prog)
+    for name, default in defaults.items():
+        ap.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv or [])
+    args.quick = args.quick or quick
+    return args
 
 
 def hardware() -> str:

@@ -10,7 +10,6 @@ machine has cooled down. Writes bench/results/eval_zeroshot.{json,md}. Goal: our
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import RoundLoads, row, write_report
+from bench.common import RoundLoads, parse_bench_args, row, write_report
 
 
 def make_folder(root: Path, classes: int, per_class: int, px: int = 320) -> None:
@@ -49,15 +48,9 @@ def plain_loop(model, preprocess, classifier, samples, batch_size: int) -> float
 
 
 def main(quick: bool = False, argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python -m bench.eval_zeroshot")
-    ap.add_argument("--model", default="clip-tiny")
-    ap.add_argument("--classes", type=int, default=10)
-    ap.add_argument("--per-class", type=int, default=60)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--quick", action="store_true")
-    a = ap.parse_args(argv or [])
-    if quick or a.quick:
+    a = parse_bench_args("python -m bench.eval_zeroshot", argv, quick, model="clip-tiny", classes=10, per_class=60,
+                         batch=64, rounds=2)
+    if a.quick:
         a.per_class, a.rounds = 10, 1
     import open_clip
 
@@ -66,7 +59,7 @@ def main(quick: bool = False, argv: list[str] | None = None) -> list[dict]:
 
     torch.set_num_threads(1)  # one core each side: a shared box's oversubscribed threads swing per-image ops
     model, preprocess, tokenizer = load_model(a.model, None)
-    loads, ours, plain = RoundLoads(quick=quick or a.quick), [], []
+    loads, ours, plain = RoundLoads(quick=a.quick), [], []
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
         make_folder(Path(tmp), a.classes, a.per_class)
         index = index_folder(tmp)

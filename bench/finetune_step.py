@@ -12,7 +12,6 @@ Also imported by bench/gpu.py (UperNet ViT-B/16 at 512 px). No Ray is imported.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import tempfile
@@ -21,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.common import RoundLoads, median_rate, row, write_report
+from bench.common import RoundLoads, median_rate, parse_bench_args, row, write_report
 
 
 def seg_config(backbone: str, size: int, batch: int, classes: int, channels: int, aux_channels: int,
@@ -151,23 +150,14 @@ def _free() -> None:
 
 
 def main(quick: bool = False, argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python -m bench.finetune_step")
-    ap.add_argument("--backbone", default="clip-tiny")
-    ap.add_argument("--size", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--classes", type=int, default=16)
-    ap.add_argument("--channels", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--quick", action="store_true")
-    a = ap.parse_args(argv or [])
-    if quick or a.quick:
+    a = parse_bench_args("python -m bench.finetune_step", argv, quick, backbone="clip-tiny", size=128, batch=8,
+                         classes=16, channels=64, steps=30, rounds=2, threads=1)
+    if a.quick:
         a.steps, a.rounds = 15, 1  # 3 intervals: the first (warm-up) is dropped
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(a.threads)  # same threads on both sides; oversubscription swings CPU times wildly
-    loads = RoundLoads(quick=quick or a.quick)
+    loads = RoundLoads(quick=a.quick)
     r = compare(a.backbone, a.size, a.batch, a.classes, a.channels, a.channels // 2, a.steps, 5, a.rounds, device,
                 loads)
     note = (f"{a.backbone} UperNet seg, {a.size}px, batch {a.batch}, {a.classes} classes, head {a.channels} ch, "

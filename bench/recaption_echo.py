@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.common import RoundLoads, hardware, row
+from bench.common import RoundLoads, add_local_ray_args, hardware, row
 
 ROOT = Path(__file__).resolve().parent
 
@@ -138,22 +138,17 @@ def main(argv=None, quick: bool = False) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shards", type=int, default=16)
     ap.add_argument("--per-shard", type=int, default=1000)
-    ap.add_argument("--image-px", type=int, default=320)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--coca-images", type=int, default=64)
-    ap.add_argument("--cpus", type=int, default=len(os.sched_getaffinity(0)))
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "results"))
-    args = ap.parse_args([] if argv is None else argv)
+    args = add_local_ray_args(ap, repeats=2).parse_args([] if argv is None else argv)
     if quick:
         args.shards, args.per_shard, args.coca_images, args.repeats = 2, 200, 16, 1
 
-    import ray
+    from clipdense.ray_session import RayConfig, ray_session
 
     work = ROOT / "results" / "tmp" / "recaption_echo"
     paths = make_shards(work / "shards", args.shards, args.per_shard, args.image_px)
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-    try:
+    with ray_session(RayConfig(num_cpus=args.cpus)):
         echo = {"kind": "echo", "num_captions": 5, "batch_size": 256, "num_cpus": 0}
         decode = {"size": args.size}  # batch_size None: read + decode fused in one task
         pipeline(paths[:1], work / "warmup", echo, decode)  # start workers once; measure steady state
@@ -176,8 +171,6 @@ def main(argv=None, quick: bool = False) -> int:
         coca = {"as_initialised": pipeline(coca_paths, work / "coca", coca_engine, {}),
                 "peaked_logits": pipeline(coca_paths, work / "coca", {**coca_engine,
                                                                       "checkpoint": peaked_coca(work)}, {})}
-    finally:
-        ray.shutdown()
     result = {
         "bench": "recaption_echo", "cpus": args.cpus, "machine": platform.platform(),
         "load_avg_1m": round(os.getloadavg()[0], 2), **loads.summary(), "shards": args.shards, "images_per_shard": args.per_shard,

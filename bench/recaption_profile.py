@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.common import add_local_ray_args
+
 ROOT = Path(__file__).resolve().parent
 
 
@@ -137,20 +139,18 @@ def _group(pid: int, name: str, cmd: str) -> str:
 
 
 def process_profile(paths: list[str], size: int, cpus: int) -> dict:
-    import ray
-
     from bench.recaption_echo import pipeline
+    from clipdense.ray_session import RayConfig, ray_session
 
     work = Path(tempfile.mkdtemp())
     echo = {"kind": "echo", "num_captions": 5, "batch_size": 256, "num_cpus": 0}
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     try:
-        pipeline(paths[:1], work / "warmup", echo, {"size": size})
-        before, t0 = _tree_cpu(), time.perf_counter()
-        result = pipeline(paths, work / "out", echo, {"size": size})
-        after, wall = _tree_cpu(), time.perf_counter() - t0
+        with ray_session(RayConfig(num_cpus=cpus)):
+            pipeline(paths[:1], work / "warmup", echo, {"size": size})
+            before, t0 = _tree_cpu(), time.perf_counter()
+            result = pipeline(paths, work / "out", echo, {"size": size})
+            after, wall = _tree_cpu(), time.perf_counter() - t0
     finally:
-        ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
     groups: dict[str, float] = {}
     for pid, (cpu, name, cmd) in after.items():
@@ -167,12 +167,9 @@ def main(argv=None, quick: bool = False) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shards", type=int, default=8)
     ap.add_argument("--per-shard", type=int, default=500)
-    ap.add_argument("--image-px", type=int, default=320)
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--cpus", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--view", choices=["both", "stages", "processes"], default="both")
-    ap.add_argument("--out", default=str(ROOT / "results"))
-    args = ap.parse_args([] if argv is None else argv)
+    args = add_local_ray_args(ap, repeats=None).parse_args([] if argv is None else argv)
     if quick:
         args.shards, args.per_shard = 2, 200
     from bench.recaption_echo import make_shards

@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.common import RoundLoads, row, write_report
+from bench.common import RoundLoads, add_local_ray_args, row, write_report
 from bench.recaption_echo import synth_jpegs, write_shards
 
 ROOT = Path(__file__).resolve().parent
@@ -75,33 +75,30 @@ def main(argv=None, quick: bool = False) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=16_000)
     ap.add_argument("--shards", type=int, nargs="+", default=[100, 500, 1000])
-    ap.add_argument("--image-px", type=int, default=320)
-    ap.add_argument("--cpus", type=int, default=len(os.sched_getaffinity(0)))
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "results"))
-    args = ap.parse_args([] if argv is None else argv)
+    args = add_local_ray_args(ap, repeats=2).parse_args([] if argv is None else argv)
     if quick:
         args.images, args.shards, args.image_px, args.repeats = 800, [100, 200], 160, 1
 
     import ray
+
+    from clipdense.ray_session import RayConfig, ray_session
 
     work = ROOT / "results" / "tmp" / "recaption_scale"
     shutil.rmtree(work, ignore_errors=True)
     images = synth_jpegs(args.images, args.image_px)
     layouts = [BASE_SHARDS, *args.shards]
     paths = {n: write_shards(work / f"in_{n}", images, n) for n in layouts}
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     try:
-        address = ray.get_runtime_context().gcs_address
-        run_driver(address, paths[BASE_SHARDS][:1], work / "warmup", 256)  # start the workers once
-        runs: dict[int, list[dict]] = {n: [] for n in layouts}
-        loads = RoundLoads(quick=quick)
-        for _ in range(args.repeats):
-            for n in layouts:
-                loads.start_round()
-                runs[n].append(run_driver(address, paths[n], work / f"out_{n}", 256))
+        with ray_session(RayConfig(num_cpus=args.cpus)):
+            address = ray.get_runtime_context().gcs_address
+            run_driver(address, paths[BASE_SHARDS][:1], work / "warmup", 256)  # start the workers once
+            runs: dict[int, list[dict]] = {n: [] for n in layouts}
+            loads = RoundLoads(quick=quick)
+            for _ in range(args.repeats):
+                for n in layouts:
+                    loads.start_round()
+                    runs[n].append(run_driver(address, paths[n], work / f"out_{n}", 256))
     finally:
-        ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
     best = {n: max(r["rows"] / r["seconds"] / args.cpus for r in rs) for n, rs in runs.items()}
     rss = {n: max(r["peak_rss_mib"] for r in rs) for n, rs in runs.items()}

@@ -8,7 +8,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from clipdense.jobs.cluster import LocalCluster, alive_nodes, cluster_processes, down_local, free_port, up_local
+from clipdense.jobs.cluster import (LocalCluster, alive_nodes, cluster_processes, down_local, free_port,
+                                    kill_and_wait, up_local)
 from clipdense.jobs.client import make_client
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,10 +80,5 @@ def kill_node(state: LocalCluster, node_id: str) -> list[int]:
             continue
     assert len(raylets) == 1, f"expected one raylet for node {node_id}, found {raylets}"
     procs = [raylets[0], *raylets[0].children(recursive=True)]
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=10)
+    kill_and_wait(procs, timeout_s=10)
     return [p.pid for p in procs]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clipdense.jobs.cluster import LocalCluster, alive_nodes, cluster_processes, down_local, free_port, main_cluster
+from clipdense.jobs.cluster import (LocalCluster, alive_nodes, cluster_processes, down_local, free_port, kill_and_wait,
+                                    main_cluster)
 from clipdense.jobs.submit import main_submit
 from cluster_files import wait_until
 
@@ -52,6 +54,24 @@ def test_down_stops_only_this_clusters_processes(short_tmp):
         for p in procs:
             p.kill()
         down_local(other, grace_s=1)
+
+
+def test_kill_and_wait_kills_what_ignores_sigterm_and_skips_what_is_gone():
+    import ray  # noqa: F401  (puts its vendored psutil on sys.path)
+    import psutil
+
+    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                                 "signal.SIG_IGN); print(flush=True); time.sleep(120)"], stdout=subprocess.PIPE)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        stubborn.stdout.readline()  # its SIGTERM handler is set
+        procs = [psutil.Process(stubborn.pid), psutil.Process(gone.pid)]
+        gone.wait(10)  # reaped: psutil's kill() now meets a process that no longer exists
+        kill_and_wait(procs, timeout_s=10)
+        assert not procs[0].is_running()
+        assert procs[0].returncode == -signal.SIGKILL  # set by psutil's wait_procs, which reaped it
+    finally:
+        stubborn.kill()
 
 
 def test_up_refuses_bad_setups_with_one_line(short_tmp, tmp_path, capsys):

@@ -76,7 +76,9 @@ def test_grid_hash_changes_with_the_grid(tmp_path, base_yaml):
 
 
 @pytest.mark.parametrize("extra, needle", [
-    ({"backbones": [{"name": "a/b"}]}, "backbone name"),
+    ({"backbones": [{"name": "a/b"}]}, "backbone name 'a/b'"),
+    ({"tasks": [{"name": "..", "config": "x.yaml", "metric": "m", "mode": "max"}]}, "task name '..'"),
+    ({"name": "-sweep"}, "sweep name '-sweep'"),
     ({"backbones": [{"name": "x"}, {"name": "x"}]}, "duplicate backbone"),
     ({"tasks": [{"name": "cls", "config": "x.yaml"}]}, "give `metric` and `mode`"),
     ({"fractions": [0.5, 1.5]}, "fractions"),

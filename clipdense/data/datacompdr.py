@@ -59,10 +59,6 @@ def _sample(files: dict[str, bytes]) -> tuple[str | None, DrSample]:
                      aug_params_from_json(files.get("paug.json")), files.get("npz")))
 
 
-def is_datacompdr_sample(files: dict[str, bytes]) -> bool:
-    return "syn.json" in files and ("npz" in files or "paug.json" in files)
-
-
 def read_datacompdr(stream) -> tuple[dict[str, DrSample], str | None]:
     """uid -> DrSample of one DataCompDR shard, and why it ended early (None when complete): a broken tar keeps
     the samples read so far; the image rows it lacks become `no_recaption_for_uid` rows."""

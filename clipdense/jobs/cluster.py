@@ -236,16 +236,22 @@ def down_local(temp_dir: str | Path = DEFAULT_TEMP_DIR, grace_s: float = 10) -> 
             except psutil.Error:
                 pass
         _, alive = psutil.wait_procs(procs, timeout=grace_s)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=5)
+        kill_and_wait(alive, timeout_s=5)
     state_file = Path(temp_dir) / STATE_FILE
     if state_file.exists():
         state_file.unlink()
     return len(stopped)
+
+
+def kill_and_wait(procs: list, timeout_s: float) -> None:
+    """SIGKILL each psutil process (one already gone is skipped) and wait up to `timeout_s` for them to end."""
+    psutil = _psutil()
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=timeout_s)
 
 
 def _cmdline(p) -> list[str]:

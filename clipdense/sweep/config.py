@@ -6,14 +6,15 @@ overrides, the backbone entry and the trial's coordinates (fraction, seed, outpu
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from clipdense.train.tracking import TrackingConfig
 from clipdense.config import Config
 from clipdense.dense.config import tasks_with_key
 from clipdense.dense.tasks import TASKS
+from clipdense.sweep.factor import DEFAULT_CI, DEFAULT_FIT, DEFAULT_N_BOOTSTRAP, DEFAULT_TARGETS, Fit
 from clipdense.ray_session import OnRayConfig, RayConfig
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")   # names become directory names
@@ -23,14 +24,17 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")   # names become directory
 TASK_METRICS: dict[str, tuple[str, str]] = {name: task.metric for name, task in TASKS.items()}
 
 
-def _check_name(value: str, what: str) -> str:
-    if not NAME_RE.match(value):
-        raise ValueError(f"{what} name {value!r} must match {NAME_RE.pattern} (it names a directory)")
-    return value
+def dir_name(what: str) -> Any:
+    """A `str` field type that names a directory: `name: dir_name("task")` rejects what NAME_RE does not match."""
+    def check(value: str) -> str:
+        if not NAME_RE.match(value):
+            raise ValueError(f"{what} name {value!r} must match {NAME_RE.pattern} (it names a directory)")
+        return value
+    return Annotated[str, AfterValidator(check)]
 
 
 class BackboneEntry(Config):
-    name: str = Field(description="label of this backbone in trial dirs, tables and plots")
+    name: dir_name("backbone") = Field(description="label of this backbone in trial dirs, tables and plots")
     backbone: dict[str, Any] = Field(default_factory=dict,
                                      description="merged into the finetune config's `backbone` section")
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted finetune keys -> values, each "
@@ -39,11 +43,6 @@ class BackboneEntry(Config):
     condition: str | None = Field(None, description="the pretraining condition this backbone is one run of: "
                                   "backbones sharing it are its pretraining seeds (two-level bootstrap); "
                                   "default: the backbone's name")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return _check_name(v, "backbone")
 
     @field_validator("overrides")
     @classmethod
@@ -59,16 +58,11 @@ class BackboneEntry(Config):
 
 
 class TaskEntry(Config):
-    name: str = Field(description="seg | depth | det, or any label (then give `metric` and `mode`)")
+    name: dir_name("task") = Field(description="seg | depth | det, or any label (then give `metric` and `mode`)")
     config: str = Field(description="base finetune YAML (relative to the cwd or to the shipped configs tree)")
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted finetune keys -> values")
     metric: str | None = Field(None, description="metric key in metrics.json; default by task name")
     mode: Literal["max", "min"] | None = Field(None, description="max = higher is better")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return _check_name(v, "task")
 
     @model_validator(mode="after")
     def _metric(self):
@@ -134,12 +128,12 @@ class ReportSettings(Config):
     unset keys fall back to the sweep's) share this one model."""
     reference: str | None = Field(None, description="condition (or backbone) the efficiency factor is measured "
                                   "against")
-    bootstrap: int = Field(2000, ge=0, description="bootstrap draws of the factor's interval (0: none)")
-    ci: float = Field(0.95, gt=0, lt=1, description="interval level")
+    bootstrap: int = Field(DEFAULT_N_BOOTSTRAP, ge=0, description="bootstrap draws of the factor's interval (0: none)")
+    ci: float = Field(DEFAULT_CI, gt=0, lt=1, description="interval level")
     seed: int = 0
-    targets: list[float] = Field([1.0, 0.95], min_length=1, description="target levels: shares of the "
+    targets: list[float] = Field(list(DEFAULT_TARGETS), min_length=1, description="target levels: shares of the "
                                  "reference's full-data score (direction-aware: 0.95 -> RMSE x 1.05)")
-    fit: Literal["power", "isotonic"] = Field("power", description="monotone fit of each curve in log-fraction")
+    fit: Fit = Field(DEFAULT_FIT, description="monotone fit of each curve in log-fraction")
 
     @field_validator("targets")
     @classmethod
@@ -161,7 +155,8 @@ class FinetuneKeys(Config):
 
 
 class SweepConfig(Config):
-    name: str = Field("sweep", description="experiment name (Tune state lives in <out>/tune/<name>-<grid hash>)")
+    name: dir_name("sweep") = Field("sweep", description="experiment name (Tune state lives in "
+                                    "<out>/tune/<name>-<grid hash>)")
     out: str = Field(description="results directory: <out>/trials/<task>/<backbone>/f<fraction>/s<seed>")
     backbones: list[BackboneEntry] = Field(min_length=1)
     tasks: list[TaskEntry] = Field(min_length=1)
@@ -190,11 +185,6 @@ class SweepConfig(Config):
     verbose: int = Field(1, ge=0, le=2)
     ray: OnRayConfig = RayConfig()  # the Ray the Tune driver joins or starts (trials carry their own `ray`)
     tracking: TrackingConfig = TrackingConfig()  # Tune's own logger callbacks: each trial logged once, by Tune
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return _check_name(v, "sweep")
 
     @field_validator("fractions")
     @classmethod

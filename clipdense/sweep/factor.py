@@ -44,7 +44,11 @@ Curve = Mapping[float, Union[Sequence[float], Mapping[int, float]]]
 Condition = Union[Curve, Sequence[Curve]]          # one curve, or one per pretraining run
 Fit = Literal["power", "isotonic"]
 POWER_GRID = np.linspace(-3.0, 1.5, 46)
+# the defaults `compare` and the report settings (sweep/config.py ReportSettings) share
 DEFAULT_TARGETS = (1.0, 0.95)
+DEFAULT_N_BOOTSTRAP = 2000
+DEFAULT_CI = 0.95
+DEFAULT_FIT: Fit = "power"
 
 
 @dataclass
@@ -60,12 +64,12 @@ class Factor:
     ci_high: float = math.nan
     ci_low_open: bool = False     # ci_low is a bound: the interval reaches below what the grid can show ("< x")
     ci_high_open: bool = False    # ci_high is a bound: the interval reaches above it (">= x")
-    ci: float = 0.95
+    ci: float = DEFAULT_CI
     censored_frac: float = math.nan      # share of bootstrap draws censored
     not_reached_frac: float = math.nan   # share of bootstrap draws not reached
     n_bootstrap: int = 0
     df: int = 0
-    fit: str = "power"
+    fit: str = DEFAULT_FIT
 
     def to_dict(self) -> dict:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
@@ -257,8 +261,8 @@ def _dof(a: Data, b: Data) -> int:
 
 
 def compare(reference: Condition, candidate: Condition, higher_is_better: bool = True, *,
-            targets: Sequence[float] = DEFAULT_TARGETS, n_bootstrap: int = 2000, ci: float = 0.95, seed: int = 0,
-            fit: Fit = "power") -> dict:
+            targets: Sequence[float] = DEFAULT_TARGETS, n_bootstrap: int = DEFAULT_N_BOOTSTRAP,
+            ci: float = DEFAULT_CI, seed: int = 0, fit: Fit = DEFAULT_FIT) -> dict:
     """{"factors": [Factor per target level], "deltas": per-fraction mean(B) - mean(A) (> 0: B better) with CIs}."""
     a0, b0 = as_data(reference), as_data(candidate)
     seeds = sorted(set(a0.seeds) | set(b0.seeds), key=str)
@@ -388,8 +392,8 @@ def _betainc(a: float, b: float, x: float) -> float:
 
 
 def efficiency_factor(reference: Condition, candidate: Condition, higher_is_better: bool = True, *,
-                      level: float = 1.0, n_bootstrap: int = 2000, ci: float = 0.95, seed: int = 0,
-                      fit: Fit = "power") -> Factor:
+                      level: float = 1.0, n_bootstrap: int = DEFAULT_N_BOOTSTRAP, ci: float = DEFAULT_CI,
+                      seed: int = 0, fit: Fit = DEFAULT_FIT) -> Factor:
     """The factor at one target level (see `compare`)."""
     return compare(reference, candidate, higher_is_better, targets=(level,), n_bootstrap=n_bootstrap, ci=ci,
                    seed=seed, fit=fit)["factors"][0]

@@ -13,11 +13,11 @@ import math
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from pydantic import Field, ValidationError
 
+from clipdense.config import get_dotted
 from clipdense.errors import ConfigError
 from clipdense.sweep.config import TASK_METRICS, ReportSettings
 from clipdense.sweep.factor import compare
@@ -50,9 +50,7 @@ def find_metric(doc: dict, key: str) -> float | None:
     for node in (doc, doc.get("metrics") if isinstance(doc.get("metrics"), dict) else None):
         if node is not None and isinstance(node.get(key), (int, float)):
             return float(node[key])
-    node: Any = doc
-    for part in key.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
+    node = get_dotted(doc, key)
     if isinstance(node, (int, float)):
         return float(node)
     hits = [v for k, v in flat_metrics(doc).items() if re.split(r"[/.]", k.lower())[-1] == key.lower()]
