@@ -95,7 +95,8 @@ def require(module: str, feature: str):
 
 
 def check_installed(cfg: TrackingConfig) -> None:
-    """Fail before a run starts (in the driver) if a configured tracker's library is missing."""
+    """Fail before a run starts (in the driver) if a configured tracker's library is missing, or its MLflow store
+    cannot work as configured."""
     if cfg.tensorboard:
         require("torch.utils.tensorboard", "tracking.tensorboard")
     if cfg.mlflow is not None:
