@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,83 @@ def test_a_tracking_server_that_dies_mid_run_does_not_stop_training(tmp_path, ml
         result = fit_local(KillsServer, _cfg(tmp_path / "run"), tracking=tracking)
     assert result["step"] == 20 and not result["stopped_early"]
     assert time.perf_counter() - t0 < 60  # short client timeouts: no minutes-long retry loop
+
+
+class _Exporting(Toy):
+    def export(self, model, out_dir):
+        (out_dir / "export").mkdir(exist_ok=True)
+        (out_dir / "export" / "model.txt").write_text("weights")
+        return {}
+
+
+@pytest.mark.parametrize("form", ["path", "file-uri"])
+def test_mlflow_file_store_is_read_back_with_the_uri_the_user_gave(tmp_path, monkeypatch, form):
+    # MLflow 3 refuses file stores unless MLFLOW_ALLOW_FILE_STORE=true: clipdense sets it for a store the user named
+    # (the reader below, in this process, sees it too; another process sets it itself, as the README says)
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.chdir(tmp_path)  # a relative store is made absolute at config time (Ray workers have another cwd)
+    uri = "mlruns" if form == "path" else f"file://{tmp_path}/mlruns"
+    tracking = _tracking(mlflow={"tracking_uri": uri, "experiment": "fs", "run_name": "toy"})
+    assert tracking.mlflow.tracking_uri in (str(tmp_path / "mlruns"), f"file://{tmp_path}/mlruns")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit_local(_Exporting, _cfg(tmp_path / "run"), tracking=tracking,
+                  params={"model": {"name": "toy"}, "train": {"optim": {"lr": 0.01}}})
+    assert not [w for w in caught if "tracking:" in str(w.message)]  # started, and never switched off
+    assert (tmp_path / "mlruns").is_dir()
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("fs").experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_name == "toy" and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["model.name"] == "toy" and runs[0].data.params["train.optim.lr"] == "0.01"
+    history = client.get_metric_history(runs[0].info.run_id, "loss")
+    logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(m.step, m.value) for m in history] == [(r["step"], pytest.approx(r["loss"])) for r in logged
+                                                     if "loss" in r]
+    assert [m.step for m in history] == [5, 10, 15, 20]
+    assert [a.path for a in client.list_artifacts(runs[0].info.run_id, "export")] == ["export/model.txt"]
+
+
+def test_local_store_uris_are_made_absolute_where_the_config_is_built(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = lambda u: _tracking(mlflow={"tracking_uri": u}).mlflow.tracking_uri  # noqa: E731
+    assert uri("runs/mlruns") == str(tmp_path / "runs" / "mlruns")
+    assert uri("file:mlruns") == f"file://{tmp_path}/mlruns"
+    assert uri("sqlite:///m.db") == f"sqlite:///{tmp_path}/m.db"
+    assert uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
+    assert uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    with pytest.raises(ConfigError, match="tracking_uri"):
+        uri(" ")
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("foo://nowhere", r"tracking.mlflow.tracking_uri 'foo://nowhere': MLflow cannot use it \("),
+    ("FILE/store", r"cannot create the file store directory"),
+])
+def test_an_mlflow_store_that_cannot_work_is_one_line_before_training(tmp_path, bad, message):
+    (tmp_path / "FILE").write_text("a file, not a directory")
+    bad = bad.replace("FILE", str(tmp_path / "FILE"))
+    with pytest.raises(ConfigError, match=message) as err:
+        fit_local(Toy, _cfg(tmp_path / "run"), tracking=_tracking(mlflow={"tracking_uri": bad}))
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before training, not warned and skipped
+
+
+def test_sweep_mlflow_callback_gets_the_same_store(tmp_path, monkeypatch):
+    import mlflow
+
+    from clipdense.train.tracking import tune_callbacks
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (callback,) = tune_callbacks(_tracking(mlflow={"tracking_uri": "mlruns", "experiment": "sweep"}))
+    assert callback.tracking_uri == str(tmp_path / "mlruns")
+    callback.setup()  # what Tune calls on the driver: finds or creates the experiment in the file store
+    assert mlflow.MlflowClient("mlruns").get_experiment_by_name("sweep") is not None
+    with pytest.raises(ConfigError, match="cannot create the file store directory"):
+        (tmp_path / "f").write_text("")
+        tune_callbacks(_tracking(mlflow={"tracking_uri": "f/mlruns"}))
 
 
 def _wandb_records(path: Path) -> list:

@@ -3,9 +3,11 @@
 The folder is open_clip's own Hugging Face layout (what `push_to_hf_hub` uploads and `hf-hub:` reads):
 `open_clip_config.json` (`model_cfg` + `preprocess_cfg`, written by open_clip's `save_config_for_hf`) and
 `open_clip_model.safetensors`. A model whose tokenizer uses a shipped BPE file (the demo models) gets that file
-copied into the folder; open_clip's SimpleTokenizer opens `bpe_path` as given (relative paths resolve against the
-working directory, not the folder), so the config names the copy by its absolute path: move the folder and pass
-`bpe_path=<new dir>/<file>` to `open_clip.get_tokenizer`, or re-export.
+copied into the folder. open_clip (3.3) cannot find it there by itself: `get_tokenizer("local-dir:<dir>")` resolves
+only an HF tokenizer (`hf_tokenizer_name`, which needs `transformers`) against the folder and hands `tokenizer_kwargs`
+to SimpleTokenizer unchanged, which opens `bpe_path` as written (a relative path against the working directory);
+`hf-hub:` downloads no BPE at all. So the config names the copy by its absolute path: after moving the folder (or
+pushing it), pass `bpe_path=<new dir>/<file>` (or `hf_hub_download(<repo>, <file>)`) to `open_clip.get_tokenizer`.
 """
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ One `tracking` section serves pretrain, finetune and sweep. The training loop ha
 `metrics.jsonl` to `RunWatchers.write`, which prints a progress line and forwards the numbers to the trackers.
 Trackers are optional extras (`pip install "clipdense[tracking]"`); a tracker that fails (its server went away,
 a disk filled) is warned about once and switched off, never allowed to stop or stall training: MLflow's HTTP
-client gets short timeouts and few retries.
+client gets short timeouts and few retries. A tracker that cannot start because of its configuration (an MLflow
+URI no store takes, a store directory that cannot be written) is a one-line ConfigError before the run starts.
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import time
 import warnings
 from pathlib import Path
 from typing import Literal
+from urllib.parse import unquote, urlparse
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from clipdense.config import Config
 from clipdense.errors import ConfigError
@@ -25,9 +27,45 @@ EXTRA = 'pip install "clipdense[tracking]"'
 
 
 class MlflowConfig(Config):
-    tracking_uri: str = Field(..., description="http://host:port of an MLflow server, or a file store path/URI")
+    tracking_uri: str = Field(..., description="http://host:port of an MLflow server, a file store directory "
+                              "(path or file: URI), or a database (sqlite:///path.db)")
     experiment: str = "clipdense"
     run_name: str | None = Field(None, description="default: the run's out_dir name")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _absolute(cls, uri: str) -> str:
+        # made absolute where the config is built (the driver): Ray workers run in another working directory
+        if not uri.strip():
+            raise ValueError("is empty: give a server URL, a store directory or a sqlite:/// database")
+        return absolute_store_uri(uri)
+
+
+def file_store_path(uri: str) -> Path | None:
+    """The directory of an MLflow file store (a bare path or a local file: URI); None for any other store."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "" and uri not in ("databricks", "databricks-uc", "uc"):  # MLflow's scheme-less URIs
+        return Path(uri).expanduser()
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        return Path(unquote(parsed.path)).expanduser()
+    return None
+
+
+def absolute_store_uri(uri: str) -> str:
+    """A local store's URI with its path made absolute, in the form the user wrote it (path, file:, sqlite:)."""
+    uri = uri.strip()
+    path = file_store_path(uri)
+    if path is not None:
+        return str(path.absolute()) if urlparse(uri).scheme == "" else "file://" + str(path.absolute())
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # three slashes: relative to the cwd
+        db, sep, query = uri[len("sqlite:///"):].partition("?")
+        if db and db != ":memory:":
+            return f"sqlite:///{Path(db).expanduser().absolute()}{sep}{query}"
+    return uri
+
+
+def is_local_store(uri: str) -> bool:
+    return file_store_path(uri) is not None or urlparse(uri).scheme.startswith("sqlite")
 
 
 class WandbConfig(Config):
@@ -57,11 +95,12 @@ def require(module: str, feature: str):
 
 
 def check_installed(cfg: TrackingConfig) -> None:
-    """Fail before a run starts (in the driver) if a configured tracker's library is missing."""
+    """Fail before a run starts (in the driver) if a configured tracker's library is missing, or its MLflow store
+    cannot work as configured."""
     if cfg.tensorboard:
         require("torch.utils.tensorboard", "tracking.tensorboard")
     if cfg.mlflow is not None:
-        require("mlflow", "tracking.mlflow")
+        open_mlflow_store(cfg.mlflow)
     if cfg.wandb is not None:
         require("wandb", "tracking.wandb")
 
@@ -90,6 +129,40 @@ def short_mlflow_timeouts() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+
+
+def open_mlflow_store(cfg: MlflowConfig):
+    """An MlflowClient for `cfg.tracking_uri`, or a one-line ConfigError when the store cannot be used as
+    configured: a URI no MLflow store takes, a file store directory that cannot be created or written, a local
+    store that does not open. A remote server is not contacted here (it may come up later; it is only warned about).
+
+    A file store directory is what the user asked for, so it is allowed (`MLFLOW_ALLOW_FILE_STORE=true`; MLflow 3
+    refuses file stores by default and keeps them in maintenance mode): read it with `MlflowClient(<same path>)`
+    or `mlflow ui --backend-store-uri <same path>` under the same variable. A value the user set wins."""
+    mlflow = require("mlflow", "tracking.mlflow")
+    short_mlflow_timeouts()
+    uri, where = cfg.tracking_uri, f"tracking.mlflow.tracking_uri {cfg.tracking_uri!r}"
+    store = file_store_path(uri)
+    if store is not None:
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        try:
+            store.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"{where}: cannot create the file store directory ({e.strerror or e})") from None
+        if not os.access(store, os.W_OK | os.X_OK):
+            raise ConfigError(f"{where}: the file store directory is not writable")
+    try:
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        if is_local_store(uri):
+            client.search_experiments(max_results=1)  # opens the store: a refused or broken one fails here
+    except Exception as e:
+        raise ConfigError(f"{where}: MLflow cannot use it ({_first_line(e)})") from None
+    return client
+
+
 class _TensorBoard:
     name = "tensorboard"
 
@@ -113,9 +186,17 @@ class _Mlflow:
     name = "mlflow"
 
     def __init__(self, cfg: MlflowConfig, out_dir: Path, run_id: str, params: dict):
-        short_mlflow_timeouts()
         mlflow = require("mlflow", "tracking.mlflow")
-        self.client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri)
+        self.client = open_mlflow_store(cfg)
+        try:
+            self._start(mlflow, cfg, out_dir, run_id, params)
+        except Exception as e:
+            if not is_local_store(cfg.tracking_uri):
+                raise  # a server down at start: RunWatchers warns and trains on
+            raise ConfigError(f"tracking.mlflow.tracking_uri {cfg.tracking_uri!r}: cannot start a run in this "
+                              f"store ({_first_line(e)})") from None
+
+    def _start(self, mlflow, cfg: MlflowConfig, out_dir: Path, run_id: str, params: dict) -> None:
         exp = self.client.get_experiment_by_name(cfg.experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(cfg.experiment)
         self.run_id = self.client.create_run(exp_id, run_name=cfg.run_name or out_dir.name,
@@ -275,7 +356,7 @@ def tune_callbacks(cfg: TrackingConfig | None) -> list:
     if cfg.mlflow is not None:
         from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-        short_mlflow_timeouts()
+        # check_installed opened the store above (file store allowed, short timeouts); the URI is absolute
         callbacks.append(MLflowLoggerCallback(tracking_uri=cfg.mlflow.tracking_uri,
                                               experiment_name=cfg.mlflow.experiment, save_artifact=False))
     if cfg.wandb is not None:
