@@ -58,6 +58,10 @@ def llm_kwargs(model: str, max_pixels: int, engine_kwargs: dict[str, Any], seed:
                               "mm_processor_kwargs": {"max_pixels": max_pixels}}
     if cpu:  # torch.compile on CPU triples the engine load time for little gain on captioning batches
         kwargs["enforce_eager"] = True
+        # vLLM 0.32's runner rewinds a seeded request's generator after a partial (chunked) prefill with
+        # `set_offset`, which CPU generators lack ("CPU Generator does not use offset"): every request here is
+        # seeded, so a batch whose prompts pass max_num_batched_tokens would fail. Whole prefills only.
+        kwargs["enable_chunked_prefill"] = False
     if seed is not None:
         kwargs["seed"] = seed
     for k, v in engine_kwargs.items():
