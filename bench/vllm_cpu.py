@@ -1,6 +1,6 @@
 """The `vllm` captioner engine on CPU: the tiny random Qwen2-VL through the real recaption pipeline.
 
-    python -m bench.vllm_cpu [--images 400] [--shards 10] [--image-px 160] [--quick]
+    python -m bench.vllm_cpu [--images 1280] [--shards 10] [--image-px 160] [--quick]
 
 Settings are README's recipe, configs/recaption/vllm-cpu-tiny.yaml (3 captions of up to 16 tokens per image,
 images capped at 112 x 112, bf16, enforce_eager, 1 GiB KV cache), run through a local Ray whose captioner actor
@@ -11,10 +11,11 @@ clipdense.recaption.tiny_vlm; the inputs are photo-like JPEGs of `--image-px` x 
 Two figures, measured apart:
 - engine load: `import vllm` and building the captioner (`vllm.LLM(...)`, as the actor does) timed in one process
   of that venv, outside Ray;
-- steady-state images/s: from the pipeline run, images in shards 2..S over the time between the first and the last
-  shard file being written (the writer writes each shard as soon as its rows are complete, in input order), so
-  Ray start, the actor's start and its engine load are left out. The run's end-to-end images/s (all included) and
-  its time to the first shard file are reported beside it.
+- steady-state images/s: from the pipeline run, the rows of result blocks 2..B over the time from the first result
+  block reaching the driver's writer to the last (recorded by a subclass of the writer, ShardAssembler), so Ray
+  start, the actor's start, its engine load and the first block's work are left out. Result blocks follow the read
+  blocks (up to 256 rows each), hence the default of several blocks' worth of images. The run's end-to-end
+  images/s (all included) and its time to the first result block are reported beside it.
 Random weights stop at random end tokens, so captions run up to, not exactly, 16 tokens: the figure is this model's,
 not a language model's. Writes bench/results/vllm_cpu.json and .md (quiet-machine gate: bench/common.py).
 """
@@ -85,43 +86,48 @@ def engine_load(py: str, cfg) -> dict:
     return {k: round(v, 2) for k, v in json.loads(line[len("LOAD_TIMES "):]).items()}
 
 
-def pipeline(cfg, shard_sizes: list[int]) -> dict:
-    """One pipeline run; steady-state images/s from the shard files' write times."""
-    from clipdense.recaption import run
-    from clipdense.recaption.writer import output_path, shard_name
+def pipeline(cfg) -> dict:
+    """One pipeline run; steady-state images/s from the times result blocks reach the writer."""
+    from unittest import mock
+
+    from clipdense.recaption import pipeline as recaption_pipeline
+    from clipdense.recaption.writer import ShardAssembler
+
+    arrivals: list[tuple[float, int]] = []
+
+    class TimedAssembler(ShardAssembler):
+        def add(self, block):
+            if block.num_rows:
+                arrivals.append((time.perf_counter(), block.num_rows))
+            super().add(block)
 
     shutil.rmtree(cfg.output, ignore_errors=True)
-    t0 = time.time()
-    s = run(cfg)
-    total = time.time() - t0
-    written = [os.path.getmtime(output_path(cfg.output, shard_name(p))) for p in cfg.input]
-    if written != sorted(written):
-        raise RuntimeError("shard files were not written in input order")
-    steady_images = sum(shard_sizes[1:])
-    span = written[-1] - written[0]
+    t0 = time.perf_counter()
+    with mock.patch.object(recaption_pipeline, "ShardAssembler", TimedAssembler):
+        s = recaption_pipeline.run(cfg)
+    total = time.perf_counter() - t0
+    if len(arrivals) < 2:
+        raise RuntimeError(f"{len(arrivals)} result block(s): too few images for a steady state (raise --images)")
+    steady_images, span = sum(n for _, n in arrivals[1:]), arrivals[-1][0] - arrivals[0][0]
     return {"images": s["rows_in"], "captioned": s["rows_captioned"], "failed_by_code": s["failed_by_code"],
             "seconds_end_to_end": round(total, 2), "images_per_s_end_to_end": round(s["rows_in"] / total, 2),
-            "first_shard_s": round(written[0] - t0, 2), "steady_images": steady_images,
-            "steady_seconds": round(span, 3),
+            "first_block_s": round(arrivals[0][0] - t0, 2), "block_rows": [n for _, n in arrivals],
+            "steady_images": steady_images, "steady_seconds": round(span, 3),
             "steady_images_per_s": round(steady_images / span, 2) if span > 0 else None}
 
 
 def main(argv=None, quick: bool = False) -> int:
     """`argv` None = defaults (as `python -m bench.run` calls it); `quick` is a smoke run (not a figure)."""
     ap = argparse.ArgumentParser(prog="python -m bench.vllm_cpu")
-    ap.add_argument("--images", type=int, default=400)
+    ap.add_argument("--images", type=int, default=1280)
     ap.add_argument("--shards", type=int, default=10)
     ap.add_argument("--image-px", type=int, default=160)
-    ap.add_argument("--quick", action="store_true", help="a smoke run: 3 shards of 12 images")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 3 shards of 100 images")
     ap.add_argument("--out", default=None, help="default bench/results (a --quick run: its work folder)")
     args = ap.parse_args([] if argv is None else argv)
     quick = quick or args.quick
     if quick:
-        args.images, args.shards = 36, 3
-    if args.shards < 2 or args.images < 2 * args.shards:
-        ap.error("need >= 2 shards (the first is left out of the steady state) and >= 2 images per shard")
-
-    import numpy as np
+        args.images, args.shards = 300, 3
 
     from bench.recaption_echo import synth_jpegs, write_shards
     from clipdense.recaption.vllm_env import VLLMEnvError
@@ -133,7 +139,6 @@ def main(argv=None, quick: bool = False) -> int:
         return 0
     model = tiny_model(py, WORK / "tiny-vlm")
     inputs = write_shards(WORK / "shards", synth_jpegs(args.images, args.image_px), args.shards)
-    sizes = np.diff(np.linspace(0, args.images, args.shards + 1).astype(int)).tolist()  # write_shards' split
     cfg = recipe(py, model, inputs, WORK / "out", WORK / "vllm-cache")
     e = cfg.engine
     setting = (f"tiny random Qwen2-VL (clipdense.recaption.tiny_vlm), {e.num_captions} captions of up to "
@@ -144,7 +149,7 @@ def main(argv=None, quick: bool = False) -> int:
     loads.start_round()
     load = engine_load(py, cfg)
     loads.start_round()
-    run = pipeline(cfg, sizes)
+    run = pipeline(cfg)
     if run["captioned"] != args.images:
         raise RuntimeError(f"{args.images - run['captioned']} images not captioned: {run['failed_by_code']}")
     note = f"{setting}; {loads.note()}; {load_note()}"
@@ -155,7 +160,7 @@ def main(argv=None, quick: bool = False) -> int:
             higher_is_better=False, notes=f"import vllm {load['import_vllm_s']} s; " + note, rounds=loads),
         row("vllm_cpu", "tiny VLM end-to-end images/s (Ray + actor start + load included)",
             run["images_per_s_end_to_end"], None, "", "images/s",
-            notes=f"first shard file after {run['first_shard_s']} s; " + note, rounds=loads),
+            notes=f"first result block after {run['first_block_s']} s; " + note, rounds=loads),
     ]
     name = "vllm_cpu_quick" if quick else "vllm_cpu"  # a smoke run never overwrites the figure
     out = Path(args.out or (WORK if quick else RESULTS))  # a smoke run stays out of the results table
