@@ -27,6 +27,7 @@ CPU_BENCHES = {
     "finetune": "bench.finetune_step",
     "demo": "bench.demo_wall",
     "eval": "bench.eval_zeroshot",
+    "vllm-cpu": "bench.vllm_cpu",
 }
 GPU_BENCHES = {"gpu": "bench.gpu"}
 

@@ -80,6 +80,39 @@ def test_a_listed_parquet_that_holds_images_stays_a_shard(tmp_path):
     assert [s.rsplit("/", 1)[1] for s in shards] == ["00000.tar", "00001.parquet"] and len(sidecars) == 1
 
 
+def test_output_into_the_img2dataset_folder_is_refused_in_one_line(tmp_path, capsys):
+    """img2dataset's own NNNNN.parquet (per-URL metadata) is neither a finished output nor overwritten."""
+    import shutil
+
+    from clipdense.cli import main as cli_main
+    from clipdense.errors import DataError
+    from clipdense.recaption.writer import OUTPUT_SCHEMA, plan_shards
+
+    i2d = tmp_path / "i2d"
+    _img2dataset_folder(i2d)
+    shards = expand_shards(str(i2d))[0]
+    for out in (str(i2d), str(i2d) + "/"):
+        with pytest.raises(DataError, match=f"output '{i2d}/?' is the folder of the input shards"):
+            plan_shards(shards, output=out)
+    before = {p.name: p.read_bytes() for p in i2d.iterdir()}
+    rc = cli_main(["recaption", f"input={i2d}", f"output={i2d}", "engine.kind=echo"])  # fails before Ray starts
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("clipdense recaption: error: output") and str(i2d) in err[0]
+    assert {p.name: p.read_bytes() for p in i2d.iterdir()} == before  # nothing written over
+    # a copy of the folder (or of its metadata alone) as the output of another input: not taken as done
+    shutil.copytree(i2d, tmp_path / "copy")
+    (tmp_path / "meta").mkdir()
+    shutil.copy(i2d / "00001.parquet", tmp_path / "meta" / "00000.parquet")
+    for out, name in ((tmp_path / "copy", "00000.parquet"), (tmp_path / "meta", "00000.parquet")):
+        with pytest.raises(DataError, match=f"holds {name} that is not a recaption output"):
+            plan_shards(shards, output=str(out))
+    # our own output file is still a finished shard
+    (tmp_path / "recap").mkdir()
+    pq.write_table(OUTPUT_SCHEMA.empty_table(), tmp_path / "recap" / "00000.parquet")
+    plan = plan_shards(shards, output=str(tmp_path / "recap"))
+    assert plan.done == ["00000"] and list(plan.todo) == ["00001"]
+
+
 @pytest.mark.slow
 def test_img2dataset_folder_recaptions_and_pretrains(ray_local, tmp_path):
     from clipdense.pretrain import PretrainConfig

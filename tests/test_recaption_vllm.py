@@ -21,8 +21,8 @@ from clipdense.errors import ConfigError
 from clipdense.recaption import RecaptionConfig
 from clipdense.recaption.engines import build_captioner, image_input, provenance
 from clipdense.recaption.engines.base import EngineOutputError
-from clipdense.recaption.engines.sampling import row_seed
-from clipdense.recaption.engines.vllm import VLLMCaptioner, build_messages, parse_outputs
+from clipdense.recaption.engines.seeds import row_seed
+from clipdense.recaption.engines.vllm import VLLMCaptioner, build_messages, llm_kwargs, parse_outputs
 from shard_files import jpeg_bytes
 
 
@@ -79,7 +79,10 @@ def test_adapter_builds_chat_requests_and_parses_n_outputs(monkeypatch):
     assert out == [[f"caption {i}-{k} second sentence." for k in range(3)] for i in range(2)]
     chat = fake.calls["chat"][0]
     assert chat["sampling_params"].kwargs == {"n": 3, "temperature": 0.7, "top_p": 0.8, "max_tokens": 40}
-    assert init["seed"] == 0 and "enforce_eager" not in init  # not a CPU platform
+    assert init["seed"] == 0 and "enforce_eager" not in init and "enable_chunked_prefill" not in init  # not CPU
+    cpu = llm_kwargs("m", 12544, {"max_model_len": 512}, 0, cpu=True)
+    assert cpu["enforce_eager"] is True and cpu["enable_chunked_prefill"] is False  # seeded requests on CPU
+    assert llm_kwargs("m", 12544, {"enable_chunked_prefill": True}, 0, cpu=True)["enable_chunked_prefill"] is True
     sys_msg, user = chat["messages"][0]
     assert sys_msg == {"role": "system", "content": "Be brief."}
     assert user["content"][0]["type"] == "image_pil" and user["content"][0]["image_pil"].size == (30, 20)

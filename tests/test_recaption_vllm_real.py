@@ -3,7 +3,8 @@ real recaption pipeline on a real local Ray cluster whose captioner actors run i
 (`engine.runtime_env.py_executable`).
 
 The venv is built once by the project's own command (`clipdense vllm-env DIR`) and cached outside the clone,
-keyed by the versions it holds (~2.5 GB, a few minutes the first time); later sessions reuse it.
+keyed by the versions it holds (~2.5 GB, a few minutes the first time); later sessions reuse it. The engine
+settings are README's recipe, configs/recaption/vllm-cpu-tiny.yaml, with only paths and the batch size overridden.
 """
 import contextlib
 import io
@@ -15,10 +16,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from clipdense.cli import main as cli_main
-from clipdense.config import build_config
+from clipdense.config import load_config
 from clipdense.data.shards import read_shard_local
 from clipdense.recaption import RecaptionConfig, run
 from clipdense.recaption.vllm_env import env_key
@@ -26,6 +26,7 @@ from shard_files import good_samples, jpeg_bytes, write_tar
 
 pytestmark = pytest.mark.slow
 CACHE = Path(os.environ.get("CLIPDENSE_CACHE", Path.home() / ".cache" / "clipdense"))
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "recaption" / "vllm-cpu-tiny.yaml"
 
 
 @pytest.fixture(scope="session")
@@ -49,13 +50,11 @@ def tiny_vlm(vllm_python, tmp_path_factory):
     return str(out)
 
 
-def _engine(py, model, tmp, **kw):
-    return {"kind": "vllm", "model": model, "num_captions": 3, "max_tokens": 8, "batch_size": 4,
-            "max_pixels": 112 * 112, "retries": 0,
-            "engine_kwargs": {"max_model_len": 512, "limit_mm_per_prompt": {"image": 1, "video": 0},
-                              "dtype": "bfloat16"},
-            "runtime_env": {"py_executable": py, "env_vars": {"VLLM_CACHE_ROOT": str(tmp / "vllm-cache"),
-                                                              "VLLM_CPU_KVCACHE_SPACE": "1"}}, **kw}
+def _overrides(py, model, tmp):
+    """README's command over the recipe, plus this test's paths; batches of 4 so 9 images make several."""
+    return [f"input={tmp / 'in'}", f"output={tmp / 'out'}", f"engine.model={model}",
+            f"engine.runtime_env.py_executable={py}",
+            f"engine.runtime_env.env_vars.VLLM_CACHE_ROOT={tmp / 'vllm-cache'}", "engine.batch_size=4"]
 
 
 def _shards(d):
@@ -88,16 +87,12 @@ def first_run(ray_local, vllm_python, tiny_vlm, tmp_path_factory):
     broken = tmp / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
-    cfg_file = tmp / "broken.yaml"
-    cfg_file.write_text(yaml.safe_dump({"input": str(tmp / "in"), "output": str(tmp / "out"),
-                                        "engine": _engine(vllm_python, str(broken), tmp)}))
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        rc = cli_main(["recaption", "--config", str(cfg_file)])
+        rc = cli_main(["recaption", "--config", str(RECIPE), *_overrides(vllm_python, broken, tmp)])
     broken_result = {"rc": rc, "err": err.getvalue(),
                      "outputs": _outputs(tmp / "out") if (tmp / "out").exists() else {}}
-    cfg = build_config(RecaptionConfig, {"input": str(tmp / "in"), "output": str(tmp / "out"),
-                                         "engine": _engine(vllm_python, tiny_vlm, tmp)})
+    cfg = load_config(RecaptionConfig, RECIPE, _overrides(vllm_python, tiny_vlm, tmp))
     summary = run(cfg)
     return {"tmp": tmp, "expected": expected, "summary": summary, "cfg": cfg, "broken": broken,
             "broken_result": broken_result, "outputs": _outputs(tmp / "out")}
@@ -116,6 +111,8 @@ def test_model_that_does_not_load_is_one_line_error_and_loses_no_rows(first_run)
 
 def test_real_vllm_n_captions_provenance_and_error_rows(first_run, tiny_vlm):
     outputs, expected, summary = first_run["outputs"], first_run["expected"], first_run["summary"]
+    engine = first_run["cfg"].engine
+    assert (engine.num_captions, engine.retries, engine.engine_kwargs["dtype"]) == (3, 0, "bfloat16")  # the recipe's
     assert sorted(outputs) == ["000000.parquet", "000001.parquet"]
     for tar, keys in expected.items():  # every input row exactly once, in order
         assert [r["key"] for r in outputs[tar.replace(".tar", ".parquet")]] == keys
@@ -127,7 +124,7 @@ def test_real_vllm_n_captions_provenance_and_error_rows(first_run, tiny_vlm):
     r = rows["a0000"]
     assert r["engine"] == "vllm" and r["model"] == tiny_vlm and r["prompt"] == first_run["cfg"].engine.prompt
     sampling = json.loads(r["sampling"])
-    assert sampling["n"] == 3 and sampling["max_tokens"] == 8 and sampling["engine_seed"] == 0
+    assert sampling["n"] == 3 and sampling["max_tokens"] == engine.max_tokens and sampling["engine_seed"] == 0
     assert rows["trunc"]["error_code"] == "undecodable_image" and rows["trunc"]["syn_captions"] is None
     assert rows["pdf"]["error_code"] == "no_image" and rows["pdf"]["syn_captions"] is None
     assert summary["rows_in"] == len(rows) and summary["rows_captioned"] == len(ok)

