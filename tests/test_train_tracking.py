@@ -14,8 +14,9 @@ import pytest
 
 from clipdense.config import build_config
 from clipdense.errors import ConfigError
-from clipdense.train import TrainConfig, fit_local
+from clipdense.train import TrainConfig, fit, fit_local
 from clipdense.train.tracking import TrackingConfig
+import train_toy
 from train_toy import Toy
 
 TESTS = Path(__file__).resolve().parent
@@ -29,6 +30,12 @@ def _cfg(out, steps=20) -> TrainConfig:
 
 def _tracking(**kw) -> TrackingConfig:
     return build_config(TrackingConfig, {"progress": "off", **kw})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_progress_lines_arrive_while_the_run_goes(tmp_path):
@@ -61,6 +68,25 @@ def test_progress_lines_arrive_while_the_run_goes(tmp_path):
     assert "ETA 0:00:0" in steps[1] or "ETA 0:00:" in steps[1]  # ~20 steps x 0.2 s left
 
 
+def test_ray_train_run_prints_progress_and_tracker_warnings_on_the_driver(ray_local, tmp_path, capsys):
+    # Rank 0 runs in a Ray Train worker, whose own output never reaches this process (the local Ray runs with
+    # log_to_driver=False); nothing listens on the port, so its MLflow tracker fails to start there.
+    cfg = build_config(TrainConfig, {"out_dir": str(tmp_path), "schedule": {"total_steps": 20}, "log_every": 5,
+                                     "scaling": {"num_workers": 1, "cpus_per_worker": 0.5}})
+    tracking = _tracking(progress="lines", mlflow={"tracking_uri": f"http://127.0.0.1:{_free_port()}"})
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(train_toy)  # Ray workers cannot import tests/ modules
+    try:
+        with pytest.warns(UserWarning, match="could not start a tracker"):
+            assert fit(Toy, cfg, tracking=tracking)["step"] == 20
+    finally:
+        cloudpickle.unregister_pickle_by_value(train_toy)
+    steps = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[clipdense] step")]
+    assert [ln.split()[2] for ln in steps] == ["5/20", "10/20", "15/20", "20/20"]
+    assert all(key in steps[1] for key in ("loss ", "lr ", "samples/s", "data wait", "ETA "))
+
+
 def test_tensorboard_reader_finds_the_scalars(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -73,12 +99,6 @@ def test_tensorboard_reader_finds_the_scalars(tmp_path):
     logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     first_loss = next(r["loss"] for r in logged if "loss" in r)
     assert acc.Scalars("loss")[0].value == pytest.approx(first_loss, rel=1e-6)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
