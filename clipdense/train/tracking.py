@@ -1,7 +1,8 @@
 """Watching a run: progress lines in the terminal and experiment trackers (TensorBoard, MLflow, W&B), rank 0 only.
 
 One `tracking` section serves pretrain, finetune and sweep. The training loop hands every record it writes to
-`metrics.jsonl` to `RunWatchers.write`, which prints a progress line and forwards the numbers to the trackers.
+`metrics.jsonl` to `RunWatchers.write`, which prints a progress line (on Ray Train: relays it to the driver, see
+`driver_progress`) and forwards the numbers to the trackers.
 Trackers are optional extras (`pip install "clipdense[tracking]"`); a tracker that fails (its server went away,
 a disk filled) is warned about once and switched off, never allowed to stop or stall training: MLflow's HTTP
 client gets short timeouts and few retries.
