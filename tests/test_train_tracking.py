@@ -217,3 +217,26 @@ def test_a_missing_tracking_library_is_one_line_naming_the_extra(tmp_path, monke
     with pytest.raises(ConfigError, match=r"tracking.mlflow needs the 'mlflow' package: pip install "
                                           r"\"clipdense\[tracking\]\""):
         fit_local(Toy, _cfg(tmp_path), tracking=_tracking(mlflow={"tracking_uri": str(tmp_path / "m")}))
+
+
+def test_sweep_prints_a_line_per_trial_result_once(capsys):
+    # Tune's own Trial objects (stubs: no trainable runs); results as Tune hands them to driver callbacks.
+    from ray.tune.experiment import Trial
+
+    from clipdense.sweep.grid import hparam_label
+    from clipdense.sweep.progress import TrialProgress
+
+    trial = Trial("__fake", config={"trial": "seg/clip/f1/s0", "hp": {"train.schedule.total_steps": 8}}, stub=True)
+    other = Trial("__fake", config={"trial": "seg/clip/f0.5/s0"}, stub=True)
+    shown, quiet = TrialProgress("lines", {"seg/clip/f1/s0": 4, "seg/clip/f0.5/s0": 6}), TrialProgress("off", {})
+    for cb in (shown, quiet):
+        cb.on_trial_result(1, [], trial, {"step": 2, "loss": 1.5, "lr": 1e-3, "eval/mIoU": 0.25})
+        cb.on_trial_result(1, [], other, {"step": 3.0, "loss": 2.0})
+        cb.on_trial_result(2, [], trial, {"step": 8, "loss": 1.0, "eval/mIoU": 0.5})
+        cb.on_trial_result(3, [], trial, {"step": 8.0, "loss": 1.0, "eval/mIoU": 0.5, "skipped": 0.0})  # closing
+        cb.on_trial_complete(3, [], trial)
+    lines = capsys.readouterr().out.splitlines()
+    name = "[clipdense] seg/clip/f1/s0/" + hparam_label({"train.schedule.total_steps": 8})  # the trial's directory
+    assert [ln.split("  ")[:2] for ln in lines] == [[name, "step 2/8"], ["[clipdense] seg/clip/f0.5/s0", "step 3/6"],
+                                                    [name, "step 8/8"]]
+    assert "loss 1.5000" in lines[0] and "eval mIoU 0.25" in lines[0] and "ETA " in lines[2]

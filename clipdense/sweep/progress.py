@@ -21,6 +21,9 @@ class TrialProgress(Callback):
         self.mode, self.total_steps = mode, total_steps
         self._shown: dict[str, tuple[Progress, dict]] = {}
 
+    def __getstate__(self) -> dict:  # Tune pickles its callbacks with the experiment; open bars and streams stay
+        return {**self.__dict__, "_shown": {}}
+
     def _progress(self, trial, result: dict) -> Progress:
         config = trial.config or {}
         hp = {k: (v.item() if hasattr(v, "item") else v) for k, v in (config.get("hp") or {}).items()}
