@@ -1,6 +1,8 @@
 """Pretraining end to end on a learnable toy: caption policies, CoCa, Ray Train with 2 workers, export, resume."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 
@@ -39,13 +41,17 @@ def _losses(out) -> list[float]:
 
 @pytest.fixture(scope="module")
 def ray_run(ray_local, world, tmp_path_factory):
-    """policy `both` (DataCompDR) on 2 Ray Train workers reading a split Ray dataset."""
+    """policy `both` (DataCompDR) on 2 Ray Train workers reading a split Ray dataset; also what the driver printed
+    (the local Ray runs with log_to_driver=False: a worker's prints would not reach this process)."""
     out = tmp_path_factory.mktemp("ray_both")
-    return out, run(_cfg(world, out, "both", in_process=False)), world
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result = run(_cfg(world, out, "both", in_process=False))
+    return out, result, world, printed.getvalue()
 
 
 def test_ray_two_workers_both_policy(ray_run):
-    out, result, world = ray_run
+    out, result, world, _ = ray_run
     assert result["step"] == 12 and not result["stopped_early"]
     assert result["data"]["errors"] == {"recaption_failed": 1, "no_recaption_for_key": 1, "undecodable_image": 1}
     assert result["data"]["ok"] == world["rows"] - 3 and result["data"]["holdout_rows"] == 8
@@ -56,8 +62,17 @@ def test_ray_two_workers_both_policy(ray_run):
     assert m["eval/rows"] == 8 and 0.0 <= m["eval/i2t_R@1"] <= m["eval/i2t_R@5"] <= 1.0
 
 
+def test_ray_run_shows_progress_on_the_driver(ray_run):
+    printed = ray_run[3].splitlines()
+    steps = [ln for ln in printed if ln.startswith("[clipdense] step") and " loss " in ln]
+    assert [ln.split()[2] for ln in steps] == ["4/12", "8/12", "12/12"]
+    for key in ("loss ", "lr ", "samples/s", "data wait", "ETA "):
+        assert all(key in ln for ln in steps)
+    assert any(ln.startswith("[clipdense] step 12/12  eval ") and "i2t_R@1" in ln for ln in printed)  # final eval
+
+
 def test_export_loads_in_open_clip(ray_run):
-    out, result, _ = ray_run
+    out, result, _, _ = ray_run
     info = json.loads((out / "export" / "export.json").read_text())
     assert info["name"] == "clip-tiny" and info["steps"] == 12 and info["params"] > info["visual_params"] > 0
     exported = torch.load(info["model"], map_location="cpu", weights_only=True)
@@ -73,7 +88,7 @@ def test_export_loads_in_open_clip(ray_run):
 
 @pytest.mark.slow
 def test_ray_resume_gives_identical_weights(ray_run, tmp_path):
-    out, result, world = ray_run
+    out, result, world, _ = ray_run
     cut = run(_cfg(world, tmp_path, "both", in_process=False, stop_at_step=7))
     assert cut["stopped_early"] and cut["step"] == 7
     resumed = run(_cfg(world, tmp_path, "both", in_process=False))
@@ -85,7 +100,7 @@ def test_ray_resume_gives_identical_weights(ray_run, tmp_path):
 
 def test_cached_training_set_gives_identical_weights(ray_run, tmp_path):
     """`data.cache` decodes once and replays the object-store copy each epoch: the same rows, crops and weights."""
-    out, result, world = ray_run
+    out, result, world, _ = ray_run
     cfg = _cfg(world, tmp_path, "both", in_process=False)
     cached = run(cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache": True})}))
     assert cached["step"] == 12 and cached["data"]["ok"] == result["data"]["ok"]
@@ -112,7 +127,9 @@ def test_pretrain_shows_progress_and_writes_tensorboard(ray_local, world, tmp_pa
     assert [ln.split()[2] for ln in lines][:3] == ["4/12", "8/12", "12/12"]
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
-    assert [e.step for e in acc.Scalars("loss")] == [4, 8, 12] and "lr" in acc.Tags()["scalars"]
+    tags = acc.Tags()["scalars"]
+    assert [e.step for e in acc.Scalars("loss")] == [4, 8, 12] and {"lr", "logit_scale"} <= set(tags)
+    assert [e.step for e in acc.Scalars("eval/i2t_R@1")] == [12]  # the final evaluation
 
 
 def test_coca_trains_with_caption_loss(ray_local, world, tmp_path):

@@ -2,6 +2,7 @@
 the sweep is rerun, finished trials are not rerun and every trial ends complete; then an ASHA hyperparameter
 sweep whose finetunes report intermediate eval metrics to Tune."""
 import json
+import re
 
 import pytest
 import yaml
@@ -72,7 +73,7 @@ def test_failed_trial_then_resume_without_rerunning_finished_ones(ray_local, ade
     assert third["skipped"] == 4 and third["failed"] == [] and "experiment" not in third
 
 
-def test_asha_sweep_gets_intermediate_metrics(ray_local, ade_root, tmp_path):
+def test_asha_sweep_gets_intermediate_metrics(ray_local, ade_root, tmp_path, capsys):
     data = _tiny(ade_root, tmp_path / "hp", fractions=[1.0], report={"reference": None},
                  backbones=[{"name": "clip", "backbone": {"name": "clip-tiny"}}],
                  search_space={"train.optim.lr": {"grid": [1e-3, 1e-4]}},
@@ -82,6 +83,9 @@ def test_asha_sweep_gets_intermediate_metrics(ray_local, ade_root, tmp_path):
                                           "eval.mode": "whole", "data.max_eval_images": 2})
     summary = run(build_config(SweepConfig, data))
     assert summary["failed"] == []
+    # the driver prints a line per trial result; both trials reach ASHA's first rung
+    trial_line = re.compile(r"\[clipdense\] seg/clip/f1/s0/hp-\w+  step 2/4  loss .* ETA .* eval .*mIoU")
+    assert len([ln for ln in capsys.readouterr().out.splitlines() if trial_line.match(ln)]) == 2
     exp = tmp_path / "hp" / "tune"
     results = [json.loads(line) for f in exp.glob("*/*/result.json") for line in f.read_text().splitlines()]
     eval_steps = sorted({r["step"] for r in results if "eval/mIoU" in r})

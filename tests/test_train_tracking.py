@@ -15,8 +15,9 @@ import pytest
 
 from clipdense.config import build_config
 from clipdense.errors import ConfigError
-from clipdense.train import TrainConfig, fit_local
+from clipdense.train import TrainConfig, fit, fit_local
 from clipdense.train.tracking import TrackingConfig
+import train_toy
 from train_toy import Toy
 
 TESTS = Path(__file__).resolve().parent
@@ -30,6 +31,12 @@ def _cfg(out, steps=20) -> TrainConfig:
 
 def _tracking(**kw) -> TrackingConfig:
     return build_config(TrackingConfig, {"progress": "off", **kw})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_progress_lines_arrive_while_the_run_goes(tmp_path):
@@ -62,6 +69,25 @@ def test_progress_lines_arrive_while_the_run_goes(tmp_path):
     assert "ETA 0:00:0" in steps[1] or "ETA 0:00:" in steps[1]  # ~20 steps x 0.2 s left
 
 
+def test_ray_train_run_prints_progress_and_tracker_warnings_on_the_driver(ray_local, tmp_path, capsys):
+    # Rank 0 runs in a Ray Train worker, whose own output never reaches this process (the local Ray runs with
+    # log_to_driver=False); nothing listens on the port, so its MLflow tracker fails to start there.
+    cfg = build_config(TrainConfig, {"out_dir": str(tmp_path), "schedule": {"total_steps": 20}, "log_every": 5,
+                                     "scaling": {"num_workers": 1, "cpus_per_worker": 0.5}})
+    tracking = _tracking(progress="lines", mlflow={"tracking_uri": f"http://127.0.0.1:{_free_port()}"})
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(train_toy)  # Ray workers cannot import tests/ modules
+    try:
+        with pytest.warns(UserWarning, match="could not start a tracker"):
+            assert fit(Toy, cfg, tracking=tracking)["step"] == 20
+    finally:
+        cloudpickle.unregister_pickle_by_value(train_toy)
+    steps = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[clipdense] step")]
+    assert [ln.split()[2] for ln in steps] == ["5/20", "10/20", "15/20", "20/20"]
+    assert all(key in steps[1] for key in ("loss ", "lr ", "samples/s", "data wait", "ETA "))
+
+
 def test_tensorboard_reader_finds_the_scalars(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -74,12 +100,6 @@ def test_tensorboard_reader_finds_the_scalars(tmp_path):
     logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     first_loss = next(r["loss"] for r in logged if "loss" in r)
     assert acc.Scalars("loss")[0].value == pytest.approx(first_loss, rel=1e-6)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -275,3 +295,26 @@ def test_a_missing_tracking_library_is_one_line_naming_the_extra(tmp_path, monke
     with pytest.raises(ConfigError, match=r"tracking.mlflow needs the 'mlflow' package: pip install "
                                           r"\"clipdense\[tracking\]\""):
         fit_local(Toy, _cfg(tmp_path), tracking=_tracking(mlflow={"tracking_uri": str(tmp_path / "m")}))
+
+
+def test_sweep_prints_a_line_per_trial_result_once(capsys):
+    # Tune's own Trial objects (stubs: no trainable runs); results as Tune hands them to driver callbacks.
+    from ray.tune.experiment import Trial
+
+    from clipdense.sweep.grid import hparam_label
+    from clipdense.sweep.progress import TrialProgress
+
+    trial = Trial("__fake", config={"trial": "seg/clip/f1/s0", "hp": {"train.schedule.total_steps": 8}}, stub=True)
+    other = Trial("__fake", config={"trial": "seg/clip/f0.5/s0"}, stub=True)
+    shown, quiet = TrialProgress("lines", {"seg/clip/f1/s0": 4, "seg/clip/f0.5/s0": 6}), TrialProgress("off", {})
+    for cb in (shown, quiet):
+        cb.on_trial_result(1, [], trial, {"step": 2, "loss": 1.5, "lr": 1e-3, "eval/mIoU": 0.25})
+        cb.on_trial_result(1, [], other, {"step": 3.0, "loss": 2.0})
+        cb.on_trial_result(2, [], trial, {"step": 8, "loss": 1.0, "eval/mIoU": 0.5})
+        cb.on_trial_result(3, [], trial, {"step": 8.0, "loss": 1.0, "eval/mIoU": 0.5, "skipped": 0.0})  # closing
+        cb.on_trial_complete(3, [], trial)
+    lines = capsys.readouterr().out.splitlines()
+    name = "[clipdense] seg/clip/f1/s0/" + hparam_label({"train.schedule.total_steps": 8})  # the trial's directory
+    assert [ln.split("  ")[:2] for ln in lines] == [[name, "step 2/8"], ["[clipdense] seg/clip/f0.5/s0", "step 3/6"],
+                                                    [name, "step 8/8"]]
+    assert "loss 1.5000" in lines[0] and "eval mIoU 0.25" in lines[0] and "ETA " in lines[2]

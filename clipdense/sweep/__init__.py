@@ -4,6 +4,7 @@
     tune.py    Ray Tune wiring: one trial = one `clipdense.dense.run`, resources, retries, restore
     factor.py  data-efficiency factor: monotone fits, paired seed bootstrap, censoring (pure numpy)
     report.py  `clipdense report DIR`: plots, tables, factors from the trial dirs' metrics.json
+    progress.py  a Tune callback printing one progress line per trial result on the driver
 """
 from __future__ import annotations
 

@@ -66,7 +66,8 @@ def _trial_fn(config: dict, specs: dict) -> None:
         ray.tune.report({**flat_metrics(json.loads(stopped.read_text())), "skipped": 1.0})
         return
     cfg = finetune_config(spec, hparams, out_dir)
-    # each trial is logged once, by Tune's callbacks (the sweep's `tracking`): the trial itself tracks nothing
+    # each trial is logged once, by Tune's callbacks (the sweep's `tracking`): the trial itself tracks nothing and
+    # prints no progress (the driver prints a line per trial result: sweep/progress)
     cfg = cfg.model_copy(update={"tracking": TrackingConfig(progress="off")})
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / TRIAL_FILE).write_text(json.dumps({**spec["coords"], "hp": hparam_label(hparams) if hparams else None,
@@ -134,12 +135,15 @@ def run_tune(cfg: SweepConfig, trials: list[Trial] | None = None) -> dict:
     import ray
     from ray import tune
 
+    from clipdense.sweep.progress import TrialProgress
+
     trials = expand(cfg) if trials is None else trials
     out = Path(cfg.out).absolute()
     trials_root = out / "trials"
     ft_cfgs = [finetune_config(_spec(cfg, t, out), {}, trial_dir(out, t.name)) for t in trials]   # fail early
     report_metric = (cfg.scheduler.metric or f"eval/{trials[0].metric}") if cfg.scheduler.type != "fifo" else None
     specs = {t.name: {**_spec(cfg, t, out), "report_metric": report_metric} for t in trials}
+    totals = {t.name: c.train.schedule.total_steps for t, c in zip(trials, ft_cfgs)}
     pending = [t.name for t in trials if cfg.search_space or not (trials_root / t.name / METRICS_FILE).is_file()]
     summary = {"trials": len(trials), "skipped": len(trials) - len(pending), "failed": [], "stopped": []}
     if not pending:
@@ -180,7 +184,8 @@ def run_tune(cfg: SweepConfig, trials: list[Trial] | None = None) -> dict:
                     search_alg=BasicVariantGenerator(max_concurrent=concurrency, random_state=cfg.search_seed)),
                 run_config=tune.RunConfig(name=exp_name, storage_path=storage, storage_filesystem=storage_fs,
                                           verbose=cfg.verbose,
-                                          callbacks=tune_callbacks(cfg.tracking) or None,
+                                          callbacks=[TrialProgress(cfg.tracking.progress, totals),
+                                                     *tune_callbacks(cfg.tracking)],
                                           failure_config=tune.FailureConfig(max_failures=cfg.max_failures)))
         results = tuner.fit()
         for r in results:

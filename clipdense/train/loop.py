@@ -88,21 +88,21 @@ class Sink:
 
 
 def run_worker(env, task_factory, cfg: TrainConfig, run_id: str, tracking: TrackingConfig | None = None,
-               params: dict | None = None) -> dict:
+               params: dict | None = None, relay=None) -> dict:
     """Train on this worker until `schedule.total_steps` (or `stop_at_step`); returns rank 0's summary.
     `tracking` says how rank 0 shows the run (progress, trackers); `params` (the stage's resolved config) go to
-    the trackers."""
+    the trackers; `relay`: the driver's progress queue (Ray Train runs; see train/driver_progress)."""
     # The deterministic flag is process-global (and makes torch.empty fill with NaN): restore it afterwards, or a
     # later run in the same process (fit_local, a reused Ray worker) inherits it.
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(cfg.deterministic or was_deterministic)
     try:
-        return _run_worker(env, task_factory, cfg, run_id, tracking, params)
+        return _run_worker(env, task_factory, cfg, run_id, tracking, params, relay)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
 
 
-def _run_worker(env, task_factory, cfg: TrainConfig, run_id: str, tracking, params) -> dict:
+def _run_worker(env, task_factory, cfg: TrainConfig, run_id: str, tracking, params, relay) -> dict:
     seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     device = env.device
     out_dir = Path(cfg.out_dir)
@@ -118,7 +118,7 @@ def _run_worker(env, task_factory, cfg: TrainConfig, run_id: str, tracking, para
     if resumed is not None:
         step, epoch, batch_in_epoch = (resumed[1][k] for k in ("step", "epoch", "batch_in_epoch"))
     ctx.step, ctx.epoch, ctx.start_batch = step, epoch, batch_in_epoch
-    sink.watchers = RunWatchers(tracking, out_dir, run_id, total, step, params, ctx.is_main)
+    sink.watchers = RunWatchers(tracking, out_dir, run_id, total, step, params, ctx.is_main, relay)
     try:
         return _train(env, task_factory, cfg, ctx, sink, task, resumed, step, epoch, batch_in_epoch)
     finally:

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from clipdense.train.config import TrainConfig
+from clipdense.train.driver_progress import driver_progress
 from clipdense.train.loop import run_worker
 from clipdense.train.state import LocalCheckpoints, load_checkpoint
 from clipdense.train.task import TrainTask
@@ -107,7 +108,7 @@ class RayEnv:
 def _ray_train_loop(config: dict) -> None:
     cfg = config["cfg"]  # the (sub)class instance itself: stages may subclass TrainConfig
     run_worker(RayEnv(cfg, config["dataset_names"]), config["task_factory"], cfg, config["run_id"],
-               config.get("tracking"), config.get("params"))
+               config.get("tracking"), config.get("params"), config.get("progress_relay"))
 
 
 def _summary(cfg: TrainConfig, run_id: str, worker_result: dict | None) -> dict:
@@ -149,6 +150,7 @@ def fit(task_factory: TaskFactory, cfg: TrainConfig, *, datasets: dict | None = 
     `datasets` (name -> Ray Dataset) are split among workers (`ray.train.get_dataset_shard(name)` in the task).
     `callbacks` go to RunConfig (e.g. Tune's TuneReportCallback). Worker failures restart the group from the last
     checkpoint up to `cfg.max_failures` times. Returns rank 0's summary plus the Ray result's checkpoint path.
+    Progress shows here, on the driver (rank 0 relays its records), per `tracking.progress`.
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -169,21 +171,23 @@ def fit(task_factory: TaskFactory, cfg: TrainConfig, *, datasets: dict | None = 
     backend = sc.backend if sc.backend != "auto" else ("nccl" if sc.use_gpu else "gloo")
     run_name = name or cfg.name or out.name
     storage, storage_fs, storage_uri = run_storage(cfg, out)
-    trainer = TorchTrainer(
-        _ray_train_loop,
-        train_loop_config={"cfg": cfg, "task_factory": task_factory, "run_id": run_id,
-                           "dataset_names": sorted(datasets or {}), "tracking": tracking, "params": params},
-        torch_config=TorchConfig(backend=backend),
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=sc.use_gpu,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=run_name, storage_path=storage, storage_filesystem=storage_fs, callbacks=callbacks,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
-        datasets=datasets or None,
-        **({"dataset_config": dataset_config} if dataset_config is not None else {}),
-    )
-    result = trainer.fit()
+    with driver_progress(tracking, cfg.schedule.total_steps) as relay:
+        trainer = TorchTrainer(
+            _ray_train_loop,
+            train_loop_config={"cfg": cfg, "task_factory": task_factory, "run_id": run_id,
+                               "dataset_names": sorted(datasets or {}), "tracking": tracking, "params": params,
+                               "progress_relay": relay},
+            torch_config=TorchConfig(backend=backend),
+            scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=sc.use_gpu,
+                                                   resources_per_worker=resources),
+            run_config=ray.train.RunConfig(
+                name=run_name, storage_path=storage, storage_filesystem=storage_fs, callbacks=callbacks,
+                failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
+            datasets=datasets or None,
+            **({"dataset_config": dataset_config} if dataset_config is not None else {}),
+        )
+        result = trainer.fit()
     summary = _summary(cfg, run_id, None)
     ckpt = result.checkpoint.path if result.checkpoint else ""
     summary["checkpoint"] = f"s3://{ckpt}" if ckpt and storage_uri.startswith("s3://") else ckpt

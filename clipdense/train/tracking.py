@@ -1,7 +1,8 @@
 """Watching a run: progress lines in the terminal and experiment trackers (TensorBoard, MLflow, W&B), rank 0 only.
 
 One `tracking` section serves pretrain, finetune and sweep. The training loop hands every record it writes to
-`metrics.jsonl` to `RunWatchers.write`, which prints a progress line and forwards the numbers to the trackers.
+`metrics.jsonl` to `RunWatchers.write`, which prints a progress line (on Ray Train: relays it to the driver, see
+`driver_progress`) and forwards the numbers to the trackers.
 Trackers are optional extras (`pip install "clipdense[tracking]"`); a tracker that fails (its server went away,
 a disk filled) is warned about once and switched off, never allowed to stop or stall training: MLflow's HTTP
 client gets short timeouts and few retries. A tracker that cannot start because of its configuration (an MLflow
@@ -241,20 +242,25 @@ class _Wandb:
 
 
 class Progress:
-    """`step k/N`, loss, lr, samples/s, data-wait fraction and ETA, one line per log interval (or a tqdm bar)."""
+    """`step k/N`, loss, lr, samples/s, data-wait fraction and ETA, one line per log interval (or a tqdm bar).
 
-    def __init__(self, mode: str, total_steps: int, start_step: int = 0, stream=None):
+    The one formatter of progress: rank 0 in-process, the driver of a Ray Train run (`driver_progress`) and a
+    sweep's per-trial lines (`sweep/progress`, with `prefix` naming the trial) all print through it."""
+
+    def __init__(self, mode: str, total_steps: int, start_step: int = 0, stream=None, prefix: str = ""):
         self.stream = stream or sys.stdout
         tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.mode = ("bar" if tty else "lines") if mode == "auto" else mode
         self.total, self.step0, self.t0 = total_steps, start_step, time.perf_counter()
+        self.prefix = prefix
         self.bar = None
         if self.mode == "bar":
             from tqdm import tqdm
-            self.bar = tqdm(total=total_steps, initial=start_step, file=self.stream, dynamic_ncols=True, unit="step")
+            self.bar = tqdm(total=total_steps, initial=start_step, file=self.stream, dynamic_ncols=True, unit="step",
+                            desc=prefix.strip() or None)
 
-    def eta(self, step: int) -> str:
-        if step <= self.step0:
+    def eta(self, step) -> str:
+        if not isinstance(step, int) or step <= self.step0:
             return "?"
         rate = (step - self.step0) / max(time.perf_counter() - self.t0, 1e-9)
         s = int((self.total - step) / rate)
@@ -262,6 +268,7 @@ class Progress:
 
     def line(self, record: dict) -> str:
         step = record.get("step")
+        step = "?" if step is None else int(step) if float(step).is_integer() else step  # Tune's results: floats
         if record.get("event") == "resume":
             return (f"resumed at step {step}/{self.total} (epoch {record.get('epoch')}, "
                     f"world size {record.get('world_size')})")
@@ -279,14 +286,16 @@ class Progress:
     def write(self, record: dict) -> None:
         if self.mode == "off":
             return
+        if record.get("event") == "resume":  # the ETA counts from here (a driver learns the start step this way)
+            self.step0, self.t0 = record.get("step") or 0, time.perf_counter()
         text = self.line(record)
         if not text:
             return
         if self.bar is not None:
-            self.bar.n = record.get("step") or self.bar.n
+            self.bar.n = int(record.get("step") or self.bar.n)
             self.bar.set_postfix_str(text, refresh=True)
             return
-        print("[clipdense] " + text, file=self.stream, flush=True)
+        print(f"[clipdense] {self.prefix}{text}", file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -294,12 +303,16 @@ class Progress:
 
 
 class RunWatchers:
-    """Everything that watches a run from rank 0: the progress printer and the configured trackers."""
+    """Everything that watches a run from rank 0: the progress printer and the configured trackers.
+
+    `relay` (a Ray queue, on Ray Train workers): records and tracker warnings go to the driver, which prints them
+    (`driver_progress`); a worker's own output ends in Ray's logs, not in the user's terminal."""
 
     def __init__(self, cfg: TrackingConfig | None, out_dir: Path, run_id: str, total_steps: int,
-                 start_step: int = 0, params: dict | None = None, is_main: bool = True):
+                 start_step: int = 0, params: dict | None = None, is_main: bool = True, relay=None):
         cfg = cfg or TrackingConfig()
-        self.progress = Progress(cfg.progress if is_main else "off", total_steps, start_step)
+        self.relay = relay if is_main else None
+        self.progress = Progress(cfg.progress if is_main and relay is None else "off", total_steps, start_step)
         self.trackers: list = []
         if not is_main:
             return
@@ -316,8 +329,22 @@ class RunWatchers:
             except ConfigError:
                 raise
             except Exception as e:  # a tracking server down at start: train anyway
-                warnings.warn(f"tracking: could not start a tracker ({type(e).__name__}: {e}); training continues "
-                              "without it", stacklevel=2)
+                self._warn(f"tracking: could not start a tracker ({type(e).__name__}: {e}); training continues "
+                           "without it")
+
+    def _send(self, item: dict) -> None:
+        if self.relay is None:
+            return
+        try:
+            self.relay.put_nowait(item)
+        except Exception as e:  # the driver's queue is gone: the run goes on, unwatched from there
+            self.relay = None
+            warnings.warn(f"progress: the driver stopped listening ({type(e).__name__}: {str(e)[:200]})",
+                          stacklevel=2)
+
+    def _warn(self, message: str) -> None:
+        warnings.warn(message, stacklevel=3)
+        self._send({"warning": message})
 
     def _each(self, fn_name: str, *args) -> None:
         for t in list(self.trackers):
@@ -325,11 +352,12 @@ class RunWatchers:
                 getattr(t, fn_name)(*args)
             except Exception as e:
                 self.trackers.remove(t)
-                warnings.warn(f"tracking: {t.name} failed ({type(e).__name__}: {str(e)[:200]}); it is switched off "
-                              "for the rest of this run, training continues", stacklevel=2)
+                self._warn(f"tracking: {t.name} failed ({type(e).__name__}: {str(e)[:200]}); it is switched off "
+                           "for the rest of this run, training continues")
 
     def write(self, record: dict) -> None:
         self.progress.write(record)
+        self._send(record)
         scalars = _scalars(record)
         if scalars and record.get("step") is not None:
             self._each("log", scalars, int(record["step"]))

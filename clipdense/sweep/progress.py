@@ -1,0 +1,50 @@
+"""A sweep's progress in the terminal: one line per trial result, printed on the driver by a Ray Tune callback.
+
+The trials print nothing themselves (their finetunes run with `tracking.progress: off`, often on Ray Train workers
+whose output stays in Ray's logs); Tune brings every result they report to the driver, where this callback shows
+it through the same `Progress` as pretrain and finetune, prefixed with the trial's directory name.
+"""
+from __future__ import annotations
+
+from ray.tune import Callback
+
+from clipdense.sweep.grid import hparam_label
+from clipdense.train.tracking import Progress
+
+HP_TOTAL_STEPS = "train.schedule.total_steps"
+
+
+class TrialProgress(Callback):
+    """`tracking.progress` of the sweep (off | lines | bar | auto); `total_steps`: trial name -> its step count."""
+
+    def __init__(self, mode: str, total_steps: dict[str, int]):
+        self.mode, self.total_steps = mode, total_steps
+        self._shown: dict[str, tuple[Progress, dict]] = {}
+
+    def __getstate__(self) -> dict:  # Tune pickles its callbacks with the experiment; open bars and streams stay
+        return {**self.__dict__, "_shown": {}}
+
+    def _progress(self, trial, result: dict) -> Progress:
+        config = trial.config or {}
+        hp = {k: (v.item() if hasattr(v, "item") else v) for k, v in (config.get("hp") or {}).items()}
+        name = config.get("trial", trial.trial_id)
+        total = int(hp.get(HP_TOTAL_STEPS, self.total_steps.get(name, 0)))
+        label = name + (f"/{hparam_label(hp)}" if hp else "")
+        step = result.get("step")
+        return Progress(self.mode, total, start_step=int(step or 0), prefix=f"{label}  ")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self.mode == "off":
+            return
+        progress, last = self._shown.get(trial.trial_id) or (self._progress(trial, result), {})
+        seen = {k: v for k, v in result.items() if k in ("step", "loss") or k.startswith("eval/")}
+        if seen != last:  # a trial's closing report repeats its last one
+            progress.write(result)
+        self._shown[trial.trial_id] = (progress, seen)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        shown = self._shown.pop(trial.trial_id, None)
+        if shown is not None:
+            shown[0].close()
+
+    on_trial_error = on_trial_complete
