@@ -21,6 +21,8 @@ depend on the actor or batch it lands in (as far as vLLM's numerics allow: see R
 """
 from __future__ import annotations
 
+import warnings
+
 from typing import Any, Sequence
 
 from clipdense.errors import ConfigError
@@ -89,6 +91,9 @@ class VLLMCaptioner(Captioner):
         self.prompt, self.system_prompt = prompt, system_prompt
         self.top_p, self.temperature, self.max_tokens, self.seed = top_p, temperature, max_tokens, seed
         self.cut_at_period = cut_at_period
+        # transformers' Qwen2-VL processor warns on every request that `max_pixels` reaches it (vLLM's documented way
+        # to cap the image size): a warning per image would drown the actor's log
+        warnings.filterwarnings("ignore", message="Passing `min_pixels` and `max_pixels`", category=FutureWarning)
         self.llm = vllm.LLM(**llm_kwargs(model, max_pixels, dict(engine_kwargs or {}), seed, on_cpu(vllm)))
 
     def sampling_params(self, n: int, seed: int | None = None):
