@@ -22,7 +22,6 @@ depend on the actor or batch it lands in (as far as vLLM's numerics allow: see R
 from __future__ import annotations
 
 import warnings
-
 from typing import Any, Sequence
 
 from clipdense.errors import ConfigError
