@@ -318,3 +318,22 @@ def test_sweep_prints_a_line_per_trial_result_once(capsys):
     assert [ln.split("  ")[:2] for ln in lines] == [[name, "step 2/8"], ["[clipdense] seg/clip/f0.5/s0", "step 3/6"],
                                                     [name, "step 8/8"]]
     assert "loss 1.5000" in lines[0] and "eval mIoU 0.25" in lines[0] and "ETA " in lines[2]
+
+
+def test_eta_counts_from_the_first_logged_step(monkeypatch):
+    """Startup time (workers, the first decoded blocks) before the first logged step must not slow the ETA: after
+    90 s of startup and then 1 s per step, step 20 of 100 has 80 s left, not (100 - 20) * 110 / 20."""
+    import io
+
+    import clipdense.train.tracking as tracking
+
+    now = [0.0]
+    monkeypatch.setattr(tracking.time, "perf_counter", lambda: now[0])
+    out = io.StringIO()
+    progress = tracking.Progress("lines", 100, stream=out)
+    for t, step in ((100.0, 10), (110.0, 20)):
+        now[0] = t
+        progress.write({"step": step, "loss": 1.0, "lr": 0.1})
+    first, second = out.getvalue().splitlines()
+    assert "ETA 0:15:00" in first          # 90 left at 10 steps per 100 s: the best guess before a second line
+    assert "ETA 0:01:20" in second

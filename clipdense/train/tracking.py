@@ -253,6 +253,7 @@ class Progress:
         self.mode = ("bar" if tty else "lines") if mode == "auto" else mode
         self.total, self.step0, self.t0 = total_steps, start_step, time.perf_counter()
         self.prefix = prefix
+        self.anchored = False  # the ETA's clock moves to the first logged step (see `write`)
         self.bar = None
         if self.mode == "bar":
             from tqdm import tqdm
@@ -287,15 +288,19 @@ class Progress:
         if self.mode == "off":
             return
         if record.get("event") == "resume":  # the ETA counts from here (a driver learns the start step this way)
-            self.step0, self.t0 = record.get("step") or 0, time.perf_counter()
+            self.step0, self.t0, self.anchored = record.get("step") or 0, time.perf_counter(), False
         text = self.line(record)
         if not text:
             return
         if self.bar is not None:
             self.bar.n = int(record.get("step") or self.bar.n)
             self.bar.set_postfix_str(text, refresh=True)
-            return
-        print(f"[clipdense] {self.prefix}{text}", file=self.stream, flush=True)
+        else:
+            print(f"[clipdense] {self.prefix}{text}", file=self.stream, flush=True)
+        if not self.anchored and "loss" in record and record.get("step") is not None:
+            # later ETAs from the training rate since this step: the time before it (workers starting, the first
+            # blocks decoding) says nothing about the steps left
+            self.step0, self.t0, self.anchored = int(record["step"]), time.perf_counter(), True
 
     def close(self) -> None:
         if self.bar is not None:
