@@ -78,7 +78,8 @@ def test_asha_sweep_gets_intermediate_metrics(ray_local, ade_root, tmp_path, cap
                  backbones=[{"name": "clip", "backbone": {"name": "clip-tiny"}}],
                  search_space={"train.optim.lr": {"grid": [1e-3, 1e-4]}},
                  scheduler={"type": "asha", "grace_period": 2, "max_t": 4, "reduction_factor": 2},
-                 tracking={"mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "hp"}})
+                 tracking={"mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "hp"},
+                           "tensorboard": True})
     data["tasks"][0]["overrides"].update({"train.eval_every": 2, "train.schedule.total_steps": 4,
                                           "eval.mode": "whole", "data.max_eval_images": 2})
     summary = run(build_config(SweepConfig, data))
@@ -101,3 +102,14 @@ def test_asha_sweep_gets_intermediate_metrics(ray_local, ade_root, tmp_path, cap
     runs = client.search_runs([client.get_experiment_by_name("hp").experiment_id])
     assert len(runs) == 2                                           # each trial logged once (the trial itself: not)
     assert all(client.get_metric_history(r.info.run_id, "eval/mIoU") for r in runs)
+    # TensorBoard (tensorboardX, Tune's own logger): one event file per trial, with the eval history
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trial_dirs = sorted(p.parent for p in exp.glob("*/*/result.json"))
+    assert len(trial_dirs) == 2
+    for tdir in trial_dirs:
+        acc = EventAccumulator(str(tdir))
+        acc.Reload()
+        reported = [json.loads(line) for line in (tdir / "result.json").read_text().splitlines()]
+        tb = [e.value for e in acc.Scalars("ray/tune/eval/mIoU")]  # one point per report (Tune's iteration)
+        assert tb and tb == pytest.approx([r["eval/mIoU"] for r in reported if "eval/mIoU" in r][:len(tb)])

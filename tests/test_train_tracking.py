@@ -18,6 +18,7 @@ from clipdense.errors import ConfigError
 from clipdense.train import TrainConfig, fit, fit_local
 from clipdense.train.tracking import TrackingConfig
 import train_toy
+from tracking_files import wandb_records
 from train_toy import Toy
 
 TESTS = Path(__file__).resolve().parent
@@ -248,28 +249,6 @@ def test_sweep_mlflow_callback_gets_the_same_store(tmp_path, monkeypatch):
         tune_callbacks(_tracking(mlflow={"tracking_uri": "f/mlruns"}))
 
 
-def _wandb_records(path: Path) -> list:
-    """The records of an offline W&B run file: wandb's own reader left the SDK (0.31), so the framing (LevelDB's
-    log: 7-byte header, 32 KiB blocks, chunks of crc32 + length + type) is read here, the records by wandb's proto."""
-    from wandb.proto import wandb_internal_pb2
-
-    data, pos, buf, out, block = path.read_bytes(), 7, b"", [], 32768
-    assert data[:4] == b":W&B"
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:
-            pos += block - pos % block
-            continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        buf += data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # FULL or LAST chunk
-            rec = wandb_internal_pb2.Record()
-            rec.ParseFromString(buf)
-            out.append(rec)
-            buf = b""
-    return out
-
-
 def test_wandb_offline_records_the_run(tmp_path):
     fit_local(Toy, _cfg(tmp_path), tracking=_tracking(wandb={"project": "clipdense-test", "mode": "offline"}),
               params={"seed": 3})
@@ -277,7 +256,7 @@ def test_wandb_offline_records_the_run(tmp_path):
     assert len(files) == 1
     deadline = time.monotonic() + 60  # wandb's service process may still be writing the file after finish()
     while True:
-        records = _wandb_records(files[0])
+        records = wandb_records(files[0])
         history = [r.history for r in records if r.WhichOneof("record_type") == "history"]
         if len(history) >= 4 or time.monotonic() > deadline:
             break
@@ -337,3 +316,16 @@ def test_eta_counts_from_the_first_logged_step(monkeypatch):
     first, second = out.getvalue().splitlines()
     assert "ETA 0:15:00" in first          # 90 left at 10 steps per 100 s: the best guess before a second line
     assert "ETA 0:01:20" in second
+
+
+def test_sweep_wandb_offline_needs_no_api_key(tmp_path, monkeypatch):
+    """Ray's WandbLoggerCallback asks for an API key unless the WANDB_MODE variable says offline (its own `mode`
+    argument does not count): `tracking.wandb.mode: offline` must set it, or an offline sweep fails at setup."""
+    from clipdense.train.tracking import tune_callbacks
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "online")  # the config's mode wins (monkeypatch restores the variable)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login to fall back on
+    (callback,) = tune_callbacks(_tracking(wandb={"project": "sweep", "mode": "offline"}))
+    callback.setup()
+    assert os.environ["WANDB_MODE"] == "offline"

@@ -395,6 +395,9 @@ def tune_callbacks(cfg: TrackingConfig | None) -> list:
     if cfg.wandb is not None:
         from ray.air.integrations.wandb import WandbLoggerCallback
 
+        if cfg.wandb.mode in ("offline", "disabled"):
+            # Ray's callback asks for an API key unless the WANDB_MODE variable (not its `mode`) says offline
+            os.environ["WANDB_MODE"] = cfg.wandb.mode
         callbacks.append(WandbLoggerCallback(project=cfg.wandb.project, mode=cfg.wandb.mode,
                                              entity=cfg.wandb.entity, log_config=True))
     return callbacks
