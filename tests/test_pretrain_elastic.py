@@ -18,6 +18,7 @@ from clipdense.config import build_config
 from clipdense.errors import ConfigError
 from clipdense.pretrain import PretrainConfig, run
 from pretrain_files import write_world
+from ray_train_state import registered_checkpoint_step
 
 GLOBAL_BATCH = 8
 
@@ -116,22 +117,6 @@ NODE_CONFIG = {  # the head runs the driver and Train's controller; each 3-CPU n
     "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
     "train_node": {"resources": {"CPU": 3}, "node_config": {}, "min_workers": 2, "max_workers": 2},
 }
-
-
-def registered_checkpoint_step(out: Path) -> int:
-    """The step of the newest checkpoint Ray Train's controller has registered (its checkpoint manager snapshot),
-    -1 if none yet. A worker's report is registered only when the controller next polls every worker, so a
-    checkpoint written but not yet registered is lost with a node killed in between: the run then resumes from
-    the one before (CI once saw step 3 after a kill at step 7)."""
-    for snap in out.glob("*/checkpoint_manager_snapshot.json"):
-        try:
-            latest = json.loads(snap.read_text()).get("latest_checkpoint_result") or {}
-        except (OSError, ValueError):  # being rewritten
-            continue
-        name = latest.get("checkpoint_dir_name") or ""
-        if name.startswith("step_"):
-            return int(name.removeprefix("step_"))
-    return -1
 
 
 def _kill_node_of(pid: int) -> list[int]:

@@ -14,6 +14,7 @@ import train_toy
 from clipdense.config import build_config
 from clipdense.train import TrainConfig, fit
 from clipdense.train.state import load_checkpoint
+from ray_train_state import registered_checkpoint_step
 from train_toy import KillableToy, Toy
 
 
@@ -59,7 +60,8 @@ def test_killed_worker_recovers_from_checkpoint(ray_local, tmp_path):
         deadline = time.time() + 240
         while not pid_file.exists() and time.time() < deadline:
             time.sleep(0.1)
-        time.sleep(2.0)  # let the controller register the step-4 checkpoint first
+        while registered_checkpoint_step(out) < 4 and time.time() < deadline:  # lost with the worker otherwise
+            time.sleep(0.1)
         os.kill(int(pid_file.read_text()), signal.SIGKILL)
 
     thread = threading.Thread(target=killer, daemon=True)
