@@ -73,13 +73,14 @@ def test_failed_trial_then_resume_without_rerunning_finished_ones(ray_local, ade
     assert third["skipped"] == 4 and third["failed"] == [] and "experiment" not in third
 
 
+@pytest.mark.timeout(600)  # a trial that never ends (see train_reports_to_tune) fails here, not at CI's limit
 def test_asha_sweep_gets_intermediate_metrics(ray_local, ade_root, tmp_path, capsys):
     data = _tiny(ade_root, tmp_path / "hp", fractions=[1.0], report={"reference": None},
                  backbones=[{"name": "clip", "backbone": {"name": "clip-tiny"}}],
                  search_space={"train.optim.lr": {"grid": [1e-3, 1e-4]}},
                  scheduler={"type": "asha", "grace_period": 2, "max_t": 4, "reduction_factor": 2},
                  tracking={"mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "hp"},
-                           "tensorboard": True})
+                           "tensorboard": True, "wandb": {"project": "hp", "mode": "offline"}})
     data["tasks"][0]["overrides"].update({"train.eval_every": 2, "train.schedule.total_steps": 4,
                                           "eval.mode": "whole", "data.max_eval_images": 2})
     summary = run(build_config(SweepConfig, data))
@@ -113,3 +114,13 @@ def test_asha_sweep_gets_intermediate_metrics(ray_local, ade_root, tmp_path, cap
         reported = [json.loads(line) for line in (tdir / "result.json").read_text().splitlines()]
         tb = [e.value for e in acc.Scalars("ray/tune/eval/mIoU")]  # one point per report (Tune's iteration)
         assert tb and tb == pytest.approx([r["eval/mIoU"] for r in reported if "eval/mIoU" in r][:len(tb)])
+    # W&B (offline, Tune's WandbLoggerCallback): one run per trial under <out>/wandb, each with its eval history
+    from tracking_files import finished_wandb_records, wandb_history
+
+    runs = sorted((tmp_path / "hp" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 2
+    for f in runs:
+        (tdir,) = exp.glob(f"*/*_{f.stem.removeprefix('run-')}")  # the W&B run id is Tune's trial id
+        reported = [json.loads(line) for line in (tdir / "result.json").read_text().splitlines()]
+        logged = [h["eval/mIoU"] for h in wandb_history(finished_wandb_records(f)) if "eval/mIoU" in h]
+        assert logged and logged == pytest.approx([r["eval/mIoU"] for r in reported if "eval/mIoU" in r])

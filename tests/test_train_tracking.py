@@ -18,7 +18,7 @@ from clipdense.errors import ConfigError
 from clipdense.train import TrainConfig, fit, fit_local
 from clipdense.train.tracking import TrackingConfig
 import train_toy
-from tracking_files import wandb_records
+from tracking_files import finished_wandb_records, wandb_history
 from train_toy import Toy
 
 TESTS = Path(__file__).resolve().parent
@@ -254,15 +254,10 @@ def test_wandb_offline_records_the_run(tmp_path):
               params={"seed": 3})
     files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
-    deadline = time.monotonic() + 60  # wandb's service process may still be writing the file after finish()
-    while True:
-        records = wandb_records(files[0])
-        history = [r.history for r in records if r.WhichOneof("record_type") == "history"]
-        if len(history) >= 4 or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert [h.step.num for h in history] == [5, 10, 15, 20]
-    losses = [json.loads(i.value_json) for h in history for i in h.item if list(i.nested_key) == ["loss"]]
+    records = finished_wandb_records(files[0])
+    history = wandb_history(records)
+    assert [h["_step"] for h in history] == [5, 10, 15, 20]
+    losses = [h["loss"] for h in history if "loss" in h]
     logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert losses == pytest.approx([r["loss"] for r in logged if "loss" in r])
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")

@@ -24,3 +24,28 @@ def wandb_records(path: Path) -> list:
             out.append(rec)
             buf = b""
     return out
+
+
+def finished_wandb_records(path: Path, timeout_s: float = 60.0) -> list:
+    """The records of an offline W&B run once it has ended (its `exit` record is written): wandb's service process
+    may still be writing the file after `finish()` returned."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = wandb_records(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.5)
+
+
+def wandb_history(records: list) -> list[dict]:
+    """The logged rows of a W&B run, one {metric: value} per `log` call."""
+    import json
+
+    rows = []
+    for r in records:
+        if r.WhichOneof("record_type") == "history":
+            row = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item}
+            rows.append({"_step": r.history.step.num, **row})
+    return rows

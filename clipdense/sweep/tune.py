@@ -1,7 +1,7 @@
 """Ray Tune wiring of a sweep: one Tune trial = one `clipdense.dense.run` finetune (Ray 2.60 Train/Tune pattern).
 
 The trial function (`tune.with_resources`, per-trial resources) builds the trial's FinetuneConfig and calls
-`dense.run(cfg, ray_callbacks=[TuneReportCallback subclass], name=<stable per trial>)`: the finetune runs on Ray
+`dense.run(cfg, ray_callbacks=[train_reports_to_tune(...)], name=<stable per trial>)`: the finetune runs on Ray
 Train workers and reports every eval interval to Tune through the callback (so ASHA can stop it); the trial then
 reports the final metrics itself. With `ray.in_process: true` the finetune trains inside the trial actor instead.
 Results live in `<out>/trials/<task>/<backbone>/f<fraction>/s<seed>`
@@ -18,6 +18,8 @@ import copy
 import json
 import math
 import os
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,24 +74,51 @@ def _trial_fn(config: dict, specs: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / TRIAL_FILE).write_text(json.dumps({**spec["coords"], "hp": hparam_label(hparams) if hparams else None,
                                                   "hparams": hparams, "name": name}, indent=2))
-    result = dense.run(cfg, ray_callbacks=[_eval_report_callback(spec.get("report_metric"))],
-                       name=name.replace("/", "_"))
+    with train_reports_to_tune(spec.get("report_metric")) as callback:
+        result = dense.run(cfg, ray_callbacks=[callback], name=name.replace("/", "_"))
     ray.tune.report({**flat_metrics((result or {}).get("metrics") or {}), "skipped": 0.0})
 
 
-def _eval_report_callback(metric: str | None):
-    """TuneReportCallback (made in the trial, inside the Tune session) forwarding the finetune's reports to Tune.
+@contextmanager
+def train_reports_to_tune(metric: str | None):
+    """A Ray Train callback whose reports reach Tune from this trial's own threads, while the block runs.
 
-    With a scheduler, only reports carrying its metric are forwarded: the runner also reports train-loss logs,
-    which Tune would reject as results without the metric."""
-    from ray.tune.integration.ray_train import TuneReportCallback
+    Ray's TuneReportCallback hands reports to the trial actor's main thread, which then blocks putting them on the
+    one-slot result queue if the trial function's own report (or return) filled it first: the trial hangs for good
+    whenever the Tune driver is slow to ask for the last Train report (a W&B logger made that frequent). Here the
+    controller's reports go to a Ray queue that a thread of this trial drains with `ray.tune.report`, and the block
+    ends only once all of them are reported, so reports reach Tune one producer at a time. With a scheduler, only
+    reports carrying its metric are forwarded: the runner also reports train-loss logs, which Tune would reject as
+    results without the metric."""
+    import ray.tune
+    from ray.train.v2.api.callback import UserCallback
+    from ray.util.queue import Empty, Queue
 
-    class EvalReportCallback(TuneReportCallback):
+    reports = Queue(actor_options={"num_cpus": 0})
+
+    class QueueReportCallback(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            if metric is None or (metrics and metric in metrics[0]):
-                super().after_report(run_context, metrics, checkpoint)
+            if metrics and (metric is None or metric in metrics[0]):
+                reports.put(dict(metrics[0]))
 
-    return EvalReportCallback()
+    finished = threading.Event()
+
+    def forward() -> None:
+        while True:
+            try:
+                ray.tune.report(reports.get(timeout=0.2))
+            except Empty:
+                if finished.is_set() and reports.empty():
+                    return
+
+    forwarder = threading.Thread(target=forward, name="train-reports-to-tune", daemon=True)
+    forwarder.start()
+    try:
+        yield QueueReportCallback()
+    finally:
+        finished.set()
+        forwarder.join()
+        reports.shutdown(force=True)
 
 
 def _search_dim(dim: SearchDim):
@@ -185,7 +214,7 @@ def run_tune(cfg: SweepConfig, trials: list[Trial] | None = None) -> dict:
                 run_config=tune.RunConfig(name=exp_name, storage_path=storage, storage_filesystem=storage_fs,
                                           verbose=cfg.verbose,
                                           callbacks=[TrialProgress(cfg.tracking.progress, totals),
-                                                     *tune_callbacks(cfg.tracking)],
+                                                     *tune_callbacks(cfg.tracking, out)],
                                           failure_config=tune.FailureConfig(max_failures=cfg.max_failures)))
         results = tuner.fit()
         for r in results:
