@@ -47,7 +47,7 @@ def run(cfg: FinetuneConfig, *, ray_callbacks: list | None = None, name: str | N
     """Finetune and evaluate; writes `out_dir/metrics.json` and returns {"out_dir", "metrics", "metrics_json"}.
 
     Runs in this process when `ray.in_process` is true, or null with one worker (`train.scaling.num_workers`)
-    and no `ray_callbacks` (e.g. [TuneReportCallback()] from a Tune trial); else as a Ray Train job.
+    and no `ray_callbacks` (e.g. a sweep trial's `sweep.tune.train_reports_to_tune`); else as a Ray Train job.
     A rerun with the same out_dir resumes from its last checkpoint."""
     from clipdense.train import fit, fit_local
 
