@@ -139,9 +139,10 @@ def _kill_node_of(pid: int) -> list[int]:
 @pytest.mark.timeout(720)
 def test_node_loss_on_fake_multinode_cluster(world, tmp_path):
     """`clipdense cluster up --local` with two 3-CPU worker nodes; rank 1's whole node is SIGKILLed once Ray
-    Train has registered the step-6 checkpoint. Ray Train's elastic policy restarts on the one node left; the run ends at step 12 with every
-    sample of each epoch trained once. (Ray Train first retries the old size until the GCS marks the node dead and
-    the group start times out: RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, lowered here from 60 s.)"""
+    Train has registered the step-6 checkpoint. Ray Train's elastic policy restarts on the one node left; the run
+    ends at step 12 with every sample of each epoch trained once. (Ray Train first retries the old size until the
+    GCS marks the node dead and the group start times out: RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, lowered here
+    from 60 s.)"""
     import os
     import shutil
     import subprocess
@@ -178,7 +179,8 @@ def test_node_loss_on_fake_multinode_cluster(world, tmp_path):
             registered = registered_checkpoint_step(out)
             if registered >= 6 and done > registered and len(ranks) == 2:  # both workers training past it
                 killed = (done, _kill_node_of(ranks[1]), registered)
-        assert killed, f"never saw both workers train past a registered step-6 checkpoint:\n{(tmp_path / 'driver.log').read_text()[-3000:]}"
+        assert killed, ("never saw both workers train past a registered step-6 checkpoint:\n"
+                        f"{(tmp_path / 'driver.log').read_text()[-3000:]}")
         rc = driver.wait(max(10, deadline - time.time()))
         log = (tmp_path / "driver.log").read_text()
         assert rc == 0, log[-3000:]

@@ -149,7 +149,8 @@ def fit(task_factory: TaskFactory, cfg: TrainConfig, *, datasets: dict | None = 
 
     `datasets` (name -> Ray Dataset) are split among workers (`ray.train.get_dataset_shard(name)` in the task).
     `callbacks` go to RunConfig (e.g. a sweep trial's `sweep.tune.train_reports_to_tune`). Worker failures restart
-    the group from the last checkpoint up to `cfg.max_failures` times. Returns rank 0's summary plus the Ray result's checkpoint path.
+    the group from the last checkpoint up to `cfg.max_failures` times. Returns rank 0's summary plus the Ray
+    result's checkpoint path.
     Progress shows here, on the driver (rank 0 relays its records), per `tracking.progress`.
     """
     import ray.train
