@@ -237,7 +237,7 @@ def main(quick: bool = False, argv: list[str] | None = None) -> list[dict]:
 if __name__ == "__main__":
     import sys
 
-    from clipdense.ray_session import apply_process_env
+    from clipdense.config import apply_process_env
 
     apply_process_env()  # as the clipdense CLI and bench.run do
     main(argv=sys.argv[1:])

@@ -39,10 +39,9 @@ def probe_trials(demo: Path, seeds: int) -> list:
 
 
 def run_probe(finetune: dict, overrides: dict) -> dict:
-    from clipdense.config import build_config
+    from clipdense.config import build_config, set_dotted
     from clipdense.dense.config import FinetuneConfig
     from clipdense.dense.run import run
-    from clipdense.config import set_dotted
 
     data = json.loads(json.dumps(finetune))
     for k, v in overrides.items():
@@ -59,8 +58,8 @@ def run_probe(finetune: dict, overrides: dict) -> dict:
 
 def feature_free_baselines(nyu: Path, eval_images: int) -> dict[str, float]:
     """RMSE of the per-pixel mean / global mean training depth map on the first `eval_images` test images."""
-    from clipdense.dense.datasets.nyu import load_depth, read_list
     from clipdense.dense.datasets.common import read_rgb
+    from clipdense.dense.datasets.nyu import load_depth, read_list
 
     def maps(list_file: str, limit: int | None = None):
         items = read_list(nyu, list_file, "")[:limit]

@@ -2,7 +2,7 @@
 
     python -m bench.dr_views [--images 24] [--views 4]
 
-Fixture: synthetic scenes (clipdense.data.synth) rendered at 640 px, cut to 640x480 and saved as JPEG (quality 90);
+Fixture: synthetic scenes (clipdense.synth) rendered at 640 px, cut to 640x480 and saved as JPEG (quality 90);
 per image, views drawn as DataCompDR's generator draws them (RandomResizedCrop(224, bicubic, scale 0.08-1) +
 RandAugment(2, 9)). "Exact" is the view re-applied on the full decode, which is bit-identical to torchvision
 with the stored parameters (tests/test_pretrain_dr_views.py); "ours" re-applies the same parameters on a JPEG
@@ -33,8 +33,8 @@ from bench.common import load_note, row, write_report
 
 
 def _jpegs(n: int, seed: int = 0) -> list[bytes]:
-    from clipdense.data.synth.render import render
-    from clipdense.data.synth.scene import sample_scene
+    from clipdense.synth.render import render
+    from clipdense.synth.scene import sample_scene
 
     rng = np.random.default_rng(seed)
     out = []

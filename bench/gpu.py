@@ -125,7 +125,7 @@ def ours_pretrain(name: str, batch: int, steps: int, log_every: int, compile_: b
 
 def peer_pretrain(name: str, batch: int, steps: int, log_every: int, workers: int) -> dict:
     """open_clip_train.main itself on its synthetic dataset (amp_bf16 on CUDA, fp32 on CPU), one process."""
-    from clipdense.paths import configs_dir
+    from clipdense.config import configs_dir
 
     _free()  # the subprocess needs what this process's allocator caches
     cuda = torch.cuda.is_available()

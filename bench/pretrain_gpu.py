@@ -6,14 +6,20 @@ plain open_clip_train-style loop (autocast, ClipLoss, AdamW, grad clip) on the s
     COMPILE=1 python bench/pretrain_gpu.py       # fit_local with train.scaling.compile=true
 Writes $OUT (default bench/results/tmp)/gpu_pretrain_check.json; bench/results/pretrain_gpu_h100.json holds one run.
 """
-import json, os, sys, time, tempfile
+import json
+import os
+import sys
+import tempfile
+import time
+
 import torch
 from torch import nn
+
 sys.path.insert(0, os.getcwd())
-from clipdense.train import TrainConfig, fit_local
 from clipdense.config import build_config
-from clipdense.pretrain.task import ClipPretrainTask, build_loss
 from clipdense.models import create_clip
+from clipdense.pretrain.task import ClipPretrainTask, build_loss
+from clipdense.train import TrainConfig, fit_local
 
 OUT = os.environ.get("OUT", "bench/results/tmp")
 B, STEPS = int(os.environ.get("B", 256)), int(os.environ.get("STEPS", 30))
@@ -61,6 +67,7 @@ for s in range(STEPS):
     opt.zero_grad(set_to_none=True); loss.backward(); nn.utils.clip_grad_norm_(m.parameters(), 1.0); opt.step()
     loss.item(); torch.cuda.synchronize(); times.append(time.perf_counter() - t)
 import statistics
+
 res["plain_loop_samples_per_s"] = round(B / statistics.median(times[5:]), 1)
 print(json.dumps(res, indent=1))
 os.makedirs(OUT, exist_ok=True); json.dump(res, open(f"{OUT}/gpu_pretrain_check.json", "w"), indent=1)

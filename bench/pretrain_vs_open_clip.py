@@ -79,7 +79,7 @@ OPEN_CLIP_WRAPPER = (
 
 def run_open_clip_train(csv_path: Path, logs: Path, batch: int, steps_log: int,
                         threads: int, epochs: int = 3) -> tuple[list[float], float]:
-    from clipdense.paths import configs_dir
+    from clipdense.config import configs_dir
 
     argv = [sys.executable, "-c", OPEN_CLIP_WRAPPER, str(configs_dir() / "models" / "clip-tiny.json"),
             "--dataset-type", "csv", "--train-data", str(csv_path), "--csv-img-key", "filepath",
@@ -196,7 +196,7 @@ if __name__ == "__main__":
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
-    from clipdense.ray_session import apply_process_env
+    from clipdense.config import apply_process_env
 
     apply_process_env()  # as the clipdense CLI and bench.run do
     main(quick=a.quick, images=a.images, batch=a.batch, threads=a.threads, rounds=a.rounds, epochs=a.epochs)

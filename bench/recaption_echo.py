@@ -144,7 +144,8 @@ def main(argv=None, quick: bool = False) -> int:
     if quick:
         args.shards, args.per_shard, args.coca_images, args.repeats = 2, 200, 16, 1
 
-    from clipdense.ray_session import RayConfig, ray_session
+    from clipdense.config import RayConfig
+    from clipdense.ray_session import ray_session
 
     work = ROOT / "results" / "tmp" / "recaption_echo"
     paths = make_shards(work / "shards", args.shards, args.per_shard, args.image_px)

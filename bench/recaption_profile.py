@@ -48,11 +48,10 @@ def plain_cpu(paths: list[str], size: int) -> float:
 
 def stage_profile(paths: list[str], size: int) -> dict:
     """CPU ms per image of each in-process step, and the plain loop's."""
-    from clipdense.data.shards import _rows_to_table, rebatch, shard_rows
-    from clipdense.data.shards import write_parquet
-    from clipdense.recaption.decode import ImageInput, decode_batch, prepare_image
-    from clipdense.recaption.engines import provenance
+    from clipdense.data.shards import _rows_to_table, rebatch, shard_rows, write_parquet
     from clipdense.recaption.config import EngineConfig
+    from clipdense.recaption.decode import ImageInput, decode_batch
+    from clipdense.recaption.engines import provenance
     from clipdense.recaption.pipeline import CaptionActor
     from clipdense.recaption.writer import ShardAssembler, plan_shards
 
@@ -140,7 +139,8 @@ def _group(pid: int, name: str, cmd: str) -> str:
 
 def process_profile(paths: list[str], size: int, cpus: int) -> dict:
     from bench.recaption_echo import pipeline
-    from clipdense.ray_session import RayConfig, ray_session
+    from clipdense.config import RayConfig
+    from clipdense.ray_session import ray_session
 
     work = Path(tempfile.mkdtemp())
     echo = {"kind": "echo", "num_captions": 5, "batch_size": 256, "num_cpus": 0}

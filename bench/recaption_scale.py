@@ -81,7 +81,8 @@ def main(argv=None, quick: bool = False) -> int:
 
     import ray
 
-    from clipdense.ray_session import RayConfig, ray_session
+    from clipdense.config import RayConfig
+    from clipdense.ray_session import ray_session
 
     work = ROOT / "results" / "tmp" / "recaption_scale"
     shutil.rmtree(work, ignore_errors=True)

@@ -17,7 +17,7 @@ import sys
 import traceback
 
 from bench.common import RESULTS, latest_figures, markdown
-from clipdense.ray_session import apply_process_env
+from clipdense.config import apply_process_env
 
 CPU_BENCHES = {
     "pretrain": "bench.pretrain_vs_open_clip",

@@ -10,13 +10,11 @@ import importlib
 import json
 import sys
 
-from clipdense.config import load_config
-from clipdense.errors import ConfigError, UserError
-from clipdense.ray_session import apply_process_env
+from clipdense.config import ConfigError, UserError, apply_process_env, load_config
 
 # command -> (module, config class); the module exposes run(cfg) -> dict
 STAGES = {
-    "synth": ("clipdense.data.synth", "SynthConfig"),
+    "synth": ("clipdense.synth", "SynthConfig"),
     "recaption": ("clipdense.recaption", "RecaptionConfig"),
     "pretrain": ("clipdense.pretrain", "PretrainConfig"),
     "finetune": ("clipdense.dense", "FinetuneConfig"),

@@ -21,12 +21,19 @@ from typing import Any
 import numpy as np
 from pydantic import Field, TypeAdapter, ValidationError, create_model, model_validator
 
-from clipdense.config import Config, build_config, deep_merge, read_yaml
-from clipdense.data.synth.config import SynthConfig
-from clipdense.errors import ConfigError
-from clipdense.paths import configs_dir
-from clipdense.ray_session import OnRayConfig, RayConfig, StageConfig, ray_session
+from clipdense.config import (
+    Config,
+    ConfigError,
+    OnRayConfig,
+    RayConfig,
+    build_config,
+    configs_dir,
+    deep_merge,
+    read_yaml,
+)
+from clipdense.ray_session import ray_session
 from clipdense.sweep.config import SmallFractionSeeds
+from clipdense.synth.config import SynthConfig
 
 # Scale of each step: a preset in configs/demo/ (`quick` proves the plumbing in minutes; `default` is the most the
 # 30-minute budget on 2 cores holds), with the config's `scale` keys merged over it. Dense evaluation is the probe
@@ -73,7 +80,7 @@ def preset_path(name: str) -> Path:
     return configs_dir() / "demo" / f"{name}.yaml"
 
 
-class DemoConfig(StageConfig):
+class DemoConfig(Config):
     out: str = "runs/demo"
     quick: bool = Field(False, description="start from the quick preset (configs/demo/quick.yaml), else default.yaml")
     seed: int = 0
@@ -160,7 +167,7 @@ def caption_accuracy(text: str, scene: dict) -> float:
 def word_recall(text: str, scene: dict) -> dict[str, float]:
     """Fractions of the scene's objects whose colour word / shape word the text contains, each on its own: tells
     which attribute a captioner has learnt (at CPU budget colours come long before shapes)."""
-    from clipdense.data.synth.captions import mentioned_classes, mentioned_colours
+    from clipdense.synth.captions import mentioned_classes, mentioned_colours
 
     objs = scene.get("objects", [])
     if not objs or not text:
@@ -247,8 +254,7 @@ def run(cfg: DemoConfig) -> dict:
 def _run(cfg: DemoConfig) -> dict:
     import ray
 
-    from clipdense import pretrain, recaption, sweep
-    from clipdense.data import synth
+    from clipdense import pretrain, recaption, sweep, synth
 
     p = cfg.scale.model_dump(exclude_unset=True)
     out = Path(cfg.out)
@@ -308,7 +314,8 @@ def _run(cfg: DemoConfig) -> dict:
             sweep.run(scfg.model_copy(update={"run_report": False}))
 
     with _step(out, 6, "report: plots, tables, efficiency factor", False):
-        from clipdense.sweep.report import ReportConfig, run as report_run
+        from clipdense.sweep.report import ReportConfig
+        from clipdense.sweep.report import run as report_run
 
         summary["report"] = report_run(ReportConfig(results_dir=str(sweep_dir), reference="alt-text-clip"))
     summary["seconds"] = round(time.time() - t_start, 1)

@@ -8,9 +8,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from clipdense.jobs.cluster import (LocalCluster, alive_nodes, cluster_processes, down_local, free_port,
-                                    kill_and_wait, up_local)
 from clipdense.jobs.client import make_client
+from clipdense.jobs.cluster import (
+    LocalCluster,
+    alive_nodes,
+    cluster_processes,
+    down_local,
+    free_port,
+    kill_and_wait,
+    up_local,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")

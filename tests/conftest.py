@@ -96,8 +96,8 @@ def s3_server():
 @pytest.fixture(scope="module")
 def ade_root(tmp_path_factory):
     """A tiny synthetic ADE20k folder (16 train, 4 val images), once per test module."""
-    from clipdense.data.synth import SynthConfig
-    from clipdense.data.synth import run as synth
+    from clipdense.synth import SynthConfig
+    from clipdense.synth import run as synth
 
     out = tmp_path_factory.mktemp("synth")
     synth(SynthConfig(out=str(out), preset="tiny", workers=1, web_images=0, nyu_train=0, nyu_test=0,

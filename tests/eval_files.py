@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image
-
 from pretrain_files import shape_jpeg
 
 CLASSES = {"blue_circle": ("blue", "circle"), "red_square": ("red", "square"), "yellow_circle": ("yellow", "circle")}

@@ -56,7 +56,7 @@ def test_local_yaml_passes_validator_verbatim():
 
 
 def test_local_yaml_with_bad_key_is_one_line_error(tmp_path):
-    from clipdense.errors import UserError
+    from clipdense.config import UserError
     from clipdense.jobs.cluster import load_local_config
 
     config = _load("local.yaml")

@@ -13,16 +13,22 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-
-from clipdense.jobs.cluster import (LocalCluster, alive_nodes, cluster_processes, down_local, free_port, kill_and_wait,
-                                    main_cluster)
-from clipdense.jobs.submit import main_submit
 from cluster_files import wait_until
+
+from clipdense.jobs.cluster import (
+    LocalCluster,
+    alive_nodes,
+    cluster_processes,
+    down_local,
+    free_port,
+    kill_and_wait,
+    main_cluster,
+)
+from clipdense.jobs.submit import main_submit
 
 ROOT = Path(__file__).resolve().parents[1]
 SLEEPER = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); " \
@@ -57,8 +63,8 @@ def test_down_stops_only_this_clusters_processes(short_tmp):
 
 
 def test_kill_and_wait_kills_what_ignores_sigterm_and_skips_what_is_gone():
-    import ray  # noqa: F401  (puts its vendored psutil on sys.path)
     import psutil
+    import ray  # noqa: F401  (puts its vendored psutil on sys.path)
 
     stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
                                  "signal.SIG_IGN); print(flush=True); time.sleep(120)"], stdout=subprocess.PIPE)
@@ -172,8 +178,8 @@ def test_autoscaler_runs_fake_nodes_with_their_own_runtime_env_dirs():
     import inspect
     import textwrap
 
-    from ray.autoscaler._private.loader import load_function_or_class
     from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
+    from ray.autoscaler._private.loader import load_function_or_class
 
     from clipdense.jobs.cluster import autoscaler_config, load_local_config
     from clipdense.jobs.fake_nodes import OwnDirFakeNodeProvider, runtime_env_dir_name

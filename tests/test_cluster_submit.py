@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from clipdense.errors import UserError
+from clipdense.config import UserError
 from clipdense.jobs import client as client_mod
 from clipdense.jobs.submit import EXCLUDES, SubmitArgs, build_job, find_project_root, main_submit
 

@@ -4,8 +4,7 @@ from typing import Literal
 
 import pytest
 
-from clipdense.config import Config, apply_override, deep_merge, load_config, set_dotted
-from clipdense.errors import ConfigError
+from clipdense.config import Config, ConfigError, apply_override, deep_merge, load_config, set_dotted
 
 
 class Optim(Config):

@@ -19,14 +19,15 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image
+from shard_files import good_samples, jpeg_bytes, write_tar
 
 from clipdense.data.images import check_image
 from clipdense.data.shards import IMAGE_EXTS, SCHEMA, iter_tar_samples, read_shard_local, read_shards, summarize
 from clipdense.recaption.decode import ImageInput, decode_batch
-from shard_files import good_samples, jpeg_bytes, write_tar
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the `test` extra")
-from hypothesis import HealthCheck, assume, event, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, assume, event, given, settings  # noqa: E402
+from hypothesis import strategies as st
 
 MAX_PIXELS = 10_000  # the pixel guard for these runs: tiny real images pass, declared sizes above it are bombs
 FUZZ = settings(max_examples=100, deadline=None, derandomize=True, database=None,

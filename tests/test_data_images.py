@@ -12,13 +12,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image
+from shard_files import jpeg_bytes, write_tar
 
 import clipdense
 from clipdense.data.images import ImageError, check_image, decode_rgb, decode_square, open_image, shrink_jpeg
 from clipdense.data.rows import CODES, count_codes, error_columns, errors_from, parse_legacy, row_error
 from clipdense.data.shards import read_shard_local
 from clipdense.recaption.writer import RunCounts
-from shard_files import jpeg_bytes, write_tar
 
 PIL_DEFAULT_LIMIT = int(1024 * 1024 * 1024 // 4 // 3)  # PIL's own MAX_IMAGE_PIXELS
 
@@ -63,8 +63,8 @@ def test_bomb_in_a_shard_is_a_row_error(tmp_path):
 
 
 def test_dense_file_readers_use_the_guard(tmp_path):
+    from clipdense.config import DataError
     from clipdense.dense.datasets.common import read_png, read_rgb
-    from clipdense.errors import DataError
 
     (tmp_path / "bomb.png").write_bytes(bomb_header(10_000, 10_000))
     (tmp_path / "junk.jpg").write_bytes(b"junk")

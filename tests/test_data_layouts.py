@@ -10,14 +10,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from pretrain_files import COLOURS, SHAPES, shape_jpeg
 
 from clipdense.config import build_config
+from clipdense.data.layouts import img2dataset_shard
 from clipdense.data.paths import expand_shards
 from clipdense.data.shards import read_shard_local
-from clipdense.data.synth.layouts import img2dataset_shard
 from clipdense.pretrain.captions import missing_for, pick_batch, pick_captions, real_mask, sample_rng
 from clipdense.pretrain.task import masked_clip_loss, masked_siglip_loss
-from pretrain_files import COLOURS, SHAPES, shape_jpeg
 
 SYN = ["a red circle", "circle that is red"]
 
@@ -85,7 +85,7 @@ def test_output_into_the_img2dataset_folder_is_refused_in_one_line(tmp_path, cap
     import shutil
 
     from clipdense.cli import main as cli_main
-    from clipdense.errors import DataError
+    from clipdense.config import DataError
     from clipdense.recaption.writer import OUTPUT_SCHEMA, plan_shards
 
     i2d = tmp_path / "i2d"
@@ -225,7 +225,7 @@ def _datacomp_pair(root, per_shard=10, seed=0) -> dict:
 
     import numpy as np
 
-    from clipdense.data.synth.layouts import datacompdr_shard
+    from clipdense.data.layouts import datacompdr_shard
 
     rng = np.random.default_rng(seed)
     (root / "dr").mkdir(parents=True)

@@ -1,12 +1,13 @@
 import os
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from shard_files import good_samples, jpeg_bytes, write_tar
 
+from clipdense.config import DataError
 from clipdense.data.paths import expand_braces, expand_paths
 from clipdense.data.shards import SCHEMA, read_shard_local, read_shards, summarize, write_parquet
-from clipdense.errors import DataError
-from shard_files import good_samples, jpeg_bytes, write_tar
 
 
 def test_expand_braces_keeps_padding_and_lists():

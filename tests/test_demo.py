@@ -6,10 +6,17 @@ import pytest
 import yaml
 
 from clipdense.cli import main
-from clipdense.config import load_config
-from clipdense.demo import (DemoConfig, _pretrain_cfg, _sweep_cfg, caption_accuracy, preset_path, preset_scale, run,
-                            word_recall)
-from clipdense.errors import ConfigError
+from clipdense.config import ConfigError, load_config
+from clipdense.demo import (
+    DemoConfig,
+    _pretrain_cfg,
+    _sweep_cfg,
+    caption_accuracy,
+    preset_path,
+    preset_scale,
+    run,
+    word_recall,
+)
 
 
 def test_caption_accuracy_counts_colour_and_shape():
@@ -53,8 +60,8 @@ def test_default_sweep_probes_frozen_trunks_with_the_binned_depth_head(tmp_path)
 @pytest.mark.parametrize("name, n_trials", [("quick", 2 * 3 * 2), ("default", 2 * 3 * (3 + 2 + 2))])
 def test_each_shipped_preset_resolves_every_steps_config(tmp_path, name, n_trials):
     """A preset file alone gives every scale key, and each step's config built from it validates."""
-    from clipdense.data.synth import SynthConfig
     from clipdense.sweep.grid import expand
+    from clipdense.synth import SynthConfig
 
     cfg = load_config(DemoConfig, preset_path(name))
     assert cfg.scale == preset_scale(name) and cfg.quick == (name == "quick")

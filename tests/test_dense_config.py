@@ -8,11 +8,9 @@ import pickle
 import pytest
 
 from clipdense.cli import main as cli_main
-from clipdense.config import load_config
+from clipdense.config import ConfigError, configs_dir, load_config
 from clipdense.dense.config import DepthFinetune, DetFinetune, FinetuneConfig, SegFinetune, has_key, tasks_with_key
 from clipdense.dense.tasks import TASKS
-from clipdense.errors import ConfigError
-from clipdense.paths import configs_dir
 
 
 @pytest.mark.parametrize("overrides, needle", [

@@ -7,12 +7,20 @@ import math
 import numpy as np
 import pytest
 import torch
+from dense_files import write_ade, write_coco, write_nyu
 from PIL import Image
 
-from clipdense.dense.datasets import (ADEEval, ADETrain, COCODetection, NYUEval, NYUTrain, reduce_zero_label,
-                                      restore_zero_label, subset_indices)
-from clipdense.errors import DataError, UserError
-from dense_files import write_ade, write_coco, write_nyu
+from clipdense.config import DataError, UserError
+from clipdense.dense.datasets import (
+    ADEEval,
+    ADETrain,
+    COCODetection,
+    NYUEval,
+    NYUTrain,
+    reduce_zero_label,
+    restore_zero_label,
+    subset_indices,
+)
 
 
 def test_subsets_are_nested_deterministic_and_sized():

@@ -8,9 +8,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from dense_files import write_nyu
 from torch import nn
 
-from clipdense.config import load_config
+from clipdense.config import ConfigError, DataError, configs_dir, load_config
 from clipdense.dense import FinetuneConfig, run
 from clipdense.dense.backbones import create_backbone, dpt_block_indices
 from clipdense.dense.config import BackboneConfig
@@ -18,9 +19,6 @@ from clipdense.dense.datasets.nyu import NYUTrain, color_aug, random_rotate
 from clipdense.dense.dpt import DPTHead, Reassemble
 from clipdense.dense.evaluate import rescore_depth
 from clipdense.dense.heads import DepthModel
-from clipdense.errors import ConfigError, DataError
-from clipdense.paths import configs_dir
-from dense_files import write_nyu
 
 
 def test_dpt_taps_and_reassemble_ops():

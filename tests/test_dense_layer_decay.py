@@ -7,16 +7,20 @@ from collections import defaultdict
 
 import pytest
 import torch
+from dense_files import write_ade
 
 from clipdense.cli import main as cli_main
-from clipdense.config import load_config
+from clipdense.config import ConfigError, load_config
 from clipdense.dense.backbones import create_backbone
 from clipdense.dense.config import BackboneConfig, FinetuneConfig
 from clipdense.dense.heads import SegModel
-from clipdense.dense.optim import (DEFAULT_LAYER_DECAY, LayerIds, hierarchical_layer_ids, layer_decay_param_groups,
-                                   share_ids)
-from clipdense.errors import ConfigError
-from dense_files import write_ade
+from clipdense.dense.optim import (
+    DEFAULT_LAYER_DECAY,
+    LayerIds,
+    hierarchical_layer_ids,
+    layer_decay_param_groups,
+    share_ids,
+)
 
 
 def mmseg_convnext_layer_id(name: str, max_layer_id: int = 12) -> int:

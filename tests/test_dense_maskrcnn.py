@@ -9,8 +9,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from dense_files import write_coco
 
-from clipdense.config import load_config
+from clipdense.config import ConfigError, DataError, configs_dir, load_config
 from clipdense.dense import FinetuneConfig, run
 from clipdense.dense.backbones import create_backbone
 from clipdense.dense.config import BackboneConfig, DetHead
@@ -18,9 +19,6 @@ from clipdense.dense.datasets.coco import COCODetection, lsj
 from clipdense.dense.detection import build_detector
 from clipdense.dense.evaluate import rescore_det
 from clipdense.dense.necks import LayerNorm2d, ViTDetRescale
-from clipdense.errors import ConfigError, DataError
-from clipdense.paths import configs_dir
-from dense_files import write_coco
 
 
 def test_masks_from_polygons_and_rle_match_the_boxes(tmp_path):

@@ -9,8 +9,14 @@ import torch
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from clipdense.dense.losses import seg_loss, sig_loss
-from clipdense.dense.metrics import (ConfusionMatrix, DepthMeter, depth_errors, detection_metrics, eigen_crop_box,
-                                     seg_metrics)
+from clipdense.dense.metrics import (
+    ConfusionMatrix,
+    DepthMeter,
+    depth_errors,
+    detection_metrics,
+    eigen_crop_box,
+    seg_metrics,
+)
 
 
 def test_seg_metrics_2x2_hand_case():

@@ -4,11 +4,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from clipdense.config import load_config
-from clipdense.dense import FinetuneConfig, run
-from clipdense.errors import DataError
 from dense_files import write_ade
+
+from clipdense.config import DataError, load_config
+from clipdense.dense import FinetuneConfig, run
 
 BASE = ["task=seg", "data.num_classes=3", "data.batch_size=4", "data.crop_size=[32,32]", "data.scale=[64,32]",
         "data.photometric=false", "head.channels=16", "head.aux_channels=8", "eval.mode=whole", "eval.test_scale=null",

@@ -6,12 +6,12 @@ import json
 import math
 
 import pytest
+from dense_files import write_ade, write_coco, write_nyu
 
 from clipdense.cli import main as cli_main
 from clipdense.config import load_config
 from clipdense.dense import FinetuneConfig, run
 from clipdense.dense.evaluate import rescore_depth, rescore_det, rescore_seg
-from dense_files import write_ade, write_coco, write_nyu
 
 TINY = ["data.batch_size=4", "train.optim.lr=2e-3", "train.schedule.warmup_steps=2", "train.log_every=1",
         "train.checkpoint.keep=1"]
@@ -139,7 +139,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
 
 
 def test_shipped_configs_load():
-    from clipdense.paths import configs_dir
+    from clipdense.config import configs_dir
 
     names = sorted(p.name for p in (configs_dir() / "finetune").glob("*.yaml"))
     assert {"ade20k-upernet-vitb16.yaml", "nyuv2-depth.yaml", "coco-det.yaml", "shapes-seg-tiny.yaml",
@@ -161,9 +161,8 @@ def test_frozen_trunk_linear_probe_trains_only_neck_and_head(tmp_path):
     import torch
 
     from clipdense.dense.task import DenseTask
-    from clipdense.train import TrainContext
-
     from clipdense.models import create_clip
+    from clipdense.train import TrainContext
 
     root, ckpt = tmp_path / "ade", tmp_path / "pretrained.pt"
     write_ade(root, n_train=8, n_val=2, size=(48, 64), num_classes=3)

@@ -6,18 +6,17 @@ import json
 import numpy as np
 import pytest
 import torch
+from dense_files import write_ade, write_nyu
 from PIL import Image
 from torch import nn
 
-from clipdense.config import load_config
+from clipdense.config import ConfigError, load_config
 from clipdense.dense.backbones import create_backbone
 from clipdense.dense.config import BackboneConfig, FinetuneConfig
 from clipdense.dense.datasets import build_eval_dataset
 from clipdense.dense.evaluate import evaluate_depth, evaluate_seg, rescore_seg
 from clipdense.dense.heads import SegModel
 from clipdense.dense.inference import MS_SCALES, slide_predict, tta_predict, tta_views, whole_predict
-from clipdense.errors import ConfigError
-from dense_files import write_ade, write_nyu
 
 
 class Pixelwise(nn.Module):

@@ -9,16 +9,16 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from eval_files import write_folder
 
 from clipdense.cli import main as cli_main
-from clipdense.config import build_config
-from clipdense.eval import EvalStageConfig, run as run_eval
+from clipdense.config import build_config, configs_dir
+from clipdense.eval import EvalStageConfig
+from clipdense.eval import run as run_eval
 from clipdense.models.registry import register_model_configs
-from clipdense.paths import configs_dir
 from clipdense.pretrain import PretrainConfig
 from clipdense.pretrain.task import ClipPretrainTask
 from clipdense.train import fit_local
-from eval_files import write_folder
 
 START = math.log(1000.0)  # above open_clip_train's ceiling ln 100
 

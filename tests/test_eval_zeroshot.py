@@ -8,15 +8,16 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from eval_files import CLASSES, write_folder
 from PIL import Image
+from pretrain_files import write_world
 
 from clipdense.cli import main as cli_main
 from clipdense.config import build_config
 from clipdense.eval import EvalStageConfig, run
 from clipdense.eval.run import load_model
 from clipdense.models import create_clip
-from eval_files import CLASSES, write_folder
-from pretrain_files import write_world
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

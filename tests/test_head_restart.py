@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from clipdense.config import build_config, read_yaml
-from clipdense.jobs.cluster import down_local, free_port, up_local
-from clipdense.paths import configs_dir
-from clipdense.pretrain import PretrainConfig
 from pretrain_files import write_world
+
+from clipdense.config import build_config, configs_dir, read_yaml
+from clipdense.jobs.cluster import down_local, free_port, up_local
+from clipdense.pretrain import PretrainConfig
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,13 +5,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from pretrain_files import write_world
 
 from clipdense.config import build_config
 from clipdense.data.shards import SCHEMA
 from clipdense.pretrain import PretrainConfig
 from clipdense.pretrain.batches import Collate
 from clipdense.pretrain.data import build_datasets, join_recaptions
-from pretrain_files import write_world
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 

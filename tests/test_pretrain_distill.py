@@ -19,18 +19,17 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from clipdense.config import build_config
+from clipdense.config import ConfigError, DataError, build_config
 from clipdense.data.images import decode_rgb
+from clipdense.data.layouts import datacompdr_shard, img2dataset_shard
 from clipdense.data.shards import SCHEMA, read_shard_local
-from clipdense.data.synth.layouts import datacompdr_shard, img2dataset_shard
-from clipdense.data.synth.writers import atomic_write, tar_bytes
-from clipdense.errors import ConfigError, DataError
 from clipdense.pretrain import PretrainConfig
 from clipdense.pretrain.captions import pick_batch
 from clipdense.pretrain.data import join_recaptions
 from clipdense.pretrain.dr_views import draw_view, parse_views, reapply_view
 from clipdense.pretrain.run import model_preprocess
 from clipdense.pretrain.task import ClipPretrainTask
+from clipdense.synth.writers import atomic_write, tar_bytes
 from clipdense.train.task import TrainContext
 
 TEACHER = [8, 8]     # two teachers, as DataCompDR's two ViT-L-14 (768 + 768), scaled down

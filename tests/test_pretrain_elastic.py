@@ -13,12 +13,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-
-from clipdense.config import build_config
-from clipdense.errors import ConfigError
-from clipdense.pretrain import PretrainConfig, run
 from pretrain_files import write_world
 from ray_train_state import registered_checkpoint_step
+
+from clipdense.config import ConfigError, build_config
+from clipdense.pretrain import PretrainConfig, run
 
 GLOBAL_BATCH = 8
 
@@ -122,8 +121,8 @@ NODE_CONFIG = {  # the head runs the driver and Train's controller; each 3-CPU n
 def _kill_node_of(pid: int) -> list[int]:
     """SIGKILL the fake node hosting process `pid`: its raylet (worker processes are the raylet's children) and
     every process under it (the node's workers and agents). Returns the pids killed."""
-    import ray  # noqa: F401  (puts Ray's vendored psutil on the path)
     import psutil
+    import ray  # noqa: F401  (puts Ray's vendored psutil on the path)
 
     raylet = next(p for p in psutil.Process(pid).parents() if "raylet" in " ".join(p.cmdline()))
     victims = [raylet, *raylet.children(recursive=True)]

@@ -14,9 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from clipdense.config import build_config
+from clipdense.config import DataError, build_config
 from clipdense.data.images import crop_source_side, decode_crop_source
-from clipdense.errors import DataError
 from clipdense.pretrain.batches import CROP_SCALE, Collate, crop_box
 from clipdense.pretrain.captions import sample_rng
 from clipdense.pretrain.config import PretrainConfig

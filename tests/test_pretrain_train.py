@@ -9,13 +9,13 @@ import math
 import open_clip
 import pytest
 import torch
+from pretrain_files import write_world
 
 from clipdense.cli import main as cli_main
 from clipdense.config import build_config
 from clipdense.models import create_clip
 from clipdense.pretrain import PretrainConfig, run
 from clipdense.train.state import load_checkpoint
-from pretrain_files import write_world
 
 
 @pytest.fixture(scope="module")

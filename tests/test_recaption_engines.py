@@ -6,14 +6,14 @@ import pyarrow as pa
 import pytest
 import torch
 from PIL import Image
+from shard_files import jpeg_bytes
 
 from clipdense.data.images import ImageError
 from clipdense.recaption.decode import ImageInput, decode_batch, prepare_image
-from clipdense.recaption.engines import check_output, cut_caption, EngineOutputError
+from clipdense.recaption.engines import EngineOutputError, check_output, cut_caption
 from clipdense.recaption.engines.coca import CocaCaptioner
 from clipdense.recaption.engines.echo import EchoCaptioner
 from clipdense.recaption.engines.sampling import decode_sequences, nucleus, sample_top_p, top_p_filter
-from shard_files import jpeg_bytes
 
 SOT, EOT = 8, 9
 

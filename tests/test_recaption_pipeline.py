@@ -7,13 +7,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from shard_files import good_samples, jpeg_bytes, write_tar
 
 from clipdense.cli import main as cli_main
 from clipdense.config import build_config
 from clipdense.data.shards import read_shard_local
 from clipdense.recaption import RecaptionConfig, run
 from clipdense.recaption.writer import InjectedFault
-from shard_files import good_samples, jpeg_bytes, write_tar
 
 
 def _big_png() -> bytes:

@@ -11,12 +11,12 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from shard_files import jpeg_bytes, write_tar
 
 from clipdense.config import build_config
 from clipdense.data.shards import rebatch
 from clipdense.recaption import RecaptionConfig, run
 from clipdense.recaption.writer import shard_runs
-from shard_files import jpeg_bytes, write_tar
 
 SHARDS, PER_SHARD = 1024, 3
 

@@ -4,8 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clipdense.config import load_config
-from clipdense.paths import configs_dir
+from clipdense.config import configs_dir, load_config
 from clipdense.recaption import RecaptionConfig
 from clipdense.recaption.stats import caption_stats, clip_scores, distinct_n, text_stats
 

@@ -15,15 +15,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from PIL import Image
+from shard_files import jpeg_bytes
 
-from clipdense.config import build_config
-from clipdense.errors import ConfigError
+from clipdense.config import ConfigError, build_config
 from clipdense.recaption import RecaptionConfig
 from clipdense.recaption.engines import build_captioner, image_input, provenance
 from clipdense.recaption.engines.base import EngineOutputError
 from clipdense.recaption.engines.seeds import row_seed
 from clipdense.recaption.engines.vllm import VLLMCaptioner, build_messages, llm_kwargs, parse_outputs
-from shard_files import jpeg_bytes
 
 
 def make_fake_vllm(completions=None, fail=None):

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from shard_files import good_samples, jpeg_bytes, write_tar
 
 from clipdense.cli import main as cli_main
 from clipdense.config import load_config
 from clipdense.data.shards import read_shard_local
 from clipdense.recaption import RecaptionConfig, run
 from clipdense.recaption.vllm_env import env_key
-from shard_files import good_samples, jpeg_bytes, write_tar
 
 pytestmark = pytest.mark.slow
 CACHE = Path(os.environ.get("CLIPDENSE_CACHE", Path.home() / ".cache" / "clipdense"))

@@ -9,8 +9,7 @@ import yaml
 from PIL import Image
 
 from clipdense.cli import main as cli_main
-from clipdense.config import build_config, read_yaml
-from clipdense.paths import configs_dir
+from clipdense.config import build_config, configs_dir, read_yaml
 from clipdense.sweep import SweepConfig, run
 
 pytestmark = pytest.mark.slow
@@ -98,7 +97,7 @@ def test_asha_sweep_gets_intermediate_metrics(ray_local, ade_root, tmp_path, cap
     lrs = {json.loads((p.parent / "trial.json").read_text())["hparams"]["train.optim.lr"] for p in done + stopped}
     assert lrs == {1e-3, 1e-4}
     assert "hparams" in (tmp_path / "hp" / "report.md").read_text()
-    import mlflow                                                   # Tune's MLflowLoggerCallback: one run per trial
+    import mlflow  # Tune's MLflowLoggerCallback: one run per trial
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("hp").experiment_id])
     assert len(runs) == 2                                           # each trial logged once (the trial itself: not)

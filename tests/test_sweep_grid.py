@@ -2,8 +2,7 @@
 import pytest
 import yaml
 
-from clipdense.config import load_config
-from clipdense.errors import ConfigError
+from clipdense.config import ConfigError, load_config
 from clipdense.sweep.config import SweepConfig
 from clipdense.sweep.grid import default_fractions, expand, flat_metrics, grid_hash, seeds_for
 
@@ -100,7 +99,7 @@ def test_missing_finetune_config_names_the_file(tmp_path, base_yaml):
 
 @pytest.mark.parametrize("name", ["data-efficiency", "data-efficiency-tiny", "hparam-asha"])
 def test_shipped_sweep_configs_expand_to_valid_finetune_configs(name, tmp_path):
-    from clipdense.paths import configs_dir
+    from clipdense.config import configs_dir
     from clipdense.sweep.tune import _spec, finetune_config
 
     cfg = load_config(SweepConfig, configs_dir() / "sweep" / f"{name}.yaml", [f"out={tmp_path}"])

@@ -4,10 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clipdense.config import ConfigError, load_config
-from clipdense.data.synth import CLASSES, COLOURS, K, SynthConfig, captions, render, scene
-from clipdense.data.synth.scene import MAX_DEPTH, MIN_DEPTH, Obj, Scene
-from clipdense.paths import configs_dir
+from clipdense.config import ConfigError, configs_dir, load_config
+from clipdense.synth import CLASSES, COLOURS, K, SynthConfig, captions, render, scene
+from clipdense.synth.scene import MAX_DEPTH, MIN_DEPTH, Obj, Scene
 
 
 def _scenes(n: int, seed: int = 0) -> list[Scene]:

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from clipdense.config import ConfigError
-from clipdense.data.synth import CLASSES, K, SynthConfig, captions, run
+from clipdense.synth import CLASSES, K, SynthConfig, captions, run
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.mask")
 ZERO_DENSE = dict(ade_train=0, ade_val=0, nyu_train=0, nyu_test=0, coco_train=0, coco_val=0)

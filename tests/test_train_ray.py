@@ -9,13 +9,13 @@ import time
 
 import pytest
 import torch
-
 import train_toy
+from ray_train_state import registered_checkpoint_step
+from train_toy import KillableToy, Toy
+
 from clipdense.config import build_config
 from clipdense.train import TrainConfig, fit
 from clipdense.train.state import load_checkpoint
-from ray_train_state import registered_checkpoint_step
-from train_toy import KillableToy, Toy
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -7,13 +7,12 @@ import math
 import pytest
 import torch
 from torch import nn
+from train_toy import Toy
 
-from clipdense.config import build_config
-from clipdense.errors import ConfigError, DataError
+from clipdense.config import ConfigError, DataError, build_config
 from clipdense.train import ScheduleConfig, TrainConfig, default_param_groups, fit_local
 from clipdense.train.schedule import lr_factor
 from clipdense.train.state import load_checkpoint
-from train_toy import Toy
 
 
 def _cfg(out, **kw) -> TrainConfig:

@@ -12,14 +12,13 @@ import warnings
 from pathlib import Path
 
 import pytest
-
-from clipdense.config import build_config
-from clipdense.errors import ConfigError
-from clipdense.train import TrainConfig, fit, fit_local
-from clipdense.train.tracking import TrackingConfig
 import train_toy
 from tracking_files import finished_wandb_records, wandb_history
 from train_toy import Toy
+
+from clipdense.config import ConfigError, build_config
+from clipdense.train import TrainConfig, fit, fit_local
+from clipdense.train.tracking import TrackingConfig
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent

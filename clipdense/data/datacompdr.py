@@ -100,7 +100,7 @@ def teacher_batch(blobs, keys) -> dict:
     import numpy as np
     import torch
 
-    from clipdense.errors import DataError
+    from clipdense.config import DataError
 
     loaded = []
     for blob, key in zip(blobs, keys):

@@ -9,7 +9,7 @@ from typing import Iterable
 
 import pyarrow.fs as pafs
 
-from clipdense.errors import DataError
+from clipdense.config import DataError
 
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _LIST = re.compile(r"\{([^{}]*,[^{}]*)\}")

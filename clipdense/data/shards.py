@@ -21,8 +21,15 @@ import pyarrow.parquet as pq
 from clipdense.data.datacompdr import aug_params_from_json, syn_captions_from_json
 from clipdense.data.images import DEFAULT_MAX_PIXELS, Validate, check_image
 from clipdense.data.paths import expand_shards, filesystem_for
-from clipdense.data.rows import ERROR_FIELDS, RowError, count_codes, error_columns, errors_from, row_error
-from clipdense.data.rows import exception_detail
+from clipdense.data.rows import (
+    ERROR_FIELDS,
+    RowError,
+    count_codes,
+    error_columns,
+    errors_from,
+    exception_detail,
+    row_error,
+)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 SCHEMA = pa.schema([

@@ -31,9 +31,9 @@ import torch
 from timm.layers import DropPath
 from torch import nn
 
+from clipdense.config import ConfigError
 from clipdense.dense.config import BackboneConfig
 from clipdense.dense.necks import Feature2Pyramid
-from clipdense.errors import ConfigError
 from clipdense.models import open_clip_adapter as oca
 
 STRIDES = (4, 8, 16, 32)

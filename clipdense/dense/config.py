@@ -11,10 +11,9 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from clipdense.train.tracking import TrackingConfig
-from clipdense.config import Config
-from clipdense.ray_session import RayConfig, StageConfig
+from clipdense.config import Config, RayConfig
 from clipdense.train.config import OptimConfig, ScheduleConfig, TrainConfig
+from clipdense.train.tracking import TrackingConfig
 
 
 class BackboneConfig(Config):
@@ -212,7 +211,7 @@ class DetEval(Config):
     pass  # whole images at the model's own test size; no test-time augmentation
 
 
-class FinetuneConfig(StageConfig):
+class FinetuneConfig(Config):
     """Keys every task has; `task` picks the class holding the rest (see the module docstring)."""
 
     task: str = "seg"

@@ -15,9 +15,9 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
+from clipdense.config import ConfigError
 from clipdense.dense.config import DetHead
 from clipdense.dense.necks import LayerNorm2d, SimpleFeaturePyramid, TowerFPN
-from clipdense.errors import ConfigError
 
 
 class SquareTransform(GeneralizedRCNNTransform):

@@ -25,7 +25,7 @@ from collections import defaultdict
 
 from torch import nn
 
-from clipdense.errors import ConfigError
+from clipdense.config import ConfigError
 
 DEFAULT_LAYER_DECAY = {"vit": 0.65, "hierarchical": 0.9}
 STAGE_IDS = 12  # body ids of a hierarchical tower (mmseg ConvNeXt: num_layers 12)

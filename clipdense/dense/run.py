@@ -4,10 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from clipdense.config import UserError
 from clipdense.dense.config import FinetuneConfig
 from clipdense.dense.datasets import build_eval_dataset, build_train_dataset
 from clipdense.dense.task import DenseTaskFactory
-from clipdense.errors import UserError
 from clipdense.ray_session import ray_session
 
 

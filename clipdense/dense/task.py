@@ -16,11 +16,11 @@ import numpy as np
 from torch import nn
 from torch.utils.data import DataLoader
 
+from clipdense.config import ConfigError, DataError
 from clipdense.dense.backbones import create_backbone
 from clipdense.dense.config import FinetuneConfig
 from clipdense.dense.optim import backbone_family, layer_decay_param_groups, lr_scale_record
 from clipdense.dense.tasks import task_of
-from clipdense.errors import ConfigError, DataError
 from clipdense.train.task import TrainContext, TrainTask
 
 

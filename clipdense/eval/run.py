@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from clipdense.errors import ConfigError, DataError
+from clipdense.config import ConfigError, DataError
 from clipdense.eval.config import EvalStageConfig
 
 SCHEMAS = ("hf-hub:", "local-dir:")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
+from clipdense.config import ConfigError, DataError
 from clipdense.data.rows import exception_detail
-from clipdense.errors import ConfigError, DataError
 
 
 def open_image(source: str | Path | bytes):

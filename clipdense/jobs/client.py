@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from urllib.parse import urlparse
 
-from clipdense.errors import UserError
+from clipdense.config import UserError
 
 DEFAULT_TOKEN_PATH = Path.home() / ".ray" / "auth_token"
 HINT = ("copy the head's token (`ray get-auth-token` on the head; for KubeRay the cluster's Secret) into "

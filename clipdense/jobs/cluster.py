@@ -26,8 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from clipdense.config import read_yaml
-from clipdense.errors import UserError
+from clipdense.config import UserError, read_yaml
 
 DEFAULT_CONFIG = "cluster/local.yaml"
 DEFAULT_TEMP_DIR = "/tmp/clipdense-ray"

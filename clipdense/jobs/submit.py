@@ -21,8 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clipdense.config import apply_override, read_yaml
-from clipdense.errors import UserError
+from clipdense.config import UserError, apply_override, read_yaml
 from clipdense.jobs import JOB_STAGES
 from clipdense.jobs.client import make_client
 

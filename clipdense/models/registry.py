@@ -13,8 +13,8 @@ from pathlib import Path
 
 import open_clip
 
+from clipdense.config import configs_dir
 from clipdense.models.open_clip_adapter import init_unset_parameters, register_model_config
-from clipdense.paths import configs_dir
 
 
 @functools.lru_cache(maxsize=None)

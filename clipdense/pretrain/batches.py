@@ -108,7 +108,7 @@ def undecodable_row(key: str, error, decode_on: str):
     """The one-line DataError for a row whose header passed Ray Data's check but whose pixels do not decode in the
     train worker (data.decode_on worker | gpu): dropping it there would leave this worker's batch smaller than the
     others' (the contrastive loss gathers equal batches)."""
-    from clipdense.errors import DataError
+    from clipdense.config import DataError
 
     return DataError(f"{key}: {error.code}: {error.detail} (data.decode_on {decode_on} decodes in the train worker; "
                      f"data.validate_images=full records such rows as errors before training)")

@@ -5,11 +5,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from clipdense.config import Config
+from clipdense.config import Config, RayConfig
 from clipdense.eval.config import ZeroShotConfig
-from clipdense.ray_session import RayConfig, StageConfig
-from clipdense.train.tracking import TrackingConfig
 from clipdense.train.config import OptimConfig, ScheduleConfig, TrainConfig
+from clipdense.train.tracking import TrackingConfig
 
 
 class ModelConfig(Config):
@@ -103,7 +102,7 @@ class PretrainTrain(TrainConfig):
     out_dir: str = "runs/pretrain"
 
 
-class PretrainConfig(StageConfig):
+class PretrainConfig(Config):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     captions: CaptionConfig = CaptionConfig()

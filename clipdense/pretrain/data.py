@@ -23,11 +23,17 @@ import functools
 import numpy as np
 import pyarrow as pa
 
+from clipdense.config import DataError
 from clipdense.data.datacompdr import json_or_none
-from clipdense.data.images import (DEFAULT_MAX_PIXELS, ImageError, crop_source_side, decode_crop_source,
-                                   decode_square, open_image)
+from clipdense.data.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    crop_source_side,
+    decode_crop_source,
+    decode_square,
+    open_image,
+)
 from clipdense.data.rows import error_columns, errors_from, row_error
-from clipdense.errors import DataError
 from clipdense.pretrain.batches import CROP_SCALE
 from clipdense.pretrain.captions import missing_for
 from clipdense.pretrain.config import PretrainConfig

@@ -99,7 +99,7 @@ def stored_views(batch: dict, keys: list[str], seed: int, epoch: int, size: int)
     `orig_w` nor stored views (the plain random-crop path applies)."""
     import numpy as np
 
-    from clipdense.errors import DataError
+    from clipdense.config import DataError
     from clipdense.pretrain.batches import reference_crop
     from clipdense.pretrain.captions import sample_rng
     from clipdense.pretrain.dr_views import parse_views, reapply_view

@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
+
 # torchvision's RandAugment applies its ops through this function; DataCompDR's generator called it directly too
 from torchvision.transforms.autoaugment import _apply_op
 

@@ -5,7 +5,7 @@ import functools
 import json
 from pathlib import Path
 
-from clipdense.errors import ConfigError
+from clipdense.config import ConfigError
 from clipdense.pretrain.config import PretrainConfig
 from clipdense.ray_session import data_context, ray_session
 

@@ -121,7 +121,7 @@ class ClipPretrainTask(TrainTask):
         self.rank, self.world_size = ctx.rank, ctx.world_size
         self.local_batch = max(1, self.cfg.data.batch_size // ctx.world_size)
         if self.cfg.data.decode_on == "gpu" and torch.device(ctx.device).type != "cuda":
-            from clipdense.errors import ConfigError
+            from clipdense.config import ConfigError
 
             raise ConfigError(f"data.decode_on gpu: this train worker has no CUDA device ({ctx.device})")
         self.zeroshot = None
@@ -142,7 +142,7 @@ class ClipPretrainTask(TrainTask):
                                   lc.coca_contrastive_weight)
         self.distill = None
         if lc.distill.enabled:
-            from clipdense.errors import ConfigError
+            from clipdense.config import ConfigError
             from clipdense.pretrain.distill import DistillLoss
 
             if self.kind != "clip":

@@ -5,8 +5,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from clipdense.config import Config
-from clipdense.ray_session import OnRayConfig, RayConfig, StageConfig
+from clipdense.config import Config, OnRayConfig, RayConfig
 
 # DataCompDR (apple/ml-mobileclip-dr scripts/gen.py): open_clip coca_ViT-L-14, 5 samples, top-p 0.9, seq_len 30.
 DATACOMPDR_COCA = "coca_ViT-L-14"
@@ -95,7 +94,7 @@ class FaultConfig(Config):
     engine_delay_s: float = Field(0.0, ge=0)           # each captioner call first sleeps this long (a slow engine)
 
 
-class RecaptionConfig(StageConfig):
+class RecaptionConfig(Config):
     input: str | list[str]              # tar/Parquet shards: paths, dirs, globs, {a..b} ranges, s3://
     output: str                         # directory (local or s3://): one <shard>.parquet per input shard
     s3_endpoint: str | None = None      # S3-compatible endpoint (else env AWS_ENDPOINT_URL)

@@ -14,10 +14,10 @@ import time
 
 import pyarrow as pa
 
+from clipdense.config import ConfigError
 from clipdense.data.paths import expand_shards
 from clipdense.data.rows import error_columns, errors_from, exception_detail, row_error
 from clipdense.data.shards import READ_TASK_BYTES, write_parquet
-from clipdense.errors import ConfigError
 from clipdense.ray_session import data_context, ray_session
 from clipdense.recaption.config import EngineConfig, FaultConfig, RecaptionConfig
 from clipdense.recaption.decode import ImageInput, decode_batch

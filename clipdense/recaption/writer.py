@@ -17,9 +17,9 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from clipdense.config import DataError
 from clipdense.data.paths import filesystem_for
 from clipdense.data.rows import ERROR_FIELDS, codes_of, count_codes
-from clipdense.errors import DataError
 
 OUTPUT_SCHEMA = pa.schema([
     ("key", pa.string()),

@@ -10,12 +10,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from clipdense.train.tracking import TrackingConfig
-from clipdense.config import Config
+from clipdense.config import Config, OnRayConfig, RayConfig
 from clipdense.dense.config import tasks_with_key
 from clipdense.dense.tasks import TASKS
 from clipdense.sweep.factor import DEFAULT_CI, DEFAULT_FIT, DEFAULT_N_BOOTSTRAP, DEFAULT_TARGETS, Fit
-from clipdense.ray_session import OnRayConfig, RayConfig
+from clipdense.train.tracking import TrackingConfig
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")   # names become directory names
 

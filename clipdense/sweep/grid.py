@@ -14,10 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clipdense.config import deep_merge, get_dotted, read_yaml, set_dotted
+from clipdense.config import ConfigError, configs_dir, deep_merge, get_dotted, read_yaml, set_dotted
 from clipdense.dense.config import FinetuneConfig, has_key
-from clipdense.errors import ConfigError
-from clipdense.paths import configs_dir
 from clipdense.sweep.config import SweepConfig
 
 METRICS_FILE = "metrics.json"

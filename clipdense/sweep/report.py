@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field, ValidationError
 
-from clipdense.config import get_dotted
-from clipdense.errors import ConfigError
+from clipdense.config import ConfigError, get_dotted
 from clipdense.sweep.config import TASK_METRICS, ReportSettings
 from clipdense.sweep.factor import compare
 from clipdense.sweep.grid import METRICS_FILE, TRIAL_FILE, flat_metrics
@@ -145,7 +144,7 @@ def conditions(rows: list[dict], task: str, sweep: dict) -> dict[str, list[str]]
 
 
 def plot_task(table: list[dict], task: str, path: Path, reference: str | None = None) -> None:
-    from matplotlib.figure import Figure      # Agg canvas, no global pyplot state
+    from matplotlib.figure import Figure  # Agg canvas, no global pyplot state
 
     rows = [r for r in table if r["task"] == task]
     metric, mode = rows[0]["metric"], rows[0]["mode"]

@@ -23,12 +23,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from clipdense.train.tracking import TrackingConfig, tune_callbacks
 from clipdense.config import build_config, set_dotted
 from clipdense.ray_session import ray_session
 from clipdense.sweep.config import SearchDim, SweepConfig
-from clipdense.sweep.grid import (METRICS_FILE, TRIAL_FILE, Trial, expand, flat_metrics, grid_hash, hparam_label,
-                                  trial_dir)
+from clipdense.sweep.grid import (
+    METRICS_FILE,
+    TRIAL_FILE,
+    Trial,
+    expand,
+    flat_metrics,
+    grid_hash,
+    hparam_label,
+    trial_dir,
+)
+from clipdense.train.tracking import TrackingConfig, tune_callbacks
 
 TOKEN_CPU = 0.01
 STOPPED_FILE = "early_stopped.json"   # written by the driver for trials a scheduler stopped (not rerun)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from clipdense.errors import DataError
+from clipdense.config import DataError
 from clipdense.train.config import TrainConfig
 from clipdense.train.schedule import lr_factor, set_lr
 from clipdense.train.state import rng_state, save_checkpoint, seed_everything, set_rng_state, unwrap

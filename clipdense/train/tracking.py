@@ -21,8 +21,7 @@ from urllib.parse import unquote, urlparse
 
 from pydantic import Field, field_validator
 
-from clipdense.config import Config
-from clipdense.errors import ConfigError
+from clipdense.config import Config, ConfigError
 
 EXTRA = 'pip install "clipdense[tracking]"'
 

@@ -8,10 +8,23 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from clipdense.dense.datasets.common import (IGNORE, check_same_size, keep_ratio_size, pad_to, photometric,
-                                              random_crop, random_flip, random_resize, read_png, read_rgb,
-                                              resize_image, sample_rng, subset_indices, to_chw)
-from clipdense.errors import DataError
+from clipdense.config import DataError
+from clipdense.dense.datasets.common import (
+    IGNORE,
+    check_same_size,
+    keep_ratio_size,
+    pad_to,
+    photometric,
+    random_crop,
+    random_flip,
+    random_resize,
+    read_png,
+    read_rgb,
+    resize_image,
+    sample_rng,
+    subset_indices,
+    to_chw,
+)
 
 
 def ade_base(root: str | Path) -> Path:

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from clipdense.config import DataError
 from clipdense.dense.datasets.common import read_rgb, resize_image, resize_mask, sample_rng, subset_indices, to_chw
-from clipdense.errors import DataError
 
 BOX_TOLERANCE = 1.0  # pixels a box may overhang the image (rounding in exported annotations)
 

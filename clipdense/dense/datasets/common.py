@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance
 
+from clipdense.config import DataError
 from clipdense.data.images import ImageError, load_pixels, load_rgb, open_path
-from clipdense.errors import DataError
 
 IGNORE = 255
 

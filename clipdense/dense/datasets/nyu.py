@@ -9,9 +9,19 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from clipdense.dense.datasets.common import (check_same_size, pad_to, photometric, random_crop, random_flip,
-                                              read_png, read_rgb, sample_rng, subset_indices, to_chw)
-from clipdense.errors import DataError
+from clipdense.config import DataError
+from clipdense.dense.datasets.common import (
+    check_same_size,
+    pad_to,
+    photometric,
+    random_crop,
+    random_flip,
+    read_png,
+    read_rgb,
+    sample_rng,
+    subset_indices,
+    to_chw,
+)
 
 
 def read_list(root: str | Path, list_file: str, subdir: str = "") -> list[tuple[Path, Path, float | None]]:

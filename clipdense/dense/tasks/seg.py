@@ -8,16 +8,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clipdense.config import DataError
 from clipdense.dense.config import SegFinetune
-from clipdense.dense.datasets.ade import ADEEval, ADETrain, list_pairs, load_label, reduce_zero_label, \
-    restore_zero_label
+from clipdense.dense.datasets.ade import (
+    ADEEval,
+    ADETrain,
+    list_pairs,
+    load_label,
+    reduce_zero_label,
+    restore_zero_label,
+)
 from clipdense.dense.datasets.common import read_png, read_rgb
 from clipdense.dense.heads import SegModel, resize
 from clipdense.dense.inference import slide_predict, tta_predict, tta_views, whole_predict
 from clipdense.dense.losses import seg_loss
 from clipdense.dense.metrics import ConfusionMatrix, seg_metrics
 from clipdense.dense.tasks.base import TaskKind, write_png
-from clipdense.errors import DataError
 
 
 @torch.no_grad()

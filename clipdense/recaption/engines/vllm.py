@@ -24,7 +24,7 @@ from __future__ import annotations
 import warnings
 from typing import Any, Sequence
 
-from clipdense.errors import ConfigError
+from clipdense.config import ConfigError
 from clipdense.recaption.engines.base import Captioner, EngineOutputError, ImageLike, cut_caption, to_pil
 from clipdense.recaption.engines.seeds import row_seed
 

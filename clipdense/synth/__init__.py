@@ -29,8 +29,8 @@ from __future__ import annotations
 from . import captions, render, scene
 from .captions import alt_text, describe
 from .config import PRESETS, SynthConfig
-from .generate import run
 from .render import Rendered
+from .run import run
 from .scene import CLASSES, COLOURS, SIZES, K, Obj, Scene, sample_scene
 
 __all__ = ["CLASSES", "COLOURS", "K", "PRESETS", "SIZES", "Obj", "Rendered", "Scene", "SynthConfig",

@@ -13,7 +13,7 @@ from typing import Any, Iterable, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from clipdense.errors import ConfigError
+from clipdense.config.errors import ConfigError
 
 
 class Config(BaseModel):

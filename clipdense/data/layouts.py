@@ -13,19 +13,39 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .writers import atomic_write, tar_bytes
-
 IMG2DATASET_PARQUET = pa.schema([
     ("url", pa.string()), ("key", pa.string()), ("caption", pa.string()), ("status", pa.string()),
     ("error_message", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
     ("original_width", pa.int64()), ("original_height", pa.int64()), ("exif", pa.string()), ("sha256", pa.string()),
 ])
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """A tar with fixed metadata (mtime 0, root owner, 0644) so equal members give equal bytes."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
 
 
 def img2dataset_shard(folder: str | Path, shard_id: int, samples: list[dict]) -> dict:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tarfile
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
+
+from clipdense.data.layouts import atomic_write, tar_bytes
 
 from .captions import alt_text_with_info, describe
 from .render import render
@@ -60,24 +60,8 @@ def encode_png(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
-def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    """A tar with fixed metadata (mtime 0, root owner, 0644) so equal members give equal bytes."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def _dumps(obj) -> bytes:
