@@ -1,0 +1,69 @@
+"""Where a stage reads and writes: a URI (local path or s3://bucket/prefix) bound to its S3 endpoint.
+
+The one module that builds pyarrow filesystems. A stage's entry resolves each location once, `Storage` values
+travel down (and pickle to Ray workers: the filesystem is rebuilt from uri + endpoint where it is used), and no
+module below passes an endpoint string along. Config sections that name a location inherit `StorageKeys`, the one
+place the `s3_endpoint` key is declared.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import posixpath
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+from pydantic import Field
+
+from clipdense.config import Config
+
+
+@functools.lru_cache(maxsize=16)  # an S3FileSystem is costly to build; (uri scheme, endpoint, env) decides it
+def _s3(endpoint: str | None, access: str | None, secret: str | None, region: str | None) -> pafs.FileSystem:
+    kwargs = {}
+    if endpoint:
+        scheme, _, host = endpoint.rpartition("://")
+        kwargs = {"endpoint_override": host or endpoint, "scheme": scheme or "http"}
+    if access and secret:
+        # explicit keys travel with the pickled filesystem to Ray workers whose env may lack them
+        kwargs["access_key"], kwargs["secret_key"] = access, secret
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
+
+
+@dataclass(frozen=True)
+class Storage:
+    """A location and how to reach it. `endpoint` (else env AWS_ENDPOINT_URL) is an S3-compatible server."""
+    uri: str
+    endpoint: str | None = None
+
+    @property
+    def remote(self) -> bool:
+        return self.uri.startswith("s3://")
+
+    def locate(self, uri: str | None = None) -> tuple[pafs.FileSystem, str]:
+        """(filesystem, path within it) of `uri` (default: this location), reached the way this one is."""
+        uri = self.uri if uri is None else uri
+        if uri.startswith("s3://"):
+            env = os.environ.get
+            fs = _s3(self.endpoint or env("AWS_ENDPOINT_URL"), env("AWS_ACCESS_KEY_ID"),
+                     env("AWS_SECRET_ACCESS_KEY"), env("AWS_DEFAULT_REGION") or env("AWS_REGION"))
+            return fs, uri[len("s3://"):]
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+    def at(self, uri: str) -> Storage:
+        """Another location on the same endpoint (a file found under this one, a sibling folder)."""
+        return Storage(uri, self.endpoint)
+
+    def child(self, name: str) -> Storage:
+        return self.at(posixpath.join(self.uri.rstrip("/"), name))
+
+
+class StorageKeys(Config):
+    """Mixed into every config section that names a location: the endpoint key, declared once."""
+    s3_endpoint: str | None = Field(None, description="S3-compatible endpoint (http://host:port) for s3:// "
+                                    "locations; else env AWS_ENDPOINT_URL, else AWS S3")
+
+    def storage(self, uri: str) -> Storage:
+        return Storage(uri, self.s3_endpoint)
