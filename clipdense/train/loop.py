@@ -34,6 +34,9 @@ def _dist() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+_END = object()  # what `next` returns for an exhausted batch iterator
+
+
 class _Meter:
     """Sums over one log interval; `flush` reduces across ranks (every rank calls it at the same steps)."""
 
@@ -102,158 +105,192 @@ def run_worker(env, task_factory, cfg: TrainConfig, run_id: str, tracking: Track
         torch.use_deterministic_algorithms(was_deterministic)
 
 
+def _context(env, cfg: TrainConfig) -> TrainContext:
+    return TrainContext(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank, device=env.device,
+                        seed=cfg.seed, total_steps=cfg.schedule.total_steps, out_dir=Path(cfg.out_dir),
+                        autocast_dtype=_autocast_dtype(cfg, env.device), dataset_shards=env.dataset_shards())
+
+
 def _run_worker(env, task_factory, cfg: TrainConfig, run_id: str, tracking, params, relay) -> dict:
     seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
-    device = env.device
-    out_dir = Path(cfg.out_dir)
-    total = cfg.schedule.total_steps
-    ctx = TrainContext(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank, device=device,
-                       seed=cfg.seed, total_steps=total, out_dir=out_dir,
-                       autocast_dtype=_autocast_dtype(cfg, device), dataset_shards=env.dataset_shards())
-    sink = Sink(out_dir, ctx.is_main, run_id)
+    ctx = _context(env, cfg)
     task: TrainTask = task_factory()
-
     resumed = env.load_checkpoint()  # (model_sd, train_state) | None
-    step, epoch, batch_in_epoch = 0, 0, 0
     if resumed is not None:
-        step, epoch, batch_in_epoch = (resumed[1][k] for k in ("step", "epoch", "batch_in_epoch"))
-    ctx.step, ctx.epoch, ctx.start_batch = step, epoch, batch_in_epoch
-    sink.watchers = RunWatchers(tracking, out_dir, run_id, total, step, params, ctx.is_main, relay)
+        ctx.step, ctx.epoch, ctx.start_batch = (resumed[1][k] for k in ("step", "epoch", "batch_in_epoch"))
+    watchers = RunWatchers(tracking, ctx.out_dir, run_id, ctx.total_steps, ctx.step, params, ctx.is_main, relay)
     try:
-        return _train(env, task_factory, cfg, ctx, sink, task, resumed, step, epoch, batch_in_epoch)
+        return WorkerTraining(env, cfg, ctx, task, Sink(ctx.out_dir, ctx.is_main, run_id, watchers)).run(resumed)
     finally:
-        sink.watchers.close()
+        watchers.close()
 
 
-def _train(env, task_factory, cfg: TrainConfig, ctx: TrainContext, sink: Sink, task: TrainTask, resumed,
-           step: int, epoch: int, batch_in_epoch: int) -> dict:
-    device, out_dir, total = ctx.device, ctx.out_dir, ctx.total_steps
-    task.setup(ctx)
-    model = task.build_model()
-    if cfg.scaling.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
-        model.set_grad_checkpointing(True)
-    model.to(device)
-    groups = task.param_groups(model, cfg.optim)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                  weight_decay=cfg.optim.weight_decay, fused=cfg.optim.fused or None)
-    if resumed is not None:
-        model_sd, state = resumed
+class WorkerTraining:
+    """One worker's run of the step loop: the model, its optimizer and the data position (step, epoch, batch within
+    the epoch), which start at the resume point that `ctx` holds and are what a checkpoint saves."""
+
+    def __init__(self, env, cfg: TrainConfig, ctx: TrainContext, task: TrainTask, sink: Sink):
+        self.env, self.cfg, self.ctx, self.task, self.sink = env, cfg, ctx, task, sink
+        self.step, self.epoch, self.batch_in_epoch = ctx.step, ctx.epoch, ctx.start_batch
+        self.meter = _Meter()
+        self.last: dict = {}  # the latest value of every metric reported
+
+    def run(self, resumed: tuple[dict, dict] | None) -> dict:
+        self._build(resumed)
+        stopped = self._train()
+        return self._stop() if stopped else self._finish()
+
+    # ---- model and optimizer ----
+    def _build(self, resumed: tuple[dict, dict] | None) -> None:
+        cfg, task = self.cfg, self.task
+        task.setup(self.ctx)
+        model = task.build_model()
+        if cfg.scaling.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
+            model.set_grad_checkpointing(True)
+        model.to(self.ctx.device)
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(task.param_groups(model, o), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                           weight_decay=o.weight_decay, fused=o.fused or None)
+        if resumed is not None:
+            self._restore(model, *resumed)
+        else:
+            seed_everything(cfg.seed + self.env.rank)
+        model = self.env.wrap_model(model, getattr(task, "find_unused_parameters", False))
+        self.model = torch.compile(model) if cfg.scaling.compile else model
+        self.raw = unwrap(self.model)
+
+    def _restore(self, model: torch.nn.Module, model_sd: dict, state: dict) -> None:
+        env = self.env
         unwrap(model).load_state_dict(model_sd)
-        optimizer.load_state_dict(state["optimizer"])
-        task.load_state_dict(state.get("task", {}))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.task.load_state_dict(state.get("task", {}))
         rngs = state.get("rng", [])
         if len(rngs) == env.world_size:
             set_rng_state(rngs[env.rank])
         else:  # world size changed (elastic): fresh per-rank streams
-            seed_everything(cfg.seed + 1000003 * step + env.rank)
-        sink.write({"event": "resume", "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                    "world_size": env.world_size})
-    else:
-        seed_everything(cfg.seed + env.rank)
-    model = env.wrap_model(model, getattr(task, "find_unused_parameters", False))
-    if cfg.scaling.compile:
-        model = torch.compile(model)
-    raw = unwrap(model)
+            seed_everything(self.cfg.seed + 1000003 * self.step + env.rank)
+        self.sink.write({"event": "resume", "step": self.step, "epoch": self.epoch,
+                         "batch_in_epoch": self.batch_in_epoch, "world_size": env.world_size})
 
-    def autocast():
-        if ctx.autocast_dtype is None:
+    def _autocast(self):
+        if self.ctx.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=ctx.autocast_dtype)
+        return torch.autocast(device_type=self.ctx.device.type, dtype=self.ctx.autocast_dtype)
 
-    def train_state() -> dict:
-        rngs = [rng_state()]
-        if _dist():
-            rngs = [None] * env.world_size
-            dist.all_gather_object(rngs, rng_state())
-        return {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                "rng": rngs, "task": task.state_dict(), "world_size": env.world_size, "config": cfg.model_dump()}
+    # ---- the loop ----
+    def _train(self) -> bool:
+        """Epochs until `total_steps`; True when `stop_at_step` ended the run early."""
+        self.model.train()
+        while self.step < self.ctx.total_steps:
+            outcome = self._train_epoch()
+            if outcome == "stopped":
+                return True
+            if outcome == "epoch_ended":
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        return False
 
-    def checkpoint(metrics: dict) -> None:
-        state = train_state()  # a collective: every rank builds it
-        env.report({**metrics, "step": step}, lambda d: save_checkpoint(d, raw, state), step)
+    def _train_epoch(self) -> str:
+        """This epoch's batches from the current position: "epoch_ended", "total_reached" or "stopped"."""
+        ctx = self.ctx
+        ctx.epoch, ctx.start_batch = self.epoch, self.batch_in_epoch
+        batches = iter(self.task.train_batches(ctx))
+        fresh_epoch, got_any = self.batch_in_epoch == 0, False
+        while self.step < ctx.total_steps:
+            t0 = time.perf_counter()
+            batch = next(batches, _END)
+            if batch is _END:
+                if not got_any and fresh_epoch:
+                    raise DataError(f"epoch {self.epoch} yielded no training batches on rank {self.env.rank} (too "
+                                    "little data for the batch size and number of workers?)")
+                return "epoch_ended"
+            got_any = True
+            self._train_step(batch, time.perf_counter() - t0)
+            if self.cfg.stop_at_step and self.cfg.stop_at_step <= self.step < ctx.total_steps:
+                return "stopped"
+        return "total_reached"
 
-    def evaluate() -> dict:
-        model.eval()
-        with torch.no_grad(), autocast():
-            out = task.evaluate(raw, ctx)
-        model.train()
+    def _train_step(self, batch, wait: float) -> None:
+        """lr set -> forward/loss -> backward -> clip -> step -> counters -> report."""
+        cfg, ctx, task = self.cfg, self.ctx, self.task
+        ctx.step = self.step
+        lr = set_lr(self.optimizer, cfg.optim.lr, lr_factor(self.step, cfg.schedule))
+        with self._autocast():
+            loss, metrics = task.loss(self.model, batch, ctx)
+        if not torch.isfinite(loss.detach()):
+            raise FloatingPointError(f"loss is {loss.item()} at step {self.step} (epoch {self.epoch})")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip,
+                                           foreach=cfg.optim.fused or None)
+        self.optimizer.step()
+        self.step += 1
+        self.batch_in_epoch += 1
+        ctx.step = self.step
+        task.after_step(self.raw, ctx)
+        self.meter.add(loss, metrics, task.batch_size(batch), wait)
+        self._report(lr)
+
+    def _report(self, lr: float) -> None:
+        """Every `log_every` steps the interval's metrics, every `eval_every` an evaluation; to metrics.jsonl and Ray,
+        with a checkpoint every `checkpoint.every_steps` (the final step's come from `_finish`)."""
+        cfg, step, total = self.cfg, self.step, self.ctx.total_steps
+        report: dict = {}
+        if step % cfg.log_every == 0 or step == total:
+            report = {**self.meter.flush(self.ctx.device, self.env.world_size), "lr": lr, "step": step,
+                      "epoch": self.epoch}
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+            report = {**report, **self._evaluate(), "step": step, "epoch": self.epoch}
+        if report:
+            self.sink.write(report)
+            self.last.update(report)
+        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < total:
+            self._checkpoint(report)
+        elif report:
+            self.env.report(report, None, step)
+
+    def _evaluate(self) -> dict:
+        self.model.eval()
+        with torch.no_grad(), self._autocast():
+            out = self.task.evaluate(self.raw, self.ctx)
+        self.model.train()
         return {f"eval/{k}" if not k.startswith("eval/") else k: float(v) for k, v in out.items()}
 
-    meter = _Meter()
-    last: dict = {}
-    stopped = False
-    model.train()
-    while step < total and not stopped:
-        ctx.epoch, ctx.start_batch = epoch, batch_in_epoch
-        batches = iter(task.train_batches(ctx))
-        fresh_epoch, got_any = batch_in_epoch == 0, False
-        while step < total:
-            t0 = time.perf_counter()
-            try:
-                batch = next(batches)
-            except StopIteration:
-                break
-            wait = time.perf_counter() - t0
-            got_any = True
-            ctx.step = step
-            lr = set_lr(optimizer, cfg.optim.lr, lr_factor(step, cfg.schedule))
-            with autocast():
-                loss, metrics = task.loss(model, batch, ctx)
-            if not torch.isfinite(loss.detach()):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step} (epoch {epoch})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip,
-                                               foreach=cfg.optim.fused or None)
-            optimizer.step()
-            step += 1
-            batch_in_epoch += 1
-            ctx.step = step
-            task.after_step(raw, ctx)
-            meter.add(loss, metrics, task.batch_size(batch), wait)
-            report: dict = {}
-            if step % cfg.log_every == 0 or step == total:
-                report = {**meter.flush(device, env.world_size), "lr": lr, "step": step, "epoch": epoch}
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-                report = {**report, **evaluate(), "step": step, "epoch": epoch}
-            if report:
-                sink.write(report)
-                last.update(report)
-            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < total:
-                checkpoint(report)
-            elif report:
-                env.report(report, None, step)
-            if cfg.stop_at_step and step >= cfg.stop_at_step and step < total:
-                stopped = True
-                break
-        else:
-            continue  # step == total
-        if stopped:
-            break
-        if not got_any and fresh_epoch:
-            raise DataError(f"epoch {epoch} yielded no training batches on rank {env.rank} (too little data "
-                            "for the batch size and number of workers?)")
-        epoch, batch_in_epoch = epoch + 1, 0
+    # ---- checkpoints and the end ----
+    def _train_state(self) -> dict:
+        """Everything an exact resume needs; a collective (every rank's RNG state), so every rank builds it."""
+        rngs = [rng_state()]
+        if _dist():
+            rngs = [None] * self.env.world_size
+            dist.all_gather_object(rngs, rng_state())
+        return {"optimizer": self.optimizer.state_dict(), "step": self.step, "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch, "rng": rngs, "task": self.task.state_dict(),
+                "world_size": self.env.world_size, "config": self.cfg.model_dump()}
 
-    if stopped:
-        sink.write({"event": "stopped", "step": step})
-        summary = {"step": step, "epoch": epoch, "stopped_early": True, "metrics": last}
-        if ctx.is_main:
-            (out_dir / "result.json").write_text(json.dumps(summary, indent=2, default=str))
+    def _checkpoint(self, metrics: dict) -> None:
+        state = self._train_state()
+        self.env.report({**metrics, "step": self.step}, lambda d: save_checkpoint(d, self.raw, state), self.step)
+
+    def _stop(self) -> dict:
+        """Ended as if killed at `stop_at_step`: no final evaluation, export or checkpoint."""
+        self.sink.write({"event": "stopped", "step": self.step})
+        return self._result({"step": self.step, "epoch": self.epoch, "stopped_early": True, "metrics": self.last})
+
+    def _finish(self) -> dict:
+        """The final evaluation, rank 0's export and the last checkpoint."""
+        final = {**self._evaluate(), "step": self.step, "epoch": self.epoch}
+        export = {}
+        if self.ctx.is_main:
+            export = self.task.export(self.raw, self.ctx.out_dir) or {}
+            self.sink.watchers.artifacts(self.ctx.out_dir / "export")
+        final_metrics = {**self.last, **final}
+        self.sink.write({"event": "final", **final})
+        self._checkpoint(final_metrics)
+        finite = {k: v for k, v in final_metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        return self._result({"step": self.step, "epoch": self.epoch, "stopped_early": False, "metrics": finite,
+                             "export": export})
+
+    def _result(self, summary: dict) -> dict:
+        if self.ctx.is_main:
+            (self.ctx.out_dir / "result.json").write_text(json.dumps(summary, indent=2, default=str))
         return summary
-    final = {**evaluate(), "step": step, "epoch": epoch}
-    export = {}
-    if ctx.is_main:
-        cpu_model = raw
-        export = task.export(cpu_model, out_dir) or {}
-        sink.watchers.artifacts(out_dir / "export")
-    final_metrics = {**last, **final}
-    sink.write({"event": "final", **final})
-    checkpoint(final_metrics)
-    summary = {"step": step, "epoch": epoch, "stopped_early": False,
-               "metrics": {k: v for k, v in final_metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
-               "export": export}
-    if ctx.is_main:
-        (out_dir / "result.json").write_text(json.dumps(summary, indent=2, default=str))
-    return summary
