@@ -1,4 +1,6 @@
-"""`clipdense <command> --config FILE.yaml [a.b=value ...] [--print-config]`.
+"""`clipdense <command> --config FILE.yaml|NAME [a.b=value ...] [--print-config]`.
+
+`--config NAME` (no such file) is the shipped `configs/<command>/NAME.yaml`; `clipdense configs` lists them.
 
 Each stage is `module:ConfigClass` + `module.run(cfg)`, imported only when asked for (so `--help` is fast and a
 stage's heavy imports stay out of the others). User errors print one line and exit 2; internal errors traceback.
@@ -9,8 +11,17 @@ import argparse
 import importlib
 import json
 import sys
+from importlib import metadata
 
-from clipdense.config import ConfigError, UserError, apply_process_env, load_config
+from clipdense.config import (
+    ConfigError,
+    UserError,
+    apply_process_env,
+    description,
+    load_config,
+    resolve_config,
+    shipped_configs,
+)
 
 # command -> (module, config class); the module exposes run(cfg) -> dict
 STAGES = {
@@ -47,7 +58,7 @@ def _load_stage(command: str):
 
 def _parser(command: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"clipdense {command}")
-    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--config", help="YAML config file, or the name of a shipped one (`clipdense configs`)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     for flag, key in SHORTHANDS.get(command, {}).items():
         if key == "quick":
@@ -57,18 +68,19 @@ def _parser(command: str) -> argparse.ArgumentParser:
     if command in POSITIONAL:
         # no argparse positional: it would swallow the first `key=value`; _split_positional turns DIR into one
         p.epilog = f"a bare {POSITIONAL[command].upper()} argument means {POSITIONAL[command]}=VALUE"
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-4")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.optim.lr=1e-4")
     return p
 
 
 def _split_positional(command: str, argv: list[str]) -> list[str]:
     # `clipdense report DIR a=b`: argparse cannot tell DIR from an override, so move DIR to an override first.
-    if command in POSITIONAL:
-        plain = [a for a in argv if not a.startswith("-") and "=" not in a]
-        if plain:
-            i = argv.index(plain[0])
-            if i == 0 or argv[i - 1] not in ("--config",) and not argv[i - 1].startswith("--"):
-                argv = argv[:i] + argv[i + 1:] + [f"{POSITIONAL[command]}={plain[0]}"]
+    if command not in POSITIONAL:
+        return argv
+    takes_value = {"--config"} | {f for f, key in SHORTHANDS.get(command, {}).items() if key != "quick"}
+    for i, arg in enumerate(argv):
+        after_flag = i > 0 and argv[i - 1] in takes_value
+        if not arg.startswith("-") and "=" not in arg and not after_flag:
+            return argv[:i] + argv[i + 1:] + [f"{POSITIONAL[command]}={arg}"]
     return argv
 
 
@@ -80,7 +92,7 @@ def run_stage(command: str, argv: list[str]) -> int:
         if value is not None:
             overrides.append(f"{key}={value}")
     cls, run = _load_stage(command)
-    cfg = load_config(cls, args.config, overrides)
+    cfg = load_config(cls, resolve_config(command, args.config), overrides)
     if args.print_config:
         print(cfg.to_yaml() if hasattr(cfg, "to_yaml") else cfg.model_dump_json(indent=2), end="")
         return 0
@@ -90,15 +102,43 @@ def run_stage(command: str, argv: list[str]) -> int:
     return 0
 
 
+def list_configs(argv: list[str]) -> int:
+    """`clipdense configs [COMMAND]` lists the shipped configs; `clipdense configs show [COMMAND/]NAME` prints one."""
+    if argv[:1] == ["show"]:
+        if len(argv) != 2:
+            raise UserError("usage: clipdense configs show [COMMAND/]NAME")
+        matches = [p for n, p in shipped_configs().items() if argv[1].removesuffix(".yaml") in (n, n.split("/")[1])]
+        if len(matches) != 1:
+            raise UserError(f"{argv[1]!r} names {len(matches)} shipped configs: give COMMAND/NAME "
+                            "(`clipdense configs` lists them)")
+        print(matches[0].read_text(), end="")
+        return 0
+    for name, path in shipped_configs(argv[0] if argv else None).items():
+        print(f"{name:<40} {description(path)}")
+    return 0
+
+
+def version() -> str:
+    try:
+        return metadata.version("clipdense")
+    except metadata.PackageNotFoundError:  # a checkout on sys.path, not installed
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     apply_process_env()  # before any stage imports torch
-    commands = sorted(STAGES) + sorted(TOOLS)
+    commands = sorted(STAGES) + sorted(TOOLS) + ["configs"]
+    if argv[:1] == ["--version"]:
+        print(f"clipdense {version()}")
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: clipdense {" + ",".join(commands) + "} --config FILE.yaml [key=value ...] [--print-config]")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     try:
+        if command == "configs":
+            return list_configs(rest)
         if command in TOOLS:
             module_name, fn = TOOLS[command].split(":")
             return int(getattr(importlib.import_module(module_name), fn)(rest) or 0)

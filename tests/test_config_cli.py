@@ -120,3 +120,32 @@ def test_random_coca_vocab_projection_is_initialised():
         torch.use_deterministic_algorithms(False)
     w = m.text_decoder.text_projection
     assert torch.isfinite(w).all() and w.std() > 0
+
+
+def test_shipped_configs_by_name_and_listing(tmp_path, monkeypatch, capsys):
+    from clipdense.cli import main
+    monkeypatch.chdir(tmp_path)   # no checkout here: names resolve to the package's shipped configs
+    assert main(["pretrain", "--config", "clip-tiny-shapes", "--print-config"]) == 0
+    assert "clip-tiny" in capsys.readouterr().out
+    own = tmp_path / "clip-tiny-shapes"          # an existing file path wins over a shipped name
+    own.write_text("model: {name: clip-demo}\n")
+    assert main(["pretrain", "--config", str(own.name), "--print-config"]) == 0
+    assert "clip-demo" in capsys.readouterr().out
+    assert main(["pretrain", "--config", "no-such-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no-such-config" in err and "clip-tiny-shapes" in err and "\n" not in err
+    assert main(["configs"]) == 0
+    listing = capsys.readouterr().out
+    assert "pretrain/clip-tiny-shapes" in listing and "demo/quick" in listing
+    assert main(["configs", "show", "demo/quick"]) == 0 and "scale" in capsys.readouterr().out
+    assert main(["--version"]) == 0 and capsys.readouterr().out.startswith("clipdense ")
+
+
+def test_report_takes_its_folder_before_or_after_flags(tmp_path, capsys):
+    from clipdense.cli import main
+    for argv in (["report", str(tmp_path), "--print-config"], ["report", "--print-config", str(tmp_path)],
+                 ["report", "--print-config", str(tmp_path), "reference=recap"]):
+        assert main(argv) == 0, argv
+        out = capsys.readouterr().out
+        assert f"results_dir: {tmp_path}" in out
+    assert "reference: recap" in out
