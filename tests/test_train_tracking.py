@@ -235,7 +235,7 @@ def test_an_mlflow_store_that_cannot_work_is_one_line_before_training(tmp_path, 
 def test_sweep_mlflow_callback_gets_the_same_store(tmp_path, monkeypatch):
     import mlflow
 
-    from clipdense.train.tracking import tune_callbacks
+    from clipdense.train.driver_progress import tune_callbacks
 
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -315,7 +315,7 @@ def test_eta_counts_from_the_first_logged_step(monkeypatch):
 def test_sweep_wandb_offline_needs_no_api_key(tmp_path, monkeypatch):
     """Ray's WandbLoggerCallback asks for an API key unless the WANDB_MODE variable says offline (its own `mode`
     argument does not count): `tracking.wandb.mode: offline` must set it, or an offline sweep fails at setup."""
-    from clipdense.train.tracking import tune_callbacks
+    from clipdense.train.driver_progress import tune_callbacks
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "online")  # the config's mode wins (monkeypatch restores the variable)

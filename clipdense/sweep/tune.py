@@ -36,7 +36,8 @@ from clipdense.sweep.grid import (
     hparam_label,
     trial_dir,
 )
-from clipdense.train.tracking import TrackingConfig, tune_callbacks
+from clipdense.train.driver_progress import tune_callbacks
+from clipdense.train.tracking import TrackingConfig
 
 TOKEN_CPU = 0.01
 STOPPED_FILE = "early_stopped.json"   # written by the driver for trials a scheduler stopped (not rerun)

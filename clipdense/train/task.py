@@ -120,7 +120,8 @@ class TrainTask:
         return 0
 
     def evaluate(self, model: nn.Module, ctx: TrainContext) -> dict[str, float]:
-        """Held-out metrics, called on every rank every `eval_every` steps and at the end (model unwrapped, eval mode)."""
+        """Held-out metrics, called on every rank every `eval_every` steps and at the end (model unwrapped, eval
+        mode)."""
         return {}
 
     def export(self, model: nn.Module, out_dir: Path) -> dict:
