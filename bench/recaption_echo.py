@@ -74,12 +74,13 @@ def make_shards(d: Path, shards: int, per_shard: int, px: int) -> list[str]:
 
 def plain_decode(paths: list[str], size: int) -> dict:
     from clipdense.data.shards import read_shard_local
+    from clipdense.data.storage import Storage
     from clipdense.recaption.decode import ImageInput, prepare_image
 
     spec = ImageInput(size=size)
     t0, c0, n = time.perf_counter(), time.process_time(), 0
     for p in paths:
-        for row in read_shard_local(p, validate="none"):
+        for row in read_shard_local(Storage(p), validate="none"):
             prepare_image(row["image_bytes"], spec)
             n += 1
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0

@@ -49,6 +49,7 @@ def plain_cpu(paths: list[str], size: int) -> float:
 def stage_profile(paths: list[str], size: int) -> dict:
     """CPU ms per image of each in-process step, and the plain loop's."""
     from clipdense.data.shards import _rows_to_table, rebatch, shard_rows, write_parquet
+    from clipdense.data.storage import Storage
     from clipdense.recaption.config import EngineConfig
     from clipdense.recaption.decode import ImageInput, decode_batch
     from clipdense.recaption.engines import provenance
@@ -59,7 +60,7 @@ def stage_profile(paths: list[str], size: int) -> dict:
     engine = {"kind": "echo", "num_captions": 5, "batch_size": 256, "num_cpus": 0}
     actor = CaptionActor(engine)
     out = tempfile.mkdtemp()
-    plan = plan_shards(paths, out)
+    plan = plan_shards(paths, Storage(out))
     assembler = ShardAssembler(plan, provenance(EngineConfig(**engine)), write=write_parquet)
     cpu: dict[str, float] = {}
 

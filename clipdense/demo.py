@@ -183,10 +183,11 @@ def score_captions(web_dir: Path, recap_dir: Path, limit: int = 2000) -> dict:
     import pyarrow.parquet as pq
 
     from clipdense.data.shards import read_shard_local
+    from clipdense.data.storage import Storage
 
     scenes, alts = {}, {}
     for tar in sorted(web_dir.glob("*.tar")):
-        for r in read_shard_local(str(tar), validate="none"):
+        for r in read_shard_local(Storage(str(tar)), validate="none"):
             if r["meta"] and len(scenes) < limit:
                 scenes[r["key"]] = json.loads(r["meta"]).get("scene", {})
                 alts[r["key"]] = r["caption"] or ""

@@ -22,7 +22,9 @@ from PIL import Image
 from shard_files import good_samples, jpeg_bytes, write_tar
 
 from clipdense.data.images import check_image
+from clipdense.data.paths import expand_shards
 from clipdense.data.shards import IMAGE_EXTS, SCHEMA, iter_tar_samples, read_shard_local, read_shards, summarize
+from clipdense.data.storage import Storage
 from clipdense.recaption.decode import ImageInput, decode_batch
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the `test` extra")
@@ -244,7 +246,7 @@ def test_corrupted_tars_account_for_every_sample(items, how, validate):
 def test_duplicate_keys_keep_the_first(tmp_path):
     samples = good_samples("k", 3)
     write_tar(tmp_path / "d.tar", samples + [dict(samples[1], txt="second copy"), dict(samples[1], txt="third")])
-    rows = read_shard_local(str(tmp_path / "d.tar"))
+    rows = read_shard_local(Storage(str(tmp_path / "d.tar")))
     assert [r["error_code"] for r in rows] == [None, None, None, "duplicate_key", "duplicate_key"]
     assert rows[1]["caption"] == "caption k1"
     assert rows[3]["key"].startswith("k0001#duplicate@") and rows[3]["error"].startswith("key k0001 again at byte")
@@ -260,8 +262,8 @@ def test_ray_read_reports_each_break_once(ray_local, tmp_path):
     with tarfile.open(tmp_path / "000002.tar") as tar:
         bad[tar.getmembers()[4].offset + 7] ^= 0xFF  # a later header: where Python's tarfile would stop silently
     (tmp_path / "000002.tar").write_bytes(bytes(bad))
-    local = [r for i in range(3) for r in read_shard_local(str(tmp_path / f"{i:06d}.tar"))]
-    ds = read_shards(str(tmp_path / "{000000..000002}.tar"))
+    local = [r for i in range(3) for r in read_shard_local(Storage(str(tmp_path / f"{i:06d}.tar")))]
+    ds = read_shards(expand_shards(Storage(str(tmp_path / "{000000..000002}.tar"))))
     assert sorted(r["key"] for r in ds.take_all()) == sorted(r["key"] for r in local)
     s = summarize(ds)
     codes = [r["error_code"] for r in local]

@@ -18,6 +18,7 @@ import clipdense
 from clipdense.data.images import ImageError, check_image, decode_rgb, decode_square, open_image, shrink_jpeg
 from clipdense.data.rows import CODES, count_codes, error_columns, errors_from, parse_legacy, row_error
 from clipdense.data.shards import read_shard_local
+from clipdense.data.storage import Storage
 from clipdense.recaption.writer import RunCounts
 
 PIL_DEFAULT_LIMIT = int(1024 * 1024 * 1024 // 4 // 3)  # PIL's own MAX_IMAGE_PIXELS
@@ -58,7 +59,7 @@ def test_bomb_is_rejected_from_its_header_before_decode():
 def test_bomb_in_a_shard_is_a_row_error(tmp_path):
     write_tar(tmp_path / "s.tar", [{"key": "bomb", "png": bomb_header(30_000, 30_000), "txt": "x"},
                                    {"key": "ok", "jpg": jpeg_bytes(1), "txt": "y"}])
-    rows = {r["key"]: r for r in read_shard_local(str(tmp_path / "s.tar"), validate="header")}
+    rows = {r["key"]: r for r in read_shard_local(Storage(str(tmp_path / "s.tar")), validate="header")}
     assert rows["bomb"]["error_code"] == "image_too_large" and rows["ok"]["error_code"] is None
 
 
@@ -141,7 +142,8 @@ _RUN = """
 import json, sys
 from clipdense.data.images import ImageError, decode_square
 from clipdense.data.shards import read_shard_local
-rows = read_shard_local(sys.argv[1], validate="full")
+from clipdense.data.storage import Storage
+rows = read_shard_local(Storage(sys.argv[1]), validate="full")
 out = [[r["key"], r["error_code"], r["error"]] for r in rows]
 for r in rows:
     try:

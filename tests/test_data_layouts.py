@@ -16,6 +16,7 @@ from clipdense.config import build_config
 from clipdense.data.layouts import img2dataset_shard
 from clipdense.data.paths import expand_shards
 from clipdense.data.shards import read_shard_local
+from clipdense.data.storage import Storage
 from clipdense.pretrain.captions import missing_for, pick_batch, pick_captions, real_mask, sample_rng
 from clipdense.pretrain.task import masked_clip_loss, masked_siglip_loss
 
@@ -55,12 +56,13 @@ def test_img2dataset_folder_reads_as_tars_with_metadata(tmp_path):
     world = _img2dataset_folder(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "00000.parquet", "00000.tar", "00000_stats.json", "00001.parquet", "00001.tar", "00001_stats.json"]
-    shards, sidecars = expand_shards(str(tmp_path))
+    listed = expand_shards(Storage(str(tmp_path)))
+    shards, sidecars = listed.files, listed.sidecars
     assert [s.rsplit("/", 1)[1] for s in shards] == ["00000.tar", "00001.tar"]  # the parquet is no second shard
     assert {t.rsplit("/", 1)[1]: p.rsplit("/", 1)[1] for t, p in sidecars.items()} == {
         "00000.tar": "00000.parquet", "00001.tar": "00001.parquet"}
-    assert expand_shards(str(tmp_path / "*.tar"))[1] == sidecars  # found beside the tar when not named
-    rows = [r for s in shards for r in read_shard_local(s)]
+    assert expand_shards(Storage(str(tmp_path / "*.tar"))).sidecars == sidecars  # found beside the tar when not named
+    rows = [r for s in shards for r in read_shard_local(Storage(s))]
     assert sorted(r["key"] for r in rows) == sorted(world["keys"])  # every URL accounted for, once
     by_key = {r["key"]: r for r in rows}
     failed = [r for r in rows if r["error_code"]]
@@ -76,7 +78,8 @@ def test_a_listed_parquet_that_holds_images_stays_a_shard(tmp_path):
     img2dataset_shard(tmp_path, 0, [{"jpg": shape_jpeg("red", "circle", __import__("numpy").random.default_rng(0)),
                                      "caption": "x"}])
     pq.write_table(pa.table({"key": ["p0"], "image_bytes": [b"x"], "status": ["success"]}), tmp_path / "00001.parquet")
-    shards, sidecars = expand_shards(str(tmp_path))
+    listed = expand_shards(Storage(str(tmp_path)))
+    shards, sidecars = listed.files, listed.sidecars
     assert [s.rsplit("/", 1)[1] for s in shards] == ["00000.tar", "00001.parquet"] and len(sidecars) == 1
 
 
@@ -90,10 +93,10 @@ def test_output_into_the_img2dataset_folder_is_refused_in_one_line(tmp_path, cap
 
     i2d = tmp_path / "i2d"
     _img2dataset_folder(i2d)
-    shards = expand_shards(str(i2d))[0]
+    shards = expand_shards(Storage(str(i2d))).files
     for out in (str(i2d), str(i2d) + "/"):
         with pytest.raises(DataError, match=f"output '{i2d}/?' is the folder of the input shards"):
-            plan_shards(shards, output=out)
+            plan_shards(shards, output=Storage(out))
     before = {p.name: p.read_bytes() for p in i2d.iterdir()}
     rc = cli_main(["recaption", f"input={i2d}", f"output={i2d}", "engine.kind=echo"])  # fails before Ray starts
     err = capsys.readouterr().err.strip().splitlines()
@@ -105,11 +108,11 @@ def test_output_into_the_img2dataset_folder_is_refused_in_one_line(tmp_path, cap
     shutil.copy(i2d / "00001.parquet", tmp_path / "meta" / "00000.parquet")
     for out, name in ((tmp_path / "copy", "00000.parquet"), (tmp_path / "meta", "00000.parquet")):
         with pytest.raises(DataError, match=f"holds {name} that is not a recaption output"):
-            plan_shards(shards, output=str(out))
+            plan_shards(shards, output=Storage(str(out)))
     # our own output file is still a finished shard
     (tmp_path / "recap").mkdir()
     pq.write_table(OUTPUT_SCHEMA.empty_table(), tmp_path / "recap" / "00000.parquet")
-    plan = plan_shards(shards, output=str(tmp_path / "recap"))
+    plan = plan_shards(shards, output=Storage(str(tmp_path / "recap")))
     assert plan.done == ["00000"] and list(plan.todo) == ["00001"]
 
 
@@ -272,7 +275,7 @@ def test_datacompdr_joins_by_uid_with_sha256_check(tmp_path):
     from clipdense.pretrain.data import join_recaptions
 
     pair = _datacomp_pair(tmp_path)
-    rows = read_shard_local(f"{pair['images']}/00000.tar")
+    rows = read_shard_local(Storage(f"{pair['images']}/00000.tar"))
     out = join_recaptions(pa.Table.from_pylist(rows, schema=SCHEMA), pair["recaptions"], "both").to_pylist()
     codes = {r["key"]: r["error_code"] for r in out}
     assert codes["000000002"] == "failed_to_download"

@@ -23,6 +23,7 @@ from clipdense.config import ConfigError, DataError, build_config
 from clipdense.data.images import decode_rgb
 from clipdense.data.layouts import datacompdr_shard, img2dataset_shard
 from clipdense.data.shards import SCHEMA, read_shard_local
+from clipdense.data.storage import Storage
 from clipdense.pretrain import PretrainConfig
 from clipdense.pretrain.captions import pick_batch
 from clipdense.pretrain.data import join_recaptions
@@ -87,7 +88,7 @@ def _fixture(root) -> dict:
 
 def _batch(fx: dict, half: int = 4) -> dict:
     """The joined rows as the collate receives them; row `half` decoded at half size (JPEG draft)."""
-    rows = read_shard_local(fx["images"])
+    rows = read_shard_local(Storage(fx["images"]))
     joined = join_recaptions(pa.Table.from_pylist(rows, schema=SCHEMA), fx["recaptions"], "both").to_pylist()
     assert all(r["error_code"] is None for r in joined) and len(joined) == ROWS
     out = {k: [] for k in ("key", "caption", "syn_captions", "pixels", "aug_params", "teacher_emb", "orig_w",
@@ -144,7 +145,7 @@ def test_distill_loss_equals_an_independent_computation_and_trains(tmp_path):
     mean, std = torch.tensor(task.pp["mean"]).view(3, 1, 1), torch.tensor(task.pp["std"]).view(3, 1, 1)
     for i, uid in enumerate(raw["uid"]):
         stored = parse_views(raw["aug_params"][i])
-        full = np.asarray(decode_rgb(read_shard_local(fx["images"])[i]["image_bytes"]))
+        full = np.asarray(decode_rgb(read_shard_local(Storage(fx["images"]))[i]["image_bytes"]))
         exact = (reapply_view(full, SIZES[i], stored[views[i]], task.pp["size"]) - mean) / std
         err = (b["image"][i] - exact).abs().max().item()
         assert err < 1e-4 if i != 4 else 0.05 < err and (b["image"][i] - exact).abs().mean() < 0.2, (i, err)

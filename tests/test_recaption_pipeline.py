@@ -11,7 +11,9 @@ from shard_files import good_samples, jpeg_bytes, write_tar
 
 from clipdense.cli import main as cli_main
 from clipdense.config import build_config
+from clipdense.data.paths import expand_shards
 from clipdense.data.shards import read_shard_local
+from clipdense.data.storage import Storage
 from clipdense.recaption import RecaptionConfig, run
 from clipdense.recaption.writer import InjectedFault
 
@@ -36,7 +38,7 @@ def _shards(d, parquet=False):
     write_tar(d / "000002.tar", good_samples("c", 6, seed=2))
     data = (d / "000002.tar").read_bytes()
     (d / "000002.tar").write_bytes(data[: len(data) // 2])  # a truncated tar
-    keys = {p: [r["key"] for r in read_shard_local(str(d / p))] for p in sorted(os.listdir(d))}
+    keys = {p: [r["key"] for r in read_shard_local(Storage(str(d / p)))] for p in sorted(os.listdir(d))}
     if parquet:
         rows = [{"key": f"p{i}", "image_bytes": jpeg_bytes(500 + i) if i != 2 else None, "caption": f"caption p{i}"}
                 for i in range(7)]
@@ -149,7 +151,7 @@ def test_rerun_over_old_format_outputs_resumes(ray_local, tmp_path):
     assert summary["stats"]["rows_failed_by_code"] == {"caption_engine_failed": 1, "image_too_large": 1,
                                                        "no_caption": 1, "no_image": 1, "undecodable_image": 1}
     assert summary["stats"]["rows_captioned"] == len(expected["000000.tar"]) - 5 + len(expected["000001.tar"])
-    rows = [r for name in ("000000.tar", "000001.tar") for r in read_shard_local(str(tmp_path / "in" / name))]
+    rows = [r for name in ("000000.tar", "000001.tar") for r in read_shard_local(Storage(str(tmp_path / "in" / name)))]
     joined = join_recaptions(pa.Table.from_pylist(rows, schema=SCHEMA), str(tmp_path / "out"), "synthetic")
     by_key = {r["key"]: r for r in joined.to_pylist()}
     assert (by_key["a0001"]["error_code"], by_key["a0001"]["error"]) == (
@@ -187,7 +189,8 @@ def test_decode_runs_in_cpu_tasks_not_in_the_captioner_actors(ray_local, tmp_pat
 
     keys = _shards(tmp_path / "in")["000001.tar"]
     cfg = build_config(RecaptionConfig, {"input": "x", "output": "y", "engine": {"kind": "echo", "num_captions": 1}})
-    ds = build_dataset(cfg, [str(tmp_path / "in" / "000001.tar")], image_input(cfg.engine, cfg.decode))
+    shards = expand_shards(Storage(str(tmp_path / "in" / "000001.tar")))
+    ds = build_dataset(cfg, shards, image_input(cfg.engine, cfg.decode))
     assert [r["key"] for r in ds.take_all()] == keys
     stats = ds.stats()
     assert "MapBatches(decode_batch):" in stats and "MapBatches(decode_batch)->" not in stats  # not fused

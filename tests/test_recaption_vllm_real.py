@@ -21,6 +21,7 @@ from shard_files import good_samples, jpeg_bytes, write_tar
 from clipdense.cli import main as cli_main
 from clipdense.config import load_config
 from clipdense.data.shards import read_shard_local
+from clipdense.data.storage import Storage
 from clipdense.recaption import RecaptionConfig, run
 from clipdense.recaption.vllm_env import env_key
 
@@ -64,7 +65,7 @@ def _shards(d):
         {"key": "trunc", "jpg": good[: len(good) // 2], "txt": "cut short"},
         {"key": "pdf", "pdf": b"%PDF-1.4", "txt": "a document"}])
     write_tar(d / "000001.tar", good_samples("b", 5, seed=1))
-    return {p: [r["key"] for r in read_shard_local(str(d / p))] for p in sorted(os.listdir(d))}
+    return {p: [r["key"] for r in read_shard_local(Storage(str(d / p)))] for p in sorted(os.listdir(d))}
 
 
 def _outputs(out_dir):

@@ -1,15 +1,25 @@
-"""Input path specs: local paths, directories, globs, brace ranges (`{000000..000099}.tar`) and s3:// URIs."""
+"""Input path specs: local paths, directories, globs, brace ranges (`{000000..000099}.tar`) and s3:// URIs.
+
+A spec is a `Storage` (data/storage.py: the URI and the endpoint that reaches it); the listing functions take one
+or several and return file URIs on that same storage:
+- `expand_paths(source, suffixes) -> list[str]`: every file the specs name, in order;
+- `expand_shards(source) -> ShardFiles`: the shards, each tar's img2dataset sidecar, and the `Storage` that reaches
+  them, listed once and handed as is to `data.shards.read_shards`.
+"""
 from __future__ import annotations
 
 import fnmatch
 import glob
 import os
 import re
+from dataclasses import dataclass
 from typing import Iterable
 
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from clipdense.config import DataError
+from clipdense.data.storage import Storage
 
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _LIST = re.compile(r"\{([^{}]*,[^{}]*)\}")
@@ -31,32 +41,13 @@ def expand_braces(spec: str) -> list[str]:
     return [s for alt in alts for s in expand_braces(head + alt + tail)]
 
 
-def filesystem_for(uri: str, s3_endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path-within-it). `s3_endpoint` (or env AWS_ENDPOINT_URL) points at an S3-compatible server."""
-    if uri.startswith("s3://"):
-        endpoint = s3_endpoint or os.environ.get("AWS_ENDPOINT_URL")
-        kwargs = {}
-        if endpoint:
-            scheme, _, host = endpoint.rpartition("://")
-            kwargs = {"endpoint_override": host or endpoint, "scheme": scheme or "http"}
-        if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
-            # explicit keys travel with the pickled filesystem to Ray workers whose env may lack them
-            kwargs["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
-            kwargs["secret_key"] = os.environ["AWS_SECRET_ACCESS_KEY"]
-        region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
-        if region:
-            kwargs["region"] = region
-        return pafs.S3FileSystem(**kwargs), uri[len("s3://"):]
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
-
-
 def _has_magic(s: str) -> bool:
     return any(c in s for c in "*?[")
 
 
-def _expand_one(spec: str, suffixes: tuple[str, ...], s3_endpoint: str | None) -> list[str]:
-    fs, path = filesystem_for(spec, s3_endpoint)
-    prefix = "s3://" if spec.startswith("s3://") else ""
+def _expand_one(spec: Storage, suffixes: tuple[str, ...]) -> list[str]:
+    fs, path = spec.locate()
+    prefix = "s3://" if spec.remote else ""
     if isinstance(fs, pafs.LocalFileSystem):
         if _has_magic(path):
             return sorted(glob.glob(path))
@@ -74,16 +65,17 @@ def _expand_one(spec: str, suffixes: tuple[str, ...], s3_endpoint: str | None) -
     return [prefix + path] if info.type == pafs.FileType.File else []
 
 
-def expand_paths(specs: str | Iterable[str], suffixes: tuple[str, ...] = (".tar", ".parquet"),
-                 s3_endpoint: str | None = None) -> list[str]:
+def _sources(source: Storage | Iterable[Storage]) -> list[Storage]:
+    return [source] if isinstance(source, Storage) else list(source)
+
+
+def expand_paths(source: Storage | Iterable[Storage], suffixes: tuple[str, ...] = (".tar", ".parquet")) -> list[str]:
     """Every input file the specs name, in order, de-duplicated. A spec that matches nothing is an error."""
-    if isinstance(specs, str):
-        specs = [specs]
     out: list[str] = []
     seen: set[str] = set()  # a list scan per file would make a long shard list quadratic
-    for spec in specs:
-        for one in expand_braces(str(spec)):
-            found = _expand_one(one, suffixes, s3_endpoint)
+    for spec in _sources(source):
+        for one in expand_braces(str(spec.uri)):
+            found = _expand_one(spec.at(one), suffixes)
             if not found:
                 raise DataError(f"no input files match {one!r}")
             for f in found:
@@ -100,8 +92,6 @@ IMAGE_COLUMNS = frozenset({"image_bytes", "image", "jpg", "png", "webp"})
 
 
 def _is_sidecar(fs: pafs.FileSystem, inner: str) -> bool:
-    import pyarrow.parquet as pq
-
     try:
         with fs.open_input_file(inner) as f:
             names = set(pq.read_schema(f).names)
@@ -110,19 +100,30 @@ def _is_sidecar(fs: pafs.FileSystem, inner: str) -> bool:
     return SIDECAR_COLUMNS <= names and not names & IMAGE_COLUMNS
 
 
-def expand_shards(specs: str | Iterable[str], s3_endpoint: str | None = None) -> tuple[list[str], dict[str, str]]:
-    """(shards, {tar: its img2dataset sidecar parquet}). A sidecar is found beside each tar whether or not the specs
+@dataclass(frozen=True)
+class ShardFiles:
+    """Input shards as listed once: their URIs in order, each tar's img2dataset sidecar parquet, and the storage
+    (endpoint) that reaches them."""
+    files: list[str]
+    sidecars: dict[str, str]
+    storage: Storage
+
+
+def expand_shards(source: Storage | Iterable[Storage]) -> ShardFiles:
+    """The shards the specs name and their sidecars. A sidecar is found beside each tar whether or not the specs
     name it (a `*.tar` glob over an img2dataset folder still accounts for its failed downloads); a named sidecar is
-    not a shard of its own."""
-    files = expand_paths(specs, s3_endpoint=s3_endpoint)
+    not a shard of its own. All specs are reached through the first one's endpoint."""
+    sources = _sources(source)
+    storage = sources[0]
+    files = expand_paths(sources)
     tars = [f for f in files if f.endswith(".tar")]
     if not tars:
-        return files, {}
-    fs, _ = filesystem_for(tars[0], s3_endpoint)
+        return ShardFiles(files, {}, storage)
+    fs, _ = storage.locate(tars[0])
     candidates = {t: t[: -len(".tar")] + ".parquet" for t in tars}
     inner = {t: c[len("s3://"):] if c.startswith("s3://") else c for t, c in candidates.items()}
     infos = fs.get_file_info(list(inner.values()))
     sidecars = {t: candidates[t] for t, info in zip(tars, infos)
                 if info.type == pafs.FileType.File and _is_sidecar(fs, inner[t])}
     taken = set(sidecars.values())
-    return [f for f in files if f not in taken], sidecars
+    return ShardFiles([f for f in files if f not in taken], sidecars, storage)

@@ -2,8 +2,14 @@
 
 Canonical row (ARCHITECTURE.md): key, image_bytes, caption, syn_captions, meta, error_code, error, plus `shard` (the
 source file) so later stages can write one output per input shard, and DataCompDR's optional aug_params and
-teacher_emb. An img2dataset tar's sidecar parquet adds the URLs the tar lacks as rows coded by their status. Bad samples never crash a read: they become
-rows with a row error (data/rows.py: `error_code` + `error` detail), and `summarize` counts them by code.
+teacher_emb. An img2dataset tar's sidecar parquet adds the URLs the tar lacks as rows coded by their status. Bad
+samples never crash a read: they become rows with a row error (data/rows.py: `error_code` + `error` detail), and
+`summarize` counts them by code.
+
+Locations are `Storage` values (data/storage.py), never a URI string plus an endpoint:
+- `read_shards(shards: ShardFiles, ...)`: the Ray Dataset of the shards `data.paths.expand_shards` listed;
+- `read_shard_local(file: Storage, ...)`: one tar's rows without Ray;
+- `write_parquet(rows, dest: Storage, ...)`: one Parquet file, atomically.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ import pyarrow.parquet as pq
 
 from clipdense.data.datacompdr import aug_params_from_json, syn_captions_from_json
 from clipdense.data.images import DEFAULT_MAX_PIXELS, Validate, check_image
-from clipdense.data.paths import expand_shards, filesystem_for
+from clipdense.data.paths import ShardFiles, expand_shards
 from clipdense.data.rows import (
     ERROR_FIELDS,
     RowError,
@@ -30,6 +36,7 @@ from clipdense.data.rows import (
     exception_detail,
     row_error,
 )
+from clipdense.data.storage import Storage
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 SCHEMA = pa.schema([
@@ -199,12 +206,11 @@ def _status_code(status: object) -> str:
     return code if code[0].isalpha() else f"status_{code}"
 
 
-def sidecar_rows(path: str, shard: str, seen: set, filesystem=None) -> Iterator[dict]:
+def sidecar_rows(sidecar: Storage, shard: str, seen: set) -> Iterator[dict]:
     """The URLs of an img2dataset parquet that its tar does not hold, as error rows: failed downloads (code = their
     status: failed_to_download, failed_to_resize, ...; detail = img2dataset's error_message) and `not_in_tar` for a
     "success" the tar lacks (cut short). So every input URL is accounted for."""
-    fs = filesystem or pafs.LocalFileSystem()
-    inner = path[len("s3://"):] if path.startswith("s3://") else path
+    fs, inner = sidecar.locate()
     with fs.open_input_file(inner) as f:
         pf = pq.ParquetFile(f)
         table = pf.read(columns=[c for c in SIDECAR_READ if c in pf.schema_arrow.names])
@@ -215,7 +221,7 @@ def sidecar_rows(path: str, shard: str, seen: set, filesystem=None) -> Iterator[
         if key in seen:
             continue
         if status == "success":
-            error = row_error("not_in_tar", f"{path} lists it as downloaded", shard)
+            error = row_error("not_in_tar", f"{sidecar.uri} lists it as downloaded", shard)
         else:
             error = row_error(_status_code(status), message or status, shard)
         meta = json.dumps({"url": url, "status": status, "error_message": message})
@@ -224,14 +230,14 @@ def sidecar_rows(path: str, shard: str, seen: set, filesystem=None) -> Iterator[
 
 
 def shard_rows(stream, shard: str, validate: Validate = "header", max_pixels: int = DEFAULT_MAX_PIXELS,
-               sidecar: str | None = None, filesystem=None) -> Iterator[dict]:
+               sidecar: Storage | None = None) -> Iterator[dict]:
     """A tar's canonical rows, then (img2dataset) the URLs its sidecar parquet lists that the tar lacks."""
     seen = set()
     for row in iter_tar_samples(stream, shard, validate, max_pixels):
         seen.add(row["key"])
         yield row
     if sidecar is not None:
-        yield from sidecar_rows(sidecar, shard, seen, filesystem)
+        yield from sidecar_rows(sidecar, shard, seen)
 
 
 def _rows_to_table(rows: list[dict]) -> pa.Table:
@@ -258,7 +264,7 @@ def rebatch(tables: Iterator[pa.Table], rows: int) -> Iterator[pa.Table]:
 
 
 def _tar_datasource(paths: list[str], validate: Validate, batch_rows: int, filesystem, max_pixels: int,
-                    sidecars: dict[str, str] | None = None):
+                    sidecars: dict[str, Storage]):
     from ray.data.datasource import FileBasedDatasource, ReadTask
 
     class TarShards(FileBasedDatasource):
@@ -273,7 +279,7 @@ def _tar_datasource(paths: list[str], validate: Validate, batch_rows: int, files
         def _read_stream(self, f, path):
             rows = []
             shard = path if "://" in path or path.startswith("/") else f"s3://{path}"
-            for row in shard_rows(f, shard, validate, max_pixels, (sidecars or {}).get(shard), filesystem):
+            for row in shard_rows(f, shard, validate, max_pixels, sidecars.get(shard)):
                 rows.append(row)
                 if len(rows) >= batch_rows:
                     yield _rows_to_table(rows)
@@ -329,24 +335,23 @@ def _canonical_parquet_batch(batch: pa.Table, columns: dict[str, str], validate:
     return pa.table(out, schema=SCHEMA)
 
 
-def read_shards(paths, *, validate: Validate = "header", s3_endpoint: str | None = None,
-                parquet_columns: dict[str, str] | None = None, batch_rows: int = 256, require_image: bool = True,
-                max_pixels: int = DEFAULT_MAX_PIXELS, sidecars: dict[str, str] | None = None,
+def read_shards(shards: ShardFiles, *, validate: Validate = "header", parquet_columns: dict[str, str] | None = None,
+                batch_rows: int = 256, require_image: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
                 task_bytes: int | None = None):
-    """A Ray Dataset of canonical rows from tar and/or Parquet shards (paths, globs, brace ranges, s3://);
-    `max_pixels` is the decompression-bomb guard of the header/full image checks. With `sidecars` (what
-    `expand_shards` found), `paths` is its list of files, used as is: no second listing of many shards.
+    """A Ray Dataset of canonical rows from the tar and/or Parquet shards `expand_shards` listed (used as listed:
+    no second listing of many shards); `max_pixels` is the decompression-bomb guard of the header/full image checks.
     `task_bytes`: tar read tasks of about this many input bytes each (whole shards; see `read_task_count`), their
     blocks not split by Ray."""
     import ray.data
 
-    files, sidecars = (list(paths), sidecars) if sidecars is not None else expand_shards(paths, s3_endpoint=s3_endpoint)
+    files = shards.files
     tars = [f for f in files if f.endswith(".tar")]
     parquets = [f for f in files if f.endswith(".parquet")]
-    fs = filesystem_for(files[0], s3_endpoint)[0] if files[0].startswith("s3://") else None
+    fs = shards.storage.locate(files[0])[0] if files[0].startswith("s3://") else None
     strip = (lambda p: p[len("s3://"):]) if fs is not None else (lambda p: p)
     parts = []
     if tars:
+        sidecars = {t: shards.storage.at(p) for t, p in shards.sidecars.items()}
         source = _tar_datasource([strip(p) for p in tars], validate, batch_rows, fs, max_pixels, sidecars)
         tasks = read_task_count(len(tars), source.estimate_inmemory_data_size(), task_bytes) if task_bytes else None
         ds = ray.data.read_datasource(source, override_num_blocks=tasks)
@@ -362,13 +367,13 @@ def read_shards(paths, *, validate: Validate = "header", s3_endpoint: str | None
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
 
-def read_shard_local(path: str, validate: Validate = "header", s3_endpoint: str | None = None,
-                     max_pixels: int = DEFAULT_MAX_PIXELS) -> list[dict]:
+def read_shard_local(file: Storage, validate: Validate = "header", max_pixels: int = DEFAULT_MAX_PIXELS) -> list[dict]:
     """All canonical rows of one tar shard, without Ray (for tests and small tools)."""
-    fs, inner = filesystem_for(path, s3_endpoint)
-    sidecar = next(iter(expand_shards(path, s3_endpoint)[1].values()), None) if path.endswith(".tar") else None
+    fs, inner = file.locate()
+    found = expand_shards(file).sidecars if file.uri.endswith(".tar") else {}
+    sidecar = file.at(next(iter(found.values()))) if found else None
     with fs.open_input_stream(inner) as f:
-        return list(shard_rows(f, path, validate, max_pixels, sidecar, fs))
+        return list(shard_rows(f, file.uri, validate, max_pixels, sidecar))
 
 
 def summarize(ds) -> dict:
@@ -382,11 +387,10 @@ def summarize(ds) -> dict:
     return {"rows": rows, "ok": ok, "errors": dict(sorted(errors.items()))}
 
 
-def write_parquet(rows: list[dict] | pa.Table, path: str, s3_endpoint: str | None = None,
-                  schema: pa.Schema | None = None) -> None:
+def write_parquet(rows: list[dict] | pa.Table, dest: Storage, schema: pa.Schema | None = None) -> None:
     """Write one Parquet file atomically (temp name, then rename), local or s3://."""
     table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=schema)
-    fs, inner = filesystem_for(path, s3_endpoint)
+    fs, inner = dest.locate()
     parent = inner.rsplit("/", 1)[0]
     if not isinstance(fs, pafs.LocalFileSystem):
         # An object-store PUT is atomic already: the object appears only once the upload completes.

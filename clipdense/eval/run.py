@@ -35,10 +35,13 @@ def load_model(name: str, pretrained: str | None):
 
 def retrieval_rows(shards, s3_endpoint: str | None, max_rows: int) -> tuple[list[dict], dict]:
     """The first `max_rows` usable rows of `shards` (read with Ray Data) and the skipped rows counted by error code."""
+    from clipdense.data.paths import expand_shards
     from clipdense.data.shards import read_shards
+    from clipdense.data.storage import Storage
 
     rows, skipped = [], {}
-    ds = read_shards(shards, s3_endpoint=s3_endpoint).select_columns(["key", "image_bytes", "caption", "error_code"])
+    listed = expand_shards([Storage(s, s3_endpoint) for s in ([shards] if isinstance(shards, str) else shards)])
+    ds = read_shards(listed).select_columns(["key", "image_bytes", "caption", "error_code"])
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=256):
         for r in batch.to_pylist():
             # retrieval needs the real caption (the reader no longer flags rows without one)

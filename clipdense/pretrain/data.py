@@ -48,16 +48,16 @@ def _recaption_table(recaptions: str, stem: str, s3_endpoint: str | None) -> tup
     import pyarrow.parquet as pq
 
     from clipdense.data.datacompdr import read_datacompdr
-    from clipdense.data.paths import filesystem_for
+    from clipdense.data.storage import Storage
 
     base = f"{recaptions.rstrip('/')}/{stem}"
-    fs, inner = filesystem_for(f"{base}.parquet", s3_endpoint)
+    fs, inner = Storage(f"{base}.parquet", s3_endpoint).locate()
     if fs.get_file_info(inner).type.name == "File":
         table = pq.read_table(inner, filesystem=fs)
         cols = {c: table.column(c).to_pylist() if c in table.column_names else [None] * table.num_rows
                 for c in ("key", "caption", "syn_captions")}
         return "key", dict(zip(cols["key"], zip(cols["caption"], cols["syn_captions"], errors_from(table)))), None
-    fs, inner = filesystem_for(f"{base}.tar", s3_endpoint)
+    fs, inner = Storage(f"{base}.tar", s3_endpoint).locate()
     if fs.get_file_info(inner).type.name == "File":
         with fs.open_input_stream(inner) as f:
             samples, broken = read_datacompdr(f)
@@ -77,7 +77,7 @@ def _uid_and_sha(meta: str | None) -> tuple[str | None, str | None]:
 def join_recaptions(batch: pa.Table, recaptions: str | None, policy: str, s3_endpoint: str | None = None) -> pa.Table:
     """Canonical rows -> the same rows with captions from the recaption files (ours by key, DataCompDR's by uid,
     with its teacher embeddings and augmentation parameters); every problem becomes a row error."""
-    from clipdense.recaption.writer import shard_name
+    from clipdense.data.naming import shard_name
 
     n = batch.num_rows
     keys = batch.column("key").to_pylist()
@@ -229,11 +229,14 @@ def joined_rows(shards, recaptions: str | None, policy: str, cfg: PretrainConfig
     with fewer shards the maps stay apart and take blocks as the reads stream them, on every CPU."""
     from clipdense.data.paths import expand_shards
     from clipdense.data.shards import READ_TASK_BYTES, cluster_cpus, read_shards
+    from clipdense.data.storage import Storage
 
-    files, sidecars = expand_shards(shards, s3_endpoint=cfg.data.s3_endpoint)
-    batch = None if sum(f.endswith(".tar") for f in files) >= 2 * cluster_cpus() else cfg.data.decode_batch_size
-    rows = read_shards(files, validate=cfg.data.validate_images, s3_endpoint=cfg.data.s3_endpoint,
-                       batch_rows=cfg.data.decode_batch_size, sidecars=sidecars, task_bytes=READ_TASK_BYTES)
+    specs = [shards] if isinstance(shards, str) else shards
+    listed = expand_shards([Storage(s, cfg.data.s3_endpoint) for s in specs])
+    tars = sum(f.endswith(".tar") for f in listed.files)
+    batch = None if tars >= 2 * cluster_cpus() else cfg.data.decode_batch_size
+    rows = read_shards(listed, validate=cfg.data.validate_images, batch_rows=cfg.data.decode_batch_size,
+                       task_bytes=READ_TASK_BYTES)
     return rows.map_batches(join_recaptions, batch_format="pyarrow", batch_size=batch,
                             fn_kwargs={"recaptions": recaptions, "policy": policy,
                                        "s3_endpoint": cfg.data.s3_endpoint}, num_cpus=cfg.data.decode_cpus), batch

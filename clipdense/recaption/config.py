@@ -6,6 +6,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from clipdense.config import Config, OnRayConfig, RayConfig
+from clipdense.data.storage import StorageKeys
 
 # DataCompDR (apple/ml-mobileclip-dr scripts/gen.py): open_clip coca_ViT-L-14, 5 samples, top-p 0.9, seq_len 30.
 DATACOMPDR_COCA = "coca_ViT-L-14"
@@ -94,10 +95,9 @@ class FaultConfig(Config):
     engine_delay_s: float = Field(0.0, ge=0)           # each captioner call first sleeps this long (a slow engine)
 
 
-class RecaptionConfig(Config):
+class RecaptionConfig(StorageKeys):
     input: str | list[str]              # tar/Parquet shards: paths, dirs, globs, {a..b} ranges, s3://
     output: str                         # directory (local or s3://): one <shard>.parquet per input shard
-    s3_endpoint: str | None = None      # S3-compatible endpoint (else env AWS_ENDPOINT_URL)
     keep_images: bool = False           # copy image_bytes into the output (default: join by key instead)
     engine: EngineConfig = EngineConfig()
     decode: DecodeConfig = DecodeConfig()

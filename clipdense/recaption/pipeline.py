@@ -15,7 +15,7 @@ import time
 import pyarrow as pa
 
 from clipdense.config import ConfigError
-from clipdense.data.paths import expand_shards
+from clipdense.data.paths import ShardFiles, expand_shards
 from clipdense.data.rows import error_columns, errors_from, exception_detail, row_error
 from clipdense.data.shards import READ_TASK_BYTES, write_parquet
 from clipdense.ray_session import data_context, ray_session
@@ -155,16 +155,15 @@ def check_engine(cfg: RecaptionConfig) -> None:
 DATA_CONTEXT = {"execution_options.preserve_order": True, "read_op_min_num_blocks": 1}
 
 
-def build_dataset(cfg: RecaptionConfig, inputs: list[str], spec: ImageInput, sidecars: dict[str, str] | None = None):
+def build_dataset(cfg: RecaptionConfig, shards: ShardFiles, spec: ImageInput):
     """The lazy Ray Dataset of result rows (key, caption, syn_captions, error, shard), in input order.
-    Iterate it inside `data_context(DATA_CONTEXT)`. `sidecars` given: `inputs` are listed files, read as they are."""
+    Iterate it inside `data_context(DATA_CONTEXT)`."""
     import ray.data
 
     from clipdense.data.shards import read_shards
 
     with data_context(DATA_CONTEXT):
-        ds = read_shards(inputs, validate="none", s3_endpoint=cfg.s3_endpoint,  # decode_batch checks fully
-                         sidecars=sidecars, task_bytes=READ_TASK_BYTES)
+        ds = read_shards(shards, validate="none", task_bytes=READ_TASK_BYTES)  # decode_batch checks fully
     ds.context.execution_options.preserve_order, ds.context.read_op_min_num_blocks = True, 1
     ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=cfg.decode.batch_size,
                         num_cpus=cfg.decode.num_cpus, fn_kwargs={"spec": spec, "keep_images": cfg.keep_images})
@@ -180,12 +179,11 @@ def build_dataset(cfg: RecaptionConfig, inputs: list[str], spec: ImageInput, sid
         runtime_env=e.runtime_env or {})
 
 
-def execute(cfg: RecaptionConfig, plan: Plan, sidecars: dict[str, str] | None = None) -> tuple[ShardAssembler, float]:
+def execute(cfg: RecaptionConfig, plan: Plan, shards: ShardFiles) -> tuple[ShardAssembler, float]:
     spec = image_input(cfg.engine, cfg.decode)
-    assembler = ShardAssembler(plan, provenance(cfg.engine),
-                               write=lambda table, path: write_parquet(table, path, cfg.s3_endpoint),
+    assembler = ShardAssembler(plan, provenance(cfg.engine), write=write_parquet,
                                keep_images=cfg.keep_images, fail_after_shards=cfg.fault.fail_after_shards)
-    ds = build_dataset(cfg, list(plan.todo.values()), spec, sidecars)
+    ds = build_dataset(cfg, ShardFiles(list(plan.todo.values()), shards.sidecars, shards.storage), spec)
     t0 = time.perf_counter()
     with data_context(DATA_CONTEXT):
         try:
@@ -205,13 +203,14 @@ def run(cfg: RecaptionConfig) -> dict:
     from clipdense.recaption.stats import write_stats
 
     check_engine(cfg)
-    files, sidecars = expand_shards(cfg.input, s3_endpoint=cfg.s3_endpoint)  # listed once, for plan and read
-    plan = plan_shards(files, cfg.output, cfg.s3_endpoint)
+    specs = [cfg.input] if isinstance(cfg.input, str) else cfg.input
+    shards = expand_shards([cfg.storage(s) for s in specs])  # listed once, for plan and read
+    plan = plan_shards(shards.files, cfg.storage(cfg.output))
     todo = plan.todo
     written, seconds, counts = [], 0.0, None
     if todo:
         with ray_session(cfg.ray, log_to_driver=True):
-            assembler, seconds = execute(cfg, plan, sidecars)
+            assembler, seconds = execute(cfg, plan, shards)
         written, counts = assembler.written, assembler.counts
     stats = write_stats(cfg, plan) if cfg.stats.enabled else None
     rows = counts.rows if counts else 0

@@ -17,8 +17,8 @@ from typing import Sequence
 import numpy as np
 import pyarrow.parquet as pq
 
-from clipdense.data.paths import filesystem_for
 from clipdense.data.rows import codes_of, count_codes
+from clipdense.data.storage import Storage
 
 _WORD = re.compile(r"[\w']+")
 
@@ -83,11 +83,11 @@ def clip_scores(model_name: str, pretrained: str | None, images: list, texts: li
     return out
 
 
-def _read_outputs(paths: list[str], s3_endpoint: str | None, max_rows: int) -> dict[str, list]:
+def _read_outputs(files: list[Storage], max_rows: int) -> dict[str, list]:
     """key, caption, syn_captions and `error_code` (None: captioned) of the output files, either format."""
     cols = {"key": [], "caption": [], "syn_captions": [], "error_code": []}
-    for p in paths:
-        fs, inner = filesystem_for(p, s3_endpoint)
+    for p in files:
+        fs, inner = p.locate()
         present = set(pq.read_schema(inner, filesystem=fs).names)
         t = pq.read_table(inner, columns=[c for c in (*cols, "error") if c in present], filesystem=fs)
         for c in ("key", "caption", "syn_captions"):
@@ -98,15 +98,15 @@ def _read_outputs(paths: list[str], s3_endpoint: str | None, max_rows: int) -> d
     return {c: v[:max_rows] for c, v in cols.items()}
 
 
-def _sample_images(inputs: list[str], keys: set[str], limit: int, s3_endpoint: str | None) -> dict[str, bytes]:
+def _sample_images(inputs: list[Storage], keys: set[str], limit: int) -> dict[str, bytes]:
     from clipdense.data.shards import read_shard_local
 
     found: dict[str, bytes] = {}
-    for path in inputs:
-        if path.endswith(".tar"):
-            rows = read_shard_local(path, validate="none", s3_endpoint=s3_endpoint)
+    for file in inputs:
+        if file.uri.endswith(".tar"):
+            rows = read_shard_local(file, validate="none")
         else:
-            fs, inner = filesystem_for(path, s3_endpoint)
+            fs, inner = file.locate()
             rows = pq.read_table(inner, columns=["key", "image_bytes"], filesystem=fs).to_pylist()
         for r in rows:
             if r["key"] in keys and r.get("image_bytes"):
@@ -124,7 +124,7 @@ def clip_section(cfg, plan, data: dict[str, list]) -> dict:
     st = cfg.stats
     ok = {k: (c, s) for k, c, s, e in zip(data["key"], data["caption"], data["syn_captions"], data["error_code"])
           if e is None and s}
-    images = _sample_images(list(plan.inputs.values()), set(ok), st.clip_sample, cfg.s3_endpoint)
+    images = _sample_images([cfg.storage(p) for p in plan.inputs.values()], set(ok), st.clip_sample)
     keys, pils = [], []
     for k, blob in images.items():
         try:
@@ -146,9 +146,9 @@ def write_stats(cfg, plan) -> dict:
     """Compute the stats over the outputs of `plan` and write `<output>/_stats.json`; returns them."""
     from clipdense.recaption.writer import existing_files
 
-    present = existing_files(cfg.output, cfg.s3_endpoint)
+    present = existing_files(cfg.storage(cfg.output))
     paths = [p for n, p in plan.outputs.items() if f"{n}.parquet" in present]
-    data = _read_outputs(paths, cfg.s3_endpoint, cfg.stats.max_rows)
+    data = _read_outputs(paths, cfg.stats.max_rows)
     ok = [i for i, e in enumerate(data["error_code"]) if e is None]
     stats = {"shards": len(paths), "rows_read": len(data["key"]), "rows_captioned": len(ok),
              "rows_failed_by_code": count_codes(data["error_code"])[1],
@@ -156,7 +156,7 @@ def write_stats(cfg, plan) -> dict:
     if cfg.stats.clip_model and ok:
         stats["clip"] = clip_section(cfg, plan, data)
     path = f"{cfg.output.rstrip('/')}/_stats.json"
-    fs, inner = filesystem_for(path, cfg.s3_endpoint)
+    fs, inner = cfg.storage(path).locate()
     fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(inner) as f:
         f.write(json.dumps(stats, indent=2).encode())

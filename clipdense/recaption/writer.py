@@ -18,8 +18,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from clipdense.config import DataError
-from clipdense.data.paths import filesystem_for
+from clipdense.data.naming import output_path, shard_name
 from clipdense.data.rows import ERROR_FIELDS, codes_of, count_codes
+from clipdense.data.storage import Storage
 
 OUTPUT_SCHEMA = pa.schema([
     ("key", pa.string()),
@@ -38,20 +39,10 @@ class InjectedFault(RuntimeError):
     """Raised by fault injection (config `fault.*`) to simulate a crash."""
 
 
-def shard_name(path: str) -> str:
-    """`s3://b/web/00012.tar` -> `00012`: the output file stem for an input shard."""
-    base = posixpath.basename(path.rstrip("/"))
-    return base.rsplit(".", 1)[0] if "." in base else base
-
-
-def output_path(output: str, name: str) -> str:
-    return f"{output.rstrip('/')}/{name}.parquet"
-
-
 @dataclass
 class Plan:
-    inputs: dict[str, str]            # shard name -> input path (every input, in order)
-    outputs: dict[str, str]           # shard name -> output path
+    inputs: dict[str, str]            # shard name -> input URI (every input, in order)
+    outputs: dict[str, Storage]       # shard name -> its output file
     done: list[str]                   # names whose output file already exists
     todo: dict[str, str] = field(init=False)  # the inputs not done (computed once: the writer asks per block)
 
@@ -60,9 +51,9 @@ class Plan:
         self.todo = {n: p for n, p in self.inputs.items() if n not in done}
 
 
-def existing_files(output: str, s3_endpoint: str | None = None) -> set[str]:
+def existing_files(output: Storage) -> set[str]:
     """Base names of the files directly in the output directory (none if it does not exist)."""
-    fs, inner = filesystem_for(output, s3_endpoint)
+    fs, inner = output.locate()
     infos = fs.get_file_info(pafs.FileSelector(inner.rstrip("/"), recursive=False, allow_not_found=True))
     return {posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File}
 
@@ -82,9 +73,9 @@ def check_output_apart(inputs: list[str], output: str) -> None:
                         "read as inputs (img2dataset's NNNNN.parquet is its metadata); choose another output folder")
 
 
-def is_output_file(path: str, s3_endpoint: str | None = None) -> bool:
+def is_output_file(file: Storage) -> bool:
     """Whether a Parquet file has our output schema (key + syn_captions), not, say, img2dataset's metadata."""
-    fs, inner = filesystem_for(path, s3_endpoint)
+    fs, inner = file.locate()
     try:
         with fs.open_input_file(inner) as f:
             names = set(pq.read_schema(f).names)
@@ -93,7 +84,8 @@ def is_output_file(path: str, s3_endpoint: str | None = None) -> bool:
     return {"key", "syn_captions"} <= names
 
 
-def plan_shards(inputs: list[str], output: str, s3_endpoint: str | None = None) -> Plan:
+def plan_shards(inputs: list[str], output: Storage) -> Plan:
+    """Which of the input shards (URIs) still need their output file in `output`."""
     names: dict[str, str] = {}
     for path in inputs:
         name = shard_name(path)
@@ -101,20 +93,20 @@ def plan_shards(inputs: list[str], output: str, s3_endpoint: str | None = None) 
             raise DataError(f"input shards {names[name]!r} and {path!r} would both write {name}.parquet "
                             "(give each shard a distinct file name)")
         names[name] = path
-    check_output_apart(inputs, output)
-    present = existing_files(output, s3_endpoint)
+    check_output_apart(inputs, output.uri)
+    present = existing_files(output)
+    outputs = {n: output.at(output_path(output.uri, n)) for n in names}
     done = [n for n in names if f"{n}.parquet" in present]
     # A file at an output path is taken as done only if it is ours. Its schema is read where the folder looks like
     # img2dataset's (a tar or _stats.json beside it) and for the first done file (a folder of someone else's
     # Parquet): one footer each, not one per done shard of a large rerun.
     suspects = [n for n in done if f"{n}.tar" in present or f"{n}_stats.json" in present] + done[:1]
     for n in dict.fromkeys(suspects):
-        path = output_path(output, n)
-        if not is_output_file(path, s3_endpoint):
-            raise DataError(f"output folder {output!r} holds {n}.parquet that is not a recaption output (no key + "
+        if not is_output_file(outputs[n]):
+            raise DataError(f"output folder {output.uri!r} holds {n}.parquet that is not a recaption output (no key + "
                             "syn_captions columns; img2dataset metadata?): writing there would overwrite it; choose "
                             "another output folder")
-    return Plan(inputs=names, outputs={n: output_path(output, n) for n in names}, done=done)
+    return Plan(inputs=names, outputs=outputs, done=done)
 
 
 @dataclass
@@ -159,7 +151,7 @@ class ShardAssembler:
     Order holds per source: read_shards unions tar and Parquet readers, and with preserve_order Ray's union
     interleaves their blocks round-robin, so each source (file type) has its own current shard."""
 
-    def __init__(self, plan: Plan, provenance: dict[str, str | None], write: Callable[[pa.Table, str], None],
+    def __init__(self, plan: Plan, provenance: dict[str, str | None], write: Callable[[pa.Table, Storage], None],
                  keep_images: bool = False, fail_after_shards: int | None = None):
         self.plan, self.provenance, self.write = plan, provenance, write
         self.schema = OUTPUT_SCHEMA.append(IMAGE_FIELD) if keep_images else OUTPUT_SCHEMA

@@ -246,9 +246,9 @@ def tune_storage(cfg: SweepConfig, out: Path) -> tuple[str, object | None, str]:
     uri = cfg.storage or str(out / "tune")
     if not uri.startswith("s3://"):
         return os.path.abspath(uri), None, os.path.abspath(uri)
-    from clipdense.data.paths import filesystem_for
+    from clipdense.data.storage import Storage
 
-    fs, inner = filesystem_for(uri, cfg.s3_endpoint)
+    fs, inner = Storage(uri, cfg.s3_endpoint).locate()
     return inner.rstrip("/"), fs, uri
 
 

@@ -205,7 +205,7 @@ def run_storage(cfg: TrainConfig, out: Path) -> tuple[str, object | None, str]:
         return str(out), None, str(out)
     if not uri.startswith("s3://"):
         return os.path.abspath(uri), None, os.path.abspath(uri)
-    from clipdense.data.paths import filesystem_for
+    from clipdense.data.storage import Storage
 
-    fs, inner = filesystem_for(uri, cfg.checkpoint.s3_endpoint)
+    fs, inner = Storage(uri, cfg.checkpoint.s3_endpoint).locate()
     return inner.rstrip("/"), fs, uri
