@@ -22,15 +22,19 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import load_note, row, write_report
+from clipdense.config import build_config, set_dotted
+from clipdense.demo import _sweep_cfg, preset_scale
+from clipdense.dense.config import FinetuneConfig
+from clipdense.dense.datasets.common import read_rgb
+from clipdense.dense.datasets.nyu import load_depth, read_list
+from clipdense.dense.run import run
+from clipdense.sweep.grid import expand
 
 REGRESSION = {"head.depth_bins": 0, "train.optim.lr": 1e-3}  # the demo's depth probe before 2026-11-25
 
 
 def probe_trials(demo: Path, seeds: int) -> list:
     """The demo sweep's depth trials at fraction 1, for `seeds` seeds."""
-    from clipdense.demo import _sweep_cfg, preset_scale
-    from clipdense.sweep.grid import expand
-
     p = {**preset_scale("default").model_dump(exclude_unset=True), "fractions": [1.0], "seeds": seeds,
          "small_seeds": None}
     cfg = _sweep_cfg(p, demo / "sweep-bench", demo / "world", str(demo / "pretrain/alt-text-clip/export/model.pt"),
@@ -39,10 +43,6 @@ def probe_trials(demo: Path, seeds: int) -> list:
 
 
 def run_probe(finetune: dict, overrides: dict) -> dict:
-    from clipdense.config import build_config, set_dotted
-    from clipdense.dense.config import FinetuneConfig
-    from clipdense.dense.run import run
-
     data = json.loads(json.dumps(finetune))
     for k, v in overrides.items():
         set_dotted(data, k, v)
@@ -58,9 +58,6 @@ def run_probe(finetune: dict, overrides: dict) -> dict:
 
 def feature_free_baselines(nyu: Path, eval_images: int) -> dict[str, float]:
     """RMSE of the per-pixel mean / global mean training depth map on the first `eval_images` test images."""
-    from clipdense.dense.datasets.common import read_rgb
-    from clipdense.dense.datasets.nyu import load_depth, read_list
-
     def maps(list_file: str, limit: int | None = None):
         items = read_list(nyu, list_file, "")[:limit]
         return np.stack([load_depth(d, read_rgb(r), r) for r, d, _ in items])
@@ -95,7 +92,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 f"{peer['wall_s']:.0f}s; {load_note()}")
         rows.append(row("depth-probe", f"{bb} RMSE, 256 bins lr 3e-3", ours["rmse"], peer["rmse"],
                         "sigmoid regression lr 1e-3", "m", higher_is_better=False, notes=note))
-    from clipdense.demo import preset_scale
     for name, v in feature_free_baselines(demo / "world" / "nyu", preset_scale("default").eval_images).items():
         rows.append(row("depth-probe", f"no features: {name} of the training depths, RMSE", v, None, "", "m",
                         higher_is_better=False, notes="same evaluation images as the probes"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import json
+import sys
 import tempfile
 import time
 
@@ -21,13 +22,16 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import RoundLoads, median_rate, parse_bench_args, row, write_report
+from clipdense.config import build_config
+from clipdense.dense import FinetuneConfig
+from clipdense.dense.backbones import create_backbone
+from clipdense.dense.heads import SegModel, resize
+from clipdense.dense.task import DenseTask
+from clipdense.train import fit_local
 
 
 def seg_config(backbone: str, size: int, batch: int, classes: int, channels: int, aux_channels: int,
                steps: int, log_every: int, out_dir: str, use_gpu: bool):
-    from clipdense.config import build_config
-    from clipdense.dense import FinetuneConfig
-
     return build_config(FinetuneConfig, {
         "task": "seg", "backbone": {"name": backbone}, "out_dir": out_dir, "ray": {"in_process": True},
         "data": {"root": out_dir, "num_classes": classes, "batch_size": batch, "crop_size": [size, size]},
@@ -46,8 +50,6 @@ def fixed_batch(size: int, batch: int, classes: int, device: torch.device) -> di
 
 
 def _fixed_batch_task(cfg, batch: dict, steps: int):
-    from clipdense.dense.task import DenseTask
-
     class FixedBatchSegTask(DenseTask):
         """The dense task with its datasets replaced by one fixed batch (everything else unchanged)."""
 
@@ -74,8 +76,6 @@ def _sync(device: torch.device) -> None:
 
 def runner_step_times(cfg, batch: dict, steps: int) -> dict:
     """Per-interval seconds per step of the dense task under `fit_local` (+ peak memory on CUDA)."""
-    from clipdense.train import fit_local
-
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     fit_local(lambda: _fixed_batch_task(cfg, batch, steps), cfg.train)
@@ -86,9 +86,6 @@ def runner_step_times(cfg, batch: dict, steps: int) -> dict:
 
 def plain_step_times(cfg, batch: dict, steps: int, device: torch.device) -> dict:
     """The same model and batch in a plain loop: autocast forward, CE + 0.4 aux CE, AdamW."""
-    from clipdense.dense.backbones import create_backbone
-    from clipdense.dense.heads import SegModel, resize
-
     torch.manual_seed(cfg.train.seed)
     h = cfg.head
     backbone = create_backbone(cfg.backbone, cfg.data.crop_size)  # as the runner builds it: table at the crop
@@ -170,6 +167,4 @@ def main(quick: bool = False, argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    import sys
-
     main(argv=sys.argv[1:])

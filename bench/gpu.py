@@ -31,9 +31,19 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from bench.common import RESULTS, load_note, median_rate, row, write_report
+from bench.finetune_step import compare
+from bench.geometry import model_geometry
+from bench.gpu_data import data_rows
+from clipdense.config import build_config, configs_dir
+from clipdense.models import create_clip
+from clipdense.pretrain.task import ClipPretrainTask, build_loss
+from clipdense.recaption.engines.coca import CocaCaptioner
+from clipdense.train import TrainConfig, fit_local
 
 H100_BF16_PEAK = 989e12
 # open_clip_train with our tiny configs registered (it has no flag for a model config file)
@@ -47,26 +57,8 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def model_geometry(name: str) -> tuple[int, int]:
-    """(image size, text context length) from the open_clip config, without building the model."""
-    import open_clip
-
-    from clipdense.models.registry import register_model_configs
-
-    register_model_configs()
-    cfg = open_clip.get_model_config(name) or {}
-    size = cfg.get("vision_cfg", {}).get("image_size", 224)
-    ctx = cfg.get("text_cfg", {}).get("context_length", 77)
-    return int(size[0] if isinstance(size, (list, tuple)) else size), int(ctx)
-
-
 def flops_per_sample(name: str, batch: int, device: torch.device) -> float:
     """FLOPs of one forward + backward (model + contrastive loss), per sample, counted by FlopCounterMode."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from clipdense.models import create_clip
-    from clipdense.pretrain.task import build_loss
-
     size, ctx = model_geometry(name)
     m = create_clip(name, output_dict=True).to(device)
     loss_fn = build_loss("clip", 0, 1)
@@ -84,10 +76,6 @@ def flops_per_sample(name: str, batch: int, device: torch.device) -> float:
 
 def ours_pretrain(name: str, batch: int, steps: int, log_every: int, compile_: bool) -> dict:
     """The runner on synthetic batches already on the device: samples/s per interval, peak memory, data wait."""
-    from clipdense.config import build_config
-    from clipdense.pretrain.task import ClipPretrainTask
-    from clipdense.train import TrainConfig, fit_local
-
     size, ctx_len = model_geometry(name)
 
     class SyntheticBatches(ClipPretrainTask):
@@ -125,8 +113,6 @@ def ours_pretrain(name: str, batch: int, steps: int, log_every: int, compile_: b
 
 def peer_pretrain(name: str, batch: int, steps: int, log_every: int, workers: int) -> dict:
     """open_clip_train.main itself on its synthetic dataset (amp_bf16 on CUDA, fp32 on CPU), one process."""
-    from clipdense.config import configs_dir
-
     _free()  # the subprocess needs what this process's allocator caches
     cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory(prefix="bench-gpu-peer-") as d:
@@ -174,10 +160,6 @@ def pretrain_rows(name: str, batch: int, steps: int, log_every: int, workers: in
 
 
 def coca_rows(model: str, images: int, n: int = 5, seq_len: int = 30, reps: int = 3) -> list[dict]:
-    import numpy as np
-
-    from clipdense.recaption.engines.coca import CocaCaptioner
-
     cap = CocaCaptioner(model, seq_len=seq_len, min_seq_len=seq_len, top_p=0.9, device="auto")
     torch.manual_seed(0)
     torch.nn.init.normal_(cap.model.text_decoder.text_projection, std=2.0)  # peaked logits, as a trained model
@@ -210,8 +192,6 @@ def coca_rows(model: str, images: int, n: int = 5, seq_len: int = 30, reps: int 
 
 
 def finetune_rows(backbone: str, size: int, batch: int, steps: int) -> list[dict]:
-    from bench.finetune_step import compare
-
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     big = backbone != "clip-tiny"
     r = compare(backbone, size, batch, 150 if big else 16, 768 if big else 64, 256 if big else 32, steps, 5, 1, dev)
@@ -266,8 +246,6 @@ def main(quick: bool = False, argv: list[str] | None = None, out_dir: Path | Non
     if "finetune" not in a.skip:
         rows += _guarded("gpu-finetune UperNet", finetune_rows, *ft)
     if "data" not in a.skip:
-        from bench.gpu_data import data_rows
-
         rows += _guarded(f"gpu-data {data[0]}", data_rows, *data)
     for r in rows:
         r["notes"] = f"{r['notes']}; {load_note()}".lstrip("; ")

@@ -15,14 +15,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+from PIL import Image
 
 from bench.common import row
+from bench.geometry import model_geometry
+from clipdense.data.images import crop_source_side, decode_crop_source
+from clipdense.models import create_clip
+from clipdense.pretrain.batches import CROP_SCALE, Collate
+from clipdense.pretrain.task import build_loss
 
 
 def make_jpegs(n: int, sizes: list[tuple[int, int]], seed: int = 0) -> list[bytes]:
     """`n` photo-like JPEGs (gradients, texture, noise; quality 90), cycling through `sizes` (w, h)."""
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
@@ -58,9 +62,6 @@ def _prefetched(make_batch, steps: int, depth: int = 2):
 
 def _batch_fns(jpegs: list[bytes], batch: int, size: int, name: str, device: torch.device, workers: int):
     """(cpu batch maker, gpu batch maker): the same rows, keys and boxes for both."""
-    from clipdense.data.images import crop_source_side, decode_crop_source
-    from clipdense.pretrain.batches import CROP_SCALE, Collate
-
     kw = dict(model_name=name, image_size=size, mean=(0.48, 0.46, 0.41), std=(0.27, 0.26, 0.28), policy="real",
               seed=0, epoch=0)
     cpu_collate, gpu_collate = Collate(**kw), Collate(**kw, decode_device=device)
@@ -83,8 +84,6 @@ def _batch_fns(jpegs: list[bytes], batch: int, size: int, name: str, device: tor
         return cpu_collate(b)
 
     def gpu(i):
-        from PIL import Image
-
         idx, b = rows(i)
         sizes = [Image.open(io.BytesIO(jpegs[k])).size for k in idx]  # Ray Data's header check ships these
         enc = np.empty(batch, dtype=object)
@@ -97,9 +96,6 @@ def _batch_fns(jpegs: list[bytes], batch: int, size: int, name: str, device: tor
 
 def _train_loop(name: str, batches, steps: int, device: torch.device, warmup: int) -> dict:
     """A CLIP training step per batch (bf16 autocast on CUDA): images/s and data-wait fraction after `warmup`."""
-    from clipdense.models import create_clip
-    from clipdense.pretrain.task import build_loss
-
     model = create_clip(name, output_dict=True).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     loss_fn = build_loss("clip", 0, 1)
@@ -126,8 +122,6 @@ def _train_loop(name: str, batches, steps: int, device: torch.device, warmup: in
 
 
 def data_rows(name: str, batch: int, steps: int, workers: int, photo: tuple[int, int], pool_size: int) -> list[dict]:
-    from bench.gpu import model_geometry
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size, _ = model_geometry(name)
     jpegs = make_jpegs(pool_size, [photo, (320, 240)])

@@ -7,12 +7,12 @@ Both train the tiny open_clip model `clip-tiny` (2-layer width-64 ViT and text t
 JPEG files and captions for 3 epochs (`data.cache` off: every epoch decodes again, as the peer's loader does), fp32
 on CPU, one training process, batch 32: open_clip_train reads a CSV with 1 data loader worker; clipdense reads the
 same JPEG bytes from webdataset tars through Ray Data (decode in Ray tasks; crop, caption choice and tokenisation in
-the worker's collate; `ray.in_process`, so Ray Data's executor loop runs as a thread of the training process). Ours runs its defaults, including torch's
-fused AdamW (`train.optim.fused`); a third side runs ours with `optim.fused: false` (torch's default AdamW, as the
-peer's), which shows the data path's and loop's share without the optimizer kernel. Throughput is samples/s per log interval
-(wall time of the interval, data waits included, as open_clip_train's `Batch (t)`), median after the first;
-both sides use the same torch thread count and alternate runs (thread oversubscription on a shared box swings
-step times tenfold).
+the worker's collate; `ray.in_process`, so Ray Data's executor loop runs as a thread of the training process).
+Ours runs its defaults, including torch's fused AdamW (`train.optim.fused`); a third side runs ours with
+`optim.fused: false` (torch's default AdamW, as the peer's), which shows the data path's and loop's share without the
+optimizer kernel. Throughput is samples/s per log interval (wall time of the interval, data waits included, as
+open_clip_train's `Batch (t)`), median after the first; both sides use the same torch thread count and alternate runs
+(thread oversubscription on a shared box swings step times tenfold).
 Also reported: how long tokenising one batch's captions takes in the worker, against the step time (why
 tokenisation stays in the worker rather than tokenising all N+1 captions per sample in Ray Data).
 Writes bench/results/pretrain_vs_open_clip.json and .md.
@@ -34,9 +34,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import ray
+import torch
 from PIL import Image
 
 from bench.common import RoundLoads, markdown, row, save
+from clipdense.config import build_config, configs_dir
+from clipdense.models import tokenizer_for
+from clipdense.pretrain import PretrainConfig, run
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 SHAPES = ["circle", "square"]
@@ -79,8 +84,6 @@ OPEN_CLIP_WRAPPER = (
 
 def run_open_clip_train(csv_path: Path, logs: Path, batch: int, steps_log: int,
                         threads: int, epochs: int = 3) -> tuple[list[float], float]:
-    from clipdense.config import configs_dir
-
     argv = [sys.executable, "-c", OPEN_CLIP_WRAPPER, str(configs_dir() / "models" / "clip-tiny.json"),
             "--dataset-type", "csv", "--train-data", str(csv_path), "--csv-img-key", "filepath",
             "--csv-caption-key", "title", "--csv-separator", ",", "--model", "clip-tiny", "--batch-size", str(batch),
@@ -88,7 +91,8 @@ def run_open_clip_train(csv_path: Path, logs: Path, batch: int, steps_log: int,
             "--device", "cpu", "--logs", str(logs), "--name", "bench", "--log-every-n-steps", str(steps_log),
             "--save-frequency", "0", "--zeroshot-frequency", "0", "--val-frequency", "0", "--report-to", ""]
     t0 = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads)})
+    proc = subprocess.run(argv, capture_output=True, text=True,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads)})
     wall = time.perf_counter() - t0
     text = proc.stdout + proc.stderr
     if proc.returncode != 0:
@@ -100,14 +104,12 @@ def run_open_clip_train(csv_path: Path, logs: Path, batch: int, steps_log: int,
 
 def run_clipdense(tars: list[Path], out: Path, batch: int, steps: int, steps_log: int,
                   fused: bool = True) -> tuple[list[float], float]:
-    from clipdense.config import build_config
-    from clipdense.pretrain import PretrainConfig, run
-
     cfg = build_config(PretrainConfig, {
         "model": {"name": "clip-tiny"}, "captions": {"policy": "real"}, "ray": {"in_process": True},
         "data": {"shards": [str(t) for t in tars], "batch_size": batch, "decode_cpus": 1, "count_errors": False},
-        "train": {"out_dir": str(out), "optim": {"lr": 1e-3, "fused": fused}, "schedule": {"total_steps": steps, "warmup_steps": 10},
-                  "log_every": steps_log, "checkpoint": {"every_steps": 0}, "scaling": {"precision": "fp32"}}})
+        "train": {"out_dir": str(out), "optim": {"lr": 1e-3, "fused": fused},
+                  "schedule": {"total_steps": steps, "warmup_steps": 10}, "log_every": steps_log,
+                  "checkpoint": {"every_steps": 0}, "scaling": {"precision": "fp32"}}})
     t0 = time.perf_counter()
     run(cfg)
     wall = time.perf_counter() - t0
@@ -117,8 +119,6 @@ def run_clipdense(tars: list[Path], out: Path, batch: int, steps: int, steps_log
 
 def tokenize_cost(batch: int, repeats: int = 20) -> float:
     """Seconds to tokenise one batch of captions with open_clip's tokenizer (what the worker collate does)."""
-    from clipdense.models import tokenizer_for
-
     tok = tokenizer_for("clip-tiny")
     texts = [f"a {COLOURS[i % 6]} {SHAPES[i % 2]} on a textured floor" for i in range(batch)]
     tok(texts)
@@ -130,9 +130,6 @@ def tokenize_cost(batch: int, repeats: int = 20) -> float:
 
 def main(quick: bool = False, images: int | None = None, batch: int = 32, threads: int = 1,
          rounds: int | None = None, epochs: int = 3) -> list[dict]:
-    import ray
-    import torch
-
     n = images or (512 if quick else 1536)
     steps = epochs * (n // batch)  # the same epochs as open_clip_train runs, every one decoded again
     steps_log = 4 if quick else 8
@@ -196,7 +193,4 @@ if __name__ == "__main__":
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
-    from clipdense.config import apply_process_env
-
-    apply_process_env()  # as the clipdense CLI and bench.run do
     main(quick=a.quick, images=a.images, batch=a.batch, threads=a.threads, rounds=a.rounds, epochs=a.epochs)

@@ -17,7 +17,6 @@ import sys
 import traceback
 
 from bench.common import RESULTS, latest_figures, markdown
-from clipdense.config import apply_process_env
 
 CPU_BENCHES = {
     "pretrain": "bench.pretrain_vs_open_clip",
@@ -45,7 +44,6 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller inputs (smoke run)")
     ap.add_argument("--full", action="store_true", help="also time slow variants (the default-scale demo)")
     args = ap.parse_args(argv)
-    apply_process_env()  # as the clipdense CLI does, before a bench imports torch (both sides of each bench share it)
     table = {**CPU_BENCHES, **GPU_BENCHES}
     names = args.names or (list(GPU_BENCHES) if args.gpu else list(CPU_BENCHES))
     failed = []
