@@ -23,6 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+from PIL import Image
+
+from clipdense.recaption.engines.vllm import VLLMCaptioner, sampling_kwargs
+from clipdense.recaption.tiny_vlm import token_config, write_processor
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # Qwen/Qwen2.5-VL-7B-Instruct config.json (text and vision towers; token ids come from our tokenizer)
@@ -47,9 +54,7 @@ SMOKE_VISION = {**QWEN25_VL_7B_VISION, "depth": 2, "hidden_size": 64, "intermedi
 
 def write_model_dir(out: Path, max_pixels: int, smoke: bool = False) -> Path:
     """Config + tokenizer + processor of a Qwen2.5-VL-7B-architecture model; no weights (vLLM's dummy load)."""
-    from transformers import Qwen2_5_VLConfig
-
-    from clipdense.recaption.tiny_vlm import token_config, write_processor
+    from transformers import Qwen2_5_VLConfig  # only the vLLM environments have transformers
 
     ids = write_processor(out, max_pixels=max_pixels, processor_class="Qwen2_5_VLProcessor")
     text, vision = (SMOKE_TEXT, SMOKE_VISION) if smoke else (QWEN25_VL_7B_TEXT, QWEN25_VL_7B_VISION)
@@ -63,9 +68,6 @@ def write_model_dir(out: Path, max_pixels: int, smoke: bool = False) -> Path:
 
 
 def random_images(count: int, side: int, seed: int = 0):
-    import numpy as np
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)) for _ in range(count)]
 
@@ -73,8 +75,6 @@ def random_images(count: int, side: int, seed: int = 0):
 def fixed_length(captioner, tokens: int) -> None:
     """Every caption exactly `tokens` long (random weights stop anywhere otherwise; token ids beyond our small
     tokenizer are not detokenized); the per-row seed stays."""
-    from clipdense.recaption.engines.vllm import sampling_kwargs
-
     def sampling_params(n, seed=None):
         kwargs = {**sampling_kwargs(n, captioner.top_p, captioner.temperature, tokens), "min_tokens": tokens,
                   "ignore_eos": True, "detokenize": False}
@@ -85,10 +85,6 @@ def fixed_length(captioner, tokens: int) -> None:
 
 
 def measure(args) -> dict:
-    import torch
-
-    from clipdense.recaption.engines.vllm import VLLMCaptioner
-
     side = int(args.max_pixels ** 0.5) // 28 * 28
     with tempfile.TemporaryDirectory(prefix="qwen25vl7b-random-") as tmp:
         model = write_model_dir(Path(tmp), args.max_pixels, args.smoke)
