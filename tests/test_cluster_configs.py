@@ -123,13 +123,17 @@ def test_kuberay_raycluster_fields():
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_kuberay_rayjob_per_stage(stage):
-    doc = _kuberay_docs()[f"rayjob-{stage}.yaml"]
-    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
-    spec = doc["spec"]
-    assert spec["entrypoint"].startswith(f"python -m clipdense.jobs.entry {stage} ")
-    assert spec["shutdownAfterJobFinishes"] is True
-    yaml.safe_load(spec.get("runtimeEnvYAML", "{}"))
-    _check_cluster_spec(spec["rayClusterSpec"], f"rayjob-{stage}.yaml")
+    """Each stage has a RayJob (made from a jobs/*.yaml spec: tests/test_jobs_specs.py checks they agree)."""
+    docs = {name: doc for name, doc in _kuberay_docs().items()
+            if name.startswith("rayjob-") and doc["metadata"]["labels"]["clipdense/stage"] == stage}
+    assert docs, f"no cluster/kuberay/rayjob-*.yaml runs {stage}"
+    for name, doc in docs.items():
+        assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
+        spec = doc["spec"]
+        assert spec["entrypoint"].startswith(f"python -m clipdense.jobs.entry {stage} ")
+        assert spec["shutdownAfterJobFinishes"] is True
+        yaml.safe_load(spec.get("runtimeEnvYAML", "{}"))
+        _check_cluster_spec(spec["rayClusterSpec"], name)
 
 
 def test_dockerfile_base_image_and_install():

@@ -9,7 +9,8 @@ import pytest
 
 from clipdense.config import UserError
 from clipdense.jobs import client as client_mod
-from clipdense.jobs.submit import EXCLUDES, SubmitArgs, build_job, find_project_root, main_submit
+from clipdense.jobs.build import EXCLUDES, SubmitArgs, build_job, find_project_root
+from clipdense.jobs.submit import main_submit
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -27,6 +27,8 @@ from pathlib import Path
 import yaml
 
 from clipdense.config import UserError, read_yaml
+from clipdense.jobs.build import find_project_root
+from clipdense.jobs.client import read_token
 
 DEFAULT_CONFIG = "cluster/local.yaml"
 DEFAULT_TEMP_DIR = "/tmp/clipdense-ray"
@@ -133,8 +135,6 @@ def up_local(config_path: str | Path = DEFAULT_CONFIG, temp_dir: str | Path = DE
     from ray._private.services import get_node_ip_address
 
     if not Path(config_path).is_file() and str(config_path) == DEFAULT_CONFIG:
-        from clipdense.jobs.submit import find_project_root
-
         config_path = find_project_root() / DEFAULT_CONFIG
     config = load_local_config(config_path)
     temp_dir = Path(temp_dir).resolve()
@@ -263,8 +263,6 @@ def _cmdline(p) -> list[str]:
 def alive_nodes(dashboard_url: str, token_path: str | None = None, timeout_s: float = 10) -> list[dict]:
     """ALIVE nodes as the dashboard's state API reports them (node_id, is_head_node, resources_total)."""
     import requests
-
-    from clipdense.jobs.client import read_token
 
     token = read_token(token_path) if token_path else read_token()
     headers = {"Authorization": f"Bearer {token}"} if token else {}

@@ -9,22 +9,20 @@ from __future__ import annotations
 
 import sys
 
+from clipdense.cli import main as cli_main
+from clipdense.jobs import JOB_STAGES
+from clipdense.jobs.probe import main as probe_main
+
 USAGE = "usage: python -m clipdense.jobs.entry STAGE [--config FILE] [key=value ...]"
 
 
 def run(stage: str, argv: list[str]) -> int:
-    from clipdense.jobs import JOB_STAGES
-
     if stage not in JOB_STAGES:
         print(f"unknown stage {stage!r} (choose from {', '.join(JOB_STAGES)})", file=sys.stderr)
         return 2
     if stage == "probe":
-        from clipdense.jobs.probe import main as probe_main
-
         return probe_main(argv)
-    from clipdense.cli import main
-
-    return main([stage, *argv])
+    return cli_main([stage, *argv])  # the CLI loads the stage's package (torch ...) only now
 
 
 if __name__ == "__main__":

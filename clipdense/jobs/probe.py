@@ -11,6 +11,12 @@ import socket
 import sys
 import time
 
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from clipdense.ray_session import ray_session
+
 DEFAULTS = {"nodes": 2, "cpus": 1, "seconds": 1.0, "timeout": 300.0}
 
 
@@ -25,8 +31,6 @@ def parse(argv: list[str]) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    from clipdense.ray_session import ray_session
-
     try:
         opts = parse(argv)
     except ValueError as e:
@@ -37,10 +41,6 @@ def main(argv: list[str]) -> int:
 
 
 def _probe(opts: dict) -> int:
-    import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
     n, cpus = opts["nodes"], opts["cpus"]
 
     @ray.remote(num_cpus=cpus)
