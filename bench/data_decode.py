@@ -20,18 +20,27 @@ bench/results/data_decode.json and .md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
+import sys
 import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import open_clip
+import ray
+import torch
 from PIL import Image
 
 from bench.common import RoundLoads, row, write_report
-from bench.recaption_echo import make_shards
+from bench.jpeg_shards import make_shards
+from clipdense.config import build_config
+from clipdense.pretrain import PretrainConfig
+from clipdense.pretrain.batches import Collate
+from clipdense.pretrain.data import build_datasets
 
 
 def make_large_shards(d: Path, shards: int, per_shard: int, seed: int = 1) -> list[str]:
@@ -70,8 +79,7 @@ def _tar_images(paths: list[str]):
 
 def ray_cpu_seconds() -> float:
     """CPU seconds used so far by this process and every process of this Ray session (raylet, GCS, workers)."""
-    import psutil  # ships with Ray (its thirdparty_files) once `ray` is imported
-    import ray
+    import psutil  # ships with Ray (its thirdparty_files), importable once `ray` is imported
 
     session = ray._private.worker._global_node.get_session_dir_path()
     procs = {}
@@ -111,8 +119,6 @@ def plain_pil(paths: list[str], size: int) -> tuple[float, float]:
 
 def open_clip_transform(paths: list[str], size: int) -> tuple[float, float]:
     """open_clip's train transform (decode + RandomResizedCrop + ToTensor + Normalize); one process."""
-    import open_clip
-
     tf = open_clip.image_transform(size, is_train=True)
     t0, c0, n = time.perf_counter(), time.process_time(), 0
     for data in _tar_images(paths):
@@ -124,11 +130,6 @@ def open_clip_transform(paths: list[str], size: int) -> tuple[float, float]:
 def pipeline(paths: list[str], size: int, batch: int, decode_on: str = "cpu") -> tuple[float, float]:
     """The pretrain stage's Ray Data read + decode and train collate (Ray must be initialised); `decode_on`
     worker: Ray Data ships the encoded images and the collate decodes them (data.decode_on)."""
-    from clipdense.config import build_config
-    from clipdense.pretrain import PretrainConfig
-    from clipdense.pretrain.batches import Collate
-    from clipdense.pretrain.data import build_datasets
-
     cfg = build_config(PretrainConfig, {
         "model": {"name": "ViT-B-16"}, "captions": {"policy": "real"}, "ray": {"in_process": True},
         "data": {"shards": paths, "batch_size": batch, "decode_cpus": 1, "count_errors": False,
@@ -147,7 +148,7 @@ def _fmt(runs) -> str:
     return ", ".join(f"({w:.0f}, {c:.0f})" for w, c in runs)
 
 
-def main(quick: bool = False, argv: list[str] | None = None) -> list[dict]:
+def parse_args(argv: list[str] | None, quick: bool) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.data_decode")
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--per-shard", type=int, default=500)
@@ -157,87 +158,116 @@ def main(quick: bool = False, argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args(argv or [])
-    quick = quick or a.quick
-    if quick:
+    a.quick = quick or a.quick
+    if a.quick:
         a.shards, a.per_shard, a.large_per_shard, a.rounds = 2, 150, 30, 1
-    import ray
-    import torch
+    return a
 
-    # one torch thread: the peers are one-core processes, and oversubscribed threads on a shared box swing
-    # torch's per-image ops tenfold (ours: the collate in this driver also runs on one thread)
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to `n` for the block, restored after it."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    cores = len(os.sched_getaffinity(0))
-    ours, raw, oc, ours_large, oc_large, worker, worker_large = [], [], [], [], [], [], []
-    loads = RoundLoads(quick=quick)
-    with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
-        paths = make_shards(Path(tmp), a.shards, a.per_shard, 320)
-        large = make_large_shards(Path(tmp) / "large", a.shards, a.large_per_shard)
-        started = not ray.is_initialized()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def local_ray(cores: int):
+    """A local Ray over `cores` CPUs for the block, unless this process already runs one (then left running)."""
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
         if started:
-            ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
-        try:
-            pipeline(paths[:1], a.size, a.batch)  # start Ray's workers once: measure the steady state
-            pipeline(paths[:1], a.size, a.batch, "worker")
-            for _ in range(a.rounds):  # alternate the sides, each after the machine has cooled down
-                loads.start_round()
-                raw.append(plain_pil(paths, a.size))
-                loads.start_round()
-                oc.append(open_clip_transform(paths, a.size))
-                loads.start_round()
-                ours.append(pipeline(paths, a.size, a.batch))
-                loads.start_round()
-                oc_large.append(open_clip_transform(large, a.size))
-                loads.start_round()
-                ours_large.append(pipeline(large, a.size, a.batch))
-                loads.start_round()
-                worker.append(pipeline(paths, a.size, a.batch, "worker"))
-                loads.start_round()
-                worker_large.append(pipeline(large, a.size, a.batch, "worker"))
-        finally:
-            torch.set_num_threads(threads)
-            if started:
-                ray.shutdown()
-    best = lambda runs, i: max(r[i] for r in runs)  # noqa: E731  (best of the rounds)
+            ray.shutdown()
+
+
+def measure_rounds(paths: list[str], large: list[str], a: argparse.Namespace,
+                   loads: RoundLoads) -> dict[str, list[tuple[float, float]]]:
+    """(images/s, images/CPU-s) of every side per round; Ray must be running."""
+    pipeline(paths[:1], a.size, a.batch)  # start Ray's workers once: measure the steady state
+    pipeline(paths[:1], a.size, a.batch, "worker")
+    sides = {
+        "raw": lambda: plain_pil(paths, a.size),
+        "oc": lambda: open_clip_transform(paths, a.size),
+        "ours": lambda: pipeline(paths, a.size, a.batch),
+        "oc_large": lambda: open_clip_transform(large, a.size),
+        "ours_large": lambda: pipeline(large, a.size, a.batch),
+        "worker": lambda: pipeline(paths, a.size, a.batch, "worker"),
+        "worker_large": lambda: pipeline(large, a.size, a.batch, "worker"),
+    }
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in sides}
+    for _ in range(a.rounds):  # alternate the sides, each after the machine has cooled down
+        for name, measure in sides.items():
+            loads.start_round()
+            runs[name].append(measure())
+    return runs
+
+
+def _best(runs: list[tuple[float, float]], i: int) -> float:
+    """The best of the rounds: i = 0 images/s, 1 images/CPU-s."""
+    return max(r[i] for r in runs)
+
+
+def report_rows(runs: dict[str, list[tuple[float, float]]], a: argparse.Namespace, cores: int,
+                loads: RoundLoads) -> list[dict]:
+    ours, raw, oc, ours_large, oc_large = (runs[k] for k in ("ours", "raw", "oc", "ours_large", "oc_large"))
+    worker, worker_large = runs["worker"], runs["worker_large"]
     n = a.shards * a.per_shard
     note = (f"{n} JPEGs 320x240 in {a.shards} tars -> {a.size}px; ours: Ray Data over {cores} cores + collate in "
             f"the driver; best of {a.rounds} alternating rounds; {loads.note()}")
-    rows = [
-        row("data", "decode+augment images/s per core vs raw PIL decode+resize", best(ours, 0) / cores,
-            best(raw, 0), "PIL decode+resize+crop, 1 process", "images/s/core", notes=note, rounds=loads),
-        row("data", "decode+augment images/s per core vs open_clip train transform", best(ours, 0) / cores,
-            best(oc, 0), "open_clip image_transform(is_train), 1 process", "images/s/core", notes=note, rounds=loads),
-        row("data", "decode+augment images per CPU-second vs raw PIL decode+resize", best(ours, 1), best(raw, 1),
+    return [
+        row("data", "decode+augment images/s per core vs raw PIL decode+resize", _best(ours, 0) / cores,
+            _best(raw, 0), "PIL decode+resize+crop, 1 process", "images/s/core", notes=note, rounds=loads),
+        row("data", "decode+augment images/s per core vs open_clip train transform", _best(ours, 0) / cores,
+            _best(oc, 0), "open_clip image_transform(is_train), 1 process", "images/s/core", notes=note,
+            rounds=loads),
+        row("data", "decode+augment images per CPU-second vs raw PIL decode+resize", _best(ours, 1), _best(raw, 1),
             "PIL decode+resize+crop, 1 process", "images/CPU-s",
             notes="CPU time of every process involved (ours: driver + the Ray session's processes): robust to "
                   "other jobs' load, unlike wall time per core", rounds=loads),
-        row("data", "decode+augment images per CPU-second vs open_clip train transform", best(ours, 1), best(oc, 1),
-            "open_clip image_transform(is_train), 1 process", "images/CPU-s", rounds=loads),
+        row("data", "decode+augment images per CPU-second vs open_clip train transform", _best(ours, 1),
+            _best(oc, 1), "open_clip image_transform(is_train), 1 process", "images/CPU-s", rounds=loads),
         row("data", "decode+augment images per CPU-second vs open_clip train transform, large JPEGs (800-1200 px)",
-            best(ours_large, 1), best(oc_large, 1), "open_clip image_transform(is_train), no draft, 1 process",
+            _best(ours_large, 1), _best(oc_large, 1), "open_clip image_transform(is_train), no draft, 1 process",
             "images/CPU-s", notes=f"{a.shards * a.large_per_shard} JPEGs, longer side 800-1200 px, aspect 3:4-4:3; "
                                   "ours decodes at a JPEG DCT scale (Image.draft) no smaller than the crop needs",
             rounds=loads),
         row("data", "decode+augment images per CPU-second vs open_clip train transform, data.decode_on worker",
-            best(worker, 1), best(oc, 1), "open_clip image_transform(is_train), 1 process", "images/CPU-s",
+            _best(worker, 1), _best(oc, 1), "open_clip image_transform(is_train), 1 process", "images/CPU-s",
             notes="Ray Data ships the encoded JPEGs, the collate (its threads) decodes + crops them: the same pixels, "
                   "no decoded images through the object store", rounds=loads),
         row("data", "decode+augment images per CPU-second vs open_clip train transform, large JPEGs (800-1200 px), "
-                    "data.decode_on worker", best(worker_large, 1), best(oc_large, 1),
+                    "data.decode_on worker", _best(worker_large, 1), _best(oc_large, 1),
             "open_clip image_transform(is_train), no draft, 1 process", "images/CPU-s", rounds=loads),
-        row("data", "decode+augment images/s (all cores)", best(ours, 0), None, "", "images/s",
+        row("data", "decode+augment images/s (all cores)", _best(ours, 0), None, "", "images/s",
             notes=f"runs (images/s, images/CPU-s): ours {_fmt(ours)}, raw PIL {_fmt(raw)}, open_clip {_fmt(oc)}; "
                   f"large JPEGs: ours {_fmt(ours_large)}, open_clip {_fmt(oc_large)}; decode_on worker: "
                   f"{_fmt(worker)}, large {_fmt(worker_large)}"),
     ]
+
+
+def main(quick: bool = False, argv: list[str] | None = None) -> list[dict]:
+    a = parse_args(argv, quick)
+    cores = len(os.sched_getaffinity(0))
+    loads = RoundLoads(quick=a.quick)
+    # one torch thread: the peers are one-core processes, and oversubscribed threads on a shared box swing
+    # torch's per-image ops tenfold (ours: the collate in this driver also runs on one thread)
+    with torch_threads(1), tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
+        paths = make_shards(Path(tmp), a.shards, a.per_shard, 320)
+        large = make_large_shards(Path(tmp) / "large", a.shards, a.large_per_shard)
+        with local_ray(cores):
+            runs = measure_rounds(paths, large, a, loads)
+    rows = report_rows(runs, a, cores, loads)
     print(write_report("data_decode", "Ray Data decode + augment vs one plain process", __doc__, rows))
     return rows
 
 
 if __name__ == "__main__":
-    import sys
-
-    from clipdense.config import apply_process_env
-
-    apply_process_env()  # as the clipdense CLI and bench.run do
     main(argv=sys.argv[1:])

@@ -10,19 +10,22 @@ machine has cooled down. Writes bench/results/eval_zeroshot.{json,md}. Goal: our
 """
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import torch
+from PIL import Image
 
 from bench.common import RoundLoads, parse_bench_args, row, write_report
+from clipdense.eval.run import load_model
+from clipdense.eval.zeroshot import evaluate_zeroshot, index_folder, resolve_prompts
 
 
 def make_folder(root: Path, classes: int, per_class: int, px: int = 320) -> None:
-    from PIL import Image
-
     rng = np.random.default_rng(0)
     for c in range(classes):
         d = root / f"class_{c:02d}"
@@ -34,8 +37,6 @@ def make_folder(root: Path, classes: int, per_class: int, px: int = 320) -> None
 
 @torch.no_grad()
 def plain_loop(model, preprocess, classifier, samples, batch_size: int) -> float:
-    from PIL import Image
-
     t0 = time.perf_counter()
     for i in range(0, len(samples), batch_size):
         ims = []
@@ -52,11 +53,6 @@ def main(quick: bool = False, argv: list[str] | None = None) -> list[dict]:
                          batch=64, rounds=2)
     if a.quick:
         a.per_class, a.rounds = 10, 1
-    import open_clip
-
-    from clipdense.eval.run import load_model
-    from clipdense.eval.zeroshot import evaluate_zeroshot, index_folder, resolve_prompts
-
     torch.set_num_threads(1)  # one core each side: a shared box's oversubscribed threads swing per-image ops
     model, preprocess, tokenizer = load_model(a.model, None)
     loads, ours, plain = RoundLoads(quick=a.quick), [], []
@@ -83,6 +79,4 @@ def main(quick: bool = False, argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    import sys
-
     main(argv=sys.argv[1:])

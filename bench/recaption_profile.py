@@ -27,35 +27,40 @@ import time
 from pathlib import Path
 
 from bench.common import add_local_ray_args
+from bench.jpeg_shards import make_shards
+from bench.recaption_echo import pipeline
+from clipdense.config import RayConfig
+from clipdense.data.shards import _rows_to_table, rebatch, shard_rows, write_parquet
+from clipdense.data.storage import Storage
+from clipdense.ray_session import ray_session
+from clipdense.recaption.config import EngineConfig
+from clipdense.recaption.decode import ImageInput, prepare_image
+from clipdense.recaption.engines.resolve import provenance
+from clipdense.recaption.pipeline import CaptionActor, decode_batch
+from clipdense.recaption.plan import plan_shards
+from clipdense.recaption.writer import ShardAssembler
 
 ROOT = Path(__file__).resolve().parent
 
 
 def plain_cpu(paths: list[str], size: int) -> float:
     """CPU ms per image of the plain loop: read the tars + `prepare_image`, one process."""
-    from clipdense.data.shards import shard_rows
-    from clipdense.recaption.decode import ImageInput, prepare_image
-
     spec, n = ImageInput(size=size), 0
     c = time.process_time()
     for p in paths:
         with open(p, "rb") as f:
-            for row in shard_rows(f, p, "none"):
-                prepare_image(row["image_bytes"], spec)
+            for sample in shard_rows(f, p, "none"):
+                prepare_image(sample["image_bytes"], spec)
                 n += 1
     return round((time.process_time() - c) * 1e3 / n, 4)
 
 
+def _tar_rows(f, path: str) -> list[dict]:
+    return list(shard_rows(f, path, "none"))
+
+
 def stage_profile(paths: list[str], size: int) -> dict:
     """CPU ms per image of each in-process step, and the plain loop's."""
-    from clipdense.data.shards import _rows_to_table, rebatch, shard_rows, write_parquet
-    from clipdense.data.storage import Storage
-    from clipdense.recaption.config import EngineConfig
-    from clipdense.recaption.decode import ImageInput, decode_batch
-    from clipdense.recaption.engines import provenance
-    from clipdense.recaption.pipeline import CaptionActor
-    from clipdense.recaption.writer import ShardAssembler, plan_shards
-
     spec = ImageInput(size=size)
     engine = {"kind": "echo", "num_captions": 5, "batch_size": 256, "num_cpus": 0}
     actor = CaptionActor(engine)
@@ -73,7 +78,7 @@ def stage_profile(paths: list[str], size: int) -> dict:
     def tables():
         for p in paths:
             with open(p, "rb") as f:
-                rows = timed("tar parse", lambda: list(shard_rows(f, p, "none")))
+                rows = timed("tar parse", _tar_rows, f, p)
             for i in range(0, len(rows), 256):
                 yield timed("rows to Arrow", _rows_to_table, rows[i:i + 256])
 
@@ -139,10 +144,6 @@ def _group(pid: int, name: str, cmd: str) -> str:
 
 
 def process_profile(paths: list[str], size: int, cpus: int) -> dict:
-    from bench.recaption_echo import pipeline
-    from clipdense.config import RayConfig
-    from clipdense.ray_session import ray_session
-
     work = Path(tempfile.mkdtemp())
     echo = {"kind": "echo", "num_captions": 5, "batch_size": 256, "num_cpus": 0}
     try:
@@ -173,8 +174,6 @@ def main(argv=None, quick: bool = False) -> int:
     args = add_local_ray_args(ap, repeats=None).parse_args([] if argv is None else argv)
     if quick:
         args.shards, args.per_shard = 2, 200
-    from bench.recaption_echo import make_shards
-
     work = ROOT / "results" / "tmp" / "recaption_profile"
     paths = make_shards(work / "shards", args.shards, args.per_shard, args.image_px)
     result = {"bench": "recaption_profile", "load_avg_1m": round(os.getloadavg()[0], 2),

@@ -20,8 +20,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ray
+
 from bench.common import RoundLoads, add_local_ray_args, row, write_report
-from bench.recaption_echo import synth_jpegs, write_shards
+from bench.jpeg_shards import synth_jpegs, write_shards
+from clipdense.config import RayConfig
+from clipdense.ray_session import ray_session
 
 ROOT = Path(__file__).resolve().parent
 BASE_SHARDS = 16
@@ -78,11 +82,6 @@ def main(argv=None, quick: bool = False) -> int:
     args = add_local_ray_args(ap, repeats=2).parse_args([] if argv is None else argv)
     if quick:
         args.images, args.shards, args.image_px, args.repeats = 800, [100, 200], 160, 1
-
-    import ray
-
-    from clipdense.config import RayConfig
-    from clipdense.ray_session import ray_session
 
     work = ROOT / "results" / "tmp" / "recaption_scale"
     shutil.rmtree(work, ignore_errors=True)

@@ -29,8 +29,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 from bench.common import RESULTS, RoundLoads, load_note, row, write_report
+from bench.jpeg_shards import synth_jpegs, write_shards
+from clipdense.config import load_config
+from clipdense.recaption import RecaptionConfig, run
+from clipdense.recaption import pipeline as recaption_pipeline
+from clipdense.recaption.vllm_env import VLLMEnvError, build, env_key
+from clipdense.recaption.writer import ShardAssembler
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "configs" / "recaption" / "vllm-cpu-tiny.yaml"
@@ -53,8 +60,6 @@ print("LOAD_TIMES " + json.dumps({"import_vllm_s": t1 - t0, "engine_load_s": t2 
 
 def vllm_python() -> str:
     """The cached CPU vLLM venv's python (built on first use by the project's own command)."""
-    from clipdense.recaption.vllm_env import build, env_key
-
     return str(build(CACHE / f"vllm-env-{env_key()}"))
 
 
@@ -66,9 +71,6 @@ def tiny_model(py: str, out: Path) -> str:
 
 def recipe(py: str, model: str, inputs: list[str], out: Path, cache: Path):
     """README's recipe with this bench's paths; stats off (they read the outputs back, not the engine's work)."""
-    from clipdense.config import load_config
-    from clipdense.recaption import RecaptionConfig
-
     return load_config(RecaptionConfig, RECIPE, [
         f"output={out}", f"engine.model={model}", f"engine.runtime_env.py_executable={py}",
         f"engine.runtime_env.env_vars.VLLM_CACHE_ROOT={cache}", "stats.enabled=false",
@@ -88,11 +90,6 @@ def engine_load(py: str, cfg) -> dict:
 
 def pipeline(cfg) -> dict:
     """One pipeline run; steady-state images/s from the times result blocks reach the writer."""
-    from unittest import mock
-
-    from clipdense.recaption import pipeline as recaption_pipeline
-    from clipdense.recaption.writer import ShardAssembler
-
     arrivals: list[tuple[float, int]] = []
 
     class TimedAssembler(ShardAssembler):
@@ -104,7 +101,7 @@ def pipeline(cfg) -> dict:
     shutil.rmtree(cfg.output, ignore_errors=True)
     t0 = time.perf_counter()
     with mock.patch.object(recaption_pipeline, "ShardAssembler", TimedAssembler):
-        s = recaption_pipeline.run(cfg)
+        s = run(cfg)
     total = time.perf_counter() - t0
     if len(arrivals) < 2:
         raise RuntimeError(f"{len(arrivals)} result block(s): too few images for a steady state (raise --images)")
@@ -128,9 +125,6 @@ def main(argv=None, quick: bool = False) -> int:
     quick = quick or args.quick
     if quick:
         args.images, args.shards = 300, 3
-
-    from bench.recaption_echo import synth_jpegs, write_shards
-    from clipdense.recaption.vllm_env import VLLMEnvError
 
     try:
         py = vllm_python()
