@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from pydantic import Field, TypeAdapter, ValidationError, create_model, model_validator
 
 from clipdense.config import (
@@ -31,9 +30,18 @@ from clipdense.config import (
     deep_merge,
     read_yaml,
 )
-from clipdense.ray_session import ray_session
-from clipdense.sweep.config import SmallFractionSeeds
+from clipdense.pretrain.config import PretrainConfig
+from clipdense.pretrain.run import run as run_pretrain
+from clipdense.ray_session import cluster_cpus, ray_session
+from clipdense.recaption import run as run_recaption
+from clipdense.recaption.config import RecaptionConfig
+from clipdense.sweep.config import SmallFractionSeeds, SweepConfig
+from clipdense.sweep.report import ReportConfig
+from clipdense.sweep.report import run as write_report
+from clipdense.sweep.run import run as run_sweep
 from clipdense.synth.config import SynthConfig
+from clipdense.synth.run import run as run_synth
+from clipdense.synth.scoring import score_captions
 
 # Scale of each step: a preset in configs/demo/ (`quick` proves the plumbing in minutes; `default` is the most the
 # 30-minute budget on 2 cores holds), with the config's `scale` keys merged over it. Dense evaluation is the probe
@@ -145,67 +153,12 @@ def _train_section(out_dir: Path, steps: int, lr: float, seed: int, threads: int
 
 def _pretrain_cfg(model: str, shards: str, recaptions: str | None, policy: str, out_dir: Path, steps: int,
                   batch: int, seed: int, threads: int, loss: str = "auto", lr: float = 1e-3):
-    from clipdense.pretrain import PretrainConfig
-
     # cache: the demo's sets fit in memory; decoding once is 5-15% more samples/s over 2-5 epochs (measured)
     data = {"shards": shards, "recaptions": recaptions, "batch_size": batch, "decode_batch_size": batch,
             "decode_cpus": 0.5, "count_errors": False, "cache": True}
     return build_config(PretrainConfig, {
         "model": {"name": model}, "data": data, "captions": {"policy": policy}, "loss": {"kind": loss},
         "eval": {"holdout": 0}, "train": _train_section(out_dir, steps, lr, seed, threads)}, "demo pretrain")
-
-
-def caption_accuracy(text: str, scene: dict) -> float:
-    """Fraction of the scene's objects whose colour + shape the text names (scores captions; never trains)."""
-    objs = scene.get("objects", [])
-    if not objs or not text:
-        return 0.0
-    low = text.lower()
-    return sum(f"{o['colour']} {o['shape']}" in low for o in objs) / len(objs)
-
-
-def word_recall(text: str, scene: dict) -> dict[str, float]:
-    """Fractions of the scene's objects whose colour word / shape word the text contains, each on its own: tells
-    which attribute a captioner has learnt (at CPU budget colours come long before shapes)."""
-    from clipdense.synth.captions import mentioned_classes, mentioned_colours
-
-    objs = scene.get("objects", [])
-    if not objs or not text:
-        return {"colour": 0.0, "shape": 0.0}
-    colours, shapes = set(mentioned_colours(text)), set(mentioned_classes(text))
-    return {"colour": sum(o["colour"] in colours for o in objs) / len(objs),
-            "shape": sum(o["shape"] in shapes for o in objs) / len(objs)}
-
-
-def score_captions(web_dir: Path, recap_dir: Path, limit: int = 2000) -> dict:
-    """Caption accuracy and colour / shape word recall of the alt texts vs the synthetic captions, against the
-    world's scene metadata (means over images; a synthetic score averages the image's captions)."""
-    import pyarrow.parquet as pq
-
-    from clipdense.data.shards import read_shard_local
-    from clipdense.data.storage import Storage
-
-    scenes, alts = {}, {}
-    for tar in sorted(web_dir.glob("*.tar")):
-        for r in read_shard_local(Storage(str(tar)), validate="none"):
-            if r["meta"] and len(scenes) < limit:
-                scenes[r["key"]] = json.loads(r["meta"]).get("scene", {})
-                alts[r["key"]] = r["caption"] or ""
-    def scores(text: str, scene: dict) -> np.ndarray:
-        recall = word_recall(text, scene)
-        return np.array([caption_accuracy(text, scene), recall["colour"], recall["shape"]])
-
-    alt, syn = [], []
-    for f in sorted(recap_dir.glob("*.parquet")):
-        for r in pq.read_table(f, columns=["key", "syn_captions"]).to_pylist():
-            if r["key"] in scenes and r["syn_captions"]:
-                scene = scenes[r["key"]]
-                alt.append(scores(alts[r["key"]], scene))
-                syn.append(np.mean([scores(c, scene) for c in r["syn_captions"]], axis=0))
-    a, s = (np.mean(x, axis=0) if x else np.zeros(3) for x in (alt, syn))
-    return {"images_scored": len(alt), "alt_text_accuracy": float(a[0]), "synthetic_accuracy": float(s[0]),
-            "alt_text_colour_recall": float(a[1]), "synthetic_colour_recall": float(s[1]),
-            "alt_text_shape_recall": float(a[2]), "synthetic_shape_recall": float(s[2])}
 
 
 # task -> (finetune config, world subdirectory, the task's own probe overrides)
@@ -231,8 +184,6 @@ def run_name(condition: str, replicate: int) -> str:
 def _sweep_cfg(p: dict, out: Path, world: Path, alt_ckpt: str, recap_ckpt: str, seed: int,
                replicate_ckpts: dict[tuple[str, int], str] | None = None):
     """`replicate_ckpts`: (condition, replicate >= 1) -> checkpoint of the further pretraining runs."""
-    from clipdense.sweep import SweepConfig
-
     ckpts = {("alt-text-clip", 0): alt_ckpt, ("recap-clip", 0): recap_ckpt, **(replicate_ckpts or {})}
     runs = [{"name": run_name(cond, r), "condition": cond, "backbone": {"name": p["clip_model"], "checkpoint": ckpt}}
             for (cond, r), ckpt in sorted(ckpts.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
@@ -247,79 +198,100 @@ def _sweep_cfg(p: dict, out: Path, world: Path, alt_ckpt: str, recap_ckpt: str, 
     }, "demo sweep")
 
 
+def _recaption_cfg(p: dict, web: Path, out: Path, captioner: Path, seed: int) -> RecaptionConfig:
+    rc = p["recaption"]
+    return build_config(RecaptionConfig, {
+        "input": str(web), "output": str(out),
+        "engine": {"kind": "coca", "model": p["coca_model"], "checkpoint": str(captioner),
+                   "num_captions": rc["num_captions"], "seq_len": rc["seq_len"], "top_p": 0.9,
+                   "seed": seed, "device": "cpu", "batch_size": rc["batch_size"], "concurrency": 2, "num_cpus": 1.0},
+    }, "demo recaption")
+
+
 def run(cfg: DemoConfig) -> dict:
     with ray_session(cfg.ray):
-        return _run(cfg)
+        # the one training worker gets every core but one Ray CPU for the decode tasks feeding it (torch threads)
+        threads = max(1, min(os.cpu_count() or 1, cluster_cpus() - 1))
+        return Demo(cfg, threads).run()
 
 
-def _run(cfg: DemoConfig) -> dict:
-    import ray
+class Demo:
+    """The six steps over one output folder (`cfg.out`); each step skips itself when an earlier run finished it."""
 
-    from clipdense import pretrain, recaption, sweep, synth
+    def __init__(self, cfg: DemoConfig, threads: int):
+        self.cfg, self.threads = cfg, threads
+        self.p = cfg.scale.model_dump(exclude_unset=True)
+        self.out = Path(cfg.out)
+        self.world, self.captioner = self.out / "world", self.out / "captioner"
+        self.recap, self.sweep_dir = self.out / "recaptioned", self.out / "sweep"
 
-    p = cfg.scale.model_dump(exclude_unset=True)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    world, t_start = out / "world", time.time()
-    summary: dict = {"out": str(out), "preset": "quick" if cfg.quick else "default"}
-    # the one training worker gets every core but one Ray CPU for the decode tasks feeding it (torch threads)
-    threads = max(1, min(os.cpu_count() or 1, int(ray.cluster_resources().get("CPU", 1)) - 1))
+    def run(self) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        t_start = time.time()
+        summary: dict = {"out": str(self.out), "preset": "quick" if self.cfg.quick else "default"}
+        self.make_world()
+        self.train_captioner()
+        summary["caption_quality"] = self.recaption()
+        self.sweep_probes(self.pretrain_clips())
+        summary["report"] = self.report()
+        summary["seconds"] = round(time.time() - t_start, 1)
+        (self.out / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        print(f"\ndemo finished in {summary['seconds']:.0f}s; report: {self.sweep_dir / 'report.md'}")
+        return {"out": str(self.out), "seconds": summary["seconds"], "caption_quality": summary["caption_quality"]}
 
-    with _step(out, 1, "generate the synthetic world", cfg.fresh) as s:
-        if not s.done:
-            synth.run(synth.SynthConfig(out=str(world), seed=cfg.seed, **p["synth"]))
+    def make_world(self) -> None:
+        with _step(self.out, 1, "generate the synthetic world", self.cfg.fresh) as s:
+            if not s.done:
+                run_synth(SynthConfig(out=str(self.world), seed=self.cfg.seed, **self.p["synth"]))
 
-    captioner = out / "captioner"
-    with _step(out, 2, f"train the {p['coca_model']} captioner on the curated subset (CoCa loss)", cfg.fresh) as s:
-        if not s.done:
-            pretrain.run(_pretrain_cfg(p["coca_model"], str(world / "curated"), None, "real", captioner,
-                                       p["captioner_steps"], p["captioner_batch"], cfg.seed, threads, loss="coca",
-                                       lr=p["captioner_lr"]))
+    def train_captioner(self) -> None:
+        p = self.p
+        with _step(self.out, 2, f"train the {p['coca_model']} captioner on the curated subset (CoCa loss)",
+                   self.cfg.fresh) as s:
+            if not s.done:
+                run_pretrain(_pretrain_cfg(p["coca_model"], str(self.world / "curated"), None, "real", self.captioner,
+                                           p["captioner_steps"], p["captioner_batch"], self.cfg.seed, self.threads,
+                                           loss="coca", lr=p["captioner_lr"]))
 
-    recap = out / "recaptioned"
-    with _step(out, 3, "recaption the web corpus through the captioner actor pool", cfg.fresh) as s:
-        if not s.done:
-            rc = p["recaption"]
-            recaption.run(build_config(recaption.RecaptionConfig, {
-                "input": str(world / "web"), "output": str(recap),
-                "engine": {"kind": "coca", "model": p["coca_model"], "checkpoint": str(captioner / "export" / "model.pt"),
-                           "num_captions": rc["num_captions"], "seq_len": rc["seq_len"], "top_p": 0.9,
-                           "seed": cfg.seed, "device": "cpu", "batch_size": rc["batch_size"],
-                           "concurrency": 2, "num_cpus": 1.0},
-            }, "demo recaption"))
-        q = summary["caption_quality"] = score_captions(world / "web", recap)
-        print(f"  caption accuracy (objects named with the right colour and shape): alt text "
-              f"{q['alt_text_accuracy']:.2f}, synthetic {q['synthetic_accuracy']:.2f}; objects whose colour word "
-              f"appears: {q['alt_text_colour_recall']:.2f} vs {q['synthetic_colour_recall']:.2f}, whose shape word "
-              f"appears: {q['alt_text_shape_recall']:.2f} vs {q['synthetic_shape_recall']:.2f}")
+    def recaption(self) -> dict:
+        """Step 3; returns the caption quality of alt texts vs synthetic captions (scored on every run)."""
+        with _step(self.out, 3, "recaption the web corpus through the captioner actor pool", self.cfg.fresh) as s:
+            if not s.done:
+                run_recaption(_recaption_cfg(self.p, self.world / "web", self.recap,
+                                             self.captioner / "export" / "model.pt", self.cfg.seed))
+            q = score_captions(self.world / "web", self.recap)
+            print(f"  caption accuracy (objects named with the right colour and shape): alt text "
+                  f"{q['alt_text_accuracy']:.2f}, synthetic {q['synthetic_accuracy']:.2f}; objects whose colour word "
+                  f"appears: {q['alt_text_colour_recall']:.2f} vs {q['synthetic_colour_recall']:.2f}, whose shape "
+                  f"word appears: {q['alt_text_shape_recall']:.2f} vs {q['synthetic_shape_recall']:.2f}")
+        return q
 
-    ckpts = {}
-    with _step(out, 4, f"pretrain {p['clip_model']} CLIPs with identical budgets, {cfg.replicates} per condition",
-               cfg.fresh) as s:
-        for r in range(cfg.replicates):
-            for condition, policy in (("alt-text-clip", "real"), ("recap-clip", "synthetic")):
-                name = run_name(condition, r)
-                run_dir = out / "pretrain" / name
-                ckpts[condition, r] = str(run_dir / "export" / "model.pt")
-                if not s.done or not Path(ckpts[condition, r]).is_file():   # a run added by a larger --replicates
-                    print(f"  {name}: caption policy {policy}, seed {cfg.seed + r}", flush=True)
-                    pretrain.run(_pretrain_cfg(p["clip_model"], str(world / "web"), str(recap), policy, run_dir,
-                                               p["clip_steps"], p["clip_batch"], cfg.seed + r, threads))
+    def pretrain_clips(self) -> dict[tuple[str, int], str]:
+        """Step 4; returns (condition, replicate) -> exported checkpoint of every pretraining run."""
+        cfg, p, ckpts = self.cfg, self.p, {}
+        with _step(self.out, 4, f"pretrain {p['clip_model']} CLIPs with identical budgets, {cfg.replicates} per "
+                   "condition", cfg.fresh) as s:
+            for r in range(cfg.replicates):
+                for condition, policy in (("alt-text-clip", "real"), ("recap-clip", "synthetic")):
+                    name = run_name(condition, r)
+                    run_dir = self.out / "pretrain" / name
+                    ckpts[condition, r] = str(run_dir / "export" / "model.pt")
+                    if not s.done or not Path(ckpts[condition, r]).is_file():   # added by a larger --replicates
+                        print(f"  {name}: caption policy {policy}, seed {cfg.seed + r}", flush=True)
+                        run_pretrain(_pretrain_cfg(p["clip_model"], str(self.world / "web"), str(self.recap), policy,
+                                                   run_dir, p["clip_steps"], p["clip_batch"], cfg.seed + r,
+                                                   self.threads))
+        return ckpts
 
-    sweep_dir = out / "sweep"
-    title = f"sweep seg + depth probes (frozen trunk, linear head): fractions x {len(ckpts) + 1} backbones x seeds"
-    with _step(out, 5, title, cfg.fresh) as s:
-        scfg = _sweep_cfg(p, sweep_dir, world, ckpts.pop(("alt-text-clip", 0)), ckpts.pop(("recap-clip", 0)),
-                          cfg.seed, ckpts)
-        if not s.done or cfg.replicates > 1:    # the sweep resumes: finished trials are not rerun
-            sweep.run(scfg.model_copy(update={"run_report": False}))
+    def sweep_probes(self, ckpts: dict[tuple[str, int], str]) -> None:
+        title = f"sweep seg + depth probes (frozen trunk, linear head): fractions x {len(ckpts) + 1} backbones x seeds"
+        with _step(self.out, 5, title, self.cfg.fresh) as s:
+            ckpts = dict(ckpts)
+            scfg = _sweep_cfg(self.p, self.sweep_dir, self.world, ckpts.pop(("alt-text-clip", 0)),
+                              ckpts.pop(("recap-clip", 0)), self.cfg.seed, ckpts)
+            if not s.done or self.cfg.replicates > 1:    # the sweep resumes: finished trials are not rerun
+                run_sweep(scfg.model_copy(update={"run_report": False}))
 
-    with _step(out, 6, "report: plots, tables, efficiency factor", False):
-        from clipdense.sweep.report import ReportConfig
-        from clipdense.sweep.report import run as report_run
-
-        summary["report"] = report_run(ReportConfig(results_dir=str(sweep_dir), reference="alt-text-clip"))
-    summary["seconds"] = round(time.time() - t_start, 1)
-    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    print(f"\ndemo finished in {summary['seconds']:.0f}s; report: {sweep_dir / 'report.md'}")
-    return {"out": str(out), "seconds": summary["seconds"], "caption_quality": summary.get("caption_quality")}
+    def report(self) -> dict:
+        with _step(self.out, 6, "report: plots, tables, efficiency factor", False):
+            return write_report(ReportConfig(results_dir=str(self.sweep_dir), reference="alt-text-clip"))

@@ -57,3 +57,8 @@ def data_context(settings: dict[str, Any]) -> Iterator[Any]:
     finally:
         for owner, attr, value in reversed(saved):
             setattr(owner, attr, value)
+
+
+def cluster_cpus() -> int:
+    """Logical CPUs of the Ray this process has joined (e.g. inside `ray_session`), at least 1."""
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))

@@ -7,16 +7,8 @@ import yaml
 
 from clipdense.cli import main
 from clipdense.config import ConfigError, load_config
-from clipdense.demo import (
-    DemoConfig,
-    _pretrain_cfg,
-    _sweep_cfg,
-    caption_accuracy,
-    preset_path,
-    preset_scale,
-    run,
-    word_recall,
-)
+from clipdense.demo import DemoConfig, _pretrain_cfg, _sweep_cfg, preset_path, preset_scale, run
+from clipdense.synth.scoring import caption_accuracy, word_recall
 
 
 def test_caption_accuracy_counts_colour_and_shape():
@@ -116,7 +108,8 @@ def test_cli_quick_flag_and_quick_preset_file_resolve_alike(capsys):
 def test_replicates_are_pretraining_runs_of_one_condition(tmp_path):
     """`--replicates 2`: the second pretraining run of each condition joins the sweep as a backbone of that
     condition, so the report's bootstrap resamples pretraining runs too."""
-    cfg = _sweep_cfg(preset_scale("quick").model_dump(exclude_unset=True), tmp_path / "sweep", tmp_path / "world", "alt.pt", "recap.pt", 0,
+    p = preset_scale("quick").model_dump(exclude_unset=True)
+    cfg = _sweep_cfg(p, tmp_path / "sweep", tmp_path / "world", "alt.pt", "recap.pt", 0,
                      {("alt-text-clip", 1): "alt1.pt", ("recap-clip", 1): "recap1.pt"})
     runs = {b.name: (b.condition_name, b.backbone["checkpoint"]) for b in cfg.backbones}
     assert runs == {"alt-text-clip": ("alt-text-clip", "alt.pt"), "recap-clip": ("recap-clip", "recap.pt"),

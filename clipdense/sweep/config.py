@@ -5,12 +5,15 @@ overrides, the backbone entry and the trial's coordinates (fraction, seed, outpu
 """
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
 
 from clipdense.config import Config, OnRayConfig, RayConfig
+from clipdense.data.storage import Storage, StorageKeys
 from clipdense.dense.config import tasks_with_key
 from clipdense.dense.tasks import TASKS
 from clipdense.sweep.factor import DEFAULT_CI, DEFAULT_FIT, DEFAULT_N_BOOTSTRAP, DEFAULT_TARGETS, Fit
@@ -153,7 +156,10 @@ class FinetuneKeys(Config):
     warmup_steps: str = "train.schedule.warmup_steps"
 
 
-class SweepConfig(Config):
+class SweepConfig(StorageKeys):
+    # the YAML key `storage` names the field `state_uri`: `storage(uri)` is StorageKeys' method
+    model_config = ConfigDict(validate_by_alias=True, validate_by_name=False, serialize_by_alias=True)
+
     name: dir_name("sweep") = Field("sweep", description="experiment name (Tune state lives in "
                                     "<out>/tune/<name>-<grid hash>)")
     out: str = Field(description="results directory: <out>/trials/<task>/<backbone>/f<fraction>/s<seed>")
@@ -173,17 +179,20 @@ class SweepConfig(Config):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     max_failures: int = Field(1, ge=0, description="retries of a failed trial")
-    storage: str | None = Field(None, description="where Tune keeps the experiment state: a local dir or "
-                                "s3://bucket/prefix (survives the head: rerun the same sweep on a new cluster to "
-                                "Tuner.restore it); default <out>/tune")
-    s3_endpoint: str | None = Field(None, description="S3-compatible endpoint for an s3:// storage "
-                                    "(default: env AWS_ENDPOINT_URL)")
+    state_uri: str | None = Field(None, alias="storage", description="where Tune keeps the experiment state: a "
+                                  "local dir or s3://bucket/prefix (survives the head: rerun the same sweep on a new "
+                                  "cluster to Tuner.restore it); default <out>/tune")
     keys: FinetuneKeys = Field(default_factory=FinetuneKeys)
     report: ReportSettings = Field(default_factory=ReportSettings)
     run_report: bool = True
     verbose: int = Field(1, ge=0, le=2)
     ray: OnRayConfig = RayConfig()  # the Ray the Tune driver joins or starts (trials carry their own `ray`)
     tracking: TrackingConfig = TrackingConfig()  # Tune's own logger callbacks: each trial logged once, by Tune
+
+    def tune_state(self) -> Storage:
+        """Where Tune keeps the experiment state: `storage`, else <out>/tune; a local path made absolute."""
+        uri = self.state_uri or str(Path(self.out) / "tune")
+        return self.storage(uri if uri.startswith("s3://") else os.path.abspath(uri))
 
     @field_validator("fractions")
     @classmethod

@@ -56,6 +56,11 @@ def flat_metrics(doc: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def plain_hparams(hparams: dict[str, Any] | None) -> dict[str, Any]:
+    """Sampled hyperparameters as plain Python values (Tune hands numpy scalars)."""
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in (hparams or {}).items()}
+
+
 def hparam_label(hparams: dict[str, Any]) -> str:
     """A short stable directory name for one hyperparameter sample."""
     text = json.dumps(hparams, sort_keys=True, default=str)

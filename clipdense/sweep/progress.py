@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ray.tune import Callback
 
-from clipdense.sweep.grid import hparam_label
+from clipdense.sweep.grid import hparam_label, plain_hparams
 from clipdense.train.tracking import Progress
 
 HP_TOTAL_STEPS = "train.schedule.total_steps"
@@ -26,7 +26,7 @@ class TrialProgress(Callback):
 
     def _progress(self, trial, result: dict) -> Progress:
         config = trial.config or {}
-        hp = {k: (v.item() if hasattr(v, "item") else v) for k, v in (config.get("hp") or {}).items()}
+        hp = plain_hparams(config.get("hp"))
         name = config.get("trial", trial.trial_id)
         total = int(hp.get(HP_TOTAL_STEPS, self.total_steps.get(name, 0)))
         label = name + (f"/{hparam_label(hp)}" if hp else "")

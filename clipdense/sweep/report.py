@@ -41,7 +41,7 @@ class ReportConfig(ReportSettings):
             known = {k: v for k, v in (sweep_report or {}).items() if k in ReportSettings.model_fields}
             return ReportSettings.model_validate({**known, **given})
         except ValidationError as e:
-            raise ConfigError(f"{SWEEP_FILE} report settings: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}")
+            raise ConfigError(f"{SWEEP_FILE} report settings: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None
 
 
 def find_metric(doc: dict, key: str) -> float | None:

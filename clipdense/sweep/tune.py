@@ -1,7 +1,7 @@
-"""Ray Tune wiring of a sweep: one Tune trial = one `clipdense.dense.run` finetune (Ray 2.60 Train/Tune pattern).
+"""Ray Tune wiring of a sweep: one Tune trial = one `clipdense.dense` finetune (Ray 2.60 Train/Tune pattern).
 
-The trial function (`tune.with_resources`, per-trial resources) builds the trial's FinetuneConfig and calls
-`dense.run(cfg, ray_callbacks=[train_reports_to_tune(...)], name=<stable per trial>)`: the finetune runs on Ray
+The trial function (`tune.with_resources`, per-trial resources) builds the trial's FinetuneConfig and runs the
+finetune with `ray_callbacks=[train_reports_to_tune(...)]` and a stable per-trial name: the finetune runs on Ray
 Train workers and reports every eval interval to Tune through the callback (so ASHA can stop it); the trial then
 reports the final metrics itself. With `ray.in_process: true` the finetune trains inside the trial actor instead.
 Results live in `<out>/trials/<task>/<backbone>/f<fraction>/s<seed>`
@@ -23,19 +23,29 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import ray
+from ray import tune
+from ray.train.v2.api.callback import UserCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+from ray.util.queue import Empty, Queue
+
 from clipdense.config import build_config, set_dotted
+from clipdense.data.storage import Storage
+from clipdense.dense.config import FinetuneConfig
+from clipdense.dense.run import run as run_finetune
 from clipdense.ray_session import ray_session
 from clipdense.sweep.config import SearchDim, SweepConfig
 from clipdense.sweep.grid import (
     METRICS_FILE,
     TRIAL_FILE,
     Trial,
-    expand,
     flat_metrics,
-    grid_hash,
     hparam_label,
+    plain_hparams,
     trial_dir,
 )
+from clipdense.sweep.progress import TrialProgress
 from clipdense.train.driver_progress import tune_callbacks
 from clipdense.train.tracking import TrackingConfig
 
@@ -43,10 +53,8 @@ TOKEN_CPU = 0.01
 STOPPED_FILE = "early_stopped.json"   # written by the driver for trials a scheduler stopped (not rerun)
 
 
-def finetune_config(spec: dict, hparams: dict[str, Any], out_dir: Path):
+def finetune_config(spec: dict, hparams: dict[str, Any], out_dir: Path) -> FinetuneConfig:
     """The trial's FinetuneConfig: the grid's dict + sampled hyperparameters + its output directory."""
-    from clipdense.dense import FinetuneConfig
-
     data = copy.deepcopy(spec["finetune"])
     for key, value in hparams.items():
         set_dotted(data, key, value)
@@ -56,26 +64,33 @@ def finetune_config(spec: dict, hparams: dict[str, Any], out_dir: Path):
 
 def _trial_fn(config: dict, specs: dict) -> None:
     """Runs inside a Tune trial actor."""
-    import ray.tune
-
-    from clipdense import dense
-
     spec = specs[config["trial"]]
     if os.path.isdir(spec["cwd"]):
         os.chdir(spec["cwd"])           # Tune moves trial actors into their own dirs; config paths are cwd-relative
-    hparams = {k: (v.item() if hasattr(v, "item") else v) for k, v in (config.get("hp") or {}).items()}
+    hparams = plain_hparams(config.get("hp"))
     name = spec["name"] + (f"/{hparam_label(hparams)}" if hparams else "")
     out_dir = Path(spec["trials_root"]) / name
+    if not _report_earlier_result(out_dir):
+        _run_trial(spec, hparams, name, out_dir)
+
+
+def _report_earlier_result(out_dir: Path) -> bool:
+    """A trial finished (or stopped early by the scheduler) in an earlier run: report its final metrics as the
+    runner would, instead of training again."""
     done, stopped = out_dir / METRICS_FILE, out_dir / STOPPED_FILE
-    if done.is_file():                  # finished in an earlier run: report its final metrics as the runner would
+    if done.is_file():
         doc = json.loads(done.read_text())
         steps = (doc.get("train") or {}).get("steps")
-        ray.tune.report({**{f"eval/{k}": v for k, v in flat_metrics(doc.get("metrics") or {}).items()},
-                         **({"step": steps} if steps else {}), "skipped": 1.0})
-        return
-    if stopped.is_file():               # stopped early by the scheduler in an earlier run
-        ray.tune.report({**flat_metrics(json.loads(stopped.read_text())), "skipped": 1.0})
-        return
+        tune.report({**{f"eval/{k}": v for k, v in flat_metrics(doc.get("metrics") or {}).items()},
+                     **({"step": steps} if steps else {}), "skipped": 1.0})
+        return True
+    if stopped.is_file():
+        tune.report({**flat_metrics(json.loads(stopped.read_text())), "skipped": 1.0})
+        return True
+    return False
+
+
+def _run_trial(spec: dict, hparams: dict, name: str, out_dir: Path) -> None:
     cfg = finetune_config(spec, hparams, out_dir)
     # each trial is logged once, by Tune's callbacks (the sweep's `tracking`): the trial itself tracks nothing and
     # prints no progress (the driver prints a line per trial result: sweep/progress)
@@ -84,8 +99,8 @@ def _trial_fn(config: dict, specs: dict) -> None:
     (out_dir / TRIAL_FILE).write_text(json.dumps({**spec["coords"], "hp": hparam_label(hparams) if hparams else None,
                                                   "hparams": hparams, "name": name}, indent=2))
     with train_reports_to_tune(spec.get("report_metric")) as callback:
-        result = dense.run(cfg, ray_callbacks=[callback], name=name.replace("/", "_"))
-    ray.tune.report({**flat_metrics((result or {}).get("metrics") or {}), "skipped": 0.0})
+        result = run_finetune(cfg, ray_callbacks=[callback], name=name.replace("/", "_"))
+    tune.report({**flat_metrics((result or {}).get("metrics") or {}), "skipped": 0.0})
 
 
 @contextmanager
@@ -95,14 +110,10 @@ def train_reports_to_tune(metric: str | None):
     Ray's TuneReportCallback hands reports to the trial actor's main thread, which then blocks putting them on the
     one-slot result queue if the trial function's own report (or return) filled it first: the trial hangs for good
     whenever the Tune driver is slow to ask for the last Train report (a W&B logger made that frequent). Here the
-    controller's reports go to a Ray queue that a thread of this trial drains with `ray.tune.report`, and the block
+    controller's reports go to a Ray queue that a thread of this trial drains with `tune.report`, and the block
     ends only once all of them are reported, so reports reach Tune one producer at a time. With a scheduler, only
     reports carrying its metric are forwarded: the runner also reports train-loss logs, which Tune would reject as
     results without the metric."""
-    import ray.tune
-    from ray.train.v2.api.callback import UserCallback
-    from ray.util.queue import Empty, Queue
-
     reports = Queue(actor_options={"num_cpus": 0})
 
     class QueueReportCallback(UserCallback):
@@ -115,7 +126,7 @@ def train_reports_to_tune(metric: str | None):
     def forward() -> None:
         while True:
             try:
-                ray.tune.report(reports.get(timeout=0.2))
+                tune.report(reports.get(timeout=0.2))
             except Empty:
                 if finished.is_set() and reports.empty():
                     return
@@ -131,8 +142,6 @@ def train_reports_to_tune(metric: str | None):
 
 
 def _search_dim(dim: SearchDim):
-    from ray import tune
-
     kind = dim.kind
     value = getattr(dim, kind)
     return {"loguniform": lambda: tune.loguniform(*value), "uniform": lambda: tune.uniform(*value),
@@ -168,88 +177,80 @@ def _dirname(trial) -> str:
     return f"{trial.config['trial'].replace('/', '_')}_{trial.trial_id}"
 
 
-def run_tune(cfg: SweepConfig, trials: list[Trial] | None = None) -> dict:
-    """Run (or resume) the sweep's Tune experiment; returns counts and the names of failed trials."""
-    import ray
-    from ray import tune
+def report_metric(cfg: SweepConfig, first: Trial) -> str | None:
+    """The reported metric a scheduler compares (None without one: every report is forwarded)."""
+    return (cfg.scheduler.metric or f"eval/{first.metric}") if cfg.scheduler.type != "fifo" else None
 
-    from clipdense.sweep.progress import TrialProgress
 
-    trials = expand(cfg) if trials is None else trials
+def run_tune(cfg: SweepConfig, trials: list[Trial], experiment: str, state: Storage) -> dict:
+    """Run (or resume) the sweep's Tune experiment `experiment`, its state kept under `state`; returns counts and
+    the names of failed trials."""
     out = Path(cfg.out).absolute()
-    trials_root = out / "trials"
     ft_cfgs = [finetune_config(_spec(cfg, t, out), {}, trial_dir(out, t.name)) for t in trials]   # fail early
-    report_metric = (cfg.scheduler.metric or f"eval/{trials[0].metric}") if cfg.scheduler.type != "fifo" else None
-    specs = {t.name: {**_spec(cfg, t, out), "report_metric": report_metric} for t in trials}
-    totals = {t.name: c.train.schedule.total_steps for t, c in zip(trials, ft_cfgs)}
-    pending = [t.name for t in trials if cfg.search_space or not (trials_root / t.name / METRICS_FILE).is_file()]
+    pending = [t.name for t in trials if cfg.search_space or not (trial_dir(out, t.name) / METRICS_FILE).is_file()]
     summary = {"trials": len(trials), "skipped": len(trials) - len(pending), "failed": [], "stopped": []}
     if not pending:
         return summary
-
     with ray_session(cfg.ray, log_to_driver=cfg.verbose > 1):
         holds, per_trial = trial_resources(cfg, ft_cfgs)
-        concurrency = max_concurrent(cfg, per_trial, ray.cluster_resources())
-        summary["max_concurrent_trials"] = concurrency
+        concurrency = summary["max_concurrent_trials"] = max_concurrent(cfg, per_trial, ray.cluster_resources())
+        metric = report_metric(cfg, trials[0])
+        specs = {t.name: {**_spec(cfg, t, out), "report_metric": metric} for t in trials}
         # Tune refuses an empty request: a waiting trial actor takes a token CPU share
         trainable = tune.with_resources(tune.with_parameters(_trial_fn, specs=specs),
                                         {k: v for k, v in holds.items() if v > 0} or {"CPU": TOKEN_CPU})
-        exp_name = f"{cfg.name}-{grid_hash(trials, cfg)}"
-        storage, storage_fs, storage_uri = tune_storage(cfg, out)
-        exp_path, exp_uri = f"{storage}/{exp_name}", f"{storage_uri.rstrip('/')}/{exp_name}"
-        if tune.Tuner.can_restore(exp_path, storage_filesystem=storage_fs):
-            tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
-                                       restart_errored=True, storage_filesystem=storage_fs)
-            summary["restored"] = exp_uri
+        fs, root = state.locate() if state.remote else (None, state.uri)   # a local path needs no filesystem
+        path = f"{root.rstrip('/')}/{experiment}"
+        if tune.Tuner.can_restore(path, storage_filesystem=fs):
+            tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, restart_errored=True,
+                                       storage_filesystem=fs)
+            summary["restored"] = state.child(experiment).uri
         else:
-            from ray.tune.search.basic_variant import BasicVariantGenerator
-
-            param_space: dict[str, Any] = {"trial": tune.grid_search(pending)}
-            if cfg.search_space:
-                param_space["hp"] = {k: _search_dim(v) for k, v in cfg.search_space.items()}
-            scheduler = None
-            if cfg.scheduler.type == "asha":
-                from ray.tune.schedulers import ASHAScheduler
-
-                sc = cfg.scheduler
-                scheduler = ASHAScheduler(time_attr=sc.time_attr, metric=report_metric,
-                                          mode=sc.mode or trials[0].mode, max_t=sc.max_t,
-                                          grace_period=sc.grace_period, reduction_factor=sc.reduction_factor)
-            tuner = tune.Tuner(
-                trainable, param_space=param_space,
-                tune_config=tune.TuneConfig(
-                    num_samples=cfg.num_samples, scheduler=scheduler, trial_dirname_creator=_dirname,
-                    search_alg=BasicVariantGenerator(max_concurrent=concurrency, random_state=cfg.search_seed)),
-                run_config=tune.RunConfig(name=exp_name, storage_path=storage, storage_filesystem=storage_fs,
-                                          verbose=cfg.verbose,
-                                          callbacks=[TrialProgress(cfg.tracking.progress, totals),
-                                                     *tune_callbacks(cfg.tracking, out)],
-                                          failure_config=tune.FailureConfig(max_failures=cfg.max_failures)))
-        results = tuner.fit()
-        for r in results:
-            name = (r.config or {}).get("trial", "?")
-            hp = (r.config or {}).get("hp") or {}
-            tdir = trials_root / name / (hparam_label({k: (v.item() if hasattr(v, "item") else v)
-                                                       for k, v in hp.items()}) if hp else "")
-            if r.error is not None:
-                summary["failed"].append(f"{name}: {str(r.error).strip().splitlines()[-1][:200]}")
-            elif not (tdir / METRICS_FILE).is_file() and tdir.is_dir():
-                (tdir / STOPPED_FILE).write_text(json.dumps(r.metrics or {}, indent=2, default=str))
-                summary["stopped"].append(str(tdir.relative_to(trials_root)))
-        summary["experiment"] = exp_uri
+            totals = {t.name: c.train.schedule.total_steps for t, c in zip(trials, ft_cfgs)}
+            tuner = tune.Tuner(trainable, param_space=_param_space(cfg, pending),
+                               tune_config=_tune_config(cfg, metric, trials[0].mode, concurrency),
+                               run_config=tune.RunConfig(
+                                   name=experiment, storage_path=root.rstrip("/"), storage_filesystem=fs,
+                                   verbose=cfg.verbose, callbacks=_callbacks(cfg, totals, out),
+                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures)))
+        _tally(tuner.fit(), out / "trials", summary)
+        summary["experiment"] = state.child(experiment).uri
         return summary
 
 
-def tune_storage(cfg: SweepConfig, out: Path) -> tuple[str, object | None, str]:
-    """(Tune's storage_path, its pyarrow filesystem or None, the same place as a URI): `storage` (s3:// through
-    pyarrow's S3FileSystem, endpoint from `s3_endpoint` or AWS_ENDPOINT_URL) or <out>/tune."""
-    uri = cfg.storage or str(out / "tune")
-    if not uri.startswith("s3://"):
-        return os.path.abspath(uri), None, os.path.abspath(uri)
-    from clipdense.data.storage import Storage
+def _param_space(cfg: SweepConfig, pending: list[str]) -> dict[str, Any]:
+    space: dict[str, Any] = {"trial": tune.grid_search(pending)}
+    if cfg.search_space:
+        space["hp"] = {k: _search_dim(v) for k, v in cfg.search_space.items()}
+    return space
 
-    fs, inner = Storage(uri, cfg.s3_endpoint).locate()
-    return inner.rstrip("/"), fs, uri
+
+def _tune_config(cfg: SweepConfig, metric: str | None, mode: str, concurrency: int) -> tune.TuneConfig:
+    scheduler = None
+    if cfg.scheduler.type == "asha":
+        sc = cfg.scheduler
+        scheduler = ASHAScheduler(time_attr=sc.time_attr, metric=metric, mode=sc.mode or mode, max_t=sc.max_t,
+                                  grace_period=sc.grace_period, reduction_factor=sc.reduction_factor)
+    return tune.TuneConfig(num_samples=cfg.num_samples, scheduler=scheduler, trial_dirname_creator=_dirname,
+                           search_alg=BasicVariantGenerator(max_concurrent=concurrency, random_state=cfg.search_seed))
+
+
+def _callbacks(cfg: SweepConfig, total_steps: dict[str, int], out: Path) -> list:
+    return [TrialProgress(cfg.tracking.progress, total_steps), *tune_callbacks(cfg.tracking, out)]
+
+
+def _tally(results, trials_root: Path, summary: dict) -> None:
+    """Failed trials (one line each) and trials a scheduler stopped early (their last metrics kept, so a rerun
+    reports them instead of training them again) into `summary`."""
+    for r in results:
+        name = (r.config or {}).get("trial", "?")
+        hp = plain_hparams((r.config or {}).get("hp"))
+        tdir = trials_root / name / (hparam_label(hp) if hp else "")
+        if r.error is not None:
+            summary["failed"].append(f"{name}: {str(r.error).strip().splitlines()[-1][:200]}")
+        elif not (tdir / METRICS_FILE).is_file() and tdir.is_dir():
+            (tdir / STOPPED_FILE).write_text(json.dumps(r.metrics or {}, indent=2, default=str))
+            summary["stopped"].append(str(tdir.relative_to(trials_root)))
 
 
 def _spec(cfg: SweepConfig, t: Trial, out: Path) -> dict:

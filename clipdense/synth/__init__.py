@@ -10,7 +10,7 @@ Text (captions.py): every web image gets noisy alt text (a true object ~50% of t
 ~40% of those; otherwise product/filename filler). The curated subset gets `describe(scene)`: every object's
 size, colour, class, position and what it is in front of, i.e. the semantics the dense tasks need.
 
-Datasets (generate.py, writers.py); dense images are `dense_size` (128 px), web/curated `web_size` (96 px):
+Datasets (run.py, writers.py); dense images are `dense_size` (128 px), web/curated `web_size` (96 px):
 - web/ and curated/: img2dataset webdataset shards `00000.tar` (+ `00000_stats.json`), members KEY.jpg,
   KEY.txt (caption), KEY.json (img2dataset metadata + "description"/"scene" ground truth: scoring only,
   never training text). KEY = 5-digit shard + 4-digit index, unique within a directory.
