@@ -41,7 +41,10 @@ from bench.geometry import model_geometry
 from bench.gpu_data import data_rows
 from clipdense.config import build_config, configs_dir
 from clipdense.models import create_clip
-from clipdense.pretrain.task import ClipPretrainTask, build_loss
+from clipdense.pretrain import PretrainConfig
+from clipdense.pretrain.losses import build_loss
+from clipdense.pretrain.model import build_model
+from clipdense.pretrain.task import ClipPretrainTask
 from clipdense.recaption.engines.coca import CocaCaptioner
 from clipdense.train import TrainConfig, fit_local
 
@@ -87,8 +90,9 @@ def ours_pretrain(name: str, batch: int, steps: int, log_every: int, compile_: b
             return (pool[i % len(pool)] for i in range(c.start_batch, steps))
 
     def task():
-        cfg = {"model": {"name": name}, "data": {"shards": "unused", "batch_size": batch}, "ray": {"in_process": True}}
-        return SyntheticBatches(cfg, {"size": size, "mean": (0.5,) * 3, "std": (0.5,) * 3})
+        cfg = build_config(PretrainConfig, {"model": {"name": name}, "data": {"shards": "unused", "batch_size": batch},
+                                            "ray": {"in_process": True}})
+        return SyntheticBatches(cfg, build_model(cfg.model, cfg.loss, cfg.train.seed))
 
     cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as d:

@@ -22,7 +22,7 @@ from bench.geometry import model_geometry
 from clipdense.data.images import crop_source_side, decode_crop_source
 from clipdense.models import create_clip
 from clipdense.pretrain.batches import CROP_SCALE, Collate
-from clipdense.pretrain.task import build_loss
+from clipdense.pretrain.losses import build_loss
 
 
 def make_jpegs(n: int, sizes: list[tuple[int, int]], seed: int = 0) -> list[bytes]:

@@ -19,7 +19,10 @@ from torch import nn
 sys.path.insert(0, os.getcwd())  # run as `python bench/pretrain_gpu.py` from the repository root
 from clipdense.config import build_config
 from clipdense.models import create_clip
-from clipdense.pretrain.task import ClipPretrainTask, build_loss
+from clipdense.pretrain import PretrainConfig
+from clipdense.pretrain.losses import build_loss
+from clipdense.pretrain.model import build_model
+from clipdense.pretrain.task import ClipPretrainTask
 from clipdense.train import TrainConfig, fit_local
 
 OUT = os.environ.get("OUT", "bench/results/tmp")
@@ -36,8 +39,9 @@ class RandomBatches(ClipPretrainTask):
 
 
 def task():
-    cfg = {"model": {"name": "ViT-B-16"}, "data": {"shards": "x", "batch_size": B}, "ray": {"in_process": True}}
-    return RandomBatches(cfg, {"size": 224, "mean": (0.5,) * 3, "std": (0.5,) * 3})
+    cfg = build_config(PretrainConfig, {"model": {"name": "ViT-B-16"}, "data": {"shards": "x", "batch_size": B},
+                                        "ray": {"in_process": True}})
+    return RandomBatches(cfg, build_model(cfg.model, cfg.loss, cfg.train.seed))
 
 
 def ours(grad_checkpointing: bool) -> dict:

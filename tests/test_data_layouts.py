@@ -18,7 +18,7 @@ from clipdense.data.paths import expand_shards
 from clipdense.data.shards import read_shard_local
 from clipdense.data.storage import Storage
 from clipdense.pretrain.captions import missing_for, pick_batch, pick_captions, real_mask, sample_rng
-from clipdense.pretrain.task import masked_clip_loss, masked_siglip_loss
+from clipdense.pretrain.losses import masked_clip_loss, masked_siglip_loss
 
 SYN = ["a red circle", "circle that is red"]
 
@@ -89,7 +89,8 @@ def test_output_into_the_img2dataset_folder_is_refused_in_one_line(tmp_path, cap
 
     from clipdense.cli import main as cli_main
     from clipdense.config import DataError
-    from clipdense.recaption.writer import OUTPUT_SCHEMA, plan_shards
+    from clipdense.recaption.plan import plan_shards
+    from clipdense.recaption.writer import OUTPUT_SCHEMA
 
     i2d = tmp_path / "i2d"
     _img2dataset_folder(i2d)
@@ -276,7 +277,7 @@ def test_datacompdr_joins_by_uid_with_sha256_check(tmp_path):
 
     pair = _datacomp_pair(tmp_path)
     rows = read_shard_local(Storage(f"{pair['images']}/00000.tar"))
-    out = join_recaptions(pa.Table.from_pylist(rows, schema=SCHEMA), pair["recaptions"], "both").to_pylist()
+    out = join_recaptions(pa.Table.from_pylist(rows, schema=SCHEMA), Storage(pair["recaptions"]), "both").to_pylist()
     codes = {r["key"]: r["error_code"] for r in out}
     assert codes["000000002"] == "failed_to_download"
     assert codes["000000004"] == "no_recaption_for_uid" and codes["000000007"] == "sha256_mismatch"
@@ -290,7 +291,7 @@ def test_datacompdr_joins_by_uid_with_sha256_check(tmp_path):
     assert t["teacher_image_emb"].shape == (2, AUGS, DIM) and t["teacher_text_emb"].shape == (2, 1 + N_SYN, DIM)
     assert np.allclose(t["teacher_image_emb"][0].numpy(), pair["teacher"][uid][0].astype(np.float32))
     assert t["teacher_mask"].tolist() == [True, False] and not t["teacher_image_emb"][1].any()
-    real = join_recaptions(pa.Table.from_pylist(rows, schema=SCHEMA), pair["recaptions"], "real").to_pylist()
+    real = join_recaptions(pa.Table.from_pylist(rows, schema=SCHEMA), Storage(pair["recaptions"]), "real").to_pylist()
     assert sum(r["error_code"] == "no_caption" for r in real) >= 2
 
 
@@ -300,6 +301,7 @@ def test_datacompdr_reaches_the_batch_and_the_summary(ray_local, tmp_path):
     from clipdense.pretrain import run as pretrain
     from clipdense.pretrain.batches import Collate
     from clipdense.pretrain.data import build_datasets
+    from clipdense.pretrain.run import row_sources
 
     pair = _datacomp_pair(tmp_path)
     cfg = build_config(PretrainConfig, {
@@ -307,7 +309,7 @@ def test_datacompdr_reaches_the_batch_and_the_summary(ray_local, tmp_path):
         "data": {"shards": pair["images"], "recaptions": pair["recaptions"], "batch_size": 6, "decode_cpus": 0.5},
         "train": {"out_dir": str(tmp_path / "pre"), "schedule": {"total_steps": 2, "warmup_steps": 1},
                   "checkpoint": {"every_steps": 0}, "log_every": 1}})
-    train, _, counts = build_datasets(cfg, image_size=32)
+    train, _, counts = build_datasets(*row_sources(cfg.data, cfg.eval, cfg.captions.policy), cfg.data, cfg.eval, 32)
     batch = next(iter(train.iter_batches(batch_size=6, batch_format="numpy")))
     b = Collate(model_name="clip-tiny", image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, policy="both", seed=0,
                 epoch=0)(batch)
@@ -326,6 +328,7 @@ def test_each_policy_counts_rows_without_alt_text(ray_local, tmp_path, policy):
     from clipdense.pretrain import PretrainConfig
     from clipdense.pretrain.batches import Collate
     from clipdense.pretrain.data import build_datasets
+    from clipdense.pretrain.run import row_sources
 
     world = _img2dataset_folder(tmp_path / "i2d", n_shards=1)
     (tmp_path / "recap").mkdir()
@@ -336,7 +339,7 @@ def test_each_policy_counts_rows_without_alt_text(ray_local, tmp_path, policy):
     cfg = build_config(PretrainConfig, {
         "captions": {"policy": policy}, "ray": {"in_process": True},
         "data": {"shards": str(tmp_path / "i2d"), "recaptions": str(tmp_path / "recap"), "batch_size": 4}})
-    train, _, counts = build_datasets(cfg, image_size=32)
+    train, _, counts = build_datasets(*row_sources(cfg.data, cfg.eval, cfg.captions.policy), cfg.data, cfg.eval, 32)
     downloaded = len(world["keys"]) - sum(world["failed"].values())
     no_alt = len(world["no_alt"])
     assert counts["errors"] == ({**world["failed"], "no_caption": no_alt} if policy == "real" else world["failed"])

@@ -2,6 +2,7 @@
 for CLIP, SigLIP and CoCa) and zero-shot classification every `train.eval_every` steps, recorded in the metrics."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -15,8 +16,10 @@ from clipdense.cli import main as cli_main
 from clipdense.config import build_config, configs_dir
 from clipdense.eval import EvalStageConfig
 from clipdense.eval import run as run_eval
+from clipdense.eval.zeroshot import resolve_zeroshot
 from clipdense.models.registry import register_model_configs
 from clipdense.pretrain import PretrainConfig
+from clipdense.pretrain.model import Preprocess, build_model
 from clipdense.pretrain.task import ClipPretrainTask
 from clipdense.train import fit_local
 
@@ -33,6 +36,12 @@ def _register_hot(base: str, siglip: bool) -> str:
     name = f"{base}-hot{'-bias' if siglip else ''}"  # not 'siglip': open_clip would pick a T5 tokenizer
     open_clip.factory._MODEL_CONFIGS[name] = cfg
     return name
+
+
+def _model(cfg: PretrainConfig):
+    """The run's model, fed 64 px images normalised with mean = std = 0.5."""
+    return dataclasses.replace(build_model(cfg.model, cfg.loss, cfg.train.seed),
+                               preprocess=Preprocess(64, (0.5,) * 3, (0.5,) * 3))
 
 
 class InMemoryBatches(ClipPretrainTask):
@@ -65,7 +74,7 @@ def test_logit_scale_clamped_after_each_step(tmp_path, base, siglip, kind):
     tasks = []
 
     def factory():
-        tasks.append(InMemoryBatches(cfg.model_dump(mode="json"), {"size": 64, "mean": (0.5,) * 3, "std": (0.5,) * 3}))
+        tasks.append(InMemoryBatches(cfg, _model(cfg)))
         return tasks[-1]
 
     fit_local(factory, cfg.train)
@@ -85,8 +94,8 @@ def test_pretrain_records_zeroshot_metrics(tmp_path):
         "eval": {"zeroshot": {"root": str(root), "templates": ["a photo of a {}."], "batch_size": 8}},
         "train": {"out_dir": str(tmp_path / "run"), "optim": {"lr": 1e-3}, "log_every": 1, "eval_every": 1,
                   "schedule": {"total_steps": 2, "warmup_steps": 0}, "checkpoint": {"every_steps": 0}}})
-    pp = {"size": 64, "mean": (0.5,) * 3, "std": (0.5,) * 3}
-    result = fit_local(lambda: InMemoryBatches(cfg.model_dump(mode="json"), pp), cfg.train)
+    zeroshot = resolve_zeroshot(cfg.eval.zeroshot, "eval.zeroshot")
+    result = fit_local(lambda: InMemoryBatches(cfg, _model(cfg), zeroshot), cfg.train)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     at_step1 = [r for r in lines if r.get("step") == 1 and "eval/zeroshot_top1" in r]
     assert at_step1 and at_step1[0]["eval/zeroshot_images"] == 13  # every eval_every steps, not only at the end

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
+from clipdense.models.export import export_model
 from clipdense.models.registry import create_clip, tokenizer_for
-from clipdense.pretrain.task import export_model
 
 FRESH = r"""
 import json, shutil, sys

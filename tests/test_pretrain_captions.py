@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from clipdense.pretrain.batches import crop_box, random_resized_crops
+from clipdense.eval.metrics import retrieval_metrics
 from clipdense.pretrain.captions import missing_for, pick_batch, pick_captions, sample_rng
-from clipdense.pretrain.task import retrieval_metrics
+from clipdense.pretrain.crops import crop_box, random_resized_crops
 
 SYN = ["a red circle", "circle that is red", "red round thing"]
 

@@ -12,8 +12,9 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
 from clipdense.data.images import ImageError, crop_source_side, decode_crop_source
-from clipdense.pretrain.batches import CROP_RATIO, CROP_SCALE, Collate, crop_box, resized_crop, source_box
+from clipdense.pretrain.batches import Collate
 from clipdense.pretrain.captions import sample_rng
+from clipdense.pretrain.crops import CROP_RATIO, CROP_SCALE, crop_box, resized_crop, source_box
 
 
 def _photo(w: int, h: int, seed: int = 0) -> np.ndarray:

@@ -9,9 +9,11 @@ from pretrain_files import write_world
 
 from clipdense.config import build_config
 from clipdense.data.shards import SCHEMA
+from clipdense.data.storage import Storage
 from clipdense.pretrain import PretrainConfig
 from clipdense.pretrain.batches import Collate
 from clipdense.pretrain.data import build_datasets, join_recaptions
+from clipdense.pretrain.run import row_sources
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -28,12 +30,16 @@ def _cfg(world, **kw) -> PretrainConfig:
     return build_config(PretrainConfig, data)
 
 
+def _datasets(cfg: PretrainConfig, image_size: int):
+    return build_datasets(*row_sources(cfg.data, cfg.eval, cfg.captions.policy), cfg.data, cfg.eval, image_size)
+
+
 def test_join_records_every_problem_in_error(world):
     shard = f"{world['shards']}/00000.tar"
     rows = [{"key": f"00000{i:04d}", "image_bytes": b"x", "caption": "web", "syn_captions": None, "meta": None,
              "error_code": None, "error": None, "shard": shard} for i in range(4)]
     rows.append({**rows[0], "key": "nope", "shard": f"{world['shards']}/00009.tar"})
-    out = join_recaptions(pa.Table.from_pylist(rows, schema=SCHEMA), world["recaptions"], "both").to_pylist()
+    out = join_recaptions(pa.Table.from_pylist(rows, schema=SCHEMA), Storage(world["recaptions"]), "both").to_pylist()
     assert out[0]["error_code"] is None and len(out[0]["syn_captions"]) == 3
     # the recaption files are in the old format (`error` string alone): still read, by code
     assert (out[1]["error_code"], out[1]["error"]) == ("recaption_failed", "engine_failed: engine failed")
@@ -47,7 +53,7 @@ def test_join_records_every_problem_in_error(world):
 
 
 def test_build_datasets_skips_and_counts_bad_rows(ray_local, world):
-    train, eval_ds, counts = build_datasets(_cfg(world), image_size=32)
+    train, eval_ds, counts = _datasets(_cfg(world), image_size=32)
     assert counts["rows"] == 48 and counts["ok"] == 45
     assert counts["errors"] == {"recaption_failed": 1, "no_recaption_for_key": 1, "undecodable_image": 1}
     assert counts["holdout_rows"] == counts["eval_rows"] == 6
@@ -64,7 +70,7 @@ def test_build_datasets_skips_and_counts_bad_rows(ray_local, world):
 
 
 def test_collate_is_deterministic_per_epoch(ray_local, world):
-    train, _, _ = build_datasets(_cfg(world, eval={"holdout": 0}), image_size=32)
+    train, _, _ = _datasets(_cfg(world, eval={"holdout": 0}), image_size=32)
     batch = next(iter(train.iter_batches(batch_size=8, batch_format="numpy")))
     mk = lambda epoch, train=True: Collate(model_name="clip-tiny", image_size=32, mean=MEAN, std=STD,  # noqa: E731
                                            policy="both", seed=0, epoch=epoch, train=train)
@@ -99,7 +105,7 @@ def test_variable_sized_rows_cache_and_shuffle(ray_local, tmp_path):
     cfg = build_config(PretrainConfig, {"data": {"shards": str(shard), "batch_size": 4, "decode_batch_size": 3,
                                                  "cache": True}, "captions": {"policy": "real"},
                                         "ray": {"in_process": True}})
-    train, _, counts = build_datasets(cfg, image_size=32)
+    train, _, counts = _datasets(cfg, image_size=32)
     assert counts["ok"] == 10
     seen = {}
     for b in train.iter_batches(batch_size=4, batch_format="numpy", local_shuffle_buffer_size=6,
@@ -125,7 +131,7 @@ def test_read_join_and_decode_run_in_one_task_given_two_shards_per_cpu(ray_local
         cfg = build_config(PretrainConfig, {"data": {"shards": shards, "recaptions": many["recaptions"],
                                                      "batch_size": 2, "count_errors": False},
                                             "captions": {"policy": "both"}, "ray": {"in_process": True}})
-        train, _, _ = build_datasets(cfg, image_size=32)
+        train, _, _ = _datasets(cfg, image_size=32)
         orders.append([r["key"] for r in train.take_all()])
         assert (fused in train.stats()) == (shards is many["shards"])
     assert orders[0] == [f"{k:05d}{i:04d}" for k in range(2 * cpus) for i in range(3)]

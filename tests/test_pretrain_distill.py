@@ -28,7 +28,7 @@ from clipdense.pretrain import PretrainConfig
 from clipdense.pretrain.captions import pick_batch
 from clipdense.pretrain.data import join_recaptions
 from clipdense.pretrain.dr_views import draw_view, parse_views, reapply_view
-from clipdense.pretrain.run import model_preprocess
+from clipdense.pretrain.model import build_model
 from clipdense.pretrain.task import ClipPretrainTask
 from clipdense.synth.writers import atomic_write, tar_bytes
 from clipdense.train.task import TrainContext
@@ -89,7 +89,7 @@ def _fixture(root) -> dict:
 def _batch(fx: dict, half: int = 4) -> dict:
     """The joined rows as the collate receives them; row `half` decoded at half size (JPEG draft)."""
     rows = read_shard_local(Storage(fx["images"]))
-    joined = join_recaptions(pa.Table.from_pylist(rows, schema=SCHEMA), fx["recaptions"], "both").to_pylist()
+    joined = join_recaptions(pa.Table.from_pylist(rows, schema=SCHEMA), Storage(fx["recaptions"]), "both").to_pylist()
     assert all(r["error_code"] is None for r in joined) and len(joined) == ROWS
     out = {k: [] for k in ("key", "caption", "syn_captions", "pixels", "aug_params", "teacher_emb", "orig_w",
                            "orig_h", "uid")}
@@ -110,8 +110,8 @@ def _task(tmp_path, **distill):
     cfg = {"model": {"name": "clip-tiny"}, "captions": {"policy": "both"},
            "loss": {"distill": {"enabled": True, "teacher_dims": TEACHER, **distill}},
            "train": {"out_dir": str(tmp_path / "run"), "seed": 3}}
-    pp, _ = model_preprocess("clip-tiny", None)
-    task = ClipPretrainTask(build_config(PretrainConfig, cfg).model_dump(mode="json"), pp)
+    cfg = build_config(PretrainConfig, cfg)
+    task = ClipPretrainTask(cfg, build_model(cfg.model, cfg.loss, seed=0))
     ctx = TrainContext(out_dir=tmp_path / "run")
     task.setup(ctx)
     torch.manual_seed(0)
@@ -142,11 +142,11 @@ def test_distill_loss_equals_an_independent_computation_and_trains(tmp_path):
     views = b["distill_views"].tolist()
     assert all(0 <= v < VIEWS for v in views)
     # the image is the stored view the teacher embedded (row 4 from the half-size decode: close, not exact)
-    mean, std = torch.tensor(task.pp["mean"]).view(3, 1, 1), torch.tensor(task.pp["std"]).view(3, 1, 1)
-    for i, uid in enumerate(raw["uid"]):
+    mean, std = torch.tensor(task.pp.mean).view(3, 1, 1), torch.tensor(task.pp.std).view(3, 1, 1)
+    for i in range(len(raw["uid"])):
         stored = parse_views(raw["aug_params"][i])
         full = np.asarray(decode_rgb(read_shard_local(Storage(fx["images"]))[i]["image_bytes"]))
-        exact = (reapply_view(full, SIZES[i], stored[views[i]], task.pp["size"]) - mean) / std
+        exact = (reapply_view(full, SIZES[i], stored[views[i]], task.pp.size) - mean) / std
         err = (b["image"][i] - exact).abs().max().item()
         assert err < 1e-4 if i != 4 else 0.05 < err and (b["image"][i] - exact).abs().mean() < 0.2, (i, err)
 
@@ -161,7 +161,8 @@ def test_distill_loss_equals_an_independent_computation_and_trains(tmp_path):
         scale = float(model.logit_scale.exp())
     expected = 0.0
     for s, kind in enumerate(("real", "synthetic")):
-        keep = [i for i, u in enumerate(raw["uid"]) if u in fx["teacher"] and (kind == "synthetic" or raw["caption"][i])]
+        keep = [i for i, u in enumerate(raw["uid"])
+                if u in fx["teacher"] and (kind == "synthetic" or raw["caption"][i])]
         assert len(keep) == (ROWS - 2 if kind == "real" else ROWS - 1)
         t_img = np.stack([fx["teacher"][raw["uid"][i]][0][views[i]] for i in keep])
         t_txt = np.stack([fx["teacher"][raw["uid"][i]][1][0 if kind == "real" else
@@ -244,8 +245,8 @@ def test_shards_without_teacher_embeddings_are_refused():
     cfg = build_config(PretrainConfig, {"captions": {"policy": "both"}, "loss": {"distill": {"enabled": True}}})
     counts = {"synthetic": {"rows_with_teacher_emb": 0}}
     with pytest.raises(DataError, match="no usable row .* carries DataCompDR teacher embeddings"):
-        check_teacher_rows(cfg, counts)
-    check_teacher_rows(cfg, {"synthetic": {"rows_with_teacher_emb": 1}})
+        check_teacher_rows(counts, cfg.data.shards)
+    check_teacher_rows({"synthetic": {"rows_with_teacher_emb": 1}}, cfg.data.shards)
 
 
 def _rank_worker(rank: int, port: int, data: dict, out: dict) -> None:

@@ -16,11 +16,13 @@ from PIL import Image
 
 from clipdense.config import DataError, build_config
 from clipdense.data.images import crop_source_side, decode_crop_source
-from clipdense.pretrain.batches import CROP_SCALE, Collate, crop_box
+from clipdense.pretrain.batches import Collate
 from clipdense.pretrain.captions import sample_rng
 from clipdense.pretrain.config import PretrainConfig
+from clipdense.pretrain.crops import CROP_SCALE, crop_box
 from clipdense.pretrain.data import build_datasets, decode_ok
 from clipdense.pretrain.gpu_decode import decode_crops
+from clipdense.pretrain.run import row_sources
 
 SIZE = 64
 MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
@@ -195,7 +197,7 @@ def test_ray_data_ships_encoded_rows_the_collate_decodes(ray_local, tmp_path):
         cfg = build_config(PretrainConfig, {"data": {"shards": str(shard), "decode_on": on, "count_errors": False},
                                             "train": {"scaling": {"use_gpu": on == "gpu"}},
                                             "ray": {"in_process": True}})
-        train, _, _ = build_datasets(cfg, image_size=SIZE)
+        train, _, _ = build_datasets(*row_sources(cfg.data, cfg.eval, cfg.captions.policy), cfg.data, cfg.eval, SIZE)
         batches[on] = next(iter(train.iter_batches(batch_size=6, batch_format="numpy")))
     enc = batches["gpu"]
     assert "pixels" not in enc and all(isinstance(d, bytes) and d[:2] == b"\xff\xd8" for d in enc["image_bytes"])

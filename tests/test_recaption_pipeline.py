@@ -152,7 +152,7 @@ def test_rerun_over_old_format_outputs_resumes(ray_local, tmp_path):
                                                        "no_caption": 1, "no_image": 1, "undecodable_image": 1}
     assert summary["stats"]["rows_captioned"] == len(expected["000000.tar"]) - 5 + len(expected["000001.tar"])
     rows = [r for name in ("000000.tar", "000001.tar") for r in read_shard_local(Storage(str(tmp_path / "in" / name)))]
-    joined = join_recaptions(pa.Table.from_pylist(rows, schema=SCHEMA), str(tmp_path / "out"), "synthetic")
+    joined = join_recaptions(pa.Table.from_pylist(rows, schema=SCHEMA), Storage(str(tmp_path / "out")), "synthetic")
     by_key = {r["key"]: r for r in joined.to_pylist()}
     assert (by_key["a0001"]["error_code"], by_key["a0001"]["error"]) == (
         "recaption_failed", "caption_engine_failed: RuntimeError: engine died")

@@ -40,8 +40,8 @@ def test_failed_trial_then_resume_without_rerunning_finished_ones(ray_local, ade
     assert first["report"]["trials"] == 2                          # the report ran on what finished
     mtimes = {p: p.stat().st_mtime_ns for p in alt}
 
+    from clipdense.models.export import export_model
     from clipdense.models.registry import create_clip
-    from clipdense.pretrain.task import export_model
     export_model(create_clip("clip-tiny"), ckpt.parent, "clip-tiny")
     cfg_path = tmp_path / "sweep.yaml"
     cfg_path.write_text(yaml.safe_dump(data))

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from clipdense.config import Config
+from clipdense.data.storage import StorageKeys
 
 
 class EvalModelConfig(Config):
@@ -43,11 +44,11 @@ class ZeroShotConfig(Config):
         return v
 
 
-class RetrievalConfig(Config):
-    """Image-text shards (tar / Parquet, as `data.shards.read_shards` reads them): R@1/5/10 both ways."""
+class RetrievalConfig(StorageKeys):
+    """Image-text shards (tar / Parquet, as `data.shards.read_shards` reads them; local or s3://): R@1/5/10 both
+    ways."""
 
     shards: str | list[str] | None = None
-    s3_endpoint: str | None = None
     max_rows: int = Field(1000, ge=2, description="the first N usable rows")
     batch_size: int = Field(64, ge=1)
 

@@ -2,7 +2,9 @@
 (class names x templates), images go through the model's eval preprocessing, logits = 100 * image features @ W.
 
 Pure core (no Ray): `index_folder` lists an ImageFolder as torchvision does (sorted class folders, its image
-extensions), `evaluate_zeroshot` runs a model over it. Unreadable images are skipped and listed with their error.
+extensions), `resolve_zeroshot` lists it once with its prompts (a `ZeroShotSet`, what a stage entry resolves before
+loading any model), `evaluate_zeroshot` runs a model over it. Unreadable images are skipped and listed with their
+error.
 """
 from __future__ import annotations
 
@@ -12,22 +14,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from open_clip import OPENAI_IMAGENET_TEMPLATES, build_zero_shot_classifier
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from clipdense.config import ConfigError, DataError
+from clipdense.data.images import decode_rgb
 from clipdense.data.rows import exception_detail
+from clipdense.eval.config import ZeroShotConfig
+from clipdense.eval.metrics import classification_scores
 
 
 def open_image(source: str | Path | bytes):
     """An image (a path or encoded bytes) -> RGB PIL image, through the project's one guarded image module."""
-    from clipdense.data.images import decode_rgb
-
     return decode_rgb(source if isinstance(source, bytes) else Path(source).read_bytes())
 
 
 def default_templates() -> list[str]:
     """open_clip's OPENAI_IMAGENET_TEMPLATES (callables) as format strings with '{}'."""
-    from open_clip import OPENAI_IMAGENET_TEMPLATES
-
     return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
 
 
@@ -50,8 +53,6 @@ class FolderIndex:
 
 
 def index_folder(root: str | None, max_images: int | None = None, key: str = "zeroshot.root") -> FolderIndex:
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-
     if not root or not Path(root).is_dir():
         raise ConfigError(f"{key}: not a directory: {root}")
     try:
@@ -86,6 +87,21 @@ def resolve_prompts(index: FolderIndex, classnames: str | None, templates: str |
     return names, temps
 
 
+@dataclass(frozen=True)
+class ZeroShotSet:
+    """An ImageFolder listed once with its prompts: what a zero-shot evaluation runs over."""
+    index: FolderIndex
+    classnames: list[str]   # in label order
+    templates: list[str]    # format strings with '{}'
+
+
+def resolve_zeroshot(cfg: ZeroShotConfig, key: str = "zeroshot") -> ZeroShotSet:
+    """The folder and prompts of a `zeroshot` section (`key` names it in errors); a bad folder or prompt file is a
+    one-line error."""
+    index = index_folder(cfg.root, cfg.max_images, f"{key}.root")
+    return ZeroShotSet(index, *resolve_prompts(index, cfg.classnames, cfg.templates, key))
+
+
 class FolderImages(torch.utils.data.Dataset):
     """(image tensor | None, label, error | None) per sample: a bad file becomes an error, not a crash."""
 
@@ -111,20 +127,6 @@ def _collate(items):
     return torch.stack([x for x, _ in ok]), torch.tensor([y for _, y in ok]), errors
 
 
-def scores(topk: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
-    """top1 / top-k (k = topk.shape[1]) accuracy and per-class top-1 accuracy from top-k predictions."""
-    correct1 = topk[:, 0] == labels
-    correctk = (topk == labels[:, None]).any(1)
-    n = max(len(labels), 1)
-    count = torch.bincount(labels, minlength=num_classes)
-    hit = torch.bincount(labels[correct1], minlength=num_classes)
-    per_class = [hit[c].item() / count[c].item() if count[c] else None for c in range(num_classes)]
-    seen = [a for a in per_class if a is not None]
-    return {"top1": correct1.sum().item() / n, "top5": correctk.sum().item() / n, "top5_k": int(topk.shape[1]),
-            "mean_per_class": sum(seen) / len(seen) if seen else 0.0,
-            "per_class_top1": per_class, "per_class_images": count.tolist()}
-
-
 def autocast_for(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
@@ -134,8 +136,6 @@ def evaluate_zeroshot(model, tokenizer, preprocess, index: FolderIndex, classnam
                       *, device: torch.device, autocast_dtype: torch.dtype | None = None, batch_size: int = 64,
                       workers: int = 0, classes_per_batch: int = 10) -> dict:
     """Zero-shot accuracy of `model` on `index`; `preprocess` is the model's eval transform (PIL -> tensor)."""
-    from open_clip import build_zero_shot_classifier
-
     with autocast_for(device, autocast_dtype):
         classifier = build_zero_shot_classifier(model, tokenizer, classnames, templates,
                                                 num_classes_per_batch=classes_per_batch, device=device)
@@ -157,7 +157,7 @@ def evaluate_zeroshot(model, tokenizer, preprocess, index: FolderIndex, classnam
     if not preds:
         raise DataError(f"zeroshot.root: {index.root}: none of its {len(index.samples)} images could be read "
                         f"(first: {errors[0]})")
-    out = scores(torch.cat(preds), torch.cat(labels), len(classnames))
+    out = classification_scores(torch.cat(preds), torch.cat(labels), len(classnames))
     counts, accs = out.pop("per_class_images"), out.pop("per_class_top1")
     per_class = [{"folder": f, "name": n, "images": c, "top1": a}
                  for f, n, c, a in zip(index.classes, classnames, counts, accs)]

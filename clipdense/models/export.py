@@ -1,4 +1,6 @@
-"""A trained model as a folder plain open_clip loads: `open_clip.create_model_and_transforms("local-dir:<dir>")`.
+"""A trained model's export: `export_model` writes `model.pt` (open_clip's state dict, loadable once our model configs
+are registered), `visual.pt` (the image tower), `export.json`, and `open_clip/`, a folder plain open_clip loads:
+`open_clip.create_model_and_transforms("local-dir:<dir>")`.
 
 The folder is open_clip's own Hugging Face layout (what `push_to_hf_hub` uploads and `hf-hub:` reads):
 `open_clip_config.json` (`model_cfg` + `preprocess_cfg`, written by open_clip's `save_config_for_hf`) and
@@ -12,10 +14,12 @@ pushing it), pass `bpe_path=<new dir>/<file>` (or `hf_hub_download(<repo>, <file
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from pathlib import Path
 
 import open_clip
+import torch
 from open_clip.push_to_hf_hub import save_config_for_hf
 from safetensors.torch import save_file
 
@@ -46,3 +50,23 @@ def export_open_clip_dir(model, name: str, out: str | Path) -> Path:
     save_file(tensors, str(out / WEIGHTS_FILE))
     save_config_for_hf(model, out / CONFIG_FILE, model_cfg)
     return out
+
+
+def parameter_counts(model) -> dict[str, int]:
+    """{"params": the model's, "visual_params": its image tower's}."""
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return {"params": count(model), "visual_params": count(model.visual)}
+
+
+def export_model(model, out: Path, name: str, steps: int | None = None) -> dict:
+    """`model.pt` (open_clip.create_model(name, pretrained=...) loads it once our model configs are registered),
+    `visual.pt` (image tower), `open_clip/` (plain open_clip loads it as `local-dir:`), export.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in model.state_dict().items()}
+    torch.save(sd, out / "model.pt")
+    torch.save({k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}, out / "visual.pt")
+    portable = export_open_clip_dir(model, name, out / "open_clip")  # loads with plain open_clip, no clipdense
+    info = {"name": name, "model": str(out / "model.pt"), "visual": str(out / "visual.pt"),
+            "open_clip_dir": f"local-dir:{portable}", **parameter_counts(model), "steps": steps}
+    (out / "export.json").write_text(json.dumps(info, indent=2))
+    return info

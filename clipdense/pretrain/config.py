@@ -6,6 +6,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from clipdense.config import Config, RayConfig
+from clipdense.data.storage import StorageKeys
 from clipdense.eval.config import ZeroShotConfig
 from clipdense.train.config import OptimConfig, ScheduleConfig, TrainConfig
 from clipdense.train.tracking import TrackingConfig
@@ -16,7 +17,7 @@ class ModelConfig(Config):
     pretrained: str | None = None           # open_clip tag or local checkpoint (state_dict .pt) to start from
 
 
-class DataConfig(Config):
+class DataConfig(StorageKeys):
     """Images come from `shards` (tar/Parquet, as `data.shards.read_shards` reads them); captions from the
     recaption stage's Parquet files in `recaptions` (one `<shard stem>.parquet` per input shard, joined by key, or
     DataCompDR's `<shard stem>.tar` shards, joined by uid), or
@@ -24,7 +25,6 @@ class DataConfig(Config):
 
     shards: str | list[str] = "PLACEHOLDER/web/{00000..00003}.tar"
     recaptions: str | None = None
-    s3_endpoint: str | None = None
     validate_images: Literal["none", "header", "full"] = "header"
     batch_size: int = Field(256, ge=1, description="global batch (split evenly over workers)")
     decode_batch_size: int = Field(256, ge=1, description="rows per Ray Data read/join/decode batch (one block): "
@@ -67,7 +67,8 @@ class DistillConfig(Config):
     @model_validator(mode="after")
     def _valid(self):
         if min(self.weights) < 0 or sum(self.weights) <= 0:
-            raise ValueError(f"loss.distill.weights {list(self.weights)}: (contrastive, distillation), >= 0, not both 0")
+            raise ValueError(f"loss.distill.weights {list(self.weights)}: (contrastive, distillation), >= 0, "
+                             "not both 0")
         if not self.teacher_dims or min(self.teacher_dims) <= 0:
             raise ValueError(f"loss.distill.teacher_dims {self.teacher_dims}: one positive size per teacher")
         if not self.slots or len(set(self.slots)) != len(self.slots):

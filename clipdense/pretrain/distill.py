@@ -16,14 +16,21 @@ features, so the step and DDP's collectives proceed; the task reports the rows u
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
+import torch.distributed as dist
+from open_clip.loss import DistillClipLoss, gather_features
+
+from clipdense.config import DataError
+from clipdense.pretrain.captions import has_text, sample_rng
+from clipdense.pretrain.config import DistillConfig
+from clipdense.pretrain.crops import CROP_STREAM, reference_crop
+from clipdense.pretrain.dr_views import parse_views, reapply_view
 
 
 def _gather_masks(mask: torch.Tensor, world_size: int) -> torch.Tensor:
     if world_size == 1:
         return mask
-    import torch.distributed as dist
-
     flags = mask.to(torch.uint8)  # not every backend gathers bool tensors
     parts = [torch.empty_like(flags) for _ in range(world_size)]
     dist.all_gather(parts, flags)
@@ -36,8 +43,6 @@ class DistillLoss:
 
     def __init__(self, teacher_dims: list[int], teacher_logit_scale: float = 100.0, rank: int = 0,
                  world_size: int = 1):
-        from open_clip.loss import DistillClipLoss
-
         self.oc = DistillClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank,
                                   world_size=world_size)
         self.dims, self.scale, self.world_size = list(teacher_dims), float(teacher_logit_scale), world_size
@@ -68,8 +73,6 @@ class DistillLoss:
         # the student's logits of this rank's rows against every rank's candidates (open_clip's local loss)
         s_i2t, s_t2i = self.oc.get_logits(image_f, text_f, logit_scale)
         if self.world_size > 1:
-            from open_clip.loss import gather_features
-
             all_t_img, all_t_txt = gather_features(teacher_image, teacher_text, local_loss=True,
                                                    gather_with_grad=False, rank=self.oc.rank,
                                                    world_size=self.world_size)
@@ -91,19 +94,20 @@ class DistillLoss:
 VIEW_STREAM = 3  # sample_rng stream of the stored-view choice (1: captions, 2: the random crop)
 
 
+def distill_slots(policy: str, distill: DistillConfig) -> tuple[tuple[int, str], ...]:
+    """((caption slot index, "real" | "synthetic"), ...) that get a distillation term (none when it is off)."""
+    if not distill.enabled:
+        return ()
+    order = ["real", "synthetic"] if policy == "both" else [policy]
+    return tuple((order.index(kind), kind) for kind in distill.slots)
+
+
 def stored_views(batch: dict, keys: list[str], seed: int, epoch: int, size: int):
     """(image (B, 3, S, S) float in 0..255, stored view index per row (-1: none)) for a batch of full decoded
     images (`pixels`: per row H x W x 3 uint8, any size) with the original sizes in `orig_w` / `orig_h`: a row with
     `aug_params` gets one of its stored views, chosen from (seed, epoch, key); a row without (or with unreadable
     ones, which are then left out of distillation) gets the usual random crop. None when the batch has neither
     `orig_w` nor stored views (the plain random-crop path applies)."""
-    import numpy as np
-
-    from clipdense.config import DataError
-    from clipdense.pretrain.batches import reference_crop
-    from clipdense.pretrain.captions import sample_rng
-    from clipdense.pretrain.dr_views import parse_views, reapply_view
-
     augs = batch.get("aug_params")
     augs = list(augs) if augs is not None else [None] * len(keys)
     if "orig_w" not in batch or "orig_h" not in batch:
@@ -126,26 +130,24 @@ def stored_views(batch: dict, keys: list[str], seed: int, epoch: int, size: int)
                 k = -1
         if k < 0:
             image[i] = reference_crop(px, int(batch["orig_w"][i]), int(batch["orig_h"][i]),
-                                      sample_rng(seed, epoch, key, 2), size)
+                                      sample_rng(seed, epoch, key, CROP_STREAM), size)
         index.append(k)
     return image, index
 
 
-def distill_targets(out: dict, keys, reals, syns, slots, distill_slots, view_index) -> dict:
+def distill_targets(out: dict, keys, reals, syns, slots, distilled, view_index) -> dict:
     """The teacher embeddings each row's loss needs, from `teacher_batch`'s (B, A, D) / (B, T, D) arrays (which
     this replaces): "distill_image_emb" (B, D) of the row's stored view, "distill_text_emb" (B, n, D) of the
     caption each distilled slot picked (text_emb row 0: the real caption, 1 + j: synthetic caption j, as
     DataCompDR stores them), "distill_mask" (B, n): the row has teacher embeddings, a re-applied view and that
-    caption. `distill_slots`: ((caption slot index, "real" | "synthetic"), ...)."""
-    from clipdense.pretrain.captions import has_text
-
+    caption. `distilled`: ((caption slot index, "real" | "synthetic"), ...), as `distill_slots` gives them."""
     t_img, t_txt, tmask = out.pop("teacher_image_emb"), out.pop("teacher_text_emb"), out["teacher_mask"]
     b, n_views, n_texts = t_img.shape[0], t_img.shape[1], t_txt.shape[1]
     idx = torch.tensor(view_index if view_index is not None else [-1] * b, dtype=torch.long)
     rows = torch.arange(b)
     has_view = tmask & (idx >= 0) & (idx < n_views)
     texts, masks = [], []
-    for slot, kind in distill_slots:
+    for slot, kind in distilled:
         picked = slots[slot]
         if kind == "real":
             j = [0 if has_text(r) else -1 for r in reals]

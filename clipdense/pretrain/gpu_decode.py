@@ -2,7 +2,7 @@
 
 Ray Data then only checks each image's header (the pixel guard) and ships the encoded bytes with the original size
 (pretrain/data.py); the collate (pretrain/batches.py) draws each sample's RandomResizedCrop box on that original
-geometry exactly as the CPU path does (`crop_box` with `sample_rng(seed, epoch, key, 2)`), and `decode_crops` here
+geometry exactly as the CPU path does (pretrain/crops.py: `sample_box`), and `decode_crops` here
 decodes the batch with `torchvision.io.decode_jpeg(list, device=...)` at full size, cuts each box and resizes it
 bicubic with antialias on the device. Crops stay a pure function of (seed, epoch, key); the pixels differ from the
 CPU path's only by its JPEG-draft reduction and uint8 rounding (a level or two). Rows that are not JPEG (PNG, WebP)
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from clipdense.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_rgb
+from clipdense.pretrain.crops import source_box, undecodable_row
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -66,8 +67,6 @@ def decode_crops(datas: list[bytes], origs: list[tuple[int, int]], boxes: list[t
     (an odd file) has its box scaled to it, as the CPU path maps boxes to a draft-reduced copy. A row no decoder
     reads (its header passed Ray Data's check, its pixels are broken) is a one-line DataError naming its key: dropping
     it here would leave this worker's batch smaller than the others' (the contrastive loss gathers equal batches)."""
-    from clipdense.pretrain.batches import source_box, undecodable_row
-
     device = torch.device(device)
     jpeg = [i for i, d in enumerate(datas) if is_jpeg(d)]
     with warnings.catch_warnings():  # read-only bytes from Arrow: only read

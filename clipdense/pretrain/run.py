@@ -1,64 +1,60 @@
-"""`run(cfg)`: resolve the model, build the Ray datasets, train with the one runner, return a small summary."""
+"""`run(cfg)`: the pretrain stage's entry. It resolves everything once: the model with its preprocessing and loss kind
+(pretrain/model.py), the zero-shot set, where the rows come from (`Storage` values); then it builds the Ray datasets,
+trains with the one runner (`clipdense.train`) and returns a small summary."""
 from __future__ import annotations
 
 import functools
 import json
 from pathlib import Path
 
-from clipdense.config import ConfigError
-from clipdense.pretrain.config import PretrainConfig
+from ray.train import DataConfig as IngestConfig
+
+from clipdense.eval.zeroshot import resolve_zeroshot
+from clipdense.pretrain.config import DataConfig, EvalConfig, PretrainConfig
+from clipdense.pretrain.data import Sources, build_datasets
+from clipdense.pretrain.model import build_model
+from clipdense.pretrain.task import ClipPretrainTask
 from clipdense.ray_session import data_context, ray_session
+from clipdense.train.runner import fit, fit_local
 
 
-def model_preprocess(name: str, pretrained: str | None) -> tuple[dict, dict]:
-    """(preprocess {size, mean, std}, parameter counts) of an open_clip model, built once on CPU."""
-    import open_clip
+def row_sources(data: DataConfig, ev: EvalConfig, policy: str) -> tuple[Sources, Sources | None]:
+    """(the training rows' sources, those of the held-out `eval.path` or None), all reached through
+    `data.s3_endpoint`."""
+    def specs(spec: str | list[str]) -> tuple:
+        return tuple(data.storage(s) for s in ([spec] if isinstance(spec, str) else spec))
 
-    from clipdense.models import create_clip
+    def recaptions(uri: str | None):
+        return data.storage(uri) if uri else None
 
-    try:
-        model = create_clip(name, pretrained)
-    except ValueError as e:
-        raise ConfigError(f"model.name: {e}") from None
-    except (FileNotFoundError, RuntimeError) as e:
-        raise ConfigError(f"model.pretrained {pretrained!r}: {str(e).splitlines()[0][:200]}") from None
-    pp = open_clip.get_model_preprocess_cfg(model)
-    size = pp["size"][0] if isinstance(pp["size"], (tuple, list)) else pp["size"]
-    params = {"params": sum(p.numel() for p in model.parameters()),
-              "visual_params": sum(p.numel() for p in model.visual.parameters())}
-    return {"size": int(size), "mean": tuple(pp["mean"]), "std": tuple(pp["std"])}, params
+    train = Sources(specs(data.shards), recaptions(data.recaptions), policy)
+    if not ev.path:
+        return train, None
+    return train, Sources(specs(ev.path), recaptions(ev.recaptions), "real" if ev.caption == "real" else "synthetic")
 
 
 def run(cfg: PretrainConfig) -> dict:
-    from ray.train import DataConfig
-
-    from clipdense.pretrain.data import build_datasets
-    from clipdense.pretrain.task import ClipPretrainTask
-    from clipdense.train.runner import fit, fit_local
-
-    pp, params = model_preprocess(cfg.model.name, cfg.model.pretrained)
-    if cfg.eval.zeroshot.root:  # a bad folder or prompt file is a one-line error before any worker starts
-        from clipdense.eval.zeroshot import index_folder, resolve_prompts
-
-        zs = cfg.eval.zeroshot
-        resolve_prompts(index_folder(zs.root, zs.max_images, "eval.zeroshot.root"), zs.classnames, zs.templates,
-                        "eval.zeroshot")
+    train_rows, held_out = row_sources(cfg.data, cfg.eval, cfg.captions.policy)
+    model = build_model(cfg.model, cfg.loss, cfg.train.seed)
+    # a bad folder or prompt file is a one-line error before any worker starts
+    zeroshot = resolve_zeroshot(cfg.eval.zeroshot, "eval.zeroshot") if cfg.eval.zeroshot.root else None
+    task = functools.partial(ClipPretrainTask, cfg, model, zeroshot)
+    params_doc = cfg.model_dump(mode="json")  # what the trackers record
     quiet = {"enable_progress_bars": cfg.tracking.ray_data_progress}  # Ray Data's bars would drown ours
     with ray_session(cfg.ray), data_context(quiet):
-        train_ds, eval_ds, counts = build_datasets(cfg, pp["size"])
+        train_ds, eval_ds, counts = build_datasets(train_rows, held_out, cfg.data, cfg.eval, model.preprocess.size,
+                                                   cfg.loss.distill.enabled)
         datasets = {"train": train_ds, **({"eval": eval_ds} if eval_ds is not None else {})}
-        params_doc = cfg.model_dump(mode="json")
-        factory = functools.partial(ClipPretrainTask, params_doc, pp)
         if cfg.ray.in_process:
-            result = fit_local(factory, cfg.train, datasets=datasets, tracking=cfg.tracking, params=params_doc)
+            result = fit_local(task, cfg.train, datasets=datasets, tracking=cfg.tracking, params=params_doc)
         else:
-            options = DataConfig.default_ingest_options()
+            options = IngestConfig.default_ingest_options()
             options.preserve_order = True  # deterministic split among workers + order: exact resume
             # elastic: no split by worker count; each worker slices global batches by sample index (task.py)
             split = [] if cfg.train.scaling.elastic else ["train"]
-            result = fit(factory, cfg.train, datasets=datasets, tracking=cfg.tracking, params=params_doc,
-                         dataset_config=DataConfig(datasets_to_split=split, execution_options=options))
-    summary = {"model": cfg.model.name, "policy": cfg.captions.policy, **params, "data": counts, **result}
+            result = fit(task, cfg.train, datasets=datasets, tracking=cfg.tracking, params=params_doc,
+                         dataset_config=IngestConfig(datasets_to_split=split, execution_options=options))
+    summary = {"model": cfg.model.name, "policy": cfg.captions.policy, **model.params, "data": counts, **result}
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "pretrain_summary.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -1,0 +1,107 @@
+"""Shard rows joined with their recaptions: a pure function of a pyarrow batch, run as a Ray Data map (data.py).
+
+Each shard's captions come from `<recaptions>/<shard stem>.parquet` (the recaption stage's output: by key, this
+version's or an older one's) or DataCompDR's `<shard stem>.tar` (by uid, with the sha256 checked, its teacher
+embeddings and augmentation parameters). Every problem becomes a row error: no_recaption_file,
+no_recaption_for_key / _uid, recaption_failed, sha256_mismatch, and what the caption policy needs (`missing_for`).
+"""
+from __future__ import annotations
+
+import functools
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clipdense.data.datacompdr import json_or_none, read_datacompdr
+from clipdense.data.naming import shard_name
+from clipdense.data.rows import RowError, error_columns, errors_from, row_error
+from clipdense.data.storage import Storage
+from clipdense.pretrain.captions import missing_for
+
+JOIN_MISSED = ("no_recaption_file", "no_recaption_for_key", "no_recaption_for_uid")
+
+
+@functools.lru_cache(maxsize=2)  # rows come shard by shard; a DataCompDR shard's embeddings are large
+def _recaption_table(recaptions: Storage, stem: str) -> tuple[str, dict, str | None] | None:
+    """One shard's recaptions, cached per Ray worker process: ("key", key -> (caption, syn_captions, RowError |
+    None), None) from our `<stem>.parquet` (this version's or an older one's), or ("uid", uid -> DrSample, why it
+    ended early) from a DataCompDR `<stem>.tar`; None when neither exists."""
+    fs, inner = recaptions.child(f"{stem}.parquet").locate()
+    if fs.get_file_info(inner).type.name == "File":
+        table = pq.read_table(inner, filesystem=fs)
+        cols = {c: table.column(c).to_pylist() if c in table.column_names else [None] * table.num_rows
+                for c in ("key", "caption", "syn_captions")}
+        return "key", dict(zip(cols["key"], zip(cols["caption"], cols["syn_captions"], errors_from(table)))), None
+    fs, inner = recaptions.child(f"{stem}.tar").locate()
+    if fs.get_file_info(inner).type.name == "File":
+        with fs.open_input_stream(inner) as f:
+            samples, broken = read_datacompdr(f)
+        return "uid", samples, broken
+    return None
+
+
+def _uid_and_sha(meta: str | None) -> tuple[str | None, str | None]:
+    """DataComp's img2dataset json carries the uid and the original image's sha256."""
+    obj = json_or_none(meta)
+    if not isinstance(obj, dict):
+        return None, None
+    uid, sha = obj.get("uid"), obj.get("sha256")
+    return (str(uid) if uid is not None else None), (str(sha) if sha else None)
+
+
+def _match(found: tuple, key: str, meta: str | None, shard: str) -> tuple[RowError | None, object]:
+    """(row error | None, the row's recaption: (caption, syn_captions, error) by key, a DrSample by uid)."""
+    by, table, broken = found
+    if by == "key":
+        hit = table.get(key)
+        if hit is None:
+            return row_error("no_recaption_for_key", shard=shard), None
+        if hit[2] is not None:
+            return row_error("recaption_failed", f"{hit[2].code}: {hit[2].detail}", shard), None
+        return None, hit
+    uid, sha = _uid_and_sha(meta)
+    hit = None if uid is None else table.get(uid)
+    if hit is None:
+        why = "the image row has no uid" if uid is None else f"uid {uid}"
+        return row_error("no_recaption_for_uid", why + (f" (shard ended: {broken})" if broken else ""), shard), None
+    if sha and hit.sha256 and sha.lower() != hit.sha256.lower():
+        return row_error("sha256_mismatch", f"uid {uid}: image {sha[:16]} != DataCompDR {hit.sha256[:16]}",
+                         shard), None
+    return None, hit
+
+
+def column_list(batch: pa.Table, name: str) -> list:
+    """A column as a Python list; a column the batch lacks (older shards: no DataCompDR fields) as Nones."""
+    return batch.column(name).to_pylist() if name in batch.column_names else [None] * batch.num_rows
+
+
+def join_recaptions(batch: pa.Table, recaptions: Storage | None, policy: str) -> pa.Table:
+    """Canonical rows -> the same rows with captions from the recaption files (ours by key, DataCompDR's by uid,
+    with its teacher embeddings and augmentation parameters); every problem becomes a row error."""
+    keys, caps, syns, metas, augs, embs, shards = (column_list(batch, c) for c in (
+        "key", "caption", "syn_captions", "meta", "aug_params", "teacher_emb", "shard"))
+    errs = errors_from(batch)
+    for i in range(batch.num_rows):
+        if errs[i] is not None:
+            continue
+        if recaptions is not None:
+            stem = shard_name(shards[i])
+            found = _recaption_table(recaptions, stem)
+            if found is None:
+                base = recaptions.child(stem).uri
+                errs[i] = row_error("no_recaption_file", f"{base}.tar (DataCompDR) or {base}.parquet", shards[i])
+                continue
+            errs[i], hit = _match(found, keys[i], metas[i], shards[i])
+            if errs[i] is not None:
+                continue
+            if found[0] == "uid":
+                syns[i], augs[i], embs[i] = hit.syn, hit.aug_params, hit.teacher_emb
+            else:
+                caps[i], syns[i] = hit[0] if hit[0] is not None else caps[i], hit[1]
+        code = missing_for(policy, caps[i], syns[i])
+        if code:
+            errs[i] = row_error(code, shard=shards[i])
+    return pa.table({"key": batch.column("key"), "image_bytes": batch.column("image_bytes"),
+                     "caption": pa.array(caps, pa.string()), "syn_captions": pa.array(syns, pa.list_(pa.string())),
+                     "meta": batch.column("meta"), **error_columns(errs), "shard": batch.column("shard"),
+                     "aug_params": pa.array(augs, pa.string()), "teacher_emb": pa.array(embs, pa.binary())})
