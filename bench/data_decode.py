@@ -41,6 +41,7 @@ from clipdense.config import build_config
 from clipdense.pretrain import PretrainConfig
 from clipdense.pretrain.batches import Collate
 from clipdense.pretrain.data import build_datasets
+from clipdense.pretrain.run import row_sources
 
 
 def make_large_shards(d: Path, shards: int, per_shard: int, seed: int = 1) -> list[str]:
@@ -135,7 +136,7 @@ def pipeline(paths: list[str], size: int, batch: int, decode_on: str = "cpu") ->
         "data": {"shards": paths, "batch_size": batch, "decode_cpus": 1, "count_errors": False,
                  "decode_on": decode_on}})
     t0, c0 = time.perf_counter(), ray_cpu_seconds()
-    train, _, _ = build_datasets(cfg, size)
+    train, _, _ = build_datasets(*row_sources(cfg.data, cfg.eval, cfg.captions.policy), cfg.data, cfg.eval, size)
     collate = Collate(model_name="ViT-B-16", image_size=size, mean=(0.48, 0.46, 0.41), std=(0.27, 0.26, 0.28),
                       policy="real", seed=0, epoch=0, train=True, decode_on=decode_on)
     n = 0
