@@ -25,11 +25,12 @@ from clipdense.data.images import check_image
 from clipdense.data.paths import expand_shards
 from clipdense.data.shards import IMAGE_EXTS, SCHEMA, iter_tar_samples, read_shard_local, read_shards, summarize
 from clipdense.data.storage import Storage
-from clipdense.recaption.decode import ImageInput, decode_batch
+from clipdense.recaption.decode import ImageInput
+from clipdense.recaption.pipeline import decode_batch
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the `test` extra")
 from hypothesis import HealthCheck, assume, event, given, settings  # noqa: E402
-from hypothesis import strategies as st
+from hypothesis import strategies as st  # noqa: E402
 
 MAX_PIXELS = 10_000  # the pixel guard for these runs: tiny real images pass, declared sizes above it are bombs
 FUZZ = settings(max_examples=100, deadline=None, derandomize=True, database=None,

@@ -66,7 +66,8 @@ def test_read_shards_ray_tar_and_parquet_canonical(ray_local, tmp_path):
     specs = [str(tmp_path / "{000000..000001}.tar"), str(tmp_path / "extra.parquet")]
     ds = read_shards(expand_shards([Storage(s) for s in specs]))
     rows = ds.take_all()
-    assert {r["key"] for r in rows} == {f"a{i:04d}" for i in range(5)} | {f"b{i:04d}" for i in range(4)} | {"bad", "p0", "p1"}
+    want = {f"a{i:04d}" for i in range(5)} | {f"b{i:04d}" for i in range(4)} | {"bad", "p0", "p1"}
+    assert {r["key"] for r in rows} == want
     assert set(rows[0]) == set(SCHEMA.names)
     shards = {r["key"]: r["shard"] for r in rows}
     assert shards["a0000"].endswith("000000.tar") and shards["p0"].endswith("extra.parquet")

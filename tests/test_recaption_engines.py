@@ -9,11 +9,12 @@ from PIL import Image
 from shard_files import jpeg_bytes
 
 from clipdense.data.images import ImageError
-from clipdense.recaption.decode import ImageInput, decode_batch, prepare_image
+from clipdense.recaption.decode import ImageInput, prepare_image
 from clipdense.recaption.engines import EngineOutputError, check_output, cut_caption
 from clipdense.recaption.engines.coca import CocaCaptioner
 from clipdense.recaption.engines.echo import EchoCaptioner
 from clipdense.recaption.engines.sampling import decode_sequences, nucleus, sample_top_p, top_p_filter
+from clipdense.recaption.pipeline import decode_batch
 
 SOT, EOT = 8, 9
 

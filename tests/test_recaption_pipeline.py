@@ -184,13 +184,13 @@ def test_s3_input_and_output_via_cli(ray_local, s3_server, tmp_path, capsys):
 
 
 def test_decode_runs_in_cpu_tasks_not_in_the_captioner_actors(ray_local, tmp_path):
-    from clipdense.recaption.engines import image_input
+    from clipdense.recaption.engines.resolve import resolve_engine
     from clipdense.recaption.pipeline import build_dataset
 
     keys = _shards(tmp_path / "in")["000001.tar"]
     cfg = build_config(RecaptionConfig, {"input": "x", "output": "y", "engine": {"kind": "echo", "num_captions": 1}})
     shards = expand_shards(Storage(str(tmp_path / "in" / "000001.tar")))
-    ds = build_dataset(cfg, shards, image_input(cfg.engine, cfg.decode))
+    ds = build_dataset(shards, resolve_engine(cfg.engine, cfg.decode, remote=False), cfg.decode, cfg.fault)
     assert [r["key"] for r in ds.take_all()] == keys
     stats = ds.stats()
     assert "MapBatches(decode_batch):" in stats and "MapBatches(decode_batch)->" not in stats  # not fused
@@ -212,7 +212,8 @@ def test_user_errors_are_one_line(tmp_path, capsys):
 
 
 def test_assembler_handles_interleaved_sources_and_detects_lost_order():
-    from clipdense.recaption.writer import Plan, ShardAssembler
+    from clipdense.recaption.plan import Plan
+    from clipdense.recaption.writer import ShardAssembler
 
     plan = Plan(inputs={"a": "/d/a.tar", "b": "/d/b.tar", "p": "/d/p.parquet", "e": "/d/e.tar"},
                 outputs={n: f"/o/{n}.parquet" for n in "abpe"}, done=[])

@@ -6,7 +6,8 @@ from PIL import Image
 
 from clipdense.config import configs_dir, load_config
 from clipdense.recaption import RecaptionConfig
-from clipdense.recaption.stats import caption_stats, clip_scores, distinct_n, text_stats
+from clipdense.recaption.clip_score import clip_scores
+from clipdense.recaption.stats import caption_stats, distinct_n, text_stats
 
 
 def test_distinct_n_and_lengths():

@@ -19,8 +19,9 @@ from shard_files import jpeg_bytes
 
 from clipdense.config import ConfigError, build_config
 from clipdense.recaption import RecaptionConfig
-from clipdense.recaption.engines import build_captioner, image_input, provenance
+from clipdense.recaption.engines import build_captioner
 from clipdense.recaption.engines.base import EngineOutputError
+from clipdense.recaption.engines.resolve import check_vllm, image_input, provenance
 from clipdense.recaption.engines.seeds import row_seed
 from clipdense.recaption.engines.vllm import VLLMCaptioner, build_messages, llm_kwargs, parse_outputs
 
@@ -210,12 +211,10 @@ def test_vllm_env_platform_error_and_reuse(monkeypatch, tmp_path, capsys):
 
 def test_driver_checks_runtime_env_python_and_model_dir(tmp_path):
     """Mistakes caught before any actor starts: a missing vllm-env python, a missing local model directory."""
-    from clipdense.recaption.pipeline import check_engine
-
     missing_py = _cfg(model=str(tmp_path), runtime_env={"py_executable": str(tmp_path / "env/bin/python")})
     with pytest.raises(ConfigError, match="py_executable: not found: .*env/bin/python .build one with"):
-        check_engine(missing_py)
+        check_vllm(missing_py.engine)
     missing_model = _cfg(model=str(tmp_path / "no-model"), runtime_env={"py_executable": sys.executable})
     with pytest.raises(ConfigError, match="model directory not found: .*no-model"):
-        check_engine(missing_model)
-    check_engine(_cfg(model=str(tmp_path), runtime_env={"py_executable": sys.executable}))  # vllm not needed here
+        check_vllm(missing_model.engine)
+    check_vllm(_cfg(model=str(tmp_path), runtime_env={"py_executable": sys.executable}).engine)  # vllm not needed here

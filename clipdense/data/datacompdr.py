@@ -9,9 +9,14 @@ identical image.
 """
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 from dataclasses import dataclass
+
+import numpy as np
+
+from clipdense.config import DataError
 
 
 @dataclass(frozen=True)
@@ -95,12 +100,7 @@ TEACHER_ARRAYS = ("image_emb", "text_emb")
 def teacher_batch(blobs, keys) -> dict:
     """DataCompDR npz per row -> {"teacher_image_emb": (B, A, D), "teacher_text_emb": (B, T, D) float32,
     "teacher_mask": (B,) bool}; a row without embeddings is zeros with its mask false."""
-    import io
-
-    import numpy as np
-    import torch
-
-    from clipdense.config import DataError
+    import torch  # local: the readers of this module run where torch may be absent (the vllm actors' venv)
 
     loaded = []
     for blob, key in zip(blobs, keys):

@@ -59,6 +59,23 @@ class Storage:
     def child(self, name: str) -> Storage:
         return self.at(posixpath.join(self.uri.rstrip("/"), name))
 
+    def file_names(self) -> set[str]:
+        """Base names of the files directly in this folder (none if it does not exist)."""
+        fs, inner = self.locate()
+        infos = fs.get_file_info(pafs.FileSelector(inner.rstrip("/"), recursive=False, allow_not_found=True))
+        return {posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File}
+
+    def open_input_file(self):
+        """This file for random access (a Parquet footer, a column)."""
+        fs, inner = self.locate()
+        return fs.open_input_file(inner)
+
+    def open_output_stream(self):
+        """This file, written from the start; its parent folder is made first."""
+        fs, inner = self.locate()
+        fs.create_dir(posixpath.dirname(inner), recursive=True)
+        return fs.open_output_stream(inner)
+
 
 class StorageKeys(Config):
     """Mixed into every config section that names a location: the endpoint key, declared once."""

@@ -5,6 +5,6 @@ file per input shard beside the originals (key, caption, syn_captions[N], engine
 joined back by key; `_stats.json` holds caption quality stats. Re-runs skip shards whose output exists.
 """
 from clipdense.recaption.config import DecodeConfig, EngineConfig, FaultConfig, RecaptionConfig, StatsConfig
-from clipdense.recaption.pipeline import run
+from clipdense.recaption.run import run
 
 __all__ = ["DecodeConfig", "EngineConfig", "FaultConfig", "RecaptionConfig", "StatsConfig", "run"]

@@ -6,7 +6,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from clipdense.config import Config, OnRayConfig, RayConfig
-from clipdense.data.storage import StorageKeys
+from clipdense.data.storage import Storage, StorageKeys
 
 # DataCompDR (apple/ml-mobileclip-dr scripts/gen.py): open_clip coca_ViT-L-14, 5 samples, top-p 0.9, seq_len 30.
 DATACOMPDR_COCA = "coca_ViT-L-14"
@@ -104,3 +104,8 @@ class RecaptionConfig(StorageKeys):
     stats: StatsConfig = StatsConfig()
     fault: FaultConfig = FaultConfig()
     ray: OnRayConfig = RayConfig()      # where it runs: a local Ray, or a cluster's address (clipdense.ray_session)
+
+    @property
+    def sources(self) -> list[Storage]:
+        """The input specs, each reached through this config's endpoint."""
+        return [self.storage(s) for s in ([self.input] if isinstance(self.input, str) else self.input)]

@@ -1,7 +1,8 @@
 """CPU stage of the recaption pipeline: decode + resize images in Ray Data tasks, ahead of the captioner actors.
 
 `prepare_image` is the per-image step (also what bench/recaption_echo.py times as the plain baseline), built from
-data/images.py, which owns opening, the pixel guard and decoding; `decode_batch` applies it to an Arrow batch.
+data/images.py, which owns opening, the pixel guard and decoding; `prepare_images` applies it to a batch's rows
+(pipeline.decode_batch, the Ray Data task, wraps them as Arrow columns).
 Two output forms, chosen by the engine:
 - "array": a fixed-size square uint8 HxWx3 (shorter side resized to `size`, centre crop, bicubic), like open_clip's
   eval transform minus normalisation (the actor normalises on its device), stored as a Ray tensor column `pixels`;
@@ -15,10 +16,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import pyarrow as pa
 
 from clipdense.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_square, shrink_jpeg
-from clipdense.data.rows import error_columns, errors_from, row_error
+from clipdense.data.rows import RowError, row_error
 
 
 @dataclass(frozen=True)
@@ -37,14 +37,10 @@ def prepare_image(data: bytes | None, spec: ImageInput) -> np.ndarray | bytes:
     return shrink_jpeg(data, spec.max_pixels, spec.jpeg_quality, spec.max_image_pixels)
 
 
-def decode_batch(batch: pa.Table, spec: ImageInput, keep_images: bool = False) -> pa.Table:
-    """Ray Data CPU stage: canonical rows -> key, caption, error_code, error, shard + `pixels` or `image_jpeg`
-    (+ image_bytes when kept). Rows already in error pass through; new problems are recorded as row errors."""
-    from ray.data.extensions import ArrowTensorArray
-
-    datas = batch.column("image_bytes").to_pylist()
-    errors = errors_from(batch)
-    shards = batch.column("shard").to_pylist()
+def prepare_images(datas: list[bytes | None], errors: list[RowError | None], shards: list[str | None],
+                   spec: ImageInput) -> np.ndarray | list[bytes | None]:
+    """The images of the rows not in error: uint8 (n, size, size, 3) (array mode) or small JPEGs (jpeg mode). A row
+    whose image fails gets its row error in `errors` (updated in place) and zeros / None."""
     n = len(datas)
     pixels = np.zeros((n, spec.size, spec.size, 3), np.uint8) if spec.mode == "array" else None
     jpegs: list[bytes | None] = [None] * n
@@ -60,12 +56,4 @@ def decode_batch(batch: pa.Table, spec: ImageInput, keep_images: bool = False) -
             pixels[i] = out
         else:
             jpegs[i] = out
-    cols = {"key": batch.column("key"), "caption": batch.column("caption"), **error_columns(errors),
-            "shard": batch.column("shard")}
-    if pixels is not None:
-        cols["pixels"] = ArrowTensorArray.from_numpy(pixels)
-    else:
-        cols["image_jpeg"] = pa.array(jpegs, pa.binary())
-    if keep_images:
-        cols["image_bytes"] = batch.column("image_bytes")
-    return pa.table(cols)
+    return pixels if pixels is not None else jpegs

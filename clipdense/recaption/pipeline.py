@@ -1,28 +1,29 @@
-"""Ray wiring of the recaption stage.
+"""Ray Data wiring of the recaption stage (run.py resolves its inputs and enters Ray).
 
-read_shards (canonical rows) -> decode + resize (Ray Data CPU tasks, decode.py) -> captioner actor pool
+read_shards (canonical rows) -> decode + resize (Ray Data CPU tasks, `decode_batch`) -> captioner actor pool
 (map_batches over `CaptionActor`, ActorPoolStrategy(min, max), num_gpus per actor) -> the driver assembles
 one Parquet file per input shard (writer.py). Ray Data's progress bars show each stage.
+The captioner actors import this module, for vLLM in a venv without torch or open_clip: only light imports here.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
-import sys
 import time
 
+import numpy as np
 import pyarrow as pa
 
 from clipdense.config import ConfigError
-from clipdense.data.paths import ShardFiles, expand_shards
+from clipdense.data.paths import ShardFiles
 from clipdense.data.rows import error_columns, errors_from, exception_detail, row_error
-from clipdense.data.shards import READ_TASK_BYTES, write_parquet
-from clipdense.ray_session import data_context, ray_session
-from clipdense.recaption.config import EngineConfig, FaultConfig, RecaptionConfig
-from clipdense.recaption.decode import ImageInput, decode_batch
-from clipdense.recaption.engines import build_captioner, check_output, image_input, provenance
-from clipdense.recaption.writer import Plan, ShardAssembler, plan_shards
+from clipdense.data.shards import READ_TASK_BYTES, read_shards, write_parquet
+from clipdense.ray_session import data_context
+from clipdense.recaption.config import DecodeConfig, EngineConfig, FaultConfig
+from clipdense.recaption.decode import ImageInput, prepare_images
+from clipdense.recaption.engines import build_captioner, check_output
+from clipdense.recaption.engines.resolve import Engine
+from clipdense.recaption.plan import Plan
+from clipdense.recaption.writer import ShardAssembler
 
 log = logging.getLogger(__name__)
 
@@ -115,38 +116,6 @@ class CaptionActor:
         return pa.table(cols)
 
 
-def check_engine(cfg: RecaptionConfig) -> None:
-    """Driver-side checks, so user mistakes fail before any actor starts."""
-    e = cfg.engine
-    if e.kind == "coca":
-        import open_clip
-
-        from clipdense.models.registry import register_model_configs
-        from clipdense.recaption.engines.coca import coca_image_size
-
-        register_model_configs()
-        if e.model_name not in open_clip.list_models():
-            raise ConfigError(f"engine.model: unknown open_clip model {e.model_name!r}")
-        if e.checkpoint and "://" not in e.checkpoint and not os.path.isfile(e.checkpoint):
-            raise ConfigError(f"engine.checkpoint: file not found: {e.checkpoint}")
-        ctx = (open_clip.get_model_config(e.model_name) or {}).get("text_cfg", {}).get("context_length", 77)
-        if e.seq_len > ctx:
-            raise ConfigError(f"engine.seq_len {e.seq_len} exceeds {e.model_name}'s context length {ctx}")
-        coca_image_size(e.model_name)
-    py_exe = (e.runtime_env or {}).get("py_executable")
-    if e.kind == "vllm" and py_exe and not cfg.ray.target() and not os.path.isfile(py_exe.split()[0]):
-        raise ConfigError(f"engine.runtime_env.py_executable: not found: {py_exe} (build one with "
-                          "`clipdense vllm-env DIR`)")
-    if e.kind == "vllm" and not py_exe and not cfg.ray.target() and importlib.util.find_spec("vllm") is None:
-        raise ConfigError("engine.kind=vllm needs vLLM: pip install 'clipdense[vllm]' (GPU), or build a CPU vLLM "
-                          "env with `clipdense vllm-env DIR` and set engine.runtime_env.py_executable=DIR/bin/python")
-    if e.kind == "vllm" and not cfg.ray.target() and e.model_name.startswith(("/", ".", "~")) \
-            and not os.path.isdir(os.path.expanduser(e.model_name)):
-        raise ConfigError(f"engine.model: model directory not found: {e.model_name}")
-    if e.num_gpus == 0 and e.device == "cuda":
-        raise ConfigError("engine.device=cuda needs engine.num_gpus > 0 (actors see no GPU otherwise)")
-
-
 # Ray Data settings of this pipeline, on the process's DataContext while we plan and run (read parallelism is
 # planned from the current context at execution time), restored afterwards:
 # - preserve_order: result blocks arrive in input order, which the per-shard writer relies on;
@@ -155,23 +124,41 @@ def check_engine(cfg: RecaptionConfig) -> None:
 DATA_CONTEXT = {"execution_options.preserve_order": True, "read_op_min_num_blocks": 1}
 
 
-def build_dataset(cfg: RecaptionConfig, shards: ShardFiles, spec: ImageInput):
+def decode_batch(batch: pa.Table, spec: ImageInput, keep_images: bool = False) -> pa.Table:
+    """Ray Data CPU stage: canonical rows -> key, caption, error_code, error, shard + `pixels` (a Ray tensor column)
+    or `image_jpeg` (+ image_bytes when kept). Rows already in error pass through; new problems become row errors."""
+    from ray.data.extensions import ArrowTensorArray
+
+    errors = errors_from(batch)
+    images = prepare_images(batch.column("image_bytes").to_pylist(), errors, batch.column("shard").to_pylist(), spec)
+    cols = {"key": batch.column("key"), "caption": batch.column("caption"), **error_columns(errors),
+            "shard": batch.column("shard")}
+    if isinstance(images, np.ndarray):
+        cols["pixels"] = ArrowTensorArray.from_numpy(images)
+    else:
+        cols["image_jpeg"] = pa.array(images, pa.binary())
+    if keep_images:
+        cols["image_bytes"] = batch.column("image_bytes")
+    return pa.table(cols)
+
+
+def build_dataset(shards: ShardFiles, engine: Engine, decode: DecodeConfig, fault: FaultConfig,
+                  keep_images: bool = False):
     """The lazy Ray Dataset of result rows (key, caption, syn_captions, error, shard), in input order.
     Iterate it inside `data_context(DATA_CONTEXT)`."""
     import ray.data
 
-    from clipdense.data.shards import read_shards
-
     with data_context(DATA_CONTEXT):
         ds = read_shards(shards, validate="none", task_bytes=READ_TASK_BYTES)  # decode_batch checks fully
     ds.context.execution_options.preserve_order, ds.context.read_op_min_num_blocks = True, 1
-    ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=cfg.decode.batch_size,
-                        num_cpus=cfg.decode.num_cpus, fn_kwargs={"spec": spec, "keep_images": cfg.keep_images})
-    e = cfg.engine
+    ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=decode.batch_size, num_cpus=decode.num_cpus,
+                        fn_kwargs={"spec": engine.image, "keep_images": keep_images})
+    e = engine.config
     lo, hi = e.concurrency if isinstance(e.concurrency, tuple) else (e.concurrency, e.concurrency)
     return ds.map_batches(
         CaptionActor, batch_format="pyarrow", batch_size=e.batch_size,
-        fn_constructor_kwargs={"engine": e.model_dump(), "fault": cfg.fault.model_dump()},
+        # plain dicts cross to the actors: they may run in another venv (vLLM) with other library versions
+        fn_constructor_kwargs={"engine": e.model_dump(), "fault": fault.model_dump()},
         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), num_gpus=e.num_gpus, num_cpus=e.num_cpus,
         # Always set (an empty runtime_env adds nothing to the job's): remote args that differ from the decode
         # stage's keep Ray Data from fusing decode into the captioner actors, where it would run serially with
@@ -179,11 +166,13 @@ def build_dataset(cfg: RecaptionConfig, shards: ShardFiles, spec: ImageInput):
         runtime_env=e.runtime_env or {})
 
 
-def execute(cfg: RecaptionConfig, plan: Plan, shards: ShardFiles) -> tuple[ShardAssembler, float]:
-    spec = image_input(cfg.engine, cfg.decode)
-    assembler = ShardAssembler(plan, provenance(cfg.engine), write=write_parquet,
-                               keep_images=cfg.keep_images, fail_after_shards=cfg.fault.fail_after_shards)
-    ds = build_dataset(cfg, ShardFiles(list(plan.todo.values()), shards.sidecars, shards.storage), spec)
+def caption_shards(todo: ShardFiles, plan: Plan, engine: Engine, decode: DecodeConfig, fault: FaultConfig,
+                   keep_images: bool) -> tuple[ShardAssembler, float]:
+    """Caption the shards of `todo` (those of `plan` not done) and write one output file per shard as it
+    completes; (the assembler, with what it wrote and counted; seconds). Runs inside a Ray session."""
+    ds = build_dataset(todo, engine, decode, fault, keep_images)
+    assembler = ShardAssembler(plan, engine.provenance, write=write_parquet, keep_images=keep_images,
+                               fail_after_shards=fault.fail_after_shards)
     t0 = time.perf_counter()
     with data_context(DATA_CONTEXT):
         try:
@@ -196,34 +185,3 @@ def execute(cfg: RecaptionConfig, plan: Plan, shards: ShardFiles) -> tuple[Shard
             raise ConfigError(message) from None  # nothing more is written: a rerun redoes every unwritten shard
     assembler.finish()
     return assembler, time.perf_counter() - t0
-
-
-def run(cfg: RecaptionConfig) -> dict:
-    """Caption every not-yet-done input shard; write outputs and `_stats.json`; return a summary."""
-    from clipdense.recaption.stats import write_stats
-
-    check_engine(cfg)
-    specs = [cfg.input] if isinstance(cfg.input, str) else cfg.input
-    shards = expand_shards([cfg.storage(s) for s in specs])  # listed once, for plan and read
-    plan = plan_shards(shards.files, cfg.storage(cfg.output))
-    todo = plan.todo
-    written, seconds, counts = [], 0.0, None
-    if todo:
-        with ray_session(cfg.ray, log_to_driver=True):
-            assembler, seconds = execute(cfg, plan, shards)
-        written, counts = assembler.written, assembler.counts
-    stats = write_stats(cfg, plan) if cfg.stats.enabled else None
-    rows = counts.rows if counts else 0
-    summary = {
-        "output": cfg.output,
-        "shards": {"total": len(plan.inputs), "skipped_done": len(plan.done), "written": len(written)},
-        "rows_in": rows, "rows_captioned": counts.ok if counts else 0, "rows_failed": counts.failed if counts else 0,
-        "failed_by_code": dict(sorted(counts.errors.items())) if counts else {},
-        "seconds": round(seconds, 3), "images_per_s": round(rows / seconds, 2) if seconds > 0 else 0.0,
-        "stats": stats,
-    }
-    reasons = ", ".join(f"{k}: {v}" for k, v in summary["failed_by_code"].items()) or "none"
-    print(f"recaption: {rows} rows in, {summary['rows_captioned']} captioned, {summary['rows_failed']} failed "
-          f"({reasons}); {len(written)} shard file(s) written, {len(plan.done)} already done; "
-          f"{summary['images_per_s']} images/s over {seconds:.1f}s", file=sys.stderr, flush=True)
-    return summary

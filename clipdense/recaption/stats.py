@@ -3,8 +3,8 @@
 - caption length in words: mean, min, max, percentiles (5/25/50/75/95);
 - distinct-1 / distinct-2: distinct n-grams / total n-grams over all captions (corpus level);
 - per-image diversity: mean number of different captions among an image's N;
-- optionally (stats.clip_model) the mean CLIP score over a sample: 100 * max(cos(image, caption), 0), i.e.
-  CLIPScore without its w = 2.5 rescaling; synthetic and original captions are scored alike.
+- optionally (stats.clip_model) the mean CLIP score over a sample (clip_score.py); synthetic and original captions
+  are scored alike.
 Stats are computed from the output files (every shard of the input, including ones done by earlier runs, whose
 files may be in an older version's format: `error` string alone), with the rows read counted by error code.
 """
@@ -17,8 +17,11 @@ from typing import Sequence
 import numpy as np
 import pyarrow.parquet as pq
 
+from clipdense.data.paths import ShardFiles
 from clipdense.data.rows import codes_of, count_codes
 from clipdense.data.storage import Storage
+from clipdense.recaption.config import StatsConfig
+from clipdense.recaption.plan import Plan
 
 _WORD = re.compile(r"[\w']+")
 
@@ -58,38 +61,13 @@ def caption_stats(syn: Sequence[Sequence[str]], orig: Sequence[str]) -> dict:
             "original": text_stats([c for c in orig if c])}
 
 
-def clip_scores(model_name: str, pretrained: str | None, images: list, texts: list[list[str]],
-                device: str = "cpu", batch_size: int = 64) -> list[float]:
-    """Mean over each image's texts of 100 * max(cos, 0), per image."""
-    import torch
-
-    from clipdense.models.registry import create_clip_and_transforms, tokenizer_for
-
-    model, _, preprocess = create_clip_and_transforms(model_name, pretrained=pretrained)
-    model = model.to(device).eval()
-    tokenizer = tokenizer_for(model_name)
-    out = []
-    with torch.no_grad():
-        for s in range(0, len(images), batch_size):
-            ims, txts = images[s:s + batch_size], texts[s:s + batch_size]
-            x = torch.stack([preprocess(im) for im in ims]).to(device)
-            img = torch.nn.functional.normalize(model.encode_image(x).float(), dim=-1)
-            flat = [t for ts in txts for t in ts]
-            txt = torch.nn.functional.normalize(model.encode_text(tokenizer(flat).to(device)).float(), dim=-1)
-            owner = torch.tensor([i for i, ts in enumerate(txts) for _ in ts], device=device)
-            cos = (img[owner] * txt).sum(-1).clamp(min=0) * 100
-            for i in range(len(ims)):
-                out.append(float(cos[owner == i].mean()))
-    return out
-
-
 def _read_outputs(files: list[Storage], max_rows: int) -> dict[str, list]:
     """key, caption, syn_captions and `error_code` (None: captioned) of the output files, either format."""
     cols = {"key": [], "caption": [], "syn_captions": [], "error_code": []}
-    for p in files:
-        fs, inner = p.locate()
-        present = set(pq.read_schema(inner, filesystem=fs).names)
-        t = pq.read_table(inner, columns=[c for c in (*cols, "error") if c in present], filesystem=fs)
+    for file in files:
+        with file.open_input_file() as f:
+            pf = pq.ParquetFile(f)
+            t = pf.read(columns=[c for c in (*cols, "error") if c in pf.schema_arrow.names])
         for c in ("key", "caption", "syn_captions"):
             cols[c] += t.column(c).to_pylist()
         cols["error_code"] += codes_of(t)
@@ -98,66 +76,22 @@ def _read_outputs(files: list[Storage], max_rows: int) -> dict[str, list]:
     return {c: v[:max_rows] for c, v in cols.items()}
 
 
-def _sample_images(inputs: list[Storage], keys: set[str], limit: int) -> dict[str, bytes]:
-    from clipdense.data.shards import read_shard_local
-
-    found: dict[str, bytes] = {}
-    for file in inputs:
-        if file.uri.endswith(".tar"):
-            rows = read_shard_local(file, validate="none")
-        else:
-            fs, inner = file.locate()
-            rows = pq.read_table(inner, columns=["key", "image_bytes"], filesystem=fs).to_pylist()
-        for r in rows:
-            if r["key"] in keys and r.get("image_bytes"):
-                found[r["key"]] = r["image_bytes"]
-                if len(found) >= limit:
-                    return found
-    return found
-
-
-def clip_section(cfg, plan, data: dict[str, list]) -> dict:
-    import torch
-
-    from clipdense.data.images import ImageError, decode_rgb
-
-    st = cfg.stats
-    ok = {k: (c, s) for k, c, s, e in zip(data["key"], data["caption"], data["syn_captions"], data["error_code"])
-          if e is None and s}
-    images = _sample_images([cfg.storage(p) for p in plan.inputs.values()], set(ok), st.clip_sample)
-    keys, pils = [], []
-    for k, blob in images.items():
-        try:
-            pils.append(decode_rgb(blob, cfg.decode.max_image_pixels))
-            keys.append(k)
-        except ImageError:  # the same key in another input shard may hold other bytes: skip, don't crash
-            continue
-    device = "cuda" if st.device == "cuda" or (st.device == "auto" and torch.cuda.is_available()) else "cpu"
-    syn = clip_scores(st.clip_model, st.clip_pretrained, pils, [ok[k][1] for k in keys], device)
-    with_alt = [i for i, k in enumerate(keys) if ok[k][0]]  # images without alt text are recaptioned too
-    orig = clip_scores(st.clip_model, st.clip_pretrained, [pils[i] for i in with_alt],
-                       [[ok[keys[i]][0]] for i in with_alt], device) if with_alt else []
-    return {"clip_model": st.clip_model, "clip_pretrained": st.clip_pretrained, "images": len(keys),
-            "clip_score_synthetic": round(float(np.mean(syn)), 3) if syn else None,
-            "clip_score_original": round(float(np.mean(orig)), 3) if orig else None}
-
-
-def write_stats(cfg, plan) -> dict:
-    """Compute the stats over the outputs of `plan` and write `<output>/_stats.json`; returns them."""
-    from clipdense.recaption.writer import existing_files
-
-    present = existing_files(cfg.storage(cfg.output))
-    paths = [p for n, p in plan.outputs.items() if f"{n}.parquet" in present]
-    data = _read_outputs(paths, cfg.stats.max_rows)
+def write_stats(plan: Plan, output: Storage, shards: ShardFiles, st: StatsConfig, max_image_pixels: int) -> dict:
+    """Compute the stats over the output files of `plan` (in `output`) and write `<output>/_stats.json`; returns
+    them. The optional CLIP score samples images of the input `shards`."""
+    present = output.file_names()
+    files = [f for n, f in plan.outputs.items() if f"{n}.parquet" in present]
+    data = _read_outputs(files, st.max_rows)
     ok = [i for i, e in enumerate(data["error_code"]) if e is None]
-    stats = {"shards": len(paths), "rows_read": len(data["key"]), "rows_captioned": len(ok),
-             "rows_failed_by_code": count_codes(data["error_code"])[1],
-             **caption_stats([data["syn_captions"][i] or [] for i in ok], [data["caption"][i] for i in ok])}
-    if cfg.stats.clip_model and ok:
-        stats["clip"] = clip_section(cfg, plan, data)
-    path = f"{cfg.output.rstrip('/')}/_stats.json"
-    fs, inner = cfg.storage(path).locate()
-    fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(inner) as f:
+    captions = caption_stats([data["syn_captions"][i] or [] for i in ok], [data["caption"][i] for i in ok])
+    stats = {"shards": len(files), "rows_read": len(data["key"]), "rows_captioned": len(ok),
+             "rows_failed_by_code": count_codes(data["error_code"])[1], **captions}
+    if st.clip_model and ok:
+        # local: CLIP scoring imports torch and open_clip, which the vllm actors' venv (importing this package) lacks
+        from clipdense.recaption.clip_score import clip_section
+
+        stats["clip"] = clip_section(st, shards, data, max_image_pixels)
+    dest = output.child("_stats.json")
+    with dest.open_output_stream() as f:
         f.write(json.dumps(stats, indent=2).encode())
-    return {"path": path, **stats}
+    return {"path": dest.uri, **stats}

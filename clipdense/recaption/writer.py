@@ -1,26 +1,23 @@
-"""Per-shard outputs: which input shards are done, and the driver-side assembler that writes one Parquet file per
-input shard as soon as that shard's rows are complete.
+"""Per-shard outputs: the driver-side assembler that writes one Parquet file per input shard as soon as that shard's
+rows are complete, and the output schema.
 
 The pipeline runs with Ray Data's `preserve_order`, so result blocks arrive in input order: when rows of the next
 shard appear, the previous shard is complete and is written (atomically: temp name, then rename). A shard is done
-when its output file exists; re-runs skip done shards, so each input row lands in exactly one output file.
+when its output file exists (plan.py); re-runs skip done shards, so each input row lands in exactly one output file.
 """
 from __future__ import annotations
 
-import os
 import posixpath
 from dataclasses import dataclass, field
 from typing import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
-from clipdense.config import DataError
-from clipdense.data.naming import output_path, shard_name
+from clipdense.data.naming import shard_name
 from clipdense.data.rows import ERROR_FIELDS, codes_of, count_codes
 from clipdense.data.storage import Storage
+from clipdense.recaption.plan import Plan
 
 OUTPUT_SCHEMA = pa.schema([
     ("key", pa.string()),
@@ -37,76 +34,6 @@ IMAGE_FIELD = pa.field("image_bytes", pa.binary())
 
 class InjectedFault(RuntimeError):
     """Raised by fault injection (config `fault.*`) to simulate a crash."""
-
-
-@dataclass
-class Plan:
-    inputs: dict[str, str]            # shard name -> input URI (every input, in order)
-    outputs: dict[str, Storage]       # shard name -> its output file
-    done: list[str]                   # names whose output file already exists
-    todo: dict[str, str] = field(init=False)  # the inputs not done (computed once: the writer asks per block)
-
-    def __post_init__(self):
-        done = set(self.done)
-        self.todo = {n: p for n, p in self.inputs.items() if n not in done}
-
-
-def existing_files(output: Storage) -> set[str]:
-    """Base names of the files directly in the output directory (none if it does not exist)."""
-    fs, inner = output.locate()
-    infos = fs.get_file_info(pafs.FileSelector(inner.rstrip("/"), recursive=False, allow_not_found=True))
-    return {posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File}
-
-
-def _folder(path: str) -> str:
-    """A directory as one comparable string: `s3://b/x/` -> `s3://b/x`, a local path made absolute."""
-    return path.rstrip("/") if path.startswith("s3://") else os.path.abspath(path)
-
-
-def check_output_apart(inputs: list[str], output: str) -> None:
-    """Outputs never go into a folder that holds input shards: `<output>/NNNNN.parquet` would overwrite
-    img2dataset's per-URL metadata beside `NNNNN.tar` (or a Parquet shard), and a rerun would read outputs as
-    inputs. Any output path equal to an input file is such a case, since outputs lie directly in `output`."""
-    out = _folder(output)
-    if any(posixpath.dirname(_folder(p)) == out for p in inputs):
-        raise DataError(f"output {output!r} is the folder of the input shards: outputs there would overwrite or be "
-                        "read as inputs (img2dataset's NNNNN.parquet is its metadata); choose another output folder")
-
-
-def is_output_file(file: Storage) -> bool:
-    """Whether a Parquet file has our output schema (key + syn_captions), not, say, img2dataset's metadata."""
-    fs, inner = file.locate()
-    try:
-        with fs.open_input_file(inner) as f:
-            names = set(pq.read_schema(f).names)
-    except (OSError, ValueError):
-        return False
-    return {"key", "syn_captions"} <= names
-
-
-def plan_shards(inputs: list[str], output: Storage) -> Plan:
-    """Which of the input shards (URIs) still need their output file in `output`."""
-    names: dict[str, str] = {}
-    for path in inputs:
-        name = shard_name(path)
-        if name in names:
-            raise DataError(f"input shards {names[name]!r} and {path!r} would both write {name}.parquet "
-                            "(give each shard a distinct file name)")
-        names[name] = path
-    check_output_apart(inputs, output.uri)
-    present = existing_files(output)
-    outputs = {n: output.at(output_path(output.uri, n)) for n in names}
-    done = [n for n in names if f"{n}.parquet" in present]
-    # A file at an output path is taken as done only if it is ours. Its schema is read where the folder looks like
-    # img2dataset's (a tar or _stats.json beside it) and for the first done file (a folder of someone else's
-    # Parquet): one footer each, not one per done shard of a large rerun.
-    suspects = [n for n in done if f"{n}.tar" in present or f"{n}_stats.json" in present] + done[:1]
-    for n in dict.fromkeys(suspects):
-        if not is_output_file(outputs[n]):
-            raise DataError(f"output folder {output.uri!r} holds {n}.parquet that is not a recaption output (no key + "
-                            "syn_captions columns; img2dataset metadata?): writing there would overwrite it; choose "
-                            "another output folder")
-    return Plan(inputs=names, outputs=outputs, done=done)
 
 
 @dataclass

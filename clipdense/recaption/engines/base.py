@@ -32,6 +32,7 @@ class Captioner(abc.ABC):
 
     def close(self) -> None:
         """Free the engine's resources (GPU memory); optional."""
+        return None
 
 
 def to_pil(image: ImageLike) -> Image.Image:

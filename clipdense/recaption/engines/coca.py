@@ -19,10 +19,13 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import open_clip
 import torch
 
+from clipdense.config import ConfigError
 from clipdense.data.images import fit_square
 from clipdense.models import open_clip_adapter as oca
+from clipdense.models.registry import create_clip, register_model_configs, tokenizer_for
 from clipdense.recaption.engines.base import Captioner, ImageLike, cut_caption, to_pil
 from clipdense.recaption.engines.kv_cache import CocaKVDecoder, supports_kv_cache
 from clipdense.recaption.engines.sampling import decode_sequences, sample_top_p, sequence_uniforms
@@ -30,14 +33,23 @@ from clipdense.recaption.engines.sampling import decode_sequences, sample_top_p,
 
 def coca_image_size(model: str) -> int | None:
     """The image side of an open_clip model config, without building the model (None if unknown)."""
-    import open_clip
-
-    from clipdense.models.registry import register_model_configs
-
     register_model_configs()
     cfg = open_clip.get_model_config(model) or {}
     size = cfg.get("vision_cfg", {}).get("image_size")
     return int(size[0] if isinstance(size, (list, tuple)) else size) if size else None
+
+
+def check_coca(model: str, checkpoint: str | None, seq_len: int) -> int | None:
+    """Driver-side checks of a coca engine config (one-line ConfigErrors); returns the model's image side."""
+    register_model_configs()
+    if model not in open_clip.list_models():
+        raise ConfigError(f"engine.model: unknown open_clip model {model!r}")
+    if checkpoint and "://" not in checkpoint and not Path(checkpoint).is_file():
+        raise ConfigError(f"engine.checkpoint: file not found: {checkpoint}")
+    ctx = (open_clip.get_model_config(model) or {}).get("text_cfg", {}).get("context_length", 77)
+    if seq_len > ctx:
+        raise ConfigError(f"engine.seq_len {seq_len} exceeds {model}'s context length {ctx}")
+    return coca_image_size(model)
 
 
 def pick_device(device: str) -> torch.device:
@@ -52,8 +64,6 @@ class CocaCaptioner(Captioner):
     def __init__(self, model: str = "coca_ViT-L-14", pretrained: str | None = None, checkpoint: str | None = None,
                  *, top_p: float = 0.9, temperature: float = 1.0, seq_len: int = 30, min_seq_len: int = 5,
                  cut_at_period: bool = True, seed: int = 0, device: str = "auto", kv_cache: bool = True):
-        from clipdense.models.registry import create_clip, tokenizer_for
-
         if checkpoint and not Path(checkpoint).is_file():
             raise FileNotFoundError(f"CoCa checkpoint not found: {checkpoint}")
         self.device = pick_device(device)

@@ -1,0 +1,42 @@
+"""Entry of the recaption stage: `run(cfg)` resolves everything once (the engine and its checks, the input shards,
+which of them are done), enters Ray for the pipeline, writes the stats and reports."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from clipdense.data.paths import expand_shards
+from clipdense.ray_session import ray_session
+from clipdense.recaption.config import RecaptionConfig
+from clipdense.recaption.engines.resolve import resolve_engine
+from clipdense.recaption.pipeline import caption_shards
+from clipdense.recaption.plan import plan_shards
+from clipdense.recaption.stats import write_stats
+from clipdense.recaption.writer import RunCounts
+
+
+def run(cfg: RecaptionConfig) -> dict:
+    """Caption every not-yet-done input shard; write outputs and `_stats.json`; return a summary."""
+    engine = resolve_engine(cfg.engine, cfg.decode, remote=cfg.ray.target() is not None)
+    shards = expand_shards(cfg.sources)  # listed once, for plan and read
+    output = cfg.storage(cfg.output)
+    plan = plan_shards(shards.files, output)
+    counts, written, seconds = RunCounts(), [], 0.0
+    if plan.todo:
+        todo = dataclasses.replace(shards, files=list(plan.todo.values()))
+        with ray_session(cfg.ray, log_to_driver=True):
+            assembler, seconds = caption_shards(todo, plan, engine, cfg.decode, cfg.fault, cfg.keep_images)
+        counts, written = assembler.counts, assembler.written
+    stats = None
+    if cfg.stats.enabled:
+        stats = write_stats(plan, output, shards, cfg.stats, cfg.decode.max_image_pixels)
+    speed = round(counts.rows / seconds, 2) if seconds > 0 else 0.0
+    failed_by_code = dict(sorted(counts.errors.items()))
+    reasons = ", ".join(f"{k}: {v}" for k, v in failed_by_code.items()) or "none"
+    print(f"recaption: {counts.rows} rows in, {counts.ok} captioned, {counts.failed} failed ({reasons}); "
+          f"{len(written)} shard file(s) written, {len(plan.done)} already done; {speed} images/s over "
+          f"{seconds:.1f}s", file=sys.stderr, flush=True)
+    return {"output": output.uri,
+            "shards": {"total": len(plan.inputs), "skipped_done": len(plan.done), "written": len(written)},
+            "rows_in": counts.rows, "rows_captioned": counts.ok, "rows_failed": counts.failed,
+            "failed_by_code": failed_by_code, "seconds": round(seconds, 3), "images_per_s": speed, "stats": stats}
