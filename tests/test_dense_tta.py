@@ -13,10 +13,10 @@ from torch import nn
 from clipdense.config import ConfigError, load_config
 from clipdense.dense.backbones import create_backbone
 from clipdense.dense.config import BackboneConfig, FinetuneConfig
-from clipdense.dense.datasets import build_eval_dataset
 from clipdense.dense.evaluate import evaluate_depth, evaluate_seg, rescore_seg
 from clipdense.dense.heads import SegModel
 from clipdense.dense.inference import MS_SCALES, slide_predict, tta_predict, tta_views, whole_predict
+from clipdense.dense.tasks import build_eval_dataset
 
 
 class Pixelwise(nn.Module):

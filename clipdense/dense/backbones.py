@@ -25,23 +25,30 @@ Detection (`neck="vitdet"`): a plain ViT's last block, once per level, through V
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+import open_clip
+import timm
 import torch
 from timm.layers import DropPath
+from timm.models import group_parameters
 from torch import nn
 
 from clipdense.config import ConfigError
 from clipdense.dense.config import BackboneConfig
-from clipdense.dense.necks import Feature2Pyramid
+from clipdense.dense.dpt import Reassemble
+from clipdense.dense.necks import Feature2Pyramid, ViTDetRescale
 from clipdense.models import open_clip_adapter as oca
+from clipdense.models.registry import create_clip, register_model_configs
 
 STRIDES = (4, 8, 16, 32)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 def default_block_indices(depth: int) -> list[int]:
-    """Blocks whose tokens feed the pyramid: mmseg's [3,5,7,11] for 12 blocks, [7,11,15,23] for 24, else evenly spaced."""
+    """Blocks whose tokens feed the pyramid: mmseg's [3,5,7,11] for 12 blocks, [7,11,15,23] for 24, else evenly
+    spaced."""
     known = {12: [3, 5, 7, 11], 24: [7, 11, 15, 23]}
     return known.get(depth, [max(0, round((k + 1) * depth / 4) - 1) for k in range(4)])
 
@@ -54,7 +61,8 @@ def dpt_block_indices(depth: int) -> list[int]:
 def _pyramid_scales(patch: int) -> list[float]:
     scales = [patch / s for s in STRIDES]
     if patch < 1 or patch & (patch - 1):
-        raise ConfigError(f"backbone: patch size {patch} is not a power of two; Feature2Pyramid cannot reach strides 4-32")
+        raise ConfigError(f"backbone: patch size {patch} is not a power of two; Feature2Pyramid cannot reach "
+                          "strides 4-32")
     return scales
 
 
@@ -76,12 +84,8 @@ def _plain_neck(kind: str, width: int, patch: int) -> nn.Module:
     """Same-stride ViT maps -> strides 4-32: mmseg's Feature2Pyramid, DPT's reassemble (readout-projected), or
     ViTDet's rescaling of the last block (detection)."""
     if kind == "vitdet":
-        from clipdense.dense.necks import ViTDetRescale
-
         return ViTDetRescale(width, _pyramid_scales(patch))
     if kind == "dpt":
-        from clipdense.dense.dpt import Reassemble
-
         return Reassemble(width, _pyramid_scales(patch))
     neck = Feature2Pyramid(width, _pyramid_scales(patch))
     neck.out_channels = [width] * 4
@@ -153,8 +157,6 @@ class TimmPyramid(_Freezable, nn.Module):
 
     def __init__(self, model: nn.Module, out_indices: list[int] | None = None, neck: str = "feature2pyramid"):
         super().__init__()
-        from timm.models import group_parameters
-
         info = list(model.feature_info)
         reductions = [int(f["reduction"]) for f in info]
         self.plain = len(set(reductions)) == 1
@@ -199,7 +201,8 @@ class TimmPyramid(_Freezable, nn.Module):
 
 
 def _retrofit_drop_path(module: nn.Module, rate: float) -> int:
-    """Give a built timm model stochastic depth: its `drop_path*` slots (Identity at rate 0) in order, rising to `rate`."""
+    """Give a built timm model stochastic depth: its `drop_path*` slots (Identity at rate 0) in order, rising to
+    `rate`."""
     slots = [(m, a) for m in module.modules() for a in ("drop_path", "drop_path1", "drop_path2")
              if isinstance(getattr(m, a, None), (nn.Identity, DropPath))]
     for i, (m, a) in enumerate(slots):
@@ -217,11 +220,6 @@ def _schema(ckpt: str | None) -> str | None:
 def resolve_kind(cfg: BackboneConfig) -> str:
     if cfg.kind != "auto":
         return cfg.kind
-    import open_clip
-    import timm
-
-    from clipdense.models.registry import register_model_configs
-
     register_model_configs()
     if cfg.name in open_clip.list_models():
         return "open_clip"
@@ -242,10 +240,6 @@ def _check_checkpoint(ckpt: str | None) -> None:
 def _open_clip_model(cfg: BackboneConfig):
     """The named open_clip model with `backbone.checkpoint`'s weights; a `local-dir:` / `hf-hub:` folder is open_clip's
     own layout (config + weights), and its image tower must be the named model's."""
-    import open_clip
-
-    from clipdense.models.registry import create_clip, register_model_configs
-
     schema = _schema(cfg.checkpoint)
     if not schema:
         return create_clip(cfg.name, pretrained=cfg.checkpoint)
@@ -264,8 +258,6 @@ def _open_clip_model(cfg: BackboneConfig):
 
 
 def _timm_model(cfg: BackboneConfig, kwargs: dict):
-    import timm
-
     schema = _schema(cfg.checkpoint)
     if schema == "hf-hub:":
         kwargs = {**kwargs, "pretrained": True, "pretrained_cfg_overlay": {"hf_hub_id": cfg.checkpoint[len(schema):],
@@ -288,55 +280,92 @@ def _timm_model(cfg: BackboneConfig, kwargs: dict):
         raise ConfigError(f"backbone {cfg.name!r} checkpoint {cfg.checkpoint!r}: {msg}") from None
 
 
-def create_backbone(cfg: BackboneConfig, img_size: tuple[int, int] | list[int] | None = None,
-                    neck: str = "feature2pyramid") -> nn.Module:
-    """Build the pyramid backbone `cfg` names; it carries `.provenance` (name, kind, checkpoint, trunk params),
-    `.mean`, `.std`. `img_size`: the finetune crop, whose grid a ViT's position table is resized to once.
-    `neck`: how a plain ViT's one-stride maps become a pyramid ("feature2pyramid" | "dpt" | "vitdet")."""
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A finetune's backbone resolved once, where the stage starts: its config, open_clip or timm (`kind`, the
+    checkpoint checked), the crop grid a ViT's position table is resized to, the neck. `build()` makes it (in each
+    training worker)."""
+
+    cfg: BackboneConfig
+    kind: str
+    img_size: tuple[int, int] | list[int] | None = None
+    neck: str = "feature2pyramid"
+
+    def build(self) -> nn.Module:
+        """The pyramid backbone, carrying `.provenance` (name, kind, checkpoint, trunk params), `.mean`, `.std`."""
+        cfg = self.cfg
+        net, mean, std, drop_path_applied = (_open_clip_pyramid if self.kind == "open_clip" else _timm_pyramid)(self)
+        if cfg.frozen:
+            net.freeze()
+        net.mean = tuple(float(v) for v in (cfg.mean or mean))
+        net.std = tuple(float(v) for v in (cfg.std or std))
+        trunk_params = sum(p.numel() for p in getattr(net, net.trunk_name).parameters())
+        net.provenance = {"name": cfg.name, "kind": self.kind, "checkpoint": cfg.checkpoint, "params": trunk_params,
+                          "neck_params": sum(p.numel() for p in net.parameters()) - trunk_params,
+                          "out_channels": list(net.out_channels),
+                          "drop_path": cfg.drop_path if drop_path_applied else 0.0, "frozen": cfg.frozen}
+        return net
+
+
+def resolve_backbone(cfg: BackboneConfig, img_size: tuple[int, int] | list[int] | None = None,
+                     neck: str = "feature2pyramid") -> BackboneSpec:
+    """`img_size`: the finetune crop, whose grid a ViT's position table is resized to once. `neck`: how a plain
+    ViT's one-stride maps become a pyramid ("feature2pyramid" | "dpt" | "vitdet")."""
     kind = resolve_kind(cfg)
     _check_checkpoint(cfg.checkpoint)
     if cfg.frozen:  # nothing trains: keep the table bit-identical to the checkpoint (interpolating it gives the same)
         img_size = None
+    return BackboneSpec(cfg, kind, img_size, neck)
+
+
+def create_backbone(cfg: BackboneConfig, img_size: tuple[int, int] | list[int] | None = None,
+                    neck: str = "feature2pyramid") -> nn.Module:
+    """Build the pyramid backbone `cfg` names (see `resolve_backbone` and `BackboneSpec.build`)."""
+    return resolve_backbone(cfg, img_size, neck).build()
+
+
+def _open_clip_pyramid(spec: BackboneSpec) -> tuple[nn.Module, tuple, tuple, bool]:
+    """(pyramid, mean, std, drop path applied) of an open_clip image tower: a ViT, or a timm trunk inside it."""
+    cfg = spec.cfg
+    if cfg.model_kwargs:
+        raise ConfigError("backbone.model_kwargs: only timm backbones take them (this one is open_clip)")
+    try:
+        clip = _open_clip_model(cfg)
+    except (RuntimeError, ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"backbone {cfg.name!r} checkpoint {cfg.checkpoint!r}: {str(e).splitlines()[0]}") from None
+    visual, trunk = clip.visual, oca.timm_trunk(clip.visual)
+    pp = oca.preprocess_cfg(clip)
+    mean, std = pp.get("mean", CLIP_MEAN), pp.get("std", CLIP_STD)
     drop_path_applied = cfg.drop_path > 0
-    if kind == "open_clip":
-        if cfg.model_kwargs:
-            raise ConfigError("backbone.model_kwargs: only timm backbones take them (this one is open_clip)")
-        try:
-            clip = _open_clip_model(cfg)
-        except (RuntimeError, ValueError, FileNotFoundError) as e:
-            raise ConfigError(f"backbone {cfg.name!r} checkpoint {cfg.checkpoint!r}: {str(e).splitlines()[0]}") from None
-        visual, trunk = clip.visual, oca.timm_trunk(clip.visual)
-        pp = oca.preprocess_cfg(clip)
-        mean, std = pp.get("mean", CLIP_MEAN), pp.get("std", CLIP_STD)
-        if oca.is_vit(visual):
-            net = ViTPyramid(visual, cfg.out_indices, cfg.drop_path, img_size, neck)
-        elif trunk is not None:
-            if cfg.drop_path > 0:
-                drop_path_applied = _retrofit_drop_path(trunk, cfg.drop_path) > 0
-            net = TimmPyramid(trunk, cfg.out_indices, neck)
-        else:
-            raise ConfigError(f"backbone {cfg.name!r}: image tower {type(visual).__name__} is not supported "
-                              "(open_clip ViTs and timm towers are)")
-        del clip
-    else:
-        kwargs = dict(cfg.model_kwargs)
+    if oca.is_vit(visual):
+        net = ViTPyramid(visual, cfg.out_indices, cfg.drop_path, spec.img_size, spec.neck)
+    elif trunk is not None:
         if cfg.drop_path > 0:
-            kwargs["drop_path_rate"] = cfg.drop_path
-        model = _timm_model(cfg, kwargs)
-        if len({f["reduction"] for f in model.feature_info}) == 1:  # plain ViT: any input size, table at the crop
-            if img_size is not None and "img_size" not in kwargs:
-                kwargs["img_size"] = [int(v) for v in img_size]
-            model = _timm_model(cfg, {**kwargs, "dynamic_img_size": True})
-        pc = getattr(model, "pretrained_cfg", {}) or {}
-        mean, std = pc.get("mean", (0.485, 0.456, 0.406)), pc.get("std", (0.229, 0.224, 0.225))
-        net = TimmPyramid(model, cfg.out_indices, neck)
-    if cfg.frozen:
-        net.freeze()
-    net.mean = tuple(float(v) for v in (cfg.mean or mean))
-    net.std = tuple(float(v) for v in (cfg.std or std))
-    trunk_params = sum(p.numel() for p in getattr(net, net.trunk_name).parameters())
-    net.provenance = {"name": cfg.name, "kind": kind, "checkpoint": cfg.checkpoint, "params": trunk_params,
-                      "neck_params": sum(p.numel() for p in net.parameters()) - trunk_params,
-                      "out_channels": list(net.out_channels), "drop_path": cfg.drop_path if drop_path_applied else 0.0,
-                      "frozen": cfg.frozen}
-    return net
+            drop_path_applied = _retrofit_drop_path(trunk, cfg.drop_path) > 0
+        net = TimmPyramid(trunk, cfg.out_indices, spec.neck)
+    else:
+        raise ConfigError(f"backbone {cfg.name!r}: image tower {type(visual).__name__} is not supported "
+                          "(open_clip ViTs and timm towers are)")
+    return net, mean, std, drop_path_applied
+
+
+def _timm_pyramid(spec: BackboneSpec) -> tuple[nn.Module, tuple, tuple, bool]:
+    """(pyramid, mean, std, drop path applied) of a timm model."""
+    cfg, img_size = spec.cfg, spec.img_size
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.drop_path > 0:
+        kwargs["drop_path_rate"] = cfg.drop_path
+    model = _timm_model(cfg, kwargs)
+    if len({f["reduction"] for f in model.feature_info}) == 1:  # plain ViT: any input size, table at the crop
+        if img_size is not None and "img_size" not in kwargs:
+            kwargs["img_size"] = [int(v) for v in img_size]
+        model = _timm_model(cfg, {**kwargs, "dynamic_img_size": True})
+    pc = getattr(model, "pretrained_cfg", {}) or {}
+    mean, std = pc.get("mean", (0.485, 0.456, 0.406)), pc.get("std", (0.229, 0.224, 0.225))
+    return TimmPyramid(model, cfg.out_indices, spec.neck), mean, std, cfg.drop_path > 0
+
+
+def backbone_family(backbone: nn.Module) -> str:
+    """"hierarchical" for a timm tower with stages at several strides, else "vit" (layer-decay ids, detection's
+    pyramid)."""
+    return "hierarchical" if isinstance(backbone, TimmPyramid) and not backbone.plain else "vit"

@@ -16,6 +16,7 @@ from torch import nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from clipdense.config import ConfigError
+from clipdense.dense.backbones import backbone_family
 from clipdense.dense.config import DetHead
 from clipdense.dense.necks import LayerNorm2d, SimpleFeaturePyramid, TowerFPN
 
@@ -34,8 +35,6 @@ class SquareTransform(GeneralizedRCNNTransform):
 
 def detection_pyramid(backbone: nn.Module, channels: int) -> nn.Module:
     """ViTDet's simple feature pyramid for a plain ViT (built with neck `vitdet`), torchvision's FPN otherwise."""
-    from clipdense.dense.optim import backbone_family
-
     if backbone_family(backbone) == "hierarchical":
         return TowerFPN(backbone, channels)
     return SimpleFeaturePyramid(backbone, channels)

@@ -6,9 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipdense.dense.dpt import DPTHead
+
 
 def conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
 
 
 def resize(x: torch.Tensor, size) -> torch.Tensor:
@@ -64,8 +67,6 @@ def decode_head(kind: str, in_channels: list[int], channels: int, num_outputs: i
     if kind == "linear":
         return LinearHead(in_channels, num_outputs, dropout)
     if kind == "dpt":
-        from clipdense.dense.dpt import DPTHead
-
         return DPTHead(in_channels, channels, num_outputs)
     return UperHead(in_channels, channels, num_outputs, pool_scales, dropout)
 

@@ -12,7 +12,8 @@ NYU_SIZE = (480, 640)
 
 
 class ConfusionMatrix:
-    """Dataset-level K x K counts (rows = ground truth, cols = prediction); pixels labelled `ignore_index` are skipped."""
+    """Dataset-level K x K counts (rows = ground truth, cols = prediction); pixels labelled `ignore_index` are
+    skipped."""
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE):
         self.k = num_classes

@@ -23,19 +23,14 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
+from timm.models import group_parameters
 from torch import nn
 
 from clipdense.config import ConfigError
+from clipdense.dense.backbones import backbone_family
 
 DEFAULT_LAYER_DECAY = {"vit": 0.65, "hierarchical": 0.9}
 STAGE_IDS = 12  # body ids of a hierarchical tower (mmseg ConvNeXt: num_layers 12)
-
-
-def backbone_family(backbone: nn.Module) -> str:
-    """"hierarchical" for a timm tower with stages at several strides, else "vit"."""
-    from clipdense.dense.backbones import TimmPyramid
-
-    return "hierarchical" if isinstance(backbone, TimmPyramid) and not backbone.plain else "vit"
 
 
 def share_ids(depths: list[int], budget: int = STAGE_IDS) -> list[int]:
@@ -61,8 +56,6 @@ def _matches(matcher, name: str) -> bool:
 def hierarchical_layer_ids(model: nn.Module, budget: int = STAGE_IDS) -> tuple[dict[str, int], int]:
     """({parameter name: id}, head id) for a timm hierarchical model (see the module docstring); names the
     matcher does not know (a final conv, a head) are left out, i.e. go with the head."""
-    from timm.models import group_parameters
-
     coarse_m, fine_m = model.group_matcher(coarse=True), model.group_matcher(coarse=False)
     if not isinstance(coarse_m, dict) or not isinstance(fine_m, dict):
         raise ConfigError(f"{type(model).__name__}: timm group_matcher is not a dict; layer_decay needs stages "
@@ -129,8 +122,9 @@ def layer_decay_param_groups(model: nn.Module, backbone: nn.Module, weight_decay
         decay = not (p.ndim <= 1 or name.endswith(".bias") or bb_name in no_wd_names)
         in_trunk = id(p) in trunk
         scale = (decay_rate ** (table.head - layer) if decay_rate else 1.0) * (trunk_lr_scale if in_trunk else 1.0)
-        g = groups.setdefault((layer, decay, in_trunk), {"params": [], "param_names": [], "lr_scale": scale, "layer_id": layer,
-                                               "weight_decay": weight_decay if decay else 0.0})
+        g = groups.setdefault((layer, decay, in_trunk), {"params": [], "param_names": [], "lr_scale": scale,
+                                                         "layer_id": layer,
+                                                         "weight_decay": weight_decay if decay else 0.0})
         g["params"].append(p)
         g["param_names"].append(name)
     out = [groups[k] for k in sorted(groups)]

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from clipdense.config import ConfigError, DataError
-from clipdense.dense.backbones import create_backbone
+from clipdense.dense.backbones import BackboneSpec, backbone_family, resolve_backbone
 from clipdense.dense.config import FinetuneConfig
-from clipdense.dense.optim import backbone_family, layer_decay_param_groups, lr_scale_record
-from clipdense.dense.tasks import task_of
+from clipdense.dense.optim import layer_decay_param_groups, lr_scale_record
+from clipdense.dense.tasks import TaskKind, task_of
 from clipdense.train.task import TrainContext, TrainTask
 
 
@@ -34,16 +34,39 @@ def epoch_batches(n: int, per_rank: int, rank: int, world_size: int, seed: int, 
     return [order[b * g + rank * per_rank: b * g + (rank + 1) * per_rank] for b in range(len(order) // g)]
 
 
+@dataclass(frozen=True)
+class FinetuneDatasets:
+    """A finetune's training and evaluation sets, read once where the stage starts (file lists, annotations; the
+    workers read the images)."""
+
+    train: Dataset
+    eval: Dataset
+
+
+def build_datasets(kind: TaskKind, cfg: FinetuneConfig) -> FinetuneDatasets:
+    """Both sets of the task; a bad path or annotation file, or no training sample, is a one-line error."""
+    datasets = FinetuneDatasets(kind.train_dataset(cfg), kind.eval_dataset(cfg))
+    if len(datasets.train) == 0:
+        raise DataError(f"{cfg.data.root}: no training samples for task {cfg.task}")
+    return datasets
+
+
 def _scalars(d: dict) -> dict[str, float]:
     return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 class DenseTask(TrainTask):
+    """`datasets` and `backbone`: what `resolve_finetune` resolved once for the run; a task made on its own (tests,
+    benches) resolves them from `cfg` itself."""
+
     find_unused_parameters = False
 
-    def __init__(self, cfg: FinetuneConfig):
+    def __init__(self, cfg: FinetuneConfig, datasets: FinetuneDatasets | None = None,
+                 backbone: BackboneSpec | None = None):
         self.cfg = cfg
         self.kind = task_of(cfg)
+        self.datasets = datasets
+        self.backbone_spec = backbone or resolve_backbone(cfg.backbone, self.kind.img_size(cfg), self.kind.neck(cfg))
         self.backbone: nn.Module | None = None
         self.provenance: dict = {}
         self.last_eval: dict = {}
@@ -62,14 +85,13 @@ class DenseTask(TrainTask):
         if self.per_rank < self.kind.min_batch_per_rank and not sync_bn:
             raise ConfigError(f"data.batch_size {gb} over {ws} workers leaves {self.per_rank} image per worker; "
                               "the decoder's BatchNorm needs >= 2 (SyncBatchNorm is used only on multi-GPU runs)")
-        self.train_set = self.kind.train_dataset(cfg)
-        if len(self.train_set) == 0:
-            raise DataError(f"{cfg.data.root}: no training samples for task {cfg.task}")
-        self.eval_set = self.kind.eval_dataset(cfg) if ctx.is_main else None
+        datasets = self.datasets if self.datasets is not None else build_datasets(self.kind, cfg)
+        self.train_set = datasets.train
+        self.eval_set = datasets.eval if ctx.is_main else None
 
     def build_model(self) -> nn.Module:
         cfg, kind = self.cfg, self.kind
-        backbone = create_backbone(cfg.backbone, kind.img_size(cfg), neck=kind.neck(cfg))
+        backbone = self.backbone_spec.build()
         model = kind.build_model(cfg, backbone, self.train_set)
         if self.ctx.world_size > 1 and self.ctx.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -130,11 +152,22 @@ def metrics_record(cfg: FinetuneConfig, metrics: dict, provenance: dict, data: d
             "save_predictions": cfg.save_predictions, "config": cfg.model_dump(mode="json")}
 
 
-@dataclass
+@dataclass(frozen=True)
 class DenseTaskFactory:
-    """Picklable zero-argument factory the runner calls inside each worker."""
+    """One finetune resolved once (`resolve_finetune`): the validated config, its datasets and its backbone. The
+    runner calls it inside each worker (a Ray Train run pickles it to them)."""
 
-    config: dict
+    cfg: FinetuneConfig
+    datasets: FinetuneDatasets
+    backbone: BackboneSpec
 
     def __call__(self) -> DenseTask:
-        return DenseTask(FinetuneConfig.model_validate(self.config))
+        return DenseTask(self.cfg, self.datasets, self.backbone)
+
+
+def resolve_finetune(cfg: FinetuneConfig) -> DenseTaskFactory:
+    """Read the datasets and resolve the backbone (open_clip or timm, checkpoint checked) once, so a bad path,
+    annotation file or backbone fails here with its one-line error, before any worker starts."""
+    kind = task_of(cfg)
+    datasets = build_datasets(kind, cfg)
+    return DenseTaskFactory(cfg, datasets, resolve_backbone(cfg.backbone, kind.img_size(cfg), kind.neck(cfg)))

@@ -6,17 +6,5 @@ from clipdense.dense.datasets.coco import COCODetection
 from clipdense.dense.datasets.common import subset_indices
 from clipdense.dense.datasets.nyu import NYUEval, NYUTrain
 
-__all__ = ["ADEEval", "ADETrain", "COCODetection", "NYUEval", "NYUTrain", "build_eval_dataset",
-           "build_train_dataset", "reduce_zero_label", "restore_zero_label", "subset_indices"]
-
-
-def build_train_dataset(cfg):
-    from clipdense.dense.tasks import build_train_dataset as build
-
-    return build(cfg)
-
-
-def build_eval_dataset(cfg):
-    from clipdense.dense.tasks import build_eval_dataset as build
-
-    return build(cfg)
+__all__ = ["ADEEval", "ADETrain", "COCODetection", "NYUEval", "NYUTrain", "reduce_zero_label", "restore_zero_label",
+           "subset_indices"]
