@@ -23,8 +23,9 @@ from shard_files import good_samples, jpeg_bytes, write_tar
 
 from clipdense.data.images import check_image
 from clipdense.data.paths import expand_shards
-from clipdense.data.shards import IMAGE_EXTS, SCHEMA, iter_tar_samples, read_shard_local, read_shards, summarize
+from clipdense.data.shards import read_shard_local, read_shards, summarize
 from clipdense.data.storage import Storage
+from clipdense.data.tar_rows import IMAGE_EXTS, SCHEMA, iter_tar_samples
 from clipdense.recaption.decode import ImageInput
 from clipdense.recaption.pipeline import decode_batch
 

@@ -11,7 +11,7 @@ import torch
 
 from clipdense.data.images import ImageError, decode_rgb
 from clipdense.data.paths import ShardFiles
-from clipdense.data.shards import iter_tar_samples
+from clipdense.data.tar_rows import iter_tar_samples
 from clipdense.models.registry import create_clip_and_transforms, tokenizer_for
 from clipdense.recaption.config import StatsConfig
 
