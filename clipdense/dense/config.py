@@ -274,13 +274,20 @@ def has_key(cls: type[BaseModel], dotted: str) -> bool:
     for part in dotted.split("."):
         if not (isinstance(node, type) and issubclass(node, BaseModel)):
             return node is dict
-        field = node.model_fields.get(part)
+        field = _field_of_key(node, part)
         if field is None:
             return False
         node = field.annotation
         if getattr(node, "__origin__", None) is dict:
             node = dict
     return True
+
+
+def _field_of_key(cls: type[BaseModel], key: str):
+    """The field that YAML key `key` sets: by its alias where it has one (`train.checkpoint.storage`)."""
+    by_name = cls.model_config.get("validate_by_name", False)
+    return next((f for name, f in cls.model_fields.items()
+                 if key == f.alias or (key == name and (f.alias is None or by_name))), None)
 
 
 def tasks_with_key(dotted: str) -> list[str]:

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from clipdense.config import Config
+from clipdense.data.storage import StorageKeys
 
 
 class OptimConfig(Config):
@@ -59,14 +60,15 @@ class ScalingConfig(Config):
         return range(self.min_workers if self.elastic else self.num_workers, self.num_workers + 1)
 
 
-class CheckpointConfig(Config):
+class CheckpointConfig(StorageKeys):
+    # the YAML key `storage` names the field `location`: `storage(uri)` is StorageKeys' method
+    model_config = ConfigDict(validate_by_alias=True, validate_by_name=False, serialize_by_alias=True)
+
     every_steps: int = Field(0, ge=0, description="0 = only at the end")
     keep: int | None = Field(2, ge=1, description="checkpoints kept (Ray num_to_keep); null = all")
-    storage: str | None = Field(None, description="where Ray Train keeps the run's checkpoints and state: a local "
-                                "dir or s3://bucket/prefix (survives the cluster: a rerun resumes from it); "
-                                "default: out_dir")
-    s3_endpoint: str | None = Field(None, description="S3-compatible endpoint for an s3:// storage "
-                                    "(default: env AWS_ENDPOINT_URL)")
+    location: str | None = Field(None, alias="storage", description="where Ray Train keeps the run's checkpoints "
+                                 "and state: a local dir or s3://bucket/prefix (survives the cluster: a rerun "
+                                 "resumes from it); default: out_dir")
 
 
 class TrainConfig(Config):

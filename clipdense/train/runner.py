@@ -197,15 +197,13 @@ def fit(task_factory: TaskFactory, cfg: TrainConfig, *, datasets: dict | None = 
 
 
 def run_storage(cfg: TrainConfig, out: Path) -> tuple[str, object | None, str]:
-    """(Ray's storage_path, its pyarrow filesystem or None, the same place as a URI) for `checkpoint.storage`:
-    s3:// goes through pyarrow's S3FileSystem (endpoint_override from `checkpoint.s3_endpoint` or
+    """(Ray's storage_path, its pyarrow filesystem or None, the same place as a URI) for `checkpoint.storage`
+    (default: `out`): an s3:// location is reached through its `Storage` (the checkpoint section's endpoint, else
     AWS_ENDPOINT_URL), so Ray Train itself uploads, lists and restores checkpoints there."""
-    uri = cfg.checkpoint.storage
+    uri = cfg.checkpoint.location
     if not uri:
         return str(out), None, str(out)
     if not uri.startswith("s3://"):
         return os.path.abspath(uri), None, os.path.abspath(uri)
-    from clipdense.data.storage import Storage
-
-    fs, inner = Storage(uri, cfg.checkpoint.s3_endpoint).locate()
+    fs, inner = cfg.checkpoint.storage(uri).locate()
     return inner.rstrip("/"), fs, uri
