@@ -30,8 +30,9 @@ from bench.common import add_local_ray_args
 from bench.jpeg_shards import make_shards
 from bench.recaption_echo import pipeline
 from clipdense.config import RayConfig
-from clipdense.data.shards import _rows_to_table, rebatch, shard_rows, write_parquet
+from clipdense.data.shards import _rows_to_table, rebatch, write_parquet
 from clipdense.data.storage import Storage
+from clipdense.data.tar_rows import shard_rows
 from clipdense.ray_session import ray_session
 from clipdense.recaption.config import EngineConfig
 from clipdense.recaption.decode import ImageInput, prepare_image
