@@ -19,8 +19,8 @@ from clipdense.train.runner import fit, fit_local
 
 
 def row_sources(data: DataConfig, ev: EvalConfig, policy: str) -> tuple[Sources, Sources | None]:
-    """(the training rows' sources, those of the held-out `eval.path` or None), all reached through
-    `data.s3_endpoint`."""
+    """(the training rows' sources, those of the held-out `eval.path` or None), all reached through the `data:`
+    section's endpoint."""
     def specs(spec: str | list[str]) -> tuple:
         return tuple(data.storage(s) for s in ([spec] if isinstance(spec, str) else spec))
 
