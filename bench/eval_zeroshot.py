@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from bench.common import RoundLoads, parse_bench_args, row, write_report
-from clipdense.eval.run import load_model
+from clipdense.eval.model import load_model
 from clipdense.eval.zeroshot import evaluate_zeroshot, index_folder, resolve_prompts
 
 

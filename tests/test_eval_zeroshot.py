@@ -15,7 +15,7 @@ from pretrain_files import write_world
 from clipdense.cli import main as cli_main
 from clipdense.config import build_config
 from clipdense.eval import EvalStageConfig, run
-from clipdense.eval.run import load_model
+from clipdense.eval.model import load_model
 from clipdense.models import create_clip
 
 

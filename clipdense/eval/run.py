@@ -14,8 +14,6 @@ from clipdense.eval.model import load_model
 from clipdense.eval.retrieval import evaluate_shards
 from clipdense.eval.zeroshot import evaluate_zeroshot, resolve_zeroshot
 
-__all__ = ["load_model", "run"]
-
 
 def _device(device: str, precision: str) -> tuple[torch.device, torch.dtype | None]:
     """(the device, the autocast dtype or None): auto is cuda when available, bf16 autocast on cuda."""
