@@ -193,8 +193,7 @@ def sidecar_rows(sidecar: Storage, shard: str, seen: set) -> Iterator[dict]:
     """The URLs of an img2dataset parquet that its tar does not hold, as error rows: failed downloads (code = their
     status: failed_to_download, failed_to_resize, ...; detail = img2dataset's error_message) and `not_in_tar` for a
     "success" the tar lacks (cut short). So every input URL is accounted for."""
-    fs, inner = sidecar.locate()
-    with fs.open_input_file(inner) as f:
+    with sidecar.open_input_file() as f:
         pf = pq.ParquetFile(f)
         table = pf.read(columns=[c for c in SIDECAR_READ if c in pf.schema_arrow.names])
     cols = {c: table.column(c).to_pylist() if c in table.column_names else [None] * table.num_rows

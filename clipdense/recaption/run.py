@@ -2,10 +2,9 @@
 which of them are done), enters Ray for the pipeline, writes the stats and reports."""
 from __future__ import annotations
 
-import dataclasses
 import sys
 
-from clipdense.data.paths import expand_shards
+from clipdense.data.paths import ShardFiles, expand_shards
 from clipdense.ray_session import ray_session
 from clipdense.recaption.config import RecaptionConfig
 from clipdense.recaption.engines.resolve import resolve_engine
@@ -23,7 +22,7 @@ def run(cfg: RecaptionConfig) -> dict:
     plan = plan_shards(shards.files, output)
     counts, written, seconds = RunCounts(), [], 0.0
     if plan.todo:
-        todo = dataclasses.replace(shards, files=list(plan.todo.values()))
+        todo = ShardFiles(list(plan.todo.values()), shards.sidecars, shards.storage)
         with ray_session(cfg.ray, log_to_driver=True):
             assembler, seconds = caption_shards(todo, plan, engine, cfg.decode, cfg.fault, cfg.keep_images)
         counts, written = assembler.counts, assembler.written
