@@ -46,7 +46,7 @@ def _has_magic(s: str) -> bool:
 
 
 def _expand_one(spec: Storage, suffixes: tuple[str, ...]) -> list[str]:
-    fs, path = spec.locate()
+    fs, path = spec.fs, spec.path
     prefix = "s3://" if spec.remote else ""
     if isinstance(fs, pafs.LocalFileSystem):
         if _has_magic(path):
@@ -119,7 +119,7 @@ def expand_shards(source: Storage | Iterable[Storage]) -> ShardFiles:
     tars = [f for f in files if f.endswith(".tar")]
     if not tars:
         return ShardFiles(files, {}, storage)
-    fs, _ = storage.locate(tars[0])
+    fs = storage.at(tars[0]).fs
     candidates = {t: t[: -len(".tar")] + ".parquet" for t in tars}
     inner = {t: c[len("s3://"):] if c.startswith("s3://") else c for t, c in candidates.items()}
     infos = fs.get_file_info(list(inner.values()))

@@ -132,7 +132,7 @@ def read_shards(shards: ShardFiles, *, validate: Validate = "header", parquet_co
     files = shards.files
     tars = [f for f in files if f.endswith(".tar")]
     parquets = [f for f in files if f.endswith(".parquet")]
-    fs = shards.storage.locate(files[0])[0] if files[0].startswith("s3://") else None
+    fs = shards.storage.at(files[0]).fs if files[0].startswith("s3://") else None
     strip = (lambda p: p[len("s3://"):]) if fs is not None else (lambda p: p)
     parts = []
     if tars:
@@ -154,7 +154,7 @@ def read_shards(shards: ShardFiles, *, validate: Validate = "header", parquet_co
 
 def read_shard_local(file: Storage, validate: Validate = "header", max_pixels: int = DEFAULT_MAX_PIXELS) -> list[dict]:
     """All canonical rows of one tar shard, without Ray (for tests and small tools)."""
-    fs, inner = file.locate()
+    fs, inner = file.fs, file.path
     found = expand_shards(file).sidecars if file.uri.endswith(".tar") else {}
     sidecar = file.at(next(iter(found.values()))) if found else None
     with fs.open_input_stream(inner) as f:
@@ -175,7 +175,7 @@ def summarize(ds) -> dict:
 def write_parquet(rows: list[dict] | pa.Table, dest: Storage, schema: pa.Schema | None = None) -> None:
     """Write one Parquet file atomically (temp name, then rename), local or s3://."""
     table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=schema)
-    fs, inner = dest.locate()
+    fs, inner = dest.fs, dest.path
     parent = inner.rsplit("/", 1)[0]
     if not isinstance(fs, pafs.LocalFileSystem):
         # An object-store PUT is atomic already: the object appears only once the upload completes.

@@ -42,15 +42,19 @@ class Storage:
     def remote(self) -> bool:
         return self.uri.startswith("s3://")
 
-    def locate(self, uri: str | None = None) -> tuple[pafs.FileSystem, str]:
-        """(filesystem, path within it) of `uri` (default: this location), reached the way this one is."""
-        uri = self.uri if uri is None else uri
-        if uri.startswith("s3://"):
+    @functools.cached_property
+    def fs(self) -> pafs.FileSystem:
+        """The pyarrow filesystem this location lives on (what Ray Data, Train and Tune take)."""
+        if self.remote:
             env = os.environ.get
-            fs = _s3(self.endpoint or env("AWS_ENDPOINT_URL"), env("AWS_ACCESS_KEY_ID"),
-                     env("AWS_SECRET_ACCESS_KEY"), env("AWS_DEFAULT_REGION") or env("AWS_REGION"))
-            return fs, uri[len("s3://"):]
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
+            return _s3(self.endpoint or env("AWS_ENDPOINT_URL"), env("AWS_ACCESS_KEY_ID"),
+                       env("AWS_SECRET_ACCESS_KEY"), env("AWS_DEFAULT_REGION") or env("AWS_REGION"))
+        return pafs.LocalFileSystem()
+
+    @property
+    def path(self) -> str:
+        """The location within `fs`: `bucket/prefix` for s3://, an absolute path for a local one."""
+        return self.uri[len("s3://"):] if self.remote else os.path.abspath(self.uri)
 
     def at(self, uri: str) -> Storage:
         """Another location on the same endpoint (a file found under this one, a sibling folder)."""
@@ -61,20 +65,24 @@ class Storage:
 
     def file_names(self) -> set[str]:
         """Base names of the files directly in this folder (none if it does not exist)."""
-        fs, inner = self.locate()
-        infos = fs.get_file_info(pafs.FileSelector(inner.rstrip("/"), recursive=False, allow_not_found=True))
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path.rstrip("/"), recursive=False, allow_not_found=True))
         return {posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File}
 
     def open_input_file(self):
         """This file for random access (a Parquet footer, a column)."""
-        fs, inner = self.locate()
-        return fs.open_input_file(inner)
+        return self.fs.open_input_file(self.path)
 
     def open_output_stream(self):
         """This file, written from the start; its parent folder is made first."""
-        fs, inner = self.locate()
-        fs.create_dir(posixpath.dirname(inner), recursive=True)
-        return fs.open_output_stream(inner)
+        self.fs.create_dir(posixpath.dirname(self.path), recursive=True)
+        return self.fs.open_output_stream(self.path)
+
+    def is_file(self) -> bool:
+        return self.fs.get_file_info(self.path).type == pafs.FileType.File
+
+    def open_input_stream(self):
+        """This file, read from the start."""
+        return self.fs.open_input_stream(self.path)
 
 
 class StorageKeys(Config):

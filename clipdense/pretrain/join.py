@@ -26,15 +26,15 @@ def _recaption_table(recaptions: Storage, stem: str) -> tuple[str, dict, str | N
     """One shard's recaptions, cached per Ray worker process: ("key", key -> (caption, syn_captions, RowError |
     None), None) from our `<stem>.parquet` (this version's or an older one's), or ("uid", uid -> DrSample, why it
     ended early) from a DataCompDR `<stem>.tar`; None when neither exists."""
-    fs, inner = recaptions.child(f"{stem}.parquet").locate()
-    if fs.get_file_info(inner).type.name == "File":
-        table = pq.read_table(inner, filesystem=fs)
+    ours = recaptions.child(f"{stem}.parquet")
+    if ours.is_file():
+        table = pq.read_table(ours.path, filesystem=ours.fs)
         cols = {c: table.column(c).to_pylist() if c in table.column_names else [None] * table.num_rows
                 for c in ("key", "caption", "syn_captions")}
         return "key", dict(zip(cols["key"], zip(cols["caption"], cols["syn_captions"], errors_from(table)))), None
-    fs, inner = recaptions.child(f"{stem}.tar").locate()
-    if fs.get_file_info(inner).type.name == "File":
-        with fs.open_input_stream(inner) as f:
+    theirs = recaptions.child(f"{stem}.tar")
+    if theirs.is_file():
+        with theirs.open_input_stream() as f:
             samples, broken = read_datacompdr(f)
         return "uid", samples, broken
     return None

@@ -199,7 +199,7 @@ def run_tune(cfg: SweepConfig, trials: list[Trial], experiment: str, state: Stor
         # Tune refuses an empty request: a waiting trial actor takes a token CPU share
         trainable = tune.with_resources(tune.with_parameters(_trial_fn, specs=specs),
                                         {k: v for k, v in holds.items() if v > 0} or {"CPU": TOKEN_CPU})
-        fs, root = state.locate() if state.remote else (None, state.uri)   # a local path needs no filesystem
+        fs, root = (state.fs, state.path) if state.remote else (None, state.uri)   # a local path needs no filesystem
         path = f"{root.rstrip('/')}/{experiment}"
         if tune.Tuner.can_restore(path, storage_filesystem=fs):
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, restart_errored=True,

@@ -205,5 +205,5 @@ def run_storage(cfg: TrainConfig, out: Path) -> tuple[str, object | None, str]:
         return str(out), None, str(out)
     if not uri.startswith("s3://"):
         return os.path.abspath(uri), None, os.path.abspath(uri)
-    fs, inner = cfg.checkpoint.storage(uri).locate()
-    return inner.rstrip("/"), fs, uri
+    storage = cfg.checkpoint.storage(uri)
+    return storage.path.rstrip("/"), storage.fs, uri
