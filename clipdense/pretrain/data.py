@@ -232,13 +232,13 @@ def build_datasets(train: Sources, held_out: Sources | None, data: DataConfig, e
 def _eval_dataset(joined, held_out: Sources | None, data: DataConfig, ev: EvalConfig, image_size: int):
     """(the eval rows decoded at open_clip's eval geometry or None, the training keys held out for them)."""
     decode_kw = {"batch_format": "pyarrow", "num_cpus": data.decode_cpus}
-    if held_out is not None:
-        ejoined, ebatch = joined_rows(held_out, data)
-        return ejoined.map_batches(decode_ok, fn_kwargs={"size": image_size}, batch_size=ebatch,
-                                   **decode_kw).limit(ev.max_rows), frozenset()
-    if not ev.holdout:
+    if held_out is None and ev.holdout:
+        keys, scanned = first_ok_keys(joined, ev.holdout)
+        held = frozenset(keys)
+        return joined.limit(scanned).map_batches(decode_ok, fn_kwargs={"size": image_size, "only_keys": held},
+                                                 batch_size=data.decode_batch_size, **decode_kw), held
+    if held_out is None:
         return None, frozenset()
-    keys, scanned = first_ok_keys(joined, ev.holdout)
-    held = frozenset(keys)
-    return joined.limit(scanned).map_batches(decode_ok, fn_kwargs={"size": image_size, "only_keys": held},
-                                             batch_size=data.decode_batch_size, **decode_kw), held
+    ejoined, ebatch = joined_rows(held_out, data)
+    return ejoined.map_batches(decode_ok, fn_kwargs={"size": image_size}, batch_size=ebatch,
+                               **decode_kw).limit(ev.max_rows), frozenset()
