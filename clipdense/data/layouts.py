@@ -98,17 +98,31 @@ def npz_bytes(**arrays: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def datacompdr_members(s: dict) -> list[tuple[str, bytes]]:
+    """One sample's tar members. `npz` (bytes, already `npz_bytes(image_emb=..., text_emb=...)` in float16) may
+    stand for image_emb + text_emb; `syn_score` (a list beside syn_text) is clipdense's stated extension."""
+    k = s["key"]
+    syn = {"syn_text": list(s["syn_text"])}
+    if s.get("syn_score") is not None:
+        syn["syn_score"] = [float(x) for x in s["syn_score"]]
+    npz = s.get("npz")
+    if npz is None:
+        npz = npz_bytes(image_emb=np.asarray(s["image_emb"], np.float16),
+                        text_emb=np.asarray(s["text_emb"], np.float16))
+    return [(f"{k}.url.txt", s.get("url", "").encode()),
+            (f"{k}.syn.json", json.dumps(syn).encode()),
+            (f"{k}.paug.json", json.dumps({"param_aug": json.dumps(s.get("param_aug", {}))}).encode()),
+            (f"{k}.npz", npz),
+            (f"{k}.json", json.dumps({"uid": s["uid"], "sha256": s["sha256"]}).encode())]
+
+
+def datacompdr_tar(samples: list[dict]) -> bytes:
+    """One DataCompDR shard's bytes (see datacompdr_shard)."""
+    return tar_bytes([m for s in samples for m in datacompdr_members(s)])
+
+
 def datacompdr_shard(path: str | Path, samples: list[dict]) -> str:
     """Write one DataCompDR shard. samples: {"key", "uid", "sha256", "url", "syn_text": [str], "param_aug": dict
     (serialised to a JSON string, as DataCompDR stores it), "image_emb": (A, D), "text_emb": (T, D)}."""
-    members = []
-    for s in samples:
-        k = s["key"]
-        members += [(f"{k}.url.txt", s.get("url", "").encode()),
-                    (f"{k}.syn.json", json.dumps({"syn_text": list(s["syn_text"])}).encode()),
-                    (f"{k}.paug.json", json.dumps({"param_aug": json.dumps(s.get("param_aug", {}))}).encode()),
-                    (f"{k}.npz", npz_bytes(image_emb=np.asarray(s["image_emb"], np.float16),
-                                           text_emb=np.asarray(s["text_emb"], np.float16))),
-                    (f"{k}.json", json.dumps({"uid": s["uid"], "sha256": s["sha256"]}).encode())]
-    atomic_write(Path(path), tar_bytes(members))
+    atomic_write(Path(path), datacompdr_tar(samples))
     return str(path)

@@ -24,15 +24,20 @@ JOIN_MISSED = ("no_recaption_file", "no_recaption_for_key", "no_recaption_for_ui
 @functools.lru_cache(maxsize=2)  # rows come shard by shard; a DataCompDR shard's embeddings are large
 def _recaption_table(recaptions: Storage, stem: str) -> tuple[str, dict, str | None] | None:
     """One shard's recaptions, cached per Ray worker process: ("key", key -> (caption, syn_captions, RowError |
-    None), None) from our `<stem>.parquet` (this version's or an older one's), or ("uid", uid -> DrSample, why it
-    ended early) from a DataCompDR `<stem>.tar`; None when neither exists."""
-    ours = recaptions.child(f"{stem}.parquet")
+    None, uid -> DrSample of a DataCompDR tar beside it (recaption with teachers) or {}) from our `<stem>.parquet`
+    (this version's or an older one's), or ("uid", uid -> DrSample, why it ended early) from a DataCompDR
+    `<stem>.tar`; None when neither exists."""
+    ours, theirs = recaptions.child(f"{stem}.parquet"), recaptions.child(f"{stem}.tar")
     if ours.is_file():
         table = pq.read_table(ours.path, filesystem=ours.fs)
         cols = {c: table.column(c).to_pylist() if c in table.column_names else [None] * table.num_rows
                 for c in ("key", "caption", "syn_captions")}
-        return "key", dict(zip(cols["key"], zip(cols["caption"], cols["syn_captions"], errors_from(table)))), None
-    theirs = recaptions.child(f"{stem}.tar")
+        beside = {}
+        if theirs.is_file():
+            with theirs.open_input_stream() as f:
+                beside = read_datacompdr(f)[0]
+        return ("key", dict(zip(cols["key"], zip(cols["caption"], cols["syn_captions"], errors_from(table)))), None,
+                beside)
     if theirs.is_file():
         with theirs.open_input_stream() as f:
             samples, broken = read_datacompdr(f)
@@ -50,8 +55,9 @@ def _uid_and_sha(meta: str | None) -> tuple[str | None, str | None]:
 
 
 def _match(found: tuple, key: str, meta: str | None, shard: str) -> tuple[RowError | None, object]:
-    """(row error | None, the row's recaption: (caption, syn_captions, error) by key, a DrSample by uid)."""
-    by, table, broken = found
+    """(row error | None, the row's recaption: (caption, syn_captions, error) by key, a DrSample by uid; a row
+    without a uid is looked up by its key, as the recaption stage's teachers write it)."""
+    by, table, broken = found[:3]
     if by == "key":
         hit = table.get(key)
         if hit is None:
@@ -60,7 +66,7 @@ def _match(found: tuple, key: str, meta: str | None, shard: str) -> tuple[RowErr
             return row_error("recaption_failed", f"{hit[2].code}: {hit[2].detail}", shard), None
         return None, hit
     uid, sha = _uid_and_sha(meta)
-    hit = None if uid is None else table.get(uid)
+    hit = table.get(uid if uid is not None else key)
     if hit is None:
         why = "the image row has no uid" if uid is None else f"uid {uid}"
         return row_error("no_recaption_for_uid", why + (f" (shard ended: {broken})" if broken else ""), shard), None
@@ -98,6 +104,9 @@ def join_recaptions(batch: pa.Table, recaptions: Storage | None, policy: str) ->
                 syns[i], augs[i], embs[i] = hit.syn, hit.aug_params, hit.teacher_emb
             else:
                 caps[i], syns[i] = hit[0] if hit[0] is not None else caps[i], hit[1]
+                dr = found[3].get(_uid_and_sha(metas[i])[0] or keys[i])
+                if dr is not None:  # teacher embeddings and views written beside our captions
+                    augs[i], embs[i] = dr.aug_params, dr.teacher_emb
         code = missing_for(policy, caps[i], syns[i])
         if code:
             errs[i] = row_error(code, shard=shards[i])

@@ -95,6 +95,27 @@ class FaultConfig(Config):
     engine_delay_s: float = Field(0.0, ge=0)           # each captioner call first sleeps this long (a slow engine)
 
 
+class TeacherModel(Config):
+    """One open_clip teacher: a model name and its weights (an open_clip tag, `local-dir:DIR`, `hf-hub:ORG/REPO` or a
+    checkpoint path; none: random weights, for tests)."""
+    name: str
+    pretrained: str | None = None
+
+
+class TeachersConfig(Config):
+    """Teacher embeddings in DataCompDR's layout (`<output>/<shard>.tar` beside each Parquet): per image `views`
+    augmented views (RandomResizedCrop + RandAugment, as DataCompDR's generator draws them), each teacher's image
+    embedding of each view, and its text embeddings of the original and every synthetic caption."""
+    models: list[TeacherModel] = Field(min_length=1)
+    views: int = Field(2, ge=1)            # DataCompDR-12M stores 30; a few keep a run cheap
+    seed: int = 0                           # views are drawn from a per-row seed (seed, key)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(32, ge=1)       # images per teacher call
+    concurrency: int = Field(1, ge=1)       # a second actor pool, after the captioners
+    num_gpus: float = Field(0.0, ge=0)      # per actor
+    num_cpus: float = Field(1.0, ge=0)      # per actor
+
+
 class RecaptionConfig(StorageKeys):
     input: str | list[str]              # tar/Parquet shards: paths, dirs, globs, {a..b} ranges, s3://
     output: str                         # directory (local or s3://): one <shard>.parquet per input shard
@@ -103,6 +124,7 @@ class RecaptionConfig(StorageKeys):
     decode: DecodeConfig = DecodeConfig()
     stats: StatsConfig = StatsConfig()
     fault: FaultConfig = FaultConfig()
+    teachers: TeachersConfig | None = None  # add DataCompDR-layout teacher embeddings beside the captions
     ray: OnRayConfig = RayConfig()      # where it runs: a local Ray, or a cluster's address (clipdense.ray_session)
 
     @property

@@ -18,12 +18,13 @@ from clipdense.data.paths import ShardFiles
 from clipdense.data.rows import error_columns, errors_from, exception_detail, row_error
 from clipdense.data.shards import READ_TASK_BYTES, read_shards, write_parquet
 from clipdense.ray_session import data_context
-from clipdense.recaption.config import DecodeConfig, EngineConfig, FaultConfig
+from clipdense.recaption.config import DecodeConfig, EngineConfig, FaultConfig, TeachersConfig
 from clipdense.recaption.decode import ImageInput, prepare_images
 from clipdense.recaption.engines import build_captioner, check_output
 from clipdense.recaption.engines.resolve import Engine
 from clipdense.recaption.plan import Plan
-from clipdense.recaption.writer import ShardAssembler
+from clipdense.recaption.teachers import TeacherActor
+from clipdense.recaption.writer import ShardAssembler, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,10 @@ def find_load_error(e: BaseException) -> str | None:
     for cause in (e.__cause__, e.__context__):
         if cause is not None and find_load_error(cause):
             return find_load_error(cause)
-    i = text.find("engine.model ")
-    if "EngineLoadError" in text and i >= 0:
-        return text[i:].splitlines()[0]
+    for error, start in (("EngineLoadError", "engine.model "), ("TeacherLoadError", "teachers.models ")):
+        i = text.find(start)
+        if error in text and i >= 0:
+            return text[i:].splitlines()[0]
     return None
 
 
@@ -113,6 +115,8 @@ class CaptionActor:
                 "shard": batch.column("shard").cast(pa.string())}
         if "image_bytes" in batch.column_names:
             cols["image_bytes"] = batch.column("image_bytes").cast(pa.binary())
+        if "meta" in batch.column_names:
+            cols["meta"] = batch.column("meta").cast(pa.string())
         return pa.table(cols)
 
 
@@ -137,25 +141,25 @@ def decode_batch(batch: pa.Table, spec: ImageInput, keep_images: bool = False) -
         cols["pixels"] = ArrowTensorArray.from_numpy(images)
     else:
         cols["image_jpeg"] = pa.array(images, pa.binary())
-    if keep_images:
-        cols["image_bytes"] = batch.column("image_bytes")
+    if keep_images:  # the originals (and their uid / sha256 in `meta`) for the teachers or the output
+        cols["image_bytes"], cols["meta"] = batch.column("image_bytes"), batch.column("meta")
     return pa.table(cols)
 
 
 def build_dataset(shards: ShardFiles, engine: Engine, decode: DecodeConfig, fault: FaultConfig,
-                  keep_images: bool = False):
-    """The lazy Ray Dataset of result rows (key, caption, syn_captions, error, shard), in input order.
-    Iterate it inside `data_context(DATA_CONTEXT)`."""
+                  keep_images: bool = False, teachers: TeachersConfig | None = None):
+    """The lazy Ray Dataset of result rows (key, caption, syn_captions, error, shard; with teachers their columns
+    too), in input order. Iterate it inside `data_context(DATA_CONTEXT)`."""
     import ray.data
 
     with data_context(DATA_CONTEXT):
         ds = read_shards(shards, validate="none", task_bytes=READ_TASK_BYTES)  # decode_batch checks fully
     ds.context.execution_options.preserve_order, ds.context.read_op_min_num_blocks = True, 1
     ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=decode.batch_size, num_cpus=decode.num_cpus,
-                        fn_kwargs={"spec": engine.image, "keep_images": keep_images})
+                        fn_kwargs={"spec": engine.image, "keep_images": keep_images or teachers is not None})
     e = engine.config
     lo, hi = e.concurrency if isinstance(e.concurrency, tuple) else (e.concurrency, e.concurrency)
-    return ds.map_batches(
+    ds = ds.map_batches(
         CaptionActor, batch_format="pyarrow", batch_size=e.batch_size,
         # plain dicts cross to the actors: they may run in another venv (vLLM) with other library versions
         fn_constructor_kwargs={"engine": e.model_dump(), "fault": fault.model_dump()},
@@ -164,15 +168,25 @@ def build_dataset(shards: ShardFiles, engine: Engine, decode: DecodeConfig, faul
         # stage's keep Ray Data from fusing decode into the captioner actors, where it would run serially with
         # the model instead of in parallel CPU tasks.
         runtime_env=e.runtime_env or {})
+    if teachers is None:
+        return ds
+    return ds.map_batches(
+        TeacherActor, batch_format="pyarrow", batch_size=teachers.batch_size,
+        fn_constructor_kwargs={"teachers": teachers.model_dump(), "max_image_pixels": decode.max_image_pixels,
+                               "keep_images": keep_images},
+        compute=ray.data.ActorPoolStrategy(size=teachers.concurrency), num_gpus=teachers.num_gpus,
+        num_cpus=teachers.num_cpus)
 
 
 def caption_shards(todo: ShardFiles, plan: Plan, engine: Engine, decode: DecodeConfig, fault: FaultConfig,
-                   keep_images: bool) -> tuple[ShardAssembler, float]:
-    """Caption the shards of `todo` (those of `plan` not done) and write one output file per shard as it
-    completes; (the assembler, with what it wrote and counted; seconds). Runs inside a Ray session."""
-    ds = build_dataset(todo, engine, decode, fault, keep_images)
+                   keep_images: bool, teachers: TeachersConfig | None = None) -> tuple[ShardAssembler, float]:
+    """Caption the shards of `todo` (those of `plan` not done) and write one output file per shard (and with
+    teachers its DataCompDR tar) as it completes; (the assembler, with what it wrote and counted; seconds). Runs
+    inside a Ray session."""
+    ds = build_dataset(todo, engine, decode, fault, keep_images, teachers)
     assembler = ShardAssembler(plan, engine.provenance, write=write_parquet, keep_images=keep_images,
-                               fail_after_shards=fault.fail_after_shards)
+                               fail_after_shards=fault.fail_after_shards,
+                               write_tar=write_bytes if teachers is not None else None)
     t0 = time.perf_counter()
     with data_context(DATA_CONTEXT):
         try:

@@ -50,8 +50,9 @@ def is_output_file(file: Storage) -> bool:
     return {"key", "syn_captions"} <= names
 
 
-def plan_shards(inputs: list[str], output: Storage) -> Plan:
-    """Which of the input shards (URIs) still need their output file in `output`."""
+def plan_shards(inputs: list[str], output: Storage, with_tar: bool = False) -> Plan:
+    """Which of the input shards (URIs) still need their output file in `output` (`with_tar`: teachers are on, so
+    a shard is done when its DataCompDR `<shard>.tar` is there too; the writer writes it before the Parquet)."""
     check_output_apart(inputs, output.uri)
     names: dict[str, str] = {}
     for path in inputs:
@@ -62,7 +63,7 @@ def plan_shards(inputs: list[str], output: Storage) -> Plan:
         names[name] = path
     present = output.file_names()
     outputs = {n: output.at(output_path(output.uri, n)) for n in names}
-    done = [n for n in names if f"{n}.parquet" in present]
+    done = [n for n in names if f"{n}.parquet" in present and (not with_tar or f"{n}.tar" in present)]
     # A file at an output path is taken as done only if it is ours. Its schema is read where the folder looks like
     # img2dataset's (a tar or _stats.json beside it) and for the first done file (a folder of someone else's
     # Parquet): one footer each, not one per done shard of a large rerun.

@@ -19,12 +19,13 @@ def run(cfg: RecaptionConfig) -> dict:
     engine = resolve_engine(cfg.engine, cfg.decode, remote=cfg.ray.target() is not None)
     shards = expand_shards(cfg.sources)  # listed once, for plan and read
     output = cfg.storage(cfg.output)
-    plan = plan_shards(shards.files, output)
+    plan = plan_shards(shards.files, output, with_tar=cfg.teachers is not None)
     counts, written, seconds = RunCounts(), [], 0.0
     if plan.todo:
         todo = ShardFiles(list(plan.todo.values()), shards.sidecars, shards.storage)
         with ray_session(cfg.ray, log_to_driver=True):
-            assembler, seconds = caption_shards(todo, plan, engine, cfg.decode, cfg.fault, cfg.keep_images)
+            assembler, seconds = caption_shards(todo, plan, engine, cfg.decode, cfg.fault, cfg.keep_images,
+                                                cfg.teachers)
         counts, written = assembler.counts, assembler.written
     stats = None
     if cfg.stats.enabled:

@@ -7,6 +7,7 @@ when its output file exists (plan.py); re-runs skip done shards, so each input r
 """
 from __future__ import annotations
 
+import json
 import posixpath
 from dataclasses import dataclass, field
 from typing import Callable
@@ -14,6 +15,7 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from clipdense.data.layouts import datacompdr_tar
 from clipdense.data.naming import shard_name
 from clipdense.data.rows import ERROR_FIELDS, codes_of, count_codes
 from clipdense.data.storage import Storage
@@ -54,6 +56,38 @@ class RunCounts:
         return self.rows - self.ok
 
 
+def tar_of(parquet: Storage) -> Storage:
+    """The DataCompDR tar beside a shard's Parquet output: `<output>/<shard>.tar`."""
+    return parquet.at(posixpath.splitext(parquet.uri)[0] + ".tar")
+
+
+def write_bytes(data: bytes, dest: Storage) -> None:
+    """Write one file atomically: temp name then rename locally; an object-store PUT is atomic already."""
+    if dest.remote:
+        with dest.open_output_stream() as f:
+            f.write(data)
+        return
+    tmp = dest.at(posixpath.join(posixpath.dirname(dest.uri), f".tmp-{posixpath.basename(dest.uri)}"))
+    with tmp.open_output_stream() as f:
+        f.write(data)
+    dest.fs.move(tmp.path, dest.path)
+
+
+def dr_samples(parts: list[pa.Table]) -> list[dict]:
+    """DataCompDR samples (data/layouts.py) of a shard's rows that the teachers embedded; rows in error have no
+    embeddings and stay in the Parquet alone."""
+    samples = []
+    for part in parts:
+        cols = part.select(["key", "syn_captions", "uid", "sha256", "param_aug", "teacher_npz"]).to_pydict()
+        for i, npz in enumerate(cols["teacher_npz"]):
+            if npz is None:
+                continue
+            samples.append({"key": cols["key"][i], "uid": cols["uid"][i], "sha256": cols["sha256"][i],
+                            "syn_text": cols["syn_captions"][i], "param_aug": json.loads(cols["param_aug"][i]),
+                            "npz": npz})
+    return samples
+
+
 def shard_runs(block: pa.Table) -> list[tuple[str, pa.Table]]:
     """(shard, rows) for each run of consecutive rows from one shard, in order (zero-copy slices). A block holds a
     run of whole shards and parts of its first and last (blocks span shard boundaries, data.shards.rebatch)."""
@@ -79,8 +113,9 @@ class ShardAssembler:
     interleaves their blocks round-robin, so each source (file type) has its own current shard."""
 
     def __init__(self, plan: Plan, provenance: dict[str, str | None], write: Callable[[pa.Table, Storage], None],
-                 keep_images: bool = False, fail_after_shards: int | None = None):
-        self.plan, self.provenance, self.write = plan, provenance, write
+                 keep_images: bool = False, fail_after_shards: int | None = None,
+                 write_tar: Callable[[bytes, Storage], None] | None = None):
+        self.plan, self.provenance, self.write, self.write_tar = plan, provenance, write, write_tar
         self.schema = OUTPUT_SCHEMA.append(IMAGE_FIELD) if keep_images else OUTPUT_SCHEMA
         self.fail_after_shards = fail_after_shards
         self.current: dict[str, str] = {}           # source -> shard name being collected
@@ -105,7 +140,10 @@ class ShardAssembler:
             self.parts.setdefault(name, []).append(part)
 
     def _flush(self, name: str) -> None:
-        table = self._output_table(self.parts.pop(name, []))
+        parts = self.parts.pop(name, [])
+        table = self._output_table(parts)
+        if self.write_tar is not None:  # before the Parquet, which marks the shard done (plan.py)
+            self.write_tar(datacompdr_tar(dr_samples(parts)), tar_of(self.plan.outputs[name]))
         self.write(table, self.plan.outputs[name])
         self.counts.add(table)
         self.written.append(name)

@@ -1,0 +1,107 @@
+"""The teachers' forward on one batch of rows: decode the original image, draw its k views (views.py), embed every
+view and every caption (the original + the synthetic ones) with each teacher. Embeddings are L2-normalised per
+teacher and concatenated along the feature axis (DataCompDR's blocks, `loss.distill.teacher_dims`), stored float16.
+Imports torch and open_clip: only the teacher actors (teachers.py) and tests load this module."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import open_clip
+import torch
+
+from clipdense.data.images import decode_rgb
+from clipdense.data.layouts import npz_bytes
+from clipdense.models.registry import create_clip_and_transforms, tokenizer_for
+from clipdense.recaption.config import TeacherModel, TeachersConfig
+from clipdense.recaption.engines.seeds import row_seed
+from clipdense.recaption.views import draw_views, teacher_input
+
+FOLDER_SCHEMAS = ("local-dir:", "hf-hub:")   # open_clip's own folder layout: config + weights + tokenizer
+
+
+@dataclass
+class Teacher:
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    size: int           # input side
+    mean: tuple
+    std: tuple
+
+
+def load_teacher(t: TeacherModel, device: str) -> Teacher:
+    """An open_clip teacher by name (+ tag or checkpoint), or an open_clip folder (`local-dir:` / `hf-hub:`)."""
+    if t.pretrained and t.pretrained.startswith(FOLDER_SCHEMAS):
+        model, _, _ = open_clip.create_model_and_transforms(t.pretrained)
+        tokenizer = open_clip.get_tokenizer(t.pretrained)
+    else:
+        model, _, _ = create_clip_and_transforms(t.name, pretrained=t.pretrained)
+        tokenizer = tokenizer_for(t.name)
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+    std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+    return Teacher(t.name, model.to(device).eval(), tokenizer, int(size), tuple(mean), tuple(std))
+
+
+def pick_device(device: str) -> str:
+    return "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+@dataclass
+class Reinforced:
+    """One row's teacher outputs: the views' parameters (param_aug) and the npz (image_emb, text_emb)."""
+    param_aug: list
+    npz: bytes
+
+
+class TeacherForward:
+    """Every teacher loaded once; `rows` embeds a batch."""
+
+    def __init__(self, cfg: TeachersConfig):
+        self.cfg, self.device = cfg, pick_device(cfg.device)
+        self.teachers = [load_teacher(t, self.device) for t in cfg.models]
+
+    @torch.no_grad()
+    def embed_images(self, views: torch.Tensor) -> torch.Tensor:
+        """(n, 3, 224, 224) views -> (n, sum of teacher dims), each teacher's block unit-norm."""
+        blocks = []
+        for t in self.teachers:
+            out = []
+            for s in range(0, len(views), self.cfg.batch_size):
+                x = teacher_input(views[s:s + self.cfg.batch_size], t.size, t.mean, t.std).to(self.device)
+                out.append(t.model.encode_image(x, normalize=True).float().cpu())
+            blocks.append(torch.cat(out))
+        return torch.cat(blocks, 1)
+
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        blocks = []
+        for t in self.teachers:
+            out = []
+            for s in range(0, len(texts), self.cfg.batch_size):
+                tokens = t.tokenizer(texts[s:s + self.cfg.batch_size]).to(self.device)
+                out.append(t.model.encode_text(tokens, normalize=True).float().cpu())
+            blocks.append(torch.cat(out))
+        return torch.cat(blocks, 1)
+
+    def rows(self, images: list[bytes], keys: list[str], captions: list[str | None],
+             syns: list[list[str]], max_image_pixels: int) -> list[Reinforced]:
+        """Each row's views and embeddings; text_emb row 0 is the original caption (empty when none), then the
+        synthetic captions in order (DataCompDR's order)."""
+        k = self.cfg.views
+        params, views = [], []
+        for blob, key in zip(images, keys):
+            p, v = draw_views(decode_rgb(blob, max_image_pixels), k, row_seed(self.cfg.seed, key, "views"))
+            params.append(p)
+            views.append(v)
+        image_emb = self.embed_images(torch.cat(views)).numpy().astype(np.float16)
+        texts = [[c or "", *s] for c, s in zip(captions, syns)]
+        text_emb = self.embed_texts([t for ts in texts for t in ts]).numpy().astype(np.float16)
+        out, j = [], 0
+        for i, ts in enumerate(texts):
+            npz = npz_bytes(image_emb=image_emb[i * k:(i + 1) * k], text_emb=text_emb[j:j + len(ts)])
+            out.append(Reinforced(params[i], npz))
+            j += len(ts)
+        return out

@@ -1,0 +1,80 @@
+"""The teacher actor pool of the recaption pipeline (after the captioners): per row, k augmented views and every
+teacher's embeddings of them and of the captions, carried to the driver's writer as `param_aug` (JSON) and
+`teacher_npz` (DataCompDR's npz) columns, with the `uid` and `sha256` DataCompDR's json member holds.
+
+Light at import: pipeline.py (which the vLLM actors import, in a venv without torch or open_clip) names this class;
+the torch side (teacher_forward.py) is imported when an actor starts.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+import pyarrow as pa
+
+from clipdense.data.datacompdr import json_or_none
+from clipdense.data.rows import error_columns, errors_from, exception_detail, row_error
+from clipdense.recaption.config import TeachersConfig
+
+log = logging.getLogger(__name__)
+
+TEACHER_COLUMNS = {"uid": pa.string(), "sha256": pa.string(), "param_aug": pa.string(), "teacher_npz": pa.binary()}
+
+
+class TeacherLoadError(RuntimeError):
+    """A teacher could not be built in its actor."""
+
+
+def uid_and_sha(meta: str | None, key: str, image: bytes) -> tuple[str, str]:
+    """DataComp's img2dataset json carries the uid and the original image's sha256; without a uid the key stands
+    in (the join falls back to the key alike), without a sha256 the one of the bytes read."""
+    obj = json_or_none(meta)
+    obj = obj if isinstance(obj, dict) else {}
+    uid, sha = obj.get("uid"), obj.get("sha256")
+    return (str(uid) if uid is not None else key), (str(sha) if sha else hashlib.sha256(image).hexdigest())
+
+
+class TeacherActor:
+    """Every teacher loaded once per actor. Rows already in error pass through; a failing forward gives its rows
+    the row error `teacher_failed`."""
+
+    def __init__(self, teachers: dict, max_image_pixels: int, keep_images: bool = False):
+        # local: torch and open_clip, absent from the vLLM actors' venv that imports this module through pipeline.py
+        from clipdense.recaption.teacher_forward import TeacherForward
+
+        self.cfg = TeachersConfig(**teachers)
+        self.max_image_pixels, self.keep_images = max_image_pixels, keep_images
+        try:
+            self.forward = TeacherForward(self.cfg)
+        except Exception as e:  # only a message crosses back to the driver
+            names = ", ".join(t.name for t in self.cfg.models)
+            raise TeacherLoadError(f"teachers.models ({names}) did not load: {exception_detail(e)}") from None
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        errors = errors_from(batch)
+        ok = [i for i, e in enumerate(errors) if e is None]
+        cols = {c: batch.column(c).to_pylist() for c in ("key", "caption", "syn_captions", "image_bytes", "meta",
+                                                          "shard")}
+        extra = {c: [None] * batch.num_rows for c in TEACHER_COLUMNS}
+        if ok:
+            try:
+                done = self.forward.rows([cols["image_bytes"][i] for i in ok], [str(cols["key"][i]) for i in ok],
+                                         [cols["caption"][i] for i in ok], [cols["syn_captions"][i] for i in ok],
+                                         self.max_image_pixels)
+            except Exception as e:  # any failure of the forward (decode, OOM) is recorded on its rows
+                log.warning("teacher forward failed: %s", e)
+                for i in ok:
+                    errors[i] = row_error("teacher_failed", exception_detail(e), cols["shard"][i])
+                done = []
+            for i, r in zip(ok, done):
+                extra["uid"][i], extra["sha256"][i] = uid_and_sha(cols["meta"][i], str(cols["key"][i]),
+                                                                  cols["image_bytes"][i])
+                extra["param_aug"][i], extra["teacher_npz"][i] = json.dumps(r.param_aug), r.npz
+        out = {c: batch.column(c) for c in ("key", "caption", "syn_captions")}
+        out.update(error_columns(errors))
+        out["shard"] = batch.column("shard")
+        out.update({c: pa.array(v, TEACHER_COLUMNS[c]) for c, v in extra.items()})
+        if self.keep_images:
+            out["image_bytes"] = batch.column("image_bytes")
+        return pa.table(out)

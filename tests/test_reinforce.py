@@ -1,0 +1,128 @@
+"""Recaption with teachers (issue 35): DataCompDR-layout tars beside the Parquet, round-tripped through pretrain's
+distillation, with the stored embeddings equal to a fresh teacher forward on pretrain's re-applied views."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from shard_files import good_samples, jpeg_bytes, write_tar
+
+from clipdense.config import build_config
+from clipdense.data.datacompdr import read_datacompdr
+from clipdense.data.images import decode_rgb
+from clipdense.models.registry import create_clip, create_clip_and_transforms, tokenizer_for
+from clipdense.pretrain import PretrainConfig
+from clipdense.pretrain.dr_views import parse_views, reapply_view
+from clipdense.recaption import RecaptionConfig, run
+from clipdense.recaption.views import teacher_input
+
+VIEWS, N_SYN, DIM = 2, 2, 64   # clip-tiny's embed_dim
+
+
+def _inputs(d):
+    """Two shards: DataComp-like rows with uid + sha256 in the json, and plain rows without (key fallback), one of
+    them undecodable (a coded error row, absent from the tar)."""
+    d.mkdir(parents=True, exist_ok=True)
+    a = [{"key": f"a{i:04d}", "jpg": jpeg_bytes(i, 40 + 8 * i), "txt": f"caption a{i}",
+          "json": {"uid": f"uid{i:02d}", "key": f"a{i:04d}"}} for i in range(4)]
+    write_tar(d / "000000.tar", a)
+    b = good_samples("b", 3, seed=1) + [{"key": "bad", "jpg": b"not a jpeg", "txt": "broken"}]
+    write_tar(d / "000001.tar", b)
+    return {"000000": a, "000001": b}
+
+
+def _members(path) -> dict[str, dict[str, bytes]]:
+    out: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for m in tar:
+            key, _, ext = m.name.partition(".")
+            out.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return out
+
+
+@pytest.fixture(scope="module")
+def reinforced(ray_local, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reinforce")
+    torch.manual_seed(0)
+    ckpt = tmp / "teacher.pt"
+    torch.save(create_clip("clip-tiny").state_dict(), ckpt)
+    inputs = _inputs(tmp / "in")
+    cfg = build_config(RecaptionConfig, {
+        "input": str(tmp / "in"), "output": str(tmp / "out"), "stats": {"enabled": False},
+        "engine": {"kind": "echo", "num_captions": N_SYN, "batch_size": 8}, "decode": {"size": 24},
+        "teachers": {"models": [{"name": "clip-tiny", "pretrained": str(ckpt)}], "views": VIEWS, "device": "cpu",
+                     "batch_size": 8}})
+    summary = run(cfg)
+    return {"tmp": tmp, "ckpt": ckpt, "inputs": inputs, "summary": summary, "cfg": cfg}
+
+
+def test_layout_is_datacompdr_one_tar_per_shard_no_row_lost(reinforced):
+    out, s = reinforced["tmp"] / "out", reinforced["summary"]
+    assert s["shards"]["written"] == 2 and s["rows_in"] == 8 and s["failed_by_code"] == {"undecodable_image": 1}
+    assert sorted(p.name for p in out.iterdir()) == ["000000.parquet", "000000.tar", "000001.parquet", "000001.tar"]
+    for stem, samples in reinforced["inputs"].items():
+        rows = pq.read_table(out / f"{stem}.parquet").to_pylist()
+        assert [r["key"] for r in rows] == [x["key"] for x in samples]
+        assert set(rows[0]) >= {"key", "caption", "syn_captions", "error_code"} and "teacher_npz" not in rows[0]
+        members = _members(out / f"{stem}.tar")
+        assert list(members) == [r["key"] for r in rows if r["error_code"] is None]
+        for key, m in members.items():
+            assert sorted(m) == ["json", "npz", "paug.json", "syn.json", "url.txt"]
+            assert json.loads(m["syn.json"]) == {"syn_text": [r for r in rows if r["key"] == key][0]["syn_captions"]}
+            assert len(parse_views(json.loads(m["paug.json"])["param_aug"])) == VIEWS
+            with np.load(io.BytesIO(m["npz"])) as z:
+                assert sorted(z.files) == ["image_emb", "text_emb"]
+                assert z["image_emb"].dtype == np.float16 and z["image_emb"].shape == (VIEWS, DIM)
+                assert z["text_emb"].dtype == np.float16 and z["text_emb"].shape == (1 + N_SYN, DIM)
+            meta = json.loads(m["json"])
+            assert sorted(meta) == ["sha256", "uid"]
+            assert meta["uid"] == (f"uid{int(key[1:]):02d}" if stem == "000000" else key)  # no uid -> the key
+    with open(out / "000000.tar", "rb") as f:
+        samples, broken = read_datacompdr(f)
+    assert broken is None and sorted(samples) == [f"uid{i:02d}" for i in range(4)]
+
+
+def test_stored_embeddings_equal_a_fresh_teacher_forward(reinforced):
+    model, _, _ = create_clip_and_transforms("clip-tiny", pretrained=str(reinforced["ckpt"]))
+    model.eval()
+    tok = tokenizer_for("clip-tiny")
+    v = model.visual
+    members = _members(reinforced["tmp"] / "out" / "000000.tar")
+    for sample in reinforced["inputs"]["000000"]:
+        m = members[sample["key"]]
+        img = decode_rgb(sample["jpg"])
+        views = torch.stack([reapply_view(np.asarray(img), img.size, view)
+                             for view in parse_views(json.loads(m["paug.json"])["param_aug"])])
+        with torch.no_grad():
+            image = model.encode_image(teacher_input(views, 64, v.image_mean, v.image_std), normalize=True)
+            text = model.encode_text(tok([sample["txt"]] * (1 + N_SYN)), normalize=True)  # echo: N copies
+        with np.load(io.BytesIO(m["npz"])) as z:
+            np.testing.assert_allclose(z["image_emb"].astype(np.float32), image.numpy(), atol=2e-3)
+            np.testing.assert_allclose(z["text_emb"].astype(np.float32), text.numpy(), atol=2e-3)
+
+
+def test_rerun_skips_done_shards(reinforced):
+    again = run(reinforced["cfg"])
+    assert again["shards"] == {"total": 2, "skipped_done": 2, "written": 0}
+
+
+def test_pretrain_distills_from_the_reinforced_output(reinforced):
+    from clipdense.pretrain import run as pretrain
+
+    tmp = reinforced["tmp"]
+    cfg = build_config(PretrainConfig, {
+        "model": {"name": "clip-tiny"}, "captions": {"policy": "both"}, "ray": {"in_process": True},
+        "loss": {"distill": {"enabled": True, "teacher_dims": [DIM]}},
+        "data": {"shards": str(tmp / "in"), "recaptions": str(tmp / "out"), "batch_size": 6, "decode_cpus": 0.5},
+        "train": {"out_dir": str(tmp / "pre"), "schedule": {"total_steps": 2, "warmup_steps": 1},
+                  "checkpoint": {"every_steps": 0}, "log_every": 1}})
+    pretrain(cfg)
+    steps = [json.loads(x) for x in (tmp / "pre" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert len(steps) == 2 and all(math.isfinite(s["loss"]) for s in steps)
+    assert all(s["distill_rows"] > 0 for s in steps)
