@@ -9,9 +9,6 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator
 
-import ray
-from ray.data import DataContext
-
 from clipdense.config import RayConfig
 
 
@@ -23,6 +20,8 @@ def ray_session(cfg: RayConfig | None = None, *, log_to_driver: bool | None = No
     closes on exit, the cluster keeps running) or a local Ray is started with `cfg.num_cpus` and stopped on exit.
     `log_to_driver`: print the workers' output here; default: when joining a cluster (a Ray job's log then shows
     its workers), not for a local Ray (keeps the console to the stage's own lines)."""
+    import ray  # Ray loads when a stage enters it, not when it is imported (the GPU bench runs without Ray)
+
     cfg = cfg or RayConfig()
     if ray.is_initialized():
         yield False
@@ -43,6 +42,8 @@ def data_context(settings: dict[str, Any]) -> Iterator[Any]:
     """Set Ray Data `DataContext` attributes (dotted names, e.g. "execution_options.preserve_order") on the
     current context for a block, then restore them. Datasets created inside keep the settings: each copies the
     context when it is created."""
+    from ray.data import DataContext  # as above: loaded on use
+
     ctx = DataContext.get_current()
     saved = []
     try:
@@ -61,4 +62,6 @@ def data_context(settings: dict[str, Any]) -> Iterator[Any]:
 
 def cluster_cpus() -> int:
     """Logical CPUs of the Ray this process has joined (e.g. inside `ray_session`), at least 1."""
+    import ray  # as above: loaded on use
+
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
