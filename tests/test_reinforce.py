@@ -69,12 +69,18 @@ def test_layout_is_datacompdr_one_tar_per_shard_no_row_lost(reinforced):
     for stem, samples in reinforced["inputs"].items():
         rows = pq.read_table(out / f"{stem}.parquet").to_pylist()
         assert [r["key"] for r in rows] == [x["key"] for x in samples]
-        assert set(rows[0]) >= {"key", "caption", "syn_captions", "error_code"} and "teacher_npz" not in rows[0]
+        assert set(rows[0]) >= {"key", "caption", "syn_captions", "error_code", "caption_score", "syn_scores"}
+        assert "teacher_npz" not in rows[0]
+        assert all((r["caption_score"] is None) == (r["error_code"] is not None) for r in rows)
+        assert all(len(r["syn_scores"]) == N_SYN for r in rows if r["error_code"] is None)
         members = _members(out / f"{stem}.tar")
         assert list(members) == [r["key"] for r in rows if r["error_code"] is None]
         for key, m in members.items():
             assert sorted(m) == ["json", "npz", "paug.json", "syn.json", "url.txt"]
-            assert json.loads(m["syn.json"]) == {"syn_text": [r for r in rows if r["key"] == key][0]["syn_captions"]}
+            row = [r for r in rows if r["key"] == key][0]
+            syn = json.loads(m["syn.json"])
+            assert syn["syn_text"] == row["syn_captions"] and len(syn["syn_score"]) == N_SYN
+            np.testing.assert_allclose(syn["syn_score"], row["syn_scores"], atol=1e-6)  # Parquet and tar agree
             assert len(parse_views(json.loads(m["paug.json"])["param_aug"])) == VIEWS
             with np.load(io.BytesIO(m["npz"])) as z:
                 assert sorted(z.files) == ["image_emb", "text_emb"]
@@ -89,7 +95,7 @@ def test_layout_is_datacompdr_one_tar_per_shard_no_row_lost(reinforced):
 
 
 def test_stored_embeddings_equal_a_fresh_teacher_forward(reinforced):
-    model, _, _ = create_clip_and_transforms("clip-tiny", pretrained=str(reinforced["ckpt"]))
+    model, _, preprocess = create_clip_and_transforms("clip-tiny", pretrained=str(reinforced["ckpt"]))
     model.eval()
     tok = tokenizer_for("clip-tiny")
     v = model.visual
@@ -105,6 +111,9 @@ def test_stored_embeddings_equal_a_fresh_teacher_forward(reinforced):
         with np.load(io.BytesIO(m["npz"])) as z:
             np.testing.assert_allclose(z["image_emb"].astype(np.float32), image.numpy(), atol=2e-3)
             np.testing.assert_allclose(z["text_emb"].astype(np.float32), text.numpy(), atol=2e-3)
+        with torch.no_grad():  # the CLIP score: the eval view's embedding against each caption's
+            score = (text @ model.encode_image(preprocess(img)[None], normalize=True)[0]).numpy()
+        np.testing.assert_allclose(json.loads(m["syn.json"])["syn_score"], score[1:], atol=1e-4)
 
 
 def test_rerun_skips_done_shards(reinforced):
@@ -126,3 +135,28 @@ def test_pretrain_distills_from_the_reinforced_output(reinforced):
     steps = [json.loads(x) for x in (tmp / "pre" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert len(steps) == 2 and all(math.isfinite(s["loss"]) for s in steps)
     assert all(s["distill_rows"] > 0 for s in steps)
+
+
+def test_caption_provenance_names_the_weights_and_each_seed(tmp_path):
+    import hashlib
+
+    from clipdense.recaption.config import DecodeConfig, EngineConfig
+    from clipdense.recaption.engines.resolve import resolve_engine, weights_id
+    from clipdense.recaption.engines.seeds import row_seed
+
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"weights")
+    assert weights_id(EngineConfig(kind="coca", checkpoint=str(ckpt))) == \
+        f"sha256:{hashlib.sha256(b'weights').hexdigest()}"
+    assert weights_id(EngineConfig(kind="coca", pretrained="laion2b")) == "revision:laion2b"
+    (tmp_path / "vlm").mkdir()
+    (tmp_path / "vlm" / "config.json").write_text("{}")
+    folder = weights_id(EngineConfig(kind="vllm", model=str(tmp_path / "vlm")))
+    (tmp_path / "vlm" / "config.json").write_text('{"a": 1}')
+    assert folder.startswith("sha256:") and weights_id(EngineConfig(kind="vllm", model=str(tmp_path / "vlm"))) != folder
+    assert weights_id(EngineConfig(kind="vllm", model="org/m", engine_kwargs={"revision": "abc"})) == "revision:abc"
+    assert weights_id(EngineConfig(kind="echo")) is None
+    engine = resolve_engine(EngineConfig(kind="echo", num_captions=2), DecodeConfig(), remote=False)
+    assert engine.caption_seeds("k") is None and engine.provenance["weights"] is None
+    vllm = resolve_engine(EngineConfig(kind="vllm", model="org/m", seed=3, num_captions=2), DecodeConfig(), True)
+    assert vllm.caption_seeds("k") == [row_seed(3, "k")] * 2

@@ -114,6 +114,19 @@ class TeachersConfig(Config):
     concurrency: int = Field(1, ge=1)       # a second actor pool, after the captioners
     num_gpus: float = Field(0.0, ge=0)      # per actor
     num_cpus: float = Field(1.0, ge=0)      # per actor
+    scorer: str | None = None               # the teacher (by name) whose cosine of image and caption is each
+    #                                         caption's CLIP score (`caption_score`, `syn_scores`); default the first
+
+    @model_validator(mode="after")
+    def _check(self):
+        names = [m.name for m in self.models]
+        if self.scorer is not None and self.scorer not in names:
+            raise ValueError(f"teachers.scorer {self.scorer!r} is none of teachers.models ({', '.join(names)})")
+        return self
+
+    @property
+    def scorer_index(self) -> int:
+        return [m.name for m in self.models].index(self.scorer) if self.scorer else 0
 
 
 class RecaptionConfig(StorageKeys):

@@ -186,7 +186,7 @@ def caption_shards(todo: ShardFiles, plan: Plan, engine: Engine, decode: DecodeC
     ds = build_dataset(todo, engine, decode, fault, keep_images, teachers)
     assembler = ShardAssembler(plan, engine.provenance, write=write_parquet, keep_images=keep_images,
                                fail_after_shards=fault.fail_after_shards,
-                               write_tar=write_bytes if teachers is not None else None)
+                               write_tar=write_bytes if teachers is not None else None, seeds=engine.caption_seeds)
     t0 = time.perf_counter()
     with data_context(DATA_CONTEXT):
         try:

@@ -28,21 +28,22 @@ class Teacher:
     size: int           # input side
     mean: tuple
     std: tuple
+    preprocess: object  # open_clip's eval transform (resize, centre crop, normalise): the view a score sees
 
 
 def load_teacher(t: TeacherModel, device: str) -> Teacher:
     """An open_clip teacher by name (+ tag or checkpoint), or an open_clip folder (`local-dir:` / `hf-hub:`)."""
     if t.pretrained and t.pretrained.startswith(FOLDER_SCHEMAS):
-        model, _, _ = open_clip.create_model_and_transforms(t.pretrained)
+        model, _, preprocess = open_clip.create_model_and_transforms(t.pretrained)
         tokenizer = open_clip.get_tokenizer(t.pretrained)
     else:
-        model, _, _ = create_clip_and_transforms(t.name, pretrained=t.pretrained)
+        model, _, preprocess = create_clip_and_transforms(t.name, pretrained=t.pretrained)
         tokenizer = tokenizer_for(t.name)
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
     std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
-    return Teacher(t.name, model.to(device).eval(), tokenizer, int(size), tuple(mean), tuple(std))
+    return Teacher(t.name, model.to(device).eval(), tokenizer, int(size), tuple(mean), tuple(std), preprocess)
 
 
 def pick_device(device: str) -> str:
@@ -51,9 +52,11 @@ def pick_device(device: str) -> str:
 
 @dataclass
 class Reinforced:
-    """One row's teacher outputs: the views' parameters (param_aug) and the npz (image_emb, text_emb)."""
+    """One row's teacher outputs: the views' parameters (param_aug), the npz (image_emb, text_emb) and the CLIP
+    score of each caption (the original's first: None when the row has none)."""
     param_aug: list
     npz: bytes
+    scores: list[float | None]
 
 
 class TeacherForward:
@@ -84,6 +87,7 @@ class TeacherForward:
                 tokens = t.tokenizer(texts[s:s + self.cfg.batch_size]).to(self.device)
                 out.append(t.model.encode_text(tokens, normalize=True).float().cpu())
             blocks.append(torch.cat(out))
+        self.dims = [b.shape[1] for b in blocks]  # each teacher's block of the concatenated embeddings
         return torch.cat(blocks, 1)
 
     def rows(self, images: list[bytes], keys: list[str], captions: list[str | None],
@@ -91,17 +95,39 @@ class TeacherForward:
         """Each row's views and embeddings; text_emb row 0 is the original caption (empty when none), then the
         synthetic captions in order (DataCompDR's order)."""
         k = self.cfg.views
-        params, views = [], []
+        params, views, scored = [], [], []
         for blob, key in zip(images, keys):
-            p, v = draw_views(decode_rgb(blob, max_image_pixels), k, row_seed(self.cfg.seed, key, "views"))
+            img = decode_rgb(blob, max_image_pixels)
+            p, v = draw_views(img, k, row_seed(self.cfg.seed, key, "views"))
             params.append(p)
             views.append(v)
+            scored.append(self.scorer.preprocess(img))
         image_emb = self.embed_images(torch.cat(views)).numpy().astype(np.float16)
         texts = [[c or "", *s] for c, s in zip(captions, syns)]
-        text_emb = self.embed_texts([t for ts in texts for t in ts]).numpy().astype(np.float16)
+        text_emb = self.embed_texts([t for ts in texts for t in ts])
+        scores = self.scores(torch.stack(scored), text_emb, [len(ts) for ts in texts])
+        text_emb = text_emb.numpy().astype(np.float16)
         out, j = [], 0
         for i, ts in enumerate(texts):
             npz = npz_bytes(image_emb=image_emb[i * k:(i + 1) * k], text_emb=text_emb[j:j + len(ts)])
-            out.append(Reinforced(params[i], npz))
+            out.append(Reinforced(params[i], npz, [None if not captions[i] else scores[i][0], *scores[i][1:]]))
             j += len(ts)
+        return out
+
+    @property
+    def scorer(self) -> Teacher:
+        return self.teachers[self.cfg.scorer_index]
+
+    @torch.no_grad()
+    def scores(self, images: torch.Tensor, text_emb: torch.Tensor, counts: list[int]) -> list[list[float]]:
+        """Per row, the cosine of the scorer's image embedding (eval transform) and each of its captions' embeddings
+        (the scorer's block of `text_emb`)."""
+        idx, dims = self.cfg.scorer_index, self.dims
+        block = text_emb[:, sum(dims[:idx]):sum(dims[:idx + 1])]
+        x = images.to(self.device)
+        img = self.scorer.model.encode_image(x, normalize=True).float().cpu()
+        out, j = [], 0
+        for i, n in enumerate(counts):
+            out.append([float(v) for v in block[j:j + n] @ img[i]])
+            j += n
         return out

@@ -19,7 +19,8 @@ from clipdense.recaption.config import TeachersConfig
 
 log = logging.getLogger(__name__)
 
-TEACHER_COLUMNS = {"uid": pa.string(), "sha256": pa.string(), "param_aug": pa.string(), "teacher_npz": pa.binary()}
+TEACHER_COLUMNS = {"uid": pa.string(), "sha256": pa.string(), "param_aug": pa.string(), "teacher_npz": pa.binary(),
+                   "caption_score": pa.float32(), "syn_scores": pa.list_(pa.float32())}
 
 
 class TeacherLoadError(RuntimeError):
@@ -71,6 +72,7 @@ class TeacherActor:
                 extra["uid"][i], extra["sha256"][i] = uid_and_sha(cols["meta"][i], str(cols["key"][i]),
                                                                   cols["image_bytes"][i])
                 extra["param_aug"][i], extra["teacher_npz"][i] = json.dumps(r.param_aug), r.npz
+                extra["caption_score"][i], extra["syn_scores"][i] = r.scores[0], r.scores[1:]
         out = {c: batch.column(c) for c in ("key", "caption", "syn_captions")}
         out.update(error_columns(errors))
         out["shard"] = batch.column("shard")

@@ -30,8 +30,12 @@ OUTPUT_SCHEMA = pa.schema([
     ("prompt", pa.string()),
     ("sampling", pa.string()),  # JSON of the sampling parameters
     *ERROR_FIELDS,              # error_code + error (detail); outputs of older versions have `error` alone
+    ("weights", pa.string()),   # revision:<tag> or sha256:<checkpoint file or weights folder>; none: echo, random
+    ("syn_seeds", pa.list_(pa.int64())),  # each caption's sampling seed (engine seed, key, caption index)
 ])
 IMAGE_FIELD = pa.field("image_bytes", pa.binary())
+# With teachers: each caption's CLIP score (cosine of the scorer teacher's image and caption embeddings)
+SCORE_FIELDS = [pa.field("caption_score", pa.float32()), pa.field("syn_scores", pa.list_(pa.float32()))]
 
 
 class InjectedFault(RuntimeError):
@@ -78,13 +82,14 @@ def dr_samples(parts: list[pa.Table]) -> list[dict]:
     embeddings and stay in the Parquet alone."""
     samples = []
     for part in parts:
-        cols = part.select(["key", "syn_captions", "uid", "sha256", "param_aug", "teacher_npz"]).to_pydict()
+        cols = part.select(["key", "syn_captions", "uid", "sha256", "param_aug", "teacher_npz",
+                            "syn_scores"]).to_pydict()
         for i, npz in enumerate(cols["teacher_npz"]):
             if npz is None:
                 continue
             samples.append({"key": cols["key"][i], "uid": cols["uid"][i], "sha256": cols["sha256"][i],
                             "syn_text": cols["syn_captions"][i], "param_aug": json.loads(cols["param_aug"][i]),
-                            "npz": npz})
+                            "npz": npz, "syn_score": cols["syn_scores"][i]})
     return samples
 
 
@@ -114,9 +119,12 @@ class ShardAssembler:
 
     def __init__(self, plan: Plan, provenance: dict[str, str | None], write: Callable[[pa.Table, Storage], None],
                  keep_images: bool = False, fail_after_shards: int | None = None,
-                 write_tar: Callable[[bytes, Storage], None] | None = None):
+                 write_tar: Callable[[bytes, Storage], None] | None = None,
+                 seeds: Callable[[str], list[int] | None] | None = None):
         self.plan, self.provenance, self.write, self.write_tar = plan, provenance, write, write_tar
-        self.schema = OUTPUT_SCHEMA.append(IMAGE_FIELD) if keep_images else OUTPUT_SCHEMA
+        self.seeds = seeds
+        fields = [*OUTPUT_SCHEMA, *(SCORE_FIELDS if write_tar is not None else []), *([IMAGE_FIELD] * keep_images)]
+        self.schema = pa.schema(fields)
         self.fail_after_shards = fail_after_shards
         self.current: dict[str, str] = {}           # source -> shard name being collected
         self.parts: dict[str, list[pa.Table]] = {}  # shard name -> its result blocks so far
@@ -165,8 +173,12 @@ class ShardAssembler:
         n = data.num_rows if data is not None else 0
         cols = {}
         for f in self.schema:
-            if f.name in self.provenance:
-                cols[f.name] = pa.array([self.provenance[f.name]] * n, f.type)
+            if f.name in self.provenance or f.name == "weights":  # weights: unknown to an assembler not told
+                cols[f.name] = pa.array([self.provenance.get(f.name)] * n, f.type)
+            elif f.name == "syn_seeds" and data is not None:
+                syn, keys = data.column("syn_captions").to_pylist(), data.column("key").to_pylist()
+                cols[f.name] = pa.array([self.seeds(k) if s is not None and self.seeds else None
+                                         for k, s in zip(keys, syn)], f.type)
             elif data is not None:
                 cols[f.name] = data.column(f.name).cast(f.type)
             else:

@@ -3,15 +3,18 @@ line), the image form the CPU stage hands it, and the provenance columns of ever
 model."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from clipdense.config import ConfigError
 from clipdense.recaption.config import DecodeConfig, EngineConfig
 from clipdense.recaption.decode import ImageInput
 from clipdense.recaption.engines import load_coca
+from clipdense.recaption.engines.seeds import row_seed
 from clipdense.recaption.engines.vllm import sampling_kwargs
 
 
@@ -20,6 +23,15 @@ class Engine:
     config: EngineConfig
     image: ImageInput                   # what the CPU stage hands the captioner
     provenance: dict[str, str | None]   # constant columns beside every output row
+
+    def caption_seeds(self, key: str) -> list[int] | None:
+        """The seed of each of a row's captions (what the engine seeded its sampling with); echo: none."""
+        cfg = self.config
+        if cfg.kind == "coca":
+            return [row_seed(cfg.seed, key, j) for j in range(cfg.num_captions)]
+        if cfg.kind == "vllm":  # one request per row, its n samples from one seed
+            return [row_seed(cfg.seed, key)] * cfg.num_captions
+        return None
 
 
 def resolve_engine(engine: EngineConfig, decode: DecodeConfig, remote: bool) -> Engine:
@@ -31,7 +43,8 @@ def resolve_engine(engine: EngineConfig, decode: DecodeConfig, remote: bool) -> 
         check_vllm(engine)
     if engine.num_gpus == 0 and engine.device == "cuda":
         raise ConfigError("engine.device=cuda needs engine.num_gpus > 0 (actors see no GPU otherwise)")
-    return Engine(engine, image_input(engine, decode, model_size), provenance(engine))
+    return Engine(engine, image_input(engine, decode, model_size),
+                  {**provenance(engine), "weights": None if remote else weights_id(engine)})
 
 
 def image_input(engine: EngineConfig, decode: DecodeConfig, model_size: int | None = None) -> ImageInput:
@@ -65,6 +78,33 @@ def provenance(cfg: EngineConfig) -> dict[str, str | None]:
                                                                       "user": cfg.prompt})
     return {"engine": cfg.kind, "model": model, "prompt": prompt,
             "sampling": json.dumps(sampling_params(cfg), sort_keys=True)}
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_id(cfg: EngineConfig) -> str | None:
+    """Which weights made the captions: a revision where the config names one (vLLM `engine_kwargs.revision`, an
+    open_clip pretrained tag), else `sha256:` of the checkpoint file or of the weights folder (each file's relative
+    path and sha256, in order); None for echo, random weights, or a hub id without a revision."""
+    revision = cfg.engine_kwargs.get("revision") if cfg.kind == "vllm" else None
+    path = cfg.checkpoint if cfg.kind == "coca" else (cfg.model if cfg.kind == "vllm" else None)
+    if revision or (cfg.kind == "coca" and not cfg.checkpoint and cfg.pretrained):
+        return f"revision:{revision or cfg.pretrained}"
+    if not path or not os.path.exists(os.path.expanduser(path)):
+        return None
+    root = Path(os.path.expanduser(path))
+    if root.is_file():
+        return f"sha256:{file_sha256(root)}"
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(root).as_posix()}\0{file_sha256(f)}\n".encode())
+    return f"sha256:{h.hexdigest()}"
 
 
 def check_vllm(engine: EngineConfig) -> None:
