@@ -16,17 +16,18 @@ The per-sample random crop (drawn on the original geometry, as open_clip's Rando
 normalisation, caption choice and tokenisation happen in the train worker's batch collate (pretrain/batches.py)
 because they depend on the epoch, which a Ray Data pipeline does not know. Whole images cost more object-store bytes
 than 224 px squares but no resample in Ray Data: per CPU-second the cheaper split (bench/results/data_profile.md).
-Where the rows come from arrives resolved (`Sources`: `Storage` values, built once by the stage's entry).
+Where the rows come from arrives resolved (`Sources`: listed shards and `Storage` values, built once by the stage's
+entry). Ray Data's types are imported where they are used: importing the pretrain task (its collate wraps into
+`typed_collate` here) must not import Ray (the GPU bench runs the stages' cores without it).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from ray.data.collate_fn import NumpyBatchCollateFn
-from ray.data.extensions import ArrowTensorArray, ArrowVariableShapedTensorArray, ArrowVariableShapedTensorType
 
 from clipdense.config import DataError
 from clipdense.data.images import (
@@ -37,7 +38,7 @@ from clipdense.data.images import (
     decode_square,
     open_image,
 )
-from clipdense.data.paths import expand_shards
+from clipdense.data.paths import ShardFiles
 from clipdense.data.shards import READ_TASK_BYTES, cluster_cpus, read_shards
 from clipdense.data.storage import Storage
 from clipdense.pretrain.config import DataConfig, EvalConfig
@@ -48,26 +49,37 @@ from clipdense.ray_session import data_context
 
 @dataclass(frozen=True)
 class Sources:
-    """Where rows come from: shard specs (each a glob, brace range, folder or file) and the recaptions joined to
-    them, with the caption policy the rows must satisfy."""
-    shards: tuple[Storage, ...]
+    """Where rows come from: the listed shards (with their sidecars) and the recaptions joined to them, with the
+    caption policy the rows must satisfy."""
+    shards: ShardFiles
     recaptions: Storage | None
     policy: str
 
 
-class TypedCollate(NumpyBatchCollateFn):
+def typed_collate(collate):
     """A collate (pretrain/batches.py) as Ray Data's typed collate: a bare callable is deprecated since Ray 2.47."""
+    return _typed_collate_class()(collate)
 
-    def __init__(self, collate):
-        self.collate = collate
 
-    def __call__(self, batch: dict) -> dict:
-        return self.collate(batch)
+@functools.cache
+def _typed_collate_class():
+    from ray.data.collate_fn import NumpyBatchCollateFn  # lazy: importing the task needs no Ray (module docstring)
+
+    class TypedCollate(NumpyBatchCollateFn):
+        def __init__(self, collate):
+            self.collate = collate
+
+        def __call__(self, batch: dict) -> dict:
+            return self.collate(batch)
+
+    return TypedCollate
 
 
 def _tensor_column(images: list[np.ndarray]):
     """Images of different shapes as one Ray variable-shaped tensor column (numpy batches get an object array of
     (h, w, 3) views, zero-copy); always this type, also when the shapes agree, so every block has one schema."""
+    from ray.data.extensions import ArrowVariableShapedTensorArray, ArrowVariableShapedTensorType  # lazy: see top
+
     if not images:  # Ray builds no empty ragged array from numpy
         kind = ArrowVariableShapedTensorType(pa.uint8(), 3)
         return pa.ExtensionArray.from_storage(kind, pa.array([], kind.storage_type))
@@ -81,6 +93,8 @@ _KEPT = ("key", "caption", "syn_captions", "pixels", "aug_params", "teacher_emb"
 
 
 def _decoded_table(out: dict, size: int, crop_source: bool) -> pa.Table:
+    from ray.data.extensions import ArrowTensorArray  # lazy: see the module docstring
+
     if crop_source:
         pixels = _tensor_column(out["pixels"])
     else:
@@ -145,20 +159,20 @@ def _encoded_ok(batch: pa.Table, drop_keys: frozenset, max_pixels: int) -> pa.Ta
                      "orig_h": pa.array([h for _, h in sizes], pa.int32())})
 
 
-def joined_rows(source: Sources, data: DataConfig):
-    """(canonical rows joined with their recaptions, the batch size of the maps that follow: None or
-    `data.decode_batch_size`). Read tasks of ~READ_TASK_BYTES, their blocks (`decode_batch_size` rows) not split.
-    With two shards per cluster CPU every CPU has read tasks of its own: the maps take whole blocks (no batch size),
-    so Ray fuses the join and the decode into the read tasks and the encoded images never cross the object store;
-    with fewer shards the maps stay apart and take blocks as the reads stream them, on every CPU."""
-    listed = expand_shards(source.shards)
-    tars = sum(f.endswith(".tar") for f in listed.files)
-    batch = None if tars >= 2 * cluster_cpus() else data.decode_batch_size
-    rows = read_shards(listed, validate=data.validate_images, batch_rows=data.decode_batch_size,
-                       task_bytes=READ_TASK_BYTES)
-    return rows.map_batches(join_recaptions, batch_format="pyarrow", batch_size=batch,
-                            fn_kwargs={"recaptions": source.recaptions, "policy": source.policy},
-                            num_cpus=data.decode_cpus), batch
+def joined_rows(sources: list[Sources], data: DataConfig) -> list[tuple]:
+    """For each of `sources`: (its canonical rows joined with their recaptions, the batch size of the maps that follow:
+    None or `data.decode_batch_size`). Read tasks of ~READ_TASK_BYTES, their blocks (`decode_batch_size` rows) not
+    split. With two shards per cluster CPU every CPU has read tasks of its own: the maps take whole blocks (no batch
+    size), so Ray fuses the join and the decode into the read tasks and the encoded images never cross the object
+    store; with fewer shards the maps stay apart and take blocks as the reads stream them, on every CPU."""
+    cpus = cluster_cpus()
+    batches = [None if sum(f.endswith(".tar") for f in s.shards.files) >= 2 * cpus else data.decode_batch_size
+               for s in sources]
+    rows = [read_shards(s.shards, validate=data.validate_images, batch_rows=data.decode_batch_size,
+                        task_bytes=READ_TASK_BYTES) for s in sources]
+    return [(r.map_batches(join_recaptions, batch_format="pyarrow", batch_size=b,
+                           fn_kwargs={"recaptions": s.recaptions, "policy": s.policy}, num_cpus=data.decode_cpus), b)
+            for r, b, s in zip(rows, batches, sources)]
 
 
 def count_rows(joined) -> dict:
@@ -210,13 +224,13 @@ def build_datasets(train: Sources, held_out: Sources | None, data: DataConfig, e
     orig_h (+ DataCompDR's aug_params/teacher_emb). `held_out`: the rows of `eval.path`, else the first
     `eval.holdout` usable training rows are held out; `distill`: loss.distill needs teacher embeddings."""
     with data_context({"execution_options.preserve_order": True}):  # the same rows in the same order each epoch
-        joined, batch = joined_rows(train, data)
+        (joined, batch), *held_out_rows = joined_rows([train] + ([held_out] if held_out else []), data)
         counts = count_rows(joined) if data.count_errors else {}
         if counts and counts["ok"] == 0:
             raise DataError(f"no usable training rows in {data.shards!r} (errors: {counts['errors']})")
         if distill:
             check_teacher_rows(counts, data.shards)
-        eval_ds, held = _eval_dataset(joined, held_out, data, ev, image_size)
+        eval_ds, held = _eval_dataset(joined, held_out_rows[0] if held_out_rows else None, data, ev, image_size)
         train_ds = joined.map_batches(decode_ok, fn_kwargs={"size": image_size, "drop_keys": held,
                                                             "crop_source": True, "encoded": data.decode_on != "cpu"},
                                       batch_size=batch, batch_format="pyarrow", num_cpus=data.decode_cpus)
@@ -229,8 +243,9 @@ def build_datasets(train: Sources, held_out: Sources | None, data: DataConfig, e
         return train_ds, eval_ds, counts
 
 
-def _eval_dataset(joined, held_out: Sources | None, data: DataConfig, ev: EvalConfig, image_size: int):
-    """(the eval rows decoded at open_clip's eval geometry or None, the training keys held out for them)."""
+def _eval_dataset(joined, held_out: tuple | None, data: DataConfig, ev: EvalConfig, image_size: int):
+    """(the eval rows decoded at open_clip's eval geometry or None, the training keys held out for them);
+    `held_out`: the joined rows of `eval.path` and their batch size, or None."""
     decode_kw = {"batch_format": "pyarrow", "num_cpus": data.decode_cpus}
     if held_out is None and ev.holdout:
         keys, scanned = first_ok_keys(joined, ev.holdout)
@@ -239,6 +254,6 @@ def _eval_dataset(joined, held_out: Sources | None, data: DataConfig, ev: EvalCo
                                                  batch_size=data.decode_batch_size, **decode_kw), held
     if held_out is None:
         return None, frozenset()
-    ejoined, ebatch = joined_rows(held_out, data)
+    ejoined, ebatch = held_out
     return ejoined.map_batches(decode_ok, fn_kwargs={"size": image_size}, batch_size=ebatch,
                                **decode_kw).limit(ev.max_rows), frozenset()

@@ -7,30 +7,30 @@ import functools
 import json
 from pathlib import Path
 
-from ray.train import DataConfig as IngestConfig
-
+from clipdense.data.paths import expand_shards
 from clipdense.eval.zeroshot import resolve_zeroshot
 from clipdense.pretrain.config import DataConfig, EvalConfig, PretrainConfig
 from clipdense.pretrain.data import Sources, build_datasets
 from clipdense.pretrain.model import build_model
 from clipdense.pretrain.task import ClipPretrainTask
 from clipdense.ray_session import data_context, ray_session
-from clipdense.train.runner import fit, fit_local
+from clipdense.train.runner import TrainPlan, run_training
 
 
 def row_sources(data: DataConfig, ev: EvalConfig, policy: str) -> tuple[Sources, Sources | None]:
     """(the training rows' sources, those of the held-out `eval.path` or None), all reached through the `data:`
-    section's endpoint."""
-    def specs(spec: str | list[str]) -> tuple:
-        return tuple(data.storage(s) for s in ([spec] if isinstance(spec, str) else spec))
+    section's endpoint, their shards listed once."""
+    def shards(spec: str | list[str]):
+        return expand_shards([data.storage(s) for s in ([spec] if isinstance(spec, str) else spec)])
 
     def recaptions(uri: str | None):
         return data.storage(uri) if uri else None
 
-    train = Sources(specs(data.shards), recaptions(data.recaptions), policy)
+    train_rows = Sources(shards(data.shards), recaptions(data.recaptions), policy)
     if not ev.path:
-        return train, None
-    return train, Sources(specs(ev.path), recaptions(ev.recaptions), "real" if ev.caption == "real" else "synthetic")
+        return train_rows, None
+    held_out = Sources(shards(ev.path), recaptions(ev.recaptions), "real" if ev.caption == "real" else "synthetic")
+    return train_rows, held_out
 
 
 def run(cfg: PretrainConfig) -> dict:
@@ -39,21 +39,16 @@ def run(cfg: PretrainConfig) -> dict:
     # a bad folder or prompt file is a one-line error before any worker starts
     zeroshot = resolve_zeroshot(cfg.eval.zeroshot, "eval.zeroshot") if cfg.eval.zeroshot.root else None
     task = functools.partial(ClipPretrainTask, cfg, model, zeroshot)
-    params_doc = cfg.model_dump(mode="json")  # what the trackers record
     quiet = {"enable_progress_bars": cfg.tracking.ray_data_progress}  # Ray Data's bars would drown ours
     with ray_session(cfg.ray), data_context(quiet):
         train_ds, eval_ds, counts = build_datasets(train_rows, held_out, cfg.data, cfg.eval, model.preprocess.size,
                                                    cfg.loss.distill.enabled)
         datasets = {"train": train_ds, **({"eval": eval_ds} if eval_ds is not None else {})}
-        if cfg.ray.in_process:
-            result = fit_local(task, cfg.train, datasets=datasets, tracking=cfg.tracking, params=params_doc)
-        else:
-            options = IngestConfig.default_ingest_options()
-            options.preserve_order = True  # deterministic split among workers + order: exact resume
-            # elastic: no split by worker count; each worker slices global batches by sample index (task.py)
-            split = [] if cfg.train.scaling.elastic else ["train"]
-            result = fit(task, cfg.train, datasets=datasets, tracking=cfg.tracking, params=params_doc,
-                         dataset_config=IngestConfig(datasets_to_split=split, execution_options=options))
+        # elastic: no split by worker count; each worker slices global batches by sample index (task.py)
+        plan = TrainPlan(in_process=bool(cfg.ray.in_process), datasets=datasets, tracking=cfg.tracking,
+                         params=cfg.model_dump(mode="json"),  # what the trackers record
+                         ordered_split=() if cfg.train.scaling.elastic else ("train",))
+        result = run_training(task, cfg.train, plan)
     summary = {"model": cfg.model.name, "policy": cfg.captions.policy, **model.params, "data": counts, **result}
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from clipdense.models import tokenizer_for
 from clipdense.models.export import export_model
 from clipdense.pretrain.batches import Collate
 from clipdense.pretrain.config import PretrainConfig
-from clipdense.pretrain.data import TypedCollate
+from clipdense.pretrain.data import typed_collate
 from clipdense.pretrain.distill import distill_slots
 from clipdense.pretrain.losses import build_objective, clamp_logit_scale
 from clipdense.pretrain.model import PretrainModel
@@ -64,7 +64,7 @@ class ClipPretrainTask(TrainTask):
             if d.shuffle_buffer else {}
         if self.cfg.train.scaling.elastic and not self.cfg.ray.in_process:
             return self._global_slices(shard, ctx, shuffle)
-        collate = TypedCollate(self._collate(ctx.epoch, True))
+        collate = typed_collate(self._collate(ctx.epoch, True))
         it = shard.iter_torch_batches(batch_size=self.local_batch, collate_fn=collate, drop_last=True,
                                       prefetch_batches=d.prefetch_batches, **shuffle)
         return itertools.islice(it, ctx.start_batch, None)

@@ -1,9 +1,10 @@
-"""The one training runner (used by pretrain and dense finetune): plug a `TrainTask` into `fit` / `fit_local`.
+"""The one training runner (used by pretrain and dense finetune): plug a `TrainTask` into `run_training` (which
+picks `fit` / `fit_local` from the stage's `TrainPlan`).
 
 Importing it does not import Ray: the runner imports Ray only where a run goes onto Ray Train (`fit`, its workers)."""
 from clipdense.train.config import CheckpointConfig, OptimConfig, ScalingConfig, ScheduleConfig, TrainConfig
-from clipdense.train.runner import fit, fit_local
+from clipdense.train.runner import TrainPlan, fit, fit_local, run_training
 from clipdense.train.task import TrainContext, TrainTask, default_param_groups
 
 __all__ = ["CheckpointConfig", "OptimConfig", "ScalingConfig", "ScheduleConfig", "TrainConfig", "TrainContext",
-           "TrainTask", "default_param_groups", "fit", "fit_local"]
+           "TrainPlan", "TrainTask", "default_param_groups", "fit", "fit_local", "run_training"]

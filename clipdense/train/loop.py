@@ -9,16 +9,18 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from clipdense.config import DataError
 from clipdense.train.config import TrainConfig
 from clipdense.train.schedule import lr_factor, set_lr
-from clipdense.train.state import rng_state, save_checkpoint, seed_everything, set_rng_state, unwrap
+from clipdense.train.state import rng_state, save_checkpoint, set_rng_state, unwrap
 from clipdense.train.task import TrainContext, TrainTask
 from clipdense.train.tracking import RunWatchers, TrackingConfig
 
@@ -28,6 +30,13 @@ def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | Non
     if p == "bf16" or (p == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's RNGs from one seed (state.py saves and restores what they reach)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
 
 
 def _dist() -> bool:

@@ -1,4 +1,5 @@
-"""Where the loop runs: `fit` (Ray Train V2 TorchTrainer, N workers, fault tolerant) or `fit_local` (this process).
+"""Where the loop runs: `run_training(task_factory, cfg, plan)` picks `fit` (Ray Train V2 TorchTrainer, N workers, fault
+tolerant) or `fit_local` (this process) as the stage's `TrainPlan` says.
 
 Both run `loop.run_worker` unchanged; only the environment differs (rank, device, DDP, checkpoints, reporting).
 Outputs in `cfg.out_dir`: metrics.jsonl (rank 0), result.json, the task's exports; checkpoints live in
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -20,11 +23,77 @@ import torch
 from clipdense.train.config import TrainConfig
 from clipdense.train.driver_progress import driver_progress
 from clipdense.train.loop import run_worker
-from clipdense.train.state import LocalCheckpoints, load_checkpoint
+from clipdense.train.state import STATE_FILE, load_checkpoint
 from clipdense.train.task import TrainTask
 from clipdense.train.tracking import TrackingConfig, check_installed
 
 TaskFactory = Callable[[], TrainTask]
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """Where and how a run trains, resolved by the stage: in this process or on Ray Train workers, what it reads
+    (`datasets`: name -> Ray Dataset), how it is shown (`tracking`, and `params`, the resolved stage config the
+    trackers record), and for Ray Train runs the callbacks, the run name and the datasets split among the workers in
+    a fixed order (`ordered_split`; None: Ray Train's default ingest)."""
+
+    in_process: bool
+    datasets: dict | None = None
+    tracking: TrackingConfig | None = None
+    params: dict | None = None
+    callbacks: list | None = None
+    name: str | None = None
+    ordered_split: tuple[str, ...] | None = None
+
+
+def run_training(task_factory: TaskFactory, cfg: TrainConfig, plan: TrainPlan) -> dict:
+    """The one entry of the runner: `fit_local` or `fit` as `plan` says; the run's summary."""
+    if not plan.in_process:
+        return fit(task_factory, cfg, datasets=plan.datasets, callbacks=plan.callbacks, name=plan.name,
+                   dataset_config=_ordered_ingest(plan.ordered_split), tracking=plan.tracking, params=plan.params)
+    return fit_local(task_factory, cfg, datasets=plan.datasets, tracking=plan.tracking, params=plan.params)
+
+
+def _ordered_ingest(split: tuple[str, ...] | None):
+    """Ray Train's ingest with the datasets `split` among workers and the order preserved (deterministic split and
+    order: exact resume); None: Ray Train's default."""
+    if split is None:
+        return None
+    from ray.train import DataConfig  # Ray loads only for Ray Train runs: importing the runner needs no Ray
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(datasets_to_split=list(split), execution_options=options)
+
+
+class LocalCheckpoints:
+    """Checkpoints under `root/step_XXXXXXXX/`, written atomically (temp dir + rename), the newest `keep` kept."""
+
+    def __init__(self, root: str | Path, keep: int | None):
+        self.root, self.keep = Path(root), keep
+
+    def _all(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        done = [p for p in self.root.glob("step_*") if (p / STATE_FILE).is_file() and not p.name.endswith(".tmp")]
+        return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+    def latest(self) -> Path | None:
+        found = self._all()
+        return found[-1] if found else None
+
+    def save(self, step: int, write) -> Path:
+        final = self.root / f"step_{step:08d}"
+        tmp = self.root / f"step_{step:08d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        write(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if self.keep:
+            for old in self._all()[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
 
 
 class LocalEnv:

@@ -7,10 +7,8 @@ hold only tensors and plain Python values (numpy's RNG state is stored as a tens
 """
 from __future__ import annotations
 
-import os
 import pickle
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -50,12 +48,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
 def save_checkpoint(directory: str | Path, model: nn.Module, train_state: dict) -> Path:
     """Write model.pt + train_state.pt into `directory` (created)."""
     directory = Path(directory)
@@ -75,33 +67,3 @@ def load_checkpoint(directory: str | Path) -> tuple[dict, dict]:
         # checkpoints written before the RNG state became tensors hold numpy arrays; they are our own files
         state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
     return model_sd, state
-
-
-class LocalCheckpoints:
-    """Checkpoints under `root/step_XXXXXXXX/`, written atomically (temp dir + rename), the newest `keep` kept."""
-
-    def __init__(self, root: str | Path, keep: int | None):
-        self.root, self.keep = Path(root), keep
-
-    def _all(self) -> list[Path]:
-        if not self.root.is_dir():
-            return []
-        done = [p for p in self.root.glob("step_*") if (p / STATE_FILE).is_file() and not p.name.endswith(".tmp")]
-        return sorted(done, key=lambda p: int(p.name.split("_")[1]))
-
-    def latest(self) -> Path | None:
-        found = self._all()
-        return found[-1] if found else None
-
-    def save(self, step: int, write) -> Path:
-        final = self.root / f"step_{step:08d}"
-        tmp = self.root / f"step_{step:08d}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        write(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if self.keep:
-            for old in self._all()[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        return final
