@@ -199,8 +199,9 @@ def run_tune(cfg: SweepConfig, trials: list[Trial], experiment: str, state: Stor
         # Tune refuses an empty request: a waiting trial actor takes a token CPU share
         trainable = tune.with_resources(tune.with_parameters(_trial_fn, specs=specs),
                                         {k: v for k, v in holds.items() if v > 0} or {"CPU": TOKEN_CPU})
-        fs, root = (state.fs, state.path) if state.remote else (None, state.uri)   # a local path needs no filesystem
-        path = f"{root.rstrip('/')}/{experiment}"
+        fs = state.fs if state.remote else None   # Tune takes a local path without a filesystem
+        root = state.path.rstrip("/")
+        path = f"{root}/{experiment}"
         if tune.Tuner.can_restore(path, storage_filesystem=fs):
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, restart_errored=True,
                                        storage_filesystem=fs)
@@ -210,7 +211,7 @@ def run_tune(cfg: SweepConfig, trials: list[Trial], experiment: str, state: Stor
             tuner = tune.Tuner(trainable, param_space=_param_space(cfg, pending),
                                tune_config=_tune_config(cfg, metric, trials[0].mode, concurrency),
                                run_config=tune.RunConfig(
-                                   name=experiment, storage_path=root.rstrip("/"), storage_filesystem=fs,
+                                   name=experiment, storage_path=root, storage_filesystem=fs,
                                    verbose=cfg.verbose, callbacks=_callbacks(cfg, totals, out),
                                    failure_config=tune.FailureConfig(max_failures=cfg.max_failures)))
         _tally(tuner.fit(), out / "trials", summary)
