@@ -54,7 +54,7 @@ def reinforced(ray_local, tmp_path_factory):
     torch.save(create_clip("clip-tiny").state_dict(), ckpt)
     inputs = _inputs(tmp / "in")
     cfg = build_config(RecaptionConfig, {
-        "input": str(tmp / "in"), "output": str(tmp / "out"), "stats": {"enabled": False},
+        "input": str(tmp / "in"), "output": str(tmp / "out"),
         "engine": {"kind": "echo", "num_captions": N_SYN, "batch_size": 8}, "decode": {"size": 24},
         "teachers": {"models": [{"name": "clip-tiny", "pretrained": str(ckpt)}], "views": VIEWS, "device": "cpu",
                      "batch_size": 8}})
@@ -65,7 +65,12 @@ def reinforced(ray_local, tmp_path_factory):
 def test_layout_is_datacompdr_one_tar_per_shard_no_row_lost(reinforced):
     out, s = reinforced["tmp"] / "out", reinforced["summary"]
     assert s["shards"]["written"] == 2 and s["rows_in"] == 8 and s["failed_by_code"] == {"undecodable_image": 1}
-    assert sorted(p.name for p in out.iterdir()) == ["000000.parquet", "000000.tar", "000001.parquet", "000001.tar"]
+    assert sorted(p.name for p in out.iterdir()) == ["000000.parquet", "000000.tar", "000001.parquet", "000001.tar",
+                                                     "_scores.json", "_scores.png", "_stats.json"]
+    scores = json.loads((out / "_scores.json").read_text())
+    assert scores["alt_text"]["count"] == 7 and scores["synthetic"]["count"] == 7 * N_SYN  # the bad row: none
+    assert s["stats"]["scores"]["synthetic"]["p50"] == scores["synthetic"]["p50"]
+    assert (out / "_scores.png").read_bytes()[:4] == b"\x89PNG"
     for stem, samples in reinforced["inputs"].items():
         rows = pq.read_table(out / f"{stem}.parquet").to_pylist()
         assert [r["key"] for r in rows] == [x["key"] for x in samples]
@@ -160,3 +165,27 @@ def test_caption_provenance_names_the_weights_and_each_seed(tmp_path):
     assert engine.caption_seeds("k") is None and engine.provenance["weights"] is None
     vllm = resolve_engine(EngineConfig(kind="vllm", model="org/m", seed=3, num_captions=2), DecodeConfig(), True)
     assert vllm.caption_seeds("k") == [row_seed(3, "k")] * 2
+
+
+def test_rerank_keeps_the_best_distinct_candidates_by_score():
+    from clipdense.config import ConfigError
+    from clipdense.recaption.config import TeachersConfig
+    from clipdense.recaption.teacher_forward import TeacherForward
+
+    torch.manual_seed(0)
+    fwd = TeacherForward(TeachersConfig(models=[{"name": "clip-tiny"}], device="cpu"))
+    image = jpeg_bytes(5, 48)
+    cands = ["a red square", "a blue circle", "a red square", "two green dots", "a blue circle"]
+    kept = fwd.rerank([image, image], [cands, ["same", "same", "same"]], 3, 10 ** 8)
+    t = fwd.scorer
+    with torch.no_grad():
+        img = t.model.encode_image(t.preprocess(decode_rgb(image))[None], normalize=True)[0]
+        score = t.model.encode_text(t.tokenizer(cands), normalize=True) @ img
+    assert sorted(kept[0]) == [0, 1, 3]  # duplicates dropped
+    assert [float(score[j]) for j in kept[0]] == sorted((float(score[j]) for j in (0, 1, 3)), reverse=True)
+    assert kept[1] == [0, 0, 0]  # one distinct candidate: repeated to keep 3
+    with pytest.raises(ConfigError, match="teachers"):
+        build_config(RecaptionConfig, {"input": "x", "output": "y", "engine": {"rerank": {"candidates": 4}}})
+    cfg = build_config(RecaptionConfig, {"input": "x", "output": "y", "teachers": {"models": [{"name": "clip-tiny"}]},
+                                         "engine": {"rerank": {"candidates": 4, "keep": 2}}})
+    assert cfg.engine.samples == 4

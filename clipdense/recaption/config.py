@@ -12,6 +12,21 @@ from clipdense.data.storage import Storage, StorageKeys
 DATACOMPDR_COCA = "coca_ViT-L-14"
 
 
+class RerankConfig(Config):
+    """Best-of-N: the engine samples `candidates` captions per image; duplicates are dropped and the `keep` best by
+    CLIP score (the teachers' scorer) remain, best first (a row with fewer distinct candidates repeats its best ones,
+    so every row keeps exactly `keep`: DataCompDR's text_emb has one shape per shard)."""
+    candidates: int = Field(8, ge=1)
+    keep: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.keep > self.candidates:
+            raise ValueError(f"engine.rerank.keep ({self.keep}) must be <= engine.rerank.candidates "
+                             f"({self.candidates})")
+        return self
+
+
 class EngineConfig(Config):
     """The captioner and its actor pool. Sampling defaults follow DataCompDR."""
     kind: Literal["echo", "coca", "vllm"] = "echo"
@@ -31,6 +46,7 @@ class EngineConfig(Config):
     #                                     the same cap goes to the model's processor (mm_processor_kwargs)
     engine_kwargs: dict[str, Any] = {}  # vllm: passed to vllm.LLM (tensor_parallel_size, max_model_len, ...)
     seed: int = 0
+    rerank: RerankConfig | None = None  # best-of-N by CLIP score (needs `teachers:`); keeps rerank.keep captions
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(32, ge=1)   # images per captioner call
     concurrency: int | tuple[int, int] = 1  # actor pool size, or (min, max) to autoscale
@@ -53,6 +69,11 @@ class EngineConfig(Config):
         if isinstance(self.concurrency, int) and self.concurrency < 1:
             raise ValueError("engine.concurrency must be >= 1")
         return self
+
+    @property
+    def samples(self) -> int:
+        """Captions the engine samples per image: the rerank candidates, else num_captions."""
+        return self.rerank.candidates if self.rerank else self.num_captions
 
     @property
     def model_name(self) -> str:
@@ -139,6 +160,12 @@ class RecaptionConfig(StorageKeys):
     fault: FaultConfig = FaultConfig()
     teachers: TeachersConfig | None = None  # add DataCompDR-layout teacher embeddings beside the captions
     ray: OnRayConfig = RayConfig()      # where it runs: a local Ray, or a cluster's address (clipdense.ray_session)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.engine.rerank and not self.teachers:
+            raise ValueError("engine.rerank scores captions with a teacher: add a `teachers:` section")
+        return self
 
     @property
     def sources(self) -> list[Storage]:

@@ -71,7 +71,7 @@ class CaptionActor:
         marker = self.fault.engine_fail_marker
         if marker and any(marker in (c or "") for c in captions):
             raise RuntimeError(f"injected engine failure (a caption contains {marker!r})")
-        n = self.cfg.num_captions
+        n = self.cfg.samples
         return check_output(self.engine.generate(images, n, captions, keys=keys), len(images), n)
 
     def caption(self, images: list, captions: list,
@@ -173,7 +173,7 @@ def build_dataset(shards: ShardFiles, engine: Engine, decode: DecodeConfig, faul
     return ds.map_batches(
         TeacherActor, batch_format="pyarrow", batch_size=teachers.batch_size,
         fn_constructor_kwargs={"teachers": teachers.model_dump(), "max_image_pixels": decode.max_image_pixels,
-                               "keep_images": keep_images},
+                               "keep_images": keep_images, "keep": e.rerank.keep if e.rerank else None},
         compute=ray.data.ActorPoolStrategy(size=teachers.concurrency), num_gpus=teachers.num_gpus,
         num_cpus=teachers.num_cpus)
 

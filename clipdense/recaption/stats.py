@@ -4,7 +4,8 @@
 - distinct-1 / distinct-2: distinct n-grams / total n-grams over all captions (corpus level);
 - per-image diversity: mean number of different captions among an image's N;
 - optionally (stats.clip_model) the mean CLIP score over a sample (clip_score.py); synthetic and original captions
-  are scored alike.
+  are scored alike;
+- with teachers, every caption's stored score as quantiles per source + a histogram (scores.py).
 Stats are computed from the output files (every shard of the input, including ones done by earlier runs, whose
 files may be in an older version's format: `error` string alone), with the rows read counted by error code.
 """
@@ -22,6 +23,7 @@ from clipdense.data.rows import codes_of, count_codes
 from clipdense.data.storage import Storage
 from clipdense.recaption.config import StatsConfig
 from clipdense.recaption.plan import Plan
+from clipdense.recaption.scores import write_score_summary
 
 _WORD = re.compile(r"[\w']+")
 
@@ -91,6 +93,9 @@ def write_stats(plan: Plan, output: Storage, shards: ShardFiles, st: StatsConfig
         from clipdense.recaption.clip_score import clip_section
 
         stats["clip"] = clip_section(st, shards, data, max_image_pixels)
+    scores = write_score_summary(files, output)  # with teachers: each caption's CLIP score, per source
+    if scores is not None:
+        stats["scores"] = scores
     dest = output.child("_stats.json")
     with dest.open_output_stream() as f:
         f.write(json.dumps(stats, indent=2).encode())

@@ -50,6 +50,14 @@ def pick_device(device: str) -> str:
     return "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
 
 
+def distinct_indices(texts: list[str]) -> list[int]:
+    """The index of each distinct text's first occurrence, in order (duplicates dropped)."""
+    first: dict[str, int] = {}
+    for j, t in enumerate(texts):
+        first.setdefault(t, j)
+    return list(first.values())
+
+
 @dataclass
 class Reinforced:
     """One row's teacher outputs: the views' parameters (param_aug), the npz (image_emb, text_emb) and the CLIP
@@ -112,6 +120,29 @@ class TeacherForward:
             npz = npz_bytes(image_emb=image_emb[i * k:(i + 1) * k], text_emb=text_emb[j:j + len(ts)])
             out.append(Reinforced(params[i], npz, [None if not captions[i] else scores[i][0], *scores[i][1:]]))
             j += len(ts)
+        return out
+
+    @torch.no_grad()
+    def rerank(self, images: list[bytes], candidates: list[list[str]], keep: int,
+               max_image_pixels: int) -> list[list[int]]:
+        """Per row, the indices of its `keep` best distinct candidates by the scorer's CLIP score, best first; a row
+        with fewer distinct ones repeats them in that order (every row keeps exactly `keep`)."""
+        t = self.scorer
+        x = torch.stack([t.preprocess(decode_rgb(b, max_image_pixels)) for b in images]).to(self.device)
+        img = t.model.encode_image(x, normalize=True).float().cpu()
+        distinct = [distinct_indices(cands) for cands in candidates]
+        texts = [candidates[i][j] for i, idx in enumerate(distinct) for j in idx]
+        emb = []
+        for s in range(0, len(texts), self.cfg.batch_size):
+            tokens = t.tokenizer(texts[s:s + self.cfg.batch_size]).to(self.device)
+            emb.append(t.model.encode_text(tokens, normalize=True).float().cpu())
+        emb = torch.cat(emb) if emb else torch.empty(0)
+        out, start = [], 0
+        for i, idx in enumerate(distinct):
+            score = emb[start:start + len(idx)] @ img[i]
+            start += len(idx)
+            order = [idx[j] for j in torch.argsort(score, descending=True, stable=True).tolist()]
+            out.append([order[m % len(order)] for m in range(keep)])
         return out
 
     @property

@@ -19,7 +19,8 @@ from clipdense.recaption.config import TeachersConfig
 
 log = logging.getLogger(__name__)
 
-TEACHER_COLUMNS = {"uid": pa.string(), "sha256": pa.string(), "param_aug": pa.string(), "teacher_npz": pa.binary(),
+TEACHER_COLUMNS = {"syn_kept": pa.list_(pa.int32()),  # rerank: which candidates were kept, best first
+                   "uid": pa.string(), "sha256": pa.string(), "param_aug": pa.string(), "teacher_npz": pa.binary(),
                    "caption_score": pa.float32(), "syn_scores": pa.list_(pa.float32())}
 
 
@@ -40,12 +41,12 @@ class TeacherActor:
     """Every teacher loaded once per actor. Rows already in error pass through; a failing forward gives its rows
     the row error `teacher_failed`."""
 
-    def __init__(self, teachers: dict, max_image_pixels: int, keep_images: bool = False):
+    def __init__(self, teachers: dict, max_image_pixels: int, keep_images: bool = False, keep: int | None = None):
         # local: torch and open_clip, absent from the vLLM actors' venv that imports this module through pipeline.py
         from clipdense.recaption.teacher_forward import TeacherForward
 
         self.cfg = TeachersConfig(**teachers)
-        self.max_image_pixels, self.keep_images = max_image_pixels, keep_images
+        self.max_image_pixels, self.keep_images, self.keep = max_image_pixels, keep_images, keep
         try:
             self.forward = TeacherForward(self.cfg)
         except Exception as e:  # only a message crosses back to the driver
@@ -60,6 +61,8 @@ class TeacherActor:
         extra = {c: [None] * batch.num_rows for c in TEACHER_COLUMNS}
         if ok:
             try:
+                if self.keep:  # best-of-N: the kept candidates replace the row's captions
+                    self.rerank(cols, ok, extra)
                 done = self.forward.rows([cols["image_bytes"][i] for i in ok], [str(cols["key"][i]) for i in ok],
                                          [cols["caption"][i] for i in ok], [cols["syn_captions"][i] for i in ok],
                                          self.max_image_pixels)
@@ -73,10 +76,19 @@ class TeacherActor:
                                                                   cols["image_bytes"][i])
                 extra["param_aug"][i], extra["teacher_npz"][i] = json.dumps(r.param_aug), r.npz
                 extra["caption_score"][i], extra["syn_scores"][i] = r.scores[0], r.scores[1:]
-        out = {c: batch.column(c) for c in ("key", "caption", "syn_captions")}
+        out = {"key": batch.column("key"), "caption": batch.column("caption"),
+               "syn_captions": pa.array(cols["syn_captions"], pa.list_(pa.string()))}
         out.update(error_columns(errors))
         out["shard"] = batch.column("shard")
         out.update({c: pa.array(v, TEACHER_COLUMNS[c]) for c, v in extra.items()})
         if self.keep_images:
             out["image_bytes"] = batch.column("image_bytes")
         return pa.table(out)
+
+    def rerank(self, cols: dict, ok: list[int], extra: dict) -> None:
+        """Keep each row's `keep` best candidates (in `cols`, in place), recording their indices in `syn_kept`."""
+        kept = self.forward.rerank([cols["image_bytes"][i] for i in ok], [cols["syn_captions"][i] for i in ok],
+                                   self.keep, self.max_image_pixels)
+        for i, idx in zip(ok, kept):
+            extra["syn_kept"][i] = idx
+            cols["syn_captions"][i] = [cols["syn_captions"][i][j] for j in idx]

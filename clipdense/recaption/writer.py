@@ -168,6 +168,16 @@ class ShardAssembler:
             if name not in self._written:
                 self._flush(name)
 
+    def _seeds(self, data: pa.Table) -> list[list[int] | None]:
+        """Each captioned row's caption seeds; after a rerank, those of the kept candidates (`syn_kept`)."""
+        syn, keys = data.column("syn_captions").to_pylist(), data.column("key").to_pylist()
+        kept = data.column("syn_kept").to_pylist() if "syn_kept" in data.column_names else [None] * len(keys)
+        out = []
+        for k, s, idx in zip(keys, syn, kept):
+            seeds = self.seeds(k) if s is not None and self.seeds else None
+            out.append([seeds[j] for j in idx] if seeds is not None and idx is not None else seeds)
+        return out
+
     def _output_table(self, parts: list[pa.Table]) -> pa.Table:
         data = pa.concat_tables(parts) if parts else None
         n = data.num_rows if data is not None else 0
@@ -176,9 +186,7 @@ class ShardAssembler:
             if f.name in self.provenance or f.name == "weights":  # weights: unknown to an assembler not told
                 cols[f.name] = pa.array([self.provenance.get(f.name)] * n, f.type)
             elif f.name == "syn_seeds" and data is not None:
-                syn, keys = data.column("syn_captions").to_pylist(), data.column("key").to_pylist()
-                cols[f.name] = pa.array([self.seeds(k) if s is not None and self.seeds else None
-                                         for k, s in zip(keys, syn)], f.type)
+                cols[f.name] = pa.array(self._seeds(data), f.type)
             elif data is not None:
                 cols[f.name] = data.column(f.name).cast(f.type)
             else:

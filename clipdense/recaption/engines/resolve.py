@@ -28,9 +28,9 @@ class Engine:
         """The seed of each of a row's captions (what the engine seeded its sampling with); echo: none."""
         cfg = self.config
         if cfg.kind == "coca":
-            return [row_seed(cfg.seed, key, j) for j in range(cfg.num_captions)]
+            return [row_seed(cfg.seed, key, j) for j in range(cfg.samples)]
         if cfg.kind == "vllm":  # one request per row, its n samples from one seed
-            return [row_seed(cfg.seed, key)] * cfg.num_captions
+            return [row_seed(cfg.seed, key)] * cfg.samples
         return None
 
 
@@ -56,13 +56,20 @@ def image_input(engine: EngineConfig, decode: DecodeConfig, model_size: int | No
 
 
 def sampling_params(cfg: EngineConfig) -> dict:
+    params = engine_sampling(cfg)
+    if cfg.rerank:
+        params["rerank"] = cfg.rerank.model_dump()
+    return params
+
+
+def engine_sampling(cfg: EngineConfig) -> dict:
     if cfg.kind == "echo":
-        return {"n": cfg.num_captions}
+        return {"n": cfg.samples}
     if cfg.kind == "coca":
-        return {"n": cfg.num_captions, "generation_type": "top_p", "top_p": cfg.top_p,
+        return {"n": cfg.samples, "generation_type": "top_p", "top_p": cfg.top_p,
                 "temperature": cfg.temperature, "seq_len": cfg.seq_len, "min_seq_len": cfg.min_seq_len,
                 "fixed_output_length": True, "cut_at_period": cfg.cut, "seed": cfg.seed}
-    return {**sampling_kwargs(cfg.num_captions, cfg.top_p, cfg.temperature, cfg.max_tokens),
+    return {**sampling_kwargs(cfg.samples, cfg.top_p, cfg.temperature, cfg.max_tokens),
             "max_pixels": cfg.max_pixels, "cut_at_period": cfg.cut, "engine_seed": cfg.seed,
             "request_seed": "row_seed(engine_seed, key)"}
 
