@@ -142,7 +142,9 @@ def decode_batch(batch: pa.Table, spec: ImageInput, keep_images: bool = False) -
     else:
         cols["image_jpeg"] = pa.array(images, pa.binary())
     if keep_images:  # the originals (and their uid / sha256 in `meta`) for the teachers or the output
-        cols["image_bytes"], cols["meta"] = batch.column("image_bytes"), batch.column("meta")
+        cols["image_bytes"] = batch.column("image_bytes")
+        if "meta" in batch.column_names:
+            cols["meta"] = batch.column("meta")
     return pa.table(cols)
 
 

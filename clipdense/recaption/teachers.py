@@ -56,8 +56,8 @@ class TeacherActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         errors = errors_from(batch)
         ok = [i for i, e in enumerate(errors) if e is None]
-        cols = {c: batch.column(c).to_pylist() for c in ("key", "caption", "syn_captions", "image_bytes", "meta",
-                                                          "shard")}
+        cols = {c: batch.column(c).to_pylist() if c in batch.column_names else [None] * batch.num_rows
+                for c in ("key", "caption", "syn_captions", "image_bytes", "meta", "shard")}
         extra = {c: [None] * batch.num_rows for c in TEACHER_COLUMNS}
         if ok:
             try:
