@@ -75,7 +75,7 @@ def test_failed_trial_then_resume_without_rerunning_finished_ones(ray_local, ade
 @pytest.mark.timeout(600)  # a trial that never ends (see train_reports_to_tune) fails here, not at CI's limit
 def test_asha_sweep_gets_intermediate_metrics(ray_local, ade_root, tmp_path, capsys):
     data = _tiny(ade_root, tmp_path / "hp", fractions=[1.0], report={"reference": None},
-                 backbones=[{"name": "clip", "backbone": {"name": "clip-tiny"}}],
+                 backbones=[{"name": "clip", "backbone": {"name": "clip-tiny", "checkpoint": None}}],
                  search_space={"train.optim.lr": {"grid": [1e-3, 1e-4]}},
                  scheduler={"type": "asha", "grace_period": 2, "max_t": 4, "reduction_factor": 2},
                  tracking={"mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "hp"},
