@@ -25,9 +25,9 @@ from bench.common import load_note, row, write_report
 from clipdense.config import build_config, set_dotted
 from clipdense.demo import _sweep_cfg, preset_scale
 from clipdense.dense.config import FinetuneConfig
-from clipdense.dense.datasets.common import read_rgb
-from clipdense.dense.datasets.nyu import load_depth, read_list
+from clipdense.dense.dataset_common import read_rgb
 from clipdense.dense.run import run
+from clipdense.dense.tasks.depth.dataset import load_depth, read_list
 from clipdense.sweep.grid import expand
 
 REGRESSION = {"head.depth_bins": 0, "train.optim.lr": 1e-3}  # the demo's depth probe before 2026-11-25

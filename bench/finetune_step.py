@@ -25,8 +25,9 @@ from bench.common import RoundLoads, median_rate, parse_bench_args, row, write_r
 from clipdense.config import build_config
 from clipdense.dense import FinetuneConfig
 from clipdense.dense.backbones import create_backbone
-from clipdense.dense.heads import SegModel, resize
+from clipdense.dense.heads import resize
 from clipdense.dense.task import DenseTask
+from clipdense.dense.tasks.seg.head import SegModel
 from clipdense.train import fit_local
 
 

@@ -65,7 +65,7 @@ def test_bomb_in_a_shard_is_a_row_error(tmp_path):
 
 def test_dense_file_readers_use_the_guard(tmp_path):
     from clipdense.config import DataError
-    from clipdense.dense.datasets.common import read_png, read_rgb
+    from clipdense.dense.dataset_common import read_png, read_rgb
 
     (tmp_path / "bomb.png").write_bytes(bomb_header(10_000, 10_000))
     (tmp_path / "junk.jpg").write_bytes(b"junk")

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from clipdense.config import ConfigError
 from clipdense.dense.backbones import create_backbone
-from clipdense.dense.config import BackboneConfig
+from clipdense.dense.base_config import BackboneConfig
 from clipdense.models import open_clip_adapter as oca
 from clipdense.models.export import export_open_clip_dir
 from clipdense.models.registry import create_clip

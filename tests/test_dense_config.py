@@ -9,8 +9,12 @@ import pytest
 
 from clipdense.cli import main as cli_main
 from clipdense.config import ConfigError, configs_dir, load_config
-from clipdense.dense.config import DepthFinetune, DetFinetune, FinetuneConfig, SegFinetune, has_key, tasks_with_key
+from clipdense.dense.base_config import FinetuneBase
+from clipdense.dense.config import FinetuneConfig, has_key, tasks_with_key
 from clipdense.dense.tasks import TASKS
+from clipdense.dense.tasks.depth.config import DepthFinetune
+from clipdense.dense.tasks.det.config import DetFinetune
+from clipdense.dense.tasks.seg.config import SegFinetune
 
 
 @pytest.mark.parametrize("overrides, needle", [
@@ -34,10 +38,12 @@ def test_cli_names_the_key_in_one_line(tmp_path, capsys):
 
 
 def test_the_task_picks_the_class():
-    assert type(FinetuneConfig()) is SegFinetune and isinstance(FinetuneConfig(), FinetuneConfig)
+    seg = FinetuneConfig.model_validate({})
+    assert type(seg) is SegFinetune and isinstance(seg, FinetuneBase) and seg == SegFinetune()
     depth = load_config(FinetuneConfig, None, ["task=depth", "head.depth_bins=16"])
     assert type(depth) is DepthFinetune and depth.head.depth_bins == 16 and depth.data.root == "data/nyu"
-    assert type(FinetuneConfig(task="det")) is DetFinetune
+    assert type(FinetuneConfig.model_validate({"task": "det"})) is DetFinetune
+    assert FinetuneConfig.model_validate(depth) is depth  # an already built task config passes as it is
     assert type(pickle.loads(pickle.dumps(depth))) is DepthFinetune  # Ray ships configs pickled
     copy = depth.model_copy(update={"out_dir": "elsewhere"})
     assert type(copy) is DepthFinetune and copy.out_dir == "elsewhere"

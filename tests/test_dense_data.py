@@ -11,16 +11,10 @@ from dense_files import write_ade, write_coco, write_nyu
 from PIL import Image
 
 from clipdense.config import DataError, UserError
-from clipdense.dense.datasets import (
-    ADEEval,
-    ADETrain,
-    COCODetection,
-    NYUEval,
-    NYUTrain,
-    reduce_zero_label,
-    restore_zero_label,
-    subset_indices,
-)
+from clipdense.dense.dataset_common import subset_indices
+from clipdense.dense.tasks.depth.dataset import NYUEval, NYUTrain
+from clipdense.dense.tasks.det.dataset import COCODetection
+from clipdense.dense.tasks.seg.dataset import ADEEval, ADETrain, reduce_zero_label, restore_zero_label
 
 
 def test_subsets_are_nested_deterministic_and_sized():

@@ -14,11 +14,11 @@ from torch import nn
 from clipdense.config import ConfigError, DataError, configs_dir, load_config
 from clipdense.dense import FinetuneConfig, run
 from clipdense.dense.backbones import create_backbone, dpt_block_indices
-from clipdense.dense.config import BackboneConfig
-from clipdense.dense.datasets.nyu import NYUTrain, color_aug, random_rotate
-from clipdense.dense.dpt import DPTHead, Reassemble
+from clipdense.dense.base_config import BackboneConfig
 from clipdense.dense.evaluate import rescore_depth
-from clipdense.dense.heads import DepthModel
+from clipdense.dense.necks import Reassemble
+from clipdense.dense.tasks.depth.dataset import NYUTrain, color_aug, random_rotate
+from clipdense.dense.tasks.depth.head import DepthModel, DPTHead
 
 
 def test_dpt_taps_and_reassemble_ops():

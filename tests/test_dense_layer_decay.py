@@ -12,8 +12,8 @@ from dense_files import write_ade
 from clipdense.cli import main as cli_main
 from clipdense.config import ConfigError, load_config
 from clipdense.dense.backbones import create_backbone
-from clipdense.dense.config import BackboneConfig, FinetuneConfig
-from clipdense.dense.heads import SegModel
+from clipdense.dense.base_config import BackboneConfig
+from clipdense.dense.config import FinetuneConfig
 from clipdense.dense.optim import (
     DEFAULT_LAYER_DECAY,
     LayerIds,
@@ -21,6 +21,8 @@ from clipdense.dense.optim import (
     layer_decay_param_groups,
     share_ids,
 )
+from clipdense.dense.tasks.seg.config import SegFinetune
+from clipdense.dense.tasks.seg.head import SegModel
 
 
 def mmseg_convnext_layer_id(name: str, max_layer_id: int = 12) -> int:
@@ -116,7 +118,7 @@ def test_vit_auto_decay_is_mmseg_mae():
 
 
 def test_layer_decay_config_values():
-    assert FinetuneConfig().train.optim.layer_decay == "auto" and FinetuneConfig().train.optim.min_lr_scale == 1e-3
+    assert SegFinetune().train.optim.layer_decay == "auto" and SegFinetune().train.optim.min_lr_scale == 1e-3
     assert load_config(FinetuneConfig, None, ["train.optim.layer_decay=0.8"]).train.optim.layer_decay == 0.8
     assert load_config(FinetuneConfig, None, ["train.optim.layer_decay=null"]).train.optim.layer_decay is None
     for bad in ("fast", "0", "1.5"):

@@ -14,11 +14,12 @@ from dense_files import write_coco
 from clipdense.config import ConfigError, DataError, configs_dir, load_config
 from clipdense.dense import FinetuneConfig, run
 from clipdense.dense.backbones import create_backbone
-from clipdense.dense.config import BackboneConfig, DetHead
-from clipdense.dense.datasets.coco import COCODetection, lsj
-from clipdense.dense.detection import build_detector
+from clipdense.dense.base_config import BackboneConfig
 from clipdense.dense.evaluate import rescore_det
 from clipdense.dense.necks import LayerNorm2d, ViTDetRescale
+from clipdense.dense.tasks.det.config import DetHead
+from clipdense.dense.tasks.det.dataset import COCODetection, lsj
+from clipdense.dense.tasks.det.head import build_detector
 
 
 def test_masks_from_polygons_and_rle_match_the_boxes(tmp_path):

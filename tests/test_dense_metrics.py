@@ -8,15 +8,11 @@ import pytest
 import torch
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from clipdense.dense.losses import seg_loss, sig_loss
-from clipdense.dense.metrics import (
-    ConfusionMatrix,
-    DepthMeter,
-    depth_errors,
-    detection_metrics,
-    eigen_crop_box,
-    seg_metrics,
-)
+from clipdense.dense.tasks.depth.loss import sig_loss
+from clipdense.dense.tasks.depth.metric import DepthMeter, depth_errors, eigen_crop_box
+from clipdense.dense.tasks.det.metric import detection_metrics
+from clipdense.dense.tasks.seg.loss import seg_loss
+from clipdense.dense.tasks.seg.metric import ConfusionMatrix, seg_metrics
 
 
 def test_seg_metrics_2x2_hand_case():

@@ -7,11 +7,13 @@ from torch import nn
 
 from clipdense.config import ConfigError, load_config
 from clipdense.dense.backbones import create_backbone, default_block_indices
-from clipdense.dense.config import BackboneConfig, FinetuneConfig
-from clipdense.dense.heads import DepthModel, SegModel
+from clipdense.dense.base_config import BackboneConfig
+from clipdense.dense.config import FinetuneConfig
 from clipdense.dense.inference import slide_predict, whole_predict
 from clipdense.dense.necks import Feature2Pyramid
 from clipdense.dense.optim import layer_decay_param_groups
+from clipdense.dense.tasks.depth.head import DepthModel
+from clipdense.dense.tasks.seg.head import SegModel
 from clipdense.models.open_clip_adapter import interpolated_pos_embed
 
 

@@ -12,11 +12,13 @@ from torch import nn
 
 from clipdense.config import ConfigError, load_config
 from clipdense.dense.backbones import create_backbone
-from clipdense.dense.config import BackboneConfig, FinetuneConfig
+from clipdense.dense.base_config import BackboneConfig
+from clipdense.dense.config import FinetuneConfig
 from clipdense.dense.evaluate import evaluate_depth, evaluate_seg, rescore_seg
-from clipdense.dense.heads import SegModel
 from clipdense.dense.inference import MS_SCALES, slide_predict, tta_predict, tta_views, whole_predict
 from clipdense.dense.tasks import build_eval_dataset
+from clipdense.dense.tasks.seg.config import SegFinetune
+from clipdense.dense.tasks.seg.head import SegModel
 
 
 class Pixelwise(nn.Module):
@@ -111,7 +113,7 @@ def test_depth_flip_tta_equals_no_tta_for_a_flip_equivariant_predictor(tmp_path)
 
 
 def test_tta_config():
-    assert FinetuneConfig().eval.tta == "none"
+    assert SegFinetune().eval.tta == "none"
     assert load_config(FinetuneConfig, None, ["eval.tta=ms_flip"]).eval.tta_scales == list(MS_SCALES)
     for extra, msg in ((["task=depth", "eval.tta=ms_flip"], "not supported for task depth"),
                        (["task=det", "eval.tta=flip"], "not supported for task det"),

@@ -1,12 +1,11 @@
-"""Decoders on a 4-level pyramid: UperNet (PPM + FPN, as mmseg's UPerHead), the auxiliary FCN head, and the
-segmentation / depth models that pair them with a backbone. Models take uint8 or [0,1] images and normalise inside."""
+"""Decoders on a 4-level pyramid that segmentation and depth share: UperNet (PPM + FPN, as mmseg's UPerHead) and the
+linear probe's head, and `Normalize`, with which each task's model (tasks/<task>/head.py) takes uint8 or [0,1]
+images and normalises inside."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from clipdense.dense.dpt import DPTHead
 
 
 def conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
@@ -64,24 +63,10 @@ class LinearHead(nn.Module):
 
 
 def decode_head(kind: str, in_channels: list[int], channels: int, num_outputs: int, pool_scales, dropout: float):
+    """UperNet, or the linear probe's head for `kind` "linear"."""
     if kind == "linear":
         return LinearHead(in_channels, num_outputs, dropout)
-    if kind == "dpt":
-        return DPTHead(in_channels, channels, num_outputs)
     return UperHead(in_channels, channels, num_outputs, pool_scales, dropout)
-
-
-class FCNHead(nn.Module):
-    """mmseg FCNHead (1 conv, no input concat): the auxiliary segmentation head on one pyramid level."""
-
-    def __init__(self, in_channels: int, channels: int, num_outputs: int, dropout: float = 0.1):
-        super().__init__()
-        self.conv = conv_bn_relu(in_channels, channels, 3)
-        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
-        self.classifier = nn.Conv2d(channels, num_outputs, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.dropout(self.conv(x)))
 
 
 class Normalize(nn.Module):
@@ -95,61 +80,3 @@ class Normalize(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
         return (x - self.mean) / self.std
-
-
-class SegModel(nn.Module):
-    """Backbone + UperNet or linear decoder (+ auxiliary FCN on level 2).
-    forward -> {"seg": logits at stride 4, "aux": ...}."""
-
-    def __init__(self, backbone: nn.Module, num_classes: int, channels: int = 768, pool_scales=(1, 2, 3, 6),
-                 dropout: float = 0.1, aux_channels: int = 256, aux: bool = True, kind: str = "upernet"):
-        super().__init__()
-        self.backbone = backbone
-        self.normalize = Normalize(backbone.mean, backbone.std)
-        ch = backbone.out_channels
-        self.decode_head = decode_head(kind, ch, channels, num_classes, pool_scales, dropout)
-        self.aux_head = FCNHead(ch[2], aux_channels, num_classes, dropout) if aux else None
-
-    def forward(self, img: torch.Tensor) -> dict[str, torch.Tensor]:
-        feats = self.backbone(self.normalize(img))
-        out = {"seg": self.decode_head(feats)}
-        if self.aux_head is not None and self.training:
-            out["aux"] = self.aux_head(feats[2])
-        return out
-
-    @torch.no_grad()
-    def predict(self, img: torch.Tensor) -> torch.Tensor:
-        """Class logits at the input's size."""
-        return resize(self(img)["seg"], img.shape[-2:])
-
-
-class DepthModel(nn.Module):
-    """Backbone + decoder -> metric depth at the input size. `bins` = 0: one output, sigmoid * max_depth (BTS /
-    Monocular-Depth-Estimation-Toolbox `scale_up`), or for `kind="dpt"` relu + min_depth (the Toolbox's DPT).
-    `bins` = N: DINOv2's linear depth protocol (after AdaBins): N uniform depth
-    bins over [min_depth, max_depth], scores relu + 0.1 normalised to weights, depth = the weighted mean bin centre."""
-
-    def __init__(self, backbone: nn.Module, max_depth: float = 10.0, channels: int = 768, pool_scales=(1, 2, 3, 6),
-                 dropout: float = 0.1, kind: str = "upernet", bins: int = 0, min_depth: float = 1e-3):
-        super().__init__()
-        self.backbone = backbone
-        self.normalize = Normalize(backbone.mean, backbone.std)
-        self.max_depth, self.min_depth, self.kind = max_depth, min_depth, kind
-        self.decode_head = decode_head(kind, backbone.out_channels, channels, max(bins, 1), pool_scales, dropout)
-        self.register_buffer("bin_centres", torch.linspace(min_depth, max_depth, bins) if bins else None,
-                             persistent=False)
-
-    def forward(self, img: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.decode_head(self.backbone(self.normalize(img)))
-        if self.bin_centres is None:
-            out = resize(out, img.shape[-2:])[:, 0]
-            if self.kind == "dpt":
-                return {"depth": torch.relu(out) + self.min_depth}
-            return {"depth": torch.sigmoid(out) * self.max_depth}
-        weights = torch.relu(out) + 0.1
-        depth = torch.einsum("bkhw,k->bhw", weights / weights.sum(dim=1, keepdim=True), self.bin_centres)
-        return {"depth": resize(depth[:, None], img.shape[-2:])[:, 0]}
-
-    @torch.no_grad()
-    def predict(self, img: torch.Tensor) -> torch.Tensor:
-        return self(img)["depth"]

@@ -1,10 +1,11 @@
-"""Necks: Feature2Pyramid (plain ViT tokens -> strides 4/8/16/32), ViTDet's simple feature pyramid for detection
-(its rescaling from one block, `ViTDetRescale`, and its per-level 1x1 + 3x3 LayerNorm convs + max-pooled level,
-`SimpleFeaturePyramid`), and torchvision's FPN for hierarchical towers (`TowerFPN`)."""
+"""Necks: how a plain ViT's same-stride maps become a pyramid at strides 4/8/16/32 (backbones.py picks one by the
+task's `neck`): mmseg's Feature2Pyramid, ViTDet's rescaling of one block (`ViTDetRescale`; detection's pyramid
+convs are in tasks/det/head.py), and DPT's reassemble (`Reassemble`: class-token readout by projection, 1x1 to
+(96, 192, 384, 768) channels for ViT-B (`DPT_CHANNELS`, scaled to the width for other ViTs), then x4 ConvT(4, 4),
+x2 ConvT(2, 2), x1 identity, x0.5 Conv3x3 stride 2; DPT's fusion head is in tasks/depth/head.py)."""
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -79,39 +80,37 @@ class ViTDetRescale(nn.Module):
         return [op(f) for op, f in zip(self.ops, feats)]
 
 
-class TowerFPN(nn.Module):
-    """Detection backbone for torchvision from a hierarchical tower: its 4 stages through torchvision's standard
-    FPN (lateral 1x1 + top-down + 3x3) with a max-pooled extra level."""
+DPT_CHANNELS = (96, 192, 384, 768)  # the Toolbox's post_process_channels for ViT-B (width 768)
 
-    def __init__(self, body: nn.Module, channels: int = 256):
+
+def _resample(channels: int, scale: float) -> nn.Module:
+    if scale == 1:
+        return nn.Identity()
+    if scale > 1:
+        k = int(scale)
+        return nn.ConvTranspose2d(channels, channels, kernel_size=k, stride=k)
+    k = round(1 / scale)
+    return nn.Conv2d(channels, channels, kernel_size=3, stride=k, padding=1)
+
+
+class Reassemble(nn.Module):
+    """Same-stride ViT token maps (+ class tokens) -> a 4-level pyramid; `scales[i]` = patch / output stride."""
+
+    uses_cls = True
+
+    def __init__(self, width: int, scales: list[float], channels: tuple[int, ...] | None = None):
         super().__init__()
-        from torchvision.ops import FeaturePyramidNetwork
-        from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+        channels = channels or tuple(max(8, c * width // 768) for c in DPT_CHANNELS)
+        self.out_channels = list(channels)
+        self.readout = nn.ModuleList(nn.Sequential(nn.Linear(2 * width, width), nn.GELU()) for _ in scales)
+        self.project = nn.ModuleList(nn.Conv2d(width, c, 1) for c in channels)
+        self.resample = nn.ModuleList(_resample(c, s) for c, s in zip(channels, scales))
 
-        self.body = body
-        self.out_channels = channels
-        self.fpn = FeaturePyramidNetwork(list(body.out_channels), channels, extra_blocks=LastLevelMaxPool())
-
-    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.body(x))))
-
-
-class SimpleFeaturePyramid(nn.Module):
-    """Detection backbone for torchvision from a plain ViT (neck `vitdet`: the last block rescaled): 1x1 + 3x3 convs
-    (LN, no bias) to `channels` per level, plus a max-pooled extra level (ViTDet's p6). Exposes `.out_channels` and
-    returns an OrderedDict, as torchvision needs."""
-
-    def __init__(self, body: nn.Module, channels: int = 256):
-        super().__init__()
-        self.body = body
-        self.out_channels = channels
-        self.proj = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, channels, 1, bias=False), LayerNorm2d(channels),
-                          nn.Conv2d(channels, channels, 3, padding=1, bias=False), LayerNorm2d(channels))
-            for c in body.out_channels)
-
-    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        feats = [p(f) for p, f in zip(self.proj, self.body(x))]
-        out = OrderedDict((str(i), f) for i, f in enumerate(feats))
-        out["pool"] = F.max_pool2d(feats[-1], kernel_size=1, stride=2)
+    def forward(self, maps: list[torch.Tensor], cls: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for x, c, readout, project, resample in zip(maps, cls, self.readout, self.project, self.resample):
+            b, w, h, wd = x.shape
+            tokens = x.flatten(2).transpose(1, 2)
+            tokens = readout(torch.cat([tokens, c[:, None].expand_as(tokens)], dim=-1))
+            out.append(resample(project(tokens.transpose(1, 2).reshape(b, w, h, wd))))
         return out

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clipdense.config import RayConfig, UserError
-from clipdense.dense.config import FinetuneConfig
+from clipdense.dense.base_config import FinetuneBase
 from clipdense.dense.task import DenseTaskFactory, resolve_finetune
 from clipdense.ray_session import ray_session
 from clipdense.train.config import TrainConfig
@@ -34,7 +34,7 @@ def find_user_error(exc: BaseException) -> UserError | None:
     return None
 
 
-def absolute_paths(cfg: FinetuneConfig) -> FinetuneConfig:
+def absolute_paths(cfg: FinetuneBase) -> FinetuneBase:
     """Ray workers run in other directories: make data.root, save_predictions, out_dir and a local checkpoint
     absolute."""
     data = cfg.data.model_copy(update={"root": str(Path(cfg.data.root).absolute())})
@@ -47,7 +47,7 @@ def absolute_paths(cfg: FinetuneConfig) -> FinetuneConfig:
     return cfg.model_copy(update=update)
 
 
-def run(cfg: FinetuneConfig, *, ray_callbacks: list | None = None, name: str | None = None) -> dict:
+def run(cfg: FinetuneBase, *, ray_callbacks: list | None = None, name: str | None = None) -> dict:
     """Finetune and evaluate; writes `out_dir/metrics.json` and returns {"out_dir", "metrics", "metrics_json"}.
 
     Runs in this process when `ray.in_process` is true, or null with one worker (`train.scaling.num_workers`)

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from clipdense.config import ConfigError, DataError
 from clipdense.dense.backbones import BackboneSpec, backbone_family, resolve_backbone
-from clipdense.dense.config import FinetuneConfig
+from clipdense.dense.base_config import FinetuneBase
 from clipdense.dense.optim import layer_decay_param_groups, lr_scale_record
 from clipdense.dense.tasks import TaskKind, task_of
 from clipdense.train.task import TrainContext, TrainTask
@@ -43,7 +43,7 @@ class FinetuneDatasets:
     eval: Dataset
 
 
-def build_datasets(kind: TaskKind, cfg: FinetuneConfig) -> FinetuneDatasets:
+def build_datasets(kind: TaskKind, cfg: FinetuneBase) -> FinetuneDatasets:
     """Both sets of the task; a bad path or annotation file, or no training sample, is a one-line error."""
     datasets = FinetuneDatasets(kind.train_dataset(cfg), kind.eval_dataset(cfg))
     if len(datasets.train) == 0:
@@ -61,7 +61,7 @@ class DenseTask(TrainTask):
 
     find_unused_parameters = False
 
-    def __init__(self, cfg: FinetuneConfig, datasets: FinetuneDatasets | None = None,
+    def __init__(self, cfg: FinetuneBase, datasets: FinetuneDatasets | None = None,
                  backbone: BackboneSpec | None = None):
         self.cfg = cfg
         self.kind = task_of(cfg)
@@ -144,7 +144,7 @@ def _json_default(v):
     return str(v)
 
 
-def metrics_record(cfg: FinetuneConfig, metrics: dict, provenance: dict, data: dict) -> dict:
+def metrics_record(cfg: FinetuneBase, metrics: dict, provenance: dict, data: dict) -> dict:
     return {"task": cfg.task, "head": task_of(cfg).head_name(cfg),
             "metrics": {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()},
             "backbone": provenance,
@@ -157,7 +157,7 @@ class DenseTaskFactory:
     """One finetune resolved once (`resolve_finetune`): the validated config, its datasets and its backbone. The
     runner calls it inside each worker (a Ray Train run pickles it to them)."""
 
-    cfg: FinetuneConfig
+    cfg: FinetuneBase
     datasets: FinetuneDatasets
     backbone: BackboneSpec
 
@@ -165,7 +165,7 @@ class DenseTaskFactory:
         return DenseTask(self.cfg, self.datasets, self.backbone)
 
 
-def resolve_finetune(cfg: FinetuneConfig) -> DenseTaskFactory:
+def resolve_finetune(cfg: FinetuneBase) -> DenseTaskFactory:
     """Read the datasets and resolve the backbone (open_clip or timm, checkpoint checked) once, so a bad path,
     annotation file or backbone fails here with its one-line error, before any worker starts."""
     kind = task_of(cfg)

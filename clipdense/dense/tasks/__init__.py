@@ -1,11 +1,13 @@
-"""The dense tasks, one module each (its dataset, model head, loss, collate, evaluator and default metric), in one
-table. The generic training task (dense/task.py), the datasets' builders and the sweep read them from here."""
+"""The dense tasks, one package each, DINOv2-style: `tasks/<task>/` holds the task's config, dataset, head, loss and
+metric, and `task.py`, its `TaskKind` (what the generic `DenseTask` asks of it: datasets, head, collate, loss,
+evaluator, default metric). `TASKS` is their table; the generic training task (dense/task.py), the datasets'
+builders and the sweep read them from here."""
 from __future__ import annotations
 
 from clipdense.dense.tasks.base import TaskKind
-from clipdense.dense.tasks.depth import DepthTask
-from clipdense.dense.tasks.det import DetTask
-from clipdense.dense.tasks.seg import SegTask
+from clipdense.dense.tasks.depth.task import DepthTask
+from clipdense.dense.tasks.det.task import DetTask
+from clipdense.dense.tasks.seg.task import SegTask
 
 TASKS: dict[str, TaskKind] = {t.name: t for t in (SegTask(), DepthTask(), DetTask())}
 

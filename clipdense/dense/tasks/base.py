@@ -1,5 +1,6 @@
 """What a dense task supplies to the generic `DenseTask` (dense/task.py): its config class, datasets, model head,
-collate, loss, evaluator and default metric. One subclass per task module, registered in `tasks.TASKS`."""
+collate, loss, evaluator and default metric. One subclass per task package (tasks/<task>/task.py), registered in
+`tasks.TASKS`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,12 +11,12 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import default_collate
 
-from clipdense.dense.config import FinetuneConfig
+from clipdense.dense.base_config import FinetuneBase
 
 
 class TaskKind:
     name: str = ""
-    config: type[FinetuneConfig] = FinetuneConfig
+    config: type[FinetuneBase] = FinetuneBase
     metric: tuple[str, str] = ("", "max")  # (metric key in metrics.json, "max" | "min"): the sweep's default
     min_batch_per_rank: int = 2  # decoders with BatchNorm need two images per worker (SyncBatchNorm on multi-GPU)
 

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from clipdense.config import DataError
-from clipdense.dense.datasets.common import (
+from clipdense.dense.dataset_common import (
     IGNORE,
     check_same_size,
     keep_ratio_size,

@@ -1,5 +1,6 @@
-"""Shared dataset pieces: nested data fractions, per-sample RNG, image/label reading with one-line errors, and the
-numpy augmentations (random resize, crop with cat_max_ratio, flip, photometric distortion, pad)."""
+"""What every task's dataset (dense/tasks/<task>/dataset.py) shares: nested data fractions, per-sample RNG,
+image/label reading with one-line errors, and the numpy augmentations (random resize, crop with cat_max_ratio, flip,
+photometric distortion, pad)."""
 from __future__ import annotations
 
 import math

@@ -1,6 +1,7 @@
-"""DPT (Ranftl et al. 2021) as the Monocular-Depth-Estimation-Toolbox's `DPTHead` builds it for ViT-B on NYU:
+"""Depth's model (`DepthModel`: backbone + decoder -> metric depth, by regression or DINOv2's bins) and its DPT
+decoder (Ranftl et al. 2021) as the Monocular-Depth-Estimation-Toolbox's `DPTHead` builds it for ViT-B on NYU:
 
-- `Reassemble` (a plain ViT's neck, `create_backbone(..., neck="dpt")`): per tapped block, the class token is read
+- `necks.Reassemble` (a plain ViT's neck, `create_backbone(..., neck="dpt")`): per tapped block, the class token is read
   out by projection (concat to every patch token, Linear(2C, C) + GELU), a 1x1 conv maps to (96, 192, 384, 768)
   channels (`DPT_CHANNELS`, scaled to the width for other ViTs), then x4 ConvT(4, 4), x2 ConvT(2, 2), x1 identity,
   x0.5 Conv3x3 stride 2 give strides 4, 8, 16, 32. Hierarchical towers (MCi, Swin, ConvNeXt) skip it: their own
@@ -16,40 +17,46 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DPT_CHANNELS = (96, 192, 384, 768)  # the Toolbox's post_process_channels for ViT-B (width 768)
+from clipdense.dense.heads import Normalize, decode_head, resize
 
 
-def _resample(channels: int, scale: float) -> nn.Module:
-    if scale == 1:
-        return nn.Identity()
-    if scale > 1:
-        k = int(scale)
-        return nn.ConvTranspose2d(channels, channels, kernel_size=k, stride=k)
-    k = round(1 / scale)
-    return nn.Conv2d(channels, channels, kernel_size=3, stride=k, padding=1)
+def depth_decoder(kind: str, in_channels: list[int], channels: int, num_outputs: int, pool_scales, dropout: float):
+    """DPT's fusion head for `kind` "dpt", else UperNet or the linear probe's head."""
+    if kind == "dpt":
+        return DPTHead(in_channels, channels, num_outputs)
+    return decode_head(kind, in_channels, channels, num_outputs, pool_scales, dropout)
 
 
-class Reassemble(nn.Module):
-    """Same-stride ViT token maps (+ class tokens) -> a 4-level pyramid; `scales[i]` = patch / output stride."""
+class DepthModel(nn.Module):
+    """Backbone + decoder -> metric depth at the input size. `bins` = 0: one output, sigmoid * max_depth (BTS /
+    Monocular-Depth-Estimation-Toolbox `scale_up`), or for `kind="dpt"` relu + min_depth (the Toolbox's DPT).
+    `bins` = N: DINOv2's linear depth protocol (after AdaBins): N uniform depth
+    bins over [min_depth, max_depth], scores relu + 0.1 normalised to weights, depth = the weighted mean bin centre."""
 
-    uses_cls = True
-
-    def __init__(self, width: int, scales: list[float], channels: tuple[int, ...] | None = None):
+    def __init__(self, backbone: nn.Module, max_depth: float = 10.0, channels: int = 768, pool_scales=(1, 2, 3, 6),
+                 dropout: float = 0.1, kind: str = "upernet", bins: int = 0, min_depth: float = 1e-3):
         super().__init__()
-        channels = channels or tuple(max(8, c * width // 768) for c in DPT_CHANNELS)
-        self.out_channels = list(channels)
-        self.readout = nn.ModuleList(nn.Sequential(nn.Linear(2 * width, width), nn.GELU()) for _ in scales)
-        self.project = nn.ModuleList(nn.Conv2d(width, c, 1) for c in channels)
-        self.resample = nn.ModuleList(_resample(c, s) for c, s in zip(channels, scales))
+        self.backbone = backbone
+        self.normalize = Normalize(backbone.mean, backbone.std)
+        self.max_depth, self.min_depth, self.kind = max_depth, min_depth, kind
+        self.decode_head = depth_decoder(kind, backbone.out_channels, channels, max(bins, 1), pool_scales, dropout)
+        self.register_buffer("bin_centres", torch.linspace(min_depth, max_depth, bins) if bins else None,
+                             persistent=False)
 
-    def forward(self, maps: list[torch.Tensor], cls: list[torch.Tensor]) -> list[torch.Tensor]:
-        out = []
-        for x, c, readout, project, resample in zip(maps, cls, self.readout, self.project, self.resample):
-            b, w, h, wd = x.shape
-            tokens = x.flatten(2).transpose(1, 2)
-            tokens = readout(torch.cat([tokens, c[:, None].expand_as(tokens)], dim=-1))
-            out.append(resample(project(tokens.transpose(1, 2).reshape(b, w, h, wd))))
-        return out
+    def forward(self, img: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.decode_head(self.backbone(self.normalize(img)))
+        if self.bin_centres is None:
+            out = resize(out, img.shape[-2:])[:, 0]
+            if self.kind == "dpt":
+                return {"depth": torch.relu(out) + self.min_depth}
+            return {"depth": torch.sigmoid(out) * self.max_depth}
+        weights = torch.relu(out) + 0.1
+        depth = torch.einsum("bkhw,k->bhw", weights / weights.sum(dim=1, keepdim=True), self.bin_centres)
+        return {"depth": resize(depth[:, None], img.shape[-2:])[:, 0]}
+
+    @torch.no_grad()
+    def predict(self, img: torch.Tensor) -> torch.Tensor:
+        return self(img)["depth"]
 
 
 class ResidualConvUnit(nn.Module):

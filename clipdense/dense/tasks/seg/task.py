@@ -1,6 +1,7 @@
-"""Semantic segmentation (ADE20k layout; mmseg's UperNet recipe): ADE reader, UperNet / linear decoder (+ auxiliary
-FCN), cross-entropy, dataset-level mIoU with slide / whole inference and test-time augmentation; predictions are
-PNGs in the annotation convention, re-scored by `rescore_seg`."""
+"""Semantic segmentation as a task (`SegTask`): the ADE reader (dataset.py), UperNet / linear decoder + auxiliary
+FCN (head.py), cross-entropy (loss.py), and dataset-level mIoU (metric.py) with slide / whole inference and
+test-time augmentation (`evaluate_seg`); predictions are PNGs in the annotation convention, re-scored by
+`rescore_seg`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +10,12 @@ import numpy as np
 import torch
 
 from clipdense.config import DataError
-from clipdense.dense.config import SegFinetune
-from clipdense.dense.datasets.ade import (
+from clipdense.dense.dataset_common import read_png, read_rgb
+from clipdense.dense.heads import resize
+from clipdense.dense.inference import slide_predict, tta_predict, tta_views, whole_predict
+from clipdense.dense.tasks.base import TaskKind, write_png
+from clipdense.dense.tasks.seg.config import SegFinetune
+from clipdense.dense.tasks.seg.dataset import (
     ADEEval,
     ADETrain,
     list_pairs,
@@ -18,12 +23,9 @@ from clipdense.dense.datasets.ade import (
     reduce_zero_label,
     restore_zero_label,
 )
-from clipdense.dense.datasets.common import read_png, read_rgb
-from clipdense.dense.heads import SegModel, resize
-from clipdense.dense.inference import slide_predict, tta_predict, tta_views, whole_predict
-from clipdense.dense.losses import seg_loss
-from clipdense.dense.metrics import ConfusionMatrix, seg_metrics
-from clipdense.dense.tasks.base import TaskKind, write_png
+from clipdense.dense.tasks.seg.head import SegModel
+from clipdense.dense.tasks.seg.loss import seg_loss
+from clipdense.dense.tasks.seg.metric import ConfusionMatrix, seg_metrics
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Training losses: segmentation cross-entropy (ignore 255, + weighted auxiliary head) and depth SigLoss."""
+"""Segmentation's training loss: cross-entropy (label 255 ignored) + the weighted auxiliary head's."""
 from __future__ import annotations
 
 import torch
@@ -22,17 +22,3 @@ def seg_loss(out: dict[str, torch.Tensor], target: torch.Tensor, aux_weight: flo
     if not torch.isfinite(main):  # a batch with only ignored pixels: keep the graph, contribute nothing
         total = out["seg"].sum() * 0.0
     return total, parts
-
-
-def sig_loss(pred: torch.Tensor, gt: torch.Tensor, min_depth: float = 1e-3, max_depth: float | None = None,
-             weight: float = 10.0, eps: float = 1e-3) -> torch.Tensor:
-    """Scale-invariant log loss (Eigen et al.; Monocular-Depth-Estimation-Toolbox SigLoss, lambda = 0.85):
-    weight * sqrt(mean(g^2) - 0.85 mean(g)^2), g = log(pred) - log(gt), over the batch's valid pixels."""
-    valid = gt > min_depth
-    if max_depth is not None:
-        valid &= gt <= max_depth
-    if not valid.any():
-        return pred.sum() * 0.0
-    g = torch.log(pred[valid] + eps) - torch.log(gt[valid] + eps)
-    d = (g ** 2).mean() - 0.85 * g.mean() ** 2
-    return weight * torch.sqrt(d.clamp_min(1e-12))

@@ -1,7 +1,8 @@
-"""Object detection / instance segmentation (COCO layout): COCO reader (boxes; masks from polygons and RLE for
-Mask R-CNN; flip or ViTDet's large-scale jitter), torchvision Faster / Mask R-CNN (dense/detection.py) and their
-own losses, COCO AP from torchmetrics (`map*` = boxes, `segm_map*` = masks); predictions are a COCO results JSON
-(boxes, RLE masks), re-scored by pycocotools' COCOeval in `rescore_det`."""
+"""Object detection / instance segmentation as a task (`DetTask`): the COCO reader, boxes and, for Mask R-CNN,
+masks from polygons and RLE, with a flip or ViTDet's large-scale jitter (dataset.py); torchvision Faster / Mask
+R-CNN on the backbone's pyramid (head.py), trained by their own losses (no loss module); COCO AP from
+torchmetrics (metric.py: `map*` = boxes, `segm_map*` = masks); predictions are a COCO results JSON (boxes, RLE
+masks), re-scored by pycocotools' COCOeval in `rescore_det`."""
 from __future__ import annotations
 
 import contextlib
@@ -12,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipdense.dense.config import DetFinetune
-from clipdense.dense.datasets.coco import COCODetection
-from clipdense.dense.detection import build_detector
-from clipdense.dense.metrics import detection_meter, detection_scalars
 from clipdense.dense.tasks.base import TaskKind
+from clipdense.dense.tasks.det.config import DetFinetune
+from clipdense.dense.tasks.det.dataset import COCODetection
+from clipdense.dense.tasks.det.head import build_detector
+from clipdense.dense.tasks.det.metric import detection_meter, detection_scalars
 
 MASK_THRESHOLD = 0.5  # torchvision's mask probabilities -> binary masks (its own visualisation uses 0.5 too)
 

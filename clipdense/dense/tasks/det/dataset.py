@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from clipdense.config import DataError
-from clipdense.dense.datasets.common import read_rgb, resize_image, resize_mask, sample_rng, subset_indices, to_chw
+from clipdense.dense.dataset_common import read_rgb, resize_image, resize_mask, sample_rng, subset_indices, to_chw
 
 BOX_TOLERANCE = 1.0  # pixels a box may overhang the image (rounding in exported annotations)
 

@@ -2,8 +2,8 @@
 projects/ViTDet), on the backbone's pyramid.
 
 - Pyramid: a plain ViT's last block through ViTDet's simple feature pyramid (`necks.ViTDetRescale` inside the
-  backbone, then `necks.SimpleFeaturePyramid`: 1x1 + 3x3 LayerNorm convs per level + a max-pooled p6); a
-  hierarchical tower (MCi, Swin, ConvNeXt) feeds its own 4 stages through torchvision's FPN (`necks.TowerFPN`).
+  backbone, then `SimpleFeaturePyramid`: 1x1 + 3x3 LayerNorm convs per level + a max-pooled p6); a hierarchical
+  tower (MCi, Swin, ConvNeXt) feeds its own 4 stages through torchvision's FPN (`TowerFPN`).
 - `mask_rcnn`: ViTDet's heads: a 2-conv RPN head (1000 proposals after NMS in training, as detectron2), a 4-conv
   (LayerNorm) + 1-fc box head, a 4-conv (LayerNorm) mask head. `faster_rcnn`: torchvision's 1-conv RPN head and
   two-MLP box head.
@@ -12,13 +12,17 @@ projects/ViTDet), on the backbone's pyramid.
   images as they are, resizes test images so the long side is lsj_size, and pads both to the lsj_size square."""
 from __future__ import annotations
 
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from clipdense.config import ConfigError
 from clipdense.dense.backbones import backbone_family
-from clipdense.dense.config import DetHead
-from clipdense.dense.necks import LayerNorm2d, SimpleFeaturePyramid, TowerFPN
+from clipdense.dense.necks import LayerNorm2d
+from clipdense.dense.tasks.det.config import DetHead
 
 
 class SquareTransform(GeneralizedRCNNTransform):
@@ -74,3 +78,41 @@ def build_detector(backbone: nn.Module, num_classes: int, head: DetHead, lsj_siz
     if lsj_size:
         model.transform = SquareTransform(lsj_size, list(backbone.mean), list(backbone.std))
     return model
+
+
+class TowerFPN(nn.Module):
+    """Detection backbone for torchvision from a hierarchical tower: its 4 stages through torchvision's standard
+    FPN (lateral 1x1 + top-down + 3x3) with a max-pooled extra level."""
+
+    def __init__(self, body: nn.Module, channels: int = 256):
+        super().__init__()
+        from torchvision.ops import FeaturePyramidNetwork
+        from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+        self.body = body
+        self.out_channels = channels
+        self.fpn = FeaturePyramidNetwork(list(body.out_channels), channels, extra_blocks=LastLevelMaxPool())
+
+    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.body(x))))
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """Detection backbone for torchvision from a plain ViT (neck `vitdet`: the last block rescaled): 1x1 + 3x3 convs
+    (LN, no bias) to `channels` per level, plus a max-pooled extra level (ViTDet's p6). Exposes `.out_channels` and
+    returns an OrderedDict, as torchvision needs."""
+
+    def __init__(self, body: nn.Module, channels: int = 256):
+        super().__init__()
+        self.body = body
+        self.out_channels = channels
+        self.proj = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, channels, 1, bias=False), LayerNorm2d(channels),
+                          nn.Conv2d(channels, channels, 3, padding=1, bias=False), LayerNorm2d(channels))
+            for c in body.out_channels)
+
+    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        feats = [p(f) for p, f in zip(self.proj, self.body(x))]
+        out = OrderedDict((str(i), f) for i, f in enumerate(feats))
+        out["pool"] = F.max_pool2d(feats[-1], kernel_size=1, stride=2)
+        return out

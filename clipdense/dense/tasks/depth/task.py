@@ -1,6 +1,7 @@
-"""Monocular depth (NYUv2 / BTS layout): NYU reader with the Toolbox's pipeline, UperNet / linear / DPT decoder
-(regression or DINOv2's bins), SigLoss, the BTS metrics on whole images (flip TTA); predictions are 16-bit PNGs in
-millimetres, re-scored by `rescore_depth`."""
+"""Monocular depth as a task (`DepthTask`): the NYU reader with the Toolbox's pipeline (dataset.py), UperNet /
+linear / DPT decoder, by regression or DINOv2's bins (head.py), SigLoss (loss.py), and the BTS metrics (metric.py)
+on whole images with flip TTA (`evaluate_depth`); predictions are 16-bit PNGs in millimetres, re-scored by
+`rescore_depth`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipdense.dense.config import DepthFinetune
-from clipdense.dense.datasets.common import read_png, read_rgb
-from clipdense.dense.datasets.nyu import NYUEval, NYUTrain, load_depth, read_list
-from clipdense.dense.heads import DepthModel
+from clipdense.dense.dataset_common import read_png, read_rgb
 from clipdense.dense.inference import tta_predict, tta_views, whole_predict
-from clipdense.dense.losses import sig_loss
-from clipdense.dense.metrics import DepthMeter, depth_errors
 from clipdense.dense.tasks.base import TaskKind, write_png
+from clipdense.dense.tasks.depth.config import DepthFinetune
+from clipdense.dense.tasks.depth.dataset import NYUEval, NYUTrain, load_depth, read_list
+from clipdense.dense.tasks.depth.head import DepthModel
+from clipdense.dense.tasks.depth.loss import sig_loss
+from clipdense.dense.tasks.depth.metric import DepthMeter, depth_errors
 
 
 @torch.no_grad()

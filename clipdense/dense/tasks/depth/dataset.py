@@ -10,7 +10,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from clipdense.config import DataError
-from clipdense.dense.datasets.common import (
+from clipdense.dense.dataset_common import (
     check_same_size,
     pad_to,
     photometric,

@@ -1,0 +1,1 @@
+"""Semantic segmentation (ADE20k layout; mmseg's UperNet recipe): config, dataset, head, loss, metric, task."""
