@@ -97,6 +97,7 @@ def test_layout_is_datacompdr_one_tar_per_shard_no_row_lost(reinforced):
     with open(out / "000000.tar", "rb") as f:
         samples, broken = read_datacompdr(f)
     assert broken is None and sorted(samples) == [f"uid{i:02d}" for i in range(4)]
+    assert all(len(x.syn_score) == N_SYN for x in samples.values())  # syn.json's syn_score, read back
 
 
 def test_stored_embeddings_equal_a_fresh_teacher_forward(reinforced):

@@ -25,6 +25,7 @@ class DrSample:
     sha256: str | None          # of the original image
     aug_params: str | None      # DataCompDR's param_aug, the JSON string as stored
     teacher_emb: bytes | None   # the npz as stored (image_emb, text_emb)
+    syn_score: list[float] | None = None  # clipdense's extension of syn.json: each synthetic caption's CLIP score
 
 
 def json_or_none(data: str | bytes | None):
@@ -48,6 +49,15 @@ def syn_captions_from_json(data: bytes | None) -> list[str] | None:
     return None
 
 
+def syn_scores_from_json(data: bytes | None) -> list[float] | None:
+    """`syn.json`'s `syn_score` (written by clipdense's recaption with teachers), when it is a list of numbers."""
+    obj = json_or_none(data)
+    scores = obj.get("syn_score") if isinstance(obj, dict) else None
+    if isinstance(scores, list) and all(isinstance(x, (int, float)) for x in scores):
+        return [float(x) for x in scores]
+    return None
+
+
 def aug_params_from_json(data: bytes | None) -> str | None:
     """`paug.json` = {"param_aug": "<json string>"} -> that string (kept as stored: the consumer parses it)."""
     obj = json_or_none(data)
@@ -61,7 +71,8 @@ def _sample(files: dict[str, bytes]) -> tuple[str | None, DrSample]:
     uid = meta.get("uid")
     return (str(uid) if uid is not None else None,
             DrSample(syn_captions_from_json(files.get("syn.json")), meta.get("sha256"),
-                     aug_params_from_json(files.get("paug.json")), files.get("npz")))
+                     aug_params_from_json(files.get("paug.json")), files.get("npz"),
+                     syn_scores_from_json(files.get("syn.json"))))
 
 
 def read_datacompdr(stream) -> tuple[dict[str, DrSample], str | None]:
