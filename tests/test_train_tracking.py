@@ -178,15 +178,57 @@ class _Exporting(Toy):
         return {}
 
 
-@pytest.mark.parametrize("form", ["path", "file-uri"])
+def _read_back_in_a_fresh_process(uri: str, experiment: str) -> dict:
+    """What `mlflow ui --backend-store-uri URI` would show, read by another process without MLFLOW_ALLOW_FILE_STORE."""
+    code = ("import json, sys, mlflow\n"
+            "c = mlflow.MlflowClient(tracking_uri=sys.argv[1])\n"
+            "(run,) = c.search_runs([c.get_experiment_by_name(sys.argv[2]).experiment_id])\n"
+            "print(json.dumps({'status': run.info.status, 'name': run.info.run_name, 'params': run.data.params,\n"
+            "                  'artifacts': [a.path for a in c.list_artifacts(run.info.run_id, 'export')]}))\n")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_ALLOW_FILE_STORE"}
+    out = subprocess.run([sys.executable, "-c", code, uri, experiment], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_store_directory_is_a_sqlite_database_that_opens_as_it_is(tmp_path, monkeypatch):
+    """The local default: a bare directory path holds `mlflow.db` (and the runs' artefacts), which another process
+    (`mlflow ui`) opens without MLFLOW_ALLOW_FILE_STORE."""
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.chdir(tmp_path)  # a relative store is made absolute at config time (Ray workers have another cwd)
+    tracking = _tracking(mlflow={"tracking_uri": "runs/mlflow", "experiment": "db", "run_name": "toy"})
+    assert tracking.mlflow.tracking_uri == f"sqlite:///{tmp_path}/runs/mlflow/mlflow.db"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit_local(_Exporting, _cfg(tmp_path / "run"), tracking=tracking, params={"model": {"name": "toy"}})
+    assert not [w for w in caught if "tracking:" in str(w.message)]  # started, and never switched off
+    assert "MLFLOW_ALLOW_FILE_STORE" not in os.environ  # nothing to allow: not a file store
+    run = _read_back_in_a_fresh_process(tracking.mlflow.tracking_uri, "db")
+    assert run["status"] == "FINISHED" and run["name"] == "toy" and run["params"]["model.name"] == "toy"
+    assert run["artifacts"] == ["export/model.txt"]
+    assert list((tmp_path / "runs" / "mlflow" / "mlartifacts").rglob("model.txt"))  # beside the database
+
+
+def test_the_default_store_is_mlflows_own_sqlite_database():
+    assert _tracking(mlflow={}).mlflow.tracking_uri == f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+@pytest.mark.parametrize("form", ["existing-folder", "file-uri"])
 def test_mlflow_file_store_is_read_back_with_the_uri_the_user_gave(tmp_path, monkeypatch, form):
-    # MLflow 3 refuses file stores unless MLFLOW_ALLOW_FILE_STORE=true: clipdense sets it for a store the user named
-    # (the reader below, in this process, sees it too; another process sets it itself, as the README says)
+    # MLflow 3 refuses file stores unless MLFLOW_ALLOW_FILE_STORE=true: clipdense sets it for a file store the user
+    # named, a file: URI or a folder an earlier run wrote (the reader below, in this process, sees it too; another
+    # process sets it itself, as docs/tracking-and-export.md says)
     import mlflow
 
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
-    monkeypatch.chdir(tmp_path)  # a relative store is made absolute at config time (Ray workers have another cwd)
-    uri = "mlruns" if form == "path" else f"file://{tmp_path}/mlruns"
+    monkeypatch.chdir(tmp_path)
+    uri = f"file://{tmp_path}/mlruns"
+    if form == "existing-folder":
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+        mlflow.MlflowClient(tracking_uri=uri).search_experiments()  # an earlier run's file store (experiment 0)
+        monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
+        uri = "mlruns"
     tracking = _tracking(mlflow={"tracking_uri": uri, "experiment": "fs", "run_name": "toy"})
     assert tracking.mlflow.tracking_uri in (str(tmp_path / "mlruns"), f"file://{tmp_path}/mlruns")
     with warnings.catch_warnings(record=True) as caught:
@@ -210,7 +252,8 @@ def test_mlflow_file_store_is_read_back_with_the_uri_the_user_gave(tmp_path, mon
 def test_local_store_uris_are_made_absolute_where_the_config_is_built(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = lambda u: _tracking(mlflow={"tracking_uri": u}).mlflow.tracking_uri  # noqa: E731
-    assert uri("runs/mlruns") == str(tmp_path / "runs" / "mlruns")
+    assert uri("runs/mlruns") == f"sqlite:///{tmp_path}/runs/mlruns/mlflow.db"
+    assert uri("runs/m.db") == f"sqlite:///{tmp_path}/runs/m.db"
     assert uri("file:mlruns") == f"file://{tmp_path}/mlruns"
     assert uri("sqlite:///m.db") == f"sqlite:///{tmp_path}/m.db"
     assert uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
@@ -221,7 +264,8 @@ def test_local_store_uris_are_made_absolute_where_the_config_is_built(tmp_path, 
 
 @pytest.mark.parametrize("bad,message", [
     ("foo://nowhere", r"tracking.mlflow.tracking_uri 'foo://nowhere': MLflow cannot use it \("),
-    ("FILE/store", r"cannot create the file store directory"),
+    ("FILE/store", r"cannot create the database directory"),
+    ("file://FILE/store", r"cannot create the file store directory"),
 ])
 def test_an_mlflow_store_that_cannot_work_is_one_line_before_training(tmp_path, bad, message):
     (tmp_path / "FILE").write_text("a file, not a directory")
@@ -240,10 +284,10 @@ def test_sweep_mlflow_callback_gets_the_same_store(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     monkeypatch.chdir(tmp_path)
     (callback,) = tune_callbacks(_tracking(mlflow={"tracking_uri": "mlruns", "experiment": "sweep"}))
-    assert callback.tracking_uri == str(tmp_path / "mlruns")
-    callback.setup()  # what Tune calls on the driver: finds or creates the experiment in the file store
-    assert mlflow.MlflowClient("mlruns").get_experiment_by_name("sweep") is not None
-    with pytest.raises(ConfigError, match="cannot create the file store directory"):
+    assert callback.tracking_uri == f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    callback.setup()  # what Tune calls on the driver: finds or creates the experiment in the sqlite store
+    assert mlflow.MlflowClient(callback.tracking_uri).get_experiment_by_name("sweep") is not None
+    with pytest.raises(ConfigError, match="cannot create the database directory"):
         (tmp_path / "f").write_text("")
         tune_callbacks(_tracking(mlflow={"tracking_uri": "f/mlruns"}))
 
@@ -298,12 +342,12 @@ def test_eta_counts_from_the_first_logged_step(monkeypatch):
     90 s of startup and then 1 s per step, step 20 of 100 has 80 s left, not (100 - 20) * 110 / 20."""
     import io
 
-    import clipdense.train.tracking as tracking
+    import clipdense.train.tracking.progress as progress_module
 
     now = [0.0]
-    monkeypatch.setattr(tracking.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(progress_module.time, "perf_counter", lambda: now[0])
     out = io.StringIO()
-    progress = tracking.Progress("lines", 100, stream=out)
+    progress = progress_module.Progress("lines", 100, stream=out)
     for t, step in ((100.0, 10), (110.0, 20)):
         now[0] = t
         progress.write({"step": step, "loss": 1.0, "lr": 0.1})
