@@ -30,6 +30,7 @@ from bench.common import add_local_ray_args
 from bench.jpeg_shards import make_shards
 from bench.recaption_echo import pipeline
 from clipdense.config import RayConfig
+from clipdense.data.naming import shard_name
 from clipdense.data.shards import _rows_to_table, rebatch, write_parquet
 from clipdense.data.storage import Storage
 from clipdense.data.tar_rows import shard_rows
@@ -66,7 +67,7 @@ def stage_profile(paths: list[str], size: int) -> dict:
     engine = {"kind": "echo", "num_captions": 5, "batch_size": 256, "num_cpus": 0}
     actor = CaptionActor(engine)
     out = tempfile.mkdtemp()
-    plan = plan_shards(paths, Storage(out))
+    plan = plan_shards([(shard_name(p), p) for p in paths], Storage(out))
     assembler = ShardAssembler(plan, provenance(EngineConfig(**engine)), write=write_parquet)
     cpu: dict[str, float] = {}
 

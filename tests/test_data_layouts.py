@@ -94,7 +94,8 @@ def test_output_into_the_img2dataset_folder_is_refused_in_one_line(tmp_path, cap
 
     i2d = tmp_path / "i2d"
     _img2dataset_folder(i2d)
-    shards = expand_shards(Storage(str(i2d))).files
+    listed = expand_shards(Storage(str(i2d)))
+    shards = list(zip(listed.names, listed.files))
     for out in (str(i2d), str(i2d) + "/"):
         with pytest.raises(DataError, match=f"output '{i2d}/?' is the folder of the input shards"):
             plan_shards(shards, output=Storage(out))

@@ -12,13 +12,14 @@ import fnmatch
 import glob
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from clipdense.config import DataError
+from clipdense.data.naming import shard_name
 from clipdense.data.storage import Storage
 
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
@@ -107,6 +108,11 @@ class ShardFiles:
     files: list[str]
     sidecars: dict[str, str]
     storage: Storage
+
+    names: list[str] = field(init=False)   # each shard's output stem (data/naming.py), in order
+
+    def __post_init__(self):
+        object.__setattr__(self, "names", [shard_name(f) for f in self.files])
 
 
 def expand_shards(source: Storage | Iterable[Storage]) -> ShardFiles:

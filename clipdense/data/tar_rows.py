@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipdense.data.datacompdr import aug_params_from_json, syn_captions_from_json
-from clipdense.data.images import DEFAULT_MAX_PIXELS, Validate, check_image
+from clipdense.data.images import DEFAULT_MAX_PIXELS, ImageError, Validate, check_image, decode_rgb
+from clipdense.data.paths import ShardFiles
 from clipdense.data.rows import ERROR_FIELDS, RowError, exception_detail, row_error
 from clipdense.data.storage import Storage
 
@@ -220,3 +221,32 @@ def shard_rows(stream, shard: str, validate: Validate = "header", max_pixels: in
         yield row
     if sidecar is not None:
         yield from sidecar_rows(sidecar, shard, seen)
+
+
+def _input_images(shards: ShardFiles) -> Iterator[tuple[str, bytes]]:
+    """(key, encoded image) of every input row that has an image, in shard order."""
+    for uri in shards.files:
+        with shards.storage.at(uri).open_input_file() as f:
+            if uri.endswith(".tar"):
+                rows = iter_tar_samples(f, uri, "none")
+            else:
+                rows = pq.read_table(f, columns=["key", "image_bytes"]).to_pylist()
+            yield from ((r["key"], r["image_bytes"]) for r in rows if r.get("image_bytes"))
+
+
+def sample_images(shards: ShardFiles, keys: set[str], limit: int, max_image_pixels: int) -> dict:
+    """The first `limit` images of these keys in the input shards, decoded (key -> PIL image). One that does not
+    decode is left out (the same key in another input shard may hold other bytes)."""
+    found: dict[str, bytes] = {}
+    for key, blob in _input_images(shards):
+        if key in keys:
+            found[key] = blob
+            if len(found) >= limit:
+                break
+    decoded = {}
+    for key, blob in found.items():
+        try:
+            decoded[key] = decode_rgb(blob, max_image_pixels)
+        except ImageError:
+            continue
+    return decoded

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import pyarrow.parquet as pq
 
 from clipdense.config import DataError
-from clipdense.data.naming import output_path, shard_name
+from clipdense.data.naming import output_path
 from clipdense.data.storage import Storage
 
 
@@ -50,13 +50,13 @@ def is_output_file(file: Storage) -> bool:
     return {"key", "syn_captions"} <= names
 
 
-def plan_shards(inputs: list[str], output: Storage, with_tar: bool = False) -> Plan:
-    """Which of the input shards (URIs) still need their output file in `output` (`with_tar`: teachers are on, so
-    a shard is done when its DataCompDR `<shard>.tar` is there too; the writer writes it before the Parquet)."""
-    check_output_apart(inputs, output.uri)
+def plan_shards(inputs: list[tuple[str, str]], output: Storage, with_tar: bool = False) -> Plan:
+    """Which of the input shards ((name, URI) pairs: `ShardFiles.names` beside `.files`) still need their output
+    file in `output` (`with_tar`: teachers are on, so a shard is done when its DataCompDR `<shard>.tar` is there
+    too; the writer writes it before the Parquet)."""
+    check_output_apart([path for _, path in inputs], output.uri)
     names: dict[str, str] = {}
-    for path in inputs:
-        name = shard_name(path)
+    for name, path in inputs:
         if name in names:
             raise DataError(f"input shards {names[name]!r} and {path!r} would both write {name}.parquet "
                             "(give each shard a distinct file name)")

@@ -19,7 +19,7 @@ def run(cfg: RecaptionConfig) -> dict:
     engine = resolve_engine(cfg.engine, cfg.decode, remote=cfg.ray.target() is not None)
     shards = expand_shards(cfg.sources)  # listed once, for plan and read
     output = cfg.storage(cfg.output)
-    plan = plan_shards(shards.files, output, with_tar=cfg.teachers is not None)
+    plan = plan_shards(list(zip(shards.names, shards.files)), output, with_tar=cfg.teachers is not None)
     counts, written, seconds = RunCounts(), [], 0.0
     if plan.todo:
         todo = ShardFiles(list(plan.todo.values()), shards.sidecars, shards.storage)

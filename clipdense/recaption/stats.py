@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from typing import Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from clipdense.data.paths import ShardFiles
-from clipdense.data.rows import codes_of, count_codes
+from clipdense.data.rows import codes_of
 from clipdense.data.storage import Storage
+from clipdense.data.tar_rows import sample_images
 from clipdense.recaption.config import StatsConfig
 from clipdense.recaption.plan import Plan
 from clipdense.recaption.scores import write_score_summary
@@ -86,13 +88,16 @@ def write_stats(plan: Plan, output: Storage, shards: ShardFiles, st: StatsConfig
     data = _read_outputs(files, st.max_rows)
     ok = [i for i, e in enumerate(data["error_code"]) if e is None]
     captions = caption_stats([data["syn_captions"][i] or [] for i in ok], [data["caption"][i] for i in ok])
+    failed = Counter(e for e in data["error_code"] if e is not None)
     stats = {"shards": len(files), "rows_read": len(data["key"]), "rows_captioned": len(ok),
-             "rows_failed_by_code": count_codes(data["error_code"])[1], **captions}
+             "rows_failed_by_code": dict(sorted(failed.items())), **captions}
     if st.clip_model and ok:
+        rows = {data["key"][i]: (data["caption"][i], data["syn_captions"][i]) for i in ok if data["syn_captions"][i]}
+        images = sample_images(shards, set(rows), st.clip_sample, max_image_pixels)
         # local: CLIP scoring imports torch and open_clip, which the vllm actors' venv (importing this package) lacks
         from clipdense.recaption.clip_score import clip_section
 
-        stats["clip"] = clip_section(st, shards, data, max_image_pixels)
+        stats["clip"] = clip_section(st, images, rows)
     scores = write_score_summary(files, output)  # with teachers: each caption's CLIP score, per source
     if scores is not None:
         stats["scores"] = scores

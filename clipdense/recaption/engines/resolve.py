@@ -43,8 +43,8 @@ def resolve_engine(engine: EngineConfig, decode: DecodeConfig, remote: bool) -> 
         check_vllm(engine)
     if engine.num_gpus == 0 and engine.device == "cuda":
         raise ConfigError("engine.device=cuda needs engine.num_gpus > 0 (actors see no GPU otherwise)")
-    return Engine(engine, image_input(engine, decode, model_size),
-                  {**provenance(engine), "weights": None if remote else weights_id(engine)})
+    weights = None if remote else weights_id(engine)
+    return Engine(engine, image_input(engine, decode, model_size), {**provenance(engine), "weights": weights})
 
 
 def image_input(engine: EngineConfig, decode: DecodeConfig, model_size: int | None = None) -> ImageInput:
