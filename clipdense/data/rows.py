@@ -29,6 +29,7 @@ CODES = {
     "no_recaption_for_key": "the shard's recaption file has no row for the key",
     "recaption_failed": "the recaption row is an error row",
     "caption_engine_failed": "the captioner failed on the row's batch",
+    "teacher_failed": "a teacher's forward failed on the row (recaption with teachers: no DataCompDR entry)",
     # img2dataset's per-URL statuses (its sidecar parquet): the URL never became a sample of the tar
     "failed_to_download": "img2dataset could not download the URL",
     "failed_to_resize": "img2dataset could not resize the downloaded image",
