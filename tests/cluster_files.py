@@ -8,16 +8,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from clipdense.jobs import cluster as local
 from clipdense.jobs.client import make_client
-from clipdense.jobs.cluster import (
-    LocalCluster,
-    alive_nodes,
-    cluster_processes,
-    down_local,
-    free_port,
-    kill_and_wait,
-    up_local,
-)
 
 ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -43,17 +35,17 @@ def local_cluster(config: str | Path = ROOT / "cluster" / "local.yaml"):
     token.write_text(secrets.token_hex(32))
     state = None
     try:
-        state = up_local(config, short / "r", free_port(), free_port(), str(token))
+        state = local.up_local(config, short / "r", local.free_port(), local.free_port(), str(token))
         yield state, make_client(state.dashboard_url, str(token))
     finally:
-        down_local(short / "r")
-        left = cluster_processes(state.temp_dir, state.pgid, state.gcs_address) if state else []
+        local.down_local(short / "r")
+        left = local.cluster_processes(state.temp_dir, state.pgid, state.gcs_address) if state else []
         shutil.rmtree(short, ignore_errors=True)
     assert left == [], f"processes of the cluster left behind: {left}"  # checked only when the body passed
 
 
-def worker_nodes(state: LocalCluster) -> list[dict]:
-    return [n for n in alive_nodes(state.dashboard_url, state.token_path) if not n["is_head_node"]]
+def worker_nodes(state: local.LocalCluster) -> list[dict]:
+    return [n for n in local.alive_nodes(state.dashboard_url, state.token_path) if not n["is_head_node"]]
 
 
 def wait_job(client, job_id: str, timeout_s: float) -> str:
@@ -61,7 +53,7 @@ def wait_job(client, job_id: str, timeout_s: float) -> str:
                       f"job {job_id} to end", poll_s=1.0)
 
 
-def state_api(state: LocalCluster, what: str) -> list[dict]:
+def state_api(state: local.LocalCluster, what: str) -> list[dict]:
     """Rows of the dashboard's state API (`actors`, `nodes`, ...), all states."""
     import requests
 
@@ -73,13 +65,13 @@ def state_api(state: LocalCluster, what: str) -> list[dict]:
     return r.json()["data"]["result"]["result"]
 
 
-def kill_node(state: LocalCluster, node_id: str) -> list[int]:
+def kill_node(state: local.LocalCluster, node_id: str) -> list[int]:
     """SIGKILL one fake worker node as a lost machine: its raylet and everything under it (workers, agents) at
     once. The fake provider starts each node's raylet with RAY_OVERRIDE_NODE_ID_FOR_TESTING=<node id>."""
     import psutil  # importing clipdense.jobs.cluster imported ray, which puts its vendored psutil on sys.path
 
     raylets = []
-    for p in cluster_processes(state.temp_dir, state.pgid, state.gcs_address):
+    for p in local.cluster_processes(state.temp_dir, state.pgid, state.gcs_address):
         try:
             if p.name() == "raylet" and p.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id:
                 raylets.append(p)
@@ -87,5 +79,5 @@ def kill_node(state: LocalCluster, node_id: str) -> list[int]:
             continue
     assert len(raylets) == 1, f"expected one raylet for node {node_id}, found {raylets}"
     procs = [raylets[0], *raylets[0].children(recursive=True)]
-    kill_and_wait(procs, timeout_s=10)
+    local.kill_and_wait(procs, timeout_s=10)
     return [p.pid for p in procs]

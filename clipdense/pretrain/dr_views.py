@@ -35,10 +35,8 @@ from torchvision.transforms import functional as F
 # torchvision's RandAugment applies its ops through this function; DataCompDR's generator called it directly too
 from torchvision.transforms.autoaugment import _apply_op
 
-# apple/ml-dr RandAugment.op_names: the stored op index -> torchvision's op name (its _augmentation_space order)
-RANDAUG_OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
-               "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
-STORED_SIZE = 224   # ml-mobileclip configs/datacompdr12m.json: random_resized_crop size
+from clipdense.data.dr_augment import RANDAUG_OPS, STORED_SIZE, draw_view  # noqa: F401  (draw_view: re-exported)
+
 _TRANSLATE = ("TranslateX", "TranslateY")
 
 
@@ -87,24 +85,3 @@ def reapply_view(image: np.ndarray, orig_size: tuple[int, int], view, size: int 
         crop = _apply_op(crop, name, mag, interpolation=InterpolationMode.NEAREST, fill=None)
     return F.to_tensor(crop)
 
-
-def draw_view(img: Image.Image, size: int = STORED_SIZE, num_ops: int = 2, magnitude: int = 9,
-              num_bins: int = 31) -> tuple[list, torch.Tensor]:
-    """DataCompDR's generator for one view, drawing from torch's global RNG exactly as torchvision's
-    RandomResizedCrop.get_params and RandAugment do: (the compressed view as stored, the view as ToTensor gives
-    it). For fixtures and the mismatch bench."""
-    import torchvision.transforms as T
-
-    top, left, h, w = T.RandomResizedCrop.get_params(img, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
-    crop = F.resized_crop(img, top, left, h, w, [size, size], InterpolationMode.BICUBIC)
-    space = T.RandAugment(num_ops, magnitude, num_bins)._augmentation_space(num_bins, (size, size))
-    ops = []
-    for _ in range(num_ops):  # RandAugment.forward's draws, in its order
-        idx = int(torch.randint(len(space), (1,)).item())
-        mags, signed = space[RANDAUG_OPS[idx]]
-        mag = float(mags[magnitude].item()) if mags.ndim > 0 else 0.0
-        if signed and torch.randint(2, (1,)):
-            mag *= -1.0
-        crop = _apply_op(crop, RANDAUG_OPS[idx], mag, interpolation=InterpolationMode.NEAREST, fill=None)
-        ops.append([idx, mag])
-    return [[top, left, h, w], ops], F.to_tensor(crop)
