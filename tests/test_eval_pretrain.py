@@ -11,6 +11,7 @@ import open_clip
 import pytest
 import torch
 from eval_files import write_folder
+from shard_files import good_samples, write_tar
 
 from clipdense.cli import main as cli_main
 from clipdense.config import build_config, configs_dir
@@ -114,7 +115,10 @@ def test_pretrain_records_zeroshot_metrics(tmp_path):
 
 
 def test_pretrain_bad_zeroshot_root_is_one_line_error(tmp_path, capsys):
+    (tmp_path / "web").mkdir()  # shards that exist: the zero-shot root is what is wrong
+    write_tar(tmp_path / "web" / "00000.tar", good_samples("00000", 4))
     rc = cli_main(["pretrain", "--config", "configs/pretrain/clip-tiny-shapes.yaml", f"train.out_dir={tmp_path}",
+                   f"data.shards={tmp_path}/web", "data.recaptions=null", "captions.policy=real",
                    f"eval.zeroshot.root={tmp_path}/missing", "ray.in_process=true"])
     err = capsys.readouterr().err
     assert rc == 2 and "eval.zeroshot.root: not a directory" in err and len(err.strip().splitlines()) == 1
