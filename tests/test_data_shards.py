@@ -103,3 +103,10 @@ def test_s3_read_and_write(ray_local, s3_server, tmp_path):
     write_parquet(rows[:2], Storage("s3://shards-io/out/part.parquet"), schema=SCHEMA)
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="shards-io", Prefix="out/")["Contents"]]
     assert keys == ["out/part.parquet"]
+
+
+def test_a_location_of_an_unsupported_scheme_is_a_one_line_error():
+    from clipdense.data.storage import Storage
+    with pytest.raises(DataError, match=r"^gs://b/web: gs:// is not supported; use a local path or s3://"):
+        Storage("gs://b/web")
+    assert Storage("s3://b/web").remote and not Storage("runs/web").remote

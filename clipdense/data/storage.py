@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 from pydantic import Field
 
-from clipdense.config import Config
+from clipdense.config import Config, DataError
 
 
 @functools.lru_cache(maxsize=16)  # an S3FileSystem is costly to build; (uri scheme, endpoint, env) decides it
@@ -37,6 +37,12 @@ class Storage:
     """A location and how to reach it. `endpoint` (else env AWS_ENDPOINT_URL) is an S3-compatible server."""
     uri: str
     endpoint: str | None = None
+
+    def __post_init__(self):
+        scheme = self.uri.split("://", 1)[0] if "://" in self.uri else None
+        if scheme not in (None, "s3"):   # else `gs://b/x` would silently become the local folder ./gs:/b/x
+            raise DataError(f"{self.uri}: {scheme}:// is not supported; use a local path or s3:// (an S3-compatible "
+                            "endpoint reaches other stores)")
 
     @property
     def remote(self) -> bool:
