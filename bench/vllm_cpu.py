@@ -2,7 +2,7 @@
 
     python -m bench.vllm_cpu [--images 1280] [--shards 10] [--image-px 160] [--quick]
 
-Settings are README's recipe, configs/recaption/vllm-cpu-tiny.yaml (3 captions of up to 16 tokens per image,
+Settings are docs/recaption.md's recipe, configs/recaption/vllm-cpu-tiny.yaml (3 captions of up to 16 tokens per image,
 images capped at 112 x 112, bf16, enforce_eager, 1 GiB KV cache), run through a local Ray whose captioner actor
 (one, 1 CPU) lives in the CPU vLLM venv that `clipdense vllm-env` builds (cached at
 ~/.cache/clipdense/vllm-env-<versions>, as the tests cache it). The model is written offline by
@@ -70,7 +70,7 @@ def tiny_model(py: str, out: Path) -> str:
 
 
 def recipe(py: str, model: str, inputs: list[str], out: Path, cache: Path):
-    """README's recipe with this bench's paths; stats off (they read the outputs back, not the engine's work)."""
+    """docs/recaption.md's recipe with this bench's paths; stats off (they read the outputs back, not the engine's work)."""
     return load_config(RecaptionConfig, RECIPE, [
         f"output={out}", f"engine.model={model}", f"engine.runtime_env.py_executable={py}",
         f"engine.runtime_env.env_vars.VLLM_CACHE_ROOT={cache}", "stats.enabled=false",

@@ -46,7 +46,7 @@ from clipdense.synth.scoring import score_captions
 # Scale of each step: a preset in configs/demo/ (`quick` proves the plumbing in minutes; `default` is the most the
 # 30-minute budget on 2 cores holds), with the config's `scale` keys merged over it. Dense evaluation is the probe
 # protocol (frozen trunk, linear head): with CPU-budget CLIPs, full finetuning rebuilds the features from the dense
-# labels and hides what pretraining put in them (measured: README, Status).
+# labels and hides what pretraining put in them (measured: docs/results.md).
 PROBE = {"backbone.frozen": True, "head.kind": "linear", "train.optim.layer_decay": None}
 # The depth probe is DINOv2's linear one: 256 depth bins, not a sigmoid regression. The regression probe was far from
 # converged after 200 steps (delta1 0.22-0.34 for every tower), so it measured how fast one output unit finds the

@@ -28,7 +28,7 @@ fraction; runs: n = runs) so the resampled means have the unbiased variance, and
 log(factor) is widened around the estimate by t(df)/z, df = the fewest seeds at any fraction - 1 (runs - 1 with
 several runs): the small-sample t correction that a 3-seed bootstrap lacks. A censored draw counts as +inf, a
 not-reached one as -inf, so an interval end that falls among them is open (">= x", "< x"). Validated by simulation:
-`bench/factor_sim.py` (coverage and error table in README) and `tests/test_sweep_factor.py`.
+`bench/factor_sim.py` (coverage and error table in docs/sweeps-and-report.md) and `tests/test_sweep_factor.py`.
 """
 from __future__ import annotations
 

