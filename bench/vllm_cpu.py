@@ -70,7 +70,7 @@ def tiny_model(py: str, out: Path) -> str:
 
 
 def recipe(py: str, model: str, inputs: list[str], out: Path, cache: Path):
-    """docs/recaption.md's recipe with this bench's paths; stats off (they read the outputs back, not the engine's work)."""
+    """The recaption recipe of docs/recaption.md with this bench's paths; stats off (they read outputs back)."""
     return load_config(RecaptionConfig, RECIPE, [
         f"output={out}", f"engine.model={model}", f"engine.runtime_env.py_executable={py}",
         f"engine.runtime_env.env_vars.VLLM_CACHE_ROOT={cache}", "stats.enabled=false",
