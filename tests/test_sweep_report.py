@@ -184,3 +184,16 @@ def test_factor_and_interval_texts_mark_censoring():
               "ci_low_open": True, "ci_high_open": False}
     assert (factor_text(missed), interval_text(missed)) == ("< 1x (not reached)", "< 1")
     assert interval_text({"ci_low": None, "ci_high": None}) == "n/a"
+
+
+def test_report_on_the_folder_above_a_sweep_reads_that_sweep(results, tmp_path):
+    """`clipdense report runs/sweep` where the sweep is runs/sweep/<name>: its trials and sweep.json settings, or a
+    one-line error where several sweeps sit below."""
+    (results / "sweep.json").write_text(json.dumps({"report": {"reference": "recap", "bootstrap": 0}}))
+    assert cli_main(["report", str(tmp_path), "quiet=true"]) == 0
+    factors = json.loads((results / "factors.json").read_text())
+    assert factors["seg"]["reference"] == "recap"                         # the sweep's report setting, not lost
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "sweep.json").write_text("{}")
+    assert cli_main(["report", str(tmp_path)]) == 2

@@ -302,10 +302,22 @@ def task_factors(rows: list[dict], task: str, mode: str, metric: str, settings: 
     return entry
 
 
+def sweep_root(root: Path) -> Path:
+    """The sweep's folder: `root`, or the one sweep folder directly below it (`clipdense report runs/sweep` for
+    `runs/sweep/<name>`), so its trials are not mixed with other sweeps' and its settings (reference) are read."""
+    if (root / SWEEP_FILE).is_file() or (root / "trials").is_dir():
+        return root
+    below = sorted(p.parent for p in root.glob(f"*/{SWEEP_FILE}"))
+    if len(below) > 1:
+        raise ConfigError(f"results_dir {root} holds {len(below)} sweeps ({', '.join(p.name for p in below)}): "
+                          "name one of them")
+    return below[0] if below else root
+
+
 def run(cfg: ReportConfig) -> dict:
-    root = Path(cfg.results_dir)
-    if not root.is_dir():
-        raise ConfigError(f"results_dir not found: {root}")
+    if not Path(cfg.results_dir).is_dir():
+        raise ConfigError(f"results_dir not found: {cfg.results_dir}")
+    root = sweep_root(Path(cfg.results_dir))
     out = Path(cfg.out_dir) if cfg.out_dir else root
     out.mkdir(parents=True, exist_ok=True)
     sweep = _sweep_file(root)
