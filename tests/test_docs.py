@@ -208,6 +208,11 @@ def _env(address: str) -> dict:
 
 
 @pytest.mark.slow
+# Opt-in for now: run after other test modules (a full suite) the quickstart's first Ray Data read in `clipdense
+# pretrain` waited forever for its tasks on the docs' Ray (twice, 2026-12-07); alone the module passed 4 of 4 runs.
+# A hang would cost CI its 1,800 s and turn it red, so CI skips it until the cause is found (#34, #36).
+@pytest.mark.skipif(os.environ.get("CLIPDENSE_DOCS_TEST") != "1",
+                    reason="opt-in: CLIPDENSE_DOCS_TEST=1 python -m pytest tests/test_docs.py")
 @pytest.mark.timeout(1800)   # README's quickstart: 5-8 min on 2 lightly loaded cores, far more on a busy machine
 @pytest.mark.parametrize("block", [b for b in all_blocks() if b.run], ids=lambda b: b.id)
 def test_docs_block_runs_as_written(block, workdir, ray_address):
