@@ -13,10 +13,11 @@ from clipdense.config.base import (
 )
 from clipdense.config.errors import ConfigError, DataError, UserError
 from clipdense.config.process_env import PROCESS_ENV, apply_process_env
+from clipdense.config.provenance import code_version, config_hash, run_provenance
 from clipdense.config.ray import OnRayConfig, RayConfig
 from clipdense.config.shipped import configs_dir, description, resolve_config, shipped_configs
 
 __all__ = ["Config", "ConfigError", "DataError", "OnRayConfig", "PROCESS_ENV", "RayConfig", "UserError",
-           "apply_override", "apply_process_env", "build_config", "configs_dir", "deep_merge", "description",
-           "format_validation_error", "get_dotted", "load_config", "read_yaml", "resolve_config", "set_dotted",
-           "shipped_configs"]
+           "apply_override", "apply_process_env", "build_config", "code_version", "config_hash", "configs_dir",
+           "deep_merge", "description", "format_validation_error", "get_dotted", "load_config", "read_yaml",
+           "resolve_config", "run_provenance", "set_dotted", "shipped_configs"]
