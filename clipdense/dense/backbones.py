@@ -201,7 +201,8 @@ class BackboneSpec:
     def tower(self) -> TowerSpec:
         """What models/ creates: the trunk, its weights and stochastic depth."""
         cfg = self.cfg
-        return TowerSpec(self.kind, cfg.name, cfg.checkpoint, cfg.model_kwargs, cfg.drop_path, self.img_size)
+        return TowerSpec(self.kind, cfg.name, cfg.checkpoint, cfg.model_kwargs, cfg.drop_path, self.img_size,
+                         cfg.init_seed)
 
     def build(self) -> nn.Module:
         """The trunk models/ creates, with its neck: carrying `.provenance` (name, kind, checkpoint, trunk params),

@@ -18,6 +18,8 @@ class BackboneConfig(Config):
     # open_clip: pretrained tag, checkpoint path, or local-dir:<dir> / hf-hub:<repo> (e.g. <out>/export/open_clip);
     # timm: weights file path (state dict, .safetensors) or hf-hub:<repo> / local-dir:<dir> (HF cache when offline)
     checkpoint: str | None = None
+    # random init (no checkpoint) drawn from this seed, independent of the finetune seed: the floor's own "runs"
+    init_seed: int | None = None
     model_kwargs: dict = {}  # timm: extra timm.create_model kwargs, e.g. {img_size: 512} for Swin at 512 px
     lr_scale: float = Field(1.0, gt=0, le=1)  # the trunk's lr multiplier on top of layer decay (Toolbox DPT: 0.1)
     # ViT blocks (default: [3,5,7,11] for 12 blocks; DPT: [2,5,8,11]; detection: the last block, 4 times)

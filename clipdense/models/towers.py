@@ -17,6 +17,7 @@ from pathlib import Path
 
 import timm
 from timm.layers import DropPath
+import torch
 from torch import nn
 
 from clipdense.config import ConfigError
@@ -38,6 +39,7 @@ class TowerSpec:
     model_kwargs: dict | None = None
     drop_path: float = 0.0
     img_size: tuple[int, int] | list[int] | None = None
+    init_seed: int | None = None   # seeds the random init of a tower without weights
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,12 @@ class ImageTower:
 
 
 def create_tower(spec: TowerSpec) -> ImageTower:
-    return (_open_clip_tower if spec.family == "open_clip" else _timm_tower)(spec)
+    create = _open_clip_tower if spec.family == "open_clip" else _timm_tower
+    if spec.init_seed is None or spec.checkpoint is not None:
+        return create(spec)
+    with torch.random.fork_rng(devices=[]):   # the caller's RNG stream stays as it was
+        torch.manual_seed(spec.init_seed)
+        return create(spec)
 
 
 def _open_clip_tower(spec: TowerSpec) -> ImageTower:
