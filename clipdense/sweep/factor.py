@@ -19,16 +19,30 @@ Estimate (per target):
 In simulation (bench/factor_sim.py, `--fit`) both fits gave similar median errors (neither uniformly better, within
 ~0.03) and coverage >= 0.92; power is the default because its crossing uses every fraction, not only the two around
 it, while isotonic assumes nothing but monotonicity.
-Interval: a paired Bayesian bootstrap of whole seed curves. Each draw gives every finetuning seed a Dirichlet(1)
-weight, shared by all fractions, runs and both conditions (a seed's data subset is the same everywhere); a fraction
-uses the weights of the seeds it has, renormalised (so fractions with more seeds resample within the fraction and
-pair where seeds are shared). With several pretraining runs per condition, runs get their own Dirichlet weights
-per condition (two levels). Residuals around the means are scaled by sqrt((n+1)/(n-1)) (n = seeds at that
-fraction; runs: n = runs) so the resampled means have the unbiased variance, and the percentile interval of
-log(factor) is widened around the estimate by t(df)/z, df = the fewest seeds at any fraction - 1 (runs - 1 with
-several runs): the small-sample t correction that a 3-seed bootstrap lacks. A censored draw counts as +inf, a
-not-reached one as -inf, so an interval end that falls among them is open (">= x", "< x"). Validated by simulation:
-`bench/factor_sim.py` (coverage and error table in docs/sweeps-and-report.md) and `tests/test_sweep_factor.py`.
+Interval: a paired Bayesian bootstrap of whole seed curves, at two levels.
+    seeds   each draw gives every finetuning seed a Dirichlet(1) weight, shared by all fractions, runs and both
+            conditions (a seed's data subset is the same everywhere); a fraction uses the weights of the seeds it
+            has, renormalised (so fractions with more seeds resample within the fraction and pair where seeds
+            are shared). Residuals around each run's seed mean are scaled by sqrt((n+1)/(n-1)), n = seeds there,
+            so the resampled mean has the unbiased variance; one seed (the full-data fraction, where every seed
+            uses the whole set) has none and stays fixed.
+    runs    with several pretraining runs, each draw gives run index r one Dirichlet(1) weight shared by both
+            conditions (paired: replicate r of every condition shares its pretraining seed, so an effect of that
+            seed cancels); when the conditions have different run counts (or `pair_runs=False`) each draws its
+            own and the result says `runs_paired: false`. The run means' residuals around the condition mean
+            are rescaled, per fraction, to the pooled run variance s_p^2 = sum_c SS_c / sum_c (runs_c - 1) over
+            both conditions and `pool` (the report: every condition of the task), then by sqrt((R+1)/(R-1)), so
+            each condition's resampled run mean has variance s_p^2 / R. A condition whose runs coincide at a
+            fraction keeps zero there (nothing to rescale, no division); a single run has no run level.
+    t       the percentile interval of log(factor) is widened around the estimate by t(df)/z: the small-sample
+            correction a few-value bootstrap lacks. df = sum over the pooled conditions of (runs - 1) when either
+            condition has several runs; else the fewest seeds at any fraction - 1 (a full-data fraction with
+            one seed left out).
+A censored draw counts as +inf, a not-reached one as -inf, so an interval end that falls among them is open
+(">= x", "< x"). `compare` also returns each condition's run SD before pooling (`run_sd`: per fraction, the SD
+across runs of the run's seed mean, which includes that mean's seed noise) and the pooled one. Validated by
+simulation: `bench/factor_sim.py` (coverage and error table in docs/sweeps-and-report.md), its power for the demo's
+preset `bench/factor_power.py`, and `tests/test_sweep_factor.py`.
 """
 from __future__ import annotations
 
@@ -230,9 +244,65 @@ def _nanmean(v: np.ndarray, axis: int) -> np.ndarray:
     return np.where(ok, v, 0.0).sum(axis, keepdims=True) / np.maximum(ok.sum(axis, keepdims=True), 1)
 
 
-def _inflate(d: Data) -> Data:
-    """Residuals around the seed mean (per run, fraction) and around the run mean scaled by sqrt((n+1)/(n-1)):
-    a Dirichlet(1) resample of n values then has the unbiased variance of their mean."""
+def _run_means(d: Data) -> np.ndarray:
+    """[R, F] each run's mean over its seeds at each fraction (NaN where the run lacks the fraction)."""
+    present = np.isfinite(d.values)
+    with np.errstate(invalid="ignore"):
+        return np.where(present, d.values, 0.0).sum(-1) / np.where(present.any(-1), present.sum(-1), np.nan)
+
+
+def _run_ss(d: Data) -> tuple[np.ndarray, np.ndarray]:
+    """([F] sum of squared deviations of the run means from their mean, [F] runs at the fraction - 1)."""
+    m = _run_means(d)
+    ok = np.isfinite(m)
+    dev = np.where(ok, m - _nanmean(m, 0), 0.0)
+    return (dev ** 2).sum(0), np.maximum(ok.sum(0) - 1, 0)
+
+
+def run_sd(cond: Condition | Data) -> dict[float, float]:
+    """{fraction: SD (ddof 1) across a condition's pretraining runs of each run's mean over its finetuning seeds}
+    (the seed mean's own noise included); NaN where fewer than two runs have the fraction."""
+    d = cond if isinstance(cond, Data) else as_data(cond)
+    ss, dof = _run_ss(d)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sd = np.where(dof > 0, np.sqrt(ss / np.maximum(dof, 1)), np.nan)
+    return {float(f): float(x) for f, x in zip(d.fractions, sd)}
+
+
+@dataclass
+class RunPool:
+    """The pretraining-run variance pooled across conditions: per fraction sum(SS) / sum(runs - 1) over every
+    condition with several runs there; df = sum over conditions of (runs - 1)."""
+    ss: dict = field(default_factory=dict)       # fraction key -> [sum of SS, sum of (runs - 1)]
+    df: int = 0
+
+    @classmethod
+    def of(cls, conditions: Sequence[Data]) -> "RunPool":
+        pool = cls()
+        for d in conditions:
+            pool.df += d.values.shape[0] - 1
+            for f, ss, dof in zip(d.fractions, *_run_ss(d)):
+                acc = pool.ss.setdefault(_key(f), [0.0, 0])
+                acc[0], acc[1] = acc[0] + float(ss), acc[1] + int(dof)
+        return pool
+
+    def variance(self, fractions: np.ndarray) -> np.ndarray:
+        """[F] pooled run variance at each fraction; NaN where no condition has two runs there."""
+        acc = [self.ss.get(_key(f), [0.0, 0]) for f in fractions]
+        return np.asarray([ss / dof if dof > 0 else math.nan for ss, dof in acc])
+
+    def sd(self, fractions: np.ndarray) -> dict[float, float]:
+        return {float(f): float(math.sqrt(v)) for f, v in zip(fractions, self.variance(fractions))}
+
+
+def _key(f: float) -> str:
+    return format(float(f), ".9g")
+
+
+def _inflate(d: Data, pooled_var: np.ndarray | None = None) -> Data:
+    """Residuals around the seed mean (per run, fraction) scaled by sqrt((n+1)/(n-1)), so a Dirichlet(1) resample
+    of n values has the unbiased variance of their mean; the run means' residuals likewise, and rescaled to the
+    pooled run variance (`pooled_var` [F], NaN: own). Zero variance (one seed, identical runs) stays zero."""
     v = d.values
     present = np.isfinite(v)
     n = present.sum(-1, keepdims=True)
@@ -242,8 +312,12 @@ def _inflate(d: Data) -> Data:
         has = present.any(-1, keepdims=True)
         rm = np.where(has, m, np.nan)
         nr = has.sum(0, keepdims=True)
-        kr = np.sqrt(np.where(nr > 1, (nr + 1) / np.maximum(nr - 1, 1), 1.0))
-        v = v + np.where(has, (rm - _nanmean(rm, 0)) * (kr - 1), 0.0)
+        resid = np.where(has, rm - _nanmean(rm, 0), 0.0)
+        own = (resid ** 2).sum(0, keepdims=True) / np.maximum(nr - 1, 1)     # [1, F, 1]
+        want = own if pooled_var is None else np.where(np.isfinite(pooled_var), pooled_var, own.ravel())
+        ratio = np.where(own > 0, np.reshape(want, own.shape) / np.where(own > 0, own, 1.0), 1.0)
+        kr = np.sqrt(np.where(nr > 1, ratio * (nr + 1) / np.maximum(nr - 1, 1), 1.0))
+        v = v + resid * (kr - 1)
     return Data(np.where(present, v, np.nan), d.fractions, d.seeds)
 
 
@@ -252,39 +326,45 @@ def _weights(d: Data) -> np.ndarray:
     return np.isfinite(d.values).sum((0, 2)).astype(float)
 
 
-def _dof(a: Data, b: Data) -> int:
-    R = min(a.values.shape[0], b.values.shape[0])
-    if R > 1:
-        return R - 1
-    counts = [np.isfinite(d.values).sum(-1).min() for d in (a, b)]
-    return int(min(counts)) - 1
+def _seed_dof(d: Data) -> int:
+    """The fewest seeds at any fraction - 1; the full-data fraction (1) with one seed is left out: every seed uses
+    the whole set there, so it has no subset variance (a deterministic probe's zero)."""
+    counts = np.isfinite(d.values).sum(-1).max(0)                            # [F] seeds of the fullest run
+    keep = ~((counts == 1) & np.isclose(d.fractions, 1.0)) if len(counts) > 1 else np.ones(len(counts), bool)
+    return int(counts[keep].min()) - 1
 
 
-def compare(reference: Condition, candidate: Condition, higher_is_better: bool = True, *,
-            targets: Sequence[float] = DEFAULT_TARGETS, n_bootstrap: int = DEFAULT_N_BOOTSTRAP,
-            ci: float = DEFAULT_CI, seed: int = 0, fit: Fit = DEFAULT_FIT) -> dict:
-    """{"factors": [Factor per target level], "deltas": per-fraction mean(B) - mean(A) (> 0: B better) with CIs}."""
-    a0, b0 = as_data(reference), as_data(candidate)
-    seeds = sorted(set(a0.seeds) | set(b0.seeds), key=str)
-    a0, b0 = as_data(reference, seeds), as_data(candidate, seeds)
-    sign = 1.0 if higher_is_better else -1.0
-    df = _dof(a0, b0)
-    widen = _t_quantile(1 - (1 - ci) / 2, df) / NormalDist().inv_cdf(1 - (1 - ci) / 2) if df >= 1 else math.nan
+def _dof(a: Data, b: Data, pool: RunPool) -> int:
+    """Pooled run df where either condition has several runs (the run level dominates), else the seed df."""
+    if max(a.values.shape[0], b.values.shape[0]) > 1:
+        return pool.df
+    return min(_seed_dof(a), _seed_dof(b))
 
-    def estimate(ma, mb):
-        """[(raw target, log f*_A, log f*_B)] per target level; the fits run on the larger-is-better scale."""
-        fa = _Fitted(sign * ma, _weights(a0), a0.fractions, fit)
-        fb = _Fitted(sign * mb, _weights(b0), b0.fractions, fit)
-        score = sign * fa.at_full()                                          # raw full-data score
-        out = []
-        for level in targets:
-            t_raw = (level if higher_is_better else 2.0 - level) * score
-            xa = fa.crossing(sign * t_raw)
-            xa = np.where(np.isfinite(xa), xa, np.where(xa < 0, fa.x[0], fa.x[-1]))
-            out.append((t_raw, xa, fb.crossing(sign * t_raw)))
-        return out
 
-    point = estimate(_means(a0, None, None), _means(b0, None, None))
+def _run_weights(rng: np.random.Generator, ra: int, rb: int, n: int, paired: bool):
+    """Dirichlet(1) run weights per draw: one vector over run indices shared by both conditions when paired
+    (replicate r of every condition shares its pretraining seed), else one per condition."""
+    if paired:
+        w = rng.dirichlet(np.ones(ra), n)
+        return w, w
+    return rng.dirichlet(np.ones(ra), n), rng.dirichlet(np.ones(rb), n)
+
+
+def _estimate(a0: Data, b0: Data, sign: float, targets: Sequence[float], fit: Fit, ma, mb) -> list:
+    """[(raw target, log f*_A, log f*_B)] per target level; the fits run on the larger-is-better scale."""
+    fa = _Fitted(sign * ma, _weights(a0), a0.fractions, fit)
+    fb = _Fitted(sign * mb, _weights(b0), b0.fractions, fit)
+    score = sign * fa.at_full()                                              # raw full-data score
+    out = []
+    for level in targets:
+        t_raw = (level if sign > 0 else 2.0 - level) * score
+        xa = fa.crossing(sign * t_raw)
+        xa = np.where(np.isfinite(xa), xa, np.where(xa < 0, fa.x[0], fa.x[-1]))
+        out.append((t_raw, xa, fb.crossing(sign * t_raw)))
+    return out
+
+
+def _point_factors(point: list, b0: Data, targets: Sequence[float], ci: float, df: int, fit: Fit) -> list[Factor]:
     factors = []
     for level, (t, xa, xb) in zip(targets, point):
         xa, xb = float(xa), float(xb)
@@ -293,29 +373,61 @@ def compare(reference: Condition, candidate: Condition, higher_is_better: bool =
         value = math.exp(xa) / (f_b if reached else b0.fractions[-1])
         factors.append(Factor(float(value), float(f_b), reached, censored, float(t), level, math.exp(xa), ci=ci,
                               df=max(df, 0), fit=fit))
+    return factors
+
+
+def compare(reference: Condition, candidate: Condition, higher_is_better: bool = True, *,
+            targets: Sequence[float] = DEFAULT_TARGETS, n_bootstrap: int = DEFAULT_N_BOOTSTRAP,
+            ci: float = DEFAULT_CI, seed: int = 0, fit: Fit = DEFAULT_FIT, pool: Sequence[Condition] = (),
+            pair_runs: bool = True) -> dict:
+    """{"factors": [Factor per target level], "deltas": per-fraction mean(B) - mean(A) (> 0: B better) with CIs,
+    "df", "runs_paired", "run_sd" (each condition's, before pooling), "pooled_run_sd", ...}. `pool`: further
+    conditions whose pretraining runs join the pooled run variance (the report passes the task's other
+    conditions); `pair_runs=False` resamples each condition's runs independently."""
+    a0, b0 = as_data(reference), as_data(candidate)
+    seeds = sorted(set(a0.seeds) | set(b0.seeds), key=str)
+    a0, b0 = as_data(reference, seeds), as_data(candidate, seeds)
+    ra, rb = a0.values.shape[0], b0.values.shape[0]
+    runs = RunPool.of([a0, b0, *(as_data(c) for c in pool)])
+    sign = 1.0 if higher_is_better else -1.0
+    df = _dof(a0, b0, runs)
+    widen = _t_quantile(1 - (1 - ci) / 2, df) / NormalDist().inv_cdf(1 - (1 - ci) / 2) if df >= 1 else math.nan
+    estimate = functools.partial(_estimate, a0, b0, sign, targets, fit)
+    factors = _point_factors(estimate(_means(a0, None, None), _means(b0, None, None)), b0, targets, ci, df, fit)
     deltas = _delta_points(a0, b0, sign)
+    paired = pair_runs and ra == rb
     if n_bootstrap > 0 and df >= 1:
         rng = np.random.default_rng(seed)
-        a, b = _inflate(a0), _inflate(b0)
+        a, b = _inflate(a0, runs.variance(a0.fractions)), _inflate(b0, runs.variance(b0.fractions))
         sw = rng.dirichlet(np.ones(len(seeds)), n_bootstrap)
-        rwa = rng.dirichlet(np.ones(a.values.shape[0]), n_bootstrap)
-        rwb = rng.dirichlet(np.ones(b.values.shape[0]), n_bootstrap)
+        rwa, rwb = _run_weights(rng, ra, rb, n_bootstrap, paired)
         ma, mb = _means(a, sw, rwa), _means(b, sw, rwb)
         for fac, (_, xa, xb) in zip(factors, estimate(ma, mb)):
             log_f = np.where(np.isfinite(xb), xa - xb, np.where(xb < 0, np.inf, -np.inf))
             _interval(fac, log_f, widen, ci, b0.fractions[0], b0.fractions[-1])
             fac.n_bootstrap = n_bootstrap
-        for d in deltas:
-            ja, jb = d.pop("_ja"), d.pop("_jb")
-            draws = sign * (mb[:, jb] - ma[:, ja])
-            lo, hi = np.quantile(draws, [(1 - ci) / 2, 1 - (1 - ci) / 2])
-            d["ci_low"] = float(d["delta"] + (lo - d["delta"]) * widen)
-            d["ci_high"] = float(d["delta"] + (hi - d["delta"]) * widen)
+        _delta_intervals(deltas, sign * mb, sign * ma, widen, ci)
     for d in deltas:
         d.pop("_ja", None), d.pop("_jb", None)
-    return {"factors": factors, "deltas": deltas, "df": max(df, 0), "fit": fit,
+    return {"factors": factors, "deltas": deltas, "df": max(df, 0), "fit": fit, "runs_paired": paired and ra > 1,
             "seeds": {"reference": _seed_counts(a0), "candidate": _seed_counts(b0)},
-            "runs": {"reference": int(a0.values.shape[0]), "candidate": int(b0.values.shape[0])}}
+            "runs": {"reference": ra, "candidate": rb},
+            "run_sd": {"reference": _nan_none(run_sd(a0)), "candidate": _nan_none(run_sd(b0))},
+            "pooled_run_sd": _nan_none(runs.sd(b0.fractions)), "run_df": runs.df}
+
+
+def _nan_none(d: dict) -> dict:
+    """{fraction: value} with string keys and NaN as None (JSON)."""
+    return {format(f, ".6g"): (None if not math.isfinite(v) else v) for f, v in d.items()}
+
+
+def _delta_intervals(deltas: list[dict], mb: np.ndarray, ma: np.ndarray, widen: float, ci: float) -> None:
+    """Each per-fraction delta's interval from the draws (sign applied), widened by t/z like the factor's."""
+    for d in deltas:
+        draws = mb[:, d["_jb"]] - ma[:, d["_ja"]]
+        lo, hi = np.quantile(draws, [(1 - ci) / 2, 1 - (1 - ci) / 2])
+        d["ci_low"] = float(d["delta"] + (lo - d["delta"]) * widen)
+        d["ci_high"] = float(d["delta"] + (hi - d["delta"]) * widen)
 
 
 def _seed_counts(d: Data) -> dict:
