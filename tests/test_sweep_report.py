@@ -166,10 +166,19 @@ def test_backbones_grouped_by_condition_are_pretraining_runs(tmp_path):
     assert entry["reference"] == "alt" and entry["reference_runs"] == ["alt-s0", "alt-s1"]
     recap = entry["backbones"]["recap"]
     assert list(entry["backbones"]) == ["recap"] and recap["runs"] == ["recap-s0", "recap-s1"]
-    assert recap["df"] == 1                                             # 2 pretraining runs per condition
+    assert recap["df"] == 2 and recap["runs_paired"]                    # pooled: (2 - 1) + (2 - 1)
     assert recap["factor"] == pytest.approx(2 ** ((0.34 - 0.305) / 0.03), rel=1e-3)
+    # run SD before pooling: alt's runs differ by 0.01, recap's by 0.02, at every fraction; pooled over both
+    assert entry["run_sd"]["alt"]["1"] == pytest.approx(0.01 / math.sqrt(2))
+    assert entry["run_sd"]["recap"]["0.25"] == pytest.approx(0.02 / math.sqrt(2))
+    assert entry["pooled_run_sd"]["1"] == pytest.approx(math.sqrt((0.005 ** 2 * 2 + 0.01 ** 2 * 2) / 2))
+    assert entry["run_df"] == 2
     assert summary["schedule_by"].startswith("epochs")
-    assert "2 pretraining runs: recap-s0, recap-s1" in (root / "report.md").read_text()
+    md = (root / "report.md").read_text()
+    assert "2 pretraining runs: recap-s0, recap-s1" in md
+    assert "| condition | runs | f=0.25 | f=0.5 | f=1 |" in md and "| recap | 2 | 0.0141 | 0.0141 | 0.0141 |" in md
+    assert "| pooled |  | 0.0112 | 0.0112 | 0.0112 |" in md
+    assert "paired by replicate index with the reference: recap" in md
 
 
 def test_factor_and_interval_texts_mark_censoring():
@@ -197,3 +206,12 @@ def test_report_on_the_folder_above_a_sweep_reads_that_sweep(results, tmp_path):
     other.mkdir()
     (other / "sweep.json").write_text("{}")
     assert cli_main(["report", str(tmp_path)]) == 2
+
+
+def test_runs_line_up_by_replicate_index():
+    """Run r of each condition pairs with run r of the reference: backbones sort with numbers as numbers."""
+    from clipdense.sweep.report import conditions
+
+    names = ["alt", "alt-r10", "alt-r2", "alt-r1"]
+    rows = [{"task": "seg", "hp": None, "backbone": n, "condition": "alt"} for n in names]
+    assert conditions(rows, "seg", {}) == {"alt": ["alt", "alt-r1", "alt-r2", "alt-r10"]}

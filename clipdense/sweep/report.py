@@ -19,7 +19,7 @@ from pydantic import Field, ValidationError
 
 from clipdense.config import ConfigError, get_dotted
 from clipdense.sweep.config import TASK_METRICS, ReportSettings
-from clipdense.sweep.factor import compare
+from clipdense.sweep.factor import compare, run_sd
 from clipdense.sweep.grid import METRICS_FILE, TRIAL_FILE, flat_metrics
 
 SWEEP_FILE = "sweep.json"      # the sweep's resolved config, written by `clipdense sweep` beside trials/
@@ -140,7 +140,13 @@ def conditions(rows: list[dict], task: str, sweep: dict) -> dict[str, list[str]]
         if r["task"] == task and not r["hp"]:
             cond = r["condition"] if r["condition"] != r["backbone"] else declared.get(r["backbone"])
             out[cond or r["backbone"]].add(r["backbone"])
-    return {c: sorted(b) for c, b in sorted(out.items())}
+    return {c: sorted(b, key=_natural) for c, b in sorted(out.items())}
+
+
+def _natural(name: str) -> list:
+    """Sort key with digit runs as numbers: run r of every condition lines up (`x-r2` before `x-r10`), which the
+    bootstrap's pairing of runs by index relies on."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def plot_task(table: list[dict], task: str, path: Path, reference: str | None = None) -> None:
@@ -232,8 +238,9 @@ def write_markdown(path: Path, table, factors, rows, errors, hp_rows, settings: 
         lines += [f"Factor = f*(reference) / f*(candidate), f* = where a {settings.fit} fit of the mean curve in "
                   "log-fraction reaches the target; target = level x the reference's fitted full-data score "
                   f"(lower-is-better metrics: (2 - level) x). {level} interval: paired Bayesian bootstrap of whole "
-                  f"seed curves ({settings.bootstrap} draws; pretraining runs resampled too where a condition has "
-                  "several), widened by t/z for the few seeds (`clipdense/sweep/factor.py`). ≥ x: already past the "
+                  f"seed curves ({settings.bootstrap} draws; where conditions have several pretraining runs, runs are "
+                  "resampled too, paired by replicate index, their variance pooled across conditions), widened by "
+                  "t/z for the few seeds or runs (`clipdense/sweep/factor.py`). ≥ x: already past the "
                   "target at the smallest fraction (censored: the data bound it only from below); < x: not reached "
                   "by the largest fraction.", ""]
     for task in sorted({r["task"] for r in table}):
@@ -244,23 +251,7 @@ def write_markdown(path: Path, table, factors, rows, errors, hp_rows, settings: 
         lines += [f"| {r['backbone']} | {_params_text(r['trunk_params'])} | {r['fraction']:.6g} | {r['n_seeds']} | "
                   f"{r['mean']:.4f} | {r['std']:.4f} |" for r in t_rows]
         if task in factors:
-            e = factors[task]
-            lines += ["", f"Data-efficiency factor vs `{e['reference']}` ({_runs_text(e['reference_runs'])}):", "",
-                      f"| condition | target | factor | {level} CI | f* candidate / reference | draws censored / "
-                      "not reached |", "|---|---|---|---|---|---|"]
-            for cond, c in sorted(e["backbones"].items()):
-                for d in c["targets"]:
-                    lines.append(f"| {cond} | {100 * d['level']:g}% = {_fmt(d['target'])} | {factor_text(d)} | "
-                                 f"{interval_text(d)} | {_fmt(d['fraction'], 3)} / {_fmt(d['reference_fraction'], 3)}"
-                                 f" | {_fmt(d['censored_frac'], 2)} / {_fmt(d['not_reached_frac'], 2)} |")
-            lines += ["", f"Per fraction: mean(condition) - mean(reference), > 0 = better, with its {level} CI:", "",
-                      "| condition | runs | fraction | delta | CI |", "|---|---|---|---|---|"]
-            for cond, c in sorted(e["backbones"].items()):
-                for x in c["deltas"]:
-                    ci = (f"[{x['ci_low']:+.4f}, {x['ci_high']:+.4f}]" if x.get("ci_low") is not None
-                          and x.get("ci_high") is not None else "n/a")
-                    lines.append(f"| {cond} | {_runs_text(c['runs'])} | {x['fraction']:.4g} | {x['delta']:+.4f} | "
-                                 f"{ci} |")
+            lines += _factor_lines(factors[task], level)
     if hp_rows:
         lines += ["", "## Hyperparameter trials (best first per task/backbone/fraction)", "",
                   "| task | backbone | fraction | seed | value | hparams |", "|---|---|---|---|---|---|"]
@@ -271,6 +262,46 @@ def write_markdown(path: Path, table, factors, rows, errors, hp_rows, settings: 
     if missing:
         lines += ["", f"## Trials of the sweep without results ({len(missing)})", ""] + [f"- `{n}`" for n in missing]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _factor_lines(e: dict, level: str) -> list[str]:
+    """One task's factor table, per-fraction deltas and pretraining-run SDs."""
+    lines = ["", f"Data-efficiency factor vs `{e['reference']}` ({_runs_text(e['reference_runs'])}):", "",
+             f"| condition | target | factor | {level} CI | f* candidate / reference | draws censored / "
+             "not reached |", "|---|---|---|---|---|---|"]
+    for cond, c in sorted(e["backbones"].items()):
+        for d in c["targets"]:
+            lines.append(f"| {cond} | {100 * d['level']:g}% = {_fmt(d['target'])} | {factor_text(d)} | "
+                         f"{interval_text(d)} | {_fmt(d['fraction'], 3)} / {_fmt(d['reference_fraction'], 3)}"
+                         f" | {_fmt(d['censored_frac'], 2)} / {_fmt(d['not_reached_frac'], 2)} |")
+    lines += ["", f"Per fraction: mean(condition) - mean(reference), > 0 = better, with its {level} CI:", "",
+              "| condition | runs | fraction | delta | CI |", "|---|---|---|---|---|"]
+    for cond, c in sorted(e["backbones"].items()):
+        for x in c["deltas"]:
+            ci = (f"[{x['ci_low']:+.4f}, {x['ci_high']:+.4f}]" if x.get("ci_low") is not None
+                  and x.get("ci_high") is not None else "n/a")
+            lines.append(f"| {cond} | {_runs_text(c['runs'])} | {x['fraction']:.4g} | {x['delta']:+.4f} | {ci} |")
+    return lines + _run_sd_lines(e)
+
+
+def _run_sd_lines(e: dict) -> list[str]:
+    """Each condition's run SD before pooling and the pooled SD the intervals use, per fraction."""
+    sds, pooled = e.get("run_sd") or {}, e.get("pooled_run_sd") or {}
+    if not any(v is not None for c in sds.values() for v in c.values()):
+        return []
+    fractions = sorted({f for c in sds.values() for f in c}, key=float)
+    paired = sorted(c for c, x in e["backbones"].items() if x.get("runs_paired"))
+    lines = ["", "Pretraining-run SD: at each fraction, the SD across a condition's runs of the run's mean over "
+             "its finetuning seeds (that mean's seed noise included), before pooling; the intervals use the "
+             f"pooled SD (df = Σ(runs − 1) = {e.get('run_df', 0)}). Runs paired by replicate index with the "
+             f"reference: {', '.join(paired) or 'none'}.", "",
+             "| condition | runs | " + " | ".join(f"f={float(f):.4g}" for f in fractions) + " |",
+             "|---|---|" + "---|" * len(fractions)]
+    rows = [(c, str(e["runs"].get(c, "?")), sds[c]) for c in sorted(sds)] + [("pooled", "", pooled)]
+    for cond, runs, sd in rows:
+        lines.append(f"| {cond} | {runs} | " + " | ".join(_fmt(sd.get(f), 3) if sd.get(f) is not None else "–"
+                                                         for f in fractions) + " |")
+    return lines
 
 
 def _runs_text(runs: list[str]) -> str:
@@ -287,17 +318,23 @@ def task_factors(rows: list[dict], task: str, mode: str, metric: str, settings: 
         ref = next((c for c, bbs in conds.items() if ref in bbs), None)
     if ref is None:
         return None
-    entry = {"reference": ref, "reference_runs": conds[ref], "metric": metric, "mode": mode, "backbones": {}}
+    runs = {c: [cs[b] for b in bbs] for c, bbs in conds.items()}
+    entry = {"reference": ref, "reference_runs": conds[ref], "metric": metric, "mode": mode, "backbones": {},
+             "runs": {c: len(r) for c, r in runs.items()}, "run_sd": {}, "pooled_run_sd": {}, "run_df": 0}
     for cond, bbs in conds.items():
+        entry["run_sd"][cond] = {format(f, ".6g"): (sd if math.isfinite(sd) else None)
+                                 for f, sd in run_sd(runs[cond]).items()}
         if cond == ref:
             continue
-        res = compare([cs[b] for b in conds[ref]], [cs[b] for b in bbs], mode == "max", targets=settings.targets,
-                      n_bootstrap=settings.bootstrap, ci=settings.ci, seed=settings.seed, fit=settings.fit)
+        res = compare(runs[ref], runs[cond], mode == "max", targets=settings.targets, n_bootstrap=settings.bootstrap,
+                      ci=settings.ci, seed=settings.seed, fit=settings.fit,
+                      pool=[r for c, r in runs.items() if c not in (ref, cond)])
+        entry["pooled_run_sd"], entry["run_df"] = res["pooled_run_sd"], res["run_df"]
         targets = [f.to_dict() for f in res["factors"]]
         deltas = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in x.items()}
                   for x in res["deltas"]]
         entry["backbones"][cond] = {**targets[0], "targets": targets, "deltas": deltas, "runs": bbs,
-                                    "seeds": res["seeds"]["candidate"]}
+                                    "seeds": res["seeds"]["candidate"], "runs_paired": res["runs_paired"]}
         entry["target"] = targets[0]["target"]
     return entry
 
