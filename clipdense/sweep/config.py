@@ -15,6 +15,7 @@ from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_v
 from clipdense.config import Config, OnRayConfig, RayConfig
 from clipdense.data.storage import Storage, StorageKeys
 from clipdense.dense.config import tasks_with_key
+from clipdense.dense.fit_probe.config import POSITION_ONLY, FitProbeConfig
 from clipdense.dense.tasks import TASKS
 from clipdense.sweep.factor import DEFAULT_CI, DEFAULT_FIT, DEFAULT_N_BOOTSTRAP, DEFAULT_TARGETS, Fit
 from clipdense.train.tracking import TrackingConfig
@@ -162,6 +163,12 @@ class SweepConfig(StorageKeys):
 
     name: dir_name("sweep") = Field("sweep", description="experiment name (Tune state lives in "
                                     "<out>/tune/<name>-<grid hash>)")
+    protocol: Literal["finetune", "fit"] = Field(
+        "finetune", description="finetune: one Ray Tune trial per (task, backbone, fraction, seed), each a "
+        "`clipdense finetune` (the SGD probe is this with a frozen trunk and a linear head); fit: one job per "
+        "(backbone, task) that caches frozen features once and fits a ridge probe per (fraction, seed), its "
+        "penalty chosen inside each training subset (`fit:`)")
+    fit: FitProbeConfig = Field(default_factory=FitProbeConfig, description="protocol fit's settings")
     out: str = Field(description="results directory: <out>/trials/<task>/<backbone>/f<fraction>/s<seed>")
     backbones: list[BackboneEntry] = Field(min_length=1)
     tasks: list[TaskEntry] = Field(min_length=1)
@@ -211,8 +218,21 @@ class SweepConfig(StorageKeys):
             dup = sorted({n for n in names if names.count(n) > 1})
             if dup:
                 raise ValueError(f"duplicate {what} names: {dup}")
+        self._check_protocol()
         ref = self.report.reference
         if ref is not None and ref not in {b.name for b in self.backbones} | {b.condition_name
                                                                                for b in self.backbones}:
             raise ValueError(f"report.reference {ref!r} is not a backbone or condition name")
         return self
+
+    def _check_protocol(self) -> None:
+        if self.protocol == "finetune":
+            baseline = [b.name for b in self.backbones if b.backbone.get("name") == POSITION_ONLY]
+            if baseline:
+                raise ValueError(f"backbone {baseline[0]!r}: {POSITION_ONLY} has no trunk to finetune; it is a "
+                                 "baseline of protocol: fit")
+        else:
+            if self.search_space:
+                raise ValueError("search_space needs protocol: finetune (protocol fit chooses its penalty itself)")
+            if self.scheduler.type != "fifo":
+                raise ValueError("scheduler.type asha needs protocol: finetune (protocol fit reports once per fit)")

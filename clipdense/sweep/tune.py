@@ -36,6 +36,7 @@ from clipdense.dense.config import FinetuneConfig
 from clipdense.dense.run import run as run_finetune
 from clipdense.ray_session import ray_session
 from clipdense.sweep.config import SearchDim, SweepConfig
+from clipdense.sweep.fit import FitJob, fit_jobs, run_fit_job
 from clipdense.sweep.grid import (
     METRICS_FILE,
     TRIAL_FILE,
@@ -257,3 +258,52 @@ def _tally(results, trials_root: Path, summary: dict) -> None:
 def _spec(cfg: SweepConfig, t: Trial, out: Path) -> dict:
     return {"name": t.name, "finetune": t.finetune, "source": t.source, "coords": t.coordinates(),
             "trials_root": str(out / "trials"), "out_dir_key": cfg.keys.out_dir, "cwd": os.getcwd()}
+
+
+def _fit_job_in_task(job: FitJob) -> dict:
+    """A fit job in a Ray task: in the driver's directory (config paths are cwd-relative)."""
+    if os.path.isdir(job.cwd):
+        os.chdir(job.cwd)
+    return run_fit_job(job)
+
+
+def fit_in_process(cfg: SweepConfig, trials: list[Trial], jobs: list[FitJob]) -> bool:
+    """`fit.in_process`, else: one job, or every trial's finetune config says ray.in_process: true."""
+    if cfg.fit.in_process is not None:
+        return cfg.fit.in_process
+    return len(jobs) <= 1 or all((t.finetune.get("ray") or {}).get("in_process") is True for t in trials)
+
+
+def run_fit(cfg: SweepConfig, trials: list[Trial], sweep_hash: str | None = None) -> dict:
+    """protocol fit: one job per (backbone, task) with pending trials, as Ray tasks (`resources.cpu` each, default
+    1; `resources.max_concurrent_trials` at once, default: as many as the cluster's CPUs hold) or in this process."""
+    out = Path(cfg.out).absolute()
+    jobs = fit_jobs(cfg, trials, out, sweep_hash)
+    pending = sum(len(j.trials) for j in jobs)
+    summary = {"trials": len(trials), "skipped": len(trials) - pending, "failed": [], "stopped": [],
+               "protocol": "fit", "jobs": len(jobs)}
+    if not jobs:
+        return summary
+    if fit_in_process(cfg, trials, jobs):
+        results = [run_fit_job(j) for j in jobs]
+    else:
+        with ray_session(cfg.ray, log_to_driver=cfg.verbose > 1):
+            cpus = cfg.resources.cpu if cfg.resources.cpu is not None else 1.0
+            task = ray.remote(_fit_job_in_task).options(num_cpus=cpus, num_gpus=cfg.resources.gpu or 0)
+            limit = max_concurrent(cfg, {"CPU": cpus}, ray.cluster_resources())
+            results = _bounded(task, jobs, limit)
+    for r in results:
+        summary["failed"].extend(r["failed"])
+    return summary
+
+
+def _bounded(task, jobs: list[FitJob], limit: int) -> list[dict]:
+    """Run `task` over `jobs`, at most `limit` at once; results in job order."""
+    refs, running = {}, []
+    for i, job in enumerate(jobs):
+        if len(running) >= limit:
+            _, running = ray.wait(running, num_returns=1)
+        ref = task.remote(job)
+        refs[i] = ref
+        running.append(ref)
+    return ray.get([refs[i] for i in range(len(jobs))])
