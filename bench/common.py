@@ -10,6 +10,8 @@ import platform
 import time
 from pathlib import Path
 
+from clipdense.config import code_version
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -62,9 +64,10 @@ def row(bench: str, metric: str, ours: float | None, peer: float | None, peer_na
 
 
 def save(name: str, rows: list[dict], out_dir: Path = RESULTS) -> Path:
+    """Write <out_dir>/<name>.json: the rows with when, on what hardware and from which code version."""
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"name": name, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-               "hardware": hardware(), "rows": rows}
+               "hardware": hardware(), "code_version": code_version(), "rows": rows}
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2))
     return path

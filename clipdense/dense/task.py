@@ -16,7 +16,7 @@ import numpy as np
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from clipdense.config import ConfigError, DataError
+from clipdense.config import ConfigError, DataError, run_provenance
 from clipdense.dense.backbones import BackboneSpec, backbone_family, resolve_backbone
 from clipdense.dense.base_config import FinetuneBase
 from clipdense.dense.optim import layer_decay_param_groups, lr_scale_record
@@ -145,11 +145,15 @@ def _json_default(v):
 
 
 def metrics_record(cfg: FinetuneBase, metrics: dict, provenance: dict, data: dict) -> dict:
+    """`provenance` is the backbone's; the run's own (code version, config hash without where it writes, versions)
+    goes under "provenance"."""
+    config = cfg.model_dump(mode="json")
     return {"task": cfg.task, "head": task_of(cfg).head_name(cfg),
             "metrics": {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()},
             "backbone": provenance,
             "data": {"root": cfg.data.root, "fraction": cfg.data.fraction, "seed": cfg.data.seed, **data},
-            "save_predictions": cfg.save_predictions, "config": cfg.model_dump(mode="json")}
+            "save_predictions": cfg.save_predictions, "config": config,
+            "provenance": run_provenance(config, exclude=("out", "fresh", "out_dir"))}
 
 
 @dataclass(frozen=True)

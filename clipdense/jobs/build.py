@@ -13,6 +13,7 @@ from pathlib import Path
 
 from clipdense.cli import STAGES
 from clipdense.config import UserError, apply_override, load_config, read_yaml
+from clipdense.config.provenance import CODE_VERSION_ENV, PACKAGE_DIR, code_version, format_code_version, git_version
 from clipdense.jobs import JOB_STAGES
 from clipdense.jobs.client import read_token
 from clipdense.jobs.probe import parse as parse_probe_args
@@ -121,6 +122,17 @@ def _image_job(a: SubmitArgs, env_vars: dict[str, str]) -> tuple[str, dict]:
     return entry_command(a.stage, args), {"image_uri": a.image_uri, "env_vars": env_vars}
 
 
+def code_version_env(working_dir: Path) -> dict[str, str]:
+    """CLIPDENSE_CODE_VERSION for a job whose working_dir is uploaded without .git (EXCLUDES), so its results
+    still record the commit: that of the uploaded checkout (when it is this package's own: as this process knows
+    it, e.g. from its own CLIPDENSE_CODE_VERSION inside a job); none for a folder that is no git checkout."""
+    version = git_version(working_dir / "clipdense")
+    if version is None and working_dir.resolve() == PACKAGE_DIR.parent:
+        version = code_version()
+    value = format_code_version(version or {})
+    return {CODE_VERSION_ENV: value} if value else {}
+
+
 def build_job(a: SubmitArgs) -> tuple[str, dict]:
     """(entrypoint, runtime_env) for a submission; raises UserError for unknown stages and stray config files."""
     _check_args(a)
@@ -140,6 +152,7 @@ def build_job(a: SubmitArgs) -> tuple[str, dict]:
         args = ["--config", _config_in_working_dir(config, working_dir)]
     if a.validate or a.stage == "probe":
         validate_stage_config(a.stage, config, a.overrides)
+    env_vars = {**code_version_env(working_dir), **env_vars}  # the user's own value wins
     runtime_env: dict = {"working_dir": str(working_dir), "excludes": list(EXCLUDES), "env_vars": env_vars}
     if a.pip:
         runtime_env["pip"] = list(a.pip)

@@ -7,6 +7,7 @@ import functools
 import json
 from pathlib import Path
 
+from clipdense.config import run_provenance
 from clipdense.data.paths import expand_shards
 from clipdense.eval.zeroshot import resolve_zeroshot
 from clipdense.pretrain.config import DataConfig, EvalConfig, PretrainConfig
@@ -49,7 +50,8 @@ def run(cfg: PretrainConfig) -> dict:
                          params=cfg.model_dump(mode="json"),  # what the trackers record
                          ordered_split=() if cfg.train.scaling.elastic else ("train",))
         result = run_training(task, cfg.train, plan)
-    summary = {"model": cfg.model.name, "policy": cfg.captions.policy, **model.params, "data": counts, **result}
+    summary = {"model": cfg.model.name, "policy": cfg.captions.policy, **model.params, "data": counts, **result,
+               "provenance": run_provenance(plan.params)}
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "pretrain_summary.json").write_text(json.dumps(summary, indent=2, default=str))
