@@ -39,7 +39,7 @@ class RidgePath:
     """Solutions for every alpha on one training set, from one eigendecomposition of its Gram matrix."""
 
     norm: Standardised
-    weights: list[torch.Tensor]
+    weights: torch.Tensor          # [alphas, d, k]
     eigenvalues: torch.Tensor
     rows: int
 
@@ -52,10 +52,12 @@ def ridge_path(x: torch.Tensor, y: torch.Tensor, alphas: list[float]) -> RidgePa
     e = e.clamp_min(0.0)
     vxy = v.T @ (xs.T @ yc)
     n = x.shape[0]
-    return RidgePath(norm, [v @ (vxy / (e + a * n)[:, None]) for a in alphas], e, n)
+    shrink = 1.0 / (e[None, :] + torch.tensor(alphas, dtype=e.dtype)[:, None] * n)      # [alphas, d]
+    return RidgePath(norm, v @ (shrink[:, :, None] * vxy), e, n)
 
 
 def predict(norm: Standardised, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x [n, d] -> [n, k] for one weight [d, k]; [alphas, n, k] for a stack [alphas, d, k]."""
     return norm.x(x) @ weight + norm.y_mean
 
 
@@ -69,22 +71,17 @@ def kfold_errors(x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, alphas:
     for f in range(k):
         held = fold == f
         path = ridge_path(x[~held], y[~held], alphas)
-        yv = y[held].double()
-        for i, w in enumerate(path.weights):
-            err[i] += ((yv - predict(path.norm, w, x[held])) ** 2).sum()
+        err += ((y[held].double() - predict(path.norm, path.weights, x[held])) ** 2).sum((1, 2))
     return err / x.shape[0]
 
 
 def gcv_errors(x: torch.Tensor, y: torch.Tensor, alphas: list[float]) -> torch.Tensor:
     """GCV per alpha: n RSS / (n - tr H - 1)² (the 1: the intercept's degree of freedom)."""
     path = ridge_path(x, y, alphas)
-    n, yd = path.rows, y.double()
-    out = []
-    for a, w in zip(alphas, path.weights):
-        rss = ((yd - predict(path.norm, w, x)) ** 2).sum()
-        dof = (path.eigenvalues / (path.eigenvalues + a * n)).sum() + 1.0
-        out.append(n * rss / (n - dof).clamp_min(1e-9) ** 2)
-    return torch.stack(out)
+    n, e = path.rows, path.eigenvalues
+    rss = ((y.double() - predict(path.norm, path.weights, x)) ** 2).sum((1, 2))
+    dof = (e[None, :] / (e[None, :] + torch.tensor(alphas, dtype=e.dtype)[:, None] * n)).sum(1) + 1.0
+    return n * rss / (n - dof).clamp_min(1e-9) ** 2
 
 
 @dataclass(frozen=True)
