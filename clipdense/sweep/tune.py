@@ -267,11 +267,6 @@ def _fit_job_in_task(job: FitJob) -> dict:
     return run_fit_job(job)
 
 
-def fit_in_process(cfg: SweepConfig, trials: list[Trial], jobs: list[FitJob]) -> bool:
-    """`fit.in_process`, else: one job, or every trial's finetune config says ray.in_process: true."""
-    if cfg.fit.in_process is not None:
-        return cfg.fit.in_process
-    return len(jobs) <= 1 or all((t.finetune.get("ray") or {}).get("in_process") is True for t in trials)
 
 
 def run_fit(cfg: SweepConfig, trials: list[Trial], sweep_hash: str | None = None) -> dict:
@@ -284,7 +279,7 @@ def run_fit(cfg: SweepConfig, trials: list[Trial], sweep_hash: str | None = None
                "protocol": "fit", "jobs": len(jobs)}
     if not jobs:
         return summary
-    if fit_in_process(cfg, trials, jobs):
+    if cfg.fit.in_process or (cfg.fit.in_process is None and len(jobs) == 1):
         results = [run_fit_job(j) for j in jobs]
     else:
         with ray_session(cfg.ray, log_to_driver=cfg.verbose > 1):

@@ -23,9 +23,9 @@ class FitProbeConfig(Config):
     folds: int = Field(5, ge=2, description="k-fold over training images (k = min(folds, images)); one image: GCV")
     position_patch: int = Field(8, ge=1, description="position-only: the side of a grid cell, px")
     batch_size: int = Field(16, ge=1, description="images per forward pass of the trunk")
-    in_process: bool | None = Field(None, description="true: every (backbone, task) job in the sweep's process; "
-                                    "false: one Ray task each; null: in process when there is one job or every "
-                                    "trial's finetune config says ray.in_process: true")
+    in_process: bool | None = Field(None, description="true: every (backbone, task) job in the sweep's process, "
+                                    "one after another; false: one Ray task each; null: in process when there is "
+                                    "one job, else Ray tasks")
 
     @field_validator("resolution")
     @classmethod

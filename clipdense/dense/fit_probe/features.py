@@ -63,7 +63,8 @@ def feature_key(cfg: FinetuneBase, fit: FitProbeConfig, train_ids: list[str], ev
 
 
 class TowerEncoder:
-    """uint8 images [B, 3, h, w] at the probe's resolution -> [B, d, h / patch, w / patch] frozen features."""
+    """Images [B, 3, h, w] in [0, 1] at the probe's resolution -> [B, d, h / patch, w / patch] frozen features (on
+    the GPU when there is one, returned on the CPU)."""
 
     def __init__(self, cfg: FinetuneBase, layers: int):
         bb = cfg.backbone.model_copy(update={"frozen": True, "drop_path": 0.0})
@@ -72,9 +73,10 @@ class TowerEncoder:
         with torch.random.fork_rng():
             torch.manual_seed(bb.init_seed if bb.init_seed is not None else 0)
             tower = create_tower(spec.tower())
-        self.module = tower.module.eval().requires_grad_(False)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.module = tower.module.eval().requires_grad_(False).to(self.device)
         self.vit = tower.vit
-        self.normalize = Normalize(bb.mean or tower.mean, bb.std or tower.std)
+        self.normalize = Normalize(bb.mean or tower.mean, bb.std or tower.std).to(self.device)
         depth = oca.vit_shape(self.module).depth if self.vit else len(self.module.feature_info)
         self.blocks = list(range(max(0, depth - layers), depth))
         self.provenance = {"name": bb.name, "kind": spec.kind, "checkpoint": bb.checkpoint, "frozen": True,
@@ -82,14 +84,14 @@ class TowerEncoder:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.normalize(images)
+        x = self.normalize(images.to(self.device))
         if self.vit:
             maps = oca.vit_block_maps(self.module, x, self.blocks)
         else:
             maps = self.module.forward_intermediates(x, indices=self.blocks, intermediates_only=True)
             maps = [m if m.shape[-2:] == maps[0].shape[-2:] else F.interpolate(m, size=maps[0].shape[-2:],
                     mode="bilinear", align_corners=False) for m in maps]
-        return torch.cat(maps, 1).float()
+        return torch.cat(maps, 1).float().cpu()
 
 
 class PositionEncoder:
