@@ -11,7 +11,9 @@ import pytest
 from PIL import Image
 
 from clipdense.config import ConfigError
-from clipdense.synth import CLASSES, K, SynthConfig, captions, run
+from clipdense.synth import CLASSES, K, SynthConfig, captions, render, run
+from clipdense.synth.scene import TYPICAL_COLOUR, sample_scene
+from clipdense.synth.writers import Job, image_rng
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.mask")
 ZERO_DENSE = dict(ade_train=0, ade_val=0, nyu_train=0, nyu_test=0, coco_train=0, coco_val=0)
@@ -105,6 +107,47 @@ def test_ade_layout(tiny):
         assert 0 in seen and len(seen) > 2
     rows = (root / "objectInfo.csv").read_text().splitlines()
     assert rows[0] == "Idx,Ratio,Train,Val,Name" and [r.split(",")[-1] for r in rows[1:]] == list(CLASSES)
+
+
+def test_ade_validation_has_the_atypical_mask_of_each_annotation(tiny):
+    """1 exactly on the visible pixels of objects whose colour is not their class's typical one."""
+    out, _ = tiny
+    root = out / "ade" / "ADEChallengeData2016"
+    assert not (root / "atypical" / "training").exists()
+    labels = sorted((root / "annotations" / "validation").glob("*.png"))
+    masks = sorted((root / "atypical" / "validation").glob("*.png"))
+    assert [p.name for p in masks] == [p.name for p in labels] and len(masks) == 16
+    job = Job("ade", "val", 0, 0, 16, str(out), 0, 128, 90, 4)
+    atypical_pixels = typical_pixels = 0
+    for index, (label_file, mask_file) in enumerate(zip(labels, masks)):
+        mask_png, label = Image.open(mask_file), np.asarray(Image.open(label_file))
+        assert mask_png.mode == "L"
+        mask = np.asarray(mask_png)
+        assert mask.dtype == np.uint8 and set(np.unique(mask).tolist()) <= {0, 1}
+        assert not (mask.astype(bool) & (label == 0)).any(), "only object pixels"
+        scene = sample_scene(image_rng(job, index), job.max_objects)
+        rendered = render.render(scene, job.size)
+        assert np.array_equal(rendered.seg, label)
+        expected = np.zeros_like(label, dtype=bool)
+        for o, visible in zip(scene.objects, rendered.masks):
+            if o.colour != TYPICAL_COLOUR[o.shape]:
+                expected |= visible
+        assert np.array_equal(mask.astype(bool), expected)
+        atypical_pixels += int(mask.sum())
+        typical_pixels += int(((label > 0) & (mask == 0)).sum())
+    assert atypical_pixels > 0 and typical_pixels > 0
+
+
+def test_nyu_test_rooms_hold_the_set_number_of_frames(tiny, tmp_path):
+    _, summary = tiny
+    assert (summary["counts"]["nyu_train_rooms"], summary["counts"]["nyu_test_rooms"]) == (2, 1)
+    out = tmp_path / "rooms"
+    small = run(SynthConfig(out=str(out), workers=1, web_images=0, curated_fraction=0.0, nyu_test_frames_per_room=3,
+                            **{**ZERO_DENSE, "nyu_test": 8}))
+    lines = (out / "nyu" / "nyudepthv2_test_files_with_gt.txt").read_text().splitlines()
+    rooms = [line.split("/")[2] for line in lines]
+    assert small["counts"]["nyu_test_rooms"] == len(set(rooms)) == 3 and len(lines) == 8
+    assert [rooms.count(r) for r in sorted(set(rooms))] == [3, 3, 2]
 
 
 def test_nyu_bts_layout(tiny):

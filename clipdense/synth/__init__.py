@@ -18,7 +18,10 @@ Datasets (run.py, writers.py); dense images are `dense_size` (128 px), web/curat
   as MSCOCO is not in the web crawl.
 - ade/ADEChallengeData2016: ADE20k naming; labels uint8 PNG (mode L), 0 = background, 1..K = CLASSES.
 - nyu/: BTS layout, RGB jpg + uint16 PNG depth in mm; list lines `rgb depth focal` (focal in px at this size).
-  NYU frames come in scenes of 16 sharing one room (camera, wall, floor), like NYU's video sequences.
+  NYU frames come in scenes of 16 sharing one room (camera, wall, floor), like NYU's video sequences; the test
+  split's scenes hold `nyu_test_frames_per_room` frames (fewer: more rooms for the same frames).
+- ade/ADEChallengeData2016/atypical/validation/ADE_val_*.png: uint8, 1 on the visible pixels of objects whose
+  colour is not their class's typical one (scores seg on them; never trains).
 - coco/: COCO instances JSON, bbox (xywh) / area / RLE segmentation of the VISIBLE part; objects with
   fewer than 16 visible pixels get no annotation. Category ids 1..K = CLASSES.
 Determinism: each image has its own RNG from (seed, dataset, split, index): identical bytes for a

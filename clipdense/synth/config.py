@@ -10,9 +10,11 @@ from clipdense.config import Config
 # Every count a preset fixes; a `None` field in SynthConfig means "the preset's value".
 PRESETS: dict[str, dict] = {
     "tiny": dict(web_images=128, shard_size=64, curated_fraction=0.125, ade_train=32, ade_val=16,
-                 nyu_train=32, nyu_test=16, coco_train=32, coco_val=16, web_size=96, dense_size=128),
+                 nyu_train=32, nyu_test=16, coco_train=32, coco_val=16, web_size=96, dense_size=128,
+                 nyu_test_frames_per_room=16),
     "demo": dict(web_images=24000, shard_size=1000, curated_fraction=0.05, ade_train=2000, ade_val=500,
-                 nyu_train=2000, nyu_test=500, coco_train=1000, coco_val=250, web_size=96, dense_size=128),
+                 nyu_train=2000, nyu_test=500, coco_train=1000, coco_val=250, web_size=96, dense_size=128,
+                 nyu_test_frames_per_room=16),
 }
 
 
@@ -29,6 +31,9 @@ class SynthConfig(Config):
     ade_val: int | None = Field(None, ge=0)
     nyu_train: int | None = Field(None, ge=0)
     nyu_test: int | None = Field(None, ge=0)
+    # fewer frames per room spread a small depth test set over more rooms (NYUv2's own test set: ~3 per scene);
+    # the training split keeps 16 per room (writers.NYU_FRAMES_PER_SCENE), like NYU's video sequences
+    nyu_test_frames_per_room: int | None = Field(None, ge=1)
     coco_train: int | None = Field(None, ge=0)
     coco_val: int | None = Field(None, ge=0)
     web_size: int | None = Field(None, ge=16, le=1024, description="web/curated image side, px")

@@ -46,7 +46,7 @@ def plan(cfg: SynthConfig) -> list[Job]:
     chunks("ade", "train", v["ade_train"], DENSE_CHUNK, v["dense_size"])
     chunks("ade", "val", v["ade_val"], DENSE_CHUNK, v["dense_size"])
     chunks("nyu", "train", v["nyu_train"], NYU_FRAMES_PER_SCENE, v["dense_size"])
-    chunks("nyu", "test", v["nyu_test"], NYU_FRAMES_PER_SCENE, v["dense_size"])
+    chunks("nyu", "test", v["nyu_test"], v["nyu_test_frames_per_room"], v["dense_size"])  # one job per room
     chunks("coco", "train", v["coco_train"], DENSE_CHUNK, v["dense_size"])
     chunks("coco", "val", v["coco_val"], DENSE_CHUNK, v["dense_size"])
     return jobs
@@ -98,6 +98,8 @@ def _write_indexes(out: Path, jobs: list[Job], results: list[dict]) -> dict:
                         ("nyu", "train"), ("nyu", "test"), ("coco", "train"), ("coco", "val")]:
         name = kind if split == "train" and kind in ("web", "curated") else f"{kind}_{split}"
         counts[name] = sum(r["images"] for r in by(kind, split))
+    for split in ("train", "test"):
+        counts[f"nyu_{split}_rooms"] = sum(r["images"] > 0 for r in by("nyu", split))
 
     web = by("web", "train")
     mentioned = sum(r["alt_mentioned"] for r in web)

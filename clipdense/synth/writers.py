@@ -18,8 +18,8 @@ from PIL import Image
 from clipdense.data.layouts import atomic_write, tar_bytes
 
 from .captions import alt_text_with_info, describe
-from .render import render
-from .scene import FOCAL, K, sample_background, sample_scene
+from .render import Rendered, render
+from .scene import FOCAL, TYPICAL_COLOUR, K, Scene, sample_background, sample_scene
 
 # Stable stream ids (never Python's hash(): it is salted per process).
 DATASET_IDS = {"web": 1, "curated": 2, "ade": 3, "nyu": 4, "coco": 5}
@@ -102,8 +102,18 @@ def web_shard(job: Job) -> dict:
     return {"images": job.count, "alt_mentioned": mentioned, "alt_colour_correct": colour_ok}
 
 
+def atypical_mask(scene: Scene, rendered: Rendered) -> np.ndarray:
+    """uint8 H x W: 1 on the visible pixels of the objects whose colour is not their class's typical one."""
+    mask = np.zeros(rendered.seg.shape, dtype=np.uint8)
+    for obj, visible in zip(scene.objects, rendered.masks):
+        if obj.colour != TYPICAL_COLOUR[obj.shape]:
+            mask[visible] = 1
+    return mask
+
+
 def ade_chunk(job: Job) -> dict:
-    """ADEChallengeData2016 layout: images/{training,validation}/ADE_*.jpg + annotations/.../ADE_*.png."""
+    """ADEChallengeData2016 layout: images/{training,validation}/ADE_*.jpg + annotations/.../ADE_*.png; for
+    validation also atypical/validation/ADE_*.png (`atypical_mask`), outside the layout's own folders."""
     split_dir = "training" if job.split == "train" else "validation"
     prefix = "ADE_train_" if job.split == "train" else "ADE_val_"
     root = Path(job.out) / "ade" / "ADEChallengeData2016"
@@ -116,6 +126,8 @@ def ade_chunk(job: Job) -> dict:
         name = f"{prefix}{index + 1:08d}"
         atomic_write(root / "images" / split_dir / f"{name}.jpg", encode_jpeg(r.rgb, job.quality))
         atomic_write(root / "annotations" / split_dir / f"{name}.png", encode_png(r.seg))
+        if job.split != "train":  # scores seg on atypically coloured objects (never trains)
+            atomic_write(root / "atypical" / split_dir / f"{name}.png", encode_png(atypical_mask(scene, r)))
         counts = np.bincount(r.seg.ravel(), minlength=K + 1)
         pixels += counts
         present += counts > 0
