@@ -133,9 +133,25 @@ def test_fit_sweep_writes_trials_the_report_reads_and_reuses_features(world, tmp
     assert json.loads((trials / "seg/random-init/f0.5/s0/metrics.json").read_text())["probe"]["features_reused"]
     assert (trials / "seg/random-init/f1/s0/metrics.json").stat().st_mtime_ns == done
 
+    changed = run(build_config(SweepConfig, _sweep(tmp_path / "w", out, [1.0], run_report=False,
+                                                   fit={"in_process": True, "alphas": [1e-3]})))
+    assert changed["skipped"] == 0 and changed["trials"] == 8        # another fit config: fitted again
+    redone = json.loads((trials / "seg/random-init/f1/s0/metrics.json").read_text())
+    assert redone["probe"]["alpha"] == 1e-3 and redone["probe"]["regulariser"]["method"] == "fixed"
+    assert cache.stat().st_mtime_ns == mtime                          # the features did not change
+
 
 def test_position_only_is_refused_by_protocol_finetune(world, tmp_path):
     data = _sweep(world, tmp_path, [1.0], protocol="finetune")
     with pytest.raises(ConfigError) as e:
         build_config(SweepConfig, data)
     assert "position-only" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_fit_jobs_run_as_ray_tasks(ray_local, world, tmp_path):
+    data = _sweep(world, tmp_path / "sweep", [0.5, 1.0], fit={"in_process": False}, run_report=False,
+                  backbones=[{"name": "position", "backbone": {"name": "position-only"}}])
+    summary = run(build_config(SweepConfig, data))
+    assert summary["jobs"] == 2 and summary["failed"] == []          # one Ray task per (backbone, task)
+    docs = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep" / "trials").rglob("metrics.json"))]
+    assert len(docs) == 2 * 2 * 2 and all(d["protocol"] == "fit" for d in docs)

@@ -7,6 +7,7 @@ each of its trials fits the subset that trial's `data.fraction` and `data.seed` 
 the finetune protocol writes: `trial.json` and `metrics.json` (the task's metrics under "metrics", plus "protocol":
 "fit", a "probe" section and "provenance"), so the report and the factor code read them unchanged. Every seed the
 grid asks for gets its directory, also at fraction 1, where all seeds share one subset and one fit (zero variance).
+A rerun skips the trials whose metrics.json carries this config's hash and fits the others again.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clipdense.config import UserError, build_config, run_provenance, set_dotted
+from clipdense.config import UserError, build_config, config_hash, run_provenance, set_dotted
 from clipdense.dense.config import FinetuneConfig
 from clipdense.dense.fit_probe import FitProbe, FitProbeConfig
 from clipdense.dense.fit_probe.job import HEAD
@@ -47,20 +48,35 @@ class FitJob:
 
 
 def fit_jobs(cfg: SweepConfig, trials: list[Trial], out: Path, sweep_hash: str | None = None) -> list[FitJob]:
-    """The jobs of the trials without a metrics.json yet, grouped by (task, backbone) in grid order."""
+    """The jobs of the trials not finished with this config yet (no metrics.json, or one whose config hash differs:
+    a changed finetune config or `fit:` section fits again), grouped by (task, backbone) in grid order."""
+    fit = cfg.fit.model_dump(mode="json")
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for t in trials:
-        if not (trial_dir(out, t.name) / METRICS_FILE).is_file():
-            groups[(t.task, t.backbone)].append({"name": t.name, "coords": t.coordinates(), "finetune": t.finetune,
-                                                 "source": t.source})
-    fit = cfg.fit.model_dump(mode="json")
+        item = {"name": t.name, "coords": t.coordinates(), "finetune": t.finetune, "source": t.source}
+        done = trial_dir(out, t.name) / METRICS_FILE
+        if not finished(done, fit_hash(trial_config(str(out), cfg.keys.out_dir, item), fit)):
+            groups[(t.task, t.backbone)].append(item)
     return [FitJob(task, bb, items, str(out), fit, cfg.keys.out_dir, sweep_hash)
             for (task, bb), items in groups.items()]
 
 
-def trial_config(job: FitJob, trial: dict) -> FinetuneConfig:
+def fit_hash(cfg: FinetuneConfig, fit: dict) -> str:
+    """What a fit trial's metrics.json records as provenance.config_hash: its finetune config and the fit settings."""
+    return config_hash({**cfg.model_dump(mode="json"), "fit": fit}, PROVENANCE_EXCLUDE)
+
+
+def finished(path: Path, expected_hash: str) -> bool:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and (doc.get("provenance") or {}).get("config_hash") == expected_hash
+
+
+def trial_config(out: str, out_dir_key: str, trial: dict) -> FinetuneConfig:
     data = copy.deepcopy(trial["finetune"])
-    set_dotted(data, job.out_dir_key, str(trial_dir(job.out, trial["name"])))
+    set_dotted(data, out_dir_key, str(trial_dir(out, trial["name"])))
     return build_config(FinetuneConfig, data, f"{trial['source']} (trial {trial['name']})")
 
 
@@ -69,7 +85,7 @@ def run_fit_job(job: FitJob) -> dict:
     done: list[str] = []
     try:
         fit = FitProbeConfig.model_validate(job.fit)
-        probe = FitProbe(trial_config(job, job.trials[0]), fit, job.features)
+        probe = FitProbe(trial_config(job.out, job.out_dir_key, job.trials[0]), fit, job.features)
         for trial in job.trials:
             write_trial(job, trial, probe)
             done.append(trial["name"])
@@ -80,7 +96,7 @@ def run_fit_job(job: FitJob) -> dict:
 
 
 def write_trial(job: FitJob, trial: dict, probe: FitProbe) -> None:
-    cfg = trial_config(job, trial)
+    cfg = trial_config(job.out, job.out_dir_key, trial)
     result = probe.run(cfg.data.fraction, cfg.data.seed)
     tdir = Path(cfg.out_dir)
     tdir.mkdir(parents=True, exist_ok=True)
