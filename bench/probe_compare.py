@@ -3,11 +3,15 @@ inside each training subset) vs today's SGD probe (protocol finetune: frozen tru
 overrides, a fixed number of AdamW steps), on the same towers, data subsets and eval images.
 
     python -m bench.probe_compare --towers /tmp/probe_towers [--steps 200] [--seeds 3] [--fractions 0.0625,0.25,1]
+                                  [--fit-runs fit@crop,fit@128]
 
 `--towers`: a finished `clipdense demo --out` folder: its pretraining exports (pretrain/<condition>/export) and its
 world; a random init of the same tower is added (init seed 0). Both protocols score every eval image (the SGD
-probe's `data.max_eval_images` is lifted) and train on the subsets `data.fraction` and `data.seed` pick. Ours = the
-fit's mean over seeds, peer = the SGD probe's; ratio > 1: the fit is better. Notes give each side's seed SD and the
+probe's `data.max_eval_images` is lifted) and train on the subsets `data.fraction` and `data.seed` pick. The fit
+runs at the finetune crop (fit@crop: seg 64 px, depth 96 px, the images shrunk to it) and at the images' own 128 px
+(fit@128: the tower's position table interpolated, as the SGD probe's whole-image depth evaluation does; its seg
+evaluation slides 64 px windows). Ours = the fit's mean over seeds, peer = the SGD probe's; ratio > 1: the fit is
+better. Notes give each side's seed SD and the
 wall time of each whole sweep (Ray start, feature extraction and every fit / every trial) is a row of its own. The
 fit's position-only row (features that know where a patch is and nothing of the image) has no SGD peer. Figures
 taken while the 1-minute load average was above the limit are marked loaded. Not part of `bench.run` (needs a
@@ -53,13 +57,17 @@ def tasks(world: Path, steps: int) -> list[dict]:
     return entries
 
 
-def sweep(protocol: str, out: Path, backbones: list[dict], task_entries: list[dict], a) -> SweepConfig:
+def sweep(run: str, out: Path, backbones: list[dict], task_entries: list[dict], a) -> SweepConfig:
+    """`run`: "finetune" (the SGD probe), or "fit@crop" / "fit@<side>" (the fitted probe at the finetune crop, or
+    with every image resized to side x side)."""
+    protocol, _, where = run.partition("@")
+    fit = {"resolution": [int(where)] * 2} if where and where != "crop" else {}
     bbs = backbones + ([{"name": "position-only", "backbone": {"name": "position-only"}}] if protocol == "fit" else [])
     return build_config(SweepConfig, {
-        "name": f"probe-{protocol}", "out": str(out / protocol), "protocol": protocol, "backbones": bbs,
-        "tasks": task_entries, "fractions": a.fractions, "seeds": a.seeds, "small_fraction_seeds": None,
-        "resources": {"cpu": 1.0, "max_concurrent_trials": 2}, "run_report": False, "verbose": 0,
-        "ray": {"num_cpus": 2}}, f"bench probe_compare ({protocol})")
+        "name": f"probe-{protocol}", "out": str(out / run.replace("@", "-")), "protocol": protocol, "fit": fit,
+        "backbones": bbs, "tasks": task_entries, "fractions": a.fractions, "seeds": a.seeds,
+        "small_fraction_seeds": None, "resources": {"cpu": 1.0, "max_concurrent_trials": 2}, "run_report": False,
+        "verbose": 0, "ray": {"num_cpus": 2}}, f"bench probe_compare ({run})")
 
 
 def summarise(out: Path) -> dict[tuple[str, str, float], dict]:
@@ -78,14 +86,14 @@ def summarise(out: Path) -> dict[tuple[str, str, float], dict]:
     return out_
 
 
-def figure_rows(fit: dict, sgd: dict, steps: int, loads: RoundLoads) -> list[dict]:
+def figure_rows(run: str, fit: dict, sgd: dict, steps: int, loads: RoundLoads) -> list[dict]:
     rows = []
     for (task, bb, f), ours in sorted(fit.items()):
         peer = sgd.get((task, bb, f))
         note = f"fit SD {ours['sd']:.4f} over {ours['n']} seeds"
         if peer:
             note += f"; SGD SD {peer['sd']:.4f} over {peer['n']} seeds"
-        rows.append(row("probe-compare", f"{task} {bb} fraction {f:.6g} {ours['metric']}", ours["mean"],
+        rows.append(row("probe-compare", f"{run} {task} {bb} fraction {f:.6g} {ours['metric']}", ours["mean"],
                         peer["mean"] if peer else None, f"SGD linear probe, {steps} steps" if peer else "",
                         ours["metric"], higher_is_better=ours["mode"] == "max", notes=note, rounds=loads))
     return rows
@@ -99,25 +107,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--steps", type=int, default=200, help="SGD probe steps (the default demo preset's)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--fractions", type=lambda s: [float(x) for x in s.split(",")], default=[0.0625, 0.25, 1.0])
+    ap.add_argument("--fit-runs", type=lambda s: s.split(","), default=["fit@crop", "fit@128"],
+                    help="fitted probes to run: fit@crop (the finetune crop) and/or fit@<side> px")
     a = ap.parse_args(argv)
     demo, out = Path(a.towers), Path(a.out)
     backbones, task_entries = towers(demo, a.model), tasks(demo / "world", a.steps)
     loads, walls, results = RoundLoads(), {}, {}
-    for protocol in ("fit", "finetune"):
+    for run in [*a.fit_runs, "finetune"]:
         loads.start_round()
-        print(f"probe_compare {protocol}: {load_note()}", flush=True)
+        print(f"probe_compare {run}: {load_note()}", flush=True)
         t0 = time.perf_counter()
-        summary = run_sweep(sweep(protocol, out, backbones, task_entries, a))
-        walls[protocol] = time.perf_counter() - t0
+        summary = run_sweep(sweep(run, out, backbones, task_entries, a))
+        walls[run] = time.perf_counter() - t0
         if summary["failed"]:
-            print(f"{protocol}: {len(summary['failed'])} failed, e.g. {summary['failed'][0]}", flush=True)
-        results[protocol] = summarise(out / protocol)
-    rows = figure_rows(results["fit"], results["finetune"], a.steps, loads)
-    n_fit, n_sgd = (sum(v["n"] for v in results[p].values()) for p in ("fit", "finetune"))
-    rows.append(row("probe-compare", "wall time of the whole sweep", walls["fit"], walls["finetune"],
-                    f"SGD probe sweep ({a.steps} steps a trial)", "s", higher_is_better=False, rounds=loads,
-                    notes=f"fit: {n_fit} fits incl. position-only, features extracted once per tower and task; "
-                          f"SGD: {n_sgd} Tune trials; 2 at a time on a 2-CPU local Ray; {load_note()}"))
+            print(f"{run}: {len(summary['failed'])} failed, e.g. {summary['failed'][0]}", flush=True)
+        results[run] = summarise(out / run.replace("@", "-"))
+    rows = [r for run in a.fit_runs for r in figure_rows(run, results[run], results["finetune"], a.steps, loads)]
+    for run in a.fit_runs:
+        rows.append(row("probe-compare", f"{run} wall time of the whole sweep", walls[run], walls["finetune"],
+                        f"SGD probe sweep ({a.steps} steps a trial)", "s", higher_is_better=False, rounds=loads,
+                        notes=f"fit: {sum(v['n'] for v in results[run].values())} fits incl. position-only, "
+                              "features extracted once per tower and task; SGD: "
+                              f"{sum(v['n'] for v in results['finetune'].values())} Tune trials; 2 at a time on "
+                              f"a 2-CPU local Ray; {load_note()}"))
     print(write_report("probe_compare", "Fitted probe vs SGD probe", __doc__, rows))
     return rows
 
