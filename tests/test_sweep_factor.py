@@ -124,7 +124,7 @@ def test_two_levels_pretraining_runs_widen_the_interval():
     runs_b = [_curve(lambda f, o=o: rising(4 * f) + o, noise=n) for o, n in zip((0.012, -0.008), seeds[2:])]
     two = compare(runs_a, runs_b, n_bootstrap=1000)
     one = compare(runs_a[0], runs_b[0], n_bootstrap=1000)          # one run each: run variance unseen
-    assert two["runs"] == {"reference": 2, "candidate": 2} and two["df"] == 2      # pooled: (2 - 1) + (2 - 1)
+    assert two["runs"] == {"reference": 2, "candidate": 2} and two["df"] == 1      # paired: (2 - 1)(2 - 1)
     f2, f1 = two["factors"][0], one["factors"][0]
     assert f2.ci_low < 4.0 < f2.ci_high
     assert f2.ci_high / f2.ci_low > f1.ci_high / f1.ci_low
@@ -150,25 +150,44 @@ def test_paired_runs_cancel_an_effect_shared_by_replicate_index():
     assert fp.ci_low < 4.0 < fp.ci_high
     assert fu.ci_high / fu.ci_low > 2 * (fp.ci_high / fp.ci_low)
     uneven = compare(ref, cand[:2], n_bootstrap=100, targets=(1.0,))
-    assert not uneven["runs_paired"] and uneven["df"] == 3         # (3 - 1) + (2 - 1)
+    assert paired["df"] == 2                                       # paired, two conditions: runs - 1
+    assert not uneven["runs_paired"] and uneven["df"] == 3         # unpaired pool: (3 - 1) + (2 - 1)
 
 
-def test_run_variance_is_pooled_across_conditions():
+def test_unpaired_run_variance_is_pooled_across_conditions():
     rng = np.random.default_rng(4)
     rising = lambda f: 0.30 + 0.02 * math.log2(f)
     ref = _replicates(rising, [-0.01, 0.01], 0.0, rng)             # run SD sqrt(2) x 0.01
     cand = _replicates(lambda f: rising(2 * f), [0.0, 0.0], 0.0, rng)   # identical runs: SD 0 before pooling
     other = _replicates(rising, [-0.03, 0.0, 0.03], 0.0, rng)      # SD 0.03: joins the pool only
-    res = compare(ref, cand, n_bootstrap=300, pool=[other])
-    assert res["df"] == res["run_df"] == 1 + 1 + 2
+    res = compare(ref, cand, n_bootstrap=300, pool=[other], pair_runs=False)
+    assert not res["runs_paired"] and res["df"] == res["run_df"] == 1 + 1 + 2
     assert res["run_sd"]["reference"]["1"] == pytest.approx(0.01 * math.sqrt(2))
     assert res["run_sd"]["candidate"]["1"] == 0.0
     pooled = math.sqrt((2 * 0.01 ** 2 + 0 + 2 * 0.03 ** 2) / 4)
     assert all(v == pytest.approx(pooled) for v in res["pooled_run_sd"].values())
-    alone = compare(ref, cand, n_bootstrap=300)
+    alone = compare(ref, cand, n_bootstrap=300, pair_runs=False)
     assert alone["df"] == 2
     f, fa = res["factors"][0], alone["factors"][0]      # pooled SD 0.024 x t(4) 2.78 > 0.01 x t(2) 4.30
     assert f.ci_low < 2.0 < f.ci_high and f.ci_high / f.ci_low > fa.ci_high / fa.ci_low
+
+
+def test_paired_pool_leaves_out_the_replicate_effect():
+    """Paired runs pool the two-way residuals m[c, r] - m[c, .] - m[., r] + m[., .]: replicate r's effect, shared
+    by every condition, is no run noise of a difference; df = (conditions - 1)(runs - 1)."""
+    rng = np.random.default_rng(8)
+    rising = lambda f: 0.30 + 0.02 * math.log2(f)
+    rep = np.array([-0.02, 0.0, 0.025])
+    ref = _replicates(rising, rep + [0.01, -0.01, 0.0], 0.0, rng)
+    cand = _replicates(lambda f: rising(4 * f), rep, 0.0, rng)
+    other = _replicates(rising, rep + [-0.01, 0.01, 0.0], 0.0, rng)
+    res = compare(ref, cand, n_bootstrap=300, pool=[other])
+    assert res["runs_paired"] and res["df"] == res["run_df"] == (3 - 1) * (3 - 1)
+    assert all(v == pytest.approx(0.01) for v in res["pooled_run_sd"].values())
+    assert res["run_sd"]["candidate"]["1"] == pytest.approx(float(np.std(rep, ddof=1)))   # before pooling
+    unpaired = compare(ref, cand, n_bootstrap=300, pool=[other], pair_runs=False)["factors"][0]   # rep kept
+    f = res["factors"][0]
+    assert f.ci_low < 4.0 < f.ci_high and unpaired.ci_high / unpaired.ci_low > 3 * f.ci_high / f.ci_low
 
 
 def test_zero_variance_at_full_data_no_nan():
@@ -184,7 +203,7 @@ def test_zero_variance_at_full_data_no_nan():
         one = compare(cond(4, [0.0]), cond(4, [0.0])[:1], n_bootstrap=300)
         res = compare(cond(1, [-0.005, 0.0, 0.005]), cond(4, [0.004, -0.002, 0.0]), n_bootstrap=300)
     assert one["df"] == 4                                          # 5 seeds - 1: fraction 1's single seed is exact
-    assert res["df"] == 4 and res["run_sd"]["reference"]["1"] == 0.0
+    assert res["df"] == 2 and res["run_sd"]["reference"]["1"] == 0.0     # paired, two conditions: runs - 1
     assert res["pooled_run_sd"]["1"] == pytest.approx(0.0, abs=1e-12)
     for r in (one, res):
         f = r["factors"][0]

@@ -166,19 +166,18 @@ def test_backbones_grouped_by_condition_are_pretraining_runs(tmp_path):
     assert entry["reference"] == "alt" and entry["reference_runs"] == ["alt-s0", "alt-s1"]
     recap = entry["backbones"]["recap"]
     assert list(entry["backbones"]) == ["recap"] and recap["runs"] == ["recap-s0", "recap-s1"]
-    assert recap["df"] == 2 and recap["runs_paired"]                    # pooled: (2 - 1) + (2 - 1)
+    assert recap["df"] == 1 and recap["runs_paired"]                    # paired: (2 - 1)(2 - 1)
     assert recap["factor"] == pytest.approx(2 ** ((0.34 - 0.305) / 0.03), rel=1e-3)
-    # run SD before pooling: alt's runs differ by 0.01, recap's by 0.02, at every fraction; pooled over both
+    # run SD before pooling: alt's runs differ by 0.01, recap's by 0.02 (opposite way), at every fraction; the
+    # pooled two-way residual SD (replicate effect removed): 4 residuals of 0.0075, df 1
     assert entry["run_sd"]["alt"]["1"] == pytest.approx(0.01 / math.sqrt(2))
     assert entry["run_sd"]["recap"]["0.25"] == pytest.approx(0.02 / math.sqrt(2))
-    assert entry["pooled_run_sd"]["1"] == pytest.approx(math.sqrt((0.005 ** 2 * 2 + 0.01 ** 2 * 2) / 2))
-    assert entry["run_df"] == 2
+    assert recap["pooled_run_sd"]["1"] == pytest.approx(0.015) and recap["run_df"] == 1
     assert summary["schedule_by"].startswith("epochs")
     md = (root / "report.md").read_text()
     assert "2 pretraining runs: recap-s0, recap-s1" in md
     assert "| condition | runs | f=0.25 | f=0.5 | f=1 |" in md and "| recap | 2 | 0.0141 | 0.0141 | 0.0141 |" in md
-    assert "| pooled |  | 0.0112 | 0.0112 | 0.0112 |" in md
-    assert "paired by replicate index with the reference: recap" in md
+    assert "| pooled for recap (paired) | df 1 | 0.015 | 0.015 | 0.015 |" in md
 
 
 def test_factor_and_interval_texts_mark_censoring():

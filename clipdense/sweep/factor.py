@@ -27,17 +27,23 @@ Interval: a paired Bayesian bootstrap of whole seed curves, at two levels.
             so the resampled mean has the unbiased variance; one seed (the full-data fraction, where every seed
             uses the whole set) has none and stays fixed.
     runs    with several pretraining runs, each draw gives run index r one Dirichlet(1) weight shared by both
-            conditions (paired: replicate r of every condition shares its pretraining seed, so an effect of that
-            seed cancels); when the conditions have different run counts (or `pair_runs=False`) each draws its
-            own and the result says `runs_paired: false`. The run means' residuals around the condition mean
-            are rescaled, per fraction, to the pooled run variance s_p^2 = sum_c SS_c / sum_c (runs_c - 1) over
-            both conditions and `pool` (the report: every condition of the task), then by sqrt((R+1)/(R-1)), so
-            each condition's resampled run mean has variance s_p^2 / R. A condition whose runs coincide at a
-            fraction keeps zero there (nothing to rescale, no division); a single run has no run level.
+            conditions when they have the same number of runs (paired: replicate r of every condition shares its
+            pretraining seed, so an effect of that seed cancels; `runs_paired: true`); with different run counts
+            (or `pair_runs=False`) each condition draws its own. The run means' residuals around each condition's
+            mean are then rescaled per fraction to a pooled run variance and by sqrt((R+1)/(R-1)):
+            paired: the residuals split into a common part (e_A + e_B)/2, kept, and the difference e_B - e_A,
+            rescaled to 2 s_p^2, s_p^2 = the variance of the two-way residuals m[c,r] - m[c,.] - m[.,r] + m[.,.]
+            (replicate effect removed) over both conditions and those of `pool` with the same run count, df =
+            (conditions - 1)(runs - 1). Pairing estimates the replicate effect, so it costs df: with two
+            conditions alone it is the paired difference's runs - 1.
+            unpaired: each condition's residuals rescaled to s_p^2 = sum_c SS_c / sum_c (runs_c - 1) over both
+            conditions and `pool`, df = sum_c (runs_c - 1).
+            The report passes the task's other conditions as `pool`. A condition whose runs coincide at a
+            fraction keeps zero there (nothing to rescale, no division); a single run has no run level (with one
+            run against several, only the several are resampled).
     t       the percentile interval of log(factor) is widened around the estimate by t(df)/z: the small-sample
-            correction a few-value bootstrap lacks. df = sum over the pooled conditions of (runs - 1) when either
-            condition has several runs; else the fewest seeds at any fraction - 1 (a full-data fraction with
-            one seed left out).
+            correction a few-value bootstrap lacks. df = the run pool's (above) when either condition has several
+            runs; else the fewest seeds at any fraction - 1 (a full-data fraction with one seed left out).
 A censored draw counts as +inf, a not-reached one as -inf, so an interval end that falls among them is open
 (">= x", "< x"). `compare` also returns each condition's run SD before pooling (`run_sd`: per fraction, the SD
 across runs of the run's seed mean, which includes that mean's seed noise) and the pooled one. Validated by
@@ -271,14 +277,30 @@ def run_sd(cond: Condition | Data) -> dict[float, float]:
 
 @dataclass
 class RunPool:
-    """The pretraining-run variance pooled across conditions: per fraction sum(SS) / sum(runs - 1) over every
-    condition with several runs there; df = sum over conditions of (runs - 1)."""
-    ss: dict = field(default_factory=dict)       # fraction key -> [sum of SS, sum of (runs - 1)]
+    """Pretraining-run variance pooled across conditions, per fraction: sum(SS) / sum(df).
+    unpaired: SS of each condition's run means around its mean, df = sum over conditions of (runs - 1).
+    paired (every member has R runs, run r of each sharing its pretraining seed): the two-way residuals
+    m[c, r] - m[c, .] - m[., r] + m[., .] (the replicate effect removed), df = (conditions - 1)(R - 1)."""
+    ss: dict = field(default_factory=dict)       # fraction key -> [sum of SS, sum of df]
     df: int = 0
+    paired: bool = False
 
     @classmethod
-    def of(cls, conditions: Sequence[Data]) -> "RunPool":
-        pool = cls()
+    def of(cls, conditions: Sequence[Data], paired: bool = False) -> "RunPool":
+        pool = cls(paired=paired)
+        if paired:
+            members = [d for d in conditions if d.values.shape[0] == conditions[0].values.shape[0]]
+            pool.df = (len(members) - 1) * (members[0].values.shape[0] - 1)
+            by_fraction: dict = {}
+            for d in members:
+                for f, m in zip(d.fractions, _run_means(d).T):
+                    if np.all(np.isfinite(m)):
+                        by_fraction.setdefault(_key(f), []).append(m)
+            for key, rows in by_fraction.items():
+                m = np.asarray(rows)                                          # [C, R]
+                e = m - m.mean(1, keepdims=True) - m.mean(0, keepdims=True) + m.mean()
+                pool.ss[key] = [float((e ** 2).sum()), (len(m) - 1) * (m.shape[1] - 1)]
+            return pool
         for d in conditions:
             pool.df += d.values.shape[0] - 1
             for f, ss, dof in zip(d.fractions, *_run_ss(d)):
@@ -299,26 +321,64 @@ def _key(f: float) -> str:
     return format(float(f), ".9g")
 
 
-def _inflate(d: Data, pooled_var: np.ndarray | None = None) -> Data:
+def _inflate_seeds(d: Data) -> Data:
     """Residuals around the seed mean (per run, fraction) scaled by sqrt((n+1)/(n-1)), so a Dirichlet(1) resample
-    of n values has the unbiased variance of their mean; the run means' residuals likewise, and rescaled to the
-    pooled run variance (`pooled_var` [F], NaN: own). Zero variance (one seed, identical runs) stays zero."""
+    of n values has the unbiased variance of their mean; one seed (no variance) stays as it is."""
     v = d.values
-    present = np.isfinite(v)
-    n = present.sum(-1, keepdims=True)
+    n = np.isfinite(v).sum(-1, keepdims=True)
     m = _nanmean(v, -1)                                                      # [R, F, 1]
-    v = m + (v - m) * np.sqrt(np.where(n > 1, (n + 1) / np.maximum(n - 1, 1), 1.0))
-    if v.shape[0] > 1:
-        has = present.any(-1, keepdims=True)
-        rm = np.where(has, m, np.nan)
-        nr = has.sum(0, keepdims=True)
-        resid = np.where(has, rm - _nanmean(rm, 0), 0.0)
-        own = (resid ** 2).sum(0, keepdims=True) / np.maximum(nr - 1, 1)     # [1, F, 1]
-        want = own if pooled_var is None else np.where(np.isfinite(pooled_var), pooled_var, own.ravel())
-        ratio = np.where(own > 0, np.reshape(want, own.shape) / np.where(own > 0, own, 1.0), 1.0)
-        kr = np.sqrt(np.where(nr > 1, ratio * (nr + 1) / np.maximum(nr - 1, 1), 1.0))
-        v = v + resid * (kr - 1)
-    return Data(np.where(present, v, np.nan), d.fractions, d.seeds)
+    return Data(m + (v - m) * np.sqrt(np.where(n > 1, (n + 1) / np.maximum(n - 1, 1), 1.0)), d.fractions, d.seeds)
+
+
+def _run_residuals(d: Data) -> tuple[np.ndarray, np.ndarray]:
+    """([R, F] run means' residuals around the condition mean (0 where missing), [F] runs present)."""
+    m = _run_means(d)
+    ok = np.isfinite(m)
+    return np.where(ok, m - _nanmean(m, 0), 0.0), ok.sum(0)
+
+
+def _shift_runs(d: Data, new_resid: np.ndarray, old_resid: np.ndarray) -> Data:
+    """Move each run's values (all its seeds) so its residual becomes `new_resid` [R, F]."""
+    return Data(d.values + (new_resid - old_resid)[..., None], d.fractions, d.seeds)
+
+
+def _inflate(d: Data, pooled_var: np.ndarray | None = None) -> Data:
+    """Seeds inflated (`_inflate_seeds`); the run means' residuals rescaled to the pooled run variance
+    (`pooled_var` [F]; NaN or None: the condition's own) and by sqrt((R+1)/(R-1)), so a Dirichlet(1) resample of
+    the runs has variance pooled / R. Zero variance (identical runs) stays zero: nothing to rescale, no division."""
+    d = _inflate_seeds(d)
+    if d.values.shape[0] < 2:
+        return d
+    resid, nr = _run_residuals(d)
+    own = (resid ** 2).sum(0) / np.maximum(nr - 1, 1)                        # [F]
+    want = own if pooled_var is None else np.where(np.isfinite(pooled_var), pooled_var, own)
+    ratio = np.where(own > 0, want / np.where(own > 0, own, 1.0), 1.0)
+    k = np.sqrt(np.where(nr > 1, ratio * (nr + 1) / np.maximum(nr - 1, 1), 1.0))
+    return _shift_runs(d, resid * k, resid)
+
+
+def _inflate_paired(a: Data, b: Data, pool: RunPool) -> tuple[Data, Data]:
+    """Paired runs (R each): at each shared fraction the run residuals split into a common part (e_A + e_B)/2 and
+    the difference e_B - e_A; the difference is rescaled to twice the pooled two-way variance (its expectation
+    when the replicate effect is removed), both by sqrt((R+1)/(R-1)). Fractions one condition lacks: own."""
+    a, b = _inflate(a), _inflate(b)                                          # seeds, and runs at unshared fractions
+    if a.values.shape[0] < 2:
+        return a, b
+    ra, _ = _run_residuals(a)
+    rb, _ = _run_residuals(b)
+    R = a.values.shape[0]
+    new_a, new_b = ra.copy(), rb.copy()
+    for jb, f in enumerate(b.fractions):
+        ja = np.nonzero(np.isclose(a.fractions, f))[0]
+        var = pool.variance(np.asarray([f]))[0]
+        if not len(ja) or not math.isfinite(var):
+            continue
+        ea, eb = ra[:, ja[0]], rb[:, jb]
+        common, diff = (ea + eb) / 2, eb - ea
+        s_d = float((diff ** 2).sum() / (R - 1))
+        kd = math.sqrt(2 * var * (R + 1) / (R - 1) / s_d) if s_d > 0 else 1.0   # s_d is already inflated
+        new_a[:, ja[0]], new_b[:, jb] = common - kd * diff / 2, common + kd * diff / 2
+    return _shift_runs(a, new_a, ra), _shift_runs(b, new_b, rb)
 
 
 def _weights(d: Data) -> np.ndarray:
@@ -388,19 +448,20 @@ def compare(reference: Condition, candidate: Condition, higher_is_better: bool =
     seeds = sorted(set(a0.seeds) | set(b0.seeds), key=str)
     a0, b0 = as_data(reference, seeds), as_data(candidate, seeds)
     ra, rb = a0.values.shape[0], b0.values.shape[0]
-    runs = RunPool.of([a0, b0, *(as_data(c) for c in pool)])
+    paired = pair_runs and ra == rb > 1
+    runs = RunPool.of([a0, b0, *(as_data(c) for c in pool)], paired)
     sign = 1.0 if higher_is_better else -1.0
     df = _dof(a0, b0, runs)
     widen = _t_quantile(1 - (1 - ci) / 2, df) / NormalDist().inv_cdf(1 - (1 - ci) / 2) if df >= 1 else math.nan
     estimate = functools.partial(_estimate, a0, b0, sign, targets, fit)
     factors = _point_factors(estimate(_means(a0, None, None), _means(b0, None, None)), b0, targets, ci, df, fit)
     deltas = _delta_points(a0, b0, sign)
-    paired = pair_runs and ra == rb
     if n_bootstrap > 0 and df >= 1:
         rng = np.random.default_rng(seed)
-        a, b = _inflate(a0, runs.variance(a0.fractions)), _inflate(b0, runs.variance(b0.fractions))
+        a, b = (_inflate_paired(a0, b0, runs) if paired else
+                (_inflate(a0, runs.variance(a0.fractions)), _inflate(b0, runs.variance(b0.fractions))))
         sw = rng.dirichlet(np.ones(len(seeds)), n_bootstrap)
-        rwa, rwb = _run_weights(rng, ra, rb, n_bootstrap, paired)
+        rwa, rwb = _run_weights(rng, ra, rb, n_bootstrap, paired or ra == rb == 1)
         ma, mb = _means(a, sw, rwa), _means(b, sw, rwb)
         for fac, (_, xa, xb) in zip(factors, estimate(ma, mb)):
             log_f = np.where(np.isfinite(xb), xa - xb, np.where(xb < 0, np.inf, -np.inf))
@@ -409,7 +470,7 @@ def compare(reference: Condition, candidate: Condition, higher_is_better: bool =
         _delta_intervals(deltas, sign * mb, sign * ma, widen, ci)
     for d in deltas:
         d.pop("_ja", None), d.pop("_jb", None)
-    return {"factors": factors, "deltas": deltas, "df": max(df, 0), "fit": fit, "runs_paired": paired and ra > 1,
+    return {"factors": factors, "deltas": deltas, "df": max(df, 0), "fit": fit, "runs_paired": paired,
             "seeds": {"reference": _seed_counts(a0), "candidate": _seed_counts(b0)},
             "runs": {"reference": ra, "candidate": rb},
             "run_sd": {"reference": _nan_none(run_sd(a0)), "candidate": _nan_none(run_sd(b0))},

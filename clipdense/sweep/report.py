@@ -285,19 +285,21 @@ def _factor_lines(e: dict, level: str) -> list[str]:
 
 
 def _run_sd_lines(e: dict) -> list[str]:
-    """Each condition's run SD before pooling and the pooled SD the intervals use, per fraction."""
-    sds, pooled = e.get("run_sd") or {}, e.get("pooled_run_sd") or {}
+    """Each condition's run SD before pooling, and per candidate the pooled SD its interval uses, per fraction."""
+    sds = e.get("run_sd") or {}
     if not any(v is not None for c in sds.values() for v in c.values()):
         return []
     fractions = sorted({f for c in sds.values() for f in c}, key=float)
-    paired = sorted(c for c, x in e["backbones"].items() if x.get("runs_paired"))
     lines = ["", "Pretraining-run SD: at each fraction, the SD across a condition's runs of the run's mean over "
-             "its finetuning seeds (that mean's seed noise included), before pooling; the intervals use the "
-             f"pooled SD (df = Σ(runs − 1) = {e.get('run_df', 0)}). Runs paired by replicate index with the "
-             f"reference: {', '.join(paired) or 'none'}.", "",
+             "its finetuning seeds (that mean's seed noise included), before pooling. Each interval uses a pooled "
+             "SD: runs paired by replicate index (same run counts): the SD of the two-way residuals (replicate "
+             "effect removed) over the conditions with that many runs, df = (conditions − 1)(runs − 1); "
+             "otherwise the conditions' SDs pooled, df = Σ(runs − 1).", "",
              "| condition | runs | " + " | ".join(f"f={float(f):.4g}" for f in fractions) + " |",
              "|---|---|" + "---|" * len(fractions)]
-    rows = [(c, str(e["runs"].get(c, "?")), sds[c]) for c in sorted(sds)] + [("pooled", "", pooled)]
+    rows = [(c, str(e["runs"].get(c, "?")), sds[c]) for c in sorted(sds)]
+    rows += [(f"pooled for {c} ({'paired' if x.get('runs_paired') else 'unpaired'})", f"df {x.get('run_df', 0)}",
+              x.get("pooled_run_sd") or {}) for c, x in sorted(e["backbones"].items())]
     for cond, runs, sd in rows:
         lines.append(f"| {cond} | {runs} | " + " | ".join(_fmt(sd.get(f), 3) if sd.get(f) is not None else "–"
                                                          for f in fractions) + " |")
@@ -320,7 +322,7 @@ def task_factors(rows: list[dict], task: str, mode: str, metric: str, settings: 
         return None
     runs = {c: [cs[b] for b in bbs] for c, bbs in conds.items()}
     entry = {"reference": ref, "reference_runs": conds[ref], "metric": metric, "mode": mode, "backbones": {},
-             "runs": {c: len(r) for c, r in runs.items()}, "run_sd": {}, "pooled_run_sd": {}, "run_df": 0}
+             "runs": {c: len(r) for c, r in runs.items()}, "run_sd": {}}
     for cond, bbs in conds.items():
         entry["run_sd"][cond] = {format(f, ".6g"): (sd if math.isfinite(sd) else None)
                                  for f, sd in run_sd(runs[cond]).items()}
@@ -329,12 +331,12 @@ def task_factors(rows: list[dict], task: str, mode: str, metric: str, settings: 
         res = compare(runs[ref], runs[cond], mode == "max", targets=settings.targets, n_bootstrap=settings.bootstrap,
                       ci=settings.ci, seed=settings.seed, fit=settings.fit,
                       pool=[r for c, r in runs.items() if c not in (ref, cond)])
-        entry["pooled_run_sd"], entry["run_df"] = res["pooled_run_sd"], res["run_df"]
         targets = [f.to_dict() for f in res["factors"]]
         deltas = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in x.items()}
                   for x in res["deltas"]]
         entry["backbones"][cond] = {**targets[0], "targets": targets, "deltas": deltas, "runs": bbs,
-                                    "seeds": res["seeds"]["candidate"], "runs_paired": res["runs_paired"]}
+                                    "seeds": res["seeds"]["candidate"], "runs_paired": res["runs_paired"],
+                                    "pooled_run_sd": res["pooled_run_sd"], "run_df": res["run_df"]}
         entry["target"] = targets[0]["target"]
     return entry
 
