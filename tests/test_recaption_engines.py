@@ -1,5 +1,7 @@
-"""Captioner engines without Ray: the top-p sampler, the CoCa engine (coca-tiny), echo, the CPU decode step."""
+"""Captioner engines without Ray: the top-p sampler, the CoCa engine (coca-tiny), echo, the CPU decode step, an
+engine registered from outside the package."""
 import io
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -8,13 +10,20 @@ import torch
 from PIL import Image
 from shard_files import jpeg_bytes
 
+from clipdense.cli import main as cli_main
+from clipdense.config import ConfigError, build_config
 from clipdense.data.images import ImageError
+from clipdense.recaption import RecaptionConfig
 from clipdense.recaption.decode import ImageInput, prepare_image
-from clipdense.recaption.engines import EngineOutputError, check_output, cut_caption
+from clipdense.recaption.engines import Captioner, EngineOutputError, check_output, cut_caption
 from clipdense.recaption.engines.coca import CocaCaptioner
 from clipdense.recaption.engines.echo import EchoCaptioner
+from clipdense.recaption.engines.registry import EngineSpec, engine_kinds, engine_spec, register_engine
+from clipdense.recaption.engines.resolve import resolve_engine
 from clipdense.recaption.engines.sampling import decode_sequences, nucleus, sample_top_p, top_p_filter
-from clipdense.recaption.pipeline import decode_batch
+from clipdense.recaption.pipeline import CaptionActor, decode_batch
+from clipdense.recaption.plan import Plan
+from clipdense.recaption.writer import ShardAssembler
 
 SOT, EOT = 8, 9
 
@@ -274,3 +283,59 @@ def test_coca_on_cuda_bf16_is_seeded_and_matches_cpu_greedy():
     cpu.top_p = 1e-9
     g, c = gpu.sample_tokens(images, 1).cpu(), cpu.sample_tokens(images, 1)
     assert (g[:, :3] == c[:, :3]).float().mean() >= 0.75
+
+
+class ShoutCaptioner(Captioner):
+    """A toy engine from outside the package: each original caption upper-cased, with the image side it was handed
+    and the caption index."""
+    kind = "shout"
+
+    def generate(self, images, n, captions=None, keys=None):
+        return [[f"{c.upper()} {np.asarray(im).shape[0]}PX #{j}" for j in range(n)] for im, c in zip(images, captions)]
+
+
+@register_engine
+def shout_engine() -> EngineSpec:
+    return EngineSpec(name="shout", build=lambda cfg: ShoutCaptioner(), sampling=lambda cfg: {"n": cfg.samples},
+                      check=lambda cfg, remote: 40, caption_seeds=lambda cfg, key: [len(key) + j for j in
+                                                                                    range(cfg.samples)],
+                      default_model="shout-1", weights=lambda cfg: f"revision:shout-{cfg.seed}",
+                      prompt=lambda cfg: "SHOUT")
+
+
+def test_a_registered_engine_runs_through_resolve_decode_actor_and_writer():
+    """The toy engine chosen by `engine.kind` alone: the driver resolves it (its image side, its provenance), the CPU
+    step decodes for it, the actor logic builds and calls it, the assembler writes its columns."""
+    cfg = build_config(RecaptionConfig, {"input": "x", "output": "y", "engine": {"kind": "shout", "num_captions": 2,
+                                                                                  "seed": 5}})
+    engine = resolve_engine(cfg.engine, cfg.decode, remote=False)
+    assert (engine.image.mode, engine.image.size) == ("array", 40)
+    rows = pa.table({"key": ["k1", "key2"], "image_bytes": [jpeg_bytes(1), jpeg_bytes(2)], "caption": ["a cat", "b"],
+                     "error_code": pa.nulls(2, pa.string()), "error": pa.nulls(2, pa.string()),
+                     "shard": ["/d/s.tar"] * 2})
+    captioned = CaptionActor(cfg.engine.model_dump())(decode_batch(rows, engine.image))
+    written = {}
+    asm = ShardAssembler(Plan(inputs={"s": "/d/s.tar"}, outputs={"s": "/o/s.parquet"}, done=[]), engine.provenance,
+                         write=lambda t, path: written.setdefault(path, t.to_pylist()), seeds=engine.caption_seeds)
+    asm.add(captioned)
+    asm.finish()
+    out = written["/o/s.parquet"]
+    assert [r["syn_captions"] for r in out] == [["A CAT 40PX #0", "A CAT 40PX #1"], ["B 40PX #0", "B 40PX #1"]]
+    assert [r["syn_seeds"] for r in out] == [[2, 3], [4, 5]]
+    assert {k: out[1][k] for k in ("engine", "model", "prompt", "weights")} == {
+        "engine": "shout", "model": "shout-1", "prompt": "SHOUT", "weights": "revision:shout-5"}
+    assert json.loads(out[0]["sampling"]) == {"n": 2}
+
+
+def test_unknown_engine_kinds_and_taken_names_are_refused(capsys):
+    assert engine_kinds() == ["coca", "echo", "shout", "vllm"]
+    assert cli_main(["recaption", "input=x", "output=y", "engine.kind=shuot"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "engine.kind" in err and "not a registered engine (coca, echo, shout, vllm)" in err
+    assert len(err.splitlines()) == 1
+    with pytest.raises(ConfigError, match=r"^engine.kind 'x' is not a registered engine \(coca, echo, shout, vllm\)$"):
+        engine_spec("x")
+    with pytest.raises(ValueError, match="engine 'echo' is already registered"):
+        register_engine(EngineSpec(name="echo", build=lambda cfg: ShoutCaptioner(), sampling=lambda cfg: {}))
+    assert cli_main(["recaption", "input=x", "output=y", "engine.kind=shout", "--print-config"]) == 0
+    assert "kind: shout" in capsys.readouterr().out

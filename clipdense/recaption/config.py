@@ -3,13 +3,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from clipdense.config import Config, OnRayConfig, RayConfig
 from clipdense.data.storage import Storage, StorageKeys
-
-# DataCompDR (apple/ml-mobileclip-dr scripts/gen.py): open_clip coca_ViT-L-14, 5 samples, top-p 0.9, seq_len 30.
-DATACOMPDR_COCA = "coca_ViT-L-14"
+from clipdense.recaption.engines.registry import engine_kinds, engine_spec
 
 
 class RerankConfig(Config):
@@ -29,7 +27,7 @@ class RerankConfig(Config):
 
 class EngineConfig(Config):
     """The captioner and its actor pool. Sampling defaults follow DataCompDR."""
-    kind: Literal["echo", "coca", "vllm"] = "echo"
+    kind: str = "echo"                  # a registered engine (engines/registry.py): echo, coca, vllm
     model: str | None = None            # coca: open_clip name (default coca_ViT-L-14); vllm: HF id or local dir
     pretrained: str | None = None       # coca: open_clip pretrained tag, e.g. mscoco_finetuned_laion2B-s13B-b90k
     checkpoint: str | None = None       # coca: local open_clip checkpoint (state_dict .pt); wins over `pretrained`
@@ -57,13 +55,16 @@ class EngineConfig(Config):
     #                                     or {"py_executable": "DIR/bin/python"} for a `clipdense vllm-env DIR` venv
     #                                     (vLLM pins its own torch; only plain data crosses between the envs)
 
+    @field_validator("kind")
+    @classmethod
+    def _registered(cls, kind: str) -> str:
+        if kind not in engine_kinds():
+            raise ValueError(f"not a registered engine ({', '.join(engine_kinds())})")
+        return kind
+
     @model_validator(mode="after")
     def _check(self):
-        if self.kind == "vllm" and not self.model:
-            raise ValueError("engine.kind=vllm needs engine.model (a Hugging Face id or local directory)")
-        if self.kind == "coca" and self.seq_len <= self.min_seq_len:
-            raise ValueError(f"engine.seq_len ({self.seq_len}) must be larger than engine.min_seq_len "
-                             f"({self.min_seq_len})")
+        engine_spec(self.kind).config_rules(self)
         if isinstance(self.concurrency, tuple) and not 1 <= self.concurrency[0] <= self.concurrency[1]:
             raise ValueError(f"engine.concurrency {self.concurrency} must be (min, max) with 1 <= min <= max")
         if isinstance(self.concurrency, int) and self.concurrency < 1:
@@ -77,11 +78,13 @@ class EngineConfig(Config):
 
     @property
     def model_name(self) -> str:
-        return self.model or {"echo": "echo", "coca": DATACOMPDR_COCA}.get(self.kind, "")
+        return self.model or engine_spec(self.kind).default_model
 
     @property
     def cut(self) -> bool:
-        return self.cut_at_period if self.cut_at_period is not None else self.kind == "coca"
+        if self.cut_at_period is not None:
+            return self.cut_at_period
+        return engine_spec(self.kind).cut_at_period_default
 
 
 class DecodeConfig(Config):

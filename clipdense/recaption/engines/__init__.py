@@ -1,33 +1,24 @@
-"""Captioner engines (`engine.kind`): echo, coca, vllm. `build_captioner(cfg)` makes one (in an actor); what the
-driver resolves about the engine (checks, image form, provenance) is in engines/resolve.py.
+"""Captioner engines, each registered under its `engine.kind` (registry.py): echo, coca, vllm. `build_captioner(cfg)`
+makes one (in an actor); what the driver resolves about the engine (checks, image form, provenance) is in
+engines/resolve.py. A new engine is a module that calls `register_engine(EngineSpec(...))` when imported.
 
 This package is on the captioner actors' import path, which for vLLM runs in its own venv without torch or
-open_clip: only light modules are imported at the top."""
+open_clip: only light modules are imported here (coca registers from coca_spec.py and loads coca.py lazily)."""
 from __future__ import annotations
 
-from clipdense.recaption.config import EngineConfig
-from clipdense.recaption.engines.base import Captioner, EngineOutputError, check_output, cut_caption, to_pil
-from clipdense.recaption.engines.echo import EchoCaptioner
-from clipdense.recaption.engines.vllm import VLLMCaptioner
+from typing import TYPE_CHECKING
 
-__all__ = ["Captioner", "EngineOutputError", "build_captioner", "check_output", "cut_caption", "load_coca", "to_pil"]
+from clipdense.recaption.engines import coca_spec, echo, vllm  # noqa: F401 (importing them registers the engines)
+from clipdense.recaption.engines.base import Captioner, EngineOutputError, check_output, cut_caption, to_pil
+from clipdense.recaption.engines.coca_spec import load_coca
+from clipdense.recaption.engines.registry import EngineSpec, engine_kinds, engine_spec, register_engine
+
+if TYPE_CHECKING:
+    from clipdense.recaption.config import EngineConfig
+
+__all__ = ["Captioner", "EngineOutputError", "EngineSpec", "build_captioner", "check_output", "cut_caption",
+           "engine_kinds", "engine_spec", "load_coca", "register_engine", "to_pil"]
 
 
 def build_captioner(cfg: EngineConfig) -> Captioner:
-    if cfg.kind == "echo":
-        return EchoCaptioner()
-    if cfg.kind == "coca":
-        return load_coca().CocaCaptioner(cfg.model_name, cfg.pretrained, cfg.checkpoint, top_p=cfg.top_p,
-                             temperature=cfg.temperature, seq_len=cfg.seq_len, min_seq_len=cfg.min_seq_len,
-                             cut_at_period=cfg.cut, seed=cfg.seed, device=cfg.device)
-    return VLLMCaptioner(cfg.model_name, prompt=cfg.prompt, system_prompt=cfg.system_prompt, top_p=cfg.top_p,
-                         temperature=cfg.temperature, max_tokens=cfg.max_tokens, max_pixels=cfg.max_pixels,
-                         engine_kwargs=cfg.engine_kwargs, seed=cfg.seed, cut_at_period=cfg.cut)
-
-
-def load_coca():
-    """The coca engine module, loaded only where a coca engine is used."""
-    # local: coca.py imports torch and open_clip, which the vllm actors' venv lacks (they import this package)
-    from clipdense.recaption.engines import coca
-
-    return coca
+    return engine_spec(cfg.kind).build(cfg)

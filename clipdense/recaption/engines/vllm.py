@@ -21,12 +21,19 @@ depend on the actor or batch it lands in (as far as vLLM's numerics allow: see d
 """
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
 import warnings
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from clipdense.config import ConfigError
 from clipdense.recaption.engines.base import Captioner, EngineOutputError, ImageLike, cut_caption, to_pil
+from clipdense.recaption.engines.registry import EngineSpec, register_engine
 from clipdense.recaption.engines.seeds import row_seed
+
+if TYPE_CHECKING:
+    from clipdense.recaption.config import EngineConfig
 
 
 def sampling_kwargs(n: int, top_p: float, temperature: float, max_tokens: int) -> dict:
@@ -128,3 +135,57 @@ def parse_outputs(outputs: Sequence[Any], n_images: int, n: int, cut_at_period: 
             raise EngineOutputError(f"vLLM returned {len(texts)} completions where n={n} were requested")
         result.append(texts)
     return result
+
+
+def build_vllm(cfg: EngineConfig) -> VLLMCaptioner:
+    return VLLMCaptioner(cfg.model_name, prompt=cfg.prompt, system_prompt=cfg.system_prompt, top_p=cfg.top_p,
+                         temperature=cfg.temperature, max_tokens=cfg.max_tokens, max_pixels=cfg.max_pixels,
+                         engine_kwargs=cfg.engine_kwargs, seed=cfg.seed, cut_at_period=cfg.cut)
+
+
+def check_vllm(engine: EngineConfig) -> None:
+    """vLLM importable (here or in the configured venv) and a local model directory present."""
+    py_exe = (engine.runtime_env or {}).get("py_executable")
+    if py_exe and not os.path.isfile(py_exe.split()[0]):
+        raise ConfigError(f"engine.runtime_env.py_executable: not found: {py_exe} (build one with "
+                          "`clipdense vllm-env DIR`)")
+    if not py_exe and importlib.util.find_spec("vllm") is None:
+        raise ConfigError("engine.kind=vllm needs vLLM: pip install 'clipdense[vllm]' (GPU), or build a CPU vLLM "
+                          "env with `clipdense vllm-env DIR` and set engine.runtime_env.py_executable=DIR/bin/python")
+    model = engine.model_name
+    if model.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(model)):
+        raise ConfigError(f"engine.model: model directory not found: {model}")
+
+
+def check_vllm_locally(cfg: EngineConfig, remote: bool) -> None:
+    if not remote:  # a cluster's nodes have their own venv and model files
+        check_vllm(cfg)
+
+
+def vllm_needs_a_model(cfg: EngineConfig) -> None:
+    if not cfg.model:
+        raise ValueError("engine.kind=vllm needs engine.model (a Hugging Face id or local directory)")
+
+
+def vllm_sampling(cfg: EngineConfig) -> dict:
+    return {**sampling_kwargs(cfg.samples, cfg.top_p, cfg.temperature, cfg.max_tokens),
+            "max_pixels": cfg.max_pixels, "cut_at_period": cfg.cut, "engine_seed": cfg.seed,
+            "request_seed": "row_seed(engine_seed, key)"}
+
+
+def vllm_caption_seeds(cfg: EngineConfig, key: str) -> list[int]:
+    return [row_seed(cfg.seed, key)] * cfg.samples  # one request per row, its n samples from one seed
+
+
+def vllm_weights(cfg: EngineConfig) -> str | None:
+    revision = cfg.engine_kwargs.get("revision")
+    return f"revision:{revision}" if revision else cfg.model
+
+
+def vllm_prompt(cfg: EngineConfig) -> str:
+    return cfg.prompt if not cfg.system_prompt else json.dumps({"system": cfg.system_prompt, "user": cfg.prompt})
+
+
+VLLM = register_engine(EngineSpec(
+    name="vllm", build=build_vllm, sampling=vllm_sampling, check=check_vllm_locally, config_rules=vllm_needs_a_model,
+    caption_seeds=vllm_caption_seeds, image_mode="jpeg", weights=vllm_weights, prompt=vllm_prompt))
