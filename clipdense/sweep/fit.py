@@ -27,6 +27,7 @@ from clipdense.sweep.grid import METRICS_FILE, TRIAL_FILE, Trial, trial_dir
 
 FEATURES_DIR = "features"
 PROVENANCE_EXCLUDE = ("out", "fresh", "out_dir")
+RUN_ONLY = ("in_process", "batch_size")     # fit settings that do not change a result
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,15 @@ def fit_jobs(cfg: SweepConfig, trials: list[Trial], out: Path, sweep_hash: str |
             for (task, bb), items in groups.items()]
 
 
+def hashed(cfg: FinetuneConfig, fit: dict) -> dict:
+    """What identifies a fit trial's result: its finetune config and the fit settings but where and how batched
+    the jobs ran."""
+    return {**cfg.model_dump(mode="json"), "fit": {k: v for k, v in fit.items() if k not in RUN_ONLY}}
+
+
 def fit_hash(cfg: FinetuneConfig, fit: dict) -> str:
-    """What a fit trial's metrics.json records as provenance.config_hash: its finetune config and the fit settings."""
-    return config_hash({**cfg.model_dump(mode="json"), "fit": fit}, PROVENANCE_EXCLUDE)
+    """provenance.config_hash of a fit trial's metrics.json."""
+    return config_hash(hashed(cfg, fit), PROVENANCE_EXCLUDE)
 
 
 def finished(path: Path, expected_hash: str) -> bool:
@@ -102,10 +109,10 @@ def write_trial(job: FitJob, trial: dict, probe: FitProbe) -> None:
     tdir.mkdir(parents=True, exist_ok=True)
     (tdir / TRIAL_FILE).write_text(json.dumps({**trial["coords"], "hp": None, "hparams": {}, "name": trial["name"],
                                                "protocol": "fit"}, indent=2))
-    config = cfg.model_dump(mode="json")
     record = {"task": cfg.task, "head": HEAD, "protocol": "fit", "metrics": result["metrics"],
-              "backbone": probe.backbone, "data": result["data"], "probe": result["probe"], "config": config,
-              "provenance": {**run_provenance({**config, "fit": job.fit}, PROVENANCE_EXCLUDE),
+              "backbone": probe.backbone, "data": result["data"], "probe": {**result["probe"], "settings": job.fit},
+              "config": cfg.model_dump(mode="json"),
+              "provenance": {**run_provenance(hashed(cfg, job.fit), PROVENANCE_EXCLUDE),
                              "sweep_config_hash": job.sweep_hash}}
     tmp = tdir / (METRICS_FILE + ".tmp")
     tmp.write_text(json.dumps(finite(record), indent=2, default=str))
