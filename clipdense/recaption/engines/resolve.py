@@ -1,6 +1,6 @@
 """The engine as the driver resolves it once, before any actor starts: its checks (user mistakes fail here, in one
-line), the image form the CPU stage hands it, and the provenance columns of every output row. Nothing here loads a
-model."""
+line), the image form the CPU stage hands it, and the provenance columns of every output row. Each engine's part
+comes from its registered spec (registry.py); what is common to all is here. Nothing here loads a model."""
 from __future__ import annotations
 
 import hashlib
@@ -15,6 +15,7 @@ from clipdense.recaption.decode import ImageInput
 from clipdense.recaption.engines.registry import engine_spec
 from clipdense.recaption.engines.vllm import check_vllm
 
+# check_vllm lives with its engine (vllm.py) and stays importable from here
 __all__ = ["Engine", "check_vllm", "image_input", "provenance", "resolve_engine", "sampling_params", "weights_id"]
 
 
