@@ -2,7 +2,9 @@
 it is imported, and the config, the driver and the actors reach an engine only through `engine_spec(kind)`.
 
 Light (no torch, no recaption config at runtime): the config validates `engine.kind` against this registry, and the
-captioner actors import it in the vLLM venv."""
+captioner actors import it in the vLLM venv. The built-in engines register when `clipdense.recaption.engines` is
+imported; an engine from another package must be imported on the driver and in the captioner actors, which rebuild
+the config from plain data (e.g. `engine.runtime_env: {worker_process_setup_hook: mypkg.register_engines}`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
