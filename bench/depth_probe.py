@@ -23,7 +23,7 @@ import numpy as np
 
 from bench.common import load_note, row, write_report
 from clipdense.config import build_config, set_dotted
-from clipdense.demo import _sweep_cfg, preset_scale
+from clipdense.demo import preset_scale, sweep_config
 from clipdense.dense.config import FinetuneConfig
 from clipdense.dense.dataset_common import read_rgb
 from clipdense.dense.run import run
@@ -35,10 +35,10 @@ REGRESSION = {"head.depth_bins": 0, "train.optim.lr": 1e-3}  # the demo's depth 
 
 def probe_trials(demo: Path, seeds: int) -> list:
     """The demo sweep's depth trials at fraction 1, for `seeds` seeds."""
-    p = {**preset_scale("default").model_dump(exclude_unset=True), "fractions": [1.0], "seeds": seeds,
-         "small_seeds": None}
-    cfg = _sweep_cfg(p, demo / "sweep-bench", demo / "world", str(demo / "pretrain/alt-text-clip/export/model.pt"),
-                     str(demo / "pretrain/recap-clip/export/model.pt"), 0)
+    p = preset_scale("default").model_copy(update={"fractions": [1.0], "seeds": seeds, "small_seeds": None,
+                                                   "runs": 1, "random_init_seeds": 1, "probe": "sgd"})
+    ckpts = {(c, 0): str(demo / f"pretrain/{c}/export/model.pt") for c in ("alt-text-clip", "recap-clip")}
+    cfg = sweep_config(p, demo / "sweep-bench", demo / "world", ckpts, 0)
     return [t for t in expand(cfg) if t.task == "depth"]
 
 

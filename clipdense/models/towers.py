@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import timm
-from timm.layers import DropPath
 import torch
+from timm.layers import DropPath
 from torch import nn
 
 from clipdense.config import ConfigError

@@ -1,8 +1,8 @@
 """The oracle's captions: the world's true descriptions of each web image, written as a recaptions folder (one
-`<shard>.parquet` of `key`, `caption` (the alt text), `syn_captions` per web shard), so `oracle-clip` pretrains on them through
-the same join as the recaptions. N captions per image, as the recaptioner gives: the same true sentence with its
-objects in N different orders (the first nearest first), so the oracle differs from the recaptions only in
-accuracy, not in the number of texts per image."""
+`<shard>.parquet` of `key`, `caption` (the alt text), `syn_captions` per web shard), so `oracle-clip` pretrains on
+them through the same join as the recaptions. N captions per image, as the recaptioner gives: the same true
+sentence with its objects in N different orders (the first nearest first), so the oracle differs from the
+recaptions only in accuracy, not in the number of texts per image."""
 from __future__ import annotations
 
 import json
