@@ -1,6 +1,6 @@
 """Power of the data-efficiency factor on the demo's preset: the smallest true factor its interval detects.
 
-    python -m bench.factor_power [--sweeps 100] [--bootstrap 200] [--demo bench/results/demo_replicates]
+    python -m bench.factor_power [--sweeps 80] [--bootstrap 200] [--demo bench/results/demo_replicates]
 
 "Detects" = the 95% interval's low end is above 1 (a closed end: an open "< x" end reaches below what the grid
 shows). The preset: fractions 1/256, 1/64, 1/16, 1/4, 1; 5 subset seeds below fraction 1 and one at 1, where the
@@ -8,7 +8,8 @@ converged probe fits the whole set deterministically (no seed noise there); R pr
 (3, and 2 and 5 for comparison); four conditions, so two more join each comparison's run pool (paired by replicate
 index, as the report does). The candidate's curve is the reference's shifted by the true factor k in log-fraction,
 B(f) = A(k f); power = the share of simulated sweeps whose interval detects it, per k on a grid; the table gives the
-smallest k with power >= 0.8 (interpolated in log k) at target levels 1 and 0.95.
+smallest k with power >= 0.8 (interpolated in log k) at target levels 1 and 0.95, with the fits weighted by seed
+counts (the default) and by the inverse variance of each fraction's mean (`compare(weights="inverse-variance")`).
 
 Noise and shape come from a measured demo's `report.csv` (`--demo`; default the replicate run, 2 runs per
 pretrained condition, SGD probe). Seed SD: the within-backbone SD pooled over backbones at each fraction below 1,
@@ -125,13 +126,14 @@ def simulate(rng: np.random.Generator, mdl: dict, factor: float, runs: int) -> l
     return out
 
 
-def power(mdl: dict, factor: float, runs: int, sweeps: int, n_bootstrap: int, seed: int = 0) -> dict:
+def power(mdl: dict, factor: float, runs: int, sweeps: int, n_bootstrap: int, seed: int = 0,
+          weights: str = "seeds") -> dict:
     """{level: share of sweeps whose interval's closed low end is above 1}."""
     rng = np.random.default_rng(seed)
     hits: dict = defaultdict(int)
     for i in range(sweeps):
         ref, cand, *others = simulate(rng, mdl, factor, runs)
-        res = compare(ref, cand, mdl["sign"] > 0, n_bootstrap=n_bootstrap, seed=i, pool=others)
+        res = compare(ref, cand, mdl["sign"] > 0, n_bootstrap=n_bootstrap, seed=i, pool=others, weights=weights)
         for f in res["factors"]:
             hits[f.level] += bool(f.ci_low > 1 and not f.ci_low_open)
     return {level: n / sweeps for level, n in hits.items()}
@@ -146,20 +148,22 @@ def smallest(curve: list[tuple[float, float]], goal: float = 0.8) -> float | Non
     return None
 
 
-def run_task(name: str, mdl: dict, runs_list: list[int], sweeps: int, n_bootstrap: int, t0: float) -> list[dict]:
+def run_task(name: str, mdl: dict, runs_list: list[int], sweeps: int, n_bootstrap: int, t0: float,
+             weights: str) -> list[dict]:
     rows = []
     for runs in runs_list:
         curves: dict = defaultdict(list)
         for k in FACTORS:
-            pw = power(mdl, k, runs, sweeps, n_bootstrap, seed=int(k * 100) + runs)
+            pw = power(mdl, k, runs, sweeps, n_bootstrap, seed=int(k * 100) + runs, weights=weights)
             for level, p in pw.items():
                 curves[level].append((k, p))
-            print(f"[{time.time() - t0:.0f} s] {name} R={runs} k={k:g}: "
+            print(f"[{time.time() - t0:.0f} s] {name} {weights} R={runs} k={k:g}: "
                   + ", ".join(f"L{lv} {p:.2f}" for lv, p in pw.items()), flush=True)
             if min(pw.values()) >= 0.95 or (k >= 8 and max(pw.values()) < 0.2):   # settled, or out of reach
                 break
         for level, curve in curves.items():
-            rows.append({"task": name, "runs": runs, "level": level, "min_factor_80": smallest(curve),
+            rows.append({"task": name, "weights": weights, "runs": runs, "level": level,
+                         "min_factor_80": smallest(curve),
                          "power": {f"{k:g}": p for k, p in curve}})
     return rows
 
@@ -167,9 +171,11 @@ def run_task(name: str, mdl: dict, runs_list: list[int], sweeps: int, n_bootstra
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--demo", default=str(RESULTS / "demo_replicates"))
-    ap.add_argument("--sweeps", type=int, default=100)
+    ap.add_argument("--sweeps", type=int, default=80)
     ap.add_argument("--bootstrap", type=int, default=200)
     ap.add_argument("--runs", type=int, nargs="+", default=[3, 2, 5])
+    ap.add_argument("--weights", nargs="+", default=["seeds", "inverse-variance"],
+                    choices=["seeds", "inverse-variance"])
     args = ap.parse_args(argv)
     t0 = time.time()
     measured = measure(Path(args.demo) / "report.csv")
@@ -177,7 +183,8 @@ def main(argv=None) -> None:
     models["depth (seg's shape)"] = model(measured["depth"], shape_from=models["seg"])
     rows = []
     for name, mdl in models.items():
-        rows += run_task(name, mdl, args.runs, args.sweeps, args.bootstrap, t0)
+        for weights in args.weights:
+            rows += run_task(name, mdl, args.runs, args.sweeps, args.bootstrap, t0, weights)
     path = save("factor_power", rows, RESULTS)
     doc = json.loads(path.read_text())
     doc.update({"demo": args.demo, "sweeps": args.sweeps, "bootstrap": args.bootstrap, "fractions": PRESET,
@@ -208,16 +215,19 @@ def markdown(doc: dict) -> str:
                      f"{m['slope_per_octave_at_1']:.4f} |")
     run_counts = sorted({r["runs"] for r in doc["rows"]})
     lines += ["", "Smallest true factor detected with 80% power (95% interval's low end > 1), by pretraining runs "
-              "per condition:", "", "| model | level | " + " | ".join(f"{r} runs" for r in run_counts) + " |",
-              "|---|---|" + "---|" * len(run_counts)]
-    keys = sorted({(r["task"], r["level"]) for r in doc["rows"]}, key=lambda x: (list(doc["models"]).index(x[0]),
-                                                                                 -x[1]))
-    for task, level in keys:
-        cells = {r["runs"]: r["min_factor_80"] for r in doc["rows"] if (r["task"], r["level"]) == (task, level)}
-        lines.append(f"| {task} | {level} | " + " | ".join(
+              "per condition (fit weights: `seeds`, the report's default, or `inverse-variance`):", "",
+              "| model | fit weights | level | " + " | ".join(f"{r} runs" for r in run_counts) + " |",
+              "|---|---|---|" + "---|" * len(run_counts)]
+    keys = sorted({(r["task"], r["weights"], r["level"]) for r in doc["rows"]},
+                  key=lambda x: (list(doc["models"]).index(x[0]), x[1] != "seeds", -x[2]))
+    for task, weights, level in keys:
+        cells = {r["runs"]: r["min_factor_80"] for r in doc["rows"]
+                 if (r["task"], r["weights"], r["level"]) == (task, weights, level)}
+        lines.append(f"| {task} | {weights} | {level} | " + " | ".join(
             f"{cells[r]:.1f}x" if cells.get(r) else f"> {max(FACTORS):g}x" for r in sorted(cells)) + " |")
-    lines += ["", "Power per factor:", "", "| model | runs | level | power at k = ... |", "|---|---|---|---|"]
-    lines += [f"| {r['task']} | {r['runs']} | {r['level']} | "
+    lines += ["", "Power per factor:", "", "| model | fit weights | runs | level | power at k = ... |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r['weights']} | {r['runs']} | {r['level']} | "
               + ", ".join(f"{k}: {p:.2f}" for k, p in r["power"].items()) + " |" for r in doc["rows"]]
     return "\n".join(lines) + "\n"
 

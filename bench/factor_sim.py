@@ -1,6 +1,6 @@
 """Simulation study of the data-efficiency factor's interval (clipdense.sweep.factor): coverage and error.
 
-    python -m bench.factor_sim [--sweeps 100] [--run-sweeps 150] [--bootstrap 250]
+    python -m bench.factor_sim [--sweeps 100] [--run-sweeps 100] [--bootstrap 250] [--weights seeds]
 
 Each simulated sweep has a reference curve A and a candidate B(f) = A(k f) (the reference shifted by the true
 factor k in log-fraction), measured at the default sweep grid (fractions 1/64 .. 1) with n finetuning seeds. Shapes:
@@ -22,6 +22,9 @@ of both conditions (the same pretraining seed), which the interval's shared run 
 run's effect is its own (what pairing must not make overconfident). Seed noise is as above (`noise` 0.5). Two more
 conditions (shifted by 1/2 and 2) join each comparison's run pool, as the demo's four conditions do in its report.
 
+Both tables run each cell with the fits weighted by seed counts (`seeds`, the default) and by the inverse variance
+of each fraction's mean (`inverse-variance`: the preset's exact full-data point then anchors the fit).
+
 Reported per (shape, factor, seeds, noise): coverage of the nominal 95% interval (an open end counts as covering
 beyond its bound), the median relative error of the point estimate |est/k - 1| (censored / not-reached estimates
 count at their bound), the median interval width (high/low ratio) and how often the point is censored.
@@ -30,6 +33,7 @@ Writes bench/results/factor_sim.{json,md} (bench/common.py `save`: date, hardwar
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import time
@@ -124,23 +128,25 @@ def _summary(stats: dict) -> dict:
 
 
 def run_cell(shape: str, factor: float, seeds: int, noise: float, sweeps: int, n_bootstrap: int, seed: int = 0,
-             fit: str = "power", seeds_below=None) -> dict:
+             fit: str = "power", seeds_below=None, weights: str = "seeds") -> dict:
     rng = np.random.default_rng(seed)
     stats: dict = {}
     for i in range(sweeps):
         ref, cand = simulate(rng, shape, factor, seeds, noise, seeds_below=seeds_below)
-        _score(compare(ref, cand, True, n_bootstrap=n_bootstrap, seed=i, fit=fit, targets=(1.0, 0.95)), factor, stats)
+        _score(compare(ref, cand, True, n_bootstrap=n_bootstrap, seed=i, fit=fit, targets=(1.0, 0.95),
+                       weights=weights), factor, stats)
     return _summary(stats)
 
 
 def run_cell_runs(shape: str, factor: float, runs: int, paired: bool, run_noise: float, sweeps: int,
-                  n_bootstrap: int, noise: float = 0.5, seed: int = 0) -> dict:
+                  n_bootstrap: int, noise: float = 0.5, seed: int = 0, weights: str = "seeds") -> dict:
     """Coverage on the preset's grid with `runs` pretraining runs per condition (see the module docstring)."""
     rng = np.random.default_rng(seed)
     stats: dict = {}
     for i in range(sweeps):
         ref, cand, *others = simulate_runs(rng, shape, factor, runs, noise, run_noise, paired)
-        res = compare(ref, cand, True, n_bootstrap=n_bootstrap, seed=i, targets=(1.0, 0.95), pool=others)
+        res = compare(ref, cand, True, n_bootstrap=n_bootstrap, seed=i, targets=(1.0, 0.95), pool=others,
+                      weights=weights)
         _score(res, factor, stats)
     return _summary(stats)
 
@@ -150,11 +156,12 @@ def seed_rows(args, t0: float) -> list[dict]:
     for noise in args.noise:
         for shape in ("rising", "flattening"):
             for factor in (2.0, 4.0, 10.0):
-                for seeds in args.seeds if noise == args.noise[0] else [3]:
-                    cell = run_cell(shape, factor, seeds, noise, args.sweeps, args.bootstrap, fit=args.fit)
+                for seeds, weights in itertools.product(args.seeds if noise == args.noise[0] else [3], args.weights):
+                    cell = run_cell(shape, factor, seeds, noise, args.sweeps, args.bootstrap, fit=args.fit,
+                                    weights=weights)
                     rows += [{"table": "seeds", "noise": noise, "shape": shape, "factor": factor, "seeds": seeds,
-                              "runs": 1, "level": level, **r} for level, r in cell.items()]
-                    _progress(t0, f"noise {noise} {shape} k={factor:g} n={seeds}", cell)
+                              "runs": 1, "weights": weights, "level": level, **r} for level, r in cell.items()]
+                    _progress(t0, f"noise {noise} {shape} k={factor:g} n={seeds} {weights}", cell)
     return rows
 
 
@@ -163,13 +170,15 @@ def run_rows(args, t0: float) -> list[dict]:
     for run_noise in args.run_noise:
         for shape in ("rising", "flattening"):
             for factor in (2.0, 4.0, 10.0):
-                for runs in args.runs if run_noise == args.run_noise[0] else [3]:
-                    for paired in (True, False):
-                        cell = run_cell_runs(shape, factor, runs, paired, run_noise, args.run_sweeps, args.bootstrap)
-                        rows += [{"table": "runs", "noise": 0.5, "run_noise": run_noise, "shape": shape,
-                                  "factor": factor, "seeds": "5 (1 at f=1)", "runs": runs, "paired": paired,
-                                  "level": level, **r} for level, r in cell.items()]
-                        _progress(t0, f"run noise {run_noise} {shape} k={factor:g} R={runs} paired={paired}", cell)
+                runs_list = args.runs if run_noise == args.run_noise[0] else [3]
+                for runs, paired, weights in itertools.product(runs_list, (True, False), args.weights):
+                    cell = run_cell_runs(shape, factor, runs, paired, run_noise, args.run_sweeps, args.bootstrap,
+                                         weights=weights)
+                    rows += [{"table": "runs", "noise": 0.5, "run_noise": run_noise, "shape": shape,
+                              "factor": factor, "seeds": "5 (1 at f=1)", "runs": runs, "paired": paired,
+                              "weights": weights, "level": level, **r} for level, r in cell.items()]
+                    _progress(t0, f"run noise {run_noise} {shape} k={factor:g} R={runs} paired={paired} {weights}",
+                              cell)
     return rows
 
 
@@ -181,13 +190,15 @@ def _progress(t0: float, what: str, cell: dict) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweeps", type=int, default=100)
-    ap.add_argument("--run-sweeps", type=int, default=150)
+    ap.add_argument("--run-sweeps", type=int, default=100)
     ap.add_argument("--bootstrap", type=int, default=250)
     ap.add_argument("--fit", default="power", choices=["power", "isotonic"])
-    ap.add_argument("--noise", type=float, nargs="+", default=[0.25, 0.5, 1.0])
+    ap.add_argument("--noise", type=float, nargs="+", default=[0.25, 1.0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[2, 3, 5])
     ap.add_argument("--run-noise", type=float, nargs="+", default=[0.5, 1.0])
     ap.add_argument("--runs", type=int, nargs="+", default=[2, 3, 5])
+    ap.add_argument("--weights", nargs="+", default=["seeds", "inverse-variance"],
+                    choices=["seeds", "inverse-variance"])
     ap.add_argument("--skip-seed-table", action="store_true")
     args = ap.parse_args(argv)
     t0 = time.time()
@@ -211,23 +222,25 @@ def markdown(doc: dict) -> str:
              f"{' (dirty)' if cv.get('dirty') else ''}. Coverage counts an open end (censored) as covering beyond "
              "its bound; noise = per-trial std at full data in octaves of the curve's slope (the default demo's seg "
              "probe: ~0.9); level = target as a share of the reference's full-data score. Monte Carlo std of a "
-             "coverage near 0.95: ~0.022 at 100 sweeps, ~0.018 at 150.", ""]
+             "coverage near 0.95: ~0.022 at 100 sweeps.", ""]
     seeds = [r for r in doc["rows"] if r.get("table", "seeds") == "seeds"]
     runs = [r for r in doc["rows"] if r.get("table") == "runs"]
     if seeds:
         lines += [f"## One pretraining run per condition: finetuning seeds only ({doc['sweeps_per_cell']} sweeps per "
-                  "cell, fractions 1/64..1)", "", "| noise | shape | factor | seeds | level | coverage (95% CI) | "
-                  "median rel. error | median CI high/low | censored |", "|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['noise']} | {r['shape']} | {r['factor']:g} | {r['seeds']} | {r['level']} | "
+                  "cell, fractions 1/64..1)", "", "| noise | shape | factor | seeds | fit weights | level | coverage "
+                  "(95% CI) | median rel. error | median CI high/low | censored |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['noise']} | {r['shape']} | {r['factor']:g} | {r['seeds']} | {r['weights']} | {r['level']} | "
                   f"{r['coverage']:.2f} | {r['median_rel_error']:.3f} | {r['median_ci_ratio']:.2f} | "
                   f"{r['censored']:.2f} |" for r in seeds]
     if runs:
         lines += ["", f"## Pretraining runs, paired and pooled ({doc['run_sweeps_per_cell']} sweeps per cell, the "
                   "demo preset's grid: fractions 1/256..1, 5 seeds below 1, one exact seed at 1; seed noise 0.5)",
-                  "", "| run noise | shape | factor | runs | runs share a seed effect | level | coverage (95% CI) | "
-                  "median rel. error | median CI high/low | censored |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "", "| run noise | shape | factor | runs | runs share a seed effect | fit weights | level | coverage "
+                  "(95% CI) | median rel. error | median CI high/low | censored |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['run_noise']} | {r['shape']} | {r['factor']:g} | {r['runs']} | "
-                  f"{'yes' if r['paired'] else 'no'} | {r['level']} | {r['coverage']:.2f} | "
+                  f"{'yes' if r['paired'] else 'no'} | {r['weights']} | {r['level']} | {r['coverage']:.2f} | "
                   f"{r['median_rel_error']:.3f} | {r['median_ci_ratio']:.2f} | {r['censored']:.2f} |" for r in runs]
     return "\n".join(lines) + "\n"
 

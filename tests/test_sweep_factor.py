@@ -212,6 +212,22 @@ def test_zero_variance_at_full_data_no_nan():
         assert full["ci_low"] == pytest.approx(full["delta"]) == pytest.approx(full["ci_high"])
 
 
+def test_inverse_variance_weights_anchor_the_fit_at_an_exact_full_data_point():
+    """One exact seed at fraction 1, noisy seeds below: weighting fractions by 1 / Var(mean) makes the fit pass
+    through the full-data point (the target), where seed-count weights let the noisy fractions pull it away."""
+    fractions = [1 / 256, 1 / 64, 1 / 16, 1 / 4, 1.0]
+    rng = np.random.default_rng(9)
+    curve = lambda f: 0.33 - 0.01 * (f ** -0.5 - 1) / 0.5
+    ref = {f: ({0: curve(f)} if f == 1 else {s: curve(f) + rng.normal(0, 0.02) for s in range(5)}) for f in fractions}
+    cand = {f: ({0: curve(4 * f)} if f == 1 else {s: curve(4 * f) + rng.normal(0, 0.02) for s in range(5)})
+            for f in fractions}
+    by_var = compare(ref, cand, n_bootstrap=200, weights="inverse-variance")["factors"][0]
+    by_seeds = compare(ref, cand, n_bootstrap=200)["factors"][0]
+    assert by_var.target == pytest.approx(0.33, abs=1e-4)
+    assert abs(by_seeds.target - 0.33) > 10 * abs(by_var.target - 0.33)
+    assert by_var.ci_low < 4.0 < by_var.ci_high
+
+
 def test_one_seed_gives_no_interval_and_lists_are_seed_positions():
     ref = {0.25: [0.30], 0.5: [0.32], 1.0: [0.34]}
     cand = {0.25: [0.32], 0.5: [0.34], 1.0: [0.36]}

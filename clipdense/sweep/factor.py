@@ -7,8 +7,10 @@ Estimate (per target):
     fit     each condition's mean curve (seeds averaged per run, runs averaged) gets a monotone fit in log-fraction:
             `power` (default), least squares of a + b*g_c(f) with g_c(f) = (f^c - 1)/c (log f at c = 0), b >= 0,
             c on a grid in [-3, 1.5]: a power law that saturates (c < 0), is linear in log f (c = 0) or
-            accelerates; weights = seeds per fraction. `isotonic`: weighted pool-adjacent-violators, linear in
-            log f between grid points (model-free, noisier).
+            accelerates. `isotonic`: weighted pool-adjacent-violators, linear in log f between grid points
+            (model-free, noisier). Weights per fraction: its seed count (`weights="seeds"`, the default) or
+            1 / the variance of the condition's mean there (`"inverse-variance"`: seed variance / trials + pooled
+            run variance / runs; an exact full-data point then anchors the fit).
     target  level x the reference's fitted full-data score (at its largest fraction, 1 in a full grid);
             direction-aware: for lower-is-better metrics the target is (2 - level) x the score, e.g. RMSE x 1.05
             at level 0.95. Levels 1 and 0.95 by default.
@@ -63,6 +65,7 @@ import numpy as np
 Curve = Mapping[float, Union[Sequence[float], Mapping[int, float]]]
 Condition = Union[Curve, Sequence[Curve]]          # one curve, or one per pretraining run
 Fit = Literal["power", "isotonic"]
+Weighting = Literal["seeds", "inverse-variance"]
 POWER_GRID = np.linspace(-3.0, 1.5, 46)
 # the defaults `compare` and the report settings (sweep/config.py ReportSettings) share
 DEFAULT_TARGETS = (1.0, 0.95)
@@ -410,10 +413,29 @@ def _run_weights(rng: np.random.Generator, ra: int, rb: int, n: int, paired: boo
     return rng.dirichlet(np.ones(ra), n), rng.dirichlet(np.ones(rb), n)
 
 
-def _estimate(a0: Data, b0: Data, sign: float, targets: Sequence[float], fit: Fit, ma, mb) -> list:
+def _inverse_variance(d: Data, run_var: np.ndarray) -> np.ndarray:
+    """[F] fit weights 1 / Var(condition mean at f) = 1 / (seed variance / trials + run variance / runs). The seed
+    variance is pooled over the condition's runs; a fraction with one seed has none at full data (every seed uses
+    the whole set) and the largest measured elsewhere. Falls back to seed counts when nothing varies."""
+    present = np.isfinite(d.values)
+    dev2 = np.where(present, (d.values - _nanmean(d.values, -1)) ** 2, 0.0).sum((0, 2))
+    dof = np.maximum(present.sum(-1) - 1, 0).sum(0)
+    seed_var = np.where(dof > 0, dev2 / np.maximum(dof, 1), np.nan)
+    known = seed_var[np.isfinite(seed_var)]
+    fill = np.where(np.isclose(d.fractions, d.fractions.max()), 0.0, known.max() if len(known) else 0.0)
+    seed_var = np.where(np.isfinite(seed_var), seed_var, fill)
+    runs = present.any(-1).sum(0)
+    var = seed_var / np.maximum(present.sum((0, 2)), 1) + np.nan_to_num(run_var) / np.maximum(runs, 1)
+    if var.max() <= 0:
+        return _weights(d)
+    return 1.0 / np.maximum(var, 1e-6 * var.max())
+
+
+def _estimate(a0: Data, b0: Data, sign: float, targets: Sequence[float], fit: Fit, wa: np.ndarray, wb: np.ndarray,
+              ma, mb) -> list:
     """[(raw target, log f*_A, log f*_B)] per target level; the fits run on the larger-is-better scale."""
-    fa = _Fitted(sign * ma, _weights(a0), a0.fractions, fit)
-    fb = _Fitted(sign * mb, _weights(b0), b0.fractions, fit)
+    fa = _Fitted(sign * ma, wa, a0.fractions, fit)
+    fb = _Fitted(sign * mb, wb, b0.fractions, fit)
     score = sign * fa.at_full()                                              # raw full-data score
     out = []
     for level in targets:
@@ -439,11 +461,12 @@ def _point_factors(point: list, b0: Data, targets: Sequence[float], ci: float, d
 def compare(reference: Condition, candidate: Condition, higher_is_better: bool = True, *,
             targets: Sequence[float] = DEFAULT_TARGETS, n_bootstrap: int = DEFAULT_N_BOOTSTRAP,
             ci: float = DEFAULT_CI, seed: int = 0, fit: Fit = DEFAULT_FIT, pool: Sequence[Condition] = (),
-            pair_runs: bool = True) -> dict:
+            pair_runs: bool = True, weights: Weighting = "seeds") -> dict:
     """{"factors": [Factor per target level], "deltas": per-fraction mean(B) - mean(A) (> 0: B better) with CIs,
     "df", "runs_paired", "run_sd" (each condition's, before pooling), "pooled_run_sd", ...}. `pool`: further
     conditions whose pretraining runs join the pooled run variance (the report passes the task's other
-    conditions); `pair_runs=False` resamples each condition's runs independently."""
+    conditions); `pair_runs=False` resamples each condition's runs independently; `weights`: the fits' weight per
+    fraction, its seed count or 1 / the variance of the condition's mean there (`_inverse_variance`)."""
     a0, b0 = as_data(reference), as_data(candidate)
     seeds = sorted(set(a0.seeds) | set(b0.seeds), key=str)
     a0, b0 = as_data(reference, seeds), as_data(candidate, seeds)
@@ -453,7 +476,9 @@ def compare(reference: Condition, candidate: Condition, higher_is_better: bool =
     sign = 1.0 if higher_is_better else -1.0
     df = _dof(a0, b0, runs)
     widen = _t_quantile(1 - (1 - ci) / 2, df) / NormalDist().inv_cdf(1 - (1 - ci) / 2) if df >= 1 else math.nan
-    estimate = functools.partial(_estimate, a0, b0, sign, targets, fit)
+    wa, wb = ((_inverse_variance(a0, runs.variance(a0.fractions)), _inverse_variance(b0, runs.variance(b0.fractions)))
+              if weights == "inverse-variance" else (_weights(a0), _weights(b0)))
+    estimate = functools.partial(_estimate, a0, b0, sign, targets, fit, wa, wb)
     factors = _point_factors(estimate(_means(a0, None, None), _means(b0, None, None)), b0, targets, ci, df, fit)
     deltas = _delta_points(a0, b0, sign)
     if n_bootstrap > 0 and df >= 1:
