@@ -495,8 +495,8 @@ def compare(reference: Condition, candidate: Condition, higher_is_better: bool =
         _delta_intervals(deltas, sign * mb, sign * ma, widen, ci)
     for d in deltas:
         d.pop("_ja", None), d.pop("_jb", None)
-    return {"factors": factors, "deltas": deltas, "df": max(df, 0), "fit": fit, "runs_paired": paired,
-            "seeds": {"reference": _seed_counts(a0), "candidate": _seed_counts(b0)},
+    return {"factors": factors, "deltas": deltas, "df": max(df, 0), "fit": fit, "weights": weights,
+            "runs_paired": paired, "seeds": {"reference": _seed_counts(a0), "candidate": _seed_counts(b0)},
             "runs": {"reference": ra, "candidate": rb},
             "run_sd": {"reference": _nan_none(run_sd(a0)), "candidate": _nan_none(run_sd(b0))},
             "pooled_run_sd": _nan_none(runs.sd(b0.fractions)), "run_df": runs.df}
