@@ -20,8 +20,10 @@ from typing import Callable
 
 import torch
 
+from clipdense.config import UserError
 from clipdense.train.config import TrainConfig
 from clipdense.train.driver_progress import driver_progress
+from clipdense.train.isolate import isolation_wanted, run_in_driver_host
 from clipdense.train.loop import run_worker
 from clipdense.train.state import STATE_FILE, load_checkpoint
 from clipdense.train.task import TrainTask
@@ -221,12 +223,62 @@ def fit(task_factory: TaskFactory, cfg: TrainConfig, *, datasets: dict | None = 
     the group from the last checkpoint up to `cfg.max_failures` times. Returns rank 0's summary plus the Ray
     result's checkpoint path.
     Progress shows here, on the driver (rank 0 relays its records), per `tracking.progress`.
+    In a driver process the run is driven from a child process (`train.isolate`): a crash inside Ray while the run
+    is torn down kills that child, not the caller; the run then reruns once from its last checkpoint. A user error
+    raised in a worker (a bad row, file or key) comes back as its own one-line error, not Ray's wrapper.
     """
+    if tracking is not None:
+        check_installed(tracking)
+    kwargs = {"datasets": datasets, "callbacks": callbacks, "name": name, "dataset_config": dataset_config,
+              "tracking": tracking, "params": params}
+    with driver_progress(tracking, cfg.schedule.total_steps) as relay:  # shown here, wherever the driver runs
+        if isolation_wanted():
+            return run_in_driver_host(fit_here, task_factory, cfg, relay=relay,
+                                      what=f"run {name or cfg.name or cfg.out_dir!r}", **kwargs)
+        return fit_here(task_factory, cfg, relay=relay, **kwargs)
+
+
+def user_error_behind(exc: BaseException) -> UserError | None:
+    """The UserError behind an exception, looking through Ray's wrappers (worker failures, task errors, causes)."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, UserError):
+            return cause
+        if isinstance(e, UserError) and type(e).__module__.startswith("clipdense"):
+            return e
+        failures = getattr(e, "worker_failures", None)
+        if isinstance(failures, dict):
+            todo.extend(failures.values())
+        todo.extend(x for x in (cause, e.__cause__, e.__context__) if isinstance(x, BaseException))
+    return None
+
+
+def fit_here(task_factory: TaskFactory, cfg: TrainConfig, *, datasets: dict | None = None,
+             callbacks: list | None = None, name: str | None = None, dataset_config=None,
+             tracking: TrackingConfig | None = None, params: dict | None = None, relay=None) -> dict:
+    """`fit` with this process as the run's Ray Train driver, rank 0 relaying progress to `relay` (a queue of
+    `driver_progress`, or None); a user error from a worker raised as its one line."""
+    try:
+        return _fit_on_ray(task_factory, cfg, datasets=datasets, callbacks=callbacks, name=name,
+                           dataset_config=dataset_config, tracking=tracking, params=params, relay=relay)
+    except Exception as e:
+        user = user_error_behind(e)
+        if user is not None and user is not e:
+            raise type(user)(str(user).strip().splitlines()[0]) from None
+        raise
+
+
+def _fit_on_ray(task_factory: TaskFactory, cfg: TrainConfig, *, datasets: dict | None, callbacks: list | None,
+                name: str | None, dataset_config, tracking: TrackingConfig | None, params: dict | None,
+                relay) -> dict:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if tracking is not None:
-        check_installed(tracking)
     out = Path(cfg.out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").unlink(missing_ok=True)
@@ -241,23 +293,22 @@ def fit(task_factory: TaskFactory, cfg: TrainConfig, *, datasets: dict | None = 
     backend = sc.backend if sc.backend != "auto" else ("nccl" if sc.use_gpu else "gloo")
     run_name = name or cfg.name or out.name
     storage, storage_fs, storage_uri = run_storage(cfg, out)
-    with driver_progress(tracking, cfg.schedule.total_steps) as relay:
-        trainer = TorchTrainer(
-            _ray_train_loop,
-            train_loop_config={"cfg": cfg, "task_factory": task_factory, "run_id": run_id,
-                               "dataset_names": sorted(datasets or {}), "tracking": tracking, "params": params,
-                               "progress_relay": relay},
-            torch_config=TorchConfig(backend=backend),
-            scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=sc.use_gpu,
-                                                   resources_per_worker=resources),
-            run_config=ray.train.RunConfig(
-                name=run_name, storage_path=storage, storage_filesystem=storage_fs, callbacks=callbacks,
-                failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
-            datasets=datasets or None,
-            **({"dataset_config": dataset_config} if dataset_config is not None else {}),
-        )
-        result = trainer.fit()
+    trainer = TorchTrainer(
+        _ray_train_loop,
+        train_loop_config={"cfg": cfg, "task_factory": task_factory, "run_id": run_id,
+                           "dataset_names": sorted(datasets or {}), "tracking": tracking, "params": params,
+                           "progress_relay": relay},
+        torch_config=TorchConfig(backend=backend),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=sc.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=storage, storage_filesystem=storage_fs, callbacks=callbacks,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
+        datasets=datasets or None,
+        **({"dataset_config": dataset_config} if dataset_config is not None else {}),
+    )
+    result = trainer.fit()
     summary = _summary(cfg, run_id, None)
     ckpt = result.checkpoint.path if result.checkpoint else ""
     summary["checkpoint"] = f"s3://{ckpt}" if ckpt and storage_uri.startswith("s3://") else ckpt
