@@ -279,7 +279,8 @@ def run_fit(cfg: SweepConfig, trials: list[Trial], sweep_hash: str | None = None
                "protocol": "fit", "jobs": len(jobs)}
     if not jobs:
         return summary
-    if cfg.fit.in_process or (cfg.fit.in_process is None and len(jobs) == 1):
+    summary["in_process"] = cfg.fit.in_process or (cfg.fit.in_process is None and len(jobs) == 1)
+    if summary["in_process"]:
         results = [run_fit_job(j) for j in jobs]
     else:
         with ray_session(cfg.ray, log_to_driver=cfg.verbose > 1):
