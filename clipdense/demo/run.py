@@ -126,10 +126,10 @@ class Demo:
                                                  self.out / "pretrain" / name, self.cfg.seed + r, self.threads)
         hashes = {k: self.steps.digest(v) for k, v in runs.items()}   # each run's own, after step 3's
         title = f"pretrain {self.p.clip_model} CLIPs, identical budgets, {self.p.runs} per condition"
-        with self._step(4, "pretrain", title, hashes) as s:
+        with self._step(4, "pretrain", title, {f"{c}/{r}": h for (c, r), h in hashes.items()}) as s:
             for (condition, r), pcfg in runs.items():
                 run_dir = Path(pcfg.train.out_dir)
-                if not s.done and not _finished(run_dir, hashes[condition, r]):
+                if not s.done and (self.cfg.fresh or not _finished(run_dir, hashes[condition, r])):
                     print(f"  {run_name(condition, r)}: caption policy {pcfg.captions.policy}, seed {pcfg.train.seed}",
                           flush=True)
                     shutil.rmtree(run_dir, ignore_errors=True)    # another config's checkpoints must not resume

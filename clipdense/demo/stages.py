@@ -27,6 +27,7 @@ def run_name(condition: str, replicate: int) -> str:
 
 
 def _train(out_dir: Path, steps: int, batch: int, seed: int, threads: int) -> tuple[dict, dict]:
+    """The `data` and `train` keys every pretraining run of the demo sets from the preset."""
     data = {"batch_size": batch, "decode_batch_size": batch}
     train = {"out_dir": str(out_dir), "seed": seed, "log_every": max(1, steps // 10),
              "schedule": {"warmup_steps": max(1, steps // 20), "total_steps": steps},
@@ -37,7 +38,8 @@ def _train(out_dir: Path, steps: int, batch: int, seed: int, threads: int) -> tu
 def captioner_config(p: DemoScale, curated: Path, out_dir: Path, seed: int, threads: int) -> PretrainConfig:
     data, train = _train(out_dir, p.captioner_steps, p.captioner_batch, seed, threads)
     train["optim"] = {"lr": p.captioner_lr}
-    given = {"model": {"name": p.coca_model}, "data": {**data, "shards": str(curated)}, "train": train}
+    given = {"model": {"name": p.coca_model}, "data": {**data, "shards": str(curated)}, "train": train,
+             "ray": {"in_process": p.in_process}}
     return build_config(PretrainConfig, deep_merge(template("captioner"), given), "demo captioner")
 
 
@@ -46,7 +48,7 @@ def clip_config(p: DemoScale, condition: str, web: Path, captions: Path, out_dir
     policy = PRETRAINED[condition][0]
     data, train = _train(out_dir, p.clip_steps, p.clip_batch, seed, threads)
     given = {"model": {"name": p.clip_model}, "data": {**data, "shards": str(web), "recaptions": str(captions)},
-             "captions": {"policy": policy}, "train": train}
+             "captions": {"policy": policy}, "train": train, "ray": {"in_process": p.in_process}}
     return build_config(PretrainConfig, deep_merge(template("clip"), given), f"demo {condition}")
 
 
