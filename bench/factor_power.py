@@ -225,7 +225,9 @@ def markdown(doc: dict) -> str:
                  if (r["task"], r["weights"], r["level"]) == (task, weights, level)}
         lines.append(f"| {task} | {weights} | {level} | " + " | ".join(
             f"{cells[r]:.1f}x" if cells.get(r) else f"> {max(FACTORS):g}x" for r in sorted(cells)) + " |")
-    lines += ["", "Power per factor:", "", "| model | fit weights | runs | level | power at k = ... |",
+    lines += ["", "`inverse-variance` rows are optimistic: that interval under-covers in bench/factor_sim.md (down to "
+              "0.79), so they show what the fit's full-data end costs, not a validated power.", "",
+              "Power per factor:", "", "| model | fit weights | runs | level | power at k = ... |",
               "|---|---|---|---|---|"]
     lines += [f"| {r['task']} | {r['weights']} | {r['runs']} | {r['level']} | "
               + ", ".join(f"{k}: {p:.2f}" for k, p in r["power"].items()) + " |" for r in doc["rows"]]

@@ -10,7 +10,9 @@ Estimate (per target):
             accelerates. `isotonic`: weighted pool-adjacent-violators, linear in log f between grid points
             (model-free, noisier). Weights per fraction: its seed count (`weights="seeds"`, the default) or
             1 / the variance of the condition's mean there (`"inverse-variance"`: seed variance / trials + pooled
-            run variance / runs; an exact full-data point then anchors the fit).
+            run variance / runs; an exact full-data point then anchors the fit). Not validated: its interval
+            under-covers in bench/factor_sim.py (down to 0.79, the weights being estimated from few seeds), so
+            the report keeps seed counts; it shows how much the fit's full-data end costs (bench/factor_power.py).
     target  level x the reference's fitted full-data score (at its largest fraction, 1 in a full grid);
             direction-aware: for lower-is-better metrics the target is (2 - level) x the score, e.g. RMSE x 1.05
             at level 0.95. Levels 1 and 0.95 by default.
