@@ -87,23 +87,19 @@ def test_export_loads_in_open_clip(ray_run):
 
 
 @pytest.mark.slow
-def test_ray_resume_gives_identical_weights(ray_run, tmp_path):
-    out, result, world, _ = ray_run
-    cut = run(_cfg(world, tmp_path, "both", in_process=False, stop_at_step=7))
-    assert cut["stopped_early"] and cut["step"] == 7
-    resumed = run(_cfg(world, tmp_path, "both", in_process=False))
-    assert resumed["restored_from_steps"] == [4] and resumed["step"] == 12
-    a = torch.load(out / "export" / "model.pt", weights_only=True)
-    b = torch.load(tmp_path / "export" / "model.pt", weights_only=True)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_cached_training_set_gives_identical_weights(ray_run, tmp_path):
-    """`data.cache` decodes once and replays the object-store copy each epoch: the same rows, crops and weights."""
+def test_ray_resume_and_cached_training_set_give_identical_weights(ray_run, tmp_path):
+    """A run stopped at step 7 and rerun resumes from the step-4 checkpoint; both runs use `data.cache` (decoded once,
+    the object-store copy replayed each epoch). The result has exactly the weights of the uncached, uninterrupted
+    run: the cache gives the same rows and crops, and the resume restores data position, RNG and optimizer."""
     out, result, world, _ = ray_run
     cfg = _cfg(world, tmp_path, "both", in_process=False)
-    cached = run(cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache": True})}))
-    assert cached["step"] == 12 and cached["data"]["ok"] == result["data"]["ok"]
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache": True})})
+    stop = cfg.train.model_copy(update={"stop_at_step": 7})
+    cut = run(cfg.model_copy(update={"train": stop}))
+    assert cut["stopped_early"] and cut["step"] == 7
+    resumed = run(cfg)
+    assert resumed["restored_from_steps"] == [4] and resumed["step"] == 12
+    assert resumed["data"]["ok"] == result["data"]["ok"]
     a = torch.load(out / "export" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "export" / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
