@@ -214,3 +214,21 @@ def test_runs_line_up_by_replicate_index():
     names = ["alt", "alt-r10", "alt-r2", "alt-r1"]
     rows = [{"task": "seg", "hp": None, "backbone": n, "condition": "alt"} for n in names]
     assert conditions(rows, "seg", {}) == {"alt": ["alt", "alt-r1", "alt-r2", "alt-r10"]}
+
+
+def test_gains_over_the_floors_are_direction_aware_and_pool_runs():
+    """Each condition's gain over random-init and position-only, per fraction: > 0 = better for a lower-is-better
+    metric too; a condition's runs are averaged; a floor the sweep lacks is left out."""
+    from clipdense.sweep.report import floor_gains
+
+    def row(bb, f, mean):
+        return {"task": "depth", "backbone": bb, "fraction": f, "mean": mean, "mode": "min"}
+
+    table = [row("recap", 1.0, 0.8), row("recap-r1", 1.0, 1.0), row("random-init", 1.0, 1.2),
+             row("position-only", 1.0, 0.7), row("recap", 0.5, 1.5), row("random-init", 0.5, 1.4)]
+    gains = floor_gains(table, "depth", ["random-init", "position-only", "absent"],
+                        {"recap": ["recap", "recap-r1"], "random-init": ["random-init"],
+                         "position-only": ["position-only"]})
+    assert set(gains) == {"recap"}
+    assert gains["recap"]["random-init"] == pytest.approx({1.0: 0.3, 0.5: -0.1})
+    assert gains["recap"]["position-only"] == pytest.approx({1.0: -0.2})

@@ -137,6 +137,9 @@ class ReportSettings(Config):
     targets: list[float] = Field(list(DEFAULT_TARGETS), min_length=1, description="target levels: shares of the "
                                  "reference's full-data score (direction-aware: 0.95 -> RMSE x 1.05)")
     fit: Fit = Field(DEFAULT_FIT, description="monotone fit of each curve in log-fraction")
+    floors: list[str] = Field(["random-init", "position-only"], description="conditions every other condition's "
+                              "gain is also reported over (those the sweep has): what no pretraining, or position "
+                              "alone, already gives")
 
     @field_validator("targets")
     @classmethod

@@ -227,13 +227,21 @@ def _schedule_text(rows: list[dict], sweep: dict) -> str:
                                 " (steps scaled by the fraction)" if kinds == ["epochs"] else "")
 
 
+def _protocol_text(sweep: dict) -> str:
+    if sweep.get("protocol") == "fit":
+        return ("fit (a ridge probe on cached frozen features, its penalty chosen inside each training subset; "
+                "layers and resolution in each metrics.json)")
+    return "finetune (one finetuning run per trial; frozen trunk + linear head where the task config says so)"
+
+
 def write_markdown(path: Path, table, factors, rows, errors, hp_rows, settings: ReportSettings, sweep: dict,
                    missing=()) -> None:
     level = f"{100 * settings.ci:g}%"
     reference = settings.reference
     lines = ["# Data-efficiency report", "",
              f"{len(rows)} finished trials, {len(errors)} unreadable; reference: {reference or '(none)'}.", "",
-             f"Finetuning schedule across fractions: {_schedule_text(rows, sweep)}.", ""]
+             f"Finetuning schedule across fractions: {_schedule_text(rows, sweep)}.", "",
+             f"Protocol: {_protocol_text(sweep)}.", ""]
     if factors:
         lines += [f"Factor = f*(reference) / f*(candidate), f* = where a {settings.fit} fit of the mean curve in "
                   "log-fraction reaches the target; target = level x the reference's fitted full-data score "
@@ -252,6 +260,7 @@ def write_markdown(path: Path, table, factors, rows, errors, hp_rows, settings: 
                   f"{r['mean']:.4f} | {r['std']:.4f} |" for r in t_rows]
         if task in factors:
             lines += _factor_lines(factors[task], level)
+            lines += _floor_lines(factors[task].get("floor_gains") or {})
     if hp_rows:
         lines += ["", "## Hyperparameter trials (best first per task/backbone/fraction)", "",
                   "| task | backbone | fraction | seed | value | hparams |", "|---|---|---|---|---|---|"]
@@ -341,6 +350,40 @@ def task_factors(rows: list[dict], task: str, mode: str, metric: str, settings: 
     return entry
 
 
+def floor_gains(table: list[dict], task: str, floors: list[str], conditions_of: dict[str, list[str]]) -> dict:
+    """condition -> floor -> fraction -> mean(condition) - mean(floor), > 0 = better (direction-aware); a
+    condition's mean pools its runs' seed means. Only the floors this task has."""
+    rows = [r for r in table if r["task"] == task]
+    if not rows:
+        return {}
+    sign = 1.0 if rows[0]["mode"] == "max" else -1.0
+    means: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for cond, bbs in conditions_of.items():
+        for r in rows:
+            if r["backbone"] in bbs:
+                means[cond][r["fraction"]].append(r["mean"])
+    present = [f for f in floors if f in means]
+    return {cond: {floor: {f: sign * (float(np.mean(v)) - float(np.mean(means[floor][f])))
+                           for f, v in sorted(by_f.items()) if f in means[floor]} for floor in present}
+            for cond, by_f in sorted(means.items()) if cond not in present and present}
+
+
+def _floor_lines(gains: dict) -> list[str]:
+    if not gains:
+        return []
+    lines = ["", "Gain over the floors: mean(condition) - mean(floor), > 0 = better:", "",
+             "| condition | floor | " + " | ".join(f"{f:.6g}" for f in _fractions(gains)) + " |",
+             "|---|---|" + "---|" * len(_fractions(gains))]
+    for cond, by_floor in gains.items():
+        for floor, by_f in by_floor.items():
+            lines.append(f"| {cond} | {floor} | " + " | ".join(_fmt(by_f.get(f)) for f in _fractions(gains)) + " |")
+    return lines
+
+
+def _fractions(gains: dict) -> list[float]:
+    return sorted({f for by_floor in gains.values() for by_f in by_floor.values() for f in by_f})
+
+
 def sweep_root(root: Path) -> Path:
     """The sweep's folder: `root`, or the one sweep folder directly below it (`clipdense report runs/sweep` for
     `runs/sweep/<name>`), so its trials are not mixed with other sweeps' and its settings (reference) are read."""
@@ -379,6 +422,7 @@ def run(cfg: ReportConfig) -> dict:
         first = next(r for r in table if r["task"] == task)
         entry = task_factors(rows, task, first["mode"], first["metric"], settings, sweep)
         if entry is not None:
+            entry["floor_gains"] = floor_gains(table, task, settings.floors, conditions(rows, task, sweep))
             factors[task] = entry
     (out / "factors.json").write_text(json.dumps(factors, indent=2) + "\n")
 
@@ -395,7 +439,7 @@ def run(cfg: ReportConfig) -> dict:
     write_markdown(out / "report.md", table, factors, rows, errors, hp_rows, settings, sweep, missing)
 
     summary = {"out": str(out), "trials": len(rows), "unreadable": len(errors), "missing": len(missing),
-               "tasks": tasks, "schedule_by": _schedule_text(rows, sweep),
+               "tasks": tasks, "schedule_by": _schedule_text(rows, sweep), "protocol": sweep.get("protocol"),
                "factors": {t: {c: summary_text(d) for c, d in e["backbones"].items()} for t, e in factors.items()}}
     if not cfg.quiet:
         print(f"report: {len(rows)} trials ({len(errors)} unreadable, {len(missing)} missing) -> {out}")
