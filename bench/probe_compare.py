@@ -109,10 +109,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--fractions", type=lambda s: [float(x) for x in s.split(",")], default=[0.0625, 0.25, 1.0])
     ap.add_argument("--fit-runs", type=lambda s: s.split(","), default=["fit@crop", "fit@128"],
                     help="fitted probes to run: fit@crop (the finetune crop) and/or fit@<side> px")
+    ap.add_argument("--wait", type=float, default=300.0, help="seconds to wait for a quiet machine before a sweep")
     a = ap.parse_args(argv)
     demo, out = Path(a.towers), Path(a.out)
     backbones, task_entries = towers(demo, a.model), tasks(demo / "world", a.steps)
-    loads, walls, results = RoundLoads(), {}, {}
+    loads, walls, results = RoundLoads(timeout_s=a.wait), {}, {}
     for run in [*a.fit_runs, "finetune"]:
         loads.start_round()
         print(f"probe_compare {run}: {load_note()}", flush=True)
