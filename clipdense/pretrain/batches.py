@@ -60,8 +60,8 @@ class Collate:
     Ray Data as its typed collate."""
 
     def __init__(self, *, model_name: str, image_size: int, mean, std, policy: str, seed: int, epoch: int,
-                 mix_p: float = 0.5, train: bool = True, distill_slots: tuple = (), decode_on: str = "cpu",
-                 decode_device=None):
+                 mix_p: float = 0.5, min_score: float | None = None, train: bool = True,
+                 distill_slots: tuple = (), decode_on: str = "cpu", decode_device=None):
         self.model_name, self.size, self.policy = model_name, image_size, policy
         # data.decode_on worker | gpu: train rows come encoded (`image_bytes`), decoded + cropped here, on this
         # process's CPU (PIL, as Ray Data would) or on the GPU (pretrain/gpu_decode.py)
@@ -72,6 +72,8 @@ class Collate:
         std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self.scale, self.shift = 1.0 / (255.0 * std), -mean / std  # (x / 255 - mean) / std = x * scale + shift
         self.seed, self.epoch, self.mix_p, self.train = seed, epoch, mix_p, train
+        # captions.min_score: synthetic captions below it are never drawn (not under `real`: it takes none)
+        self.min_score = min_score if policy != "real" else None
 
     def __call__(self, batch: dict) -> dict:
         keys = [str(k) for k in batch["key"]]
@@ -79,7 +81,7 @@ class Collate:
         image = image.mul_(self.scale.to(image.device)).add_(self.shift.to(image.device))  # there, if on a GPU
         reals = [None if c is None else str(c) for c in batch["caption"]]
         syns = [list(s) if s is not None else [] for s in batch["syn_captions"]]
-        slots = self._captions(keys, reals, syns)
+        slots = self._captions(keys, reals, syns, batch.get("syn_scores"))
         tok = _tokenizer(self.model_name)
         out = {"image": image, "texts": [tok(texts) for texts in slots], "keys": keys}
         if self.decode_device is not None:  # rows decoded on the CPU so far (not JPEG, or refused by nvJPEG)
@@ -126,9 +128,12 @@ class Collate:
         return px.float() if px.shape[-1] == self.size else \
             F.interpolate(px.float(), size=(self.size, self.size), mode="bicubic", antialias=True)
 
-    def _captions(self, keys: list[str], reals: list, syns: list) -> list[list[str]]:
-        if self.train:
-            return pick_batch(self.policy, keys, reals, syns, self.seed, self.epoch, self.mix_p)
+    def _captions(self, keys: list[str], reals: list, syns: list, scores) -> list[list[str]]:
+        if self.train:  # the whole `syns` stay in the batch: distill_targets finds a picked caption's stored index
+            scores = None if scores is None or self.min_score is None else \
+                [None if s is None else [float(x) for x in s] for s in scores]
+            return pick_batch(self.policy, keys, reals, syns, self.seed, self.epoch, self.mix_p, scores,
+                              self.min_score)
         # eval: the real caption, or the first synthetic one (also when the real one is missing)
         use_syn = self.policy == "synthetic"
         return [[(s[0] if s else r) if (use_syn or not r) else r for r, s in zip(reals, syns)]]

@@ -8,6 +8,11 @@
              A row without a real caption trains the synthetic term only (`real_mask`: its real term is masked).
 Images without alt text are recaptioned like any other: only `real` needs the web caption.
 
+`captions.min_score` (synthetic, mix, both): a synthetic caption whose CLIP score (the recaption stage's `syn_scores`)
+is below it is never drawn. The filter works on indices into the stored list, which stays whole, so a picked
+caption keeps its teacher text embedding (text_emb row 1 + its index). A row left without one: `mix` trains its real
+caption, the others skip it (`below_min_score`); a row without a real caption as well is skipped under `mix` too.
+
 Randomness is a pure function of (seed, epoch, sample key) through `sample_rng`, never of global RNG state, so a
 resumed run draws exactly what an uninterrupted one would have.
 """
@@ -38,29 +43,45 @@ def _usable(texts) -> list[str]:
     return [t for t in (texts or []) if t and str(t).strip()]
 
 
+def kept_synthetic(syn, scores=None, min_score: float | None = None) -> list[int]:
+    """Indices (into the stored `syn`) of the synthetic captions a sample may draw: the non-empty ones, scoring at
+    least `min_score` when it is set (`scores[j]` is caption j's; the join checks they exist)."""
+    idx = [j for j, t in enumerate(syn or []) if t and str(t).strip()]
+    if min_score is None:
+        return idx
+    return [j for j in idx if scores[j] is not None and scores[j] >= min_score]
+
+
 def has_text(real: str | None) -> bool:
     return bool(real and str(real).strip())
 
 
-def missing_for(policy: str, real: str | None, syn) -> str | None:
+def missing_for(policy: str, real: str | None, syn, scores=None, min_score: float | None = None) -> str | None:
     """Why a row cannot train under `policy` (a row-error code, data/rows.py), or None."""
     has_real, has_syn = has_text(real), bool(_usable(syn))
     if policy == "real" and not has_real:
         return "no_caption"
     if policy in ("synthetic", "mix", "both") and not has_syn:
         return "no_synthetic_captions"
+    if policy != "real" and min_score is not None and not kept_synthetic(syn, scores, min_score) \
+            and (policy != "mix" or not has_real):
+        return "below_min_score"
     return None
 
 
-def pick_captions(policy: str, real: str | None, syn, rng: np.random.Generator, mix_p: float = 0.5) -> list[str]:
-    """The caption(s) one sample trains with: [text] or, for `both`, [real, synthetic]."""
-    syn = _usable(syn)
+def pick_captions(policy: str, real: str | None, syn, rng: np.random.Generator, mix_p: float = 0.5,
+                  scores=None, min_score: float | None = None) -> list[str]:
+    """The caption(s) one sample trains with: [text] or, for `both`, [real, synthetic]; synthetic ones only among
+    those scoring at least `min_score` (`kept_synthetic`)."""
     if policy == "real":
         return [real]
+    syn = [syn[j] for j in kept_synthetic(syn, scores, min_score)]
     if policy == "synthetic":
         return [syn[int(rng.integers(len(syn)))]]
     if policy == "mix":
         use_syn = rng.random() < mix_p
+        if not syn:  # every synthetic caption below captions.min_score: the real one (the join ensured it exists)
+            return [real]
         j = int(rng.integers(len(syn)))  # drawn either way: the stream does not depend on the coin
         return [syn[j] if use_syn or not has_text(real) else real]
     if policy == "both":  # no real caption: an empty placeholder, masked out of the loss (real_mask)
@@ -68,11 +89,15 @@ def pick_captions(policy: str, real: str | None, syn, rng: np.random.Generator, 
     raise ValueError(f"unknown caption policy {policy!r} (choose from {', '.join(POLICIES)})")
 
 
-def pick_batch(policy: str, keys, reals, syns, seed: int, epoch: int, mix_p: float = 0.5) -> list[list[str]]:
-    """Per caption slot, the batch's texts: [[texts for slot 0], ([texts for slot 1])]."""
+def pick_batch(policy: str, keys, reals, syns, seed: int, epoch: int, mix_p: float = 0.5, scores=None,
+               min_score: float | None = None) -> list[list[str]]:
+    """Per caption slot, the batch's texts: [[texts for slot 0], ([texts for slot 1])]; `scores`: each row's
+    `syn_scores` (needed with `min_score`)."""
     if policy == "real":  # no draw: the generator would cost more than the rest of the pick
         return [list(reals)]
-    picked = [pick_captions(policy, r, s, sample_rng(seed, epoch, k, 1), mix_p) for k, r, s in zip(keys, reals, syns)]
+    scores = scores if scores is not None else [None] * len(keys)
+    picked = [pick_captions(policy, r, s, sample_rng(seed, epoch, k, 1), mix_p, sc, min_score)
+              for k, r, s, sc in zip(keys, reals, syns, scores)]
     return [list(col) for col in zip(*picked)] if picked else [[] for _ in range(captions_per_sample(policy))]
 
 

@@ -50,6 +50,9 @@ class CaptionConfig(Config):
 
     policy: Literal["real", "synthetic", "mix", "both"] = "real"
     mix_p: float = Field(0.5, ge=0, le=1, description="mix: probability of a synthetic caption")
+    min_score: float | None = Field(None, description="synthetic captions whose CLIP score (the recaption stage's "
+                                    "syn_scores) is below this are never drawn; a row left with none trains its real "
+                                    "caption under mix, else is skipped (below_min_score); no effect under real")
 
 
 class DistillConfig(Config):

@@ -23,13 +23,14 @@ entry). Ray Data's types are imported where they are used: importing the pretrai
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from clipdense.config import DataError
+from clipdense.config import ConfigError, DataError, UserError
 from clipdense.data.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -41,19 +42,22 @@ from clipdense.data.images import (
 from clipdense.data.paths import ShardFiles
 from clipdense.data.shards import READ_TASK_BYTES, cluster_cpus, read_shards
 from clipdense.data.storage import Storage
+from clipdense.pretrain.captions import kept_synthetic
 from clipdense.pretrain.config import DataConfig, EvalConfig
 from clipdense.pretrain.crops import CROP_SCALE
 from clipdense.pretrain.join import JOIN_MISSED, column_list, join_recaptions
 from clipdense.ray_session import data_context
+from clipdense.train.runner import user_error_behind
 
 
 @dataclass(frozen=True)
 class Sources:
     """Where rows come from: the listed shards (with their sidecars) and the recaptions joined to them, with the
-    caption policy the rows must satisfy."""
+    caption policy the rows must satisfy and the least CLIP score of a synthetic caption (`captions.min_score`)."""
     shards: ShardFiles
     recaptions: Storage | None
     policy: str
+    min_score: float | None = None
 
 
 def typed_collate(collate):
@@ -89,7 +93,7 @@ def _tensor_column(images: list[np.ndarray]):
     return ArrowVariableShapedTensorArray.from_numpy(arr)
 
 
-_KEPT = ("key", "caption", "syn_captions", "pixels", "aug_params", "teacher_emb", "orig_w", "orig_h")
+_KEPT = ("key", "caption", "syn_captions", "syn_scores", "pixels", "aug_params", "teacher_emb", "orig_w", "orig_h")
 
 
 def _decoded_table(out: dict, size: int, crop_source: bool) -> pa.Table:
@@ -103,6 +107,7 @@ def _decoded_table(out: dict, size: int, crop_source: bool) -> pa.Table:
     # typed columns: a numpy batch would turn an all-null column (no DataCompDR fields) into float NaNs
     return pa.table({"key": pa.array(out["key"], pa.string()), "caption": pa.array(out["caption"], pa.string()),
                      "syn_captions": pa.array(out["syn_captions"], pa.list_(pa.string())),
+                     "syn_scores": pa.array(out["syn_scores"], pa.list_(pa.float32())),
                      "pixels": pixels, "orig_w": pa.array(out["orig_w"], pa.int32()),
                      "orig_h": pa.array(out["orig_h"], pa.int32()),
                      "aug_params": pa.array(out["aug_params"], pa.string()),
@@ -122,9 +127,9 @@ def decode_ok(batch: pa.Table, size: int, drop_keys: frozenset = frozenset(), on
         return _encoded_ok(batch, drop_keys, max_pixels)
     min_side = crop_source_side(size, CROP_SCALE[0])
     cols = [column_list(batch, c) for c in ("key", "error_code", "image_bytes", "caption", "syn_captions",
-                                            "aug_params", "teacher_emb")]
+                                            "syn_scores", "aug_params", "teacher_emb")]
     out = {name: [] for name in _KEPT}
-    for k, e, d, c, s, a, t in zip(*cols):
+    for k, e, d, c, s, sc, a, t in zip(*cols):
         if e is not None or k in drop_keys or (only_keys is not None and k not in only_keys):
             continue
         try:
@@ -135,7 +140,7 @@ def decode_ok(batch: pa.Table, size: int, drop_keys: frozenset = frozenset(), on
                 px = decode_square(d, size, max_pixels)
         except ImageError:  # the header looked fine, the pixels do not (validate_images=full counts it)
             continue
-        for name, value in zip(_KEPT, (k, c, list(s) if s is not None else [], px, a, t, w, h)):
+        for name, value in zip(_KEPT, (k, c, list(s) if s is not None else [], sc, px, a, t, w, h)):
             out[name].append(value)
     return _decoded_table(out, size, crop_source)
 
@@ -153,7 +158,7 @@ def _encoded_ok(batch: pa.Table, drop_keys: frozenset, max_pixels: int) -> pa.Ta
             continue
         keep.append(i)
     rows = batch.take(pa.array(keep, pa.int64()))
-    cols = ["key", "caption", "syn_captions", "image_bytes", "aug_params", "teacher_emb"]
+    cols = ["key", "caption", "syn_captions", "syn_scores", "image_bytes", "aug_params", "teacher_emb"]
     return pa.table({**{c: rows.column(c) for c in cols if c in rows.column_names},
                      "orig_w": pa.array([w for w, _ in sizes], pa.int32()),
                      "orig_h": pa.array([h for _, h in sizes], pa.int32())})
@@ -171,16 +176,29 @@ def joined_rows(sources: list[Sources], data: DataConfig) -> list[tuple]:
     rows = [read_shards(s.shards, validate=data.validate_images, batch_rows=data.decode_batch_size,
                         task_bytes=READ_TASK_BYTES) for s in sources]
     return [(r.map_batches(join_recaptions, batch_format="pyarrow", batch_size=b,
-                           fn_kwargs={"recaptions": s.recaptions, "policy": s.policy}, num_cpus=data.decode_cpus), b)
+                           fn_kwargs={"recaptions": s.recaptions, "policy": s.policy, "min_score": s.min_score},
+                           num_cpus=data.decode_cpus), b)
             for r, b, s in zip(rows, batches, sources)]
 
 
-def count_rows(joined) -> dict:
+def _tally_scores(usable: pa.Table, min_score: float, tally: dict) -> None:
+    """captions.min_score: the usable rows' synthetic captions kept and below it, and the rows left with none (mix:
+    they train their real caption)."""
+    for syn, scores in zip(usable.column("syn_captions").to_pylist(), usable.column("syn_scores").to_pylist()):
+        kept, usable_syn = len(kept_synthetic(syn, scores, min_score)), len(kept_synthetic(syn))
+        tally["captions_kept"] += kept
+        tally["captions_below_min_score"] += usable_syn - kept
+        tally["rows_real_only"] += kept == 0
+
+
+def count_rows(joined, min_score: float | None = None) -> dict:
     """Rows, usable rows, errors by code, and the synthetic captions: usable rows carrying them, their mean number
-    per such row, the rows the recaption join missed (no file, key or uid) and those carrying teacher embeddings."""
+    per such row, the rows the recaption join missed (no file, key or uid) and those carrying teacher embeddings;
+    with `min_score` (captions.min_score) also it and `_tally_scores`'."""
     rows, ok, errors, with_syn, n_syn, with_teacher = 0, 0, {}, 0, 0, 0
-    for batch in joined.select_columns(["error_code", "syn_captions", "teacher_emb"]).iter_batches(
-            batch_format="pyarrow", batch_size=4096):
+    tally = dict.fromkeys(("captions_kept", "captions_below_min_score", "rows_real_only"), 0)
+    cols = ["error_code", "syn_captions", "teacher_emb"] + (["syn_scores"] if min_score is not None else [])
+    for batch in joined.select_columns(cols).iter_batches(batch_format="pyarrow", batch_size=4096):
         codes = batch.column("error_code")
         rows, ok = rows + batch.num_rows, ok + codes.null_count
         for hit in pc.value_counts(codes.drop_null()).to_pylist():
@@ -190,10 +208,32 @@ def count_rows(joined) -> dict:
         with_syn += int(pc.sum(pc.greater(lengths, 0)).as_py() or 0)
         n_syn += int(pc.sum(lengths).as_py() or 0)
         with_teacher += int(pc.sum(pc.is_valid(usable.column("teacher_emb"))).as_py() or 0)
-    return {"rows": rows, "ok": ok, "errors": dict(sorted(errors.items())),
-            "synthetic": {"rows_with": with_syn, "per_row_mean": round(n_syn / with_syn, 3) if with_syn else 0.0,
-                          "join_missed": sum(errors.get(c, 0) for c in JOIN_MISSED),
-                          "rows_with_teacher_emb": with_teacher}}
+        if min_score is not None:
+            _tally_scores(usable, min_score, tally)
+    synthetic = {"rows_with": with_syn, "per_row_mean": round(n_syn / with_syn, 3) if with_syn else 0.0,
+                 "join_missed": sum(errors.get(c, 0) for c in JOIN_MISSED), "rows_with_teacher_emb": with_teacher}
+    if min_score is not None:
+        synthetic.update({"min_score": min_score, **tally})
+    return {"rows": rows, "ok": ok, "errors": dict(sorted(errors.items())), "synthetic": synthetic}
+
+
+# a user error's line in a Ray task's traceback: Ray Data keeps the text of a task's error, not the error itself
+_REMOTE_USER_ERROR = re.compile(r"clipdense\.config\.errors\.(DataError|ConfigError|UserError): (.+)")
+
+
+def _counted(joined, min_score: float | None) -> dict:
+    """`count_rows`; a user error raised in the join's Ray tasks (missing scores, pretrain/join.py) as its line."""
+    try:
+        return count_rows(joined, min_score)
+    except Exception as e:
+        user = user_error_behind(e)
+        if user is not None and user is not e:
+            raise type(user)(str(user).strip().splitlines()[0]) from None
+        found = _REMOTE_USER_ERROR.search(str(e))
+        if found is None:
+            raise
+        kind = {"DataError": DataError, "ConfigError": ConfigError, "UserError": UserError}[found.group(1)]
+        raise kind(found.group(2).strip()) from None
 
 
 def first_ok_keys(joined, n: int) -> tuple[list[str], int]:
@@ -225,7 +265,7 @@ def build_datasets(train: Sources, held_out: Sources | None, data: DataConfig, e
     `eval.holdout` usable training rows are held out; `distill`: loss.distill needs teacher embeddings."""
     with data_context({"execution_options.preserve_order": True}):  # the same rows in the same order each epoch
         (joined, batch), *held_out_rows = joined_rows([train] + ([held_out] if held_out else []), data)
-        counts = count_rows(joined) if data.count_errors else {}
+        counts = _counted(joined, train.min_score) if data.count_errors else {}
         if counts and counts["ok"] == 0:
             raise DataError(f"no usable training rows in {data.shards!r} (errors: {counts['errors']})")
         if distill:

@@ -18,16 +18,19 @@ from clipdense.ray_session import data_context, ray_session
 from clipdense.train.runner import TrainPlan, run_training
 
 
-def row_sources(data: DataConfig, ev: EvalConfig, policy: str) -> tuple[Sources, Sources | None]:
+def row_sources(data: DataConfig, ev: EvalConfig, policy: str,
+                min_score: float | None = None) -> tuple[Sources, Sources | None]:
     """(the training rows' sources, those of the held-out `eval.path` or None), all reached through the `data:`
-    section's endpoint, their shards listed once."""
+    section's endpoint, their shards listed once; `min_score` (captions.min_score) filters the training rows'
+    synthetic captions (no effect under `real`; held-out rows are evaluated on their first synthetic caption)."""
     def shards(spec: str | list[str]):
         return expand_shards([data.storage(s) for s in ([spec] if isinstance(spec, str) else spec)])
 
     def recaptions(uri: str | None):
         return data.storage(uri) if uri else None
 
-    train_rows = Sources(shards(data.shards), recaptions(data.recaptions), policy)
+    train_rows = Sources(shards(data.shards), recaptions(data.recaptions), policy,
+                         min_score if policy != "real" else None)
     if not ev.path:
         return train_rows, None
     held_out = Sources(shards(ev.path), recaptions(ev.recaptions), "real" if ev.caption == "real" else "synthetic")
@@ -35,7 +38,7 @@ def row_sources(data: DataConfig, ev: EvalConfig, policy: str) -> tuple[Sources,
 
 
 def run(cfg: PretrainConfig) -> dict:
-    train_rows, held_out = row_sources(cfg.data, cfg.eval, cfg.captions.policy)
+    train_rows, held_out = row_sources(cfg.data, cfg.eval, cfg.captions.policy, cfg.captions.min_score)
     model = build_model(cfg.model, cfg.loss, cfg.train.seed)
     # a bad folder or prompt file is a one-line error before any worker starts
     zeroshot = resolve_zeroshot(cfg.eval.zeroshot, "eval.zeroshot") if cfg.eval.zeroshot.root else None

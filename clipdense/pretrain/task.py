@@ -52,7 +52,8 @@ class ClipPretrainTask(TrainTask):
         cfg, gpu = self.cfg, train and self.cfg.data.decode_on == "gpu"
         return Collate(model_name=self.model.name, image_size=self.pp.size, mean=self.pp.mean, std=self.pp.std,
                        policy=cfg.captions.policy if train else cfg.eval.caption, seed=cfg.train.seed, epoch=epoch,
-                       mix_p=cfg.captions.mix_p, train=train, distill_slots=self.distill_slots if train else (),
+                       mix_p=cfg.captions.mix_p, min_score=cfg.captions.min_score if train else None, train=train,
+                       distill_slots=self.distill_slots if train else (),
                        decode_on=cfg.data.decode_on if train else "cpu", decode_device=self.ctx.device if gpu else None)
 
     def train_batches(self, ctx: TrainContext):
