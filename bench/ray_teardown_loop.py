@@ -2,7 +2,7 @@
 
     python -m bench.ray_teardown_loop [--loops 30] [--batch 10] [--variants inline,isolated] [--after restart,refit]
 
-One loop: `clipdense.train.fit` of a 2-worker toy run whose rank 0 raises a user error (DataError) at step 2, so
+One loop: `clipdense.train.fit` of a toy run whose rank 0 raises a user error (DataError) at step 1, so
 Ray Train tears the worker group and its TrainController actor down; then, at once, either `restart`
 (`ray.shutdown()` + `ray.init()`, as the tests' `ray_fresh` fixture does) or `refit` (a second, successful 2-step
 run on the same cluster, as a retry or the next test does). Loops run in batches, each batch in one child process
@@ -36,7 +36,7 @@ PLANTED = "shard bench-00000.tar row 3: no caption (the bench's planted user err
 class FailingToy(TrainTask):
     """A linear fit whose rank 0 raises a user error at step `fail_at` (None: never)."""
 
-    fail_at: int | None = 2
+    fail_at: int | None = 1
 
     def build_model(self):
         return nn.Linear(4, 1)
@@ -60,13 +60,13 @@ def run_config(out: Path, steps: int) -> TrainConfig:
     return build_config(TrainConfig, {
         "out_dir": str(out), "schedule": {"total_steps": steps, "warmup_steps": 1}, "log_every": 2,
         "checkpoint": {"every_steps": 2, "keep": 1}, "max_failures": 0,
-        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5}})
+        "scaling": {"num_workers": int(os.environ.get("BENCH_TEARDOWN_WORKERS", "1")), "cpus_per_worker": 0.5}})
 
 
 def start_ray():
     import ray  # the child's own local cluster, as tests/conftest.py starts it
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     return ray
 
 
@@ -78,7 +78,7 @@ def child(loops: int, after: str) -> None:
             t0 = time.perf_counter()
             one_line = False
             try:
-                fit(FailingToy, run_config(Path(tmp) / f"fail{i}", 6), name=f"fail{i}")
+                fit(FailingToy, run_config(Path(tmp) / f"fail{i}", 3), name=f"fail{i}")
             except DataError as e:
                 one_line = str(e) == PLANTED
             if after == "restart":
@@ -151,8 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=10)
     ap.add_argument("--variants", default="inline,isolated")
     ap.add_argument("--after", default="restart,refit")
+    ap.add_argument("--workers", type=int, default=1, help="Ray Train workers per run")
     ap.add_argument("--child", action="store_true")
     args = ap.parse_args(argv)
+    os.environ["BENCH_TEARDOWN_WORKERS"] = str(args.workers)  # the batches' children read it
     if args.child:
         child(args.loops, args.after)
         return 0

@@ -54,7 +54,7 @@ class PassingTask(FailingTask):
 def _cfg(out: Path, steps: int) -> TrainConfig:
     return build_config(TrainConfig, {"out_dir": str(out), "schedule": {"total_steps": steps, "warmup_steps": 1},
                                       "log_every": 2, "checkpoint": {"every_steps": 2, "keep": 1}, "max_failures": 0,
-                                      "scaling": {"num_workers": 2, "cpus_per_worker": 0.5}})
+                                      "scaling": {"num_workers": 1, "cpus_per_worker": 0.5}})
 
 
 def _abort_once(marker: str) -> int:
@@ -79,7 +79,7 @@ def test_a_subscriber_crash_in_the_run_driver_leaves_the_caller_alive_and_reruns
 def test_a_failed_train_run_cannot_abort_the_driver_subscriber_crash(ray_local, tmp_path):
     # a worker's user error: torn down in the driver host, back here as its one line (not Ray's wrapper)
     with pytest.raises(DataError) as e:
-        fit(FailingTask, _cfg(tmp_path / "bad", 4), name="bad")
+        fit(FailingTask, _cfg(tmp_path / "bad", 3), name="bad")
     assert str(e.value) == PLANTED
     # then, in the same session, a run that succeeds; the same driver host (not this process) drove both
     hosts_before = [h.proc.pid for h in isolate._idle]
