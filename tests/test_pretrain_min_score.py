@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from clipdense.config import DataError, build_config
-from clipdense.data.layouts import img2dataset_shard
+from clipdense.data.layouts import datacompdr_shard, img2dataset_shard
 from clipdense.data.shards import SCHEMA, read_shard_local
 from clipdense.data.storage import Storage
 from clipdense.pretrain import PretrainConfig
@@ -49,7 +49,8 @@ def _jpeg(i: int) -> bytes:
 
 @pytest.fixture
 def world(tmp_path) -> dict:
-    """An image shard and its recaptions with scores (`rc`) and without (`old`: a recaption of an older version)."""
+    """An image shard and its recaptions with scores (`rc`) and without (`old`: a recaption of an older version),
+    and as DataCompDR shards, joined by key (the images carry no uid), with `syn_score` (`dr`) and without (`drold`)."""
     shard = img2dataset_shard(tmp_path / "dc", 0, [{"jpg": _jpeg(i), "caption": real, "size": (40 + 8 * i, 36)}
                                                    for i, (real, _) in enumerate(ROWS)])
     recaptions = [{"key": k, "caption": ROWS[i][0], "syn_captions": _syn(i), "syn_scores": ROWS[i][1],
@@ -60,7 +61,11 @@ def world(tmp_path) -> dict:
                         ("old", pa.Table.from_pylist(recaptions, schema=schema).drop_columns(["syn_scores"]))):
         (tmp_path / name).mkdir()
         pq.write_table(table, tmp_path / name / "00000.parquet")
-    return {"tar": shard["tar"], "keys": shard["keys"], "rc": str(tmp_path / "rc"), "old": str(tmp_path / "old")}
+    dr = [{"key": k, "uid": k, "sha256": None, "syn_text": _syn(i), "syn_score": ROWS[i][1], "npz": _npz(1 + 4)}
+          for i, k in enumerate(shard["keys"])]
+    datacompdr_shard(tmp_path / "dr" / "00000.tar", dr)
+    datacompdr_shard(tmp_path / "drold" / "00000.tar", [{**d, "syn_score": None} for d in dr])
+    return {"tar": shard["tar"], "keys": shard["keys"], **{n: str(tmp_path / n) for n in ("rc", "old", "dr", "drold")}}
 
 
 def _join(world: dict, policy: str, min_score: float | None = MIN, recaptions: str = "rc") -> list[dict]:
@@ -80,12 +85,13 @@ def _drawn(joined: list[dict], policy: str, min_score: float | None = MIN, mix_p
     return drawn
 
 
-def test_picked_captions_are_exactly_those_at_or_above_min_score(world):
-    joined = _join(world, "synthetic")
+@pytest.mark.parametrize("recaptions", ["rc", "dr"])
+def test_picked_captions_are_exactly_those_at_or_above_min_score(world, recaptions):
+    joined = _join(world, "synthetic", recaptions=recaptions)
     assert [r["error_code"] for r in joined] == [None, "below_min_score", None, "below_min_score"]  # counted rows
     assert joined[0]["syn_scores"] == pytest.approx(ROWS[0][1]) and joined[0]["syn_captions"] == _syn(0)  # whole
     assert _drawn(joined, "synthetic") == [_kept(0), _kept(2)] == [{"syn 1 of 0", "syn 2 of 0"}, {"syn 0 of 2"}]
-    unfiltered = _join(world, "synthetic", None)
+    unfiltered = _join(world, "synthetic", None, recaptions)
     assert all(r["error_code"] is None for r in unfiltered)
     assert _drawn(unfiltered, "synthetic", None) == [set(_syn(i)) for i in range(len(ROWS))]  # the filter narrows
 
@@ -99,13 +105,14 @@ def test_mix_falls_back_to_the_real_caption_and_both_skips(world):
     assert [r["error_code"] for r in _join(world, "real")] == [None, None, None, "no_caption"]  # no effect
 
 
-def test_missing_scores_with_min_score_is_a_one_line_error_naming_the_file(world):
+@pytest.mark.parametrize("old, file", [("old", "00000.parquet"), ("drold", "00000.tar")])
+def test_missing_scores_with_min_score_is_a_one_line_error_naming_the_file(world, old, file):
     with pytest.raises(DataError) as e:
-        _join(world, "synthetic", recaptions="old")
+        _join(world, "synthetic", recaptions=old)
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith(f"{world['old']}/00000.parquet: key {world['keys'][0]}")
+    assert "\n" not in msg and msg.startswith(f"{world[old]}/{file}: key {world['keys'][0]}")
     assert "captions.min_score" in msg and "syn_scores" in msg
-    assert all(r["error_code"] is None for r in _join(world, "synthetic", None, "old"))  # unset: older files train
+    assert all(r["error_code"] is None for r in _join(world, "synthetic", None, old))  # unset: older files train
 
 
 def _npz(n_texts: int) -> bytes:
