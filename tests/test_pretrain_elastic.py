@@ -9,6 +9,10 @@ epoch. `data.sample_log` records what each rank trained at each step.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -111,11 +115,30 @@ def test_resume_on_fewer_workers_keeps_step_batch_and_samples(ray_fresh, world, 
     assert [(e["step"], e["epoch"], e["batch_in_epoch"], e["world_size"]) for e in resume] == [(6, 1, 2, 1)]
 
 
+def test_shuffle_buffer_is_refused_in_elastic_mode(world, tmp_path):
+    """A local shuffle buffer is filled from each worker's split of the stream: after a resize mid-epoch the new
+    splits refill it differently, so an epoch would repeat some samples and skip others. Refused in one line."""
+    with pytest.raises(ConfigError, match=r"data\.shuffle_buffer cannot be used with an elastic run") as e:
+        elastic_cfg(world, tmp_path, data={"shards": world["shards"], "recaptions": world["recaptions"],
+                                           "batch_size": GLOBAL_BATCH, "shuffle_buffer": 16})
+    assert len(str(e.value).splitlines()) == 1
+    fixed = elastic_cfg(world, tmp_path, data={"shards": world["shards"], "batch_size": GLOBAL_BATCH,
+                                               "shuffle_buffer": 16},
+                        extra_train={"scaling": {"num_workers": 2, "min_workers": 2}})
+    assert fixed.data.shuffle_buffer == 16  # a fixed-size run keeps its shuffle
+
+
 NODE_CONFIG = {  # the head runs the driver and Train's controller; each 3-CPU node fits one 2-CPU train worker
-    # and its share of Ray Data's read tasks (1 CPU each)
+    # and its share of Ray Data's read tasks (1 CPU each). min_workers 2: the autoscaler replaces a lost node.
     "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
     "train_node": {"resources": {"CPU": 3}, "node_config": {}, "min_workers": 2, "max_workers": 2},
 }
+# Faster failure handling than the defaults, for this test's cluster: the GCS marks a node dead after 3 missed 1 s
+# health checks (default 5 x 3 s), the autoscaler replaces a node silent for 10 s (default 30 s) and updates each
+# second (default 5 s).
+FAST_FAILURE_ENV = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
+                    "AUTOSCALER_HEARTBEAT_TIMEOUT_S": "10", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+GROW_TOTAL = 24
 
 
 def _kill_node_of(pid: int) -> list[int]:
@@ -134,67 +157,136 @@ def _kill_node_of(pid: int) -> list[int]:
     return [p.pid for p in victims]
 
 
+def _kill_when_both_train_past_a_checkpoint(out: Path, driver, deadline: float):
+    """Kills rank 1's node once Ray Train has registered the step-6 checkpoint and both workers train past it;
+    returns (the step trained then, the registered step)."""
+    while driver.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+        steps = trained_steps(out) if (out / "samples").is_dir() else {}
+        done = max(steps, default=-1)
+        ranks = {r["rank"]: r["pid"] for r in steps.get(done, [])}
+        registered = registered_checkpoint_step(out)
+        if registered >= 6 and done > registered and len(ranks) == 2:
+            _kill_node_of(ranks[1])
+            return done, registered
+    return None
+
+
+def _stop_joined_node(joined: subprocess.Popen) -> None:
+    """`ray start --block` and every process under it (its raylet, agents and workers)."""
+    import psutil
+    import ray  # noqa: F401  (puts Ray's vendored psutil on the path)
+
+    from clipdense.jobs.cluster import kill_and_wait
+
+    try:
+        root = psutil.Process(joined.pid)
+        kill_and_wait([root, *root.children(recursive=True)], timeout_s=10)
+    except psutil.NoSuchProcess:
+        pass
+    joined.wait(10)
+
+
+def _pause_the_lone_worker_until_the_group_grows(out: Path, driver, deadline: float, node_back) -> int | None:
+    """Once the one worker left has trained past a checkpoint of its own that Ray Train registered, SIGSTOP it
+    until Ray Train stops it to grow the group (a pacing device: alone it would finish the run in seconds); the
+    node comes back (`node_back()`) while it is paused. Returns the step it had trained, None if it never got
+    there."""
+    import psutil
+    import ray  # noqa: F401  (puts Ray's vendored psutil on the path)
+
+    paused = None
+    try:
+        while driver.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+            steps = trained_steps(out)
+            done = max(steps, default=-1)
+            alone = [r for r in steps.get(done, []) if r["world_size"] == 1]
+            resumed = [s for s, recs in steps.items() if recs[0]["world_size"] == 1]
+            if paused is None and alone and registered_checkpoint_step(out) > min(resumed) and \
+                    done > registered_checkpoint_step(out):
+                paused = psutil.Process(alone[0]["pid"])
+                paused.suspend()
+                stepped = done
+                node_back()
+            if paused is not None and not paused.is_running():
+                return stepped                   # ended by the resize
+    finally:
+        if paused is not None and paused.is_running():
+            paused.resume()
+    return None
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(720)
-def test_node_loss_on_fake_multinode_cluster(world, tmp_path):
-    """`clipdense cluster up --local` with two 3-CPU worker nodes; rank 1's whole node is SIGKILLed once Ray
-    Train has registered the step-6 checkpoint. Ray Train's elastic policy restarts on the one node left; the run
-    ends at step 12 with every sample of each epoch trained once. (Ray Train first retries the old size until the
-    GCS marks the node dead and the group start times out: RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, lowered here
-    from 60 s.)"""
-    import os
+@pytest.mark.timeout(600)
+def test_lost_node_then_grow_back_on_fake_multinode_cluster(world, tmp_path, monkeypatch):
+    """`clipdense cluster up --local` with two 3-CPU worker nodes; rank 1's whole node is SIGKILLed once Ray Train
+    has registered the step-6 checkpoint. The run goes on with the one worker that fits; the autoscaler replaces
+    the node, Ray Train's elastic policy sees room for two again (train.scaling.resize_interval_s, lowered here
+    from 60 s) and grows the group back from the last checkpoint; the run ends at step 24 on two workers, every
+    sample of each epoch trained once apart from replayed steps. (train.scaling.start_timeout_s, lowered from
+    60 s: how long Ray Train retries the old size before starting the group at the size that fits.) The lone
+    worker is paused once it has trained past its own checkpoint, until the resize stops it: see
+    _pause_the_lone_worker_until_the_group_grows."""
     import shutil
-    import subprocess
-    import sys
     import tempfile
-    import time
 
     import yaml
 
     from clipdense.jobs.cluster import down_local, free_port, up_local
 
+    for k, v in FAST_FAILURE_ENV.items():
+        monkeypatch.setenv(k, v)
     ray_tmp = Path(tempfile.mkdtemp(prefix="cde", dir="/tmp"))
     local = yaml.safe_load((Path(__file__).resolve().parents[1] / "cluster" / "local.yaml").read_text())
     local.update({"available_node_types": NODE_CONFIG, "max_workers": 2, "idle_timeout_minutes": 5})
     (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(local))
     out = tmp_path / "run"
-    cfg = elastic_cfg(world, out, cpus_per_worker=2.0, extra_train={"max_failures": 3})
+    scaling = {"num_workers": 2, "min_workers": 1, "cpus_per_worker": 2.0, "resize_interval_s": 2,
+               "start_timeout_s": 10}
+    cfg = elastic_cfg(world, out, total=GROW_TOTAL, extra_train={"max_failures": 3, "scaling": scaling})
     (tmp_path / "pretrain.yaml").write_text(cfg.to_yaml())
-    driver = None
+    driver = joined = None
     try:
         cluster = up_local(tmp_path / "cluster.yaml", ray_tmp / "r", port=free_port(), dashboard_port=free_port(),
                            auth=False)
-        env = dict(os.environ, RAY_ADDRESS=cluster.gcs_address, RAY_AUTH_MODE="disabled",
-                   RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="30")
+        env = dict(os.environ, RAY_ADDRESS=cluster.gcs_address, RAY_AUTH_MODE="disabled")
         driver = subprocess.Popen([sys.executable, "-c", "import sys; from clipdense.cli import main; "
                                    f"sys.exit(main(['pretrain', '--config', '{tmp_path / 'pretrain.yaml'}']))"],
                                   env=env, stdout=open(tmp_path / "driver.log", "w"), stderr=subprocess.STDOUT)
-        deadline, killed = time.time() + 540, None
-        while driver.poll() is None and time.time() < deadline and killed is None:
-            time.sleep(0.2)
-            steps = trained_steps(out) if (out / "samples").is_dir() else {}
-            done = max(steps, default=-1)
-            ranks = {r["rank"]: r["pid"] for r in steps.get(done, [])}
-            registered = registered_checkpoint_step(out)
-            if registered >= 6 and done > registered and len(ranks) == 2:  # both workers training past it
-                killed = (done, _kill_node_of(ranks[1]), registered)
+        deadline = time.time() + 480
+        killed = _kill_when_both_train_past_a_checkpoint(out, driver, deadline)
         assert killed, ("never saw both workers train past a registered step-6 checkpoint:\n"
                         f"{(tmp_path / 'driver.log').read_text()[-3000:]}")
+        def node_back():  # a machine joins the cluster again: a 3-CPU node like the one lost
+            nonlocal joined
+            joined = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--block",
+                                       f"--address={cluster.gcs_address}", "--num-cpus=3", "--disable-usage-stats"],
+                                      env=env, stdout=open(tmp_path / "node.log", "w"), stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+
+        alone = _pause_the_lone_worker_until_the_group_grows(out, driver, deadline, node_back)
         rc = driver.wait(max(10, deadline - time.time()))
         log = (tmp_path / "driver.log").read_text()
         assert rc == 0, log[-3000:]
+        assert alone is not None, f"the one worker left never trained past a checkpoint of its own:\n{log[-3000:]}"
     finally:
         if driver is not None and driver.poll() is None:
             driver.kill()
+        if joined is not None:
+            _stop_joined_node(joined)
         down_local(ray_tmp / "r", grace_s=5)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     summary = json.loads((out / "pretrain_summary.json").read_text())
-    assert summary["step"] == 12 and not summary["stopped_early"]
-    worlds = check_every_sample_once(out, 12)
-    resumes = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    resumes = [(e["step"], e["world_size"]) for e in resumes if e.get("event") == "resume"]
+    assert summary["step"] == GROW_TOTAL and not summary["stopped_early"]
+    worlds = check_every_sample_once(out, GROW_TOTAL)
+    events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    resumes = [(e["step"], e["world_size"]) for e in events if e.get("event") == "resume"]
     # back to the newest checkpoint registered before the kill (step 6, or 9 if it came first), on the node left
-    assert resumes and resumes[0][0] in (6, 9) and killed[2] <= resumes[0][0] <= killed[0] + 1, (resumes, killed)
-    assert resumes[0][1] == 1, resumes
+    assert resumes and resumes[0][1] == 1 and killed[1] <= resumes[0][0] <= killed[0] + 1, (resumes, killed)
     assert {worlds[s] for s in range(resumes[0][0])} == {2}
-    assert 1 in {worlds[s] for s in range(resumes[0][0], 12)}
+    assert len(resumes) == 2 and resumes[1][1] == 2, f"the group never grew back to two workers: {resumes}"
+    shrunk, grown = resumes[0][0], resumes[1][0]
+    assert shrunk < grown <= alone + 1, (resumes, alone)       # from a checkpoint the one worker wrote
+    assert {worlds[s] for s in range(shrunk, grown)} == {1}    # it continued on fewer workers ...
+    assert {worlds[s] for s in range(grown, GROW_TOTAL)} == {2}  # ... and finished on the full count

@@ -128,6 +128,10 @@ class PretrainConfig(Config):
         if bad:
             raise ValueError(f"data.batch_size ({self.data.batch_size}) must be divisible by "
                              f"train.scaling.num_workers ({bad[0]})")
+        if sc.elastic and not self.ray.in_process and self.data.shuffle_buffer:  # a resize mid-epoch would
+            # refill each worker's buffer from another split of the stream: samples repeated and skipped
+            raise ValueError("data.shuffle_buffer cannot be used with an elastic run (train.scaling.min_workers < "
+                             "num_workers): the samples of an epoch changing size would not each train once")
         d, policy = self.loss.distill, self.captions.policy
         if d.enabled and policy != "both" and d.slots != [policy]:
             raise ValueError(f"loss.distill.slots {d.slots} need captions.policy both (or real / synthetic for that "

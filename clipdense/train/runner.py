@@ -288,6 +288,8 @@ def _fit_on_ray(task_factory: TaskFactory, cfg: TrainConfig, *, datasets: dict |
     # default), so reporting more often than that stalls training; the driver's value propagates to the controller.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     sc = cfg.scaling
+    if sc.start_timeout_s is not None:  # read by the controller, which gets it from this process's environment
+        os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(sc.start_timeout_s)
     resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
     workers = (sc.min_workers, sc.num_workers) if sc.elastic else sc.num_workers
     backend = sc.backend if sc.backend != "auto" else ("nccl" if sc.use_gpu else "gloo")
@@ -300,7 +302,8 @@ def _fit_on_ray(task_factory: TaskFactory, cfg: TrainConfig, *, datasets: dict |
                            "progress_relay": relay},
         torch_config=TorchConfig(backend=backend),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=sc.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources,
+                                               elastic_resize_monitor_interval_s=sc.resize_interval_s),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=storage, storage_filesystem=storage_fs, callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
