@@ -17,6 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from cluster_files import FAST_NODE_DEATH_ENV
 from pretrain_files import write_world
 from ray_train_state import registered_checkpoint_step
 
@@ -129,15 +130,11 @@ def test_shuffle_buffer_is_refused_in_elastic_mode(world, tmp_path):
 
 
 NODE_CONFIG = {  # the head runs the driver and Train's controller; each 3-CPU node fits one 2-CPU train worker
-    # and its share of Ray Data's read tasks (1 CPU each). min_workers 2: the autoscaler replaces a lost node.
+    # and its share of Ray Data's read tasks (1 CPU each). (The autoscaler does not replace a SIGKILLed fake node:
+    # the test starts one itself.)
     "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
     "train_node": {"resources": {"CPU": 3}, "node_config": {}, "min_workers": 2, "max_workers": 2},
 }
-# Faster failure handling than the defaults, for this test's cluster: the GCS marks a node dead after 3 missed 1 s
-# health checks (default 5 x 3 s), the autoscaler replaces a node silent for 10 s (default 30 s) and updates each
-# second (default 5 s).
-FAST_FAILURE_ENV = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
-                    "AUTOSCALER_HEARTBEAT_TIMEOUT_S": "10", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
 GROW_TOTAL = 24
 
 
@@ -235,15 +232,15 @@ def test_lost_node_then_grow_back_on_fake_multinode_cluster(world, tmp_path, mon
 
     from clipdense.jobs.cluster import down_local, free_port, up_local
 
-    for k, v in FAST_FAILURE_ENV.items():
+    for k, v in FAST_NODE_DEATH_ENV.items():
         monkeypatch.setenv(k, v)
     ray_tmp = Path(tempfile.mkdtemp(prefix="cde", dir="/tmp"))
     local = yaml.safe_load((Path(__file__).resolve().parents[1] / "cluster" / "local.yaml").read_text())
     local.update({"available_node_types": NODE_CONFIG, "max_workers": 2, "idle_timeout_minutes": 5})
     (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(local))
     out = tmp_path / "run"
-    scaling = {"num_workers": 2, "min_workers": 1, "cpus_per_worker": 2.0, "resize_interval_s": 2,
-               "start_timeout_s": 10}
+    scaling = {"num_workers": 2, "min_workers": 1, "cpus_per_worker": 2.0, "resize_interval_s": 1,
+               "start_timeout_s": 5}
     cfg = elastic_cfg(world, out, total=GROW_TOTAL, extra_train={"max_failures": 3, "scaling": scaling})
     (tmp_path / "pretrain.yaml").write_text(cfg.to_yaml())
     driver = joined = None
