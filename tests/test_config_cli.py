@@ -150,3 +150,27 @@ def test_report_takes_its_folder_before_or_after_flags(tmp_path, capsys):
         out = capsys.readouterr().out
         assert f"results_dir: {tmp_path}" in out
     assert "reference: recap" in out
+
+
+def test_a_user_error_behind_ray_wrappers_is_found_by_type_or_by_its_remote_text():
+    """What a worker raised reaches the caller as its one line: by type through causes, and by text where Ray
+    only kept a remote traceback's string (a Ray Data task with count_errors off)."""
+    from clipdense.config import DataError, UserError, raise_user_error_behind, user_error_behind
+
+    class Wrapper(RuntimeError):
+        def __init__(self, msg, cause=None):
+            super().__init__(msg)
+            self.cause = cause
+
+    typed = Wrapper("Train worker failed", DataError("shard 3: no syn_score\nmore detail"))
+    assert isinstance(user_error_behind(typed), DataError)
+    remote = RuntimeError("ray.exceptions.RayTaskError(DataError): ray::Map(join)\nTraceback ...\n"
+                          "clipdense.config.errors.DataError: captions.min_score: shard x.tar has no syn_score\n")
+    found = user_error_behind(Wrapper("task failed", remote))
+    assert type(found) is DataError and str(found) == "captions.min_score: shard x.tar has no syn_score"
+    with pytest.raises(DataError) as e:
+        raise_user_error_behind(typed)
+    assert str(e.value) == "shard 3: no syn_score" and e.value.__cause__ is None
+    assert user_error_behind(RuntimeError("ValueError: clipdense.config.errors is fine")) is None
+    plain = UserError("already one line")
+    raise_user_error_behind(plain)     # the error itself: the caller re-raises it unchanged

@@ -10,8 +10,9 @@ from clipdense.config.base import (
     load_config,
     read_yaml,
     set_dotted,
+    with_values,
 )
-from clipdense.config.errors import ConfigError, DataError, UserError
+from clipdense.config.errors import ConfigError, DataError, UserError, raise_user_error_behind, user_error_behind
 from clipdense.config.process_env import PROCESS_ENV, apply_process_env
 from clipdense.config.provenance import code_version, config_hash, run_provenance
 from clipdense.config.ray import OnRayConfig, RayConfig
@@ -20,4 +21,5 @@ from clipdense.config.shipped import configs_dir, description, resolve_config, s
 __all__ = ["Config", "ConfigError", "DataError", "OnRayConfig", "PROCESS_ENV", "RayConfig", "UserError",
            "apply_override", "apply_process_env", "build_config", "code_version", "config_hash", "configs_dir",
            "deep_merge", "description", "format_validation_error", "get_dotted", "load_config", "read_yaml",
-           "resolve_config", "run_provenance", "set_dotted", "shipped_configs"]
+           "raise_user_error_behind", "resolve_config", "run_provenance", "set_dotted", "shipped_configs",
+           "user_error_behind", "with_values"]

@@ -5,33 +5,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from clipdense.config import RayConfig, UserError
+from clipdense.config import RayConfig, raise_user_error_behind
 from clipdense.dense.base_config import FinetuneBase
 from clipdense.dense.task import DenseTaskFactory, resolve_finetune
 from clipdense.ray_session import ray_session
 from clipdense.train.config import TrainConfig
 from clipdense.train.runner import fit, fit_local
 from clipdense.train.tracking import TrackingConfig
-
-
-def find_user_error(exc: BaseException) -> UserError | None:
-    """The UserError behind an exception, looking through Ray's wrappers (worker failures, task errors, causes)."""
-    seen, todo = set(), [exc]
-    while todo:
-        e = todo.pop(0)
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, UserError):
-            return cause
-        if isinstance(e, UserError) and type(e).__module__.startswith("clipdense"):
-            return e
-        failures = getattr(e, "worker_failures", None)
-        if isinstance(failures, dict):
-            todo.extend(failures.values())
-        todo.extend(x for x in (cause, e.__cause__, e.__context__) if isinstance(x, BaseException))
-    return None
 
 
 def absolute_paths(cfg: FinetuneBase) -> FinetuneBase:
@@ -93,9 +73,7 @@ def train(factory: DenseTaskFactory, train_cfg: TrainConfig, watch: Watching, ra
             return fit(factory, train_cfg, callbacks=ray_run.callbacks, name=ray_run.name, tracking=watch.tracking,
                        params=watch.params)
     except Exception as e:
-        user = find_user_error(e)
-        if user is not None and user is not e:
-            raise type(user)(str(user).strip().splitlines()[0]) from None
+        raise_user_error_behind(e)
         raise
 
 

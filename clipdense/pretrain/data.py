@@ -23,14 +23,13 @@ entry). Ray Data's types are imported where they are used: importing the pretrai
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from clipdense.config import ConfigError, DataError, UserError
+from clipdense.config import DataError, raise_user_error_behind
 from clipdense.data.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -47,7 +46,6 @@ from clipdense.pretrain.config import DataConfig, EvalConfig
 from clipdense.pretrain.crops import CROP_SCALE
 from clipdense.pretrain.join import JOIN_MISSED, column_list, join_recaptions
 from clipdense.ray_session import data_context
-from clipdense.train.runner import user_error_behind
 
 
 @dataclass(frozen=True)
@@ -218,22 +216,13 @@ def count_rows(joined, min_score: float | None = None) -> dict:
 
 
 # a user error's line in a Ray task's traceback: Ray Data keeps the text of a task's error, not the error itself
-_REMOTE_USER_ERROR = re.compile(r"clipdense\.config\.errors\.(DataError|ConfigError|UserError): (.+)")
-
-
 def _counted(joined, min_score: float | None) -> dict:
     """`count_rows`; a user error raised in the join's Ray tasks (missing scores, pretrain/join.py) as its line."""
     try:
         return count_rows(joined, min_score)
     except Exception as e:
-        user = user_error_behind(e)
-        if user is not None and user is not e:
-            raise type(user)(str(user).strip().splitlines()[0]) from None
-        found = _REMOTE_USER_ERROR.search(str(e))
-        if found is None:
-            raise
-        kind = {"DataError": DataError, "ConfigError": ConfigError, "UserError": UserError}[found.group(1)]
-        raise kind(found.group(2).strip()) from None
+        raise_user_error_behind(e)
+        raise
 
 
 def first_ok_keys(joined, n: int) -> tuple[list[str], int]:

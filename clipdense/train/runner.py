@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from clipdense.config import UserError
+from clipdense.config import raise_user_error_behind
 from clipdense.train.config import TrainConfig
 from clipdense.train.driver_progress import driver_progress
 from clipdense.train.isolate import isolation_wanted, run_in_driver_host
@@ -238,26 +238,6 @@ def fit(task_factory: TaskFactory, cfg: TrainConfig, *, datasets: dict | None = 
         return fit_here(task_factory, cfg, relay=relay, **kwargs)
 
 
-def user_error_behind(exc: BaseException) -> UserError | None:
-    """The UserError behind an exception, looking through Ray's wrappers (worker failures, task errors, causes)."""
-    seen, todo = set(), [exc]
-    while todo:
-        e = todo.pop(0)
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, UserError):
-            return cause
-        if isinstance(e, UserError) and type(e).__module__.startswith("clipdense"):
-            return e
-        failures = getattr(e, "worker_failures", None)
-        if isinstance(failures, dict):
-            todo.extend(failures.values())
-        todo.extend(x for x in (cause, e.__cause__, e.__context__) if isinstance(x, BaseException))
-    return None
-
-
 def fit_here(task_factory: TaskFactory, cfg: TrainConfig, *, datasets: dict | None = None,
              callbacks: list | None = None, name: str | None = None, dataset_config=None,
              tracking: TrackingConfig | None = None, params: dict | None = None, relay=None) -> dict:
@@ -267,9 +247,7 @@ def fit_here(task_factory: TaskFactory, cfg: TrainConfig, *, datasets: dict | No
         return _fit_on_ray(task_factory, cfg, datasets=datasets, callbacks=callbacks, name=name,
                            dataset_config=dataset_config, tracking=tracking, params=params, relay=relay)
     except Exception as e:
-        user = user_error_behind(e)
-        if user is not None and user is not e:
-            raise type(user)(str(user).strip().splitlines()[0]) from None
+        raise_user_error_behind(e)
         raise
 
 

@@ -8,13 +8,16 @@ the config from plain data (e.g. `engine.runtime_env: {worker_process_setup_hook
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Literal, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, Literal, TypeVar, Union
 
 from clipdense.config import ConfigError
 
 if TYPE_CHECKING:
-    from clipdense.recaption.config import EngineConfig
     from clipdense.recaption.engines.base import Captioner
+
+# recaption.config.EngineConfig, by name only: the config imports this registry to validate `engine.kind`, so the
+# registry does not import the config (not even for type checking)
+EngineConfig = Any
 
 
 def no_check(cfg: EngineConfig, remote: bool) -> None:
