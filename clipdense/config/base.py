@@ -59,6 +59,47 @@ def get_dotted(data: dict, key: str) -> Any:
     return node
 
 
+def with_values(model: C, values: dict[str, Any], source: str = "config") -> C:
+    """A copy of a validated config with dotted keys (`train.optim.lr`, by YAML name) set to `values`: each value
+    is validated as it is assigned (the models validate assignment), the rest of the config is not validated
+    again. A key the config lacks, or a bad value, is a one-line ConfigError naming the key."""
+    out = model.model_copy(deep=True)
+    for key, value in values.items():
+        *parents, leaf = key.split(".")
+        node: Any = out
+        for part in parents:
+            node = _child(node, part, key, source)
+        try:
+            if isinstance(node, dict):
+                node[leaf] = copy.deepcopy(value)
+            else:
+                setattr(node, _field_name(node, leaf, key, source), copy.deepcopy(value))
+        except ValidationError as e:
+            raise ConfigError(format_validation_error(e, f"{source}: key {key!r}")) from None
+    return out
+
+
+def _field_name(node: Any, part: str, key: str, source: str) -> str:
+    """The attribute that YAML key `part` of model `node` sets (its alias where it has one)."""
+    if isinstance(node, BaseModel):
+        by_name = type(node).model_config.get("validate_by_name", False)
+        for name, f in type(node).model_fields.items():
+            if part == f.alias or (part == name and (f.alias is None or by_name)):
+                return name
+    raise ConfigError(f"{source}: unknown key {key!r}")
+
+
+def _child(node: Any, part: str, key: str, source: str) -> Any:
+    if isinstance(node, dict):
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        return node[part]
+    child = getattr(node, _field_name(node, part, key, source))
+    if not isinstance(child, (BaseModel, dict)):
+        raise ConfigError(f"{source}: key {key!r}: {part!r} is not a section")
+    return child
+
+
 def deep_merge(base: dict, extra: dict) -> dict:
     """A copy of `base` with `extra` merged in: sections merge key by key, anything else replaces."""
     out = copy.deepcopy(base)
