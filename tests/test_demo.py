@@ -8,11 +8,10 @@ import pytest
 import yaml
 
 from clipdense.cli import main
-from clipdense.config import ConfigError, build_config, configs_dir, load_config
+from clipdense.config import ConfigError, configs_dir, load_config
 from clipdense.demo import DemoConfig, preset_path, preset_scale, run, sweep_config
 from clipdense.demo.stages import captioner_config, clip_config, recaption_config
 from clipdense.demo.steps import Steps
-from clipdense.dense.config import FinetuneConfig
 from clipdense.sweep.grid import expand
 from clipdense.synth import SynthConfig
 from clipdense.synth.scoring import caption_accuracy, word_recall
@@ -53,7 +52,7 @@ def test_default_sweep_has_every_condition_and_the_floors(tmp_path):
     assert min(t.fraction for t in trials) <= 1 / 64
     assert len(trials) == 2 * 13 * (4 * 5 + 1)
     for t in trials[:: 13]:
-        ft = build_config(FinetuneConfig, t.finetune, t.name)
+        ft = t.finetune
         assert ft.backbone.frozen and ft.head.kind == "linear" and ft.ray.in_process is True
         assert ft.data.root == str(tmp_path / "world" / ("nyu" if t.task == "depth" else "ade"))
         assert (ft.head.depth_bins == 256) if t.task == "depth" else not hasattr(ft.head, "depth_bins")

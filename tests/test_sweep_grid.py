@@ -1,4 +1,5 @@
-"""Grid expansion of a SweepConfig: counts, log-spaced fractions, deterministic names, finetune dicts, errors."""
+"""Grid expansion of a SweepConfig: counts, log-spaced fractions, deterministic names, typed finetune configs
+(validated once, coordinates set as typed edits), errors."""
 import pytest
 import yaml
 
@@ -49,22 +50,26 @@ def test_counts_with_extra_seeds_at_small_fractions(tmp_path, base_yaml):
     assert "depth/alt-text-clip/f1/s3" not in names
 
 
-def test_finetune_dicts_carry_coordinates_and_overrides(tmp_path, base_yaml):
+def test_trial_configs_are_typed_and_carry_coordinates_and_overrides(tmp_path, base_yaml):
     cfg = _cfg(tmp_path, base_yaml, fractions=[0.5, 0.125], seeds=1, small_fraction_seeds=None)
     trials = expand(cfg)
     assert [t.fraction for t in trials[:2]] == [0.125, 0.5]             # ascending
     assert len(trials) == 2 * 2 * 2
     t = next(t for t in trials if t.name == "seg/recap-clip/f0.125/s0")
     ft = t.finetune
-    assert ft["backbone"] == {"name": "clip-tiny", "drop_path": 0.1, "checkpoint": "b.pt"}   # merged, not replaced
-    assert ft["train"]["optim"] == {"lr": 3e-4} and ft["train"]["schedule"] == {"total_steps": 5}
-    assert ft["data"]["fraction"] == 0.125 and ft["data"]["seed"] == 0 and ft["train"]["seed"] == 0
+    assert type(ft).__name__ == "SegFinetune"
+    bb = ft.backbone      # merged, not replaced
+    assert (bb.name, bb.drop_path, bb.checkpoint) == ("clip-tiny", 0.1, "b.pt")
+    assert ft.train.optim.lr == 3e-4 and ft.train.schedule.total_steps == 5
+    assert ft.data.fraction == 0.125 and ft.data.seed == 0 and ft.train.seed == 0
+    assert ft.out_dir == str(tmp_path / "out" / "trials" / t.name)
     assert t.metric == "mIoU" and t.mode == "max"
     d = next(t for t in trials if t.task == "depth")
-    assert d.finetune["task"] == "depth" and d.metric == "rmse" and d.mode == "min"
-    assert d.finetune["train"]["schedule"]["total_steps"] == 10        # seg's override did not leak
+    assert d.finetune.task == "depth" and d.metric == "rmse" and d.mode == "min"
+    assert d.finetune.train.schedule.total_steps == 10        # seg's override did not leak
     s3 = next(t for t in trials if t.name == "depth/alt-text-clip/f0.5/s0")
-    assert s3.finetune["backbone"]["checkpoint"] == "a.pt" and s3.finetune["train"]["optim"] == {"lr": 1e-4}
+    assert s3.finetune.backbone.checkpoint == "a.pt" and s3.finetune.train.optim.lr == 1e-4
+    assert s3.finetune.data.fraction == 0.5 and t.finetune.data.fraction == 0.125   # copies, not one shared config
 
 
 def test_grid_hash_changes_with_the_grid(tmp_path, base_yaml):
@@ -112,7 +117,20 @@ def test_shipped_sweep_configs_expand_to_valid_finetune_configs(name, tmp_path):
         assert ft.out_dir == str(tmp_path / "trials" / t.name)
     if cfg.search_space:
         ft = finetune_config(_spec(cfg, trials[0], tmp_path), {"train.optim.lr": 3e-4}, tmp_path)
-        assert ft.train.optim.lr == 3e-4
+        assert ft.train.optim.lr == 3e-4 and trials[0].finetune.train.optim.lr != 3e-4   # the grid's stays
+        with pytest.raises(ConfigError, match=r"train\.optim\.lr") as e:       # a sampled value is validated
+            finetune_config(_spec(cfg, trials[0], tmp_path), {"train.optim.lr": "fast"}, tmp_path)
+        assert "\n" not in str(e.value)
+        with pytest.raises(ConfigError, match="unknown key 'train.optim.lrr'"):
+            finetune_config(_spec(cfg, trials[0], tmp_path), {"train.optim.lrr": 1e-3}, tmp_path)
+
+
+def test_a_bad_value_in_a_task_config_names_the_file_and_backbone(tmp_path, base_yaml):
+    cfg = _cfg(tmp_path, base_yaml, tasks=[{"name": "seg", "config": str(base_yaml),
+                                            "overrides": {"data.batch_size": "many"}}])
+    with pytest.raises(ConfigError, match=r"seg.yaml \(task seg, backbone alt-text-clip\).*data.batch_size") as e:
+        expand(cfg)                                                      # validated on the driver, before Ray
+    assert "\n" not in str(e.value)
 
 
 def test_a_task_override_into_a_scalar_is_a_one_line_error(tmp_path, base_yaml):
@@ -134,7 +152,7 @@ def test_schedule_by_epochs_scales_steps_and_is_recorded(tmp_path, base_yaml):
     by_iter = {t.name: t for t in expand(_cfg(tmp_path, base_yaml, fractions=[0.25, 1.0], seeds=1))}
     by_epoch = {t.name: t for t in expand(_cfg(tmp_path, base_yaml, fractions=[0.25, 1.0], seeds=1,
                                                schedule_by="epochs"))}
-    steps = lambda t: t.finetune["train"]["schedule"]["total_steps"]
+    steps = lambda t: t.finetune.train.schedule.total_steps
     assert steps(by_iter["depth/recap-clip/f0.25/s0"]) == steps(by_iter["depth/recap-clip/f1/s0"]) == 10
     assert steps(by_epoch["depth/recap-clip/f0.25/s0"]) == 2 and steps(by_epoch["depth/recap-clip/f1/s0"]) == 10
     coords = by_epoch["depth/recap-clip/f0.25/s0"].coordinates()
@@ -150,9 +168,10 @@ def test_backbone_overrides_apply_to_the_tasks_that_have_the_key(tmp_path, base_
     trials = expand(_cfg(tmp_path, base_yaml, seeds=1, fractions=[1.0], small_fraction_seeds=None, backbones=[probe]))
     seg = next(t for t in trials if t.task == "seg").finetune
     depth = next(t for t in trials if t.task == "depth").finetune
-    assert seg["head"] == {"aux_weight": 0.0} and depth["head"] == {"depth_bins": 256}  # each only its own key
-    assert seg["train"]["optim"]["lr"] == depth["train"]["optim"]["lr"] == 3e-3        # a shared key: both
-    assert seg["backbone"]["model_kwargs"] == {"img_size": 64}                         # inside a free-form dict
+    assert seg.head.aux_weight == 0.0 and depth.head.depth_bins == 256                 # each only its own key
+    assert not hasattr(seg.head, "depth_bins") and not hasattr(depth.head, "aux_weight")
+    assert seg.train.optim.lr == depth.train.optim.lr == 3e-3                            # a shared key: both
+    assert seg.backbone.model_kwargs == {"img_size": 64}                                 # inside a free-form dict
     bad = {"name": "probe", "overrides": {"head.depth_bin": 256}}
     with pytest.raises(ConfigError, match="'head.depth_bin' is a key of no task") as e:
         _cfg(tmp_path, base_yaml, seeds=1, fractions=[1.0], backbones=[bad])

@@ -149,17 +149,6 @@ class ReportSettings(Config):
         return v
 
 
-class FinetuneKeys(Config):
-    """Where a trial's coordinates go in the finetune config (dotted keys)."""
-    fraction: str = "data.fraction"
-    seed: list[str] = Field(default_factory=lambda: ["train.seed", "data.seed"],
-                            description="init seed and data-subset seed (same seed -> nested subsets)")
-    out_dir: str = "out_dir"
-    backbone: str = "backbone"
-    total_steps: str = "train.schedule.total_steps"
-    warmup_steps: str = "train.schedule.warmup_steps"
-
-
 class SweepConfig(StorageKeys):
     # the YAML key `storage` names the field `state_uri`: `storage(uri)` is StorageKeys' method
     model_config = ConfigDict(validate_by_alias=True, validate_by_name=False, serialize_by_alias=True)
@@ -181,8 +170,8 @@ class SweepConfig(StorageKeys):
     small_fraction_seeds: SmallFractionSeeds | None = Field(default_factory=SmallFractionSeeds)
     schedule_by: Literal["iterations", "epochs"] = Field(
         "iterations", description="finetuning length across fractions: iterations = the same steps at every "
-        "fraction (more epochs on less data); epochs = steps scaled by the fraction (keys.total_steps, "
-        "keys.warmup_steps)")
+        "fraction (more epochs on less data); epochs = steps scaled by the fraction (train.schedule.total_steps and "
+        "warmup_steps)")
     search_space: dict[str, SearchDim] = Field(default_factory=dict, description="dotted finetune key -> dim")
     num_samples: int = Field(1, ge=1, description="samples of search_space per grid point")
     search_seed: int = 0
@@ -192,7 +181,6 @@ class SweepConfig(StorageKeys):
     state_uri: str | None = Field(None, alias="storage", description="where Tune keeps the experiment state: a "
                                   "local dir or s3://bucket/prefix (survives the head: rerun the same sweep on a new "
                                   "cluster to Tuner.restore it); default <out>/tune")
-    keys: FinetuneKeys = Field(default_factory=FinetuneKeys)
     report: ReportSettings = Field(default_factory=ReportSettings)
     run_report: bool = True
     verbose: int = Field(1, ge=0, le=2)

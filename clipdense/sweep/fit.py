@@ -11,19 +11,18 @@ A rerun skips the trials whose metrics.json carries this config's hash and fits 
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clipdense.config import UserError, build_config, config_hash, run_provenance, set_dotted
-from clipdense.dense.config import FinetuneConfig
+from clipdense.config import UserError, config_hash, run_provenance
+from clipdense.dense.base_config import FinetuneBase
 from clipdense.dense.fit_probe import FitProbe, FitProbeConfig
 from clipdense.dense.fit_probe.job import HEAD
 from clipdense.sweep.config import SweepConfig
-from clipdense.sweep.grid import METRICS_FILE, TRIAL_FILE, Trial, trial_dir
+from clipdense.sweep.grid import METRICS_FILE, TRIAL_FILE, Trial
 
 FEATURES_DIR = "features"
 PROVENANCE_EXCLUDE = ("out", "fresh", "out_dir")
@@ -32,14 +31,13 @@ RUN_ONLY = ("in_process", "batch_size")     # fit settings that do not change a 
 
 @dataclass(frozen=True)
 class FitJob:
-    """One (task, backbone): its pending trials (name, coordinates, finetune config data, source) and settings."""
+    """One (task, backbone): its pending trials (name, coordinates, finetune config) and settings."""
 
     task: str
     backbone: str
     trials: list[dict]
     out: str
     fit: dict
-    out_dir_key: str = "out_dir"
     sweep_hash: str | None = None
     cwd: str = field(default_factory=lambda: str(Path.cwd()))
 
@@ -54,21 +52,19 @@ def fit_jobs(cfg: SweepConfig, trials: list[Trial], out: Path, sweep_hash: str |
     fit = cfg.fit.model_dump(mode="json")
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for t in trials:
-        item = {"name": t.name, "coords": t.coordinates(), "finetune": t.finetune, "source": t.source}
-        done = trial_dir(out, t.name) / METRICS_FILE
-        if not finished(done, fit_hash(trial_config(str(out), cfg.keys.out_dir, item), fit)):
+        item = {"name": t.name, "coords": t.coordinates(), "finetune": t.finetune}
+        if not finished(Path(t.finetune.out_dir) / METRICS_FILE, fit_hash(t.finetune, fit)):
             groups[(t.task, t.backbone)].append(item)
-    return [FitJob(task, bb, items, str(out), fit, cfg.keys.out_dir, sweep_hash)
-            for (task, bb), items in groups.items()]
+    return [FitJob(task, bb, items, str(out), fit, sweep_hash) for (task, bb), items in groups.items()]
 
 
-def hashed(cfg: FinetuneConfig, fit: dict) -> dict:
+def hashed(cfg: FinetuneBase, fit: dict) -> dict:
     """What identifies a fit trial's result: its finetune config and the fit settings but where and how batched
     the jobs ran."""
     return {**cfg.model_dump(mode="json"), "fit": {k: v for k, v in fit.items() if k not in RUN_ONLY}}
 
 
-def fit_hash(cfg: FinetuneConfig, fit: dict) -> str:
+def fit_hash(cfg: FinetuneBase, fit: dict) -> str:
     """provenance.config_hash of a fit trial's metrics.json."""
     return config_hash(hashed(cfg, fit), PROVENANCE_EXCLUDE)
 
@@ -81,18 +77,12 @@ def finished(path: Path, expected_hash: str) -> bool:
     return isinstance(doc, dict) and (doc.get("provenance") or {}).get("config_hash") == expected_hash
 
 
-def trial_config(out: str, out_dir_key: str, trial: dict) -> FinetuneConfig:
-    data = copy.deepcopy(trial["finetune"])
-    set_dotted(data, out_dir_key, str(trial_dir(out, trial["name"])))
-    return build_config(FinetuneConfig, data, f"{trial['source']} (trial {trial['name']})")
-
-
 def run_fit_job(job: FitJob) -> dict:
     """{"done": [names], "failed": ["name: one line", ...]}: a job's failure fails its trials, with its cause."""
     done: list[str] = []
     try:
         fit = FitProbeConfig.model_validate(job.fit)
-        probe = FitProbe(trial_config(job.out, job.out_dir_key, job.trials[0]), fit, job.features)
+        probe = FitProbe(job.trials[0]["finetune"], fit, job.features)
         for trial in job.trials:
             write_trial(job, trial, probe)
             done.append(trial["name"])
@@ -103,7 +93,7 @@ def run_fit_job(job: FitJob) -> dict:
 
 
 def write_trial(job: FitJob, trial: dict, probe: FitProbe) -> None:
-    cfg = trial_config(job.out, job.out_dir_key, trial)
+    cfg = trial["finetune"]
     result = probe.run(cfg.data.fraction, cfg.data.seed)
     tdir = Path(cfg.out_dir)
     tdir.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
-"""Expand a SweepConfig into trials: one finetune config (as a dict) per (task, backbone, fraction, seed).
+"""Expand a SweepConfig into trials: one typed finetune config per (task, backbone, fraction, seed).
 
-No Ray, no torch of its own (only the finetune config schemas, to route backbone overrides to the tasks that have
-the key): the driver validates each dict against `FinetuneConfig` before launching anything.
+No Ray, no torch of its own (only the finetune config schemas). Each (task, backbone) config is built from its YAML
+and overrides and validated once, here on the driver; a trial's coordinates (fraction, seeds, scaled schedule, its
+directory) are typed edits of it, each value validated as it is set. Trials carry the config objects to Tune.
 Trial names are deterministic, `seg/recap-clip/f0.0625/s1`, so reruns find earlier results by path.
 """
 from __future__ import annotations
@@ -14,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clipdense.config import ConfigError, configs_dir, deep_merge, get_dotted, read_yaml, set_dotted
+from clipdense.config import ConfigError, build_config, configs_dir, deep_merge, read_yaml, set_dotted, with_values
+from clipdense.dense.base_config import FinetuneBase
 from clipdense.dense.config import FinetuneConfig, has_key
 from clipdense.sweep.config import SweepConfig
 
@@ -67,12 +69,17 @@ def hparam_label(hparams: dict[str, Any]) -> str:
     return "hp-" + hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
-def scale_schedule(data: dict, keys, fraction: float) -> None:
-    """schedule_by epochs: the fraction's steps (and warmup) are the full-data ones times the fraction."""
-    for key in (keys.total_steps, keys.warmup_steps):
-        steps = get_dotted(data, key)
-        if isinstance(steps, int) and steps > 0:
-            set_dotted(data, key, max(1, round(steps * fraction)))
+def coordinates_set(cfg: FinetuneBase, fraction: float, seed: int, out_dir: Path, by_epochs: bool,
+                    source: str) -> FinetuneBase:
+    """The grid config at one (fraction, seed): its data subset, its init and subset seeds (same seed -> nested
+    subsets), its directory, and with schedule_by epochs its steps (and warmup) times the fraction."""
+    values: dict = {"data.fraction": fraction, "data.seed": seed, "train.seed": seed, "out_dir": str(out_dir)}
+    if by_epochs:
+        schedule = cfg.train.schedule
+        values["train.schedule.total_steps"] = max(1, round(schedule.total_steps * fraction))
+        if schedule.warmup_steps > 0:
+            values["train.schedule.warmup_steps"] = max(1, round(schedule.warmup_steps * fraction))
+    return with_values(cfg, values, source)
 
 
 def resolve_config_path(path: str) -> Path:
@@ -95,14 +102,22 @@ class Trial:
     metric: str                       # metric key in metrics.json the report plots
     mode: str                         # "max" | "min"
     source: str                       # base finetune YAML, for error messages
-    finetune: dict = field(repr=False, hash=False, compare=False)   # finetune config data, out_dir unset
+    finetune: FinetuneBase = field(repr=False, hash=False, compare=False)   # validated; out_dir = the trial's dir
     condition: str = ""               # pretraining condition (the backbone's name unless grouped)
     schedule_by: str = "iterations"
-    total_steps: int | None = None    # the trial's finetuning steps (scaled by the fraction with schedule_by epochs)
+
+    @property
+    def total_steps(self) -> int:
+        """The trial's finetuning steps (scaled by the fraction with schedule_by epochs)."""
+        return self.finetune.train.schedule.total_steps
+
+    @staticmethod
+    def name_of(task: str, backbone: str, fraction: float, seed: int) -> str:
+        return f"{task}/{backbone}/{fraction_label(fraction)}/s{seed}"
 
     @property
     def name(self) -> str:
-        return f"{self.task}/{self.backbone}/{fraction_label(self.fraction)}/s{self.seed}"
+        return self.name_of(self.task, self.backbone, self.fraction, self.seed)
 
     def coordinates(self) -> dict:
         return {"task": self.task, "backbone": self.backbone, "fraction": self.fraction, "seed": self.seed,
@@ -115,10 +130,11 @@ def trial_dir(out: str | Path, name: str) -> Path:
 
 
 def expand(cfg: SweepConfig) -> list[Trial]:
-    """All trials, ordered task, backbone, fraction (ascending), seed. A backbone's `overrides` apply to the tasks
-    whose config has the key (SweepConfig refuses a key of no task's config)."""
+    """All trials, ordered task, backbone, fraction (ascending), seed, each with its validated finetune config
+    (out_dir: its directory under the sweep's `out`). A backbone's `overrides` apply to the tasks whose config has
+    the key (SweepConfig refuses a key of no task's config)."""
     trials = []
-    keys = cfg.keys
+    out = Path(cfg.out).absolute()
     for task in cfg.tasks:
         path = resolve_config_path(task.config)
         base = read_yaml(path)
@@ -127,27 +143,26 @@ def expand(cfg: SweepConfig) -> list[Trial]:
         for bb in cfg.backbones:
             data = copy.deepcopy(base)
             if bb.backbone:
-                section = data.get(keys.backbone)
-                data[keys.backbone] = deep_merge(section if isinstance(section, dict) else {}, bb.backbone)
+                section = data.get("backbone")
+                data["backbone"] = deep_merge(section if isinstance(section, dict) else {}, bb.backbone)
             for k, v in bb.overrides.items():
                 if has_key(FinetuneConfig.TASKS.get(data.get("task", "seg"), FinetuneConfig), k):
                     set_dotted(data, k, v)
+            source = f"{path} (task {task.name}, backbone {bb.name})"
+            grid_cfg = build_config(FinetuneConfig, data, source)
             for f in fractions(cfg):
                 for s in seeds_for(cfg, f):
-                    d = copy.deepcopy(data)
-                    set_dotted(d, keys.fraction, f)
-                    if cfg.schedule_by == "epochs":
-                        scale_schedule(d, keys, f)
-                    for key in keys.seed:
-                        set_dotted(d, key, s)
-                    trials.append(Trial(task.name, bb.name, f, s, task.metric, task.mode, str(path), d,
-                                        bb.condition_name, cfg.schedule_by, get_dotted(d, keys.total_steps)))
+                    name = Trial.name_of(task.name, bb.name, f, s)
+                    ft = coordinates_set(grid_cfg, f, s, trial_dir(out, name), cfg.schedule_by == "epochs",
+                                         f"{source} (trial {name})")
+                    trials.append(Trial(task.name, bb.name, f, s, task.metric, task.mode, str(path), ft,
+                                        bb.condition_name, cfg.schedule_by))
     return trials
 
 
 def grid_hash(trials: list[Trial], cfg: SweepConfig) -> str:
     """Identifies a grid (trial set + search space): Tune state is restored only for the same grid."""
-    payload = {"trials": [[t.name, t.finetune] for t in trials],
+    payload = {"trials": [[t.name, t.finetune.model_dump(mode="json", exclude={"out_dir"})] for t in trials],
                "search": {k: v.model_dump() for k, v in cfg.search_space.items()},
                "num_samples": cfg.num_samples, "search_seed": cfg.search_seed,
                "scheduler": cfg.scheduler.model_dump()}

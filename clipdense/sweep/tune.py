@@ -14,7 +14,6 @@ returns at once without training, so a changed grid or a lost Tune state never r
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -30,9 +29,9 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.util.queue import Empty, Queue
 
-from clipdense.config import build_config, set_dotted
+from clipdense.config import with_values
 from clipdense.data.storage import Storage
-from clipdense.dense.config import FinetuneConfig
+from clipdense.dense.base_config import FinetuneBase
 from clipdense.dense.run import run as run_finetune
 from clipdense.ray_session import ray_session
 from clipdense.sweep.config import SearchDim, SweepConfig
@@ -54,13 +53,11 @@ TOKEN_CPU = 0.01
 STOPPED_FILE = "early_stopped.json"   # written by the driver for trials a scheduler stopped (not rerun)
 
 
-def finetune_config(spec: dict, hparams: dict[str, Any], out_dir: Path) -> FinetuneConfig:
-    """The trial's FinetuneConfig: the grid's dict + sampled hyperparameters + its output directory."""
-    data = copy.deepcopy(spec["finetune"])
-    for key, value in hparams.items():
-        set_dotted(data, key, value)
-    set_dotted(data, spec["out_dir_key"], str(out_dir))
-    return build_config(FinetuneConfig, data, f"{spec['source']} (trial {spec['name']})")
+def finetune_config(spec: dict, hparams: dict[str, Any], out_dir: Path) -> FinetuneBase:
+    """The trial's finetune config: the grid's (validated on the driver) with the sampled hyperparameters (each
+    validated as it is set) and its output directory (a hyperparameter sample's own)."""
+    return with_values(spec["finetune"], {**hparams, "out_dir": str(out_dir)}, f"{spec['source']} (trial "
+                       f"{spec['name']})")
 
 
 def _trial_fn(config: dict, specs: dict) -> None:
@@ -187,7 +184,7 @@ def run_tune(cfg: SweepConfig, trials: list[Trial], experiment: str, state: Stor
     """Run (or resume) the sweep's Tune experiment `experiment`, its state kept under `state`; returns counts and
     the names of failed trials."""
     out = Path(cfg.out).absolute()
-    ft_cfgs = [finetune_config(_spec(cfg, t, out), {}, trial_dir(out, t.name)) for t in trials]   # fail early
+    ft_cfgs = [t.finetune for t in trials]
     pending = [t.name for t in trials if cfg.search_space or not (trial_dir(out, t.name) / METRICS_FILE).is_file()]
     summary = {"trials": len(trials), "skipped": len(trials) - len(pending), "failed": [], "stopped": []}
     if not pending:
@@ -208,7 +205,7 @@ def run_tune(cfg: SweepConfig, trials: list[Trial], experiment: str, state: Stor
                                        storage_filesystem=fs)
             summary["restored"] = state.child(experiment).uri
         else:
-            totals = {t.name: c.train.schedule.total_steps for t, c in zip(trials, ft_cfgs)}
+            totals = {t.name: t.total_steps for t in trials}
             tuner = tune.Tuner(trainable, param_space=_param_space(cfg, pending),
                                tune_config=_tune_config(cfg, metric, trials[0].mode, concurrency),
                                run_config=tune.RunConfig(
@@ -257,7 +254,7 @@ def _tally(results, trials_root: Path, summary: dict) -> None:
 
 def _spec(cfg: SweepConfig, t: Trial, out: Path) -> dict:
     return {"name": t.name, "finetune": t.finetune, "source": t.source, "coords": t.coordinates(),
-            "trials_root": str(out / "trials"), "out_dir_key": cfg.keys.out_dir, "cwd": os.getcwd()}
+            "trials_root": str(out / "trials"), "cwd": os.getcwd()}
 
 
 def _fit_job_in_task(job: FitJob) -> dict:
