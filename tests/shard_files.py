@@ -34,3 +34,14 @@ def write_tar(path, samples: list[dict]) -> None:
 def good_samples(prefix: str, n: int, seed: int = 0) -> list[dict]:
     return [{"key": f"{prefix}{i:04d}", "jpg": jpeg_bytes(seed * 1000 + i), "txt": f"caption {prefix}{i}",
              "json": {"i": i}} for i in range(n)]
+
+
+def write_shard_set(d, n_shards: int, per_shard: int, digits: int = 6) -> dict[str, list[str]]:
+    """`n_shards` tars of good samples in folder `d` (made here); {the Parquet each becomes: its keys, in order}."""
+    d.mkdir(parents=True, exist_ok=True)
+    keys = {}
+    for s in range(n_shards):
+        samples = good_samples(f"s{s}_", per_shard, seed=s)
+        write_tar(d / f"{s:0{digits}d}.tar", samples)
+        keys[f"{s:0{digits}d}.parquet"] = [x["key"] for x in samples]
+    return keys

@@ -19,7 +19,7 @@ from cluster_files import (
     wait_until,
     worker_nodes,
 )
-from shard_files import good_samples, write_tar
+from shard_files import write_shard_set
 
 from clipdense.jobs.submit import SubmitArgs, build_job, main_submit
 
@@ -70,16 +70,6 @@ def test_jobs_keep_their_working_dir_while_nodes_come_and_go(cluster, tmp_path):
     assert rounds[1] - rounds[0], "the second round ran on newly added nodes"
 
 
-def _shards(d, n_shards: int, per_shard: int) -> dict[str, list[str]]:
-    d.mkdir(parents=True)
-    keys = {}
-    for s in range(n_shards):
-        samples = good_samples(f"s{s}_", per_shard, seed=s)
-        write_tar(d / f"{s:06d}.tar", samples)
-        keys[f"{s:06d}.parquet"] = [x["key"] for x in samples]
-    return keys
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_recaption_survives_losing_a_worker_node(cluster, tmp_path, capsys):
@@ -87,7 +77,7 @@ def test_recaption_survives_losing_a_worker_node(cluster, tmp_path, capsys):
     worker nodes) on the local cluster; a few batches in, the node of a captioner actor is killed as
     a lost machine (raylet + workers + agents, SIGKILL). Ray Data restarts the actor on another node and retries
     its batches: the job succeeds with every key exactly once, in input order, and no error rows."""
-    expected = _shards(tmp_path / "in", n_shards=6, per_shard=32)
+    expected = write_shard_set(tmp_path / "in", n_shards=6, per_shard=32)
     out = tmp_path / "out"
     state, client = cluster
     auth = ["--address", state.dashboard_url, "--token-file", state.token_path]

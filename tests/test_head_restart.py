@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from pretrain_files import write_world
-from shard_files import good_samples, write_tar
+from shard_files import write_shard_set
 
 from clipdense.config import build_config, configs_dir, read_yaml
 from clipdense.jobs.cluster import down_local, free_port, up_local
@@ -154,12 +154,7 @@ def test_recaption_after_losing_the_head_skips_finished_shards_and_writes_each_k
     """The job driver lives on the head: the head dies once some shards are written (echo engine, slowed to 1 s a
     batch), a new head starts and the same command runs again. Shards written before are skipped (not rewritten),
     the rest are captioned, and every key is in its shard's file exactly once, in input order."""
-    (tmp_path / "in").mkdir()
-    expected = {}
-    for s in range(6):
-        samples = good_samples(f"s{s}_", 24, seed=s)
-        write_tar(tmp_path / "in" / f"{s:06d}.tar", samples)
-        expected[f"{s:06d}.parquet"] = [x["key"] for x in samples]
+    expected = write_shard_set(tmp_path / "in", n_shards=6, per_shard=24)
     out = tmp_path / "out"
     argv = ["recaption", "--config", str(ROOT / "configs/recaption/echo.yaml"), f"input={tmp_path / 'in'}",
             f"output={out}", "engine.concurrency=1", "engine.num_cpus=1", "engine.batch_size=8",

@@ -15,7 +15,7 @@ from cluster_files import local_cluster, state_api
 from ray.dashboard.modules.job.cli import submit as ray_job_submit
 from ray.dashboard.modules.job.common import JobSubmitRequest
 from ray.runtime_env import RuntimeEnv
-from shard_files import good_samples, write_tar
+from shard_files import write_shard_set
 
 from clipdense.config import ConfigError
 from clipdense.jobs import JOB_STAGES, client
@@ -210,12 +210,7 @@ def test_submit_spec_user_mistakes(argv, needle, capsys, monkeypatch):
 def test_smallest_spec_runs_on_the_local_cluster(tmp_path, capsys):
     """`clipdense submit jobs/recaption-tiny-cpu.yaml input=... output=...` on a fresh local autoscaling cluster:
     the autoscaler adds a worker node for the captioner, the job succeeds, every key is captioned once."""
-    (tmp_path / "in").mkdir()
-    keys = {}
-    for s in range(2):
-        samples = good_samples(f"s{s}_", 16, seed=s)
-        write_tar(tmp_path / "in" / f"{s:05d}.tar", samples)
-        keys[f"{s:05d}.parquet"] = [x["key"] for x in samples]
+    keys = write_shard_set(tmp_path / "in", n_shards=2, per_shard=16, digits=5)
     out = tmp_path / "out"
     with local_cluster() as (state, job_client):
         argv = [str(SMALLEST), f"input={tmp_path / 'in'}", f"output={out}", "--address", state.dashboard_url,
