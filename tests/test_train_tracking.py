@@ -279,7 +279,7 @@ def test_an_mlflow_store_that_cannot_work_is_one_line_before_training(tmp_path, 
 def test_sweep_mlflow_callback_gets_the_same_store(tmp_path, monkeypatch):
     import mlflow
 
-    from clipdense.train.driver_progress import tune_callbacks
+    from clipdense.sweep.callbacks import tune_callbacks
 
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -318,8 +318,8 @@ def test_sweep_prints_a_line_per_trial_result_once(capsys):
     # Tune's own Trial objects (stubs: no trainable runs); results as Tune hands them to driver callbacks.
     from ray.tune.experiment import Trial
 
+    from clipdense.sweep.callbacks import TrialProgress
     from clipdense.sweep.grid import hparam_label
-    from clipdense.sweep.progress import TrialProgress
 
     trial = Trial("__fake", config={"trial": "seg/clip/f1/s0", "hp": {"train.schedule.total_steps": 8}}, stub=True)
     other = Trial("__fake", config={"trial": "seg/clip/f0.5/s0"}, stub=True)
@@ -359,7 +359,7 @@ def test_eta_counts_from_the_first_logged_step(monkeypatch):
 def test_sweep_wandb_offline_needs_no_api_key(tmp_path, monkeypatch):
     """Ray's WandbLoggerCallback asks for an API key unless the WANDB_MODE variable says offline (its own `mode`
     argument does not count): `tracking.wandb.mode: offline` must set it, or an offline sweep fails at setup."""
-    from clipdense.train.driver_progress import tune_callbacks
+    from clipdense.sweep.callbacks import tune_callbacks
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "online")  # the config's mode wins (monkeypatch restores the variable)

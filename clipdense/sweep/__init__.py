@@ -5,7 +5,7 @@
     tune.py    Ray Tune wiring: one trial = one dense finetune, resources, retries, restore
     factor.py  data-efficiency factor: monotone fits, paired seed bootstrap, censoring (pure numpy)
     report.py  `clipdense report DIR`: plots, tables, factors from the trial dirs' metrics.json
-    progress.py  a Tune callback printing one progress line per trial result on the driver
+    callbacks.py the driver's Tune callbacks: one progress line per trial result, the trackers' logger callbacks
 """
 from __future__ import annotations
 

@@ -34,6 +34,7 @@ from clipdense.data.storage import Storage
 from clipdense.dense.base_config import FinetuneBase
 from clipdense.dense.run import run as run_finetune
 from clipdense.ray_session import ray_session
+from clipdense.sweep.callbacks import TrialProgress, tune_callbacks
 from clipdense.sweep.config import SearchDim, SweepConfig
 from clipdense.sweep.fit import FitJob, fit_jobs, run_fit_job
 from clipdense.sweep.grid import (
@@ -45,8 +46,6 @@ from clipdense.sweep.grid import (
     plain_hparams,
     trial_dir,
 )
-from clipdense.sweep.progress import TrialProgress
-from clipdense.train.driver_progress import tune_callbacks
 from clipdense.train.tracking import TrackingConfig
 
 TOKEN_CPU = 0.01
@@ -91,7 +90,7 @@ def _report_earlier_result(out_dir: Path) -> bool:
 def _run_trial(spec: dict, hparams: dict, name: str, out_dir: Path) -> None:
     cfg = finetune_config(spec, hparams, out_dir)
     # each trial is logged once, by Tune's callbacks (the sweep's `tracking`): the trial itself tracks nothing and
-    # prints no progress (the driver prints a line per trial result: sweep/progress)
+    # prints no progress (the driver prints a line per trial result: sweep/callbacks)
     cfg = cfg.model_copy(update={"tracking": TrackingConfig(progress="off")})
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / TRIAL_FILE).write_text(json.dumps({**spec["coords"], "hp": hparam_label(hparams) if hparams else None,

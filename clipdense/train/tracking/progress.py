@@ -9,7 +9,7 @@ class Progress:
     """`step k/N`, loss, lr, samples/s, data-wait fraction and ETA, one line per log interval (or a tqdm bar).
 
     The one formatter of progress: rank 0 in-process, the driver of a Ray Train run (`driver_progress`) and a
-    sweep's per-trial lines (`sweep/progress`, with `prefix` naming the trial) all print through it."""
+    sweep's per-trial lines (`sweep/callbacks`, with `prefix` naming the trial) all print through it."""
 
     def __init__(self, mode: str, total_steps: int, start_step: int = 0, stream=None, prefix: str = ""):
         self.stream = stream or sys.stdout
