@@ -19,17 +19,11 @@ import torch.distributed as dist
 
 from clipdense.config import DataError
 from clipdense.train.config import TrainConfig
+from clipdense.train.precision import autocast_dtype, resolve_precision
 from clipdense.train.schedule import lr_factor, set_lr
 from clipdense.train.state import rng_state, save_checkpoint, set_rng_state, unwrap
 from clipdense.train.task import TrainContext, TrainTask
 from clipdense.train.tracking import RunWatchers, TrackingConfig
-
-
-def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    p = cfg.scaling.precision
-    if p == "bf16" or (p == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
 
 
 def seed_everything(seed: int) -> None:
@@ -117,7 +111,7 @@ def run_worker(env, task_factory, cfg: TrainConfig, run_id: str, tracking: Track
 def _context(env, cfg: TrainConfig) -> TrainContext:
     return TrainContext(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank, device=env.device,
                         seed=cfg.seed, total_steps=cfg.schedule.total_steps, out_dir=Path(cfg.out_dir),
-                        autocast_dtype=_autocast_dtype(cfg, env.device), dataset_shards=env.dataset_shards())
+                        dataset_shards=env.dataset_shards())  # autocast_dtype: set once the model is built
 
 
 def _run_worker(env, task_factory, cfg: TrainConfig, run_id: str, tracking, params, relay) -> dict:
@@ -157,6 +151,9 @@ class WorkerTraining:
         if cfg.scaling.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
             model.set_grad_checkpointing(True)
         model.to(self.ctx.device)
+        # `auto` depends on the device and, on a CPU, on the model (train/precision.py)
+        self.precision = resolve_precision(cfg.scaling.precision, self.ctx.device, model)
+        self.ctx.autocast_dtype = autocast_dtype(self.precision)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(task.param_groups(model, o), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                            weight_decay=o.weight_decay, fused=o.fused or None)
@@ -300,6 +297,7 @@ class WorkerTraining:
                              "export": export})
 
     def _result(self, summary: dict) -> dict:
+        summary = {**summary, "precision": self.precision}  # `auto` resolved: what the steps computed in
         if self.ctx.is_main:
             (self.ctx.out_dir / "result.json").write_text(json.dumps(summary, indent=2, default=str))
         return summary

@@ -3,13 +3,15 @@ seq_len 30 tokens, text cut at the first period), sampled by our own loop (sampl
 forward, so no `transformers` is needed.
 
 Vectorised: the image tower runs once per image; its embeddings are repeated N times and all B*N sequences are
-sampled together. CPU (fp32) or CUDA (bf16 autocast).
+sampled together. CPU or CUDA; `precision` fp32, bf16 (autocast) or auto: bf16 on CUDA, and on a CPU where
+bf16 measured faster (native bf16 and a model at least 128 wide: train/precision.py), else fp32.
 
 Seeding: each caption's draws come from (engine seed, row key, caption index) (sampling.sequence_uniforms), so a
 row's captions do not depend on the batch it came in, the actor or the order. On CPU in fp32 that makes captions
-exact across batchings (tested); on CUDA in bf16 the draws are the same but the logits can differ in the last bits
-with the batch shape (kernel choice), which can flip a token whose uniform sits on a nucleus boundary: rare, not
-exact. Without keys (direct calls) a row's key is a hash of its pixels.
+exact across batchings (tested), and in bf16 on CPU too (tested on coca-tiny); on CUDA in bf16 the draws are the
+same but the logits can differ in the last bits with the batch shape (kernel choice), which can flip a token whose
+uniform sits on a nucleus boundary: rare, not exact. Without keys (direct calls) a row's key is a hash of its
+pixels.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from clipdense.models.registry import create_clip, register_model_configs, token
 from clipdense.recaption.engines.base import Captioner, ImageLike, cut_caption, to_pil
 from clipdense.recaption.engines.kv_cache import CocaKVDecoder, supports_kv_cache
 from clipdense.recaption.engines.sampling import decode_sequences, sample_top_p, sequence_uniforms
+from clipdense.train.precision import resolve_precision
 
 
 def coca_image_size(model: str) -> int | None:
@@ -63,13 +66,15 @@ class CocaCaptioner(Captioner):
 
     def __init__(self, model: str = "coca_ViT-L-14", pretrained: str | None = None, checkpoint: str | None = None,
                  *, top_p: float = 0.9, temperature: float = 1.0, seq_len: int = 30, min_seq_len: int = 5,
-                 cut_at_period: bool = True, seed: int = 0, device: str = "auto", kv_cache: bool = True):
+                 cut_at_period: bool = True, seed: int = 0, device: str = "auto", kv_cache: bool = True,
+                 precision: str = "auto"):
         if checkpoint and not Path(checkpoint).is_file():
             raise FileNotFoundError(f"CoCa checkpoint not found: {checkpoint}")
         self.device = pick_device(device)
         self.model = create_clip(model, pretrained=checkpoint or pretrained).to(self.device).eval()
         if not oca.is_coca(self.model):
             raise ValueError(f"{model} is not a CoCa model (no text decoder)")
+        self.precision = resolve_precision(precision, self.device, self.model)  # auto: by device, CPU and width
         self.tokenizer = tokenizer_for(model)
         self.sot = int(getattr(self.tokenizer, "sot_token_id", 49406))
         self.eot = int(getattr(self.tokenizer, "eot_token_id", 49407))
@@ -89,8 +94,8 @@ class CocaCaptioner(Captioner):
         self.kv_cache = kv_cache and supports_kv_cache(self.model)
 
     def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def pixels(self, images: Sequence[ImageLike]) -> torch.Tensor:
