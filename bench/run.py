@@ -1,7 +1,7 @@
 """Run every benchmark (or the named ones) and write bench/results/<name>.json plus bench/results/README.md.
 
     python -m bench.run                 # all CPU benchmarks
-    python -m bench.run pretrain data   # a subset
+    python -m bench.run pretrain data   # a subset (`pretrain` includes bf16: bf16 vs fp32 and the step's MFU)
     python -m bench.run --gpu           # GPU mode (CUDA present): ViT-B/16, MobileCLIP-S2, CoCa ViT-L/14, UperNet
     python -m bench.run --quick         # smaller inputs (smoke run); `--full` adds the default-scale demo's wall time
 
@@ -18,8 +18,10 @@ import traceback
 
 from bench.common import RESULTS, latest_figures, markdown
 
+# a name runs one module or several (in order); running every bench runs each module once
 CPU_BENCHES = {
-    "pretrain": "bench.pretrain_vs_open_clip",
+    "pretrain": ("bench.pretrain_vs_open_clip", "bench.bf16_cpu"),   # + bf16 vs fp32 and the step's CPU MFU
+    "bf16": "bench.bf16_cpu",
     "data": "bench.data_decode",
     "recaption": "bench.recaption_echo",
     "recaption-scale": "bench.recaption_scale",
@@ -46,21 +48,26 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     table = {**CPU_BENCHES, **GPU_BENCHES}
     names = args.names or (list(GPU_BENCHES) if args.gpu else list(CPU_BENCHES))
-    failed = []
+    failed, done = [], set()
     for name in names:
         if name not in table:
             print(f"unknown benchmark {name!r}; choose from {sorted(table)}", file=sys.stderr)
             return 2
-        print(f"== bench {name}", flush=True)
-        try:
-            fn = importlib.import_module(table[name]).main
-            kwargs = {"quick": args.quick}
-            if "full" in inspect.signature(fn).parameters:
-                kwargs["full"] = args.full
-            fn(**kwargs)
-        except Exception:
-            traceback.print_exc()
-            failed.append(name)
+        modules = table[name] if isinstance(table[name], tuple) else (table[name],)
+        for module in modules:
+            if module in done:
+                continue
+            done.add(module)
+            print(f"== bench {name}" + (f" ({module})" if len(modules) > 1 else ""), flush=True)
+            try:
+                fn = importlib.import_module(module).main
+                kwargs = {"quick": args.quick}
+                if "full" in inspect.signature(fn).parameters:
+                    kwargs["full"] = args.full
+                fn(**kwargs)
+            except Exception:
+                traceback.print_exc()
+                failed.append(name if len(modules) == 1 else f"{name} ({module})")
     write_table()
     print((RESULTS / "README.md").read_text())
     if failed:
