@@ -51,20 +51,22 @@ def model_width(model: nn.Module | None) -> int | None:
     return int(statistics.median(sides)) if sides else None
 
 
-def cpu_bf16_pays(model: nn.Module | None = None) -> bool:
-    """Whether `auto` picks bf16 on this CPU for `model` (None: the CPU alone decides)."""
+def cpu_bf16_pays(model: nn.Module | None = None, *, measured_faster: bool = True) -> bool:
+    """Whether `auto` picks bf16 on this CPU for `model` (None: the CPU alone decides); `measured_faster` False for
+    work where bf16 measured slower even on a native-bf16 CPU (the CoCa sampler): then only the env var forces it."""
     forced = os.environ.get(CPU_BF16_ENV, "").strip().lower()
     if forced in ("0", "false", "no", "off"):
         return False
     if forced in ("1", "true", "yes", "on"):
         return True
-    if not cpu_has_native_bf16():
+    if not measured_faster or not cpu_has_native_bf16():
         return False
     width = model_width(model)
     return width is None or width >= BF16_CPU_MIN_WIDTH
 
 
-def resolve_precision(precision: str, device: torch.device | str, model: nn.Module | None = None) -> Precision:
+def resolve_precision(precision: str, device: torch.device | str, model: nn.Module | None = None, *,
+                      cpu_measured_faster: bool = True) -> Precision:
     """`fp32` / `bf16` as given; `auto`: bf16 on CUDA, on a CPU where `cpu_bf16_pays`, else fp32."""
     if precision in ("fp32", "bf16"):
         return precision  # type: ignore[return-value]
@@ -73,7 +75,7 @@ def resolve_precision(precision: str, device: torch.device | str, model: nn.Modu
     kind = torch.device(device).type
     if kind == "cuda":
         return "bf16"
-    return "bf16" if kind == "cpu" and cpu_bf16_pays(model) else "fp32"
+    return "bf16" if kind == "cpu" and cpu_bf16_pays(model, measured_faster=cpu_measured_faster) else "fp32"
 
 
 def autocast_dtype(precision: Precision) -> torch.dtype | None:

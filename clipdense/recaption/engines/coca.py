@@ -3,8 +3,8 @@ seq_len 30 tokens, text cut at the first period), sampled by our own loop (sampl
 forward, so no `transformers` is needed.
 
 Vectorised: the image tower runs once per image; its embeddings are repeated N times and all B*N sequences are
-sampled together. CPU or CUDA; `precision` fp32, bf16 (autocast) or auto: bf16 on CUDA, and on a CPU where
-bf16 measured faster (native bf16 and a model at least 128 wide: train/precision.py), else fp32.
+sampled together. CPU or CUDA; `precision` fp32, bf16 (autocast) or auto: bf16 on CUDA, fp32 on a CPU (bf16
+measured slower there for sampling; `CLIPDENSE_CPU_BF16=1` forces it: train/precision.py).
 
 Seeding: each caption's draws come from (engine seed, row key, caption index) (sampling.sequence_uniforms), so a
 row's captions do not depend on the batch it came in, the actor or the order. On CPU in fp32 that makes captions
@@ -74,7 +74,9 @@ class CocaCaptioner(Captioner):
         self.model = create_clip(model, pretrained=checkpoint or pretrained).to(self.device).eval()
         if not oca.is_coca(self.model):
             raise ValueError(f"{model} is not a CoCa model (no text decoder)")
-        self.precision = resolve_precision(precision, self.device, self.model)  # auto: by device, CPU and width
+        # auto: bf16 on CUDA; fp32 on a CPU, where bf16 sampling measured slower (0.95x on coca-demo, 0.97x on
+        # coca-tiny: bench/results/bf16_cpu.md) unless CLIPDENSE_CPU_BF16=1 forces it
+        self.precision = resolve_precision(precision, self.device, self.model, cpu_measured_faster=False)
         self.tokenizer = tokenizer_for(model)
         self.sot = int(getattr(self.tokenizer, "sot_token_id", 49406))
         self.eot = int(getattr(self.tokenizer, "eot_token_id", 49407))
