@@ -39,8 +39,8 @@ NOT_RUN = {
     ("README.md", 'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[test]"'):
         "installs packages (the test suite runs inside this environment)",
     ("README.md", "clipdense demo --quick"):
-        "the quick demo takes ~4 min (tests/test_demo.py runs a smaller one twice) and the test suite is what runs "
-        "this file",
+        "the quick demo takes ~2.5 min (tests/test_demo.py runs a smaller one twice) and the test suite is what runs "
+        "this file (on 2 xdist workers, a test module each; `-n 0`: one process)",
     ("docs/data-and-layouts.md", "clipdense pretrain --config vitb16-datacompdr \\"):
         "real data (DataComp-12M images and DataCompDR-12M, ~1.5 TB) on a GPU cluster",
     ("docs/recaption.md", "clipdense recaption --config coca-vitl14-datacompdr input=/data/datacomp-12m "
@@ -64,7 +64,7 @@ NOT_RUN = {
     ("docs/clusters-and-jobs.md", "clipdense cluster up --local"):
         "starts and stops a multi-process cluster (tests/test_cluster_local.py covers it)",
     ("docs/demo.md", "clipdense demo --quick --out runs/demo-quick"):
-        "the quick demo takes ~4 min on 2 cores (tests/test_demo.py runs a smaller one twice), the default one ~50 min",
+        "the quick demo takes ~2.5 min on 2 cores (tests/test_demo.py runs a smaller one twice), the default one ~50 min",
     ("docs/real-data.md", "ray get-auth-token --generate"):
         "a real cloud cluster (cluster/README.md has the whole setup)",
     ("docs/real-data.md", "img2dataset --url_list /data/datacomp-12m-meta --input_format parquet --url_col url "
