@@ -64,7 +64,8 @@ NOT_RUN = {
     ("docs/clusters-and-jobs.md", "clipdense cluster up --local"):
         "starts and stops a multi-process cluster (tests/test_cluster_local.py covers it)",
     ("docs/demo.md", "clipdense demo --quick --out runs/demo-quick"):
-        "the quick demo takes ~2.5 min on 2 cores (tests/test_demo.py runs a smaller one twice), the default one ~50 min",
+        "the quick demo takes ~2.5 min on 2 cores (tests/test_demo.py runs a smaller one twice), the default one "
+        "~50 min",
     ("docs/real-data.md", "ray get-auth-token --generate"):
         "a real cloud cluster (cluster/README.md has the whole setup)",
     ("docs/real-data.md", "img2dataset --url_list /data/datacomp-12m-meta --input_format parquet --url_col url "
