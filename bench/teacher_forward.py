@@ -86,7 +86,8 @@ def pipeline(paths: list[str], out: Path, args: argparse.Namespace) -> dict:
         "input": paths, "output": str(out), "stats": {"enabled": False},
         "engine": {"kind": "echo", "num_captions": 1, "batch_size": 256, "num_cpus": 0},
         "decode": {"size": 24},  # the captioner's copy is tiny; the teachers decode the original themselves
-        "ray": {"num_cpus": args.cpus},
+        # one logical CPU beside the teachers' for the shard reads (else they would never be scheduled)
+        "ray": {"num_cpus": args.cpus + 1},
         "teachers": {"models": [{"name": args.teacher, "pretrained": args.pretrained}], "views": args.views,
                      "device": "cpu", "batch_size": 32, "concurrency": args.cpus, "num_cpus": 1}})
     s = run(cfg)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from shard_files import good_samples, jpeg_bytes, write_tar
 
-from clipdense.config import build_config
+from clipdense.config import ConfigError, build_config
 from clipdense.data.datacompdr import read_datacompdr
 from clipdense.data.images import decode_rgb
 from clipdense.models.registry import create_clip, create_clip_and_transforms, tokenizer_for
@@ -169,7 +169,6 @@ def test_caption_provenance_names_the_weights_and_each_seed(tmp_path):
 
 
 def test_rerank_keeps_the_best_distinct_candidates_by_score():
-    from clipdense.config import ConfigError
     from clipdense.recaption.config import TeachersConfig
     from clipdense.recaption.teacher_forward import TeacherForward
 
@@ -190,3 +189,22 @@ def test_rerank_keeps_the_best_distinct_candidates_by_score():
     cfg = build_config(RecaptionConfig, {"input": "x", "output": "y", "teachers": {"models": [{"name": "clip-tiny"}]},
                                          "engine": {"rerank": {"candidates": 4, "keep": 2}}})
     assert cfg.engine.samples == 4
+
+
+def test_actor_pools_that_hold_every_cpu_of_a_local_ray_are_a_one_line_error():
+    """Teachers and captioners holding all CPUs of a Ray that cannot grow left the shard reads unscheduled and the
+    pipeline waiting forever (the teacher bench did, at concurrency = cores): refused before anything runs."""
+    from clipdense.recaption.pipeline import check_cpus_left_to_read
+
+    cfg = build_config(RecaptionConfig, {"input": "x", "output": "y", "engine": {"kind": "echo", "num_cpus": 0},
+                                         "teachers": {"models": [{"name": "clip-tiny"}], "concurrency": 2,
+                                                      "num_cpus": 1}})
+    with pytest.raises(ConfigError, match=r"teachers.concurrency x teachers.num_cpus = 2 of this Ray's 2 CPUs") as e:
+        check_cpus_left_to_read(cfg.engine, cfg.teachers, 2.0)
+    assert "\n" not in str(e.value) and "ray.num_cpus" in str(e.value)
+    check_cpus_left_to_read(cfg.engine, cfg.teachers, 3.0)          # one CPU left to read: fine
+    coca = build_config(RecaptionConfig, {"input": "x", "output": "y",
+                                          "engine": {"kind": "echo", "concurrency": [2, 4], "num_cpus": 1}})
+    with pytest.raises(ConfigError, match="engine.concurrency x engine.num_cpus = 2 of"):
+        check_cpus_left_to_read(coca.engine, None, 2.0)             # the pool's minimum counts
+    check_cpus_left_to_read(coca.engine, None, 3.0)

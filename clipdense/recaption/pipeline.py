@@ -16,7 +16,7 @@ import pyarrow as pa
 from clipdense.config import ConfigError
 from clipdense.data.paths import ShardFiles
 from clipdense.data.rows import error_columns, errors_from, exception_detail, row_error
-from clipdense.data.shards import READ_TASK_BYTES, read_shards, write_parquet
+from clipdense.data.shards import READ_TASK_BYTES, cluster_cpus, read_shards, write_parquet
 from clipdense.ray_session import data_context
 from clipdense.recaption.config import DecodeConfig, EngineConfig, FaultConfig, TeachersConfig
 from clipdense.recaption.decode import ImageInput, prepare_images
@@ -180,11 +180,30 @@ def build_dataset(shards: ShardFiles, engine: Engine, decode: DecodeConfig, faul
         num_cpus=teachers.num_cpus)
 
 
+READ_CPUS = 1.0   # a read task (Ray Data's default), fused with decode_batch
+
+
+def check_cpus_left_to_read(e: EngineConfig, teachers: TeachersConfig | None, cluster_cpus: float) -> None:
+    """A Ray of fixed size (one started here) whose CPUs the actor pools hold all of leaves none for the read and
+    decode tasks: Ray Data would wait for them forever. A one-line ConfigError instead."""
+    lo = e.concurrency[0] if isinstance(e.concurrency, tuple) else e.concurrency
+    held = lo * e.num_cpus + (teachers.concurrency * teachers.num_cpus if teachers is not None else 0.0)
+    if held + READ_CPUS > cluster_cpus + 1e-9:
+        pools = "engine.concurrency x engine.num_cpus" + (
+            " + teachers.concurrency x teachers.num_cpus" if teachers is not None else "")
+        raise ConfigError(f"{pools} = {held:g} of this Ray's {cluster_cpus:g} CPUs leaves less than the "
+                          f"{READ_CPUS:g} CPU a shard read needs, and the pipeline would wait forever: lower them "
+                          f"or raise ray.num_cpus")
+
+
 def caption_shards(todo: ShardFiles, plan: Plan, engine: Engine, decode: DecodeConfig, fault: FaultConfig,
-                   keep_images: bool, teachers: TeachersConfig | None = None) -> tuple[ShardAssembler, float]:
+                   keep_images: bool, teachers: TeachersConfig | None = None,
+                   fixed_size: bool = False) -> tuple[ShardAssembler, float]:
     """Caption the shards of `todo` (those of `plan` not done) and write one output file per shard (and with
     teachers its DataCompDR tar) as it completes; (the assembler, with what it wrote and counted; seconds). Runs
-    inside a Ray session."""
+    inside a Ray session; `fixed_size`: a Ray that cannot grow (one started here), whose CPUs are checked first."""
+    if fixed_size:
+        check_cpus_left_to_read(engine.config, teachers, cluster_cpus())
     ds = build_dataset(todo, engine, decode, fault, keep_images, teachers)
     assembler = ShardAssembler(plan, engine.provenance, write=write_parquet, keep_images=keep_images,
                                fail_after_shards=fault.fail_after_shards,

@@ -23,9 +23,11 @@ def run(cfg: RecaptionConfig) -> dict:
     counts, written, seconds = RunCounts(), [], 0.0
     if plan.todo:
         todo = ShardFiles(list(plan.todo.values()), shards.sidecars, shards.storage)
-        with ray_session(cfg.ray, log_to_driver=True):
+        with ray_session(cfg.ray, log_to_driver=True) as started:
+            # a Ray started here has a fixed size (a cluster's autoscaler may add nodes for the actor pools)
+            fixed_size = started and cfg.ray.target() is None
             assembler, seconds = caption_shards(todo, plan, engine, cfg.decode, cfg.fault, cfg.keep_images,
-                                                cfg.teachers)
+                                                cfg.teachers, fixed_size=fixed_size)
         counts, written = assembler.counts, assembler.written
     stats = None
     if cfg.stats.enabled:
