@@ -223,8 +223,9 @@ def main(argv: list[str] | None = None, quick: bool = False) -> list[dict]:
 def figure_rows(detail: dict, loads: RoundLoads) -> list[dict]:
     runs, q, k = detail["runs"], detail["quality"], detail["keep"]
     base = runs[1]
+    given = f" ({' '.join(detail['overrides'])})" if detail.get("overrides") else ""
     where = (f"{base['images']} web images ({detail['shards']} shards) of the {detail['preset']} demo "
-             f"{detail['demo']}, keep {k}, scorer {detail['scorer']}; {q['images_scored']} images scored, "
+             f"{detail['demo']}{given}, keep {k}, scorer {detail['scorer']}; {q['images_scored']} images scored, "
              f"{q['atypical_objects']} atypical objects ({q['atypical_prior_eligible']} prior-eligible)")
     peer1 = f"N=1 (the demo's {k} samples, unranked, same teacher forward)"
     rows = []
