@@ -73,6 +73,12 @@ def save(name: str, rows: list[dict], out_dir: Path = RESULTS) -> Path:
     return path
 
 
+def provenance_line(doc: dict) -> str:
+    """'<date>, <hardware>, code <commit>[ (dirty)]': where and from what code a saved result came."""
+    cv = doc.get("code_version") or {}
+    return f"{doc['date']}, {doc['hardware']}, code {cv.get('commit', '?')}{' (dirty)' if cv.get('dirty') else ''}"
+
+
 def markdown(payloads: list[dict]) -> str:
     lines = ["| bench | metric | ours | peer | ratio (ours vs peer) | unit | hardware | date | notes |",
              "|---|---|---:|---:|---:|---|---|---|---|"]

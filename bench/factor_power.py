@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import save
+from bench.common import provenance_line, save
 from clipdense.sweep.factor import compare, power_fit
 
 RESULTS = Path(__file__).parent / "results"
@@ -200,11 +200,10 @@ def main(argv=None) -> None:
 
 
 def markdown(doc: dict) -> str:
-    cv = doc.get("code_version") or {}
     lines = [f"# Data-efficiency factor: power on the demo preset ({doc['sweeps']} sweeps per factor, "
              f"{doc['bootstrap']} bootstrap draws, {doc['seconds']} s)", "",
-             f"{doc['date']}, {doc['hardware']}, code {cv.get('commit', '?')}{' (dirty)' if cv.get('dirty') else ''}."
-             f" Noise and shape from `{doc['demo']}/report.csv`; method in `bench/factor_power.py`'s docstring.", "",
+             f"{provenance_line(doc)}. Noise and shape from `{doc['demo']}/report.csv`; method in "
+             "`bench/factor_power.py`'s docstring.", "",
              "| model | seed SD at 1/256, 1/64, 1/16, 1/4, 1 | run SD used (seed part removed, df) | curve c | "
              "slope per octave at 1 |",
              "|---|---|---|---|---|"]

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import save
+from bench.common import provenance_line, save
 from clipdense.sweep.factor import compare
 
 FRACTIONS = [2.0 ** -k for k in range(6, -1, -1)]
@@ -216,13 +216,12 @@ def main(argv=None) -> None:
 
 
 def markdown(doc: dict) -> str:
-    cv = doc.get("code_version") or {}
     lines = [f"# Data-efficiency factor: simulated coverage (fit `{doc['fit']}`, {doc['bootstrap']} bootstrap draws, "
-             f"{doc['seconds']} s)", "", f"{doc['date']}, {doc['hardware']}, code {cv.get('commit', '?')}"
-             f"{' (dirty)' if cv.get('dirty') else ''}. Coverage counts an open end (censored) as covering beyond "
-             "its bound; noise = per-trial std at full data in octaves of the curve's slope (the default demo's seg "
-             "probe: ~0.9); level = target as a share of the reference's full-data score. Monte Carlo std of a "
-             "coverage near 0.95: ~0.022 at 100 sweeps.", ""]
+             f"{doc['seconds']} s)", "",
+             f"{provenance_line(doc)}. Coverage counts an open end (censored) as covering beyond its bound; noise = "
+             "per-trial std at full data in octaves of the curve's slope (the default demo's seg probe: ~0.9); "
+             "level = target as a share of the reference's full-data score. Monte Carlo std of a coverage near "
+             "0.95: ~0.022 at 100 sweeps.", ""]
     seeds = [r for r in doc["rows"] if r.get("table", "seeds") == "seeds"]
     runs = [r for r in doc["rows"] if r.get("table") == "runs"]
     lines += _summary_lines(doc["rows"])
