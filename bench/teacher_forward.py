@@ -19,6 +19,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import sys
 import tarfile
 import tempfile
 import time
@@ -29,7 +30,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from bench.common import add_local_ray_args, row, save
+from bench.common import add_local_ray_args, load_note, row, save
 from bench.jpeg_shards import make_shards
 from clipdense.config import build_config
 from clipdense.models.registry import create_clip_and_transforms, tokenizer_for
@@ -132,10 +133,10 @@ def main(argv: list[str] | None = None, quick: bool = False) -> dict:
                                  best["pipeline"]["images_per_s"] / args.cpus, best["plain_all_cores"]["per_core"],
                                  "plain PIL + torchvision + open_clip loop, one process per core", "images/s/core",
                                  notes=f"{args.shards}x{args.per_shard} JPEGs {args.image_px}px; best of "
-                                       f"{args.repeats}")], out)
+                                       f"{args.repeats}; at the end: {load_note()}")], out)
     print(json.dumps(result, indent=2))
     return result
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
