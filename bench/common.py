@@ -79,6 +79,13 @@ def provenance_line(doc: dict) -> str:
     return f"{doc['date']}, {doc['hardware']}, code {cv.get('commit', '?')}{' (dirty)' if cv.get('dirty') else ''}"
 
 
+def write_doc(name: str, doc: dict, markdown_text: str, out_dir: Path = RESULTS) -> None:
+    """A bench's finished document: `<name>.json` and its `<name>.md`."""
+    (out_dir / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out_dir / f"{name}.md").write_text(markdown_text)
+    print(f"wrote {out_dir / (name + '.md')} in {doc['seconds']} s")
+
+
 def markdown(payloads: list[dict]) -> str:
     lines = ["| bench | metric | ours | peer | ratio (ours vs peer) | unit | hardware | date | notes |",
              "|---|---|---:|---:|---:|---|---|---|---|"]

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import provenance_line, save
+from bench.common import provenance_line, save, write_doc
 from clipdense.sweep.factor import compare, power_fit
 
 RESULTS = Path(__file__).parent / "results"
@@ -194,9 +194,7 @@ def main(argv=None) -> None:
                              for t, m in measured.items()},
                 "models": {n: {**m, "seed_sd": {f"{f:g}": v for f, v in m["seed_sd"].items()}}
                            for n, m in models.items()}})
-    path.write_text(json.dumps(doc, indent=2) + "\n")
-    (RESULTS / "factor_power.md").write_text(markdown(doc))
-    print(f"wrote {RESULTS / 'factor_power.md'} in {doc['seconds']} s")
+    write_doc("factor_power", doc, markdown(doc))
 
 
 def markdown(doc: dict) -> str:

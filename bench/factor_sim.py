@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import provenance_line, save
+from bench.common import provenance_line, save, write_doc
 from clipdense.sweep.factor import compare
 
 FRACTIONS = [2.0 ** -k for k in range(6, -1, -1)]
@@ -210,9 +210,7 @@ def main(argv=None) -> None:
                 "noise_parts": "1/3 common seed effect, 1/3 per-backbone seed effect, 1/3 per-trial; total std at "
                 "full data = noise x slope, x f^-0.2 below", "full_score_in_slopes": FULL_SCORE,
                 "seconds": round(time.time() - t0, 1)})
-    path.write_text(json.dumps(doc, indent=2) + "\n")
-    (RESULTS / "factor_sim.md").write_text(markdown(doc))
-    print(f"wrote {RESULTS / 'factor_sim.md'} in {doc['seconds']} s")
+    write_doc("factor_sim", doc, markdown(doc))
 
 
 def markdown(doc: dict) -> str:
