@@ -218,3 +218,26 @@ def test_driver_checks_runtime_env_python_and_model_dir(tmp_path):
     with pytest.raises(ConfigError, match="model directory not found: .*no-model"):
         check_vllm(missing_model.engine)
     check_vllm(_cfg(model=str(tmp_path), runtime_env={"py_executable": sys.executable}).engine)  # vllm not needed here
+
+
+def test_an_engine_core_that_failed_in_its_own_process_shows_its_root_cause():
+    """vLLM's parent only says "Engine core initialization failed. See root cause above"; the core process logged
+    the cause to the stderr it shares with the actor. The load error line carries that cause. (The log text stands
+    in for a real failed core: this CPU cannot make vLLM's core fail that way on purpose.)"""
+    from clipdense.recaption.pipeline import engine_load_message, last_exception_line
+
+    cfg = build_config(RecaptionConfig, {"input": "x", "output": "y", "engine": {"kind": "vllm", "model": "m"}}).engine
+    log = ("INFO 12-07 10:00:01 [core.py:70] Initializing a V1 LLM engine\n"
+           "(EngineCore_DP0 pid=4242) ERROR 12-07 10:00:03 [core.py:712] EngineCore failed to start.\n"
+           "(EngineCore_DP0 pid=4242) Traceback (most recent call last):\n"
+           "(EngineCore_DP0 pid=4242)   File \"vllm/v1/engine/core.py\", line 700, in run_engine_core\n"
+           "(EngineCore_DP0 pid=4242) ValueError: Model architectures ['Qwen2_5_VLForConditionalGeneration'] "
+           "are not supported on CPU\n"
+           "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}\n")
+    err = RuntimeError("Engine core initialization failed. See root cause above. Failed core proc(s): {}")
+    line = engine_load_message(cfg, err, log_tail=log)
+    assert "\n" not in line and line.startswith("engine.model 'm' (vllm) did not load: ValueError: Model arch")
+    assert "not supported on CPU" in line and "Engine core initialization failed" in line
+    plain = engine_load_message(cfg, OSError("no such file: m/config.json"), log_tail=log)
+    assert "ValueError" not in plain and "no such file" in plain     # a direct error is its own root cause
+    assert last_exception_line("nothing here\n") is None

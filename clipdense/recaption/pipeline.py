@@ -8,6 +8,8 @@ The captioner actors import this module, for vLLM in a venv without torch or ope
 from __future__ import annotations
 
 import logging
+import os
+import re
 import time
 
 import numpy as np
@@ -33,8 +35,41 @@ class EngineLoadError(RuntimeError):
     """The captioner could not be built in its actor (model missing or not loadable, engine not installed)."""
 
 
-def engine_load_message(cfg: EngineConfig, e: BaseException) -> str:
-    return f"engine.model {cfg.model_name!r} ({cfg.kind}) did not load: {exception_detail(e)}"
+ROOT_CAUSE_ABOVE = "See root cause above"     # vLLM's engine core failed in its own process, which logged why
+_EXCEPTION_LINE = re.compile(r"\b([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")
+
+
+def engine_load_message(cfg: EngineConfig, e: BaseException, log_tail: str | None = None) -> str:
+    """One line; where the error only points at a log ("See root cause above": vLLM's engine core process), the
+    last exception line of that log (`log_tail`, default: this process's stderr, which the core inherits)."""
+    detail = exception_detail(e)
+    if ROOT_CAUSE_ABOVE in str(e):
+        cause = last_exception_line(stderr_tail() if log_tail is None else log_tail, skip=ROOT_CAUSE_ABOVE)
+        if cause:
+            detail = f"{cause} (the engine core's error; {detail.split(ROOT_CAUSE_ABOVE)[0].strip(' .')})"
+    return f"engine.model {cfg.model_name!r} ({cfg.kind}) did not load: {detail}"
+
+
+def last_exception_line(text: str, skip: str = "") -> str | None:
+    """The last `SomeError: message` in a log, log prefixes dropped, lines containing `skip` ignored."""
+    for line in reversed(text.splitlines()):
+        found = _EXCEPTION_LINE.search(line.strip())
+        if found and not (skip and skip in line):
+            return f"{found.group(1)}: {found.group(2).strip()}"
+    return None
+
+
+def stderr_tail(max_bytes: int = 65536) -> str:
+    """The end of this process's stderr where it is a file (a Ray worker's .err log), else ''."""
+    try:
+        path = os.readlink("/proc/self/fd/2")
+        if not os.path.isfile(path):        # a terminal or a pipe: nothing to read back
+            return ""
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - max_bytes))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
 
 
 def find_load_error(e: BaseException) -> str | None:
