@@ -23,24 +23,12 @@ def _cuda() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    _slow_modules_first(items)
     if _cuda():
         return
     skip = pytest.mark.skip(reason="needs CUDA")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-def _slow_modules_first(items) -> None:
-    """Modules with more `slow` tests first (order kept within a module): the suite runs on 2 xdist workers, one
-    module each at a time (`--dist loadfile`, so module-scoped clusters stay shared), and a long module started
-    last would leave one worker idle at the end."""
-    slow: dict[str, int] = {}
-    for item in items:
-        slow[item.module.__name__] = slow.get(item.module.__name__, 0) + ("slow" in item.keywords)
-    order = {name: i for i, name in enumerate(dict.fromkeys(item.module.__name__ for item in items))}
-    items.sort(key=lambda item: (-slow[item.module.__name__], order[item.module.__name__]))
 
 
 def _start_local_ray():
