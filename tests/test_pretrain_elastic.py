@@ -234,6 +234,8 @@ def test_lost_node_then_grow_back_on_fake_multinode_cluster(world, tmp_path, mon
 
     for k, v in FAST_NODE_DEATH_ENV.items():
         monkeypatch.setenv(k, v)
+    # the paused worker cannot answer Ray Train's process-group shutdown before the resize: 2 s, not 30 s, of waiting
+    monkeypatch.setenv("TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S", "2")
     ray_tmp = Path(tempfile.mkdtemp(prefix="cde", dir="/tmp"))
     local = yaml.safe_load((Path(__file__).resolve().parents[1] / "cluster" / "local.yaml").read_text())
     local.update({"available_node_types": NODE_CONFIG, "max_workers": 2, "idle_timeout_minutes": 5})
