@@ -129,3 +129,22 @@ def test_a_bf16_pretraining_step_on_clip_tiny_stays_close_to_fp32(tmp_path):
     assert len(losses["bf16"]) == 4
     assert losses["bf16"] != losses["fp32"]            # bf16 did compute differently
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=2e-2)
+
+
+def _attention_kernels(precision: str) -> set[str]:
+    """The scaled-dot-product kernels a multi-head attention forward + backward calls inside `prec.autocast`."""
+    attn = nn.MultiheadAttention(32, 4, batch_first=True)
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
+        with prec.autocast("cpu", precision):
+            out, _ = attn(x, x, x, need_weights=False)
+        out.float().sum().backward()
+    return {e.key for e in p.key_averages() if "scaled_dot_product" in e.key}
+
+
+def test_bf16_on_cpu_runs_attention_on_the_math_kernel_not_cpu_flash():
+    """CPU flash attention's bf16 backward is several times slower than its fp32 one (bench/results/bf16_cpu.md):
+    in bf16 on a CPU attention goes through the math kernel; fp32 keeps PyTorch's choice."""
+    fp32, bf16 = _attention_kernels("fp32"), _attention_kernels("bf16")
+    assert any("flash" in k for k in fp32), fp32
+    assert not any("flash" in k for k in bf16) and any("math" in k for k in bf16), bf16

@@ -6,7 +6,6 @@ nothing: on CPU with a fixed seed it ends bit-identical to an uninterrupted one.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -19,7 +18,7 @@ import torch.distributed as dist
 
 from clipdense.config import DataError
 from clipdense.train.config import TrainConfig
-from clipdense.train.precision import autocast_dtype, resolve_precision
+from clipdense.train.precision import autocast, autocast_dtype, resolve_precision
 from clipdense.train.schedule import lr_factor, set_lr
 from clipdense.train.state import rng_state, save_checkpoint, set_rng_state, unwrap
 from clipdense.train.task import TrainContext, TrainTask
@@ -179,9 +178,7 @@ class WorkerTraining:
                          "batch_in_epoch": self.batch_in_epoch, "world_size": env.world_size})
 
     def _autocast(self):
-        if self.ctx.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.ctx.device.type, dtype=self.ctx.autocast_dtype)
+        return autocast(self.ctx.device, self.precision)
 
     # ---- the loop ----
     def _train(self) -> bool:

@@ -7,9 +7,14 @@ their speed-up outweighs autocast's casts: on one thread of an AVX-512 BF16 EPYC
 ~1.2x faster in bf16, a clip-tiny step (width 64) ~0.9x as fast. So `auto` picks bf16 on such a CPU for models whose
 typical linear layer is at least `BF16_CPU_MIN_WIDTH` wide, and fp32 otherwise. `fp32` or `bf16` are taken as given;
 `CLIPDENSE_CPU_BF16=0` keeps `auto` at fp32 on CPUs (`=1`: bf16 on any CPU, whatever its flags and the model).
+
+`autocast(device, precision)` is the one autocast scope of training and captioning. In bf16 on a CPU it also routes
+attention to PyTorch's math kernel (matmuls + softmax): the CPU flash-attention kernel's bf16 backward is several
+times slower than its fp32 one, while bf16 matmuls run at twice the fp32 rate (bench/results/bf16_cpu.md).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 from functools import lru_cache
@@ -17,6 +22,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 Precision = Literal["fp32", "bf16"]
 CPU_BF16_ENV = "CLIPDENSE_CPU_BF16"
@@ -81,3 +87,16 @@ def resolve_precision(precision: str, device: torch.device | str, model: nn.Modu
 def autocast_dtype(precision: Precision) -> torch.dtype | None:
     """The autocast dtype of a resolved precision (None: no autocast)."""
     return torch.bfloat16 if precision == "bf16" else None
+
+
+def autocast(device: torch.device | str, precision: Precision) -> contextlib.AbstractContextManager:
+    """The scope a forward (and so its backward) runs in at a resolved precision: nothing in fp32; bf16 autocast,
+    and on a CPU attention by the math kernel."""
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    kind = torch.device(device).type
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(device_type=kind, dtype=torch.bfloat16))
+    if kind == "cpu":
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+    return stack

@@ -31,7 +31,7 @@ from clipdense.models.registry import create_clip, register_model_configs, token
 from clipdense.recaption.engines.base import Captioner, ImageLike, cut_caption, to_pil
 from clipdense.recaption.engines.kv_cache import CocaKVDecoder, supports_kv_cache
 from clipdense.recaption.engines.sampling import decode_sequences, sample_top_p, sequence_uniforms
-from clipdense.train.precision import resolve_precision
+from clipdense.train.precision import autocast, resolve_precision
 
 
 def coca_image_size(model: str) -> int | None:
@@ -96,9 +96,7 @@ class CocaCaptioner(Captioner):
         self.kv_cache = kv_cache and supports_kv_cache(self.model)
 
     def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.device, self.precision)
 
     def pixels(self, images: Sequence[ImageLike]) -> torch.Tensor:
         """Images -> normalised [B, 3, S, S]; uint8 arrays already S x S (from the CPU stage) are used as is."""
