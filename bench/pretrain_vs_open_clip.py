@@ -1,6 +1,6 @@
 """Pretraining throughput: clipdense pretrain vs `python -m open_clip_train.main`, same run, same inputs.
 
-    python -m bench.pretrain_vs_open_clip [--images 1536] [--batch 32] [--threads 1] [--rounds 2] [--epochs 3]
+    python -m bench.pretrain_vs_open_clip [--images 1536] [--batch 32] [--threads 1] [--rounds 3] [--epochs 3]
                                           [--quick]
 
 Both train the tiny open_clip model `clip-tiny` (2-layer width-64 ViT and text tower, 64 px) on the same 96 px
@@ -13,6 +13,9 @@ Ours runs its defaults, including torch's fused AdamW (`train.optim.fused`); a t
 optimizer kernel. Throughput is samples/s per log interval (wall time of the interval, data waits included, as
 open_clip_train's `Batch (t)`), median after the first; both sides use the same torch thread count and alternate runs
 (thread oversubscription on a shared box swings step times tenfold).
+A bf16 pair on clip-demo (the default demo's model, width 128: where `auto` picks bf16 on a CPU with native bf16)
+trains one epoch of the same JPEGs: ours with `train.scaling.precision: bf16` against `open_clip_train --precision
+amp_bf16` (torch.autocast bf16 on the CPU), same batch and threads.
 Also reported: how long tokenising one batch's captions takes in the worker, against the step time (why
 tokenisation stays in the worker rather than tokenising all N+1 captions per sample in Ray Data).
 Writes bench/results/pretrain_vs_open_clip.json and .md.
@@ -82,12 +85,23 @@ OPEN_CLIP_WRAPPER = (
 )
 
 
-def run_open_clip_train(csv_path: Path, logs: Path, batch: int, steps_log: int,
-                        threads: int, epochs: int = 3) -> tuple[list[float], float]:
-    argv = [sys.executable, "-c", OPEN_CLIP_WRAPPER, str(configs_dir() / "models" / "clip-tiny.json"),
+def peer_model_config(root: Path, model: str) -> Path:
+    """Our model JSON for open_clip_train, with a shipped BPE file's path made absolute (it opens it as written)."""
+    cfg = json.loads((configs_dir() / "models" / f"{model}.json").read_text())
+    tok = cfg.get("text_cfg", {}).get("tokenizer_kwargs", {})
+    if "bpe_path" in tok:
+        tok["bpe_path"] = str((configs_dir() / "models" / tok["bpe_path"]).resolve())
+    path = root / f"{model}.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def run_open_clip_train(csv_path: Path, logs: Path, batch: int, steps_log: int, threads: int, epochs: int = 3,
+                        model: str = "clip-tiny", precision: str = "fp32") -> tuple[list[float], float]:
+    argv = [sys.executable, "-c", OPEN_CLIP_WRAPPER, str(peer_model_config(csv_path.parent, model)),
             "--dataset-type", "csv", "--train-data", str(csv_path), "--csv-img-key", "filepath",
-            "--csv-caption-key", "title", "--csv-separator", ",", "--model", "clip-tiny", "--batch-size", str(batch),
-            "--epochs", str(epochs), "--workers", "1", "--precision", "fp32", "--lr", "1e-3", "--warmup", "10",
+            "--csv-caption-key", "title", "--csv-separator", ",", "--model", model, "--batch-size", str(batch),
+            "--epochs", str(epochs), "--workers", "1", "--precision", precision, "--lr", "1e-3", "--warmup", "10",
             "--device", "cpu", "--logs", str(logs), "--name", "bench", "--log-every-n-steps", str(steps_log),
             "--save-frequency", "0", "--zeroshot-frequency", "0", "--val-frequency", "0", "--report-to", ""]
     t0 = time.perf_counter()
@@ -102,14 +116,14 @@ def run_open_clip_train(csv_path: Path, logs: Path, batch: int, steps_log: int,
     return [batch / a for a in avgs if a > 0], wall
 
 
-def run_clipdense(tars: list[Path], out: Path, batch: int, steps: int, steps_log: int,
-                  fused: bool = True) -> tuple[list[float], float]:
+def run_clipdense(tars: list[Path], out: Path, batch: int, steps: int, steps_log: int, fused: bool = True,
+                  model: str = "clip-tiny", precision: str = "fp32") -> tuple[list[float], float]:
     cfg = build_config(PretrainConfig, {
-        "model": {"name": "clip-tiny"}, "captions": {"policy": "real"}, "ray": {"in_process": True},
+        "model": {"name": model}, "captions": {"policy": "real"}, "ray": {"in_process": True},
         "data": {"shards": [str(t) for t in tars], "batch_size": batch, "decode_cpus": 1, "count_errors": False},
         "train": {"out_dir": str(out), "optim": {"lr": 1e-3, "fused": fused},
                   "schedule": {"total_steps": steps, "warmup_steps": 10}, "log_every": steps_log,
-                  "checkpoint": {"every_steps": 0}, "scaling": {"precision": "fp32"}}})
+                  "checkpoint": {"every_steps": 0}, "scaling": {"precision": precision}}})
     t0 = time.perf_counter()
     run(cfg)
     wall = time.perf_counter() - t0
@@ -128,37 +142,61 @@ def tokenize_cost(batch: int, repeats: int = 20) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
+BF16_MODEL = "clip-demo"   # the default demo's model: bf16 is what `auto` picks for it on a native-bf16 CPU
+
+
+def steady(sps: list[float]) -> list[float]:
+    """A run's interval rates without the first (warm-up) interval."""
+    return sps[1:] if len(sps) > 2 else sps
+
+
+def measure_rounds(n: int, batch: int, steps: int, steps_log: int, threads: int, epochs: int, rounds: int,
+                   loads: RoundLoads) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Every side once per round, alternating: (steady interval rates by side, wall seconds by side)."""
+    rates: dict[str, list[float]] = {k: [] for k in ("peer", "ours", "unfused", "peer_bf16", "ours_bf16")}
+    walls: dict[str, list[float]] = {"peer": [], "ours": []}
+    with tempfile.TemporaryDirectory(prefix="bench-pretrain-") as tmp:
+        root = Path(tmp)
+        csv_path, tars = make_inputs(root / "data", n)
+        bf16_steps = n // batch  # one epoch: the bf16 pair compares steady rates, not startup
+        for r in range(rounds):
+            loads.start_round()
+            got = run_open_clip_train(csv_path, root / f"peer{r}", batch, steps_log, threads, epochs)
+            rates["peer"] += steady(got[0])
+            walls["peer"].append(got[1])
+            loads.start_round()
+            got = run_clipdense(tars, root / f"ours{r}", batch, steps, steps_log)
+            rates["ours"] += steady(got[0])
+            walls["ours"].append(got[1])
+            loads.start_round()
+            rates["unfused"] += steady(run_clipdense(tars, root / f"unfused{r}", batch, steps, steps_log,
+                                                     fused=False)[0])
+            loads.start_round()
+            rates["peer_bf16"] += steady(run_open_clip_train(csv_path, root / f"peer_bf16{r}", batch, steps_log,
+                                                             threads, 1, BF16_MODEL, "amp_bf16")[0])
+            loads.start_round()
+            rates["ours_bf16"] += steady(run_clipdense(tars, root / f"ours_bf16{r}", batch, bf16_steps, steps_log,
+                                                       model=BF16_MODEL, precision="bf16")[0])
+    return rates, walls
+
+
 def main(quick: bool = False, images: int | None = None, batch: int = 32, threads: int = 1,
          rounds: int | None = None, epochs: int = 3) -> list[dict]:
     n = images or (512 if quick else 1536)
     steps = epochs * (n // batch)  # the same epochs as open_clip_train runs, every one decoded again
     steps_log = 4 if quick else 8
-    rounds = rounds or (1 if quick else 2)
+    rounds = rounds or (1 if quick else 3)
     # Same compute threads on both sides: on a small shared box, thread oversubscription swings step times by
     # 10x, so the runs also alternate (peer, ours, peer, ours) and report medians over every interval.
     torch.set_num_threads(threads)
-    ours, peer, ours_wall, peer_wall, unfused = [], [], [], [], []
     loads = RoundLoads(quick=quick)
-    with tempfile.TemporaryDirectory(prefix="bench-pretrain-") as tmp:
-        root = Path(tmp)
-        csv_path, tars = make_inputs(root / "data", n)
-        for r in range(rounds):
-            loads.start_round()
-            sps, wall = run_open_clip_train(csv_path, root / f"peer{r}", batch, steps_log, threads, epochs)
-            peer += sps[1:] if len(sps) > 2 else sps
-            peer_wall.append(wall)
-            loads.start_round()
-            sps, wall = run_clipdense(tars, root / f"ours{r}", batch, steps, steps_log)
-            ours += sps[1:] if len(sps) > 2 else sps
-            ours_wall.append(wall)
-            loads.start_round()
-            sps, _ = run_clipdense(tars, root / f"unfused{r}", batch, steps, steps_log, fused=False)
-            unfused += sps[1:] if len(sps) > 2 else sps
+    rates, walls = measure_rounds(n, batch, steps, steps_log, threads, epochs, rounds, loads)
     if ray.is_initialized():
         ray.shutdown()
     tok_s = tokenize_cost(batch)
-    ours_sps, peer_sps, unfused_sps = statistics.median(ours), statistics.median(peer), statistics.median(unfused)
-    ours_wall, peer_wall = statistics.median(ours_wall), statistics.median(peer_wall)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    ours_sps, peer_sps, unfused_sps = med["ours"], med["peer"], med["unfused"]
+    ours_wall, peer_wall = statistics.median(walls["ours"]), statistics.median(walls["peer"])
     step_s = batch / ours_sps
     notes = (f"clip-tiny 64px, batch {batch}, {n} JPEGs (96px) x {epochs} epochs (each decoded again), fp32 CPU, "
              f"1 process, {threads} torch thread(s), {rounds} alternating rounds; medians over log intervals; "
@@ -170,7 +208,14 @@ def main(quick: bool = False, images: int | None = None, batch: int = 32, thread
             "samples/s", True, "the same run with torch's default AdamW (per-tensor on CPU, as open_clip_train's): "
             "what the data path and the loop give without the fused optimizer", rounds=loads),
         row("pretrain", f"wall seconds, {epochs} epochs incl. startup", ours_wall, peer_wall, "open_clip_train", "s",
-            False, "clipdense wall includes building the model to read its preprocess config and Ray Data startup",
+            False, "clipdense wall includes building the model to read its preprocess config and Ray Data startup; "
+            f"open_clip_train's includes its interpreter start; runs: ours {walls['ours']}, peer {walls['peer']}",
+            rounds=loads),
+        row("pretrain", f"bf16 train samples/s, steady, {BF16_MODEL}", med["ours_bf16"], med["peer_bf16"],
+            "open_clip_train --precision amp_bf16", "samples/s", True,
+            f"{BF16_MODEL} 64px, batch {batch}, the same JPEGs, 1 epoch per run, {threads} torch thread(s), "
+            f"{rounds} alternating rounds, medians over log intervals; ours: train.scaling.precision bf16 (autocast, "
+            f"attention on the math kernel), fused AdamW; the peer: torch.autocast bf16 on CPU; {loads.note()}",
             rounds=loads),
         row("pretrain", "tokenise one batch in the worker / step time", tok_s / step_s, None, "", "fraction", False,
             f"{tok_s * 1e3:.1f} ms per batch of {batch} vs {step_s * 1e3:.0f} ms per step: tokenising 1-2 captions "

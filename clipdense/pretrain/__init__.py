@@ -2,7 +2,9 @@
 
 `clipdense pretrain --config configs/pretrain/<name>.yaml [a.b=v ...]` -> `run(PretrainConfig) -> dict`.
 """
+from clipdense.config.lazy import lazy_exports
 from clipdense.pretrain.config import PretrainConfig
-from clipdense.pretrain.run import run
+
+lazy_exports(__name__, {"run": "run"})  # torch and the models load with `run`
 
 __all__ = ["PretrainConfig", "run"]
