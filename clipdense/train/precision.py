@@ -3,10 +3,13 @@ where it measured faster (bench/bf16_cpu.py), else fp32.
 
 On a CPU, bf16 pays when the CPU computes bf16 natively (AVX-512 BF16 or AMX: the `avx512_bf16` / `amx_bf16` flags
 of /proc/cpuinfo; without them oneDNN emulates bf16 and it is slower) and the model's matmuls are wide enough that
-their speed-up outweighs autocast's casts: on one thread of an AVX-512 BF16 EPYC a clip-demo step (width 128) ran
-~1.2x faster in bf16, a clip-tiny step (width 64) ~0.9x as fast. So `auto` picks bf16 on such a CPU for models whose
-typical linear layer is at least `BF16_CPU_MIN_WIDTH` wide, and fp32 otherwise. `fp32` or `bf16` are taken as given;
-`CLIPDENSE_CPU_BF16=0` keeps `auto` at fp32 on CPUs (`=1`: bf16 on any CPU, whatever its flags and the model).
+their speed-up outweighs autocast's casts. With attention on the math kernel (below), one thread of an AVX-512 BF16
+EPYC ran a clip-demo step (width 128) 1.58x faster in bf16 and a clip-tiny step (width 64) 1.25x
+(bench/results/bf16_cpu.md; with CPU flash attention they were 1.10x and 0.83x). `auto` picks bf16 on such a CPU
+for models whose typical linear layer is at least `BF16_CPU_MIN_WIDTH` wide, and fp32 otherwise (the threshold
+predates the math kernel; clip-tiny stays fp32 under `auto` until the quick demo is measured in bf16). `fp32` or
+`bf16` are taken as given; `CLIPDENSE_CPU_BF16=0` keeps `auto` at fp32 on CPUs (`=1`: bf16 on any CPU, whatever
+its flags and the model).
 
 `autocast(device, precision)` is the one autocast scope of training and captioning. In bf16 on a CPU it also routes
 attention to PyTorch's math kernel (matmuls + softmax): the CPU flash-attention kernel's bf16 backward is several
