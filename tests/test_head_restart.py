@@ -119,7 +119,8 @@ def test_pretrain_resumes_from_s3_checkpoint_after_head_restart(s3_server, heads
                   "log_every": 4, "optim": {"lr": 2e-3},
                   "checkpoint": {"every_steps": 4, "keep": 2, "storage": "s3://ckpt/runs",
                                  "s3_endpoint": s3_server},
-                  "scaling": {"num_workers": 2, "cpus_per_worker": 1.0}}})
+                  # one worker: what is under test is the restore from S3 on a new head, not the group size
+                  "scaling": {"num_workers": 1, "cpus_per_worker": 1.0}}})
     cfg_file = tmp_path / "pretrain.yaml"
     cfg_file.write_text(cfg.to_yaml())
     argv, log = ["pretrain", "--config", str(cfg_file)], tmp_path / "driver.log"
