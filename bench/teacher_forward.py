@@ -6,8 +6,10 @@
 Both sides read the same tar shards and, per image: decode the original (PIL, RGB), draw `views` DataCompDR views
 (torchvision RandomResizedCrop(224, bicubic) + RandAugment(2, 9, 31), ToTensor), resize them to the teacher's side,
 normalise, embed them with the open_clip teacher, and embed the caption (plus one synthetic caption: the pipeline
-runs the echo engine, which copies it). The pipeline is `clipdense recaption` with `teachers:` (echo captioner,
-no CPU reserved; one teacher actor per core, each 1 CPU); its time includes writing the DataCompDR tars. The plain
+runs the echo engine, which copies it); and score each caption (the pipeline's `syn_score`): the image under the
+teacher's eval transform, embedded, against its captions' embeddings. The pipeline is `clipdense recaption` with
+`teachers:` (echo captioner, no CPU reserved; one teacher actor per core, each 1 CPU); its time includes writing the
+DataCompDR tars. The plain
 side is one process on one thread, and one process per core over a split of the shards. Ratio: (pipeline
 images/s / cores) / (plain per-core images/s on all cores); goal >= 0.9. Writes bench/results/teacher_forward.json.
 """
@@ -40,7 +42,7 @@ from clipdense.recaption import RecaptionConfig, run
 def plain_loop(paths: list[str], teacher: str, pretrained: str | None, views: int) -> dict:
     """The same work with PIL + torchvision + open_clip, one thread."""
     torch.set_num_threads(1)
-    model, _, _ = create_clip_and_transforms(teacher, pretrained=pretrained)
+    model, _, preprocess = create_clip_and_transforms(teacher, pretrained=pretrained)
     model.eval()
     tok = tokenizer_for(teacher)
     side = model.visual.image_size if isinstance(model.visual.image_size, int) else model.visual.image_size[0]
@@ -60,7 +62,10 @@ def plain_loop(paths: list[str], teacher: str, pretrained: str | None, views: in
                 x = torch.stack([norm(view(im)) for im in imgs for _ in range(views)])
                 model.encode_image(x, normalize=True)
                 texts = [files.get(f"{k}.txt", b"").decode() for k in batch for _ in range(2)]
-                model.encode_text(tok(texts), normalize=True)
+                text_emb = model.encode_text(tok(texts), normalize=True).view(len(batch), 2, -1)
+                # each caption's CLIP score: the image under the eval transform against its captions
+                image_emb = model.encode_image(torch.stack([preprocess(im) for im in imgs]), normalize=True)
+                (text_emb @ image_emb[:, :, None]).squeeze(-1).tolist()
                 n += len(batch)
     seconds = time.perf_counter() - t0
     return {"images": n, "seconds": round(seconds, 3), "images_per_s": round(n / seconds, 2)}

@@ -73,8 +73,6 @@ def tune_callbacks(cfg: TrackingConfig | None, out_dir: Path | None = None) -> l
         callbacks.append(MLflowLoggerCallback(tracking_uri=cfg.mlflow.tracking_uri,
                                               experiment_name=cfg.mlflow.experiment, save_artifact=False))
     if cfg.wandb is not None:
-        from ray.air.integrations.wandb import WandbLoggerCallback
-
         if cfg.wandb.mode in ("offline", "disabled"):
             # Ray's callback asks for an API key unless the WANDB_MODE variable (not its `mode`) says offline
             os.environ["WANDB_MODE"] = cfg.wandb.mode
@@ -82,6 +80,24 @@ def tune_callbacks(cfg: TrackingConfig | None, out_dir: Path | None = None) -> l
         if out_dir is not None:
             (Path(out_dir) / "wandb").mkdir(parents=True, exist_ok=True)
             where = {"dir": str(Path(out_dir).absolute())}
-        callbacks.append(WandbLoggerCallback(project=cfg.wandb.project, mode=cfg.wandb.mode,
-                                             entity=cfg.wandb.entity, log_config=True, **where))
+        callbacks.append(wandb_logger_callback(project=cfg.wandb.project, mode=cfg.wandb.mode,
+                                               entity=cfg.wandb.entity, log_config=True, **where))
     return callbacks
+
+
+def wandb_logger_callback(**kwargs):
+    """Ray Tune's WandbLoggerCallback whose per-trial logging actor ends only once W&B has written its run out.
+    Ray kills that actor as soon as its `run()` returns, and W&B's service process, which writes the run's records
+    and exits with the actor, may not have written the last ones by then: a trial stopped by ASHA right after its
+    first result lost its history and its exit record that way (seen once in a loaded CI run)."""
+    from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
+
+    class FlushedLoggingActor(_WandbLoggingActor):
+        def run(self):
+            super().run()
+            self._wandb.teardown()  # waits for the service to finish the run's records, then stops it
+
+    class FlushedWandbLoggerCallback(WandbLoggerCallback):
+        _logger_actor_cls = FlushedLoggingActor
+
+    return FlushedWandbLoggerCallback(**kwargs)
