@@ -1,7 +1,7 @@
 """Stage packages whose heavy exports load on first use (PEP 562), so that importing one of their light submodules
 does not import torch and open_clip with the whole stage. That is what a Ray Data task does when it unpickles one of
 the stage's row functions, and the CLI when it parses a config: every such worker process paid seconds of imports
-(bench/results/pretrain_vs_open_clip.md)."""
+(bench/results/pretrain_profile.md)."""
 from __future__ import annotations
 
 import importlib

@@ -21,7 +21,7 @@ import contextlib
 import os
 import statistics
 from functools import lru_cache
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 from torch import nn
@@ -92,14 +92,14 @@ def autocast_dtype(precision: Precision) -> torch.dtype | None:
     return torch.bfloat16 if precision == "bf16" else None
 
 
-def autocast(device: torch.device | str, precision: Precision) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def autocast(device: torch.device | str, precision: Precision) -> Iterator[None]:
     """The scope a forward (and so its backward) runs in at a resolved precision: nothing in fp32; bf16 autocast,
     and on a CPU attention by the math kernel."""
     if precision != "bf16":
-        return contextlib.nullcontext()
+        yield
+        return
     kind = torch.device(device).type
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast(device_type=kind, dtype=torch.bfloat16))
-    if kind == "cpu":
-        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-    return stack
+    with torch.autocast(device_type=kind, dtype=torch.bfloat16), \
+            (sdpa_kernel(SDPBackend.MATH) if kind == "cpu" else contextlib.nullcontext()):
+        yield
