@@ -240,13 +240,14 @@ def test_distill_config_errors_are_one_line(override, match):
 
 
 def test_shards_without_teacher_embeddings_are_refused():
-    from clipdense.pretrain.data import check_teacher_rows
+    from clipdense.pretrain.data import check_counts
 
     cfg = build_config(PretrainConfig, {"captions": {"policy": "both"}, "loss": {"distill": {"enabled": True}}})
-    counts = {"synthetic": {"rows_with_teacher_emb": 0}}
+    counts = {"ok": 3, "synthetic": {"rows_with_teacher_emb": 0}}
     with pytest.raises(DataError, match="no usable row .* carries DataCompDR teacher embeddings"):
-        check_teacher_rows(counts, cfg.data.shards)
-    check_teacher_rows({"synthetic": {"rows_with_teacher_emb": 1}}, cfg.data.shards)
+        check_counts(counts, cfg.data.shards, distill=True)
+    check_counts(counts, cfg.data.shards, distill=False)
+    check_counts({"ok": 3, "synthetic": {"rows_with_teacher_emb": 1}}, cfg.data.shards, distill=True)
 
 
 def _rank_worker(rank: int, port: int, data: dict, out: dict) -> None:

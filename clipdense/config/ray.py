@@ -25,9 +25,9 @@ class RayConfig(Config):
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray this run starts "
                                  "(ignored when joining a cluster); null: the machine's cores")
     in_process: bool | None = Field(None, description="true: train in this process (no Ray Train workers; "
-                                    "pretrain still reads its data through Ray Data); false: on Ray Train workers; "
-                                    "null: the stage's default (pretrain: Ray Train; finetune: in this process "
-                                    "unless train.scaling.num_workers > 1 or it runs as a Tune trial)")
+                                    "pretrain reads its data here too unless data.loader is ray); false: on Ray "
+                                    "Train workers; null: the stage's default (pretrain: Ray Train; finetune: in this "
+                                    "process unless train.scaling.num_workers > 1 or it runs as a Tune trial)")
 
     @model_validator(mode="before")
     @classmethod

@@ -7,6 +7,7 @@ Bad samples never crash a read: they become rows with a row error (data/rows.py:
 Locations are `Storage` values (data/storage.py), never a URI string plus an endpoint:
 - `read_shards(shards: ShardFiles, ...)`: the Ray Dataset of the shards `data.paths.expand_shards` listed;
 - `read_shard_local(file: Storage, ...)`: one tar's rows without Ray;
+- `shard_tables(file, sidecar, ...)`: one shard's (tar or Parquet) canonical rows as tables, without Ray;
 - `write_parquet(rows, dest: Storage, ...)`: one Parquet file, atomically.
 """
 from __future__ import annotations
@@ -27,6 +28,17 @@ from clipdense.data.tar_rows import SCHEMA, image_row_error, shard_rows
 
 def _rows_to_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def _row_tables(rows: Iterator[dict], batch_rows: int) -> Iterator[pa.Table]:
+    chunk: list[dict] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) >= batch_rows:
+            yield _rows_to_table(chunk)
+            chunk = []
+    if chunk:
+        yield _rows_to_table(chunk)
 
 
 def rebatch(tables: Iterator[pa.Table], rows: int) -> Iterator[pa.Table]:
@@ -62,15 +74,8 @@ def _tar_datasource(paths: list[str], validate: Validate, batch_rows: int, files
                              t.per_task_row_limit) for t in super().get_read_tasks(parallelism, **kwargs)]
 
         def _read_stream(self, f, path):
-            rows = []
             shard = path if "://" in path or path.startswith("/") else f"s3://{path}"
-            for row in shard_rows(f, shard, validate, max_pixels, sidecars.get(shard)):
-                rows.append(row)
-                if len(rows) >= batch_rows:
-                    yield _rows_to_table(rows)
-                    rows = []
-            if rows:
-                yield _rows_to_table(rows)
+            yield from _row_tables(shard_rows(f, shard, validate, max_pixels, sidecars.get(shard)), batch_rows)
 
     return TarShards(paths, filesystem=filesystem)
 
@@ -159,6 +164,21 @@ def read_shard_local(file: Storage, validate: Validate = "header", max_pixels: i
     sidecar = file.at(next(iter(found.values()))) if found else None
     with fs.open_input_stream(inner) as f:
         return list(shard_rows(f, file.uri, validate, max_pixels, sidecar))
+
+
+def shard_tables(file: Storage, sidecar: Storage | None = None, *, validate: Validate = "header",
+                 batch_rows: int = 256, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[pa.Table]:
+    """One tar or Parquet shard's canonical rows without Ray, `batch_rows` at a time, as `read_shards` reads them
+    (the `shard` column: the file's URI); `sidecar`: a tar's img2dataset parquet."""
+    if file.uri.endswith(".tar"):
+        with file.open_input_stream() as f:
+            yield from _row_tables(shard_rows(f, file.uri, validate, max_pixels, sidecar), batch_rows)
+        return
+    with file.open_input_file() as f:
+        for part in pq.ParquetFile(f).iter_batches(batch_rows):
+            table = pa.Table.from_batches([part])
+            table = table.append_column("path", pa.array([file.uri] * table.num_rows, pa.string()))
+            yield _canonical_parquet_batch(table, {"shard": "path"}, validate, True, max_pixels)
 
 
 def summarize(ds) -> dict:

@@ -75,6 +75,10 @@ class Collate:
         # captions.min_score: synthetic captions below it are never drawn (not under `real`: it takes none)
         self.min_score = min_score if policy != "real" else None
 
+    def prepare(self) -> None:
+        """Load the tokenizer now (before a loader forks its workers, which then share it)."""
+        _tokenizer(self.model_name)
+
     def __call__(self, batch: dict) -> dict:
         keys = [str(k) for k in batch["key"]]
         image, view_index = self._train_images(batch, keys) if self.train else (self._eval_images(batch), None)

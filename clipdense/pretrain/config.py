@@ -41,6 +41,13 @@ class DataConfig(StorageKeys):
     cache: bool = Field(False, description="decode the training set once into Ray's object store and iterate that "
                         "each epoch (sets that fit in memory: small runs, many epochs); crops stay per epoch")
     count_errors: bool = Field(True, description="a pass over the joined rows before training to count skips")
+    loader: Literal["auto", "ray", "local"] = Field(
+        "auto", description="what reads the rows: ray: Ray Data tasks (on every CPU of the cluster); local: this "
+        "process and `local_workers` DataLoader worker processes, no Ray at all (ray.in_process runs only; "
+        "pretrain/local_data.py); auto: local for an in-process run that joins no cluster (ray.address and "
+        "$RAY_ADDRESS unset) and decodes on the CPU, else ray")
+    local_workers: int = Field(1, ge=0, description="data.loader local: DataLoader worker processes that decode, "
+                               "crop and tokenise beside the training step (0: in the training process)")
     sample_log: bool = Field(False, description="every rank appends the keys it trains on, per step, to "
                              "out_dir/samples/rank<r>.jsonl (audits which samples a run, or a resumed run, saw)")
 
@@ -113,7 +120,7 @@ class PretrainConfig(Config):
     loss: LossConfig = LossConfig()
     eval: EvalConfig = EvalConfig()
     train: PretrainTrain = PretrainTrain()
-    ray: RayConfig = RayConfig()  # in_process true: train in this process (world size 1), data still via Ray Data
+    ray: RayConfig = RayConfig()  # in_process true: train in this process (world size 1); data: see data.loader
     tracking: TrackingConfig = TrackingConfig()  # progress lines, TensorBoard / MLflow / W&B (train/tracking.py)
 
     @model_validator(mode="after")
@@ -142,6 +149,18 @@ class PretrainConfig(Config):
         if self.data.decode_on != "cpu" and d.enabled:
             raise ValueError(f"data.decode_on {self.data.decode_on} does not take loss.distill (its stored views are "
                              "drawn from images decoded in Ray Data); use data.decode_on cpu")
+        if self.data.loader == "local" and not self.ray.in_process:
+            raise ValueError("data.loader local reads the rows in the training process: it needs ray.in_process true")
+        if self.data.loader == "local" and self.data.decode_on == "gpu":
+            raise ValueError("data.loader local decodes in DataLoader worker processes, not on a GPU: use "
+                             "data.decode_on cpu, or data.loader ray")
         if d.enabled and self.loss.kind in ("siglip", "coca"):
             raise ValueError(f"loss.distill is DataCompDR's CLIP loss; loss.kind {self.loss.kind!r} cannot take it")
         return self
+
+    def reads_locally(self) -> bool:
+        """Whether the rows are read in this process (`data.loader`, its `auto` resolved; $RAY_ADDRESS is read
+        now: the stage's entry asks once)."""
+        if self.data.loader != "auto":
+            return self.data.loader == "local"
+        return bool(self.ray.in_process) and self.ray.target() is None and self.data.decode_on != "gpu"

@@ -91,7 +91,9 @@ def _tensor_column(images: list[np.ndarray]):
     return ArrowVariableShapedTensorArray.from_numpy(arr)
 
 
-_KEPT = ("key", "caption", "syn_captions", "syn_scores", "pixels", "aug_params", "teacher_emb", "orig_w", "orig_h")
+# the decoded rows' columns, as the collate (pretrain/batches.py) takes them
+KEPT_COLUMNS = ("key", "caption", "syn_captions", "syn_scores", "pixels", "aug_params", "teacher_emb", "orig_w",
+                "orig_h")
 
 
 def _decoded_table(out: dict, size: int, crop_source: bool) -> pa.Table:
@@ -123,13 +125,19 @@ def decode_ok(batch: pa.Table, size: int, drop_keys: frozenset = frozenset(), on
     them)."""
     if encoded:
         return _encoded_ok(batch, drop_keys, max_pixels)
+    rows = zip(*(column_list(batch, c) for c in ("key", "error_code", "image_bytes", "caption", "syn_captions",
+                                                 "syn_scores", "aug_params", "teacher_emb")))
+    usable = ((k, d, c, s, sc, a, t) for k, e, d, c, s, sc, a, t in rows
+              if e is None and k not in drop_keys and (only_keys is None or k in only_keys))
+    return _decoded_table(decoded_columns(usable, size, crop_source, max_pixels), size, crop_source)
+
+
+def decoded_columns(rows, size: int, crop_source: bool, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, list]:
+    """Usable joined rows (key, image bytes, caption, syn_captions, syn_scores, aug_params, teacher_emb) -> the
+    decoded columns `KEPT_COLUMNS` (as `decode_ok` describes); a row whose pixels do not decode is left out."""
     min_side = crop_source_side(size, CROP_SCALE[0])
-    cols = [column_list(batch, c) for c in ("key", "error_code", "image_bytes", "caption", "syn_captions",
-                                            "syn_scores", "aug_params", "teacher_emb")]
-    out = {name: [] for name in _KEPT}
-    for k, e, d, c, s, sc, a, t in zip(*cols):
-        if e is not None or k in drop_keys or (only_keys is not None and k not in only_keys):
-            continue
+    out: dict[str, list] = {name: [] for name in KEPT_COLUMNS}
+    for k, d, c, s, sc, a, t in rows:
         try:
             if crop_source:
                 px, (w, h) = decode_crop_source(d, min_side, max_pixels)
@@ -138,9 +146,9 @@ def decode_ok(batch: pa.Table, size: int, drop_keys: frozenset = frozenset(), on
                 px = decode_square(d, size, max_pixels)
         except ImageError:  # the header looked fine, the pixels do not (validate_images=full counts it)
             continue
-        for name, value in zip(_KEPT, (k, c, list(s) if s is not None else [], sc, px, a, t, w, h)):
+        for name, value in zip(KEPT_COLUMNS, (k, c, list(s) if s is not None else [], sc, px, a, t, w, h)):
             out[name].append(value)
-    return _decoded_table(out, size, crop_source)
+    return out
 
 
 def _encoded_ok(batch: pa.Table, drop_keys: frozenset, max_pixels: int) -> pa.Table:
@@ -189,14 +197,19 @@ def _tally_scores(usable: pa.Table, min_score: float, tally: dict) -> None:
         tally["rows_real_only"] += kept == 0
 
 
-def count_rows(joined, min_score: float | None = None) -> dict:
-    """Rows, usable rows, errors by code, and the synthetic captions: usable rows carrying them, their mean number
-    per such row, the rows the recaption join missed (no file, key or uid) and those carrying teacher embeddings;
-    with `min_score` (captions.min_score) also it and `_tally_scores`'."""
+def count_columns(min_score: float | None) -> list[str]:
+    """The joined rows' columns `count_rows` reads."""
+    return ["error_code", "syn_captions", "teacher_emb"] + (["syn_scores"] if min_score is not None else [])
+
+
+def count_rows(batches, min_score: float | None = None) -> dict:
+    """Over the joined rows (`batches`: pyarrow tables with `count_columns`): rows, usable rows, errors by code, and
+    the synthetic captions: usable rows carrying them, their mean number per such row, the rows the recaption join
+    missed (no file, key or uid) and those carrying teacher embeddings; with `min_score` (captions.min_score) also
+    it and `_tally_scores`'."""
     rows, ok, errors, with_syn, n_syn, with_teacher = 0, 0, {}, 0, 0, 0
     tally = dict.fromkeys(("captions_kept", "captions_below_min_score", "rows_real_only"), 0)
-    cols = ["error_code", "syn_captions", "teacher_emb"] + (["syn_scores"] if min_score is not None else [])
-    for batch in joined.select_columns(cols).iter_batches(batch_format="pyarrow", batch_size=4096):
+    for batch in batches:
         codes = batch.column("error_code")
         rows, ok = rows + batch.num_rows, ok + codes.null_count
         for hit in pc.value_counts(codes.drop_null()).to_pylist():
@@ -219,17 +232,19 @@ def count_rows(joined, min_score: float | None = None) -> dict:
 def _counted(joined, min_score: float | None) -> dict:
     """`count_rows`; a user error raised in the join's Ray tasks (missing scores, pretrain/join.py) as its line."""
     try:
-        return count_rows(joined, min_score)
+        cols = count_columns(min_score)
+        return count_rows(joined.select_columns(cols).iter_batches(batch_format="pyarrow", batch_size=4096), min_score)
     except Exception as e:
         raise_user_error_behind(e)
         raise
 
 
-def first_ok_keys(joined, n: int) -> tuple[list[str], int]:
-    """The keys of the first `n` usable rows (in input order: the held-out split) and the rows scanned to find them."""
+def first_ok_keys(batches, n: int) -> tuple[list[str], int]:
+    """The keys of the first `n` usable rows of the joined rows (`batches`: pyarrow tables with key and error_code,
+    in input order: the held-out split) and the rows scanned to find them."""
     keys: list[str] = []
     seen = 0
-    for batch in joined.select_columns(["key", "error_code"]).iter_batches(batch_format="pyarrow", batch_size=256):
+    for batch in batches:
         for k, e in zip(batch.column("key").to_pylist(), batch.column("error_code").to_pylist()):
             seen += 1
             if e is None:
@@ -239,10 +254,13 @@ def first_ok_keys(joined, n: int) -> tuple[list[str], int]:
     return keys, seen
 
 
-def check_teacher_rows(counts: dict, shards) -> None:
-    """loss.distill needs DataCompDR teacher embeddings: none in any usable row of `shards` is a one-line error; rows
-    without them train only the contrastive term (masked out of distillation), their number is in the counts."""
-    if counts and counts["synthetic"]["rows_with_teacher_emb"] == 0:
+def check_counts(counts: dict, shards, distill: bool) -> None:
+    """The counts (`count_rows`; {}: not counted) of the training rows of `shards`: none usable is a one-line error,
+    and so is loss.distill (`distill`) without DataCompDR teacher embeddings in any usable row; rows without them
+    train only the contrastive term (masked out of distillation), their number is in the counts."""
+    if counts and counts["ok"] == 0:
+        raise DataError(f"no usable training rows in {shards!r} (errors: {counts['errors']})")
+    if distill and counts and counts["synthetic"]["rows_with_teacher_emb"] == 0:
         raise DataError(f"loss.distill is on but no usable row of {shards!r} carries DataCompDR teacher "
                         f"embeddings (data.recaptions must name DataCompDR .tar shards with npz members)")
 
@@ -255,10 +273,7 @@ def build_datasets(train: Sources, held_out: Sources | None, data: DataConfig, e
     with data_context({"execution_options.preserve_order": True}):  # the same rows in the same order each epoch
         (joined, batch), *held_out_rows = joined_rows([train] + ([held_out] if held_out else []), data)
         counts = _counted(joined, train.min_score) if data.count_errors else {}
-        if counts and counts["ok"] == 0:
-            raise DataError(f"no usable training rows in {data.shards!r} (errors: {counts['errors']})")
-        if distill:
-            check_teacher_rows(counts, data.shards)
+        check_counts(counts, data.shards, distill)
         eval_ds, held = _eval_dataset(joined, held_out_rows[0] if held_out_rows else None, data, ev, image_size)
         train_ds = joined.map_batches(decode_ok, fn_kwargs={"size": image_size, "drop_keys": held,
                                                             "crop_source": True, "encoded": data.decode_on != "cpu"},
@@ -277,7 +292,8 @@ def _eval_dataset(joined, held_out: tuple | None, data: DataConfig, ev: EvalConf
     `held_out`: the joined rows of `eval.path` and their batch size, or None."""
     decode_kw = {"batch_format": "pyarrow", "num_cpus": data.decode_cpus}
     if held_out is None and ev.holdout:
-        keys, scanned = first_ok_keys(joined, ev.holdout)
+        keys, scanned = first_ok_keys(joined.select_columns(["key", "error_code"]).iter_batches(
+            batch_format="pyarrow", batch_size=256), ev.holdout)
         held = frozenset(keys)
         return joined.limit(scanned).map_batches(decode_ok, fn_kwargs={"size": image_size, "only_keys": held},
                                                  batch_size=data.decode_batch_size, **decode_kw), held

@@ -1,8 +1,10 @@
 """`run(cfg)`: the pretrain stage's entry. It resolves everything once: the model with its preprocessing and loss kind
-(pretrain/model.py), the zero-shot set, where the rows come from (`Storage` values); then it builds the Ray datasets,
-trains with the one runner (`clipdense.train`) and returns a small summary."""
+(pretrain/model.py), the zero-shot set, where the rows come from (`Storage` values); then it builds the datasets
+(Ray Data, or read in this process: `data.loader`), trains with the one runner (`clipdense.train`) and returns a
+small summary."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from pathlib import Path
@@ -12,6 +14,7 @@ from clipdense.data.paths import expand_shards
 from clipdense.eval.zeroshot import resolve_zeroshot
 from clipdense.pretrain.config import DataConfig, EvalConfig, PretrainConfig
 from clipdense.pretrain.data import Sources, build_datasets
+from clipdense.pretrain.local_data import build_local_datasets
 from clipdense.pretrain.model import build_model
 from clipdense.pretrain.task import ClipPretrainTask
 from clipdense.ray_session import data_context, ray_session
@@ -37,16 +40,28 @@ def row_sources(data: DataConfig, ev: EvalConfig, policy: str,
     return train_rows, held_out
 
 
+@contextlib.contextmanager
+def _data_scope(cfg: PretrainConfig, on_ray: bool):
+    """Ray (joined or started) and Ray Data's settings for a run that reads through Ray Data; nothing for one that
+    reads locally (data.loader: it needs no Ray at all)."""
+    if not on_ray:
+        yield
+        return
+    quiet = {"enable_progress_bars": cfg.tracking.ray_data_progress}  # Ray Data's bars would drown ours
+    with ray_session(cfg.ray), data_context(quiet):
+        yield
+
+
 def run(cfg: PretrainConfig) -> dict:
     train_rows, held_out = row_sources(cfg.data, cfg.eval, cfg.captions.policy, cfg.captions.min_score)
     model = build_model(cfg.model, cfg.loss, cfg.train.seed)
     # a bad folder or prompt file is a one-line error before any worker starts
     zeroshot = resolve_zeroshot(cfg.eval.zeroshot, "eval.zeroshot") if cfg.eval.zeroshot.root else None
     task = functools.partial(ClipPretrainTask, cfg, model, zeroshot)
-    quiet = {"enable_progress_bars": cfg.tracking.ray_data_progress}  # Ray Data's bars would drown ours
-    with ray_session(cfg.ray), data_context(quiet):
-        train_ds, eval_ds, counts = build_datasets(train_rows, held_out, cfg.data, cfg.eval, model.preprocess.size,
-                                                   cfg.loss.distill.enabled)
+    build = build_local_datasets if cfg.reads_locally() else build_datasets
+    with _data_scope(cfg, build is build_datasets):
+        train_ds, eval_ds, counts = build(train_rows, held_out, cfg.data, cfg.eval, model.preprocess.size,
+                                          cfg.loss.distill.enabled)
         datasets = {"train": train_ds, **({"eval": eval_ds} if eval_ds is not None else {})}
         # elastic: no split by worker count; each worker slices global batches by sample index (task.py)
         plan = TrainPlan(in_process=bool(cfg.ray.in_process), datasets=datasets, tracking=cfg.tracking,

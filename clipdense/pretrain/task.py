@@ -25,6 +25,7 @@ from clipdense.pretrain.batches import Collate
 from clipdense.pretrain.config import PretrainConfig
 from clipdense.pretrain.data import typed_collate
 from clipdense.pretrain.distill import distill_slots
+from clipdense.pretrain.local_data import LocalRows
 from clipdense.pretrain.losses import build_objective, clamp_logit_scale
 from clipdense.pretrain.model import PretrainModel
 from clipdense.train.task import TrainContext, TrainTask
@@ -59,10 +60,14 @@ class ClipPretrainTask(TrainTask):
     def train_batches(self, ctx: TrainContext):
         shard = ctx.dataset_shard
         if shard is None:
-            raise RuntimeError("pretrain needs the 'train' Ray dataset")
+            raise RuntimeError("pretrain needs the 'train' dataset")
         d = self.cfg.data
         shuffle = {"local_shuffle_buffer_size": d.shuffle_buffer, "local_shuffle_seed": ctx.seed + ctx.epoch} \
             if d.shuffle_buffer else {}
+        if isinstance(shard, LocalRows):  # data.loader local (pretrain/local_data.py)
+            batches = shard.train_batches(self._collate(ctx.epoch, True), self.local_batch, ctx.start_batch,
+                                          ctx.seed + ctx.epoch)
+            return iter(batches)
         if self.cfg.train.scaling.elastic and not self.cfg.ray.in_process:
             return self._global_slices(shard, ctx, shuffle)
         collate = typed_collate(self._collate(ctx.epoch, True))
