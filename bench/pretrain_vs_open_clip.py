@@ -5,9 +5,11 @@
 
 Both train the tiny open_clip model `clip-tiny` (2-layer width-64 ViT and text tower, 64 px) on the same 96 px
 JPEG files and captions for 3 epochs (`data.cache` off: every epoch decodes again, as the peer's loader does), fp32
-on CPU, one training process, batch 32: open_clip_train reads a CSV with 1 data loader worker; clipdense reads the
-same JPEG bytes from webdataset tars through Ray Data (decode in Ray tasks; crop, caption choice and tokenisation in
-the worker's collate; `ray.in_process`, so Ray Data's executor loop runs as a thread of the training process).
+on CPU, one training process, batch 32, each side a fresh interpreter: open_clip_train reads a CSV with 1 data
+loader worker; `clipdense pretrain` (`ray.in_process`) reads the same JPEG bytes from webdataset tars with
+`data.loader: auto`, which for an in-process run is the local loader (pretrain/local_data.py: decode, crop, caption
+choice and tokenisation in 1 DataLoader worker, no Ray). A wall-only side runs ours with `data.loader: ray` (Ray
+Data tasks, a local Ray started and stopped by the run).
 Ours runs its defaults, including torch's fused AdamW (`train.optim.fused`); a third side runs ours with
 `optim.fused: false` (torch's default AdamW, as the peer's), which shows the data path's and loop's share without the
 optimizer kernel. Throughput is samples/s per log interval (wall time of the interval, data waits included, as
@@ -37,14 +39,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import ray
 import torch
 from PIL import Image
 
 from bench.common import RoundLoads, markdown, row, save
 from clipdense.config import build_config, configs_dir
 from clipdense.models import tokenizer_for
-from clipdense.pretrain import PretrainConfig, run
+from clipdense.pretrain import PretrainConfig
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 SHAPES = ["circle", "square"]
@@ -116,17 +117,26 @@ def run_open_clip_train(csv_path: Path, logs: Path, batch: int, steps_log: int, 
     return [batch / a for a in avgs if a > 0], wall
 
 
-def run_clipdense(tars: list[Path], out: Path, batch: int, steps: int, steps_log: int, fused: bool = True,
-                  model: str = "clip-tiny", precision: str = "fp32") -> tuple[list[float], float]:
+def run_clipdense(tars: list[Path], out: Path, batch: int, steps: int, steps_log: int, threads: int,
+                  fused: bool = True, model: str = "clip-tiny", precision: str = "fp32",
+                  loader: str = "auto") -> tuple[list[float], float]:
+    """`clipdense pretrain` in a fresh interpreter, as the peer runs: its wall includes imports and startup."""
     cfg = build_config(PretrainConfig, {
         "model": {"name": model}, "captions": {"policy": "real"}, "ray": {"in_process": True},
-        "data": {"shards": [str(t) for t in tars], "batch_size": batch, "decode_cpus": 1, "count_errors": False},
+        "data": {"shards": [str(t) for t in tars], "batch_size": batch, "decode_cpus": 1, "count_errors": False,
+                 "loader": loader},
         "train": {"out_dir": str(out), "optim": {"lr": 1e-3, "fused": fused},
                   "schedule": {"total_steps": steps, "warmup_steps": 10}, "log_every": steps_log,
                   "checkpoint": {"every_steps": 0}, "scaling": {"precision": precision}}})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pretrain.yaml").write_text(cfg.to_yaml())
+    argv = [str(Path(sys.executable).with_name("clipdense")), "pretrain", "--config", str(out / "pretrain.yaml")]
     t0 = time.perf_counter()
-    run(cfg)
+    proc = subprocess.run(argv, capture_output=True, text=True,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads)})
     wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"clipdense pretrain failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
     logs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["samples_per_s"] for r in logs if "samples_per_s" in r and r["step"] % steps_log == 0], wall
 
@@ -153,8 +163,9 @@ def steady(sps: list[float]) -> list[float]:
 def measure_rounds(n: int, batch: int, steps: int, steps_log: int, threads: int, epochs: int, rounds: int,
                    loads: RoundLoads) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Every side once per round, alternating: (steady interval rates by side, wall seconds by side)."""
-    rates: dict[str, list[float]] = {k: [] for k in ("peer", "ours", "unfused", "peer_bf16", "ours_bf16")}
-    walls: dict[str, list[float]] = {"peer": [], "ours": []}
+    rates: dict[str, list[float]] = {k: [] for k in ("peer", "ours", "ours_ray_data", "unfused", "peer_bf16",
+                                                     "ours_bf16")}
+    walls: dict[str, list[float]] = {"peer": [], "ours": [], "ours_ray_data": []}
     with tempfile.TemporaryDirectory(prefix="bench-pretrain-") as tmp:
         root = Path(tmp)
         csv_path, tars = make_inputs(root / "data", n)
@@ -165,18 +176,22 @@ def measure_rounds(n: int, batch: int, steps: int, steps_log: int, threads: int,
             rates["peer"] += steady(got[0])
             walls["peer"].append(got[1])
             loads.start_round()
-            got = run_clipdense(tars, root / f"ours{r}", batch, steps, steps_log)
+            got = run_clipdense(tars, root / f"ours{r}", batch, steps, steps_log, threads)
             rates["ours"] += steady(got[0])
             walls["ours"].append(got[1])
             loads.start_round()
-            rates["unfused"] += steady(run_clipdense(tars, root / f"unfused{r}", batch, steps, steps_log,
+            got = run_clipdense(tars, root / f"ours_ray_data{r}", batch, steps, steps_log, threads, loader="ray")
+            rates["ours_ray_data"] += steady(got[0])
+            walls["ours_ray_data"].append(got[1])
+            loads.start_round()
+            rates["unfused"] += steady(run_clipdense(tars, root / f"unfused{r}", batch, steps, steps_log, threads,
                                                      fused=False)[0])
             loads.start_round()
             rates["peer_bf16"] += steady(run_open_clip_train(csv_path, root / f"peer_bf16{r}", batch, steps_log,
                                                              threads, 1, BF16_MODEL, "amp_bf16")[0])
             loads.start_round()
             rates["ours_bf16"] += steady(run_clipdense(tars, root / f"ours_bf16{r}", batch, bf16_steps, steps_log,
-                                                       model=BF16_MODEL, precision="bf16")[0])
+                                                       threads, model=BF16_MODEL, precision="bf16")[0])
     return rates, walls
 
 
@@ -191,8 +206,6 @@ def main(quick: bool = False, images: int | None = None, batch: int = 32, thread
     torch.set_num_threads(threads)
     loads = RoundLoads(quick=quick)
     rates, walls = measure_rounds(n, batch, steps, steps_log, threads, epochs, rounds, loads)
-    if ray.is_initialized():
-        ray.shutdown()
     tok_s = tokenize_cost(batch)
     med = {k: statistics.median(v) for k, v in rates.items()}
     ours_sps, peer_sps, unfused_sps = med["ours"], med["peer"], med["unfused"]
@@ -208,9 +221,14 @@ def main(quick: bool = False, images: int | None = None, batch: int = 32, thread
             "samples/s", True, "the same run with torch's default AdamW (per-tensor on CPU, as open_clip_train's): "
             "what the data path and the loop give without the fused optimizer", rounds=loads),
         row("pretrain", f"wall seconds, {epochs} epochs incl. startup", ours_wall, peer_wall, "open_clip_train", "s",
-            False, "clipdense wall includes building the model to read its preprocess config and Ray Data startup; "
-            f"open_clip_train's includes its interpreter start; runs: ours {walls['ours']}, peer {walls['peer']}",
+            False, "both sides: a fresh interpreter (imports, model build, data start, training, final eval and "
+            "export for ours); ours: `clipdense pretrain` with ray.in_process, whose rows `data.loader: auto` reads "
+            f"in the process and one DataLoader worker (no Ray); runs: ours {walls['ours']}, peer {walls['peer']}",
             rounds=loads),
+        row("pretrain", f"wall seconds, {epochs} epochs incl. startup, data.loader ray", statistics.median(
+            walls["ours_ray_data"]), peer_wall, "open_clip_train", "s", False,
+            "the same run reading its rows through Ray Data (starts a local Ray): what the local loader saves; "
+            f"runs: {walls['ours_ray_data']}; its steady rate {med['ours_ray_data']:.0f} samples/s", rounds=loads),
         row("pretrain", f"bf16 train samples/s, steady, {BF16_MODEL}", med["ours_bf16"], med["peer_bf16"],
             "open_clip_train --precision amp_bf16", "samples/s", True,
             f"{BF16_MODEL} 64px, batch {batch}, the same JPEGs, 1 epoch per run, {threads} torch thread(s), "
