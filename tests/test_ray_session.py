@@ -112,7 +112,9 @@ def test_data_context_settings_are_scoped(ray_local):
     ("pretrain", {"ray_address": "auto"}, "unknown key 'ray_address'"),
     ("finetune", {"runner": "local"}, "unknown key 'runner'"),
     ("demo", {"ray_num_cpus": 4}, "unknown key 'ray_num_cpus'"),
-    ("recaption", {"input": "x", "output": "y", "ray": {"in_process": True}}, "this stage always runs on Ray"),
+    ("demo", {"ray": {"in_process": True}}, "this stage always runs on Ray"),
+    ("recaption", {"input": "x", "output": "y", "ray": {"in_process": True}, "engine": {"concurrency": 2}},
+     "ray.in_process runs one captioner in this process: engine.concurrency must be 1"),
 ])
 def test_ray_section_mistakes_fail_with_one_line(stage, data, needle):
     import importlib

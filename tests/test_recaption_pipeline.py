@@ -89,11 +89,14 @@ def test_coca_tiny_end_to_end_nothing_lost(ray_local, tmp_path):
     assert stats["clip"]["clip_score_synthetic"] >= 0
 
 
-def test_kill_and_rerun_is_exactly_once(ray_local, tmp_path):
+@pytest.mark.parametrize("in_process", [False, True], ids=["ray", "in_process"])
+def test_kill_and_rerun_is_exactly_once(ray_local, tmp_path, in_process):
+    """Through Ray Data, and in this process without Ray (recaption/local.py, two decode workers)."""
     expected = _shards(tmp_path / "in", parquet=True)  # tar and Parquet shards mixed
     base = {"input": str(tmp_path / "in"), "output": str(tmp_path / "out"),
             "engine": {"kind": "echo", "num_captions": 2, "batch_size": 4, "retries": 1},
-            "decode": {"size": 32, "batch_size": 4},
+            "decode": {"size": 32, "batch_size": 4, **({"local_workers": 2} if in_process else {})},
+            "ray": {"in_process": in_process},
             # every actor's first call fails once (retried); batches holding "caption b1" always fail
             "fault": {"engine_fail_first": 1, "engine_fail_marker": "caption b1", "fail_after_shards": 1}}
     with pytest.raises(InjectedFault):

@@ -5,6 +5,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -98,6 +101,40 @@ def test_layout_is_datacompdr_one_tar_per_shard_no_row_lost(reinforced):
         samples, broken = read_datacompdr(f)
     assert broken is None and sorted(samples) == [f"uid{i:02d}" for i in range(4)]
     assert all(len(x.syn_score) == N_SYN for x in samples.values())  # syn.json's syn_score, read back
+
+
+def test_in_process_recaption_writes_what_the_ray_pipeline_wrote_and_never_imports_ray(reinforced, tmp_path):
+    """`ray.in_process: true` (recaption/local.py: decode in 2 DataLoader workers, captioner and teacher here): the
+    same Parquet rows and the same DataCompDR tars as the Ray Data pipeline, from `clipdense recaption` in a fresh
+    process that never imports Ray."""
+    cfg = reinforced["cfg"]
+    local = cfg.model_copy(update={"output": str(tmp_path / "out"),
+                                   "ray": cfg.ray.model_copy(update={"in_process": True}),
+                                   "decode": cfg.decode.model_copy(update={"local_workers": 2})})
+    (tmp_path / "recaption.yaml").write_text(local.to_yaml())
+    code = ("import sys; from clipdense.cli import main; rc = main(['recaption', '--config', sys.argv[1]]); "
+            "print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY'); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "recaption.yaml")], capture_output=True,
+                          text=True, timeout=300, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "NO_RAY"
+    ray_out, scores = reinforced["tmp"] / "out", ("caption_score", "syn_scores")
+    for stem in reinforced["inputs"]:  # teacher batches are cut per shard here: floats within rounding
+        ours, theirs = (pq.read_table(d / f"{stem}.parquet") for d in (tmp_path / "out", ray_out))
+        assert ours.drop_columns(list(scores)).equals(theirs.drop_columns(list(scores)))
+        for col in scores:
+            a, b = (np.array(t.column(col).to_pylist(), dtype=object) for t in (ours, theirs))
+            assert [x is None for x in a] == [x is None for x in b]
+            np.testing.assert_allclose(np.array([x for x in a if x is not None], float),
+                                       np.array([x for x in b if x is not None], float), atol=1e-6)
+        mine, ray_members = _members(tmp_path / "out" / f"{stem}.tar"), _members(ray_out / f"{stem}.tar")
+        assert list(mine) == list(ray_members)
+        for key, m in mine.items():
+            assert {e: v for e, v in m.items() if e not in ("npz", "syn.json")} == \
+                {e: v for e, v in ray_members[key].items() if e not in ("npz", "syn.json")}
+            with np.load(io.BytesIO(m["npz"])) as z, np.load(io.BytesIO(ray_members[key]["npz"])) as r:
+                for name in ("image_emb", "text_emb"):
+                    np.testing.assert_allclose(z[name].astype(np.float32), r[name].astype(np.float32), atol=2e-3)
 
 
 def test_stored_embeddings_equal_a_fresh_teacher_forward(reinforced):

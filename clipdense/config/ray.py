@@ -4,7 +4,8 @@
       address: null       # null: start a local Ray for this run (or join $RAY_ADDRESS, set inside a Ray job)
                           # "auto": the cluster `ray start` runs on this machine; "HOST:6379" / "ray://HOST:10001"
       num_cpus: null      # logical CPUs of a local Ray this run starts (ignored when joining a cluster)
-      in_process: null    # true: train in this process; false: on Ray Train workers; null: the stage's default
+      in_process: null    # true: train (pretrain, finetune) or recaption in this process; false: on Ray Train
+                          # workers; null: the stage's default
 
 Only types live here (no Ray import): `clipdense.ray_session` is what joins or starts Ray.
 """
@@ -48,9 +49,10 @@ class RayConfig(Config):
 
 def _not_in_process(cfg: RayConfig) -> RayConfig:
     if cfg.in_process:
-        raise ValueError("in_process: true applies to training (pretrain, finetune); this stage always runs on Ray")
+        raise ValueError("in_process: true applies to training (pretrain, finetune) and recaption; this stage "
+                         "always runs on Ray")
     return cfg
 
 
-# The `ray` section of stages that always run on Ray (recaption: Ray Data; sweep: Ray Tune; demo: all of them).
+# The `ray` section of stages that always run on Ray (sweep: Ray Tune; demo: its sweep).
 OnRayConfig = Annotated[RayConfig, AfterValidator(_not_in_process)]

@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from clipdense.config import Config, OnRayConfig, RayConfig
+from clipdense.config import Config, RayConfig
 from clipdense.data.storage import Storage, StorageKeys
 from clipdense.recaption.engines.registry import engine_kinds, engine_spec
 
@@ -99,6 +99,8 @@ class DecodeConfig(Config):
     # one task, so raw image bytes never pass through the object store. An int re-batches (no fusion).
     batch_size: int | None = Field(None, ge=1)
     num_cpus: float = Field(1.0, gt=0)
+    local_workers: int | None = Field(None, ge=0, description="ray.in_process: decode processes beside the captioner "
+                                      "(0: in this process); null: the machine's cores less engine.num_cpus, >= 1")
 
 
 class StatsConfig(Config):
@@ -162,12 +164,20 @@ class RecaptionConfig(StorageKeys):
     stats: StatsConfig = StatsConfig()
     fault: FaultConfig = FaultConfig()
     teachers: TeachersConfig | None = None  # add DataCompDR-layout teacher embeddings beside the captions
-    ray: OnRayConfig = RayConfig()      # where it runs: a local Ray, or a cluster's address (clipdense.ray_session)
+    # where it runs: a local Ray, a cluster's address (clipdense.ray_session), or in_process: this process and
+    # decode.local_workers decode processes, no Ray (recaption/local.py)
+    ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
     def _check(self):
         if self.engine.rerank and not self.teachers:
             raise ValueError("engine.rerank scores captions with a teacher: add a `teachers:` section")
+        if self.ray.in_process and self.engine.runtime_env:
+            raise ValueError("ray.in_process runs the captioner in this process: it cannot take engine.runtime_env "
+                             "(an actor's environment, e.g. the vLLM venv); leave ray.in_process out")
+        if self.ray.in_process and self.engine.concurrency != 1:
+            raise ValueError(f"ray.in_process runs one captioner in this process: engine.concurrency must be 1, "
+                             f"not {self.engine.concurrency}")
         return self
 
     @property

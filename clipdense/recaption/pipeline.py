@@ -127,12 +127,19 @@ class CaptionActor:
 
         if not isinstance(batch, pa.Table):
             batch = BlockAccessor.batch_to_block(batch)
+        pixels = None
+        if "pixels" in batch.column_names:
+            pixels = BlockAccessor.for_block(batch.select(["pixels"])).to_numpy("pixels")  # zero-copy view
+        return self.captioned(batch, pixels)
+
+    def captioned(self, batch: pa.Table, pixels=None) -> pa.Table:
+        """Result rows of a decoded batch: its images are `pixels` ((n, S, S, 3) uint8, array mode) or its
+        `image_jpeg` column (jpeg mode)."""
         errors = errors_from(batch)
         ok = [i for i, e in enumerate(errors) if e is None]
         syn: list[list[str] | None] = [None] * len(errors)
         if ok:
-            if "pixels" in batch.column_names:
-                pixels = BlockAccessor.for_block(batch.select(["pixels"])).to_numpy("pixels")  # zero-copy view
+            if pixels is not None:
                 images = [pixels[i] for i in ok]
             else:
                 jpegs = batch.column("image_jpeg").to_pylist()
@@ -168,19 +175,25 @@ def decode_batch(batch: pa.Table, spec: ImageInput, keep_images: bool = False) -
     or `image_jpeg` (+ image_bytes when kept). Rows already in error pass through; new problems become row errors."""
     from ray.data.extensions import ArrowTensorArray
 
+    table, pixels = decoded_rows(batch, spec, keep_images)
+    return table if pixels is None else table.append_column("pixels", ArrowTensorArray.from_numpy(pixels))
+
+
+def decoded_rows(batch: pa.Table, spec: ImageInput, keep_images: bool = False) -> tuple[pa.Table, np.ndarray | None]:
+    """`decode_batch` without Ray: (the rows' key, caption, error_code, error, shard [+ image_jpeg] [+ image_bytes,
+    meta], their pixels (array mode) or None)."""
     errors = errors_from(batch)
     images = prepare_images(batch.column("image_bytes").to_pylist(), errors, batch.column("shard").to_pylist(), spec)
     cols = {"key": batch.column("key"), "caption": batch.column("caption"), **error_columns(errors),
             "shard": batch.column("shard")}
-    if isinstance(images, np.ndarray):
-        cols["pixels"] = ArrowTensorArray.from_numpy(images)
-    else:
+    pixels = images if isinstance(images, np.ndarray) else None
+    if pixels is None:
         cols["image_jpeg"] = pa.array(images, pa.binary())
     if keep_images:  # the originals (and their uid / sha256 in `meta`) for the teachers or the output
         cols["image_bytes"] = batch.column("image_bytes")
         if "meta" in batch.column_names:
             cols["meta"] = batch.column("meta")
-    return pa.table(cols)
+    return pa.table(cols), pixels
 
 
 def build_dataset(shards: ShardFiles, engine: Engine, decode: DecodeConfig, fault: FaultConfig,
@@ -231,6 +244,14 @@ def check_cpus_left_to_read(e: EngineConfig, teachers: TeachersConfig | None, cl
                           f"or raise ray.num_cpus")
 
 
+def shard_assembler(plan: Plan, engine: Engine, fault: FaultConfig, keep_images: bool,
+                    teachers: TeachersConfig | None) -> ShardAssembler:
+    """The writer of a run's per-shard outputs (and with teachers their DataCompDR tars)."""
+    return ShardAssembler(plan, engine.provenance, write=write_parquet, keep_images=keep_images,
+                          fail_after_shards=fault.fail_after_shards,
+                          write_tar=write_bytes if teachers is not None else None, seeds=engine.caption_seeds)
+
+
 def caption_shards(todo: ShardFiles, plan: Plan, engine: Engine, decode: DecodeConfig, fault: FaultConfig,
                    keep_images: bool, teachers: TeachersConfig | None = None,
                    fixed_size: bool = False) -> tuple[ShardAssembler, float]:
@@ -240,9 +261,7 @@ def caption_shards(todo: ShardFiles, plan: Plan, engine: Engine, decode: DecodeC
     if fixed_size:
         check_cpus_left_to_read(engine.config, teachers, cluster_cpus())
     ds = build_dataset(todo, engine, decode, fault, keep_images, teachers)
-    assembler = ShardAssembler(plan, engine.provenance, write=write_parquet, keep_images=keep_images,
-                               fail_after_shards=fault.fail_after_shards,
-                               write_tar=write_bytes if teachers is not None else None, seeds=engine.caption_seeds)
+    assembler = shard_assembler(plan, engine, fault, keep_images, teachers)
     t0 = time.perf_counter()
     with data_context(DATA_CONTEXT):
         try:

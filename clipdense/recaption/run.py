@@ -1,17 +1,29 @@
 """Entry of the recaption stage: `run(cfg)` resolves everything once (the engine and its checks, the input shards,
-which of them are done), enters Ray for the pipeline, writes the stats and reports."""
+which of them are done), enters Ray for the pipeline (or, `ray.in_process`, runs it here without Ray: local.py),
+writes the stats and reports."""
 from __future__ import annotations
 
 import sys
 
+from clipdense.config import ConfigError
 from clipdense.data.paths import ShardFiles, expand_shards
 from clipdense.ray_session import ray_session
 from clipdense.recaption.config import RecaptionConfig
 from clipdense.recaption.engines.resolve import resolve_engine
-from clipdense.recaption.pipeline import caption_shards
+from clipdense.recaption.local import caption_shards_here
+from clipdense.recaption.pipeline import EngineLoadError, caption_shards
 from clipdense.recaption.plan import plan_shards
 from clipdense.recaption.stats import write_stats
+from clipdense.recaption.teachers import TeacherLoadError
 from clipdense.recaption.writer import RunCounts
+
+
+def _here(todo: ShardFiles, plan, engine, cfg: RecaptionConfig):
+    """`caption_shards_here` (no Ray); a captioner or teacher that does not load is a one-line error."""
+    try:
+        return caption_shards_here(todo, plan, engine, cfg.decode, cfg.fault, cfg.keep_images, cfg.teachers)
+    except (EngineLoadError, TeacherLoadError) as e:
+        raise ConfigError(str(e)) from None
 
 
 def run(cfg: RecaptionConfig) -> dict:
@@ -23,11 +35,14 @@ def run(cfg: RecaptionConfig) -> dict:
     counts, written, seconds = RunCounts(), [], 0.0
     if plan.todo:
         todo = ShardFiles(list(plan.todo.values()), shards.sidecars, shards.storage)
-        with ray_session(cfg.ray, log_to_driver=True) as started:
-            # a Ray started here has a fixed size (a cluster's autoscaler may add nodes for the actor pools)
-            fixed_size = started and cfg.ray.target() is None
-            assembler, seconds = caption_shards(todo, plan, engine, cfg.decode, cfg.fault, cfg.keep_images,
-                                                cfg.teachers, fixed_size=fixed_size)
+        if cfg.ray.in_process:
+            assembler, seconds = _here(todo, plan, engine, cfg)
+        else:
+            with ray_session(cfg.ray, log_to_driver=True) as started:
+                # a Ray started here has a fixed size (a cluster's autoscaler may add nodes for the actor pools)
+                fixed_size = started and cfg.ray.target() is None
+                assembler, seconds = caption_shards(todo, plan, engine, cfg.decode, cfg.fault, cfg.keep_images,
+                                                    cfg.teachers, fixed_size=fixed_size)
         counts, written = assembler.counts, assembler.written
     stats = None
     if cfg.stats.enabled:

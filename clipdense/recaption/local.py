@@ -1,0 +1,114 @@
+"""The recaption pipeline in this process (`ray.in_process: true`), no Ray: a run on one machine pays for no Ray
+start, object store or actor pool. The same row functions as the Ray Data pipeline (pipeline.py): canonical rows
+per shard (`data.shards.shard_tables`), `decoded_rows`, the captioner (`CaptionActor.captioned`, built here), the
+teachers, the per-shard writer. Decode runs in `decode.local_workers` torch DataLoader worker processes, worker k of
+W taking input shards k, k+W, ... (each shard read once); pixels come back in shared memory. The captioner and the
+teachers run here on what arrives, and the results are handed to the writer shard by shard in input order (a shard
+when its worker has sent all of its rows), so outputs, resume and exactly-once are the Ray pipeline's.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from clipdense.data.paths import ShardFiles
+from clipdense.data.shards import shard_tables
+from clipdense.recaption.config import DecodeConfig, FaultConfig, TeachersConfig
+from clipdense.recaption.decode import ImageInput
+from clipdense.recaption.engines.resolve import Engine
+from clipdense.recaption.pipeline import CaptionActor, decoded_rows, shard_assembler
+from clipdense.recaption.plan import Plan
+from clipdense.recaption.teachers import TeacherActor
+from clipdense.recaption.writer import ShardAssembler
+
+
+class _DecodedShards(IterableDataset):
+    """(shard index, decoded rows, pixels as a uint8 tensor or None) per block of each of this worker's shards, then
+    (shard index, None, None) once the shard is done."""
+
+    def __init__(self, todo: ShardFiles, spec: ImageInput, block_rows: int, keep_images: bool):
+        self.todo, self.spec, self.block_rows, self.keep_images = todo, spec, block_rows, keep_images
+
+    def __iter__(self):
+        info = get_worker_info()
+        k, w = (info.id, info.num_workers) if info is not None else (0, 1)
+        for i, uri in enumerate(self.todo.files):
+            if i % w != k:
+                continue
+            file, sidecar = self.todo.storage.at(uri), self.todo.sidecars.get(uri)
+            for block in shard_tables(file, file.at(sidecar) if sidecar else None, validate="none",
+                                      batch_rows=self.block_rows, max_pixels=self.spec.max_image_pixels):
+                rows, pixels = decoded_rows(block, self.spec, self.keep_images)
+                yield i, rows, None if pixels is None else torch.from_numpy(pixels)
+            yield i, None, None
+
+
+def _unchanged(item):  # DataLoader's per-item convert (batch_size None): keep the Arrow table as it is
+    return item
+
+
+class _InOrder:
+    """Result blocks by input shard, handed to the writer shard by shard in input order as each completes."""
+
+    def __init__(self, assembler: ShardAssembler, shards: int):
+        self.assembler, self.parts, self.done, self.next = assembler, [[] for _ in range(shards)], set(), 0
+
+    def add(self, shard: int, block) -> None:
+        self.parts[shard].append(block)
+
+    def complete(self, shard: int) -> None:
+        self.done.add(shard)
+        while self.next in self.done:
+            for block in self.parts[self.next]:
+                self.assembler.add(block)
+            self.parts[self.next] = []
+            self.next += 1
+
+
+def local_decode_workers(decode: DecodeConfig, engine_cpus: float) -> int:
+    """`decode.local_workers`, or by default this machine's cores less those the captioner holds (at least 1)."""
+    if decode.local_workers is not None:
+        return decode.local_workers
+    cores = len(os.sched_getaffinity(0))
+    return max(1, cores - int(round(engine_cpus)))
+
+
+def caption_shards_here(todo: ShardFiles, plan: Plan, engine: Engine, decode: DecodeConfig, fault: FaultConfig,
+                        keep_images: bool, teachers: TeachersConfig | None = None) -> tuple[ShardAssembler, float]:
+    """`pipeline.caption_shards` without Ray: the same outputs, written as each shard completes."""
+    e = engine.config
+    captioner = CaptionActor(e.model_dump(), fault.model_dump())  # EngineLoadError: run.py makes it one line
+    teacher = None
+    if teachers is not None:
+        teacher = TeacherActor(teachers.model_dump(), decode.max_image_pixels, keep_images,
+                               e.rerank.keep if e.rerank else None)
+    assembler = shard_assembler(plan, engine, fault, keep_images, teachers)
+    ordered = _InOrder(assembler, len(todo.files))
+    workers = local_decode_workers(decode, e.num_cpus)
+    source = _DecodedShards(todo, engine.image, decode.batch_size or 256, keep_images or teachers is not None)
+    loader = DataLoader(source, batch_size=None, num_workers=workers, collate_fn=_unchanged,
+                        **({"prefetch_factor": 2} if workers else {}))
+    t0 = time.perf_counter()
+    for shard, rows, pixels in loader:
+        if rows is None:
+            ordered.complete(shard)
+            continue
+        for lo, n in _slices(rows.num_rows, e.batch_size):
+            block = captioner.captioned(rows.slice(lo, n), None if pixels is None else pixels[lo:lo + n].numpy())
+            if teacher is None:
+                ordered.add(shard, block)
+                continue
+            for t_lo, t_n in _slices(block.num_rows, teachers.batch_size):
+                ordered.add(shard, teacher(block.slice(t_lo, t_n)))
+    assembler.finish()
+    return assembler, time.perf_counter() - t0
+
+
+def _slices(n: int, size: int):
+    """(start, length) of consecutive runs of at most `size` of n rows."""
+    for lo in range(0, n, size):
+        yield lo, min(size, n - lo)
+
