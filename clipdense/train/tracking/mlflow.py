@@ -22,9 +22,11 @@ ARTIFACTS_DIR = "mlartifacts"  # beside a sqlite database (the folder `mlflow se
 
 
 def short_mlflow_timeouts() -> None:
-    """A server that goes away must cost seconds, not minutes: MLflow's client defaults retry for ~2 minutes.
-    Values the user set in the environment win."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    """A server that goes away must cost seconds, not minutes: MLflow's client defaults retry for ~2 minutes. A dead
+    server refuses at once (the retry's backoff is what it costs); the read timeout is for a live but slow one (a
+    busy machine's server took over 5 s to answer its first request in CI), which then answers within it, or costs
+    the run at most two waits before its tracker is dropped. Values the user set in the environment win."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 
