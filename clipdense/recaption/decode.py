@@ -38,19 +38,24 @@ def prepare_image(data: bytes | None, spec: ImageInput) -> np.ndarray | bytes:
 
 
 def prepare_images(datas: list[bytes | None], errors: list[RowError | None], shards: list[str | None],
-                   spec: ImageInput) -> np.ndarray | list[bytes | None]:
-    """The images of the rows not in error: uint8 (n, size, size, 3) (array mode) or small JPEGs (jpeg mode). A row
-    whose image fails gets its row error in `errors` (updated in place) and zeros / None."""
+                   spec: ImageInput, alloc=np.empty) -> np.ndarray | list[bytes | None]:
+    """The images of the rows not in error: uint8 (n, size, size, 3) (array mode; the array from `alloc(shape,
+    dtype)`, e.g. one in shared memory) or small JPEGs (jpeg mode). A row whose image fails gets its row error in
+    `errors` (updated in place) and zeros / None."""
     n = len(datas)
-    pixels = np.zeros((n, spec.size, spec.size, 3), np.uint8) if spec.mode == "array" else None
+    pixels = alloc((n, spec.size, spec.size, 3), np.uint8) if spec.mode == "array" else None
     jpegs: list[bytes | None] = [None] * n
     for i in range(n):
         if errors[i] is not None:
+            if pixels is not None:
+                pixels[i] = 0
             continue
         try:
             out = prepare_image(datas[i], spec)
         except ImageError as e:
             errors[i] = row_error(e.code, e.detail, shards[i])
+            if pixels is not None:
+                pixels[i] = 0
             continue
         if pixels is not None:
             pixels[i] = out

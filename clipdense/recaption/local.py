@@ -8,14 +8,17 @@ when its worker has sent all of its rows), so outputs, resume and exactly-once a
 """
 from __future__ import annotations
 
+import itertools
 import os
 import time
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipdense.data.paths import ShardFiles
 from clipdense.data.shards import shard_tables
+from clipdense.data.tar_rows import shard_rows
 from clipdense.recaption.config import DecodeConfig, FaultConfig, TeachersConfig
 from clipdense.recaption.decode import ImageInput
 from clipdense.recaption.engines.resolve import Engine
@@ -23,6 +26,18 @@ from clipdense.recaption.pipeline import CaptionActor, decoded_rows, shard_assem
 from clipdense.recaption.plan import Plan
 from clipdense.recaption.teachers import TeacherActor
 from clipdense.recaption.writer import ShardAssembler
+
+
+class _SharedArray:
+    """An allocator of a numpy array in shared memory (`.tensor` holds it): the DataLoader then passes the decoded
+    pixels to the run's process without copying them there."""
+
+    tensor: torch.Tensor | None = None
+
+    def __call__(self, shape: tuple, dtype) -> np.ndarray:
+        storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        self.tensor = torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+        return self.tensor.numpy()
 
 
 class _DecodedShards(IterableDataset):
@@ -38,12 +53,25 @@ class _DecodedShards(IterableDataset):
         for i, uri in enumerate(self.todo.files):
             if i % w != k:
                 continue
-            file, sidecar = self.todo.storage.at(uri), self.todo.sidecars.get(uri)
-            for block in shard_tables(file, file.at(sidecar) if sidecar else None, validate="none",
-                                      batch_rows=self.block_rows, max_pixels=self.spec.max_image_pixels):
-                rows, pixels = decoded_rows(block, self.spec, self.keep_images)
-                yield i, rows, None if pixels is None else torch.from_numpy(pixels)
+            for block in self._blocks(uri):
+                shared = _SharedArray()
+                rows, pixels = decoded_rows(block, self.spec, self.keep_images, alloc=shared)
+                yield i, rows, None if pixels is None else shared.tensor
             yield i, None, None
+
+    def _blocks(self, uri: str):
+        """A shard's canonical rows, `block_rows` at a time: a tar's as column lists (its image bytes never become
+        Arrow: the plain loop's cost), a Parquet shard's as Arrow tables."""
+        file, sidecar = self.todo.storage.at(uri), self.todo.sidecars.get(uri)
+        sidecar = file.at(sidecar) if sidecar else None
+        if not uri.endswith(".tar"):
+            yield from shard_tables(file, sidecar, validate="none", batch_rows=self.block_rows,
+                                    max_pixels=self.spec.max_image_pixels)
+            return
+        with file.open_input_stream() as f:
+            rows = shard_rows(f, uri, "none", self.spec.max_image_pixels, sidecar)
+            while chunk := list(itertools.islice(rows, self.block_rows)):
+                yield {name: [r[name] for r in chunk] for name in chunk[0]}
 
 
 def _unchanged(item):  # DataLoader's per-item convert (batch_size None): keep the Arrow table as it is

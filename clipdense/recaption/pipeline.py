@@ -179,20 +179,28 @@ def decode_batch(batch: pa.Table, spec: ImageInput, keep_images: bool = False) -
     return table if pixels is None else table.append_column("pixels", ArrowTensorArray.from_numpy(pixels))
 
 
-def decoded_rows(batch: pa.Table, spec: ImageInput, keep_images: bool = False) -> tuple[pa.Table, np.ndarray | None]:
+def decoded_rows(batch: pa.Table | dict, spec: ImageInput, keep_images: bool = False,
+                 alloc=np.empty) -> tuple[pa.Table, np.ndarray | None]:
     """`decode_batch` without Ray: (the rows' key, caption, error_code, error, shard [+ image_jpeg] [+ image_bytes,
-    meta], their pixels (array mode) or None)."""
+    meta], their pixels (array mode, in an array from `alloc`) or None). `batch`: canonical rows as an Arrow table,
+    or a dict of column lists (the in-process pipeline's tar rows, which never become Arrow)."""
+    def column(name: str, kind: pa.DataType):
+        return batch.column(name) if isinstance(batch, pa.Table) else pa.array(batch[name], kind)
+
+    def values(name: str) -> list:
+        return batch.column(name).to_pylist() if isinstance(batch, pa.Table) else batch[name]
+
     errors = errors_from(batch)
-    images = prepare_images(batch.column("image_bytes").to_pylist(), errors, batch.column("shard").to_pylist(), spec)
-    cols = {"key": batch.column("key"), "caption": batch.column("caption"), **error_columns(errors),
-            "shard": batch.column("shard")}
+    images = prepare_images(values("image_bytes"), errors, values("shard"), spec, alloc)
+    cols = {"key": column("key", pa.string()), "caption": column("caption", pa.string()), **error_columns(errors),
+            "shard": column("shard", pa.string())}
     pixels = images if isinstance(images, np.ndarray) else None
     if pixels is None:
         cols["image_jpeg"] = pa.array(images, pa.binary())
     if keep_images:  # the originals (and their uid / sha256 in `meta`) for the teachers or the output
-        cols["image_bytes"] = batch.column("image_bytes")
-        if "meta" in batch.column_names:
-            cols["meta"] = batch.column("meta")
+        cols["image_bytes"] = column("image_bytes", pa.binary())
+        if "meta" in (batch.column_names if isinstance(batch, pa.Table) else batch):
+            cols["meta"] = column("meta", pa.string())
     return pa.table(cols), pixels
 
 
