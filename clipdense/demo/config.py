@@ -35,9 +35,9 @@ class DemoScale(Config):
     recaption: DemoRecaption
     clip_steps: int = Field(ge=1)
     clip_batch: int = Field(ge=1)
-    in_process: bool = Field(description="pretraining (captioner and CLIPs) in the demo's process, without a Ray "
-                             "Train worker group: one machine saves the group's start per run; data still streams "
-                             "through Ray Data")
+    in_process: bool = Field(description="pretraining (captioner and CLIPs) and recaptioning in the demo's "
+                             "process, without a Ray Train worker group, Ray Data or an actor pool: one machine "
+                             "saves their start per run (the sweep still runs on Ray Tune)")
     runs: int = Field(ge=1, description="pretraining runs per pretrained condition (seeds seed .. seed+runs-1)")
     random_init_seeds: int = Field(ge=1, description="init seeds of the random-init floor")
     probe: Literal["fit", "sgd"] = Field(description="fit: a converged linear fit on cached frozen features; sgd: "

@@ -54,7 +54,10 @@ def clip_config(p: DemoScale, condition: str, web: Path, captions: Path, out_dir
 
 def recaption_config(p: DemoScale, web: Path, out: Path, captioner: Path, seed: int) -> RecaptionConfig:
     engine = {"model": p.coca_model, "checkpoint": str(captioner), "seed": seed, **p.recaption.model_dump()}
-    given = {"input": str(web), "output": str(out), "engine": engine}
+    if p.in_process:  # one captioner in the demo's process, with the CPUs the template's actor pool would hold
+        pool = template("recaption")["engine"]
+        engine.update(concurrency=1, num_cpus=pool.get("concurrency", 1) * pool.get("num_cpus", 1.0))
+    given = {"input": str(web), "output": str(out), "engine": engine, "ray": {"in_process": p.in_process}}
     return build_config(RecaptionConfig, deep_merge(template("recaption"), given), "demo recaption")
 
 

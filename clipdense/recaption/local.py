@@ -8,6 +8,7 @@ when its worker has sent all of its rows), so outputs, resume and exactly-once a
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import time
@@ -120,19 +121,33 @@ def caption_shards_here(todo: ShardFiles, plan: Plan, engine: Engine, decode: De
     loader = DataLoader(source, batch_size=None, num_workers=workers, collate_fn=_unchanged,
                         **({"prefetch_factor": 2} if workers else {}))
     t0 = time.perf_counter()
-    for shard, rows, pixels in loader:
-        if rows is None:
-            ordered.complete(shard)
-            continue
-        for lo, n in _slices(rows.num_rows, e.batch_size):
-            block = captioner.captioned(rows.slice(lo, n), None if pixels is None else pixels[lo:lo + n].numpy())
-            if teacher is None:
-                ordered.add(shard, block)
+    with _threads(e.num_cpus):
+        for shard, rows, pixels in loader:
+            if rows is None:
+                ordered.complete(shard)
                 continue
-            for t_lo, t_n in _slices(block.num_rows, teachers.batch_size):
-                ordered.add(shard, teacher(block.slice(t_lo, t_n)))
+            for lo, n in _slices(rows.num_rows, e.batch_size):
+                block = captioner.captioned(rows.slice(lo, n), None if pixels is None else pixels[lo:lo + n].numpy())
+                if teacher is None:
+                    ordered.add(shard, block)
+                    continue
+                for t_lo, t_n in _slices(block.num_rows, teachers.batch_size):
+                    ordered.add(shard, teacher(block.slice(t_lo, t_n)))
     assembler.finish()
     return assembler, time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _threads(cpus: float):
+    """torch's threads for the captioner: `engine.num_cpus`, as Ray gives an actor (the decode workers hold the
+    rest of the cores); unchanged for an engine that reserves none."""
+    before = torch.get_num_threads()
+    if cpus >= 1:
+        torch.set_num_threads(int(round(cpus)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _slices(n: int, size: int):
