@@ -12,13 +12,13 @@ to decode (after its header passed) leaves its batch one row short instead of sh
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 
+from clipdense.data.loader import chunks, ordered_loader, worker_slot
 from clipdense.data.shards import shard_tables
 from clipdense.pretrain.config import DataConfig, EvalConfig
 from clipdense.pretrain.data import (
@@ -57,12 +57,6 @@ def usable_rows(src: Sources, data: DataConfig, drop_keys: frozenset = frozenset
                 yield tuple(row)
 
 
-def _chunks(rows: Iterable, n: int) -> Iterator[list]:
-    it = iter(rows)
-    while chunk := list(itertools.islice(it, n)):
-        yield chunk
-
-
 def _shuffled(rows: Iterable, buffer: int, seed: int) -> Iterator:
     """A seeded shuffle buffer of `buffer` rows: each row leaves at a random place among the next `buffer`."""
     rng = np.random.default_rng(seed)
@@ -87,19 +81,10 @@ def _as_rows(columns: dict[str, list]) -> list[tuple]:
     return list(zip(*(columns[name] for name in KEPT_COLUMNS)))
 
 
-def _unchanged(item):  # DataLoader's per-item convert (batch_size None): keep numpy arrays and lists as they are
-    return item
-
-
-def _worker() -> tuple[int, int]:
-    info = get_worker_info()
-    return (info.id, info.num_workers) if info is not None else (0, 1)
-
-
 def _loader(dataset: IterableDataset, data: DataConfig) -> DataLoader:
-    workers = data.local_workers
-    more = {"prefetch_factor": max(1, data.prefetch_batches)} if workers else {}
-    return DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_unchanged, **more)
+    return ordered_loader(dataset, data.local_workers, data.prefetch_batches)
+
+
 
 
 class _DecodedChunks(IterableDataset):
@@ -109,8 +94,8 @@ class _DecodedChunks(IterableDataset):
         self.rows, self.chunk, self.size, self.crop_source = rows, chunk, size, crop_source
 
     def __iter__(self):
-        k, w = _worker()
-        for i, chunk in enumerate(_chunks(self.rows(), self.chunk)):
+        k, w = worker_slot()
+        for i, chunk in enumerate(chunks(self.rows(), self.chunk)):
             if i % w == k:
                 yield _as_rows(decoded_columns(chunk, self.size, self.crop_source))
 
@@ -122,12 +107,12 @@ class _EpochBatches(IterableDataset):
         self.rows, self.collate, self.batch_size, self.start, self.seed = rows, collate, batch_size, start, seed
 
     def __iter__(self):
-        k, w = _worker()
+        k, w = worker_slot()
         rows, d = self.rows, self.rows.data
         stream = rows.cached if rows.cached is not None else usable_rows(rows.source, d, rows.drop_keys)
         if d.shuffle_buffer:
             stream = _shuffled(stream, d.shuffle_buffer, self.seed)
-        for b, chunk in enumerate(_chunks(stream, self.batch_size)):
+        for b, chunk in enumerate(chunks(stream, self.batch_size)):
             if len(chunk) < self.batch_size:
                 return  # drop_last, as the Ray Data path
             if b < self.start or (b - self.start) % w != k:
@@ -160,7 +145,7 @@ class LocalRows:
 
     def iter_batches(self, batch_size: int, batch_format: str = "numpy") -> Iterator[dict]:
         """The decoded rows in batches of columns (the eval rows: as a Ray Data shard's numpy batches)."""
-        for chunk in _chunks(self.cached or [], batch_size):
+        for chunk in chunks(self.cached or [], batch_size):
             yield _columns(chunk)
 
     def __len__(self) -> int:

@@ -9,14 +9,14 @@ when its worker has sent all of its rows), so outputs, resume and exactly-once a
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import time
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
+from clipdense.data.loader import chunks, ordered_loader, worker_slot
 from clipdense.data.paths import ShardFiles
 from clipdense.data.shards import shard_tables
 from clipdense.data.tar_rows import shard_rows
@@ -49,8 +49,7 @@ class _DecodedShards(IterableDataset):
         self.todo, self.spec, self.block_rows, self.keep_images = todo, spec, block_rows, keep_images
 
     def __iter__(self):
-        info = get_worker_info()
-        k, w = (info.id, info.num_workers) if info is not None else (0, 1)
+        k, w = worker_slot()
         for i, uri in enumerate(self.todo.files):
             if i % w != k:
                 continue
@@ -71,12 +70,8 @@ class _DecodedShards(IterableDataset):
             return
         with file.open_input_stream() as f:
             rows = shard_rows(f, uri, "none", self.spec.max_image_pixels, sidecar)
-            while chunk := list(itertools.islice(rows, self.block_rows)):
+            for chunk in chunks(rows, self.block_rows):
                 yield {name: [r[name] for r in chunk] for name in chunk[0]}
-
-
-def _unchanged(item):  # DataLoader's per-item convert (batch_size None): keep the Arrow table as it is
-    return item
 
 
 class _InOrder:
@@ -118,8 +113,7 @@ def caption_shards_here(todo: ShardFiles, plan: Plan, engine: Engine, decode: De
     ordered = _InOrder(assembler, len(todo.files))
     workers = local_decode_workers(decode, e.num_cpus)
     source = _DecodedShards(todo, engine.image, decode.batch_size or 256, keep_images or teachers is not None)
-    loader = DataLoader(source, batch_size=None, num_workers=workers, collate_fn=_unchanged,
-                        **({"prefetch_factor": 2} if workers else {}))
+    loader = ordered_loader(source, workers, prefetch=2)
     t0 = time.perf_counter()
     with _threads(e.num_cpus):
         for shard, rows, pixels in loader:
