@@ -25,6 +25,7 @@ CPU_BENCHES = {
     "data": "bench.data_decode",
     "recaption": "bench.recaption_echo",
     "recaption-scale": "bench.recaption_scale",
+    "teachers": "bench.teacher_forward",
     "finetune": "bench.finetune_step",
     "demo": "bench.demo_wall",
     "eval": "bench.eval_zeroshot",

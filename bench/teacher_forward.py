@@ -8,10 +8,11 @@ Both sides read the same tar shards and, per image: decode the original (PIL, RG
 normalise, embed them with the open_clip teacher, and embed the caption (plus one synthetic caption: the pipeline
 runs the echo engine, which copies it); and score each caption (the pipeline's `syn_score`): the image under the
 teacher's eval transform, embedded, against its captions' embeddings. The pipeline is `clipdense recaption` with
-`teachers:` (echo captioner, no CPU reserved; one teacher actor per core, each 1 CPU); its time includes writing the
-DataCompDR tars. The plain
-side is one process on one thread, and one process per core over a split of the shards. Ratio: (pipeline
-images/s / cores) / (plain per-core images/s on all cores); goal >= 0.9. Writes bench/results/teacher_forward.json.
+`teachers:` and the echo captioner (no CPU reserved), two ways: in process (`ray.in_process`: one DataLoader decode
+worker per core draws the views, the run's process embeds them) and on Ray Data (one teacher actor per core, each
+1 CPU). Its time includes writing the DataCompDR tars. The plain side is one process on one thread, and one process
+per core over a split of the shards. Ratio: (pipeline images/s / cores) / (plain per-core images/s on all cores);
+goal >= 0.9. The sides alternate within each round. Writes bench/results/teacher_forward.json.
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ import argparse
 import io
 import json
 import multiprocessing as mp
-import os
 import shutil
 import sys
 import tarfile
@@ -32,7 +32,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from bench.common import add_local_ray_args, load_note, row, save
+from bench.common import RoundLoads, add_local_ray_args, row, save
 from bench.jpeg_shards import make_shards
 from clipdense.config import build_config
 from clipdense.models.registry import create_clip_and_transforms, tokenizer_for
@@ -86,14 +86,14 @@ def plain_pool(paths: list[str], teacher: str, pretrained: str | None, views: in
     return {"images": n, "seconds": round(seconds, 3), "per_core": round(n / seconds / len(splits), 2)}
 
 
-def pipeline(paths: list[str], out: Path, args: argparse.Namespace) -> dict:
+def pipeline(paths: list[str], out: Path, args: argparse.Namespace, in_process: bool) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cfg = build_config(RecaptionConfig, {
         "input": paths, "output": str(out), "stats": {"enabled": False},
         "engine": {"kind": "echo", "num_captions": 1, "batch_size": 256, "num_cpus": 0},
         "decode": {"size": 24},  # the captioner's copy is tiny; the teachers decode the original themselves
-        # one logical CPU beside the teachers' for the shard reads (else they would never be scheduled)
-        "ray": {"num_cpus": args.cpus + 1},
+        # on Ray, one logical CPU beside the teachers' for the shard reads (else they would never be scheduled)
+        "ray": {"in_process": True} if in_process else {"num_cpus": args.cpus + 1},
         "teachers": {"models": [{"name": args.teacher, "pretrained": args.pretrained}], "views": args.views,
                      "device": "cpu", "batch_size": 32, "concurrency": args.cpus, "num_cpus": 1}})
     s = run(cfg)
@@ -110,7 +110,7 @@ def parse_args(argv: list[str] | None, quick: bool) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true")
     args = add_local_ray_args(ap, repeats=2).parse_args(argv or [])
     if quick or args.quick:
-        args.shards, args.per_shard, args.repeats = 2, 32, 1
+        args.shards, args.per_shard, args.repeats, args.quick = 2, 32, 1, True
     return args
 
 
@@ -119,26 +119,34 @@ def main(argv: list[str] | None = None, quick: bool = False) -> dict:
     work = Path(tempfile.mkdtemp(prefix="teacher_forward_"))
     try:
         paths = make_shards(work / "shards", args.shards, args.per_shard, args.image_px)
-        runs = {"plain": [], "plain_all_cores": [], "pipeline": []}
+        runs = {"plain": [], "plain_all_cores": [], "in_process": [], "ray": []}
+        loads = RoundLoads(quick=args.quick)
         for _ in range(args.repeats):
+            loads.start_round()
             runs["plain"].append(plain_loop(paths, args.teacher, args.pretrained, args.views))
             runs["plain_all_cores"].append(plain_pool(paths, args.teacher, args.pretrained, args.views, args.cpus))
-            runs["pipeline"].append(pipeline(paths, work / "out", args))
+            runs["in_process"].append(pipeline(paths, work / "out", args, in_process=True))
+            runs["ray"].append(pipeline(paths, work / "out", args, in_process=False))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     best = {k: max(v, key=lambda r: r.get("images_per_s", r.get("per_core", 0))) for k, v in runs.items()}
-    ratio = best["pipeline"]["images_per_s"] / args.cpus / best["plain_all_cores"]["per_core"]
+    peer = best["plain_all_cores"]["per_core"]
+    ratios = {k: round(best[k]["images_per_s"] / args.cpus / peer, 3) for k in ("in_process", "ray")}
     result = {"bench": "teacher_forward", "cpus": args.cpus, "teacher": args.teacher, "views": args.views,
-              "images": args.shards * args.per_shard, "load_avg_1m": round(os.getloadavg()[0], 2), "best": best,
-              "all_runs": runs, "per_core_ratio": round(ratio, 3), "goal_ratio": 0.9}
+              "images": args.shards * args.per_shard, **loads.summary(), "best": best,
+              "all_runs": runs, "per_core_ratio": ratios, "goal_ratio": 0.9}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "teacher_forward_detail.json").write_text(json.dumps(result, indent=2))
-    save("teacher_forward", [row("recaption", f"teacher step ({args.teacher}, {args.views} views) images/s per core",
-                                 best["pipeline"]["images_per_s"] / args.cpus, best["plain_all_cores"]["per_core"],
-                                 "plain PIL + torchvision + open_clip loop, one process per core", "images/s/core",
-                                 notes=f"{args.shards}x{args.per_shard} JPEGs {args.image_px}px; best of "
-                                       f"{args.repeats}; at the end: {load_note()}")], out)
+    notes = (f"{args.shards}x{args.per_shard} JPEGs {args.image_px}px; best of {args.repeats} alternating rounds; "
+             f"{loads.note()}")
+    metric = f"teacher step ({args.teacher}, {args.views} views) images/s per core"
+    save("teacher_forward", [
+        row("recaption", f"{metric}, in process (ray.in_process, no Ray)", best["in_process"]["images_per_s"] /
+            args.cpus, peer, "plain PIL + torchvision + open_clip loop, one process per core", "images/s/core",
+            notes=notes),
+        row("recaption", f"{metric}, Ray Data", best["ray"]["images_per_s"] / args.cpus, peer,
+            "plain PIL + torchvision + open_clip loop, one process per core", "images/s/core", notes=notes)], out)
     print(json.dumps(result, indent=2))
     return result
 

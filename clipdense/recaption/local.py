@@ -18,6 +18,7 @@ from torch.utils.data import IterableDataset
 
 from clipdense.data.loader import chunks, ordered_loader, worker_slot
 from clipdense.data.paths import ShardFiles
+from clipdense.data.rows import errors_from
 from clipdense.data.shards import shard_tables
 from clipdense.data.tar_rows import shard_rows
 from clipdense.recaption.config import DecodeConfig, FaultConfig, TeachersConfig
@@ -26,7 +27,10 @@ from clipdense.recaption.engines.resolve import Engine
 from clipdense.recaption.pipeline import CaptionActor, decoded_rows, shard_assembler
 from clipdense.recaption.plan import Plan
 from clipdense.recaption.teachers import TeacherActor
+from clipdense.recaption.views import ViewBatch, ViewDrawer
 from clipdense.recaption.writer import ShardAssembler
+
+TEACHER_BLOCK_ROWS = 64
 
 
 class _SharedArray:
@@ -42,11 +46,14 @@ class _SharedArray:
 
 
 class _DecodedShards(IterableDataset):
-    """(shard index, decoded rows, pixels as a uint8 tensor or None) per block of each of this worker's shards, then
-    (shard index, None, None) once the shard is done."""
+    """(shard index, decoded rows, pixels as a uint8 tensor or None, the teachers' views or None) per block of each
+    of this worker's shards, then (shard index, None, None, None) once the shard is done. With a `drawer` the
+    workers also draw the teachers' views (their per-image CPU work), so the run's process only runs models."""
 
-    def __init__(self, todo: ShardFiles, spec: ImageInput, block_rows: int, keep_images: bool):
+    def __init__(self, todo: ShardFiles, spec: ImageInput, block_rows: int, keep_images: bool,
+                 drawer: ViewDrawer | None = None):
         self.todo, self.spec, self.block_rows, self.keep_images = todo, spec, block_rows, keep_images
+        self.drawer = drawer
 
     def __iter__(self):
         k, w = worker_slot()
@@ -56,8 +63,23 @@ class _DecodedShards(IterableDataset):
             for block in self._blocks(uri):
                 shared = _SharedArray()
                 rows, pixels = decoded_rows(block, self.spec, self.keep_images, alloc=shared)
-                yield i, rows, None if pixels is None else shared.tensor
-            yield i, None, None
+                yield i, rows, None if pixels is None else shared.tensor, self._views(rows)
+            yield i, None, None, None
+
+    def _views(self, rows) -> ViewBatch | None:
+        """The rows' views (rows in error left empty); None where drawing failed: the teachers then draw them
+        again and record the failure on the rows, as in the Ray pipeline."""
+        if self.drawer is None:
+            return None
+        ok = [i for i, e in enumerate(errors_from(rows)) if e is None]
+        if not ok:
+            return None
+        images, keys = rows.column("image_bytes").to_pylist(), rows.column("key").to_pylist()
+        try:
+            drawn = self.drawer([images[i] for i in ok], [str(keys[i]) for i in ok])
+        except Exception:  # noqa: BLE001  (recorded per row by the teachers' own attempt)
+            return None
+        return ViewBatch.scatter(drawn, ok, rows.num_rows)
 
     def _blocks(self, uri: str):
         """A shard's canonical rows, `block_rows` at a time: a tar's as column lists (its image bytes never become
@@ -112,11 +134,14 @@ def caption_shards_here(todo: ShardFiles, plan: Plan, engine: Engine, decode: De
     assembler = shard_assembler(plan, engine, fault, keep_images, teachers)
     ordered = _InOrder(assembler, len(todo.files))
     workers = local_decode_workers(decode, e.num_cpus)
-    source = _DecodedShards(todo, engine.image, decode.batch_size or 256, keep_images or teachers is not None)
+    drawer = teacher.forward.drawer(decode.max_image_pixels) if teacher is not None and workers else None
+    # a block of views takes ~1 MB a row (uint8 views, the scorer's float input): blocks of 64 rows with teachers
+    block_rows = decode.batch_size or (TEACHER_BLOCK_ROWS if teacher is not None else 256)
+    source = _DecodedShards(todo, engine.image, block_rows, keep_images or teachers is not None, drawer)
     loader = ordered_loader(source, workers, prefetch=2)
     t0 = time.perf_counter()
     with _threads(e.num_cpus):
-        for shard, rows, pixels in loader:
+        for shard, rows, pixels, drawn in loader:
             if rows is None:
                 ordered.complete(shard)
                 continue
@@ -126,7 +151,8 @@ def caption_shards_here(todo: ShardFiles, plan: Plan, engine: Engine, decode: De
                     ordered.add(shard, block)
                     continue
                 for t_lo, t_n in _slices(block.num_rows, teachers.batch_size):
-                    ordered.add(shard, teacher(block.slice(t_lo, t_n)))
+                    views = None if drawn is None else drawn.slice(lo + t_lo, t_n)
+                    ordered.add(shard, teacher(block.slice(t_lo, t_n), views))
     assembler.finish()
     return assembler, time.perf_counter() - t0
 

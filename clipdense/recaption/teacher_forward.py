@@ -1,4 +1,4 @@
-"""The teachers' forward on one batch of rows: decode the original image, draw its k views (views.py), embed every
+"""The teachers' forward on one batch of rows: their k views drawn (views.py: decode the original, draw), embed every
 view and every caption (the original + the synthetic ones) with each teacher. Embeddings are L2-normalised per
 teacher and concatenated along the feature axis (DataCompDR's blocks, `loss.distill.teacher_dims`), stored float16.
 Imports torch and open_clip: only the teacher actors (teachers.py) and tests load this module."""
@@ -10,12 +10,10 @@ import numpy as np
 import open_clip
 import torch
 
-from clipdense.data.images import decode_rgb
 from clipdense.data.layouts import npz_bytes
 from clipdense.models.registry import create_clip_and_transforms, tokenizer_for
 from clipdense.recaption.config import TeacherModel, TeachersConfig
-from clipdense.recaption.engines.seeds import row_seed
-from clipdense.recaption.views import draw_views, teacher_input
+from clipdense.recaption.views import ViewBatch, ViewDrawer, teacher_input
 
 FOLDER_SCHEMAS = ("local-dir:", "hf-hub:")   # open_clip's own folder layout: config + weights + tokenizer
 
@@ -98,38 +96,33 @@ class TeacherForward:
         self.dims = [b.shape[1] for b in blocks]  # each teacher's block of the concatenated embeddings
         return torch.cat(blocks, 1)
 
-    def rows(self, images: list[bytes], keys: list[str], captions: list[str | None],
-             syns: list[list[str]], max_image_pixels: int) -> list[Reinforced]:
-        """Each row's views and embeddings; text_emb row 0 is the original caption (empty when none), then the
-        synthetic captions in order (DataCompDR's order)."""
+    def drawer(self, max_image_pixels: int) -> ViewDrawer:
+        """The CPU side of `rows` (decode, views, the scorer's input), free of the models."""
+        return ViewDrawer(self.cfg.views, self.cfg.seed, self.scorer.preprocess, max_image_pixels)
+
+    def rows(self, drawn: ViewBatch, captions: list[str | None], syns: list[list[str]]) -> list[Reinforced]:
+        """Each row's embeddings of its drawn views and captions; text_emb row 0 is the original caption (empty when
+        none), then the synthetic captions in order (DataCompDR's order)."""
         k = self.cfg.views
-        params, views, scored = [], [], []
-        for blob, key in zip(images, keys):
-            img = decode_rgb(blob, max_image_pixels)
-            p, v = draw_views(img, k, row_seed(self.cfg.seed, key, "views"))
-            params.append(p)
-            views.append(v)
-            scored.append(self.scorer.preprocess(img))
-        image_emb = self.embed_images(torch.cat(views)).numpy().astype(np.float16)
+        image_emb = self.embed_images(drawn.view_floats()).numpy().astype(np.float16)
         texts = [[c or "", *s] for c, s in zip(captions, syns)]
         text_emb = self.embed_texts([t for ts in texts for t in ts])
-        scores = self.scores(torch.stack(scored), text_emb, [len(ts) for ts in texts])
+        scores = self.scores(drawn.scored, text_emb, [len(ts) for ts in texts])
         text_emb = text_emb.numpy().astype(np.float16)
         out, j = [], 0
         for i, ts in enumerate(texts):
             npz = npz_bytes(image_emb=image_emb[i * k:(i + 1) * k], text_emb=text_emb[j:j + len(ts)])
-            out.append(Reinforced(params[i], npz, [None if not captions[i] else scores[i][0], *scores[i][1:]]))
+            out.append(Reinforced(drawn.params[i], npz, [None if not captions[i] else scores[i][0], *scores[i][1:]]))
             j += len(ts)
         return out
 
     @torch.no_grad()
-    def rerank(self, images: list[bytes], candidates: list[list[str]], keep: int,
-               max_image_pixels: int) -> list[list[int]]:
-        """Per row, the indices of its `keep` best distinct candidates by the scorer's CLIP score, best first; a row
-        with fewer distinct ones repeats them in that order (every row keeps exactly `keep`)."""
+    def rerank(self, scored: torch.Tensor, candidates: list[list[str]], keep: int) -> list[list[int]]:
+        """Per row, the indices of its `keep` best distinct candidates by the scorer's CLIP score (`scored`: the
+        rows' images under its eval transform), best first; a row with fewer distinct ones repeats them in that
+        order (every row keeps exactly `keep`)."""
         t = self.scorer
-        x = torch.stack([t.preprocess(decode_rgb(b, max_image_pixels)) for b in images]).to(self.device)
-        img = t.model.encode_image(x, normalize=True).float().cpu()
+        img = t.model.encode_image(scored.to(self.device), normalize=True).float().cpu()
         distinct = [distinct_indices(cands) for cands in candidates]
         texts = [candidates[i][j] for i, idx in enumerate(distinct) for j in idx]
         emb = []

@@ -10,12 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
 from clipdense.data.datacompdr import json_or_none
 from clipdense.data.rows import error_columns, errors_from, exception_detail, row_error
 from clipdense.recaption.config import TeachersConfig
+
+if TYPE_CHECKING:  # torch's side: absent where the vLLM actors import this module
+    from clipdense.recaption.views import ViewBatch
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +57,9 @@ class TeacherActor:
             names = ", ".join(t.name for t in self.cfg.models)
             raise TeacherLoadError(f"teachers.models ({names}) did not load: {exception_detail(e)}") from None
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def __call__(self, batch: pa.Table, drawn: ViewBatch | None = None) -> pa.Table:
+        """`drawn`: the rows' views, when the caller drew them already (aligned with `batch`, rows in error
+        included)."""
         errors = errors_from(batch)
         ok = [i for i, e in enumerate(errors) if e is None]
         cols = {c: batch.column(c).to_pylist() if c in batch.column_names else [None] * batch.num_rows
@@ -61,11 +67,12 @@ class TeacherActor:
         extra = {c: [None] * batch.num_rows for c in TEACHER_COLUMNS}
         if ok:
             try:
+                drawn = drawn.take(ok) if drawn is not None else self.forward.drawer(self.max_image_pixels)(
+                    [cols["image_bytes"][i] for i in ok], [str(cols["key"][i]) for i in ok])
                 if self.keep:  # best-of-N: the kept candidates replace the row's captions
-                    self.rerank(cols, ok, extra)
-                done = self.forward.rows([cols["image_bytes"][i] for i in ok], [str(cols["key"][i]) for i in ok],
-                                         [cols["caption"][i] for i in ok], [cols["syn_captions"][i] for i in ok],
-                                         self.max_image_pixels)
+                    self.rerank(cols, ok, extra, drawn.scored)
+                done = self.forward.rows(drawn, [cols["caption"][i] for i in ok],
+                                         [cols["syn_captions"][i] for i in ok])
             except Exception as e:  # any failure of the forward (decode, OOM) is recorded on its rows
                 log.warning("teacher forward failed: %s", e)
                 for i in ok:
@@ -85,10 +92,9 @@ class TeacherActor:
             out["image_bytes"] = batch.column("image_bytes")
         return pa.table(out)
 
-    def rerank(self, cols: dict, ok: list[int], extra: dict) -> None:
+    def rerank(self, cols: dict, ok: list[int], extra: dict, scored) -> None:
         """Keep each row's `keep` best candidates (in `cols`, in place), recording their indices in `syn_kept`."""
-        kept = self.forward.rerank([cols["image_bytes"][i] for i in ok], [cols["syn_captions"][i] for i in ok],
-                                   self.keep, self.max_image_pixels)
+        kept = self.forward.rerank(scored, [cols["syn_captions"][i] for i in ok], self.keep)
         for i, idx in zip(ok, kept):
             extra["syn_kept"][i] = idx
             cols["syn_captions"][i] = [cols["syn_captions"][i][j] for j in idx]

@@ -49,7 +49,9 @@ class ScalingConfig(Config):
     compile: bool = False
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     resize_interval_s: float = Field(60.0, ge=0, description="elastic: how often Ray Train checks whether more "
-                                     "workers fit now, to grow the group back (elastic_resize_monitor_interval_s)")
+                                     "workers fit now, to grow the group back (elastic_resize_monitor_interval_s); "
+                                     "below 20 s the driver also has Ray's autoscaling coordinator re-read the "
+                                     "cluster that often (train/resize_ticks.py)")
     start_timeout_s: float | None = Field(None, gt=0, description="how long a worker group may take to start before "
                                           "Ray Train tries again, elastic: at the size that fits then "
                                           "(RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S); null: Ray's (60 s)")

@@ -25,6 +25,7 @@ from clipdense.train.config import TrainConfig
 from clipdense.train.driver_progress import driver_progress
 from clipdense.train.isolate import isolation_wanted, run_in_driver_host
 from clipdense.train.loop import run_worker
+from clipdense.train.resize_ticks import coordinator_ticks
 from clipdense.train.state import STATE_FILE, load_checkpoint
 from clipdense.train.task import TrainTask
 from clipdense.train.tracking import TrackingConfig, check_installed
@@ -289,7 +290,8 @@ def _fit_on_ray(task_factory: TaskFactory, cfg: TrainConfig, *, datasets: dict |
         datasets=datasets or None,
         **({"dataset_config": dataset_config} if dataset_config is not None else {}),
     )
-    result = trainer.fit()
+    with coordinator_ticks(sc.resize_interval_s, sc.elastic):
+        result = trainer.fit()
     summary = _summary(cfg, run_id, None)
     ckpt = result.checkpoint.path if result.checkpoint else ""
     summary["checkpoint"] = f"s3://{ckpt}" if ckpt and storage_uri.startswith("s3://") else ckpt
