@@ -214,7 +214,7 @@ def test_rerank_keeps_the_best_distinct_candidates_by_score():
     image = jpeg_bytes(5, 48)
     cands = ["a red square", "a blue circle", "a red square", "two green dots", "a blue circle"]
     drawn = fwd.drawer(10 ** 8)([image, image], ["a", "b"])
-    kept = fwd.rerank(drawn.scored, [cands, ["same", "same", "same"]], 3)
+    kept = fwd.rerank(drawn.scorer_input(), [cands, ["same", "same", "same"]], 3)
     t = fwd.scorer
     with torch.no_grad():
         img = t.model.encode_image(t.preprocess(decode_rgb(image))[None], normalize=True)[0]

@@ -140,7 +140,7 @@ def caption_shards_here(todo: ShardFiles, plan: Plan, engine: Engine, decode: De
     source = _DecodedShards(todo, engine.image, block_rows, keep_images or teachers is not None, drawer)
     loader = ordered_loader(source, workers, prefetch=2)
     t0 = time.perf_counter()
-    with _threads(e.num_cpus):
+    with _threads(e.num_cpus + (teachers.num_cpus if teachers is not None else 0)):
         for shard, rows, pixels, drawn in loader:
             if rows is None:
                 ordered.complete(shard)
@@ -159,8 +159,9 @@ def caption_shards_here(todo: ShardFiles, plan: Plan, engine: Engine, decode: De
 
 @contextlib.contextmanager
 def _threads(cpus: float):
-    """torch's threads for the captioner: `engine.num_cpus`, as Ray gives an actor (the decode workers hold the
-    rest of the cores); unchanged for an engine that reserves none."""
+    """torch's threads for the models run here: the CPUs Ray would give the captioner and a teacher actor
+    (`engine.num_cpus` + `teachers.num_cpus`; the decode workers hold the rest of the cores); unchanged when they
+    reserve none (one thread per teacher CPU beside the view-drawing workers: bench/teacher_forward.py)."""
     before = torch.get_num_threads()
     if cpus >= 1:
         torch.set_num_threads(int(round(cpus)))

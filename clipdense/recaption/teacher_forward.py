@@ -107,7 +107,7 @@ class TeacherForward:
         image_emb = self.embed_images(drawn.view_floats()).numpy().astype(np.float16)
         texts = [[c or "", *s] for c, s in zip(captions, syns)]
         text_emb = self.embed_texts([t for ts in texts for t in ts])
-        scores = self.scores(drawn.scored, text_emb, [len(ts) for ts in texts])
+        scores = self.scores(drawn.scorer_input(), text_emb, [len(ts) for ts in texts])
         text_emb = text_emb.numpy().astype(np.float16)
         out, j = [], 0
         for i, ts in enumerate(texts):

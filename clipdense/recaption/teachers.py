@@ -70,7 +70,7 @@ class TeacherActor:
                 drawn = drawn.take(ok) if drawn is not None else self.forward.drawer(self.max_image_pixels)(
                     [cols["image_bytes"][i] for i in ok], [str(cols["key"][i]) for i in ok])
                 if self.keep:  # best-of-N: the kept candidates replace the row's captions
-                    self.rerank(cols, ok, extra, drawn.scored)
+                    self.rerank(cols, ok, extra, drawn.scorer_input())
                 done = self.forward.rows(drawn, [cols["caption"][i] for i in ok],
                                          [cols["syn_captions"][i] for i in ok])
             except Exception as e:  # any failure of the forward (decode, OOM) is recorded on its rows

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torchvision.transforms as T
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
@@ -34,16 +35,18 @@ def draw_views(img: Image.Image, k: int, seed: int, uint8: bool = False) -> tupl
 @dataclass
 class ViewBatch:
     """The teachers' inputs of a run of rows, drawn on the CPU before any model runs: each row's views' `param_aug`
-    entries, the views as bytes (n, k, 3, 224, 224) and the scorer's eval-transform input (n, 3, S, S)."""
+    entries, the views as bytes (n, k, 3, 224, 224) and the scorer's eval-transform input (n, 3, S, S): as bytes
+    with the `Normalize` still to apply (`scorer_norm`), or as the transform's floats when it ends otherwise."""
     params: list
     views: torch.Tensor
     scored: torch.Tensor
+    scorer_norm: Callable | None = None
 
     def take(self, idx: list[int]) -> "ViewBatch":
-        return ViewBatch([self.params[i] for i in idx], self.views[idx], self.scored[idx])
+        return ViewBatch([self.params[i] for i in idx], self.views[idx], self.scored[idx], self.scorer_norm)
 
     def slice(self, lo: int, n: int) -> "ViewBatch":
-        return ViewBatch(self.params[lo:lo + n], self.views[lo:lo + n], self.scored[lo:lo + n])
+        return ViewBatch(self.params[lo:lo + n], self.views[lo:lo + n], self.scored[lo:lo + n], self.scorer_norm)
 
     @classmethod
     def scatter(cls, drawn: "ViewBatch", at: list[int], n: int) -> "ViewBatch":
@@ -54,11 +57,27 @@ class ViewBatch:
         params = [None] * n
         for i, p in zip(at, drawn.params):
             params[i] = p
-        return cls(params, views, scored)
+        return cls(params, views, scored, drawn.scorer_norm)
 
     def view_floats(self) -> torch.Tensor:
         """(n * k, 3, 224, 224) in [0, 1], as ToTensor gives them."""
         return self.views.flatten(0, 1).float().div(255)
+
+    def scorer_input(self) -> torch.Tensor:
+        """The scorer's eval transform of each row's image, as the transform itself gives it."""
+        if self.scorer_norm is None:
+            return self.scored
+        return self.scorer_norm(self.scored.float().div(255))
+
+
+def split_at_to_tensor(preprocess: Callable) -> tuple[Callable, Callable | None]:
+    """An eval transform that ends in ToTensor + Normalize (open_clip's) as (its PIL steps then bytes, the
+    Normalize): ToTensor is the bytes' `.float().div(255)`, so the two halves give its output bit for bit, and the
+    half that crosses between processes is a quarter the size. Any other transform: (itself, None)."""
+    steps = list(getattr(preprocess, "transforms", []))
+    if len(steps) >= 2 and isinstance(steps[-2], T.ToTensor) and isinstance(steps[-1], T.Normalize):
+        return T.Compose([*steps[:-2], F.pil_to_tensor]), steps[-1]
+    return preprocess, None
 
 
 class ViewDrawer:
@@ -66,7 +85,8 @@ class ViewDrawer:
     models, so it can run where the rows are decoded (the in-process pipeline's DataLoader workers)."""
 
     def __init__(self, views: int, seed: int, preprocess: Callable, max_image_pixels: int):
-        self.views, self.seed, self.preprocess, self.max_image_pixels = views, seed, preprocess, max_image_pixels
+        self.views, self.seed, self.max_image_pixels = views, seed, max_image_pixels
+        self.preprocess, self.scorer_norm = split_at_to_tensor(preprocess)
 
     def __call__(self, images: list[bytes], keys: list[str]) -> ViewBatch:
         params, views, scored = [], [], []
@@ -76,7 +96,7 @@ class ViewDrawer:
             params.append(p)
             views.append(v)
             scored.append(self.preprocess(img))
-        return ViewBatch(params, torch.stack(views), torch.stack(scored))
+        return ViewBatch(params, torch.stack(views), torch.stack(scored), self.scorer_norm)
 
 
 def teacher_input(views: torch.Tensor, size: int, mean, std) -> torch.Tensor:
