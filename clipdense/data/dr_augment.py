@@ -19,11 +19,10 @@ STORED_SIZE = 224   # ml-mobileclip configs/datacompdr12m.json: random_resized_c
 
 
 def draw_view(img: Image.Image, size: int = STORED_SIZE, num_ops: int = 2, magnitude: int = 9,
-              num_bins: int = 31, uint8: bool = False) -> tuple[list, torch.Tensor]:
+              num_bins: int = 31) -> tuple[list, torch.Tensor]:
     """DataCompDR's generator for one view, drawing from torch's global RNG exactly as torchvision's
     RandomResizedCrop.get_params and RandAugment do: (the compressed view as stored, the view as ToTensor gives
-    it, or with `uint8` its bytes: ToTensor's is `.float().div(255)` of them, bit for bit). recaption's teachers
-    draw their views with it; tests and the mismatch bench too."""
+    it). recaption's teachers draw their views with it; tests and the mismatch bench too."""
     top, left, h, w = T.RandomResizedCrop.get_params(img, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
     crop = F.resized_crop(img, top, left, h, w, [size, size], InterpolationMode.BICUBIC)
     space = T.RandAugment(num_ops, magnitude, num_bins)._augmentation_space(num_bins, (size, size))
@@ -36,5 +35,5 @@ def draw_view(img: Image.Image, size: int = STORED_SIZE, num_ops: int = 2, magni
             mag *= -1.0
         crop = _apply_op(crop, RANDAUG_OPS[idx], mag, interpolation=InterpolationMode.NEAREST, fill=None)
         ops.append([idx, mag])
-    return [[top, left, h, w], ops], F.pil_to_tensor(crop) if uint8 else F.to_tensor(crop)
+    return [[top, left, h, w], ops], F.to_tensor(crop)
 

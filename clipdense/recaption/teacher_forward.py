@@ -13,7 +13,7 @@ import torch
 from clipdense.data.layouts import npz_bytes
 from clipdense.models.registry import create_clip_and_transforms, tokenizer_for
 from clipdense.recaption.config import TeacherModel, TeachersConfig
-from clipdense.recaption.views import ViewBatch, ViewDrawer, teacher_input
+from clipdense.recaption.views import TeacherSide, ViewBatch, ViewDrawer
 
 FOLDER_SCHEMAS = ("local-dir:", "hf-hub:")   # open_clip's own folder layout: config + weights + tokenizer
 
@@ -73,14 +73,15 @@ class TeacherForward:
         self.teachers = [load_teacher(t, self.device) for t in cfg.models]
 
     @torch.no_grad()
-    def embed_images(self, views: torch.Tensor) -> torch.Tensor:
-        """(n, 3, 224, 224) views -> (n, sum of teacher dims), each teacher's block unit-norm."""
+    def embed_images(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        """Each teacher's input of the same n views (`ViewBatch.inputs`, flattened to (n, 3, side, side)) ->
+        (n, sum of teacher dims), each teacher's block unit-norm."""
         blocks = []
-        for t in self.teachers:
+        for t, x in zip(self.teachers, inputs):
             out = []
-            for s in range(0, len(views), self.cfg.batch_size):
-                x = teacher_input(views[s:s + self.cfg.batch_size], t.size, t.mean, t.std).to(self.device)
-                out.append(t.model.encode_image(x, normalize=True).float().cpu())
+            for s in range(0, len(x), self.cfg.batch_size):
+                out.append(t.model.encode_image(x[s:s + self.cfg.batch_size].to(self.device),
+                                                normalize=True).float().cpu())
             blocks.append(torch.cat(out))
         return torch.cat(blocks, 1)
 
@@ -98,13 +99,14 @@ class TeacherForward:
 
     def drawer(self, max_image_pixels: int) -> ViewDrawer:
         """The CPU side of `rows` (decode, views, the scorer's input), free of the models."""
-        return ViewDrawer(self.cfg.views, self.cfg.seed, self.scorer.preprocess, max_image_pixels)
+        sides = [TeacherSide(t.size, t.mean, t.std) for t in self.teachers]
+        return ViewDrawer(self.cfg.views, self.cfg.seed, sides, self.scorer.preprocess, max_image_pixels)
 
     def rows(self, drawn: ViewBatch, captions: list[str | None], syns: list[list[str]]) -> list[Reinforced]:
         """Each row's embeddings of its drawn views and captions; text_emb row 0 is the original caption (empty when
         none), then the synthetic captions in order (DataCompDR's order)."""
         k = self.cfg.views
-        image_emb = self.embed_images(drawn.view_floats()).numpy().astype(np.float16)
+        image_emb = self.embed_images([x.flatten(0, 1) for x in drawn.inputs]).numpy().astype(np.float16)
         texts = [[c or "", *s] for c, s in zip(captions, syns)]
         text_emb = self.embed_texts([t for ts in texts for t in ts])
         scores = self.scores(drawn.scorer_input(), text_emb, [len(ts) for ts in texts])

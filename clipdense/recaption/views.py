@@ -23,45 +23,49 @@ from clipdense.recaption.engines.seeds import row_seed
 VIEW_SIZE = STORED_SIZE   # teachers with another input side get the view resized
 
 
-def draw_views(img: Image.Image, k: int, seed: int, uint8: bool = False) -> tuple[list, torch.Tensor]:
-    """k views of one image from `seed` (the global RNG is restored afterwards): (params, (k, 3, 224, 224)), in
-    [0, 1] or, with `uint8`, as bytes."""
+def draw_views(img: Image.Image, k: int, seed: int) -> tuple[list, torch.Tensor]:
+    """k views of one image from `seed` (the global RNG is restored afterwards): (params, (k, 3, 224, 224))."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        drawn = [draw_view(img, uint8=uint8) for _ in range(k)]
+        drawn = [draw_view(img) for _ in range(k)]
     return [p for p, _ in drawn], torch.stack([v for _, v in drawn])
 
 
 @dataclass
 class ViewBatch:
-    """The teachers' inputs of a run of rows, drawn on the CPU before any model runs: each row's views' `param_aug`
-    entries, the views as bytes (n, k, 3, 224, 224) and the scorer's eval-transform input (n, 3, S, S): as bytes
+    """The teachers' inputs of a run of rows, made on the CPU before any model runs: each row's views' `param_aug`
+    entries, each teacher's input of its views (a list over teachers of (n, k, 3, side, side): resized to the
+    teacher's side and normalised, `teacher_input`), and the scorer's eval-transform input (n, 3, S, S): as bytes
     with the `Normalize` still to apply (`scorer_norm`), or as the transform's floats when it ends otherwise."""
     params: list
-    views: torch.Tensor
+    inputs: list[torch.Tensor]
     scored: torch.Tensor
     scorer_norm: Callable | None = None
 
+    def _with(self, params: list, pick) -> "ViewBatch":
+        return ViewBatch(params, [pick(x) for x in self.inputs], pick(self.scored), self.scorer_norm)
+
     def take(self, idx: list[int]) -> "ViewBatch":
-        return ViewBatch([self.params[i] for i in idx], self.views[idx], self.scored[idx], self.scorer_norm)
+        if idx == list(range(len(self.params))):
+            return self
+        return self._with([self.params[i] for i in idx], lambda x: x[idx])
 
     def slice(self, lo: int, n: int) -> "ViewBatch":
-        return ViewBatch(self.params[lo:lo + n], self.views[lo:lo + n], self.scored[lo:lo + n], self.scorer_norm)
+        return self._with(self.params[lo:lo + n], lambda x: x[lo:lo + n])
 
     @classmethod
     def scatter(cls, drawn: "ViewBatch", at: list[int], n: int) -> "ViewBatch":
         """`drawn`'s rows placed at rows `at` of n (the others empty: rows in error, which no teacher reads)."""
-        views = drawn.views.new_zeros((n, *drawn.views.shape[1:]))
-        scored = drawn.scored.new_zeros((n, *drawn.scored.shape[1:]))
-        views[at], scored[at] = drawn.views, drawn.scored
+        def place(x: torch.Tensor) -> torch.Tensor:
+            if len(at) == n:
+                return x
+            full = x.new_zeros((n, *x.shape[1:]))
+            full[at] = x
+            return full
         params = [None] * n
         for i, p in zip(at, drawn.params):
             params[i] = p
-        return cls(params, views, scored, drawn.scorer_norm)
-
-    def view_floats(self) -> torch.Tensor:
-        """(n * k, 3, 224, 224) in [0, 1], as ToTensor gives them."""
-        return self.views.flatten(0, 1).float().div(255)
+        return cls(params, [place(x) for x in drawn.inputs], place(drawn.scored), drawn.scorer_norm)
 
     def scorer_input(self) -> torch.Tensor:
         """The scorer's eval transform of each row's image, as the transform itself gives it."""
@@ -80,23 +84,33 @@ def split_at_to_tensor(preprocess: Callable) -> tuple[Callable, Callable | None]
     return preprocess, None
 
 
-class ViewDrawer:
-    """Decodes originals and draws their views and the scorer's input: the teachers' per-image CPU work, free of
-    models, so it can run where the rows are decoded (the in-process pipeline's DataLoader workers)."""
+@dataclass(frozen=True)
+class TeacherSide:
+    """What a teacher's input needs from a view: its side, mean and std."""
+    size: int
+    mean: tuple
+    std: tuple
 
-    def __init__(self, views: int, seed: int, preprocess: Callable, max_image_pixels: int):
-        self.views, self.seed, self.max_image_pixels = views, seed, max_image_pixels
+
+class ViewDrawer:
+    """Decodes originals, draws their views and makes each teacher's input of them and the scorer's input: the
+    teachers' per-image CPU work, free of models, one image at a time (small tensors), so it can run where the rows
+    are decoded (the in-process pipeline's DataLoader workers)."""
+
+    def __init__(self, views: int, seed: int, sides: list[TeacherSide], preprocess: Callable, max_image_pixels: int):
+        self.views, self.seed, self.sides, self.max_image_pixels = views, seed, sides, max_image_pixels
         self.preprocess, self.scorer_norm = split_at_to_tensor(preprocess)
 
     def __call__(self, images: list[bytes], keys: list[str]) -> ViewBatch:
-        params, views, scored = [], [], []
+        params, inputs, scored = [], [[] for _ in self.sides], []
         for blob, key in zip(images, keys):
             img = decode_rgb(blob, self.max_image_pixels)
-            p, v = draw_views(img, self.views, row_seed(self.seed, key, "views"), uint8=True)
+            p, v = draw_views(img, self.views, row_seed(self.seed, key, "views"))
             params.append(p)
-            views.append(v)
+            for made, side in zip(inputs, self.sides):
+                made.append(teacher_input(v, side.size, side.mean, side.std))
             scored.append(self.preprocess(img))
-        return ViewBatch(params, torch.stack(views), torch.stack(scored), self.scorer_norm)
+        return ViewBatch(params, [torch.stack(x) for x in inputs], torch.stack(scored), self.scorer_norm)
 
 
 def teacher_input(views: torch.Tensor, size: int, mean, std) -> torch.Tensor:
