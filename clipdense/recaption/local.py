@@ -135,7 +135,8 @@ def caption_shards_here(todo: ShardFiles, plan: Plan, engine: Engine, decode: De
     ordered = _InOrder(assembler, len(todo.files))
     workers = local_decode_workers(decode, e.num_cpus)
     drawer = teacher.forward.drawer(decode.max_image_pixels) if teacher is not None and workers else None
-    # a block of views takes ~1 MB a row (uint8 views, the scorer's float input): blocks of 64 rows with teachers
+    # with teachers a block also carries each teacher's float input of every view (at 224 px, 0.6 MB a view):
+    # blocks of 64 rows keep the workers' prefetched blocks small
     block_rows = decode.batch_size or (TEACHER_BLOCK_ROWS if teacher is not None else 256)
     source = _DecodedShards(todo, engine.image, block_rows, keep_images or teachers is not None, drawer)
     loader = ordered_loader(source, workers, prefetch=2)
