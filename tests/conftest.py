@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+from xdist_crashes import CrashReruns, record_worker_pid
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
@@ -20,6 +21,15 @@ def _cuda() -> bool:
         return torch.cuda.is_available()
     except Exception:
         return False
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    """Under xdist: each worker records its pid; the controller schedules with the crash fixes (xdist_crashes)."""
+    if hasattr(config, "workerinput"):
+        record_worker_pid(config.workerinput)
+    elif config.pluginmanager.has_plugin("dsession"):
+        config.pluginmanager.register(CrashReruns(), "clipdense-crash-reruns")
 
 
 def pytest_collection_modifyitems(config, items):

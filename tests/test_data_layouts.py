@@ -311,7 +311,7 @@ def test_datacompdr_reaches_the_batch_and_the_summary(ray_local, tmp_path):
         "train": {"out_dir": str(tmp_path / "pre"), "schedule": {"total_steps": 2, "warmup_steps": 1},
                   "checkpoint": {"every_steps": 0}, "log_every": 1}})
     train, _, counts = build_datasets(*row_sources(cfg.data, cfg.eval, cfg.captions.policy), cfg.data, cfg.eval, 32)
-    batch = next(iter(train.iter_batches(batch_size=6, batch_format="numpy")))
+    batch = train.take_batch(6, batch_format="numpy")  # runs to the end: no executor left behind
     b = Collate(model_name="clip-tiny", image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, policy="both", seed=0,
                 epoch=0)(batch)
     assert b["teacher_image_emb"].shape == (6, AUGS, DIM) and b["teacher_mask"].all()

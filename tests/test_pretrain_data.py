@@ -71,7 +71,7 @@ def test_build_datasets_skips_and_counts_bad_rows(ray_local, world):
 
 def test_collate_is_deterministic_per_epoch(ray_local, world):
     train, _, _ = _datasets(_cfg(world, eval={"holdout": 0}), image_size=32)
-    batch = next(iter(train.iter_batches(batch_size=8, batch_format="numpy")))
+    batch = train.take_batch(8, batch_format="numpy")  # runs to the end: no executor left behind
     mk = lambda epoch, train=True: Collate(model_name="clip-tiny", image_size=32, mean=MEAN, std=STD,  # noqa: E731
                                            policy="both", seed=0, epoch=epoch, train=train)
     a, b, c = mk(0)(batch), mk(0)(batch), mk(1)(batch)
