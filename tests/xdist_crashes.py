@@ -5,11 +5,11 @@ limit: after a crash, `--dist loadfile` hands the dead worker's finished files o
 replacement worker given a single test waits for a second one forever (xdist issues 1378 and 1327; fixes still
 open upstream). `CrashSafeLoadFile` is their scheduler with both closed.
 
-A Ray test's worker process is also Ray's driver, so when the local raylet aborts on an internal check (Ray 2.60
-aborted in `HandleRequestWorkerLease` on a lease id of the wrong size, twice in CI, never locally in 10 loops of the
-same module), Ray terminates the driver and xdist reports "worker crashed". Such a test is rerun once on the
-replacement worker, which starts a fresh cluster; the first attempt is shown as `R` with the raylet's fatal line. Any
-other crash, or a second crash of the same test, stays a failure.
+A Ray test's worker process is also Ray's driver, so when the local raylet aborts on an internal check, Ray
+terminates the driver and xdist reports "worker crashed". (Ray 2.60 aborted in `HandleRequestWorkerLease` on a lease
+id of the wrong size in 2 of 4 full suite runs, at the same test, and in none of 7 runs of that module alone.) Such a
+test is rerun once on the replacement worker, which starts a fresh cluster; the first attempt is shown as `R` with the
+raylet's fatal line. Any other crash, or a second crash of the same test, stays a failure.
 """
 from __future__ import annotations
 
