@@ -29,27 +29,23 @@ def pytest_configure(config):
     if hasattr(config, "workerinput"):
         record_worker_pid(config.workerinput)
     elif config.pluginmanager.has_plugin("dsession"):
-        config.pluginmanager.register(CrashReruns(), "clipdense-crash-reruns")
+        config.pluginmanager.register(CrashReruns(frozenset(CLUSTER_MODULES)), "clipdense-crash-reruns")
 
 
-# The two modules that each run a multi-node cluster for minutes: xdist's loadfile deals files in collection order,
-# the first and third to one worker, so they run one after the other there while the other worker takes the rest
-# (the two at once put 20+ processes on 2 cores and each ran about twice as long).
-HEAVY_SLOTS = {"test_pretrain_elastic.py": 0, "test_head_restart.py": 2}
+# The modules that run multi-node clusters for minutes. Two at once put 20+ processes on 2 cores and each ran about
+# twice as long, so the scheduler (xdist_crashes) never runs two of them at once, and they go first: one worker
+# takes them one after another while the other works through the rest.
+CLUSTER_MODULES = ("test_pretrain_elastic.py", "test_head_restart.py", "test_cluster_faults.py",
+                   "test_cluster_local.py")
 
 
-def _heavy_first(items):
-    files = list(dict.fromkeys(item.path.name for item in items))
-    light = [f for f in files if f not in HEAVY_SLOTS]
-    for name, slot in sorted(HEAVY_SLOTS.items(), key=lambda kv: kv[1]):
-        if name in files:
-            light.insert(min(slot, len(light)), name)
-    rank = {name: i for i, name in enumerate(light)}
-    items.sort(key=lambda item: rank[item.path.name])
+def _cluster_modules_first(items):
+    rank = {name: i for i, name in enumerate(CLUSTER_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 def pytest_collection_modifyitems(config, items):
-    _heavy_first(items)
+    _cluster_modules_first(items)
     if _cuda():
         return
     skip = pytest.mark.skip(reason="needs CUDA")

@@ -99,3 +99,24 @@ def test_only_a_raylet_that_aborted_makes_a_crash_a_rerun(tmp_path, monkeypatch)
     with (logs / "raylet.out").open("a") as f:
         f.write("[2026-12-07 20:01:50,846 C 31029 31029] (raylet) id.h:435:  Check failed: binary.size()\n")
     assert raylet_abort("gw7") == "id.h:435:  Check failed: binary.size()"
+
+
+def test_exclusive_files_never_run_beside_each_other():
+    sched = CrashSafeLoadFile(_config())
+    sched.exclusive = frozenset({"test_a.py", "test_b.py"})
+    a, b = Node("gw0"), Node("gw1")
+    for n in (a, b):
+        sched.add_node(n)
+        sched.add_node_collection(n, COLLECTION)
+    sched.schedule()
+    files = lambda n: [COLLECTION[batch[0]].split("::")[0] for batch in n.sent]  # noqa: E731
+    assert files(a) == ["tests/test_a.py"] and "tests/test_b.py" not in files(b)
+    done = {a: 0, b: 0}
+    while not sched.tests_finished:  # the two workers finish a test each in turn
+        for n in (a, b):
+            sent = [i for batch in n.sent for i in batch]
+            if done[n] < len(sent):
+                sched.mark_test_complete(n, sent[done[n]])
+                done[n] += 1
+    assert files(a)[:2] == ["tests/test_a.py", "tests/test_b.py"]  # one after the other
+    assert "tests/test_b.py" not in files(b)

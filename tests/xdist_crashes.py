@@ -50,7 +50,19 @@ def raylet_abort(worker_id: str) -> str | None:
 
 
 class CrashSafeLoadFile(LoadFileScheduling):
-    """xdist's `loadfile` scheduler with its two hangs after a worker crash closed."""
+    """xdist's `loadfile` scheduler with its two hangs after a worker crash closed. Files named in `exclusive` never
+    run beside each other: while one is unfinished on a worker, the other workers take the next file that is not."""
+
+    exclusive: frozenset[str] = frozenset()
+
+    def _assign_work_unit(self, node) -> None:
+        busy = any(Path(scope).name in self.exclusive and not all(unit.values())
+                   for other, work in self.assigned_work.items() if other is not node for scope, unit in work.items())
+        if busy:
+            free = next((scope for scope in self.workqueue if Path(scope).name not in self.exclusive), None)
+            if free is not None:  # else it runs anyway: a worker left with nothing is never asked again
+                self.workqueue.move_to_end(free, last=False)
+        super()._assign_work_unit(node)
 
     def remove_node(self, node):
         work = self.assigned_work.get(node, {})
@@ -70,13 +82,16 @@ class CrashSafeLoadFile(LoadFileScheduling):
 class CrashReruns:
     """The hooks, registered by conftest in the controller."""
 
-    def __init__(self) -> None:
+    def __init__(self, exclusive: frozenset[str] = frozenset()) -> None:
         self.rerun: dict[str, str] = {}
+        self.exclusive = exclusive
 
     def pytest_xdist_make_scheduler(self, config, log):
-        if config.getoption("dist") == "loadfile":
-            return CrashSafeLoadFile(config, log)
-        return None
+        if config.getoption("dist") != "loadfile":
+            return None
+        sched = CrashSafeLoadFile(config, log)
+        sched.exclusive = self.exclusive
+        return sched
 
     def pytest_handlecrashitem(self, crashitem, report, sched):
         if crashitem in self.rerun:
