@@ -39,13 +39,20 @@ def _run_out(sched, node):
         done += 1
 
 
-def _crash_after_one_finished_file(cls):
+def _scheduled(cls=CrashSafeLoadFile, exclusive: frozenset[str] = frozenset()):
+    """A scheduler with two workers that collected the same tests, after its first distribution."""
     sched = cls(_config())
+    sched.exclusive = exclusive
     a, b = Node("gw0"), Node("gw1")
     for n in (a, b):
         sched.add_node(n)
         sched.add_node_collection(n, COLLECTION)
     sched.schedule()
+    return sched, a, b
+
+
+def _crash_after_one_finished_file(cls):
+    sched, a, b = _scheduled(cls)
     first = a.sent[0]
     for i in first:  # gw0 finishes its first file ...
         sched.mark_test_complete(a, i)
@@ -76,12 +83,7 @@ def test_a_crashed_worker_leaves_no_empty_unit_and_no_parked_worker(cls):
 
 
 def test_a_worker_is_told_to_stop_once_its_last_unit_is_sent():
-    sched = CrashSafeLoadFile(_config())
-    a, b = Node("gw0"), Node("gw1")
-    for n in (a, b):
-        sched.add_node(n)
-        sched.add_node_collection(n, COLLECTION)
-    sched.schedule()
+    sched, a, _ = _scheduled()
     while sched.workqueue:
         _run_out(sched, a)
     assert a.shutting_down  # it holds its last unit: it runs it and stops, rather than waiting for a second one
@@ -102,13 +104,7 @@ def test_only_a_raylet_that_aborted_makes_a_crash_a_rerun(tmp_path, monkeypatch)
 
 
 def test_exclusive_files_never_run_beside_each_other():
-    sched = CrashSafeLoadFile(_config())
-    sched.exclusive = frozenset({"test_a.py", "test_b.py"})
-    a, b = Node("gw0"), Node("gw1")
-    for n in (a, b):
-        sched.add_node(n)
-        sched.add_node_collection(n, COLLECTION)
-    sched.schedule()
+    sched, a, b = _scheduled(exclusive=frozenset({"test_a.py", "test_b.py"}))
     files = lambda n: [COLLECTION[batch[0]].split("::")[0] for batch in n.sent]  # noqa: E731
     assert files(a) == ["tests/test_a.py"] and "tests/test_b.py" not in files(b)
     done = {a: 0, b: 0}
