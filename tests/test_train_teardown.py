@@ -4,7 +4,9 @@ caller: the run's driver lives in `clipdense.train.isolate`'s driver host."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,3 +88,49 @@ def test_a_failed_train_run_cannot_abort_the_driver_subscriber_crash(ray_local, 
     good = fit(PassingTask, _cfg(tmp_path / "good", 2), name="good")
     assert good["step"] == 2 and Path(good["checkpoint"]).is_dir()
     assert [h.proc.pid for h in isolate._idle] == hosts_before and os.getpid() not in hosts_before
+
+
+# A caller that drives one call in a driver host; the call writes the host's pid, then waits.
+CALLER = """
+import os, sys, time
+from pathlib import Path
+import ray
+from clipdense.train.isolate import run_in_driver_host
+
+def mark_and_wait(path):
+    Path(path).write_text(str(os.getpid()))
+    time.sleep(600)
+
+ray.init(address=sys.argv[1], log_to_driver=False)
+run_in_driver_host(mark_and_wait, sys.argv[2])
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"   # exited, not yet reaped
+    except FileNotFoundError:
+        return True
+
+
+def test_a_driver_host_ends_with_its_killed_caller(ray_local, tmp_path):
+    """A caller killed mid-run (SIGKILL, or a head machine lost with its driver) takes its driver host with it: an
+    orphaned host went on driving a run nobody waits for, retrying the lost cluster at full CPU."""
+    marker = tmp_path / "host.pid"
+    caller = subprocess.Popen([sys.executable, "-c", CALLER, ray_local.get_runtime_context().gcs_address,
+                               str(marker)])
+    try:
+        deadline = time.time() + 120
+        while not marker.is_file() and caller.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert marker.is_file(), f"the call never started in a driver host (caller rc {caller.poll()})"
+        host = int(marker.read_text())
+        assert not _gone(host)
+    finally:
+        caller.kill()
+        caller.wait(30)
+    deadline = time.time() + 10
+    while not _gone(host) and time.time() < deadline:
+        time.sleep(0.2)
+    assert _gone(host), f"driver host {host} outlived its killed caller"

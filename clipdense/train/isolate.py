@@ -10,7 +10,8 @@ the caller's Ray cluster for the call (same GCS, namespace and runtime env) and 
 or re-raises its exception here, and when the child dies (SIGABRT or any other death) raises `DriverHostDied` after
 `retries` fresh tries, each rerun resuming from the run's last checkpoint. A child serves one call at a time and
 waits, disconnected from Ray, for the next (its imports are paid once per caller); a child that died while idle
-(e.g. while leaving Ray after a call) is replaced unnoticed. Its stdout is inherited, its stderr relayed.
+(e.g. while leaving Ray after a call) is replaced unnoticed; a child whose caller died ends too. Its stdout is
+inherited, its stderr relayed.
 """
 from __future__ import annotations
 
@@ -21,13 +22,15 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
 # The child's program: this module's loop on the two pipe ends it is given (run by name, not as `-m`: the package
 # imports this module first, and a second copy as __main__ would pickle its classes by value)
-_HOST_MAIN = "import sys; from clipdense.train.isolate import serve; serve(int(sys.argv[1]), int(sys.argv[2]))"
+_HOST_MAIN = ("import sys; from clipdense.train.isolate import serve; "
+              "serve(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))")
 
 # The child sets this to "inline": it must not start a host of its own. "inline" also turns isolation off for a
 # caller (one process, as before: a crash inside Ray then takes the caller with it).
@@ -86,8 +89,8 @@ class DriverHost:
         to_child_r, self._to_child_w = os.pipe()
         self._from_child_r, from_child_w = os.pipe()
         env = {**os.environ, DRIVER_ENV: "inline", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        self.proc = subprocess.Popen([sys.executable, "-c", _HOST_MAIN, str(to_child_r), str(from_child_w)],
-                                     pass_fds=(to_child_r, from_child_w), env=env, stderr=subprocess.PIPE,
+        argv = [sys.executable, "-c", _HOST_MAIN, str(to_child_r), str(from_child_w), str(os.getpid())]
+        self.proc = subprocess.Popen(argv, pass_fds=(to_child_r, from_child_w), env=env, stderr=subprocess.PIPE,
                                      text=True, errors="replace")
         os.close(to_child_r)
         os.close(from_child_w)
@@ -195,12 +198,13 @@ def close_driver_hosts() -> None:
         host.close()
 
 
-def serve(to_child: int, from_child: int) -> None:
+def serve(to_child: int, from_child: int, caller_pid: int) -> None:
     """The host's loop, until the caller closes the pipe: join the caller's cluster, run the call, send its
     outcome, leave the cluster (a crash while leaving loses nothing: the caller replaces a dead idle host)."""
     import ray  # the child's side; loaded on use as above
     from ray import cloudpickle
 
+    _exit_with_caller(caller_pid)
     recv, send = Connection(to_child, writable=False), Connection(from_child, readable=False)
     while True:
         try:
@@ -216,6 +220,19 @@ def serve(to_child: int, from_child: int) -> None:
             outcome = _Outcome(error=e)
         send.send_bytes(_pickled(outcome))
         ray.shutdown()
+
+
+def _exit_with_caller(caller_pid: int, poll_s: float = 0.5) -> None:
+    """End this host as soon as its caller is gone. An idle host sees the closed pipe, but one mid-call would drive
+    a run nobody waits for: after a head machine was lost with its driver, the orphaned host retried the dead
+    cluster at full CPU for over a minute. (Not PR_SET_PDEATHSIG: that fires when the caller's creating *thread*
+    ends, and hosts are reused across threads.)"""
+    def watch():
+        while os.getppid() == caller_pid:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="clipdense-driver-host-watchdog", daemon=True).start()
 
 
 def _caller_state() -> dict:
