@@ -4,7 +4,7 @@
 
 One loop: `clipdense.train.fit` of a toy run whose rank 0 raises a user error (DataError) at step 1, so
 Ray Train tears the worker group and its TrainController actor down; then, at once, either `restart`
-(`ray.shutdown()` + `ray.init()`, as the tests' `ray_fresh` fixture does) or `refit` (a second, successful 2-step
+(`ray.shutdown()` + `ray.init()`) or `refit` (a second, successful 2-step
 run on the same cluster, as a retry or the next test does). Loops run in batches, each batch in one child process
 (one driver, as a pytest session or a user's script); a batch that ends by a signal, or with Ray's `Check failed`
 in its stderr, is a caller crash. Variants: `inline` drives the run from the caller itself (the code before the

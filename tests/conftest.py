@@ -72,17 +72,6 @@ def ray_local():
     ray.shutdown()
 
 
-@pytest.fixture
-def ray_fresh(ray_local):
-    """`ray_local` restarted for one test and again after it: Ray Train's elastic policy sizes the worker group
-    from the cluster's autoscaling coordinator, which keeps the resource requests of earlier tests' Ray Data and
-    Ray Train runs in the shared session; on such a cluster an elastic run waited forever for CPUs it had."""
-    ray_local.shutdown()
-    yield _start_local_ray()
-    ray_local.shutdown()
-    _start_local_ray()
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
