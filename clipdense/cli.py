@@ -80,12 +80,13 @@ def _split_positional(command: str, argv: list[str]) -> list[str]:
     for i, arg in enumerate(argv):
         after_flag = i > 0 and argv[i - 1] in takes_value
         if not arg.startswith("-") and "=" not in arg and not after_flag:
-            return argv[:i] + argv[i + 1:] + [f"{POSITIONAL[command]}={arg}"]
+            return argv[:i] + [f"{POSITIONAL[command]}={arg}"] + argv[i + 1:]
     return argv
 
 
 def run_stage(command: str, argv: list[str]) -> int:
-    args = _parser(command).parse_args(_split_positional(command, argv))
+    # intermixed: overrides may come before and after the flags (`report DIR a=b --print-config c=d`)
+    args = _parser(command).parse_intermixed_args(_split_positional(command, argv))
     overrides = list(args.overrides)
     for key in list(SHORTHANDS.get(command, {}).values()) + ([POSITIONAL[command]] if command in POSITIONAL else []):
         value = getattr(args, key, None)

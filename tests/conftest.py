@@ -13,6 +13,9 @@ from xdist_crashes import CrashReruns, record_worker_pid
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# No test drains a node: Ray Train's preemption watcher would be one more actor process per run (~1.5 CPU-s of
+# imports each, ~18 runs a suite). Inherited by the Ray clusters and drivers the tests start.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def _cuda() -> bool:

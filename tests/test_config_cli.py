@@ -145,11 +145,12 @@ def test_shipped_configs_by_name_and_listing(tmp_path, monkeypatch, capsys):
 def test_report_takes_its_folder_before_or_after_flags(tmp_path, capsys):
     from clipdense.cli import main
     for argv in (["report", str(tmp_path), "--print-config"], ["report", "--print-config", str(tmp_path)],
-                 ["report", "--print-config", str(tmp_path), "reference=recap"]):
+                 ["report", "--print-config", str(tmp_path), "reference=recap"],
+                 ["report", str(tmp_path), "reference=recap", "--print-config", "quiet=true"]):
         assert main(argv) == 0, argv
         out = capsys.readouterr().out
         assert f"results_dir: {tmp_path}" in out
-    assert "reference: recap" in out
+    assert "reference: recap" in out and "quiet: true" in out   # overrides on both sides of a flag
 
 
 def test_a_user_error_behind_ray_wrappers_is_found_by_type_or_by_its_remote_text():

@@ -9,12 +9,18 @@ every command at one local Ray this module starts, instead of each command start
 
 A block fenced ```bash no-test is not run; its first line says why (`# not run in tests: WHY`). The test prints them
 and compares them with NOT_RUN: a new command that cannot run here must be added there, where a reviewer sees it.
+
+Running the blocks is opt-in (below). What always runs, in seconds: every `clipdense <stage>` command of every
+block, run or not (GPU recipes and real data included), resolves its config with `--print-config`, so a renamed
+config, key or argument in the code fails CI until the docs follow.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import resource
+import shlex
 import signal
 import subprocess
 import sys
@@ -24,6 +30,8 @@ from itertools import takewhile
 from pathlib import Path
 
 import pytest
+
+from clipdense.cli import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -158,6 +166,70 @@ def test_unrun_commands_are_the_reviewed_ones():
         print(f"  {page}: {command}\n      {reason}")
     assert all(skipped.values()), [k for k, v in skipped.items() if not v]   # each says why
     assert skipped == NOT_RUN
+
+
+SEPARATORS = {"&&", "||", ";", "|", "&", "(", ")"}
+
+
+def stage_commands(block: Block) -> list[list[str]]:
+    """The block's `clipdense <stage> ...` commands, each as the argv after `clipdense`: variables the block assigns
+    (README's $SHORT) expanded, `\\` continuations joined, a quote may close on a later line, comments dropped."""
+    found, assigned, pending = [], {}, ""
+    for line in block.body.replace("\\\n", " ").splitlines():
+        pending += line + "\n"
+        lex = shlex.shlex(pending, posix=True, punctuation_chars=True)
+        lex.whitespace_split = True
+        try:
+            tokens = list(lex)
+        except ValueError:       # a quote that closes on a later line
+            continue
+        pending = ""
+        if len(tokens) == 1 and re.fullmatch(r"[A-Z_]+=.*", tokens[0], re.DOTALL):
+            name, value = tokens[0].split("=", 1)
+            assigned[name] = value.split()
+            continue
+        words: list[str] = []
+        for token in [*tokens, ";"]:
+            if token in SEPARATORS:
+                if len(words) > 1 and words[0] == "clipdense" and words[1] in STAGES:
+                    found.append(words[1:])
+                words = []
+            else:
+                var = re.fullmatch(r"\$\{?(\w+)\}?", token)
+                words += assigned[var[1]] if var and var[1] in assigned else [token]
+    return found
+
+
+# Resolves each argv (JSON) with `--print-config` in one process; prints [exit code, stderr tail] per command.
+RESOLVE = """
+import contextlib, io, json, sys
+from clipdense.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        try:
+            code = main([*argv, "--print-config"])
+        except SystemExit as e:   # argparse's own usage errors
+            code = e.code
+    results.append([code, err.getvalue().strip()[-600:]])
+print(json.dumps(results))
+"""
+
+
+def test_every_stage_command_in_the_docs_resolves_its_config(tmp_path):
+    """Run or not here, each stage command of README and docs/ still names a shipped config, keys, values and
+    arguments the code accepts (in an empty folder: `--print-config` needs none of the inputs to exist)."""
+    commands = [(b.id, argv) for b in all_blocks() for argv in stage_commands(b)]
+    starts = re.compile(rf"^\s*clipdense ({'|'.join(STAGES)})\b")
+    assert len(commands) == sum(bool(starts.match(ln)) for b in all_blocks() for ln in b.lines) > 20
+    p = subprocess.run([sys.executable, "-c", RESOLVE, json.dumps([argv for _, argv in commands])], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = json.loads(p.stdout.splitlines()[-1])
+    failed = [f"{block}: clipdense {' '.join(argv)}\n    {err}"
+              for (block, argv), (code, err) in zip(commands, results, strict=True) if code != 0]
+    assert not failed, "\n".join(failed)
 
 
 # ---- running them ----
