@@ -2,13 +2,15 @@
 start, object store or actor pool. The same row functions as the Ray Data pipeline (pipeline.py): canonical rows
 per shard (`data.shards.shard_tables`), `decoded_rows`, the captioner (`CaptionActor.captioned`, built here), the
 teachers, the per-shard writer. Decode runs in `decode.local_workers` torch DataLoader worker processes, worker k of
-W taking input shards k, k+W, ... (each shard read once); pixels come back in shared memory. The captioner and the
+W taking input shards k, k+W, ... (each shard read once); pixels come back in a ring of shared buffers
+(data/shared_ring.py). The captioner and the
 teachers run here on what arrives, and the results are handed to the writer shard by shard in input order (a shard
 when its worker has sent all of its rows), so outputs, resume and exactly-once are the Ray pipeline's.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 
@@ -20,6 +22,7 @@ from clipdense.data.loader import chunks, ordered_loader, worker_slot
 from clipdense.data.paths import ShardFiles
 from clipdense.data.rows import errors_from
 from clipdense.data.shards import shard_tables
+from clipdense.data.shared_ring import RingStopped, SharedRing
 from clipdense.data.tar_rows import shard_rows
 from clipdense.recaption.config import DecodeConfig, FaultConfig, TeachersConfig
 from clipdense.recaption.decode import ImageInput
@@ -31,40 +34,44 @@ from clipdense.recaption.views import ViewBatch, ViewDrawer
 from clipdense.recaption.writer import ShardAssembler
 
 TEACHER_BLOCK_ROWS = 64
-
-
-class _SharedArray:
-    """An allocator of a numpy array in shared memory (`.tensor` holds it): the DataLoader then passes the decoded
-    pixels to the run's process without copying them there."""
-
-    tensor: torch.Tensor | None = None
-
-    def __call__(self, shape: tuple, dtype) -> np.ndarray:
-        storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * np.dtype(dtype).itemsize)
-        self.tensor = torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
-        return self.tensor.numpy()
+PREFETCH = 2  # blocks ahead per decode worker
 
 
 class _DecodedShards(IterableDataset):
-    """(shard index, decoded rows, pixels as a uint8 tensor or None, the teachers' views or None) per block of each
-    of this worker's shards, then (shard index, None, None, None) once the shard is done. With a `drawer` the
-    workers also draw the teachers' views (their per-image CPU work), so the run's process only runs models."""
+    """(shard index, decoded rows, the index of this worker's pixel block in `ring` or None, the teachers' views
+    or None) per block of each of this worker's shards, then (shard index, None, None, None) once the shard is
+    done. Array-mode pixels go to `ring` (the run's process reads them there and releases each block). With a
+    `drawer` the workers also draw the teachers' views (their per-image CPU work), so the run's process only runs
+    models."""
 
     def __init__(self, todo: ShardFiles, spec: ImageInput, block_rows: int, keep_images: bool,
-                 drawer: ViewDrawer | None = None):
+                 ring: SharedRing | None, drawer: ViewDrawer | None = None):
         self.todo, self.spec, self.block_rows, self.keep_images = todo, spec, block_rows, keep_images
-        self.drawer = drawer
+        self.ring, self.drawer = ring, drawer
 
     def __iter__(self):
         k, w = worker_slot()
-        for i, uri in enumerate(self.todo.files):
-            if i % w != k:
-                continue
-            for block in self._blocks(uri):
-                shared = _SharedArray()
-                rows, pixels = decoded_rows(block, self.spec, self.keep_images, alloc=shared)
-                yield i, rows, None if pixels is None else shared.tensor, self._views(rows)
-            yield i, None, None, None
+        made = 0
+        try:
+            for i, uri in enumerate(self.todo.files):
+                if i % w != k:
+                    continue
+                for block in self._blocks(uri):
+                    if self.ring is None:
+                        rows, _ = decoded_rows(block, self.spec, self.keep_images)
+                        yield i, rows, None, self._views(rows)
+                        continue
+                    slot = functools.partial(self._claim, k, made)
+                    rows, _ = decoded_rows(block, self.spec, self.keep_images, alloc=slot)
+                    made += 1
+                    yield i, rows, made - 1, self._views(rows)
+                yield i, None, None, None
+        except RingStopped:
+            return
+
+    def _claim(self, k: int, block: int, shape: tuple, dtype) -> np.ndarray:
+        assert dtype == np.uint8 and tuple(shape[1:]) == self.ring.shape[1:], (shape, dtype)
+        return self.ring.claim(k, block, shape[0])
 
     def _views(self, rows) -> ViewBatch | None:
         """The rows' views (rows in error left empty); None where drawing failed: the teachers then draw them
@@ -138,14 +145,18 @@ def caption_shards_here(todo: ShardFiles, plan: Plan, engine: Engine, decode: De
     # with teachers a block also carries each teacher's float input of every view (at 224 px, 0.6 MB a view):
     # blocks of 64 rows keep the workers' prefetched blocks small
     block_rows = decode.batch_size or (TEACHER_BLOCK_ROWS if teacher is not None else 256)
-    source = _DecodedShards(todo, engine.image, block_rows, keep_images or teachers is not None, drawer)
-    loader = ordered_loader(source, workers, prefetch=2)
+    spec = engine.image
+    ring = SharedRing(workers, PREFETCH + 1, (block_rows, spec.size, spec.size, 3)) if spec.mode == "array" else None
+    source = _DecodedShards(todo, spec, block_rows, keep_images or teachers is not None, ring, drawer)
+    loader = ordered_loader(source, workers, prefetch=PREFETCH)
     t0 = time.perf_counter()
-    with _threads(e.num_cpus + (teachers.num_cpus if teachers is not None else 0)):
-        for shard, rows, pixels, drawn in loader:
+    with _threads(e.num_cpus + (teachers.num_cpus if teachers is not None else 0)), _stopping(ring):
+        for shard, rows, block_index, drawn in loader:
             if rows is None:
                 ordered.complete(shard)
                 continue
+            k = shard % max(1, workers)  # the worker that made it (worker k of W takes shards k, k+W, ...)
+            pixels = None if block_index is None else ring.view(k, block_index, rows.num_rows)
             for lo, n in _slices(rows.num_rows, e.batch_size):
                 block = captioner.captioned(rows.slice(lo, n), None if pixels is None else pixels[lo:lo + n].numpy())
                 if teacher is None:
@@ -154,8 +165,20 @@ def caption_shards_here(todo: ShardFiles, plan: Plan, engine: Engine, decode: De
                 for t_lo, t_n in _slices(block.num_rows, teachers.batch_size):
                     views = None if drawn is None else drawn.slice(lo + t_lo, t_n)
                     ordered.add(shard, teacher(block.slice(t_lo, t_n), views))
+            if block_index is not None:
+                ring.release(k)
     assembler.finish()
     return assembler, time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _stopping(ring: SharedRing | None):
+    """Workers waiting for a slot of `ring` stop when the loop ends, early or not."""
+    try:
+        yield
+    finally:
+        if ring is not None:
+            ring.stop()
 
 
 @contextlib.contextmanager
