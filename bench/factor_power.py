@@ -19,7 +19,7 @@ part (seed variance / seeds), but the simulation uses the raw SD (an upper bound
 run means is gone at fraction 1 with the converged probe). Half the run variance is an offset shared by a run's
 fractions, half independent per fraction; runs of different conditions are independent (the conservative case for
 the paired interval), and so is seed noise, per trial (no seed effect shared across conditions: conservative too).
-Shape: a saturating power law a + b (f^c - 1)/c in log f fitted (factor.power_fit) to the reference condition's
+Shape: a saturating power law a + b (f^c - 1)/c in log f fitted (curves.power_fit) to the reference condition's
 means. The SGD probe's seed noise includes its init and step noise, so the converged probe should do better; its
 depth curve is flat beyond 1/4, so the table adds `depth (seg's shape)`: depth noise with seg's curve shape scaled
 to depth's measured drop from 1/16 to 1/4, an assumption, labelled as one. Writes
@@ -39,7 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import provenance_line, save, write_doc
-from clipdense.sweep.factor import compare, power_fit
+from clipdense.sweep.curves import power_fit
+from clipdense.sweep.factor import compare
 
 RESULTS = Path(__file__).parent / "results"
 PRESET = [1 / 256, 1 / 64, 1 / 16, 1 / 4, 1.0]
@@ -49,7 +50,7 @@ FACTORS = [1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0]
 
 
 def _g(x: float, c: float) -> float:
-    """(f^c - 1)/c at x = log f (log f at c = 0): the power law's shape, as clipdense.sweep.factor fits it."""
+    """(f^c - 1)/c at x = log f (log f at c = 0): the power law's shape, as clipdense.sweep.curves fits it."""
     return x if abs(c) < 1e-9 else math.expm1(c * x) / c
 
 

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from bench.factor_sim import run_cell
-from clipdense.sweep.factor import _t_quantile, compare, efficiency_factor, full_data_target, isotonic, power_fit
+from clipdense.sweep.curves import isotonic, power_fit
+from clipdense.sweep.factor import compare, efficiency_factor, full_data_target
+from clipdense.sweep.student_t import t_quantile
 
 FRACTIONS = [2.0 ** -k for k in range(6, -1, -1)]
 
@@ -237,7 +239,7 @@ def test_one_seed_gives_no_interval_and_lists_are_seed_positions():
 
 
 def test_student_t_quantiles():
-    assert [round(_t_quantile(0.975, d), 3) for d in (1, 2, 3, 4, 10)] == [12.706, 4.303, 3.182, 2.776, 2.228]
+    assert [round(t_quantile(0.975, d), 3) for d in (1, 2, 3, 4, 10)] == [12.706, 4.303, 3.182, 2.776, 2.228]
 
 
 def test_seeded_and_deterministic():
