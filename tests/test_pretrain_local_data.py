@@ -98,3 +98,38 @@ def test_local_loader_needs_an_in_process_run_and_a_cpu_decode(world, tmp_path):
     assert _cfg(world, tmp_path, "auto").reads_locally()
     assert not build_config(PretrainConfig, {"data": {"shards": world["shards"]},
                                              "ray": {"in_process": True, "address": "auto"}}).reads_locally()
+
+
+class _KeysOfEpoch:
+    """A collate that keeps what the loader decides: the epoch it collates for and the batch's keys."""
+
+    def __init__(self, epoch=0):
+        self.epoch = epoch
+
+    def for_epoch(self, epoch):
+        return _KeysOfEpoch(epoch)
+
+    def prepare(self):
+        pass
+
+    def __call__(self, batch):
+        return self.epoch, list(batch["key"])
+
+
+def test_one_loader_serves_every_epoch_and_a_resume_starts_again(tmp_path):
+    """The workers are forked once per run: each epoch's batches come from the same loader, in order, the same for
+    1 and 3 workers; asked for a batch mid-epoch (a resume), the loader starts again there."""
+    from clipdense.pretrain.data import KEPT_COLUMNS
+    from clipdense.pretrain.local_data import LocalRows
+
+    data = build_config(PretrainConfig, {"data": {"shards": ["x.tar"], "local_workers": 3}}).data
+    cached = [tuple(f"k{i:02d}" if c == "key" else None for c in KEPT_COLUMNS) for i in range(23)]  # 5 batches of 4
+    rows = LocalRows(data, 8, cached=cached)
+    epochs = [list(rows.train_batches(_KeysOfEpoch(), 4, e, 0, seed=0)) for e in range(3)]
+    loader = rows._run
+    assert [len(e) for e in epochs] == [5, 5, 5] and loader is rows._run  # one loader for the three epochs
+    assert [b[0] for b in epochs[2]] == [2] * 5 and epochs[2][4][1] == ["k16", "k17", "k18", "k19"]
+    one = LocalRows(data.model_copy(update={"local_workers": 1}), 8, cached=cached)
+    assert [list(one.train_batches(_KeysOfEpoch(), 4, e, 0, seed=0)) for e in range(3)] == epochs
+    resumed = list(rows.train_batches(_KeysOfEpoch(), 4, 1, 3, seed=0))
+    assert resumed == epochs[1][3:] and rows._run is not loader

@@ -8,6 +8,7 @@ sample's text(s), tokenised here. Eval rows come at open_clip's eval geometry (s
 """
 from __future__ import annotations
 
+import copy
 import functools
 
 import numpy as np
@@ -74,6 +75,12 @@ class Collate:
         self.seed, self.epoch, self.mix_p, self.train = seed, epoch, mix_p, train
         # captions.min_score: synthetic captions below it are never drawn (not under `real`: it takes none)
         self.min_score = min_score if policy != "real" else None
+
+    def for_epoch(self, epoch: int) -> "Collate":
+        """The same collate for another epoch (its crops and caption draws are seeded by the epoch)."""
+        other = copy.copy(self)
+        other.epoch = epoch
+        return other
 
     def prepare(self) -> None:
         """Load the tokenizer now (before a loader forks its workers, which then share it)."""

@@ -4,15 +4,17 @@ epoch (bench/results/pretrain_profile.md).
 
 The rows are the Ray Data pipeline's (pretrain/data.py), made by the same functions: canonical rows per shard
 (`data.shards.shard_tables`), the recaption join, the counts, the decode (`decoded_columns`), the collate. Decode,
-crop, caption choice and tokenisation run in `data.local_workers` torch DataLoader worker processes, forked per
-epoch: worker k of W makes global batches start+k, start+k+W, ... of the epoch (each reads and joins every row, and
-decodes only its batches' images), and DataLoader's in-order round-robin hands them back as start, start+1, ...:
-the same batches for any W. Batches are cut from the usable joined rows before decoding, so a row whose pixels fail
-to decode (after its header passed) leaves its batch one row short instead of shifting the epoch.
+crop, caption choice and tokenisation run in `data.local_workers` torch DataLoader worker processes, forked once
+per run (not per epoch: new workers each epoch left its first batches waiting, bench/results/pretrain_profile.md).
+The run's items are numbered across epochs (each epoch's batches from its start, then an end-of-epoch item); worker
+k of W makes items k, k+W, ... (each reads and joins every row, and decodes only its batches' images), and
+DataLoader's in-order round-robin hands them back in order: the same batches for any W. Batches are cut from the
+usable joined rows before decoding, so a row whose pixels fail to decode (after its header passed) leaves its batch
+one row short instead of shifting the epoch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -100,26 +102,48 @@ class _DecodedChunks(IterableDataset):
                 yield _as_rows(decoded_columns(chunk, self.size, self.crop_source))
 
 
-class _EpochBatches(IterableDataset):
-    """One epoch's collated training batches from `start` on (module docstring: which worker makes which)."""
+BATCH, EMPTY, END = "batch", "empty", "end"  # the kinds of a run's items
 
-    def __init__(self, rows: LocalRows, collate, batch_size: int, start: int, seed: int):
-        self.rows, self.collate, self.batch_size, self.start, self.seed = rows, collate, batch_size, start, seed
+
+class _RunBatches(IterableDataset):
+    """(epoch, kind, collated batch or None) items: epoch `epoch`'s batches from `start` on, then each later
+    epoch's from its first, every epoch closed by an END item (module docstring: which worker makes which). A batch
+    whose images all failed to decode is an EMPTY item, so that every item keeps its place."""
+
+    def __init__(self, rows: LocalRows, collate, batch_size: int, epoch: int, start: int, seed: int):
+        self.rows, self.collate, self.batch_size, self.epoch, self.start = rows, collate, batch_size, epoch, start
+        self.seed = seed
 
     def __iter__(self):
         k, w = worker_slot()
+        item, epoch, start = 0, self.epoch, self.start   # item: the number of the epoch's first item
+        while True:
+            made = start
+            for b, chunk in enumerate(self._full_batches(epoch)):
+                made = b + 1
+                if b >= start and (item + b - start) % w == k:
+                    yield self._item(epoch, chunk)
+            end = item + max(made - start, 0)
+            if end % w == k:
+                yield epoch, END, None
+            item, epoch, start = end + 1, epoch + 1, 0
+
+    def _full_batches(self, epoch: int):
         rows, d = self.rows, self.rows.data
         stream = rows.cached if rows.cached is not None else usable_rows(rows.source, d, rows.drop_keys)
         if d.shuffle_buffer:
-            stream = _shuffled(stream, d.shuffle_buffer, self.seed)
-        for b, chunk in enumerate(chunks(stream, self.batch_size)):
+            stream = _shuffled(stream, d.shuffle_buffer, self.seed + epoch)
+        for chunk in chunks(stream, self.batch_size):
             if len(chunk) < self.batch_size:
                 return  # drop_last, as the Ray Data path
-            if b < self.start or (b - self.start) % w != k:
-                continue
-            batch = _columns(chunk) if rows.cached is not None else decoded_columns(chunk, rows.size, True)
-            if batch["key"]:
-                yield self.collate(batch)
+            yield chunk
+
+    def _item(self, epoch: int, chunk: list[tuple]) -> tuple:
+        rows = self.rows
+        batch = _columns(chunk) if rows.cached is not None else decoded_columns(chunk, rows.size, True)
+        if not batch["key"]:
+            return epoch, EMPTY, None
+        return epoch, BATCH, self.collate.for_epoch(epoch)(batch)
 
 
 @dataclass
@@ -132,16 +156,32 @@ class LocalRows:
     source: Sources | None = None
     drop_keys: frozenset = frozenset()
     cached: list[tuple] | None = None  # decoded rows, `KEPT_COLUMNS` order
+    _run: Iterator | None = field(default=None, init=False, repr=False)   # the run's items (_RunBatches)
+    _run_at: tuple | None = field(default=None, init=False, repr=False)  # (batch size, seed, next epoch)
 
     def iterator(self) -> LocalRows:
         return self
 
-    def train_batches(self, collate, batch_size: int, start_batch: int, seed: int) -> DataLoader:
-        """The epoch's collated batches from batch `start_batch` on; `seed`: the shuffle buffer's (per epoch)."""
-        warm = getattr(collate, "prepare", None)
-        if warm is not None:  # load what every forked worker would load again (the tokenizer) once, here
-            warm()
-        return _loader(_EpochBatches(self, collate, batch_size, start_batch, seed), self.data)
+    def train_batches(self, collate, batch_size: int, epoch: int, start_batch: int, seed: int) -> Iterator:
+        """Epoch `epoch`'s collated batches from batch `start_batch` on (`collate.for_epoch(e)` collates epoch e;
+        `seed` + epoch seeds the shuffle buffer). One loader serves the epochs in turn, its workers making the next
+        epoch's first batches while this one ends; asked for anything else (a resume mid-epoch, an epoch left
+        unfinished), it starts again from there."""
+        if self._run is None or start_batch or self._run_at != (batch_size, seed, epoch):
+            collate.prepare()  # load what every forked worker would load again (the tokenizer) once, here
+            self._run = iter(_loader(_RunBatches(self, collate, batch_size, epoch, start_batch, seed), self.data))
+        self._run_at = None  # until this epoch is read to its end
+        return self._epoch(epoch, (batch_size, seed, epoch + 1))
+
+    def _epoch(self, epoch: int, then: tuple) -> Iterator:
+        for e, kind, batch in self._run:
+            if e != epoch:
+                raise RuntimeError(f"local loader: an item of epoch {e} came in epoch {epoch}")
+            if kind == END:
+                self._run_at = then
+                return
+            if kind == BATCH:
+                yield batch
 
     def iter_batches(self, batch_size: int, batch_format: str = "numpy") -> Iterator[dict]:
         """The decoded rows in batches of columns (the eval rows: as a Ray Data shard's numpy batches)."""

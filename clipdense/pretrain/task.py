@@ -65,9 +65,8 @@ class ClipPretrainTask(TrainTask):
         shuffle = {"local_shuffle_buffer_size": d.shuffle_buffer, "local_shuffle_seed": ctx.seed + ctx.epoch} \
             if d.shuffle_buffer else {}
         if isinstance(shard, LocalRows):  # data.loader local (pretrain/local_data.py)
-            batches = shard.train_batches(self._collate(ctx.epoch, True), self.local_batch, ctx.start_batch,
-                                          ctx.seed + ctx.epoch)
-            return iter(batches)
+            return shard.train_batches(self._collate(ctx.epoch, True), self.local_batch, ctx.epoch, ctx.start_batch,
+                                       ctx.seed)
         if self.cfg.train.scaling.elastic and not self.cfg.ray.in_process:
             return self._global_slices(shard, ctx, shuffle)
         collate = typed_collate(self._collate(ctx.epoch, True))
