@@ -10,6 +10,9 @@ loader worker; `clipdense pretrain` (`ray.in_process`) reads the same JPEG bytes
 `data.loader: auto`, which for an in-process run is the local loader (pretrain/local_data.py: decode, crop, caption
 choice and tokenisation in 1 DataLoader worker, no Ray). A wall-only side runs ours with `data.loader: ray` (Ray
 Data tasks, a local Ray started and stopped by the run).
+Both sides run the same recipe: AdamW (lr 1e-3, 10 warmup steps, weight decay 0.2, betas 0.9/0.98, eps 1e-6) and
+gradient clipping at norm 1.0 (ours by default; the peer's `--grad-clip-norm`, off by default there). The peer's
+betas and eps are given: open_clip_train picks 0.9/0.999 and 1e-8 for a model whose name lacks "vit".
 Ours runs its defaults, including torch's fused AdamW (`train.optim.fused`); a third side runs ours with
 `optim.fused: false` (torch's default AdamW, as the peer's), which shows the data path's and loop's share without the
 optimizer kernel. Throughput is samples/s per log interval (wall time of the interval, data waits included, as
@@ -47,6 +50,8 @@ from clipdense.config import build_config, configs_dir
 from clipdense.models import tokenizer_for
 from clipdense.pretrain import PretrainConfig
 
+# ours by default (train.optim.grad_clip); open_clip_train's default is none: the peer gets it too
+GRAD_CLIP = 1.0
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 SHAPES = ["circle", "square"]
 
@@ -103,6 +108,7 @@ def run_open_clip_train(csv_path: Path, logs: Path, batch: int, steps_log: int, 
             "--dataset-type", "csv", "--train-data", str(csv_path), "--csv-img-key", "filepath",
             "--csv-caption-key", "title", "--csv-separator", ",", "--model", model, "--batch-size", str(batch),
             "--epochs", str(epochs), "--workers", "1", "--precision", precision, "--lr", "1e-3", "--warmup", "10",
+            "--grad-clip-norm", str(GRAD_CLIP), "--beta2", "0.98", "--eps", "1e-6", "--wd", "0.2",
             "--device", "cpu", "--logs", str(logs), "--name", "bench", "--log-every-n-steps", str(steps_log),
             "--save-frequency", "0", "--zeroshot-frequency", "0", "--val-frequency", "0", "--report-to", ""]
     t0 = time.perf_counter()
@@ -125,7 +131,7 @@ def run_clipdense(tars: list[Path], out: Path, batch: int, steps: int, steps_log
         "model": {"name": model}, "captions": {"policy": "real"}, "ray": {"in_process": True},
         "data": {"shards": [str(t) for t in tars], "batch_size": batch, "decode_cpus": 1, "count_errors": False,
                  "loader": loader},
-        "train": {"out_dir": str(out), "optim": {"lr": 1e-3, "fused": fused},
+        "train": {"out_dir": str(out), "optim": {"lr": 1e-3, "fused": fused, "grad_clip": GRAD_CLIP},
                   "schedule": {"total_steps": steps, "warmup_steps": 10}, "log_every": steps_log,
                   "checkpoint": {"every_steps": 0}, "scaling": {"precision": precision}}})
     out.mkdir(parents=True, exist_ok=True)
