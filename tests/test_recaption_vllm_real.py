@@ -7,9 +7,11 @@ keyed by the versions it holds (~2.5 GB, a few minutes the first time); later se
 settings are README's recipe, configs/recaption/vllm-cpu-tiny.yaml, with only paths and the batch size overridden.
 """
 import contextlib
+import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +25,7 @@ from clipdense.config import load_config
 from clipdense.data.shards import read_shard_local
 from clipdense.data.storage import Storage
 from clipdense.recaption import RecaptionConfig, run
+from clipdense.recaption import tiny_vlm as tiny_vlm_module
 from clipdense.recaption.vllm_env import env_key
 
 pytestmark = pytest.mark.slow
@@ -45,9 +48,16 @@ def vllm_python():
 
 @pytest.fixture(scope="session")
 def tiny_vlm(vllm_python, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny-qwen2-vl")
-    subprocess.run([vllm_python, "-m", "clipdense.recaption.tiny_vlm", str(out)], check=True, timeout=600,
-                   capture_output=True)
+    """The tiny model, built by the project's command once per venv and version of its builder, cached beside the
+    venv (written elsewhere, then moved into place: a cut-off build is never taken for a finished one)."""
+    builder = hashlib.sha256(Path(tiny_vlm_module.__file__).read_bytes()).hexdigest()[:12]
+    out = CACHE / f"tiny-qwen2-vl-{env_key()}-{builder}"
+    if not (out / "config.json").is_file():
+        part = tmp_path_factory.mktemp("tiny-qwen2-vl")
+        subprocess.run([vllm_python, "-m", "clipdense.recaption.tiny_vlm", str(part)], check=True, timeout=600,
+                       capture_output=True)
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.move(str(part), str(out))
     return str(out)
 
 
