@@ -181,7 +181,7 @@ def test_backbones_grouped_by_condition_are_pretraining_runs(tmp_path):
 
 
 def test_factor_and_interval_texts_mark_censoring():
-    from clipdense.sweep.report import factor_text, interval_text
+    from clipdense.sweep.report_text import factor_text, interval_text
 
     censored = {"factor": 16.0, "reached": True, "censored": True, "ci_low": 3.1, "ci_high": 16.0,
                 "ci_low_open": False, "ci_high_open": True}

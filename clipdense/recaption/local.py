@@ -3,9 +3,9 @@ start, object store or actor pool. The same row functions as the Ray Data pipeli
 per shard (`data.shards.shard_tables`), `decoded_rows`, the captioner (`CaptionActor.captioned`, built here), the
 teachers, the per-shard writer. Decode runs in `decode.local_workers` torch DataLoader worker processes, worker k of
 W taking input shards k, k+W, ... (each shard read once); pixels come back in a ring of shared buffers
-(data/shared_ring.py). The captioner and the
-teachers run here on what arrives, and the results are handed to the writer shard by shard in input order (a shard
-when its worker has sent all of its rows), so outputs, resume and exactly-once are the Ray pipeline's.
+(data/shared_ring.py). The captioner and the teachers run here on what arrives, and the results are handed to the
+writer shard by shard in input order (a shard when its worker has sent all of its rows), so outputs, resume and
+exactly-once are the Ray pipeline's.
 """
 from __future__ import annotations
 
@@ -57,14 +57,11 @@ class _DecodedShards(IterableDataset):
                 if i % w != k:
                     continue
                 for block in self._blocks(uri):
-                    if self.ring is None:
-                        rows, _ = decoded_rows(block, self.spec, self.keep_images)
-                        yield i, rows, None, self._views(rows)
-                        continue
-                    slot = functools.partial(self._claim, k, made)
-                    rows, _ = decoded_rows(block, self.spec, self.keep_images, alloc=slot)
-                    made += 1
-                    yield i, rows, made - 1, self._views(rows)
+                    index = None if self.ring is None else made  # no ring: jpeg mode, no pixels
+                    alloc = np.empty if index is None else functools.partial(self._claim, k, index)
+                    rows, _ = decoded_rows(block, self.spec, self.keep_images, alloc=alloc)
+                    made += index is not None
+                    yield i, rows, index, self._views(rows)
                 yield i, None, None, None
         except RingStopped:
             return

@@ -21,6 +21,7 @@ from clipdense.config import ConfigError, get_dotted
 from clipdense.sweep.config import TASK_METRICS, ReportSettings
 from clipdense.sweep.factor import compare, run_sd
 from clipdense.sweep.grid import METRICS_FILE, TRIAL_FILE, flat_metrics
+from clipdense.sweep.report_text import factor_lines, floor_lines, params_text, summary_text
 
 SWEEP_FILE = "sweep.json"      # the sweep's resolved config, written by `clipdense sweep` beside trials/
 PATH_RE = re.compile(r"^(?P<task>[^/]+)/(?P<backbone>[^/]+)/f(?P<fraction>[0-9.e+-]+)/s(?P<seed>\d+)"
@@ -175,47 +176,11 @@ def plot_task(table: list[dict], task: str, path: Path, reference: str | None = 
     fig.savefig(path, format="png")
 
 
-def _fmt(x: float | None, nd: int = 4) -> str:
-    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}g}"
-
-
 def _sweep_file(root: Path) -> dict:
     try:
         return _json(root / SWEEP_FILE)
     except (OSError, ValueError):
         return {}
-
-
-def factor_text(d: dict) -> str:
-    """One target's factor: `3.1x`, `>= 16x` (censored), `< 1x (not reached)`."""
-    if d.get("factor") is None:
-        return "n/a"
-    if not d["reached"]:
-        return f"< {_fmt(d['factor'], 3)}x (not reached)"
-    return f"{'≥ ' if d['censored'] else ''}{_fmt(d['factor'], 3)}x"
-
-
-def _params_text(n: int | None) -> str:
-    """A trunk's parameter count (metrics.json `backbone.params`, the neck not counted), e.g. 86.2M."""
-    return "?" if n is None else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
-
-
-def interval_text(d: dict) -> str:
-    if d.get("ci_low") is None or d.get("ci_high") is None:
-        return "n/a"
-    if math.isclose(d["ci_low"], d["ci_high"]) and (d["ci_low_open"] or d["ci_high_open"]):
-        return ("< " if d["ci_low_open"] else "≥ ") + _fmt(d["ci_high"], 3)     # one-sided: a bound only
-    low = ("< " if d["ci_low_open"] else "") + _fmt(d["ci_low"], 3)
-    high = ("≥ " if d["ci_high_open"] else "") + _fmt(d["ci_high"], 3)
-    return f"[{low}, {high}]"
-
-
-def summary_text(entry: dict) -> str:
-    """All targets of one candidate, for the console: `3.1x [1.2, 6.0] at 100%; ...; better at 3/3 fractions`."""
-    parts = [f"{factor_text(d)} {interval_text(d)} at {100 * d['level']:g}%" for d in entry["targets"]]
-    wins = entry.get("deltas") or []
-    better = f"; better at {sum(x['delta'] > 0 for x in wins)}/{len(wins)} fractions" if wins else ""
-    return "; ".join(parts) + better
 
 
 def _schedule_text(rows: list[dict], sweep: dict) -> str:
@@ -256,11 +221,11 @@ def write_markdown(path: Path, table, factors, rows, errors, hp_rows, settings: 
         lines += ["", f"## {task}: {t_rows[0]['metric']} ({'higher' if t_rows[0]['mode'] == 'max' else 'lower'}"
                   " is better)", "", f"![{task}]({task}.png)", "",
                   "| backbone | trunk params | fraction | n seeds | mean | std |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['backbone']} | {_params_text(r['trunk_params'])} | {r['fraction']:.6g} | {r['n_seeds']} | "
+        lines += [f"| {r['backbone']} | {params_text(r['trunk_params'])} | {r['fraction']:.6g} | {r['n_seeds']} | "
                   f"{r['mean']:.4f} | {r['std']:.4f} |" for r in t_rows]
         if task in factors:
-            lines += _factor_lines(factors[task], level)
-            lines += _floor_lines(factors[task].get("floor_gains") or {})
+            lines += factor_lines(factors[task], level)
+            lines += floor_lines(factors[task].get("floor_gains") or {})
     if hp_rows:
         lines += ["", "## Hyperparameter trials (best first per task/backbone/fraction)", "",
                   "| task | backbone | fraction | seed | value | hparams |", "|---|---|---|---|---|---|"]
@@ -271,53 +236,6 @@ def write_markdown(path: Path, table, factors, rows, errors, hp_rows, settings: 
     if missing:
         lines += ["", f"## Trials of the sweep without results ({len(missing)})", ""] + [f"- `{n}`" for n in missing]
     path.write_text("\n".join(lines) + "\n")
-
-
-def _factor_lines(e: dict, level: str) -> list[str]:
-    """One task's factor table, per-fraction deltas and pretraining-run SDs."""
-    lines = ["", f"Data-efficiency factor vs `{e['reference']}` ({_runs_text(e['reference_runs'])}):", "",
-             f"| condition | target | factor | {level} CI | f* candidate / reference | draws censored / "
-             "not reached |", "|---|---|---|---|---|---|"]
-    for cond, c in sorted(e["backbones"].items()):
-        for d in c["targets"]:
-            lines.append(f"| {cond} | {100 * d['level']:g}% = {_fmt(d['target'])} | {factor_text(d)} | "
-                         f"{interval_text(d)} | {_fmt(d['fraction'], 3)} / {_fmt(d['reference_fraction'], 3)}"
-                         f" | {_fmt(d['censored_frac'], 2)} / {_fmt(d['not_reached_frac'], 2)} |")
-    lines += ["", f"Per fraction: mean(condition) - mean(reference), > 0 = better, with its {level} CI:", "",
-              "| condition | runs | fraction | delta | CI |", "|---|---|---|---|---|"]
-    for cond, c in sorted(e["backbones"].items()):
-        for x in c["deltas"]:
-            ci = (f"[{x['ci_low']:+.4f}, {x['ci_high']:+.4f}]" if x.get("ci_low") is not None
-                  and x.get("ci_high") is not None else "n/a")
-            lines.append(f"| {cond} | {_runs_text(c['runs'])} | {x['fraction']:.4g} | {x['delta']:+.4f} | {ci} |")
-    return lines + _run_sd_lines(e)
-
-
-def _run_sd_lines(e: dict) -> list[str]:
-    """Each condition's run SD before pooling, and per candidate the pooled SD its interval uses, per fraction."""
-    sds = e.get("run_sd") or {}
-    if not any(v is not None for c in sds.values() for v in c.values()):
-        return []
-    fractions = sorted({f for c in sds.values() for f in c}, key=float)
-    lines = ["", "Pretraining-run SD: at each fraction, the SD across a condition's runs of the run's mean over "
-             "its finetuning seeds (that mean's seed noise included), before pooling. Each interval uses a pooled "
-             "SD: runs paired by replicate index (same run counts): the SD of the two-way residuals (replicate "
-             "effect removed) over the conditions with that many runs, df = (conditions − 1)(runs − 1); "
-             "otherwise the conditions' SDs pooled, df = Σ(runs − 1).", "",
-             "| condition | runs | " + " | ".join(f"f={float(f):.4g}" for f in fractions) + " |",
-             "|---|---|" + "---|" * len(fractions)]
-    rows = [(c, str(e["runs"].get(c, "?")), sds[c]) for c in sorted(sds)]
-    rows += [(f"pooled for {c} ({'paired' if x.get('runs_paired') else 'unpaired'})", f"df {x.get('run_df', 0)}",
-              x.get("pooled_run_sd") or {}) for c, x in sorted(e["backbones"].items())]
-    for cond, runs, sd in rows:
-        lines.append(f"| {cond} | {runs} | " + " | ".join(_fmt(sd.get(f), 3) if sd.get(f) is not None else "–"
-                                                         for f in fractions) + " |")
-    return lines
-
-
-def _runs_text(runs: list[str]) -> str:
-    return f"{len(runs)} pretraining run{'s' if len(runs) != 1 else ''}" + (f": {', '.join(runs)}"
-                                                                            if len(runs) > 1 else "")
 
 
 def task_factors(rows: list[dict], task: str, mode: str, metric: str, settings: ReportSettings,
@@ -366,22 +284,6 @@ def floor_gains(table: list[dict], task: str, floors: list[str], conditions_of: 
     return {cond: {floor: {f: sign * (float(np.mean(v)) - float(np.mean(means[floor][f])))
                            for f, v in sorted(by_f.items()) if f in means[floor]} for floor in present}
             for cond, by_f in sorted(means.items()) if cond not in present and present}
-
-
-def _floor_lines(gains: dict) -> list[str]:
-    if not gains:
-        return []
-    lines = ["", "Gain over the floors: mean(condition) - mean(floor), > 0 = better:", "",
-             "| condition | floor | " + " | ".join(f"{f:.6g}" for f in _fractions(gains)) + " |",
-             "|---|---|" + "---|" * len(_fractions(gains))]
-    for cond, by_floor in gains.items():
-        for floor, by_f in by_floor.items():
-            lines.append(f"| {cond} | {floor} | " + " | ".join(_fmt(by_f.get(f)) for f in _fractions(gains)) + " |")
-    return lines
-
-
-def _fractions(gains: dict) -> list[float]:
-    return sorted({f for by_floor in gains.values() for by_f in by_floor.values() for f in by_f})
 
 
 def sweep_root(root: Path) -> Path:
